@@ -1,0 +1,28 @@
+//! The wire protocol between the bhatti host and `lohar`, the guest agent.
+//!
+//! Every connection carries a sequence of frames: a fixed 5-byte header
+//! (payload length as `u32` big-endian, then a `u8` frame type) followed by
+//! the payload. Control messages carry JSON payloads; data messages (stdin,
+//! stdout, stderr, file data) carry raw bytes. A payload is at most
+//! [`MAX_FRAME_PAYLOAD`] bytes, checked when encoding and before allocating
+//! when decoding. Readers skip frame types they do not know.
+//!
+//! The first frame on every connection is [`Message::Auth`]. After that a
+//! connection serves one request at a time (see `docs/wire-protocol.md` for
+//! the exchange of each request).
+
+mod codec;
+#[cfg(feature = "tokio")]
+mod io;
+mod limits;
+mod message;
+
+pub use codec::{decode_frame, encode, encode_into, CodecError, Decoded, RawFrame, HEADER_LEN};
+#[cfg(feature = "tokio")]
+pub use io::{FrameReader, FrameWriter, ReadError, WriteError};
+pub use limits::*;
+pub use message::*;
+
+/// Version of this protocol; sent in [`Auth`] and [`AuthOk`]. Bumped on any
+/// incompatible change to a frame type or payload.
+pub const PROTOCOL_VERSION: u32 = 1;
