@@ -1,0 +1,784 @@
+//! Firecracker backend: `firecracker --api-sock`, configured and driven
+//! over its HTTP API.
+//!
+//! Boot is a fixed sequence of `PUT`s ([`boot_plan`], a pure function) and
+//! `InstanceStart`; pause/resume are `PATCH /vm`; snapshots are
+//! `PUT /snapshot/create` and a fresh process with `PUT /snapshot/load`
+//! (file memory backend, mapped lazily). Firecracker writes the guest serial
+//! console to its stdout, which we point at the spec's serial log; its own
+//! log goes to `firecracker.log` in the work directory and its tail is
+//! attached to errors with the stderr tail.
+
+pub mod api;
+pub mod model;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio::process::Command;
+
+use crate::error::{Result, VmmError};
+use crate::process::{self, VmmExit, VmmProcess};
+use crate::select::EngineKind;
+use crate::snapshot::{
+    SnapshotInfo, SnapshotKind, SnapshotManifest, SnapshotMemory, FORMAT_VERSION, MEMORY_FILE,
+    STATE_FILE,
+};
+use crate::spec::VmSpec;
+use crate::vmm::{transition, Capabilities, Op, ShutdownPath, ShutdownReport, VmState, Vmm};
+use api::{ApiClient, ApiError};
+use model::*;
+
+/// Firecracker's vCPU limit.
+const MAX_VCPUS: u32 = 32;
+/// Name of the API socket in the work directory.
+pub const API_SOCKET: &str = "firecracker.sock";
+/// Name of Firecracker's log file in the work directory.
+pub const LOG_FILE: &str = "firecracker.log";
+/// The guest NIC's id (one NIC per VM).
+pub const IFACE_ID: &str = "eth0";
+/// How long Firecracker may take to serve its API.
+const API_READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How to run Firecracker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirecrackerConfig {
+    /// The `firecracker` binary.
+    pub binary: PathBuf,
+    /// Track dirty pages so that diff snapshots are possible (costs some
+    /// guest write performance).
+    pub track_dirty_pages: bool,
+}
+
+impl FirecrackerConfig {
+    /// Full snapshots only.
+    pub fn new(binary: PathBuf) -> Self {
+        FirecrackerConfig {
+            binary,
+            track_dirty_pages: false,
+        }
+    }
+}
+
+/// One API call of the boot sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BootCall {
+    /// `PUT /machine-config`.
+    MachineConfig(MachineConfiguration),
+    /// `PUT /boot-source`.
+    BootSource(BootSource),
+    /// `PUT /drives/{id}`.
+    Drive(Drive),
+    /// `PUT /network-interfaces/{id}`.
+    Network(NetworkInterface),
+    /// `PUT /actions` with `InstanceStart`.
+    Start(InstanceActionInfo),
+}
+
+impl BootCall {
+    /// The request path.
+    pub fn path(&self) -> String {
+        match self {
+            BootCall::MachineConfig(_) => "/machine-config".into(),
+            BootCall::BootSource(_) => "/boot-source".into(),
+            BootCall::Drive(d) => format!("/drives/{}", d.drive_id),
+            BootCall::Network(n) => format!("/network-interfaces/{}", n.iface_id),
+            BootCall::Start(_) => "/actions".into(),
+        }
+    }
+
+    /// Sends it.
+    pub async fn send(&self, api: &ApiClient) -> Result<(), ApiError> {
+        let path = self.path();
+        match self {
+            BootCall::MachineConfig(b) => api.put(&path, b).await,
+            BootCall::BootSource(b) => api.put(&path, b).await,
+            BootCall::Drive(b) => api.put(&path, b).await,
+            BootCall::Network(b) => api.put(&path, b).await,
+            BootCall::Start(b) => api.put(&path, b).await,
+        }
+    }
+}
+
+/// The API calls that configure and start `spec`, in order.
+pub fn boot_plan(spec: &VmSpec, config: &FirecrackerConfig) -> Vec<BootCall> {
+    let mut calls = vec![
+        BootCall::MachineConfig(MachineConfiguration {
+            vcpu_count: spec.vcpus,
+            mem_size_mib: spec.memory_mib,
+            smt: None,
+            track_dirty_pages: config.track_dirty_pages.then_some(true),
+        }),
+        BootCall::BootSource(BootSource {
+            kernel_image_path: spec.kernel.clone(),
+            boot_args: Some(spec.cmdline.clone()).filter(|c| !c.trim().is_empty()),
+            initrd_path: spec.initrd.clone(),
+        }),
+    ];
+    calls.extend(spec.drives.iter().map(|d| {
+        BootCall::Drive(Drive {
+            drive_id: d.id.clone(),
+            path_on_host: d.path.clone(),
+            is_root_device: false,
+            is_read_only: d.read_only,
+        })
+    }));
+    if let Some(net) = &spec.net {
+        calls.push(BootCall::Network(NetworkInterface {
+            iface_id: IFACE_ID.into(),
+            host_dev_name: net.tap.clone(),
+            guest_mac: Some(net.mac.to_string()),
+        }));
+    }
+    calls.push(BootCall::Start(InstanceActionInfo {
+        action_type: ActionType::InstanceStart,
+    }));
+    calls
+}
+
+/// The `PUT /snapshot/load` body for restoring `manifest` into `spec`.
+pub fn load_params(
+    dir: &Path,
+    manifest: &SnapshotManifest,
+    spec: &VmSpec,
+    config: &FirecrackerConfig,
+) -> Result<SnapshotLoadParams> {
+    let mem = match &manifest.memory {
+        SnapshotMemory::File { path } => path.clone(),
+        other => {
+            return Err(VmmError::SnapshotMismatch {
+                dir: dir.to_path_buf(),
+                reason: format!("Firecracker needs a memory file, the manifest has {other:?}"),
+            })
+        }
+    };
+    let network_overrides = match (&manifest.tap, &spec.net) {
+        (Some(old), Some(new)) if *old != new.tap => vec![NetworkOverride {
+            iface_id: IFACE_ID.into(),
+            host_dev_name: new.tap.clone(),
+        }],
+        (Some(_), Some(_)) | (None, None) => Vec::new(),
+        (Some(_), None) | (None, Some(_)) => {
+            return Err(VmmError::SnapshotMismatch {
+                dir: dir.to_path_buf(),
+                reason: "the snapshot and the spec disagree on having a NIC".into(),
+            })
+        }
+    };
+    Ok(SnapshotLoadParams {
+        snapshot_path: dir.join(STATE_FILE),
+        mem_backend: MemoryBackend {
+            backend_type: MemoryBackendType::File,
+            backend_path: mem,
+        },
+        enable_diff_snapshots: config.track_dirty_pages,
+        resume_vm: true,
+        network_overrides,
+    })
+}
+
+/// One VM on Firecracker.
+#[derive(Debug)]
+pub struct FirecrackerVmm {
+    config: FirecrackerConfig,
+    spec: VmSpec,
+    api: ApiClient,
+    ops: tokio::sync::Mutex<()>,
+    shared: Mutex<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: VmState,
+    process: Option<Arc<VmmProcess>>,
+}
+
+impl FirecrackerVmm {
+    /// Validates `spec` for Firecracker. Starts nothing.
+    pub fn new(config: FirecrackerConfig, spec: VmSpec) -> Result<Self> {
+        spec.validate(MAX_VCPUS)?;
+        let api = ApiClient::new(spec.work_dir.join(API_SOCKET));
+        Ok(FirecrackerVmm {
+            config,
+            spec,
+            api,
+            ops: tokio::sync::Mutex::new(()),
+            shared: Mutex::new(Shared {
+                state: VmState::Created,
+                process: None,
+            }),
+        })
+    }
+
+    /// The API client (for calls this crate does not wrap).
+    pub fn api(&self) -> &ApiClient {
+        &self.api
+    }
+
+    fn shared(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn process(&self) -> Option<Arc<VmmProcess>> {
+        self.shared().process.clone()
+    }
+
+    fn set_state(&self, s: VmState) {
+        self.shared().state = s;
+    }
+
+    fn current_state(&self) -> VmState {
+        let s = self.shared();
+        match &s.process {
+            Some(p) if p.exit().is_some() => VmState::Exited,
+            _ => s.state,
+        }
+    }
+
+    /// Maps an API failure; an unreachable API of a dead VMM becomes its
+    /// exit status and stderr.
+    async fn api_result<T>(
+        &self,
+        method: &'static str,
+        path: &str,
+        r: Result<T, ApiError>,
+    ) -> Result<T> {
+        match r {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                if e.is_unreachable() {
+                    if let Some(err) = self.process().as_deref().map(VmmProcess::exited_error) {
+                        if let Some(err) = err.await {
+                            return Err(err);
+                        }
+                    }
+                }
+                Err(VmmError::FirecrackerApi {
+                    method,
+                    path: path.into(),
+                    source: e,
+                })
+            }
+        }
+    }
+
+    async fn patch_vm(&self, state: VmRunState) -> Result<()> {
+        let r = self.api.patch("/vm", &Vm { state }).await;
+        self.api_result("PATCH", "/vm", r).await
+    }
+
+    /// Spawns Firecracker and waits until its API answers.
+    async fn launch(&self, fresh_console: bool) -> Result<Arc<VmmProcess>> {
+        self.spec.prepare_dirs()?;
+        let sock = self.api.socket().to_path_buf();
+        match std::fs::remove_file(&sock) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(VmmError::Prepare { path: sock, source }),
+        }
+        let log = self.spec.work_dir.join(LOG_FILE);
+        // Firecracker opens the log path without creating it.
+        std::fs::File::create(&log).map_err(|source| VmmError::Prepare {
+            path: log.clone(),
+            source,
+        })?;
+        let console = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(!fresh_console)
+            .truncate(fresh_console)
+            .open(&self.spec.serial_log)
+            .map_err(|source| VmmError::Prepare {
+                path: self.spec.serial_log.clone(),
+                source,
+            })?;
+        let mut cmd = Command::new(&self.config.binary);
+        cmd.arg("--api-sock")
+            .arg(&sock)
+            .arg("--log-path")
+            .arg(&log)
+            .arg("--level")
+            .arg("Warning")
+            .current_dir(&self.spec.work_dir);
+        let proc = Arc::new(VmmProcess::spawn(
+            cmd,
+            &self.config.binary,
+            Some(Stdio::from(console)),
+            Some(log),
+        )?);
+        self.shared().process = Some(proc.clone());
+        if let Err(e) = self.wait_api(&proc).await {
+            proc.signal(libc::SIGKILL);
+            return Err(e);
+        }
+        Ok(proc)
+    }
+
+    async fn wait_api(&self, proc: &VmmProcess) -> Result<()> {
+        let deadline = Instant::now() + API_READY_TIMEOUT;
+        let mut exit = proc.exit_watch();
+        loop {
+            if let Some(e) = proc.exit() {
+                return Err(e.to_error());
+            }
+            match self.api.get::<InstanceInfo>("/").await {
+                Ok(info) => {
+                    tracing::debug!(version = %info.vmm_version, state = %info.state, "Firecracker API up");
+                    return Ok(());
+                }
+                Err(e) if e.is_unreachable() => {}
+                Err(e) => {
+                    return Err(VmmError::FirecrackerApi {
+                        method: "GET",
+                        path: "/".into(),
+                        source: e,
+                    })
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(VmmError::Timeout {
+                    what: "Firecracker's API socket",
+                    after: API_READY_TIMEOUT,
+                });
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(2)) => {}
+                _ = exit.changed() => {}
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Vmm for FirecrackerVmm {
+    fn engine(&self) -> EngineKind {
+        EngineKind::Firecracker
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            pause: true,
+            snapshot: true,
+            diff_snapshot: self.config.track_dirty_pages,
+            lazy_memory: true,
+            device_state_only_snapshot: false,
+            guest_shutdown: true,
+        }
+    }
+
+    fn spec(&self) -> &VmSpec {
+        &self.spec
+    }
+
+    fn state(&self) -> VmState {
+        self.current_state()
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.process()
+            .filter(|p| p.exit().is_none())
+            .map(|p| p.pid())
+    }
+
+    async fn boot(&self) -> Result<()> {
+        let _op = self.ops.lock().await;
+        let next = transition(self.current_state(), Op::Boot)?;
+        let proc = self.launch(true).await?;
+        for call in boot_plan(&self.spec, &self.config) {
+            let r = call.send(&self.api).await;
+            if let Err(e) = self.api_result("PUT", &call.path(), r).await {
+                proc.signal(libc::SIGKILL);
+                return Err(e);
+            }
+        }
+        self.set_state(next);
+        Ok(())
+    }
+
+    async fn pause(&self) -> Result<()> {
+        let _op = self.ops.lock().await;
+        let next = transition(self.current_state(), Op::Pause)?;
+        self.patch_vm(VmRunState::Paused).await?;
+        self.set_state(next);
+        Ok(())
+    }
+
+    async fn resume(&self) -> Result<()> {
+        let _op = self.ops.lock().await;
+        let next = transition(self.current_state(), Op::Resume)?;
+        self.patch_vm(VmRunState::Resumed).await?;
+        self.set_state(next);
+        Ok(())
+    }
+
+    async fn snapshot(&self, dir: &Path, kind: SnapshotKind) -> Result<SnapshotInfo> {
+        if kind == SnapshotKind::Diff && !self.config.track_dirty_pages {
+            return Err(VmmError::Unsupported {
+                engine: EngineKind::Firecracker,
+                operation: "diff snapshot without dirty page tracking",
+            });
+        }
+        let _op = self.ops.lock().await;
+        let from = self.current_state();
+        let next = transition(from, Op::Snapshot)?;
+        let started = std::time::Instant::now();
+        if from == VmState::Running {
+            self.patch_vm(VmRunState::Paused).await?;
+            self.set_state(VmState::Paused);
+        }
+        std::fs::create_dir_all(dir).map_err(|source| VmmError::SnapshotIo {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let mem = self
+            .spec
+            .memory
+            .file()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| dir.join(MEMORY_FILE));
+        let params = SnapshotCreateParams {
+            snapshot_type: Some(match kind {
+                SnapshotKind::Full => SnapshotType::Full,
+                SnapshotKind::Diff => SnapshotType::Diff,
+            }),
+            snapshot_path: dir.join(STATE_FILE),
+            mem_file_path: mem.clone(),
+        };
+        let r = self.api.put("/snapshot/create", &params).await;
+        self.api_result("PUT", "/snapshot/create", r).await?;
+        // Verify before anyone kills this VMM on the strength of it.
+        let len = |p: &Path| {
+            std::fs::metadata(p)
+                .map(|m| m.len())
+                .map_err(|source| VmmError::SnapshotIo {
+                    path: p.to_path_buf(),
+                    source,
+                })
+        };
+        let state_bytes = len(&params.snapshot_path)?;
+        let mem_bytes = len(&mem)?;
+        if state_bytes == 0 || mem_bytes < u64::from(self.spec.memory_mib) << 20 {
+            return Err(VmmError::SnapshotIo {
+                path: dir.to_path_buf(),
+                source: std::io::Error::other(format!(
+                    "Firecracker wrote {state_bytes} state bytes and {mem_bytes} memory bytes"
+                )),
+            });
+        }
+        let manifest = SnapshotManifest {
+            format_version: FORMAT_VERSION,
+            engine: EngineKind::Firecracker,
+            kind,
+            vcpus: self.spec.vcpus,
+            memory_mib: self.spec.memory_mib,
+            memory: SnapshotMemory::File { path: mem },
+            tap: self.spec.net.as_ref().map(|n| n.tap.clone()),
+            state_bytes,
+        };
+        manifest.write(dir)?;
+        self.set_state(next);
+        Ok(SnapshotInfo {
+            dir: dir.to_path_buf(),
+            manifest,
+            state_bytes,
+            duration: started.elapsed(),
+        })
+    }
+
+    async fn restore(&self, dir: &Path) -> Result<()> {
+        let _op = self.ops.lock().await;
+        let next = transition(self.current_state(), Op::Restore)?;
+        let manifest = SnapshotManifest::read_for(dir, EngineKind::Firecracker, &self.spec)?;
+        let params = load_params(dir, &manifest, &self.spec, &self.config)?;
+        let proc = self.launch(false).await?;
+        let r = self.api.put("/snapshot/load", &params).await;
+        if let Err(e) = self.api_result("PUT", "/snapshot/load", r).await {
+            proc.signal(libc::SIGKILL);
+            return Err(e);
+        }
+        self.set_state(next);
+        Ok(())
+    }
+
+    async fn shutdown(&self, grace: Duration) -> Result<ShutdownReport> {
+        let _op = self.ops.lock().await;
+        let Some(proc) = self.process() else {
+            return Err(VmmError::InvalidState {
+                operation: "shut down",
+                state: VmState::Created,
+            });
+        };
+        if let Some(exit) = proc.exit() {
+            return Ok(ShutdownReport {
+                path: ShutdownPath::Guest,
+                exit,
+            });
+        }
+        let ctrl_alt_del = InstanceActionInfo {
+            action_type: ActionType::SendCtrlAltDel,
+        };
+        if let Err(e) = self.api.put("/actions", &ctrl_alt_del).await {
+            tracing::debug!(error = %e, "SendCtrlAltDel");
+        }
+        if let Some(exit) = proc.wait_timeout(grace).await {
+            return Ok(ShutdownReport {
+                path: ShutdownPath::Guest,
+                exit,
+            });
+        }
+        proc.signal(libc::SIGTERM);
+        if let Some(exit) = proc.wait_timeout(grace).await {
+            return Ok(ShutdownReport {
+                path: ShutdownPath::Vmm,
+                exit,
+            });
+        }
+        proc.signal(libc::SIGKILL);
+        let exit = proc
+            .wait_timeout(grace.max(Duration::from_secs(5)))
+            .await
+            .ok_or(VmmError::Timeout {
+                what: "Firecracker to die after SIGKILL",
+                after: grace,
+            })?;
+        Ok(ShutdownReport {
+            path: ShutdownPath::Killed,
+            exit,
+        })
+    }
+
+    async fn kill(&self) -> Result<VmmExit> {
+        let Some(proc) = self.process() else {
+            return Err(VmmError::InvalidState {
+                operation: "kill",
+                state: VmState::Created,
+            });
+        };
+        proc.signal(libc::SIGKILL);
+        let limit = Duration::from_secs(10);
+        proc.wait_timeout(limit).await.ok_or(VmmError::Timeout {
+            what: "Firecracker to die after SIGKILL",
+            after: limit,
+        })
+    }
+
+    async fn wait_exit(&self) -> Result<VmmExit> {
+        let Some(proc) = self.process() else {
+            return Err(VmmError::InvalidState {
+                operation: "wait for",
+                state: VmState::Created,
+            });
+        };
+        let watch = proc.exit_watch();
+        drop(proc);
+        Ok(process::wait_exit(watch).await)
+    }
+
+    fn exit(&self) -> Option<VmmExit> {
+        self.process().and_then(|p| p.exit())
+    }
+
+    fn stderr_tail(&self) -> Option<String> {
+        self.process().map(|p| p.stderr_tail())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{DriveSpec, MemoryBacking, NetSpec};
+    use serde_json::json;
+
+    fn spec() -> VmSpec {
+        let mut s = VmSpec::new("/k/vmlinux", "/run/vm");
+        s.vcpus = 2;
+        s.memory_mib = 512;
+        s.cmdline = "console=ttyS0 reboot=k".into();
+        s.initrd = Some("/k/initrd".into());
+        s.drives = vec![
+            DriveSpec {
+                id: "base".into(),
+                path: "/img/base".into(),
+                read_only: true,
+            },
+            DriveSpec {
+                id: "rw".into(),
+                path: "/run/vm/rw".into(),
+                read_only: false,
+            },
+        ];
+        s.net = Some(NetSpec {
+            tap: "tap3".into(),
+            mac: "02:00:00:00:00:03".parse().unwrap(),
+        });
+        s
+    }
+
+    /// Every body, as the JSON Firecracker receives, against the swagger's
+    /// field names.
+    #[test]
+    fn boot_plan_bodies_match_the_api() {
+        let plan = boot_plan(&spec(), &FirecrackerConfig::new("fc".into()));
+        let wire: Vec<(String, serde_json::Value)> = plan
+            .iter()
+            .map(|c| {
+                let v = match c {
+                    BootCall::MachineConfig(b) => serde_json::to_value(b),
+                    BootCall::BootSource(b) => serde_json::to_value(b),
+                    BootCall::Drive(b) => serde_json::to_value(b),
+                    BootCall::Network(b) => serde_json::to_value(b),
+                    BootCall::Start(b) => serde_json::to_value(b),
+                };
+                (c.path(), v.unwrap())
+            })
+            .collect();
+        assert_eq!(
+            wire,
+            vec![
+                (
+                    "/machine-config".into(),
+                    json!({"vcpu_count": 2, "mem_size_mib": 512})
+                ),
+                (
+                    "/boot-source".into(),
+                    json!({"kernel_image_path": "/k/vmlinux", "boot_args": "console=ttyS0 reboot=k", "initrd_path": "/k/initrd"})
+                ),
+                (
+                    "/drives/base".into(),
+                    json!({"drive_id": "base", "path_on_host": "/img/base", "is_root_device": false, "is_read_only": true})
+                ),
+                (
+                    "/drives/rw".into(),
+                    json!({"drive_id": "rw", "path_on_host": "/run/vm/rw", "is_root_device": false, "is_read_only": false})
+                ),
+                (
+                    "/network-interfaces/eth0".into(),
+                    json!({"iface_id": "eth0", "host_dev_name": "tap3", "guest_mac": "02:00:00:00:00:03"})
+                ),
+                ("/actions".into(), json!({"action_type": "InstanceStart"})),
+            ]
+        );
+        let tracked = boot_plan(
+            &spec(),
+            &FirecrackerConfig {
+                binary: "fc".into(),
+                track_dirty_pages: true,
+            },
+        );
+        assert_eq!(
+            tracked[0],
+            BootCall::MachineConfig(MachineConfiguration {
+                vcpu_count: 2,
+                mem_size_mib: 512,
+                smt: None,
+                track_dirty_pages: Some(true)
+            })
+        );
+    }
+
+    #[test]
+    fn other_bodies_match_the_api() {
+        assert_eq!(
+            serde_json::to_value(Vm {
+                state: VmRunState::Paused
+            })
+            .unwrap(),
+            json!({"state": "Paused"})
+        );
+        assert_eq!(
+            serde_json::to_value(Vm {
+                state: VmRunState::Resumed
+            })
+            .unwrap(),
+            json!({"state": "Resumed"})
+        );
+        assert_eq!(
+            serde_json::to_value(InstanceActionInfo {
+                action_type: ActionType::SendCtrlAltDel
+            })
+            .unwrap(),
+            json!({"action_type": "SendCtrlAltDel"})
+        );
+        assert_eq!(
+            serde_json::to_value(SnapshotCreateParams {
+                snapshot_type: Some(SnapshotType::Full),
+                snapshot_path: "/s/vmstate".into(),
+                mem_file_path: "/s/memory".into(),
+            })
+            .unwrap(),
+            json!({"snapshot_type": "Full", "snapshot_path": "/s/vmstate", "mem_file_path": "/s/memory"})
+        );
+    }
+
+    #[test]
+    fn load_params_override_a_changed_tap() {
+        let mut s = spec();
+        s.memory = MemoryBacking::Anonymous;
+        let manifest = SnapshotManifest {
+            format_version: FORMAT_VERSION,
+            engine: EngineKind::Firecracker,
+            kind: SnapshotKind::Full,
+            vcpus: 2,
+            memory_mib: 512,
+            memory: SnapshotMemory::File {
+                path: "/s/memory".into(),
+            },
+            tap: Some("tap-old".into()),
+            state_bytes: 1,
+        };
+        let p = load_params(
+            Path::new("/s"),
+            &manifest,
+            &s,
+            &FirecrackerConfig::new("fc".into()),
+        )
+        .unwrap();
+        assert_eq!(
+            serde_json::to_value(&p).unwrap(),
+            json!({
+                "snapshot_path": "/s/vmstate",
+                "mem_backend": {"backend_type": "File", "backend_path": "/s/memory"},
+                "enable_diff_snapshots": false,
+                "resume_vm": true,
+                "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap3"}]
+            })
+        );
+        let same = SnapshotManifest {
+            tap: Some("tap3".into()),
+            ..manifest.clone()
+        };
+        let p = load_params(
+            Path::new("/s"),
+            &same,
+            &s,
+            &FirecrackerConfig::new("fc".into()),
+        )
+        .unwrap();
+        assert!(serde_json::to_value(&p)
+            .unwrap()
+            .get("network_overrides")
+            .is_none());
+        s.net = None;
+        assert!(load_params(
+            Path::new("/s"),
+            &manifest,
+            &s,
+            &FirecrackerConfig::new("fc".into())
+        )
+        .is_err());
+        let in_state = SnapshotManifest {
+            memory: SnapshotMemory::InState,
+            ..manifest
+        };
+        assert!(load_params(
+            Path::new("/s"),
+            &in_state,
+            &spec(),
+            &FirecrackerConfig::new("fc".into())
+        )
+        .is_err());
+    }
+}

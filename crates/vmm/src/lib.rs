@@ -1,0 +1,64 @@
+//! The engine layer of bhatti: everything that starts, pauses, snapshots and
+//! stops one virtual machine, and nothing above that.
+//!
+//! * [`Vmm`] — the engine-neutral trait the orchestrator (`core`) programs
+//!   against; one value is one VM, i.e. one VMM process at a time.
+//! * [`VmSpec`] — what the VM looks like (vCPUs, memory, kernel, drives, NIC,
+//!   serial log, working directory, memory file), validated before anything
+//!   is spawned.
+//! * Backends, one module each behind a cargo feature: [`qemu`] (QMP over a
+//!   Unix socket; any Linux host, our CI) and [`firecracker`] (HTTP API over a
+//!   Unix socket; production).
+//! * [`select`] — picks an engine for this host from a preference and a
+//!   [`select::HostProbe`], always with a human-readable reason.
+//! * [`new_vmm`] — the factory: an [`select::EngineChoice`] plus a spec gives a
+//!   `Box<dyn Vmm>`, so `core` never names a concrete engine.
+//!
+//! A capability an engine lacks is a typed [`VmmError::Unsupported`], never a
+//! silent no-op.
+
+mod error;
+mod process;
+mod spec;
+mod vmm;
+
+pub mod select;
+pub mod snapshot;
+pub mod tsc;
+
+#[cfg(feature = "firecracker")]
+pub mod firecracker;
+#[cfg(feature = "qemu")]
+pub mod qemu;
+
+pub use error::{Result, VmmError};
+pub use process::{ExitStatusKind, VmmExit};
+pub use select::{select_engine, EngineChoice, EngineKind, EnginePreference};
+pub use snapshot::{SnapshotInfo, SnapshotKind};
+pub use spec::{DriveSpec, MacAddr, MemoryBacking, NetSpec, VmSpec};
+pub use vmm::{Capabilities, ShutdownPath, ShutdownReport, VmState, Vmm};
+
+/// Builds the VM object for `spec` on the engine chosen by
+/// [`select_engine`]. Validates the spec (and the engine's own limits) but
+/// starts nothing: call [`Vmm::boot`] or [`Vmm::restore`] next.
+pub fn new_vmm(choice: &EngineChoice, spec: VmSpec) -> Result<Box<dyn Vmm>> {
+    match choice.kind {
+        #[cfg(feature = "qemu")]
+        EngineKind::QemuKvm | EngineKind::QemuTcg => {
+            let accel = if choice.kind == EngineKind::QemuKvm {
+                qemu::Accel::Kvm
+            } else {
+                qemu::Accel::Tcg
+            };
+            let config = qemu::QemuConfig::new(choice.binary.clone(), accel);
+            Ok(Box::new(qemu::QemuVmm::new(config, spec)?))
+        }
+        #[cfg(feature = "firecracker")]
+        EngineKind::Firecracker => {
+            let config = firecracker::FirecrackerConfig::new(choice.binary.clone());
+            Ok(Box::new(firecracker::FirecrackerVmm::new(config, spec)?))
+        }
+        #[allow(unreachable_patterns)]
+        other => Err(VmmError::EngineNotBuilt { engine: other }),
+    }
+}

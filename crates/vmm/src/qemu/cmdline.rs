@@ -1,0 +1,259 @@
+//! The QEMU command line for a [`VmSpec`], as a pure function.
+//!
+//! A snapshot restores only into a QEMU whose devices are configured
+//! identically, so the same function builds the line for boot and restore;
+//! a restore adds `-incoming defer` and nothing else. Host-side paths that
+//! the guest never sees (serial log, QMP socket) may differ between the two.
+
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::Path;
+
+use super::{Accel, QemuConfig};
+use crate::spec::{MemoryBacking, VmSpec};
+
+/// Name of the QMP socket inside the work directory.
+pub const QMP_SOCKET: &str = "qmp.sock";
+/// QOM id of the memory backend (part of the migration stream's RAM block
+/// name, so it must never change).
+const MEM_ID: &str = "mem";
+
+/// Whether the line is for a fresh boot or an incoming migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Launch {
+    /// Boot the kernel.
+    Boot,
+    /// Wait for `migrate-incoming`.
+    Incoming,
+}
+
+/// Escapes a value for QEMU's `key=value,…` option syntax (a comma is
+/// written twice).
+fn esc(v: &OsStr) -> OsString {
+    let mut out = Vec::with_capacity(v.len());
+    for &b in v.as_bytes() {
+        out.push(b);
+        if b == b',' {
+            out.push(b',');
+        }
+    }
+    OsString::from_vec(out)
+}
+
+/// `prefix` followed by the escaped path.
+fn opt_path(prefix: &str, p: &Path) -> OsString {
+    let mut s = OsString::from(prefix);
+    s.push(esc(p.as_os_str()));
+    s
+}
+
+/// The kernel command line QEMU passes: the spec's, plus `tsc_early_khz=`
+/// unless the spec already sets it.
+pub fn kernel_cmdline(spec: &VmSpec, tsc_khz: Option<u64>) -> String {
+    let mut line = spec.cmdline.trim().to_string();
+    if let Some(khz) = tsc_khz {
+        if !line
+            .split_whitespace()
+            .any(|w| w.starts_with("tsc_early_khz="))
+        {
+            if !line.is_empty() {
+                line.push(' ');
+            }
+            line.push_str(&format!("tsc_early_khz={khz}"));
+        }
+    }
+    line
+}
+
+/// The argument vector (without the binary).
+pub fn build(spec: &VmSpec, config: &QemuConfig, launch: Launch) -> Vec<OsString> {
+    let mut a: Vec<OsString> = Vec::new();
+    let mut push = |parts: &[&str]| a.extend(parts.iter().map(OsString::from));
+
+    let mut machine = String::from("microvm,acpi=on");
+    if matches!(spec.memory, MemoryBacking::File { .. }) {
+        machine.push_str(",memory-backend=");
+        machine.push_str(MEM_ID);
+    }
+    push(&["-M", &machine]);
+    push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+    match config.accel {
+        Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+        Accel::Tcg => push(&["-accel", "tcg"]),
+    }
+    push(&[
+        "-smp",
+        &spec.vcpus.to_string(),
+        "-m",
+        &format!("{}M", spec.memory_mib),
+    ]);
+    if let MemoryBacking::File { path } = &spec.memory {
+        a.push("-object".into());
+        let mut o = OsString::from(format!(
+            "memory-backend-file,id={MEM_ID},size={}M,share=on,mem-path=",
+            spec.memory_mib
+        ));
+        o.push(esc(path.as_os_str()));
+        a.push(o);
+    }
+    // A guest reboot (panic=-1, `reboot`) ends the VMM: the daemon decides
+    // what happens next.
+    a.push("-no-reboot".into());
+
+    a.push("-kernel".into());
+    a.push(spec.kernel.clone().into_os_string());
+    if let Some(initrd) = &spec.initrd {
+        a.push("-initrd".into());
+        a.push(initrd.clone().into_os_string());
+    }
+    a.push("-append".into());
+    a.push(kernel_cmdline(spec, config.tsc_khz).into());
+
+    // Serial console to a file, appended so a restore continues the log.
+    a.push("-chardev".into());
+    a.push(opt_path(
+        "file,id=serial0,append=on,path=",
+        &spec.serial_log,
+    ));
+    a.push("-serial".into());
+    a.push("chardev:serial0".into());
+
+    // QMP: a server socket that does not wait for us to connect.
+    a.push("-chardev".into());
+    a.push(opt_path(
+        "socket,id=qmp,server=on,wait=off,path=",
+        &spec.work_dir.join(QMP_SOCKET),
+    ));
+    a.push("-mon".into());
+    a.push("chardev=qmp,mode=control".into());
+
+    for d in &spec.drives {
+        a.push("-drive".into());
+        let mut o = OsString::from(format!(
+            "id={},if=none,format=raw,readonly={},file=",
+            d.id,
+            if d.read_only { "on" } else { "off" }
+        ));
+        o.push(esc(d.path.as_os_str()));
+        a.push(o);
+        a.push("-device".into());
+        a.push(format!("virtio-blk-device,drive={}", d.id).into());
+    }
+    if let Some(net) = &spec.net {
+        a.push("-netdev".into());
+        a.push(format!("tap,id=net0,ifname={},script=no,downscript=no", net.tap).into());
+        a.push("-device".into());
+        a.push(format!("virtio-net-device,netdev=net0,mac={}", net.mac).into());
+    }
+    if launch == Launch::Incoming {
+        a.push("-incoming".into());
+        a.push("defer".into());
+    }
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{DriveSpec, NetSpec};
+    use std::path::PathBuf;
+
+    fn config(accel: Accel) -> QemuConfig {
+        QemuConfig {
+            binary: "qemu-system-x86_64".into(),
+            accel,
+            tsc_khz: Some(2_596_092),
+        }
+    }
+
+    fn text(args: &[OsString]) -> String {
+        args.iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn full_command_line() {
+        let mut spec = VmSpec::new("/k/vmlinux", "/run/vm1");
+        spec.vcpus = 2;
+        spec.memory_mib = 512;
+        spec.cmdline = "console=ttyS0 quiet".into();
+        spec.initrd = Some("/k/initrd".into());
+        spec.memory = MemoryBacking::File {
+            path: "/run/vm1/mem".into(),
+        };
+        spec.drives = vec![
+            DriveSpec {
+                id: "base".into(),
+                path: "/img/base.ext4".into(),
+                read_only: true,
+            },
+            DriveSpec {
+                id: "rw".into(),
+                path: "/run/vm1/a,b.img".into(),
+                read_only: false,
+            },
+        ];
+        spec.net = Some(NetSpec {
+            tap: "tap7".into(),
+            mac: "02:00:0a:00:00:07".parse().unwrap(),
+        });
+        let line = text(&build(&spec, &config(Accel::Kvm), Launch::Boot));
+        assert_eq!(
+            line,
+            "-M microvm,acpi=on,memory-backend=mem -nodefaults -no-user-config -display none \
+             -accel kvm -cpu host -smp 2 -m 512M \
+             -object memory-backend-file,id=mem,size=512M,share=on,mem-path=/run/vm1/mem -no-reboot \
+             -kernel /k/vmlinux -initrd /k/initrd -append console=ttyS0 quiet tsc_early_khz=2596092 \
+             -chardev file,id=serial0,append=on,path=/run/vm1/serial.log -serial chardev:serial0 \
+             -chardev socket,id=qmp,server=on,wait=off,path=/run/vm1/qmp.sock -mon chardev=qmp,mode=control \
+             -drive id=base,if=none,format=raw,readonly=on,file=/img/base.ext4 -device virtio-blk-device,drive=base \
+             -drive id=rw,if=none,format=raw,readonly=off,file=/run/vm1/a,,b.img -device virtio-blk-device,drive=rw \
+             -netdev tap,id=net0,ifname=tap7,script=no,downscript=no \
+             -device virtio-net-device,netdev=net0,mac=02:00:0a:00:00:07"
+        );
+    }
+
+    #[test]
+    fn restore_line_is_the_boot_line_plus_incoming() {
+        let spec = VmSpec::new("/k/vmlinux", "/run/vm1");
+        let boot = build(&spec, &config(Accel::Tcg), Launch::Boot);
+        let incoming = build(&spec, &config(Accel::Tcg), Launch::Incoming);
+        assert_eq!(&incoming[..boot.len()], &boot[..]);
+        assert_eq!(text(&incoming[boot.len()..]), "-incoming defer");
+        let line = text(&boot);
+        assert!(
+            line.contains("-accel tcg -smp 1 -m 256M -no-reboot"),
+            "{line}"
+        );
+        assert!(!line.contains("-cpu"), "{line}");
+        assert!(!line.contains("memory-backend"), "{line}");
+        assert!(!line.contains("-daemonize"));
+    }
+
+    #[test]
+    fn tsc_is_appended_once() {
+        let mut spec = VmSpec::new("/k", "/w");
+        spec.cmdline = "console=ttyS0".into();
+        assert_eq!(
+            kernel_cmdline(&spec, Some(1000)),
+            "console=ttyS0 tsc_early_khz=1000"
+        );
+        assert_eq!(kernel_cmdline(&spec, None), "console=ttyS0");
+        spec.cmdline = "tsc_early_khz=5 console=ttyS0".into();
+        assert_eq!(
+            kernel_cmdline(&spec, Some(1000)),
+            "tsc_early_khz=5 console=ttyS0"
+        );
+    }
+
+    #[test]
+    fn commas_are_escaped() {
+        assert_eq!(esc(OsStr::new("/a,b,,c")), OsString::from("/a,,b,,,,c"));
+        assert_eq!(
+            opt_path("path=", &PathBuf::from("/x")),
+            OsString::from("path=/x")
+        );
+    }
+}

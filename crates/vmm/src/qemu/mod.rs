@@ -1,0 +1,624 @@
+//! QEMU backend: `qemu-system-x86_64 -M microvm`, driven over QMP.
+//!
+//! The VMM is a tokio child (never `-daemonize`d) so we reap it and learn
+//! how it ended. Pause/resume are QMP `stop`/`cont`. Snapshots are QMP
+//! migrations to a file descriptor we pass with `getfd` (works on QEMU 7.2,
+//! which has no `file:` URI, and needs no shell): with guest RAM in a shared
+//! memory file and `x-ignore-shared`, only device state is written and a
+//! restore maps the same file lazily.
+
+pub mod cmdline;
+pub mod qmp;
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio::process::Command;
+
+use crate::error::{Result, VmmError};
+use crate::process::{self, VmmExit, VmmProcess};
+use crate::select::EngineKind;
+use crate::snapshot::{
+    SnapshotInfo, SnapshotKind, SnapshotManifest, SnapshotMemory, FORMAT_VERSION, STATE_FILE,
+};
+use crate::spec::{MemoryBacking, VmSpec};
+use crate::vmm::{transition, Capabilities, Op, ShutdownPath, ShutdownReport, VmState, Vmm};
+use cmdline::{Launch, QMP_SOCKET};
+use qmp::{
+    MigrateUri, MigrationCapability, QmpClient, QmpError, SetCapabilities, SetParameters,
+    StatusInfo,
+};
+
+/// QEMU's vCPU limit for microvm is far above what we hand out; keep a sane
+/// cap so a typo does not ask for 4 billion.
+const MAX_VCPUS: u32 = 255;
+/// How long QEMU may take to open its QMP socket.
+const QMP_READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a snapshot save or load may run.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
+/// Name under which the snapshot file descriptor is registered.
+const SNAPSHOT_FD: &str = "bhatti-snapshot";
+
+/// Hardware-assisted or emulated CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// `-accel kvm -cpu host`.
+    Kvm,
+    /// `-accel tcg`.
+    Tcg,
+}
+
+/// How to run QEMU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuConfig {
+    /// `qemu-system-x86_64`.
+    pub binary: PathBuf,
+    /// KVM or TCG.
+    pub accel: Accel,
+    /// Host TSC in kHz, appended to the guest command line as
+    /// `tsc_early_khz=` (without it ~30% of microvm boots hang).
+    pub tsc_khz: Option<u64>,
+}
+
+impl QemuConfig {
+    /// A config for `binary` and `accel` with the host's TSC frequency.
+    pub fn new(binary: PathBuf, accel: Accel) -> Self {
+        QemuConfig {
+            binary,
+            accel,
+            tsc_khz: crate::tsc::host_tsc_khz(),
+        }
+    }
+
+    fn engine(&self) -> EngineKind {
+        match self.accel {
+            Accel::Kvm => EngineKind::QemuKvm,
+            Accel::Tcg => EngineKind::QemuTcg,
+        }
+    }
+}
+
+/// One VM on QEMU.
+#[derive(Debug)]
+pub struct QemuVmm {
+    config: QemuConfig,
+    spec: VmSpec,
+    /// Serialises lifecycle operations; holds the QMP session.
+    ops: tokio::sync::Mutex<Option<QmpClient>>,
+    /// State and process, readable without waiting for an operation.
+    shared: Mutex<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: VmState,
+    process: Option<Arc<VmmProcess>>,
+}
+
+impl QemuVmm {
+    /// Validates `spec` for QEMU. Starts nothing.
+    pub fn new(config: QemuConfig, spec: VmSpec) -> Result<Self> {
+        spec.validate(MAX_VCPUS)?;
+        Ok(QemuVmm {
+            config,
+            spec,
+            ops: tokio::sync::Mutex::new(None),
+            shared: Mutex::new(Shared {
+                state: VmState::Created,
+                process: None,
+            }),
+        })
+    }
+
+    /// The full argument vector QEMU is (or would be) started with.
+    pub fn command_line(&self, launch: Launch) -> Vec<std::ffi::OsString> {
+        cmdline::build(&self.spec, &self.config, launch)
+    }
+
+    /// QMP `query-status`.
+    pub async fn query_status(&self) -> Result<StatusInfo> {
+        let mut qmp = self.ops.lock().await;
+        let c = self.session(&mut qmp, "query-status")?;
+        let r = c.query_status().await;
+        self.qmp_result("query-status", r).await
+    }
+
+    fn shared(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn process(&self) -> Option<Arc<VmmProcess>> {
+        self.shared().process.clone()
+    }
+
+    fn set_state(&self, state: VmState) {
+        self.shared().state = state;
+    }
+
+    /// The state, with a dead VMM read as `Exited`.
+    fn current_state(&self) -> VmState {
+        let s = self.shared();
+        match &s.process {
+            Some(p) if p.exit().is_some() => VmState::Exited,
+            _ => s.state,
+        }
+    }
+
+    fn session<'a>(
+        &self,
+        qmp: &'a mut Option<QmpClient>,
+        operation: &'static str,
+    ) -> Result<&'a mut QmpClient> {
+        let state = self.current_state();
+        match qmp.as_mut() {
+            Some(c) if state != VmState::Exited => Ok(c),
+            _ => Err(self
+                .process()
+                .and_then(|p| p.exit())
+                .map(|e| e.to_error())
+                .unwrap_or(VmmError::InvalidState { operation, state })),
+        }
+    }
+
+    /// Maps a QMP failure: a dropped connection means QEMU died, and the
+    /// caller gets its exit status and stderr rather than "broken pipe".
+    async fn qmp_result<T>(&self, command: &str, r: Result<T, QmpError>) -> Result<T> {
+        match r {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                if e.is_disconnect() {
+                    if let Some(p) = self.process() {
+                        if let Some(err) = p.exited_error().await {
+                            return Err(err);
+                        }
+                    }
+                }
+                Err(VmmError::Qmp {
+                    command: command.to_string(),
+                    source: e,
+                })
+            }
+        }
+    }
+
+    async fn cmd(&self, c: &mut QmpClient, command: &str) -> Result<()> {
+        let r = c.run::<()>(command, None).await;
+        self.qmp_result(command, r).await
+    }
+
+    async fn cmd_args<A: serde::Serialize + Sync>(
+        &self,
+        c: &mut QmpClient,
+        command: &str,
+        args: &A,
+    ) -> Result<()> {
+        let r = c.run(command, Some(args)).await;
+        self.qmp_result(command, r).await
+    }
+
+    /// Starts QEMU and connects QMP. On failure the process is killed and
+    /// the error says why (its exit and stderr if it died).
+    async fn launch(&self, launch: Launch) -> Result<(Arc<VmmProcess>, QmpClient)> {
+        self.spec.prepare_dirs()?;
+        let sock = self.spec.work_dir.join(QMP_SOCKET);
+        remove_stale(&sock)?;
+        if launch == Launch::Boot {
+            // A fresh boot starts a fresh console log; a restore appends.
+            std::fs::File::create(&self.spec.serial_log).map_err(|source| VmmError::Prepare {
+                path: self.spec.serial_log.clone(),
+                source,
+            })?;
+        }
+        let mut cmd = Command::new(&self.config.binary);
+        cmd.args(cmdline::build(&self.spec, &self.config, launch));
+        cmd.current_dir(&self.spec.work_dir);
+        let proc = Arc::new(VmmProcess::spawn(cmd, &self.config.binary, None, None)?);
+        tracing::debug!(pid = proc.pid(), binary = %proc.binary().display(), ?launch, "QEMU started");
+        self.shared().process = Some(proc.clone());
+        match connect_qmp(&sock, &proc).await {
+            Ok(c) => Ok((proc, c)),
+            Err(e) => {
+                proc.signal(libc::SIGKILL);
+                Err(e)
+            }
+        }
+    }
+
+    /// Polls `query-migrate` until the job ends.
+    async fn wait_migration(&self, c: &mut QmpClient, operation: &'static str) -> Result<()> {
+        let deadline = Instant::now() + MIGRATION_TIMEOUT;
+        let mut interval = Duration::from_micros(500);
+        loop {
+            let r = c.query_migrate().await;
+            let info = self.qmp_result("query-migrate", r).await?;
+            match info.status.as_deref() {
+                Some("completed") => return Ok(()),
+                Some("failed") | Some("cancelled") => {
+                    return Err(VmmError::Migration {
+                        operation,
+                        message: info
+                            .error_desc
+                            .unwrap_or_else(|| info.status.unwrap_or_default()),
+                    })
+                }
+                _ => {}
+            }
+            if Instant::now() > deadline {
+                return Err(VmmError::Timeout {
+                    what: "the migration job",
+                    after: MIGRATION_TIMEOUT,
+                });
+            }
+            tokio::time::sleep(interval).await;
+            interval = (interval * 2).min(Duration::from_millis(20));
+        }
+    }
+
+    fn set_capabilities(&self) -> SetCapabilities {
+        SetCapabilities {
+            capabilities: vec![MigrationCapability {
+                capability: "x-ignore-shared",
+                state: self.spec.memory.file().is_some(),
+            }],
+        }
+    }
+}
+
+fn remove_stale(sock: &Path) -> Result<()> {
+    match std::fs::remove_file(sock) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(VmmError::Prepare {
+            path: sock.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Connects to QEMU's QMP socket as soon as it accepts, or reports the
+/// VMM's exit if it dies first.
+async fn connect_qmp(sock: &Path, proc: &VmmProcess) -> Result<QmpClient> {
+    let deadline = Instant::now() + QMP_READY_TIMEOUT;
+    let mut exit = proc.exit_watch();
+    loop {
+        if let Some(e) = proc.exit() {
+            return Err(e.to_error());
+        }
+        match QmpClient::connect(sock).await {
+            Ok(c) => return Ok(c),
+            Err(QmpError::Connect { source, .. })
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) => {}
+            Err(e) => {
+                if let Some(err) = proc.exited_error().await {
+                    return Err(err);
+                }
+                return Err(VmmError::Qmp {
+                    command: "connect".into(),
+                    source: e,
+                });
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(VmmError::Timeout {
+                what: "QEMU's QMP socket",
+                after: QMP_READY_TIMEOUT,
+            });
+        }
+        // The socket appears within milliseconds of exec; wake early if the
+        // process dies instead.
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(2)) => {}
+            _ = exit.changed() => {}
+        }
+    }
+}
+
+#[async_trait]
+impl Vmm for QemuVmm {
+    fn engine(&self) -> EngineKind {
+        self.config.engine()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let shared_mem = self.spec.memory.file().is_some();
+        Capabilities {
+            pause: true,
+            snapshot: true,
+            diff_snapshot: false,
+            lazy_memory: shared_mem,
+            device_state_only_snapshot: shared_mem,
+            guest_shutdown: true,
+        }
+    }
+
+    fn spec(&self) -> &VmSpec {
+        &self.spec
+    }
+
+    fn state(&self) -> VmState {
+        self.current_state()
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.process()
+            .filter(|p| p.exit().is_none())
+            .map(|p| p.pid())
+    }
+
+    async fn boot(&self) -> Result<()> {
+        let mut qmp = self.ops.lock().await;
+        let next = transition(self.current_state(), Op::Boot)?;
+        let (_proc, client) = self.launch(Launch::Boot).await?;
+        *qmp = Some(client);
+        self.set_state(next);
+        Ok(())
+    }
+
+    async fn pause(&self) -> Result<()> {
+        let mut qmp = self.ops.lock().await;
+        let next = transition(self.current_state(), Op::Pause)?;
+        let c = self.session(&mut qmp, "pause")?;
+        self.cmd(c, "stop").await?;
+        self.set_state(next);
+        Ok(())
+    }
+
+    async fn resume(&self) -> Result<()> {
+        let mut qmp = self.ops.lock().await;
+        let next = transition(self.current_state(), Op::Resume)?;
+        let c = self.session(&mut qmp, "resume")?;
+        self.cmd(c, "cont").await?;
+        self.set_state(next);
+        Ok(())
+    }
+
+    async fn snapshot(&self, dir: &Path, kind: SnapshotKind) -> Result<SnapshotInfo> {
+        if kind == SnapshotKind::Diff {
+            return Err(VmmError::Unsupported {
+                engine: self.engine(),
+                operation: "diff snapshot",
+            });
+        }
+        let mut qmp = self.ops.lock().await;
+        let from = self.current_state();
+        let next = transition(from, Op::Snapshot)?;
+        let c = self.session(&mut qmp, "snapshot")?;
+        let started = std::time::Instant::now();
+        if from == VmState::Running {
+            self.cmd(c, "stop").await?;
+            self.set_state(VmState::Paused);
+        }
+        std::fs::create_dir_all(dir).map_err(|source| VmmError::SnapshotIo {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let state_path = dir.join(STATE_FILE);
+        let io = |source| VmmError::SnapshotIo {
+            path: state_path.clone(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&state_path)
+            .map_err(io)?;
+        self.cmd_args(c, "migrate-set-capabilities", &self.set_capabilities())
+            .await?;
+        // The default (128 MiB/s) makes a RAM-carrying save crawl; this is a
+        // local file, so let it go as fast as the disk does.
+        self.cmd_args(
+            c,
+            "migrate-set-parameters",
+            &SetParameters {
+                max_bandwidth: 1 << 40,
+            },
+        )
+        .await?;
+        let r = c.send_fd(SNAPSHOT_FD, &file).await;
+        self.qmp_result("getfd", r).await?;
+        let uri = MigrateUri {
+            uri: format!("fd:{SNAPSHOT_FD}"),
+        };
+        self.cmd_args(c, "migrate", &uri).await?;
+        self.wait_migration(c, "snapshot").await?;
+        file.sync_all().map_err(io)?;
+        let state_bytes = file.metadata().map_err(io)?.len();
+        drop(file);
+        if state_bytes == 0 {
+            return Err(io(std::io::Error::other("QEMU wrote an empty state file")));
+        }
+        let manifest = SnapshotManifest {
+            format_version: FORMAT_VERSION,
+            engine: self.engine(),
+            kind,
+            vcpus: self.spec.vcpus,
+            memory_mib: self.spec.memory_mib,
+            memory: match &self.spec.memory {
+                MemoryBacking::Anonymous => SnapshotMemory::InState,
+                MemoryBacking::File { path } => SnapshotMemory::SharedFile { path: path.clone() },
+            },
+            tap: self.spec.net.as_ref().map(|n| n.tap.clone()),
+            state_bytes,
+        };
+        manifest.write(dir)?;
+        self.set_state(next);
+        Ok(SnapshotInfo {
+            dir: dir.to_path_buf(),
+            manifest,
+            state_bytes,
+            duration: started.elapsed(),
+        })
+    }
+
+    async fn restore(&self, dir: &Path) -> Result<()> {
+        let mut qmp = self.ops.lock().await;
+        let next = transition(self.current_state(), Op::Restore)?;
+        let manifest = SnapshotManifest::read_for(dir, self.engine(), &self.spec)?;
+        let mismatch = |reason: String| VmmError::SnapshotMismatch {
+            dir: dir.to_path_buf(),
+            reason,
+        };
+        match (&manifest.memory, &self.spec.memory) {
+            (SnapshotMemory::InState, MemoryBacking::Anonymous) => {}
+            (SnapshotMemory::SharedFile { path }, MemoryBacking::File { path: mine }) if path == mine => {}
+            (theirs, mine) => {
+                return Err(mismatch(format!(
+                    "snapshot memory is {theirs:?}, the spec's is {mine:?}: QEMU needs the same memory backing"
+                )))
+            }
+        }
+        // QEMU has no network override: the TAP name is host-side only, so
+        // another TAP is fine, but the NIC itself must be there or not.
+        if manifest.tap.is_some() != self.spec.net.is_some() {
+            return Err(mismatch(
+                "the snapshot and the spec disagree on having a NIC".into(),
+            ));
+        }
+        let state_path = dir.join(STATE_FILE);
+        let file = std::fs::File::open(&state_path).map_err(|source| VmmError::SnapshotIo {
+            path: state_path.clone(),
+            source,
+        })?;
+        let (proc, mut client) = self.launch(Launch::Incoming).await?;
+        let result = async {
+            let c = &mut client;
+            self.cmd_args(c, "migrate-set-capabilities", &self.set_capabilities())
+                .await?;
+            let r = c.send_fd(SNAPSHOT_FD, &file).await;
+            self.qmp_result("getfd", r).await?;
+            let uri = MigrateUri {
+                uri: format!("fd:{SNAPSHOT_FD}"),
+            };
+            self.cmd_args(c, "migrate-incoming", &uri).await?;
+            self.wait_migration(c, "restore").await?;
+            // Without -S QEMU starts the vCPUs itself once the state is in.
+            let deadline = Instant::now() + QMP_READY_TIMEOUT;
+            loop {
+                let r = c.query_status().await;
+                let st = self.qmp_result("query-status", r).await?;
+                if st.running {
+                    return Ok(());
+                }
+                if st.status != "inmigrate" && st.status != "paused" && st.status != "prelaunch" {
+                    return Err(VmmError::Migration {
+                        operation: "restore",
+                        message: format!("QEMU is {} after loading the snapshot", st.status),
+                    });
+                }
+                if Instant::now() > deadline {
+                    return Err(VmmError::Timeout {
+                        what: "the restored VM to run",
+                        after: QMP_READY_TIMEOUT,
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                *qmp = Some(client);
+                self.set_state(next);
+                Ok(())
+            }
+            Err(e) => {
+                proc.signal(libc::SIGKILL);
+                Err(e)
+            }
+        }
+    }
+
+    async fn shutdown(&self, grace: Duration) -> Result<ShutdownReport> {
+        let mut qmp = self.ops.lock().await;
+        let Some(proc) = self.process() else {
+            return Err(VmmError::InvalidState {
+                operation: "shut down",
+                state: VmState::Created,
+            });
+        };
+        if let Some(exit) = proc.exit() {
+            return Ok(ShutdownReport {
+                path: ShutdownPath::Guest,
+                exit,
+            });
+        }
+        // Each step may fail because QEMU is already going; the exit is
+        // what counts, so failures are logged and the next step decides.
+        if let Some(c) = qmp.as_mut() {
+            if let Err(e) = c.run::<()>("system_powerdown", None).await {
+                tracing::debug!(error = %e, "system_powerdown");
+            }
+        }
+        if let Some(exit) = proc.wait_timeout(grace).await {
+            return Ok(ShutdownReport {
+                path: ShutdownPath::Guest,
+                exit,
+            });
+        }
+        if let Some(c) = qmp.as_mut() {
+            if let Err(e) = c.run::<()>("quit", None).await {
+                tracing::debug!(error = %e, "quit");
+            }
+        }
+        if let Some(exit) = proc.wait_timeout(grace).await {
+            return Ok(ShutdownReport {
+                path: ShutdownPath::Vmm,
+                exit,
+            });
+        }
+        proc.signal(libc::SIGKILL);
+        let exit = proc
+            .wait_timeout(grace.max(Duration::from_secs(5)))
+            .await
+            .ok_or(VmmError::Timeout {
+                what: "QEMU to die after SIGKILL",
+                after: grace,
+            })?;
+        Ok(ShutdownReport {
+            path: ShutdownPath::Killed,
+            exit,
+        })
+    }
+
+    async fn kill(&self) -> Result<VmmExit> {
+        let Some(proc) = self.process() else {
+            return Err(VmmError::InvalidState {
+                operation: "kill",
+                state: VmState::Created,
+            });
+        };
+        proc.signal(libc::SIGKILL);
+        let limit = Duration::from_secs(10);
+        proc.wait_timeout(limit).await.ok_or(VmmError::Timeout {
+            what: "QEMU to die after SIGKILL",
+            after: limit,
+        })
+    }
+
+    async fn wait_exit(&self) -> Result<VmmExit> {
+        let Some(proc) = self.process() else {
+            return Err(VmmError::InvalidState {
+                operation: "wait for",
+                state: VmState::Created,
+            });
+        };
+        let watch = proc.exit_watch();
+        drop(proc);
+        Ok(process::wait_exit(watch).await)
+    }
+
+    fn exit(&self) -> Option<VmmExit> {
+        self.process().and_then(|p| p.exit())
+    }
+
+    fn stderr_tail(&self) -> Option<String> {
+        self.process().map(|p| p.stderr_tail())
+    }
+}

@@ -1,0 +1,225 @@
+//! Snapshot directory layout and its manifest, shared by the engines.
+//!
+//! A snapshot directory holds the engine's state file(s) and
+//! `manifest.json`, written last: a directory without a readable manifest is
+//! not a snapshot (a crash mid-save leaves no half-valid snapshot behind).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, VmmError};
+use crate::select::EngineKind;
+use crate::spec::VmSpec;
+
+/// Name of the manifest inside a snapshot directory.
+pub const MANIFEST: &str = "manifest.json";
+/// Device (and, without a shared memory file, RAM) state.
+pub const STATE_FILE: &str = "vmstate";
+/// Guest memory written by engines that copy it (Firecracker).
+pub const MEMORY_FILE: &str = "memory";
+/// Version of the manifest format.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// What a snapshot contains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotKind {
+    /// All of the VM's state.
+    Full,
+    /// Only memory dirtied since the previous snapshot (Firecracker).
+    Diff,
+}
+
+/// Where the guest memory of a snapshot is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum SnapshotMemory {
+    /// Inside the state file.
+    InState,
+    /// In the VM's shared memory file, left in place (QEMU + `x-ignore-shared`).
+    /// Valid until the VM runs again.
+    SharedFile {
+        /// The memory file.
+        path: PathBuf,
+    },
+    /// In a separate file written by the snapshot.
+    File {
+        /// The memory file.
+        path: PathBuf,
+    },
+}
+
+/// The manifest written next to the state files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotManifest {
+    /// [`FORMAT_VERSION`].
+    pub format_version: u32,
+    /// Engine that wrote it; only the same engine restores it.
+    pub engine: EngineKind,
+    /// Full or diff.
+    pub kind: SnapshotKind,
+    /// vCPUs of the VM (must match on restore).
+    pub vcpus: u32,
+    /// Memory of the VM (must match on restore).
+    pub memory_mib: u32,
+    /// Where guest memory is.
+    pub memory: SnapshotMemory,
+    /// The TAP the VM used, so a restore onto another TAP can override it.
+    pub tap: Option<String>,
+    /// Size of the state file when written (checked before a restore).
+    pub state_bytes: u64,
+}
+
+/// What [`crate::Vmm::snapshot`] produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// The snapshot directory.
+    pub dir: PathBuf,
+    /// Its manifest.
+    pub manifest: SnapshotManifest,
+    /// Bytes written to the state file.
+    pub state_bytes: u64,
+    /// How long the save took, with the vCPUs stopped.
+    pub duration: std::time::Duration,
+}
+
+impl SnapshotManifest {
+    /// Writes the manifest atomically (temp file, fsync, rename).
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        use std::io::Write;
+        let path = dir.join(MANIFEST);
+        let tmp = dir.join(format!("{MANIFEST}.tmp"));
+        let io = |source| VmmError::SnapshotIo {
+            path: path.clone(),
+            source,
+        };
+        let body = serde_json::to_vec_pretty(self).map_err(|e| io(std::io::Error::other(e)))?;
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(&body).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        Ok(())
+    }
+
+    /// Reads and checks a manifest: version, engine, the VM shape, and that
+    /// the state file is still the size it was written with.
+    pub fn read_for(dir: &Path, engine: EngineKind, spec: &VmSpec) -> Result<Self> {
+        let path = dir.join(MANIFEST);
+        let mismatch = |reason: String| VmmError::SnapshotMismatch {
+            dir: dir.to_path_buf(),
+            reason,
+        };
+        let body = std::fs::read(&path).map_err(|source| VmmError::SnapshotIo {
+            path: path.clone(),
+            source,
+        })?;
+        let m: SnapshotManifest = serde_json::from_slice(&body)
+            .map_err(|e| mismatch(format!("unreadable manifest: {e}")))?;
+        if m.format_version != FORMAT_VERSION {
+            return Err(mismatch(format!(
+                "manifest format {} (expected {FORMAT_VERSION})",
+                m.format_version
+            )));
+        }
+        if m.engine != engine {
+            return Err(mismatch(format!(
+                "written by {}, restoring with {engine}",
+                m.engine
+            )));
+        }
+        if m.vcpus != spec.vcpus || m.memory_mib != spec.memory_mib {
+            return Err(mismatch(format!(
+                "snapshot has {} vCPUs / {} MiB, spec has {} / {}",
+                m.vcpus, m.memory_mib, spec.vcpus, spec.memory_mib
+            )));
+        }
+        let state = dir.join(STATE_FILE);
+        let len = std::fs::metadata(&state)
+            .map_err(|source| VmmError::SnapshotIo {
+                path: state.clone(),
+                source,
+            })?
+            .len();
+        if len != m.state_bytes {
+            return Err(mismatch(format!(
+                "{} is {len} bytes, manifest says {}",
+                state.display(),
+                m.state_bytes
+            )));
+        }
+        match &m.memory {
+            SnapshotMemory::InState => {}
+            SnapshotMemory::SharedFile { path } | SnapshotMemory::File { path } => {
+                let meta = std::fs::metadata(path).map_err(|source| VmmError::SnapshotIo {
+                    path: path.clone(),
+                    source,
+                })?;
+                if meta.len() < u64::from(m.memory_mib) << 20 {
+                    return Err(mismatch(format!(
+                        "memory file {} is {} bytes, smaller than {} MiB",
+                        path.display(),
+                        meta.len(),
+                        m.memory_mib
+                    )));
+                }
+            }
+        }
+        Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest() -> SnapshotManifest {
+        SnapshotManifest {
+            format_version: FORMAT_VERSION,
+            engine: EngineKind::QemuTcg,
+            kind: SnapshotKind::Full,
+            vcpus: 1,
+            memory_mib: 64,
+            memory: SnapshotMemory::InState,
+            tap: None,
+            state_bytes: 5,
+        }
+    }
+
+    #[test]
+    fn manifest_round_trips_and_is_checked() {
+        let d = tempfile::tempdir().unwrap();
+        let kernel = d.path().join("k");
+        std::fs::write(&kernel, b"k").unwrap();
+        let mut spec = VmSpec::new(&kernel, d.path());
+        spec.memory_mib = 64;
+        std::fs::write(d.path().join(STATE_FILE), b"12345").unwrap();
+        manifest().write(d.path()).unwrap();
+        assert_eq!(
+            SnapshotManifest::read_for(d.path(), EngineKind::QemuTcg, &spec).unwrap(),
+            manifest()
+        );
+        // The accelerator is part of the machine: TCG state does not restore under KVM.
+        assert!(SnapshotManifest::read_for(d.path(), EngineKind::QemuKvm, &spec).is_err());
+
+        let e = SnapshotManifest::read_for(d.path(), EngineKind::Firecracker, &spec).unwrap_err();
+        assert!(e.to_string().contains("cannot be restored"), "{e}");
+        spec.vcpus = 2;
+        assert!(SnapshotManifest::read_for(d.path(), EngineKind::QemuTcg, &spec).is_err());
+        spec.vcpus = 1;
+        std::fs::write(d.path().join(STATE_FILE), b"1234").unwrap();
+        let e = SnapshotManifest::read_for(d.path(), EngineKind::QemuTcg, &spec).unwrap_err();
+        assert!(
+            matches!(e, VmmError::SnapshotMismatch { ref reason, .. } if reason.contains("4 bytes")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_directory_without_manifest_is_not_a_snapshot() {
+        let d = tempfile::tempdir().unwrap();
+        let spec = VmSpec::new(d.path().join("k"), d.path());
+        let e = SnapshotManifest::read_for(d.path(), EngineKind::QemuTcg, &spec).unwrap_err();
+        assert!(matches!(e, VmmError::SnapshotIo { .. }), "{e}");
+    }
+}
