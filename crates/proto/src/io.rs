@@ -1,8 +1,8 @@
 //! Async frame reading and writing over tokio streams.
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::codec::{encode_into, payload_len, CodecError, RawFrame, HEADER_LEN};
+use crate::codec::{decode_frame, encode_into, CodecError, Decoded};
 use crate::message::Message;
 
 /// Why a frame could not be read.
@@ -17,75 +17,88 @@ pub enum ReadError {
 }
 
 /// Reads frames from a stream, skipping frame types it does not know.
-/// Never allocates more than [`crate::MAX_FRAME_PAYLOAD`] for a payload.
+///
+/// [`FrameReader::read_message`] is cancel-safe: bytes are only consumed
+/// from the internal buffer once a whole frame is there, so it can sit in a
+/// `tokio::select!` beside other branches. The buffer never grows beyond one
+/// frame ([`crate::MAX_FRAME_PAYLOAD`] plus header) plus one read.
 #[derive(Debug)]
 pub struct FrameReader<R> {
-    inner: BufReader<R>,
-    payload: Vec<u8>,
+    inner: R,
+    buf: Vec<u8>,
+    start: usize,
 }
+
+const READ_CHUNK: usize = 64 * 1024;
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(inner: R) -> Self {
         FrameReader {
-            inner: BufReader::with_capacity(64 * 1024, inner),
-            payload: Vec::new(),
+            inner,
+            buf: Vec::with_capacity(READ_CHUNK),
+            start: 0,
         }
     }
 
     /// The next message, or `None` when the peer closed the stream between frames.
     pub async fn read_message(&mut self) -> Result<Option<Message>, ReadError> {
         loop {
-            let Some(frame_type) = self.read_raw().await? else {
-                return Ok(None);
-            };
-            let frame = RawFrame {
-                frame_type,
-                payload: &self.payload,
-            };
-            if let Some(msg) = Message::from_frame(frame)? {
-                return Ok(Some(msg));
+            match decode_frame(&self.buf[self.start..]) {
+                Ok(Decoded::Frame { frame, consumed }) => {
+                    let parsed = Message::from_frame(frame);
+                    self.start += consumed;
+                    if self.start == self.buf.len() {
+                        self.buf.clear();
+                        self.start = 0;
+                    }
+                    match parsed {
+                        Ok(Some(msg)) => return Ok(Some(msg)),
+                        // Unknown frame type: a newer peer's addition; skip it.
+                        Ok(None) => continue,
+                        Err(e) => return Err(ReadError::Codec(e)),
+                    }
+                }
+                Ok(Decoded::Incomplete { needed }) => {
+                    if !self.fill(needed).await? {
+                        return Ok(None);
+                    }
+                }
+                Err(e) => return Err(ReadError::Codec(e)),
             }
-            // Unknown frame type: a newer peer's addition; skip it.
         }
     }
 
-    /// Reads one frame of any type into the internal payload buffer and
-    /// returns its type, or `None` at a clean end of stream.
-    async fn read_raw(&mut self) -> Result<Option<u8>, ReadError> {
-        let mut header = [0u8; HEADER_LEN];
-        let first = self.inner.read(&mut header[..1]).await?;
-        if first == 0 {
-            return Ok(None);
+    /// Reads more bytes towards a frame of `needed` bytes. Returns `false` at
+    /// a clean end of stream. Cancel-safe: a read either appends or does nothing.
+    async fn fill(&mut self, needed: usize) -> Result<bool, ReadError> {
+        let buffered = self.buf.len() - self.start;
+        if self.start > 0 && self.buf.capacity() - self.start < needed.max(READ_CHUNK) {
+            self.buf.drain(..self.start);
+            self.start = 0;
         }
-        read_exact(&mut self.inner, &mut header[1..]).await?;
-        let len = payload_len(header[..4].try_into().expect("4-byte slice"))?;
-        self.payload.clear();
-        self.payload.resize(len, 0);
-        read_exact(&mut self.inner, &mut self.payload).await?;
-        if self.payload.capacity() > 256 * 1024 {
-            // Do not keep a 1 MiB buffer alive for a connection that sent one big frame.
-            self.payload.shrink_to(256 * 1024);
+        // Room for the rest of this frame, or one read chunk, whichever is larger.
+        let room = (needed - buffered.min(needed)).max(READ_CHUNK);
+        self.buf.reserve(room);
+        let n = self.inner.read_buf(&mut self.buf).await?;
+        if n == 0 {
+            return if buffered == 0 {
+                Ok(false)
+            } else {
+                Err(ReadError::TruncatedFrame)
+            };
         }
-        Ok(Some(header[4]))
+        Ok(true)
     }
 
     /// Gives back the stream and any bytes already read past the last frame
     /// (used when a connection switches to raw bytes, as a tunnel does).
-    pub fn into_parts(self) -> (R, Vec<u8>) {
-        let leftover = self.inner.buffer().to_vec();
-        (self.inner.into_inner(), leftover)
+    pub fn into_parts(mut self) -> (R, Vec<u8>) {
+        let leftover = self.buf.split_off(self.start);
+        (self.inner, leftover)
     }
 
     pub fn get_ref(&self) -> &R {
-        self.inner.get_ref()
-    }
-}
-
-async fn read_exact<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<(), ReadError> {
-    match r.read_exact(buf).await {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(ReadError::TruncatedFrame),
-        Err(e) => Err(ReadError::Io(e)),
+        &self.inner
     }
 }
 

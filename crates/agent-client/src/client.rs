@@ -1,0 +1,437 @@
+//! The client: connection pool, deadlines, exec and small requests.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use proto::{
+    Activity, ExecRequest, Exit, Kill, Message, SessionInfo, SessionRef, Started, Tunnel as TunnelReq,
+    DATA_CHUNK,
+};
+use tokio::io::{ReadHalf, WriteHalf};
+
+use crate::conn::{unexpected, Conn};
+use crate::stream::{Endpoint, Stream, Tunnel};
+use crate::ClientError;
+
+/// Idle connections kept for reuse.
+const MAX_IDLE: usize = 8;
+
+/// Default deadline for requests that are not commands.
+const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    endpoint: Endpoint,
+    token: String,
+    idle: Mutex<Vec<Conn>>,
+}
+
+impl Inner {
+    pub(crate) fn checkin(&self, conn: Conn) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < MAX_IDLE {
+            idle.push(conn);
+        }
+    }
+
+    fn checkout_idle(&self) -> Option<Conn> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    }
+
+    async fn open(&self) -> Result<Conn, ClientError> {
+        Conn::open(&self.endpoint, &self.token).await
+    }
+}
+
+/// A client for one agent. Cheap to clone; clones share the connection pool.
+#[derive(Debug, Clone)]
+pub struct AgentClient {
+    inner: Arc<Inner>,
+    deadline: Duration,
+    exec_deadline: Option<Duration>,
+}
+
+/// A finished command's collected output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    pub pid: u32,
+    pub exit: Exit,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// What a streamed command produces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecEvent {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    Exit(Exit),
+}
+
+impl AgentClient {
+    pub fn new(endpoint: Endpoint, token: impl Into<String>) -> AgentClient {
+        AgentClient {
+            inner: Arc::new(Inner {
+                endpoint,
+                token: token.into(),
+                idle: Mutex::new(Vec::new()),
+            }),
+            deadline: DEFAULT_DEADLINE,
+            exec_deadline: None,
+        }
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.inner.endpoint
+    }
+
+    /// The same client (sharing its pool) with another deadline for each
+    /// call: `client.deadline(Duration::from_secs(1)).stat("/")`. For
+    /// commands it bounds the whole run; a command past it is killed.
+    pub fn deadline(&self, deadline: Duration) -> AgentClient {
+        AgentClient {
+            inner: self.inner.clone(),
+            deadline,
+            exec_deadline: Some(deadline),
+        }
+    }
+
+    /// Opens and authenticates a connection now, to check the agent answers.
+    pub async fn ping(&self) -> Result<Activity, ClientError> {
+        self.activity().await
+    }
+
+    async fn within<T>(
+        &self,
+        operation: &'static str,
+        deadline: Option<Duration>,
+        fut: impl std::future::Future<Output = Result<T, ClientError>>,
+    ) -> Result<T, ClientError> {
+        match deadline {
+            None => fut.await,
+            Some(after) => tokio::time::timeout(after, fut)
+                .await
+                .map_err(|_| ClientError::Timeout { operation, after })?,
+        }
+    }
+
+    /// Runs one exchange on a pooled connection. A pooled connection that
+    /// turns out stale (closed before answering anything) is replaced once.
+    pub(crate) async fn call<T>(
+        &self,
+        operation: &'static str,
+        mut exchange: impl AsyncFnMut(&mut Conn) -> Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
+        let fut = async {
+            let (mut conn, pooled) = match self.inner.checkout_idle() {
+                Some(c) => (c, true),
+                None => (self.inner.open().await?, false),
+            };
+            let seen = conn.received();
+            let result = exchange(&mut conn).await;
+            match result {
+                Err(e) if pooled && conn.received() == seen && e.is_stale_connection() => {
+                    let mut conn = self.inner.open().await?;
+                    let v = exchange(&mut conn).await;
+                    self.finish(conn, v)
+                }
+                other => self.finish(conn, other),
+            }
+        };
+        self.within(operation, Some(self.deadline), fut).await
+    }
+
+    fn finish<T>(&self, conn: Conn, result: Result<T, ClientError>) -> Result<T, ClientError> {
+        // After an agent error the exchange is over and the connection in step.
+        if matches!(result, Ok(_) | Err(ClientError::Agent { .. })) {
+            self.inner.checkin(conn);
+        }
+        result
+    }
+
+    async fn start_exec(&self, req: &ExecRequest) -> Result<(Conn, Started), ClientError> {
+        let started = async {
+            let mut conn = match self.inner.checkout_idle() {
+                Some(c) => c,
+                None => self.inner.open().await?,
+            };
+            conn.send(&Message::Exec(req.clone())).await?;
+            match conn.recv("exec").await {
+                Ok(Message::Started(s)) => Ok((conn, s)),
+                Ok(other) => Err(unexpected("started", &other)),
+                Err(e @ ClientError::Agent { .. }) => {
+                    self.inner.checkin(conn);
+                    Err(e)
+                }
+                Err(e) if e.is_stale_connection() => {
+                    let mut conn = self.inner.open().await?;
+                    conn.send(&Message::Exec(req.clone())).await?;
+                    match conn.recv("exec").await? {
+                        Message::Started(s) => Ok((conn, s)),
+                        other => Err(unexpected("started", &other)),
+                    }
+                }
+                Err(e) => Err(e),
+            }
+        };
+        self.within("exec start", Some(self.deadline), started).await
+    }
+
+    /// Runs a command to completion and collects its output.
+    pub async fn exec(&self, req: ExecRequest) -> Result<ExecOutput, ClientError> {
+        if req.tty || req.detach {
+            return Err(ClientError::InvalidRequest(
+                "exec collects piped commands; use open_session or spawn".into(),
+            ));
+        }
+        let run = async {
+            let mut stream = self.exec_stream(req).await?;
+            let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+            loop {
+                match stream.next().await? {
+                    ExecEvent::Stdout(d) => stdout.extend_from_slice(&d),
+                    ExecEvent::Stderr(d) => stderr.extend_from_slice(&d),
+                    ExecEvent::Exit(exit) => {
+                        return Ok(ExecOutput {
+                            pid: stream.pid,
+                            exit,
+                            stdout,
+                            stderr,
+                        })
+                    }
+                }
+            }
+        };
+        self.within("exec", self.exec_deadline, run).await
+    }
+
+    /// Starts a piped command and streams its output.
+    pub async fn exec_stream(&self, req: ExecRequest) -> Result<ExecStream, ClientError> {
+        if req.tty || req.detach {
+            return Err(ClientError::InvalidRequest(
+                "exec_stream runs piped commands; use open_session or spawn".into(),
+            ));
+        }
+        let (conn, started) = self.start_exec(&req).await?;
+        Ok(ExecStream {
+            conn: Some(conn),
+            pool: self.inner.clone(),
+            pid: started.pid,
+        })
+    }
+
+    /// Starts a detached command; returns its pid and log file.
+    pub async fn spawn(&self, mut req: ExecRequest) -> Result<Started, ClientError> {
+        req.detach = true;
+        let (conn, started) = self.start_exec(&req).await?;
+        self.inner.checkin(conn);
+        Ok(started)
+    }
+
+    pub async fn activity(&self) -> Result<Activity, ClientError> {
+        self.call("activity", async |c: &mut Conn| {
+            c.send(&Message::ActivityQuery).await?;
+            match c.recv("activity").await? {
+                Message::Activity(a) => Ok(a),
+                other => Err(unexpected("activity", &other)),
+            }
+        })
+        .await
+    }
+
+    pub async fn sessions(&self) -> Result<Vec<SessionInfo>, ClientError> {
+        self.call("session list", async |c: &mut Conn| {
+            c.send(&Message::SessionList).await?;
+            match c.recv("session list").await? {
+                Message::Sessions(s) => Ok(s.sessions),
+                other => Err(unexpected("sessions", &other)),
+            }
+        })
+        .await
+    }
+
+    pub async fn session(&self, name: &str) -> Result<SessionInfo, ClientError> {
+        self.call("session query", async |c: &mut Conn| {
+            c.send(&Message::SessionQuery(SessionRef {
+                session: name.to_string(),
+            }))
+            .await?;
+            match c.recv("session query").await? {
+                Message::Session(s) => Ok(s),
+                other => Err(unexpected("session", &other)),
+            }
+        })
+        .await
+    }
+
+    /// Ends a session (SIGTERM, then SIGKILL after a grace period) and
+    /// returns once it is gone.
+    pub async fn kill_session(&self, name: &str) -> Result<(), ClientError> {
+        self.call("session kill", async |c: &mut Conn| {
+            c.send(&Message::SessionKill(SessionRef {
+                session: name.to_string(),
+            }))
+            .await?;
+            match c.recv("session kill").await? {
+                Message::Ok => Ok(()),
+                other => Err(unexpected("ok", &other)),
+            }
+        })
+        .await
+    }
+
+    /// Opens a raw byte tunnel to `127.0.0.1:port` in the guest.
+    pub async fn tunnel(&self, port: u16) -> Result<Tunnel, ClientError> {
+        let open = async {
+            let mut conn = self.inner.open().await?;
+            conn.send(&Message::Tunnel(TunnelReq { port })).await?;
+            match conn.recv("tunnel").await {
+                Ok(Message::TunnelOk) => {
+                    let (stream, early) = conn.into_stream();
+                    Ok(Tunnel::new(stream, early))
+                }
+                Ok(other) => Err(unexpected("tunnel_ok", &other)),
+                Err(e) => {
+                    if e.agent_code().is_some() {
+                        self.inner.checkin(conn);
+                    }
+                    Err(e)
+                }
+            }
+        };
+        self.within("tunnel", Some(self.deadline), open).await
+    }
+
+    pub(crate) fn pool(&self) -> Arc<Inner> {
+        self.inner.clone()
+    }
+
+    pub(crate) async fn open_conn(&self) -> Result<Conn, ClientError> {
+        match self.inner.checkout_idle() {
+            Some(c) => Ok(c),
+            None => self.inner.open().await,
+        }
+    }
+
+    pub(crate) fn call_deadline(&self) -> Duration {
+        self.deadline
+    }
+}
+
+/// A running piped command.
+#[derive(Debug)]
+pub struct ExecStream {
+    conn: Option<Conn>,
+    pool: Arc<Inner>,
+    pub pid: u32,
+}
+
+impl ExecStream {
+    fn conn(&mut self) -> Result<&mut Conn, ClientError> {
+        self.conn.as_mut().ok_or(ClientError::Closed {
+            operation: "exec (already finished)",
+        })
+    }
+
+    /// The next output chunk, or the exit (after which the stream is done).
+    pub async fn next(&mut self) -> Result<ExecEvent, ClientError> {
+        let msg = self.conn()?.recv("exec").await?;
+        match msg {
+            Message::Stdout(d) => Ok(ExecEvent::Stdout(d)),
+            Message::Stderr(d) => Ok(ExecEvent::Stderr(d)),
+            Message::Exit(e) => {
+                if let Some(conn) = self.conn.take() {
+                    self.pool.checkin(conn);
+                }
+                Ok(ExecEvent::Exit(e))
+            }
+            other => Err(unexpected("stdout, stderr or exit", &other)),
+        }
+    }
+
+    /// Sends stdin (the request must have set `stdin: true`).
+    pub async fn send_stdin(&mut self, data: &[u8]) -> Result<(), ClientError> {
+        let conn = self.conn()?;
+        for chunk in data.chunks(DATA_CHUNK) {
+            conn.send(&Message::Stdin(chunk.to_vec())).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn close_stdin(&mut self) -> Result<(), ClientError> {
+        self.conn()?.send(&Message::StdinEof).await
+    }
+
+    /// Signals the command's process group (SIGKILL when `None`).
+    pub async fn kill(&mut self, signal: Option<i32>) -> Result<(), ClientError> {
+        self.conn()?.send(&Message::Kill(Kill { signal })).await
+    }
+
+    /// Splits into an output half and an input half, to read and write
+    /// concurrently. The connection is not reused afterwards.
+    pub fn into_split(mut self) -> Result<(ExecOutputHalf, ExecInputHalf), ClientError> {
+        let conn = self.conn.take().ok_or(ClientError::Closed {
+            operation: "exec (already finished)",
+        })?;
+        Ok((
+            ExecOutputHalf {
+                reader: conn.reader,
+                done: false,
+            },
+            ExecInputHalf {
+                writer: conn.writer,
+            },
+        ))
+    }
+}
+
+/// Output half of a split [`ExecStream`].
+#[derive(Debug)]
+pub struct ExecOutputHalf {
+    reader: proto::FrameReader<ReadHalf<Stream>>,
+    done: bool,
+}
+
+impl ExecOutputHalf {
+    pub async fn next(&mut self) -> Result<ExecEvent, ClientError> {
+        if self.done {
+            return Err(ClientError::Closed {
+                operation: "exec (already finished)",
+            });
+        }
+        match self.reader.read_message().await? {
+            Some(Message::Stdout(d)) => Ok(ExecEvent::Stdout(d)),
+            Some(Message::Stderr(d)) => Ok(ExecEvent::Stderr(d)),
+            Some(Message::Exit(e)) => {
+                self.done = true;
+                Ok(ExecEvent::Exit(e))
+            }
+            Some(Message::Error(e)) => Err(e.into()),
+            Some(other) => Err(unexpected("stdout, stderr or exit", &other)),
+            None => Err(ClientError::Closed { operation: "exec" }),
+        }
+    }
+}
+
+/// Input half of a split [`ExecStream`].
+#[derive(Debug)]
+pub struct ExecInputHalf {
+    writer: proto::FrameWriter<WriteHalf<Stream>>,
+}
+
+impl ExecInputHalf {
+    pub async fn send_stdin(&mut self, data: &[u8]) -> Result<(), ClientError> {
+        for chunk in data.chunks(DATA_CHUNK) {
+            self.writer.send(&Message::Stdin(chunk.to_vec())).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn close_stdin(&mut self) -> Result<(), ClientError> {
+        Ok(self.writer.send(&Message::StdinEof).await?)
+    }
+
+    pub async fn kill(&mut self, signal: Option<i32>) -> Result<(), ClientError> {
+        Ok(self.writer.send(&Message::Kill(Kill { signal })).await?)
+    }
+}
