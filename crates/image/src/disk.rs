@@ -1,0 +1,169 @@
+//! Per-sandbox disks. The base image is never copied: each sandbox gets a
+//! directory under `DATA/sandboxes/` holding a small sparse ext4 disk (the
+//! overlay upper layer) and its config drive. Destroying a sandbox removes
+//! that directory and nothing else.
+//!
+//! The writable disk's root holds `upper/` and `work/` (overlayfs upperdir
+//! and workdir); lohar mounts `overlay` with the base image as lowerdir.
+
+use std::path::{Component, Path, PathBuf};
+
+use crate::error::{io, Error, Result};
+use crate::fsutil::Staging;
+use crate::mkfs::{make_ext4, Ext4Spec};
+
+/// File name of the writable disk inside a sandbox directory.
+pub const SANDBOX_DISK: &str = "disk.ext4";
+/// File name of the config drive inside a sandbox directory.
+pub const CONFIG_DRIVE: &str = "config.img";
+/// Smallest writable disk.
+pub const MIN_DISK_BYTES: u64 = 16 << 20;
+/// Largest writable disk.
+pub const MAX_DISK_BYTES: u64 = 1 << 40;
+
+/// Creates `dir/disk.ext4`: a sparse ext4 image of `size` bytes with a
+/// journal (it is written to), `upper/` and `work/` directories.
+pub fn create_sandbox_disk(dir: &Path, size: u64) -> Result<PathBuf> {
+    if !(MIN_DISK_BYTES..=MAX_DISK_BYTES).contains(&size) {
+        return Err(Error::DiskSize {
+            size,
+            min: MIN_DISK_BYTES,
+            max: MAX_DISK_BYTES,
+        });
+    }
+    std::fs::create_dir_all(dir).map_err(io("create directory", dir))?;
+    let staging = Staging::new(dir, ".disk")?;
+    let root = staging.path().join("root");
+    for d in ["upper", "work"] {
+        let p = root.join(d);
+        std::fs::create_dir_all(&p).map_err(io("create directory", &p))?;
+    }
+    let path = dir.join(SANDBOX_DISK);
+    make_ext4(
+        &path,
+        &Ext4Spec {
+            label: "bhatti-disk".into(),
+            size_bytes: size,
+            journal: true,
+            inodes: None,
+            source_dir: Some(root),
+        },
+    )?;
+    Ok(path)
+}
+
+/// Checks that a sandbox id is a plain name: 1..=64 of `[A-Za-z0-9_-]`.
+pub fn valid_sandbox_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Removes the sandbox directory `dir`, which must be a real directory
+/// directly under `root` (the sandboxes root). Anything else (the root
+/// itself, a nested path, a symlink, a path with `..`) is refused.
+pub fn destroy_sandbox_dir(root: &Path, dir: &Path) -> Result<()> {
+    let refuse = || Error::OutsideSandboxRoot {
+        path: dir.to_owned(),
+        root: root.to_owned(),
+    };
+    if dir
+        .components()
+        .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+    {
+        return Err(refuse());
+    }
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(refuse)?;
+    if !valid_sandbox_id(name) {
+        return Err(refuse());
+    }
+    let root_real = std::fs::canonicalize(root).map_err(io("resolve", root))?;
+    let parent = dir.parent().ok_or_else(refuse)?;
+    let parent_real = std::fs::canonicalize(parent).map_err(io("resolve", parent))?;
+    if parent_real != root_real {
+        return Err(refuse());
+    }
+    let target = root_real.join(name);
+    let meta = match std::fs::symlink_metadata(&target) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io("stat", &target)(e)),
+    };
+    if !meta.is_dir() {
+        return Err(refuse());
+    }
+    tracing::info!(dir = %target.display(), "removing sandbox directory");
+    std::fs::remove_dir_all(&target).map_err(io("remove", &target))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_is_sparse_ext4_with_overlay_dirs() {
+        let dir = tempfile::tempdir().unwrap();
+        let sb = dir.path().join("sb1");
+        let disk = create_sandbox_disk(&sb, 256 << 20).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&disk).unwrap();
+        assert_eq!(meta.len(), 256 << 20);
+        assert!(
+            meta.blocks() * 512 < 32 << 20,
+            "allocated {} bytes",
+            meta.blocks() * 512
+        );
+        let out = std::process::Command::new("debugfs")
+            .args(["-R", "ls -l /"])
+            .arg(&disk)
+            .output()
+            .unwrap();
+        let listing = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            listing.contains("upper") && listing.contains("work"),
+            "{listing}"
+        );
+        let names: Vec<_> = std::fs::read_dir(&sb)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from(SANDBOX_DISK)]);
+        assert!(matches!(
+            create_sandbox_disk(&sb, 1 << 20),
+            Err(Error::DiskSize { .. })
+        ));
+    }
+
+    #[test]
+    fn destroy_only_direct_children() {
+        let base = tempfile::tempdir().unwrap();
+        let root = base.path().join("sandboxes");
+        let sb = root.join("sb-1");
+        std::fs::create_dir_all(sb.join("x")).unwrap();
+        let outside = base.path().join("precious");
+        std::fs::create_dir(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
+        for bad in [
+            root.clone(),
+            outside.clone(),
+            root.join("sb-1/x"),
+            root.join("../precious"),
+            root.join("link"),
+            base.path().join("other/sb-1"),
+        ] {
+            assert!(
+                destroy_sandbox_dir(&root, &bad).is_err(),
+                "{}",
+                bad.display()
+            );
+        }
+        assert!(outside.exists() && sb.exists());
+        destroy_sandbox_dir(&root, &sb).unwrap();
+        assert!(!sb.exists() && root.exists() && outside.exists());
+        destroy_sandbox_dir(&root, &sb).unwrap(); // idempotent
+    }
+}

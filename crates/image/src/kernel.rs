@@ -1,0 +1,164 @@
+//! The guest kernel: Debian's `linux-image-cloud-amd64`, fetched with
+//! `apt-get download` (nothing is installed on the host; the `.deb` is
+//! unpacked with `dpkg-deb -x` in a build directory), its ELF `vmlinux`
+//! extracted from `vmlinuz`, and its modules tree kept with a generated
+//! `modules.dep`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::apt::{Apt, PackageRef};
+use crate::bzimage::{extract_vmlinux, Compression};
+use crate::error::{io, Error, Result};
+use crate::fsutil::{replace_dir, Staging};
+use crate::kmod::ModuleIndex;
+use crate::layout::{Layout, MANIFEST};
+use crate::manifest::{Inputs, Manifest};
+
+/// The Debian meta-package that tracks the current cloud kernel.
+pub const KERNEL_META_PACKAGE: &str = "linux-image-cloud-amd64";
+/// Bumped when the kernel artifact's recipe changes.
+const RECIPE: u32 = 1;
+
+/// What the kernel step produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelInfo {
+    /// The concrete kernel package.
+    pub package: PackageRef,
+    /// Kernel release (`uname -r`).
+    pub release: String,
+    /// Compression the bzImage payload used.
+    pub compression: Compression,
+    /// PVH entry point of `vmlinux`.
+    pub pvh_entry: Option<u64>,
+    /// Number of modules in the tree.
+    pub modules: usize,
+}
+
+/// The concrete kernel package the meta-package currently points at.
+pub fn kernel_package(apt: &Apt) -> Result<PackageRef> {
+    Ok(apt.resolve_meta(KERNEL_META_PACKAGE, "linux-image-")?)
+}
+
+/// The manifest inputs of a kernel build from `package`.
+pub fn kernel_inputs(package: &PackageRef) -> Inputs {
+    Inputs {
+        recipe: RECIPE,
+        packages: vec![package.clone()],
+        other: BTreeMap::new(),
+    }
+}
+
+/// Reads the release of the kernel already in `layout`.
+pub fn installed_release(layout: &Layout) -> Result<String> {
+    let path = layout.kernel_release_file();
+    let text = std::fs::read_to_string(&path).map_err(io("read", &path))?;
+    Ok(text.trim().to_owned())
+}
+
+fn single_entry(dir: &Path, prefix: &str) -> Result<Option<PathBuf>> {
+    if !dir.is_dir() {
+        return Ok(None);
+    }
+    let mut found = None;
+    for entry in std::fs::read_dir(dir).map_err(io("list", dir))? {
+        let entry = entry.map_err(io("list", dir))?;
+        if entry.file_name().to_string_lossy().starts_with(prefix) {
+            found = Some(entry.path());
+        }
+    }
+    Ok(found)
+}
+
+/// Downloads `package`, extracts `vmlinux`, `vmlinuz` and the modules tree,
+/// and installs them under `layout.kernel_dir()` (replacing what was there).
+pub fn build_kernel(apt: &Apt, layout: &Layout, package: &PackageRef) -> Result<KernelInfo> {
+    let started = Instant::now();
+    let build_root = layout.build_dir();
+    std::fs::create_dir_all(&build_root).map_err(io("create directory", &build_root))?;
+    let staging = Staging::new(&build_root, "kernel")?;
+    let dl = staging.path().join("deb");
+    let root = staging.path().join("root");
+    let out = staging.path().join("out");
+    for d in [&dl, &root, &out] {
+        std::fs::create_dir_all(d).map_err(io("create directory", d))?;
+    }
+    let deb = apt.download(package, &dl)?;
+    apt.extract(&deb, &root)?;
+    tracing::info!(package = %package, elapsed_ms = started.elapsed().as_millis(), "kernel package unpacked");
+
+    let missing = |what| Error::KernelPackage {
+        package: package.to_string(),
+        what,
+    };
+    let vmlinuz_path =
+        single_entry(&root.join("boot"), "vmlinuz-")?.ok_or_else(|| missing("boot/vmlinuz-*"))?;
+    let file_release = vmlinuz_path
+        .file_name()
+        .map(|n| {
+            n.to_string_lossy()
+                .trim_start_matches("vmlinuz-")
+                .to_owned()
+        })
+        .unwrap_or_default();
+    let modules_src = [root.join("lib/modules"), root.join("usr/lib/modules")]
+        .into_iter()
+        .map(|d| d.join(&file_release))
+        .find(|d| d.is_dir())
+        .ok_or_else(|| missing("lib/modules/<release>"))?;
+
+    let vmlinuz = std::fs::read(&vmlinuz_path).map_err(io("read", &vmlinuz_path))?;
+    let vmlinux = extract_vmlinux(&vmlinuz).map_err(|source| Error::Vmlinux {
+        path: vmlinuz_path.clone(),
+        source,
+    })?;
+    let release = vmlinux
+        .release
+        .clone()
+        .unwrap_or_else(|| file_release.clone());
+    if release != file_release {
+        return Err(Error::ReleaseMismatch {
+            header: release,
+            modules: file_release,
+        });
+    }
+    tracing::info!(
+        release = %release,
+        compression = ?vmlinux.compression,
+        vmlinux_bytes = vmlinux.elf.len(),
+        pvh_entry = ?vmlinux.pvh_entry,
+        "vmlinux extracted"
+    );
+
+    let write = |name: &str, data: &[u8]| {
+        let p = out.join(name);
+        std::fs::write(&p, data).map_err(io("write", &p))
+    };
+    write("vmlinux", &vmlinux.elf)?;
+    write("vmlinuz", &vmlinuz)?;
+    write("release", format!("{release}\n").as_bytes())?;
+    let modules_dest = out.join("modules").join(&release);
+    std::fs::create_dir_all(out.join("modules")).map_err(io("create directory", &out))?;
+    std::fs::rename(&modules_src, &modules_dest).map_err(io("rename", &modules_src))?;
+    let index = ModuleIndex::scan(&modules_dest)?;
+    let dep_path = modules_dest.join("modules.dep");
+    std::fs::write(&dep_path, index.to_modules_dep()?).map_err(io("write", &dep_path))?;
+
+    let manifest = Manifest::new(
+        "kernel",
+        kernel_inputs(package),
+        &out,
+        &["vmlinux", "vmlinuz", "release"],
+        started.elapsed().as_millis() as u64,
+    )?;
+    manifest.save(&out.join(MANIFEST))?;
+    replace_dir(&out, &layout.kernel_dir())?;
+    Ok(KernelInfo {
+        package: package.clone(),
+        release,
+        compression: vmlinux.compression,
+        pvh_entry: vmlinux.pvh_entry,
+        modules: index.modules.len(),
+    })
+}
