@@ -4,8 +4,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use proto::{
-    Activity, ExecRequest, Exit, Kill, Message, SessionInfo, SessionRef, Started, Tunnel as TunnelReq,
-    DATA_CHUNK,
+    Activity, ExecRequest, Exit, Kill, Message, SessionInfo, SessionRef, Started,
+    Tunnel as TunnelReq, DATA_CHUNK,
 };
 use tokio::io::{ReadHalf, WriteHalf};
 
@@ -174,7 +174,8 @@ impl AgentClient {
                 Err(e) => Err(e),
             }
         };
-        self.within("exec start", Some(self.deadline), started).await
+        self.within("exec start", Some(self.deadline), started)
+            .await
     }
 
     /// Runs a command to completion and collects its output.

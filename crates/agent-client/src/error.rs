@@ -60,7 +60,9 @@ impl ClientError {
     pub(crate) fn is_stale_connection(&self) -> bool {
         matches!(
             self,
-            ClientError::Closed { .. } | ClientError::Write(_) | ClientError::Read(ReadError::Io(_))
+            ClientError::Closed { .. }
+                | ClientError::Write(_)
+                | ClientError::Read(ReadError::Io(_))
         )
     }
 }

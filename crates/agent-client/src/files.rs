@@ -1,8 +1,6 @@
 //! Files from the client side.
 
-use proto::{
-    FileRead, FileStat, FileWrite, Ls, Message, Stat, DATA_CHUNK, MAX_FILE_WRITE,
-};
+use proto::{FileRead, FileStat, FileWrite, Ls, Message, Stat, DATA_CHUNK, MAX_FILE_WRITE};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::client::AgentClient;
@@ -88,7 +86,10 @@ async fn write_exchange<R: AsyncRead + Unpin>(
     let mut sent = 0u64;
     while sent < size {
         let want = (size - sent).min(buf.len() as u64) as usize;
-        let n = src.read(&mut buf[..want]).await.map_err(ClientError::LocalIo)?;
+        let n = src
+            .read(&mut buf[..want])
+            .await
+            .map_err(ClientError::LocalIo)?;
         if n == 0 {
             return Err(ClientError::InvalidRequest(format!(
                 "the source ended after {sent} of {size} bytes"
@@ -107,8 +108,10 @@ async fn write_exchange<R: AsyncRead + Unpin>(
 impl AgentClient {
     /// Reads a file, within the request's line and byte limits.
     pub async fn read_file(&self, req: FileRead) -> Result<FileContent, ClientError> {
-        self.call("file read", async |c: &mut Conn| read_exchange(c, &req).await)
-            .await
+        self.call("file read", async |c: &mut Conn| {
+            read_exchange(c, &req).await
+        })
+        .await
     }
 
     /// Writes a file atomically. Retried once on a fresh connection if a

@@ -2,9 +2,7 @@
 
 use std::sync::Arc;
 
-use proto::{
-    ErrorCode, ExecRequest, Exit, Kill, Message, SessionAttach, WindowSize, DATA_CHUNK,
-};
+use proto::{ErrorCode, ExecRequest, Exit, Kill, Message, SessionAttach, WindowSize, DATA_CHUNK};
 
 use crate::client::{AgentClient, Inner};
 use crate::conn::{unexpected, Conn};
@@ -191,7 +189,9 @@ impl SessionOutput {
             }
             Some(Message::Error(e)) => Err(e.into()),
             Some(other) => Err(unexpected("stdout or exit", &other)),
-            None => Err(ClientError::Closed { operation: "session" }),
+            None => Err(ClientError::Closed {
+                operation: "session",
+            }),
         }
     }
 }

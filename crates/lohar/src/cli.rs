@@ -102,7 +102,9 @@ mod tests {
         assert_eq!(parse(args("")), Ok(Command::Init));
         assert_eq!(parse(args("--version")), Ok(Command::Version));
         assert_eq!(
-            parse(args("serve --listen tcp:127.0.0.1:0 --token-file /t --config /c")),
+            parse(args(
+                "serve --listen tcp:127.0.0.1:0 --token-file /t --config /c"
+            )),
             Ok(Command::Serve(ServeOptions {
                 listen: ListenAddr::Tcp("127.0.0.1:0".into()),
                 token_file: "/t".into(),

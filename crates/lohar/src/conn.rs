@@ -159,7 +159,10 @@ where
                 .into_iter()
                 .find(|s| s.session == r.session)
                 .ok_or_else(|| {
-                    Failure::new(ErrorCode::NotFound, format!("no session named '{}'", r.session))
+                    Failure::new(
+                        ErrorCode::NotFound,
+                        format!("no session named '{}'", r.session),
+                    )
                 })?;
             Ok(writer.send(&Message::Session(info)).await?)
         }

@@ -10,9 +10,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use proto::{
-    ErrorCode, ExecRequest, FrameReader, FrameWriter, Message, Started, DATA_CHUNK,
-};
+use proto::{ErrorCode, ExecRequest, FrameReader, FrameWriter, Message, Started, DATA_CHUNK};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
@@ -197,7 +195,11 @@ pub async fn detached<W: AsyncWrite + Unpin>(
     let mut cmd = spawn::command(agent, &req, Grouping::ProcessGroup)?;
     let log_path = match &req.log_path {
         Some(p) if p.starts_with('/') => std::path::PathBuf::from(p),
-        Some(p) => return Err(Failure::bad_request(format!("log_path must be absolute: {p}"))),
+        Some(p) => {
+            return Err(Failure::bad_request(format!(
+                "log_path must be absolute: {p}"
+            )))
+        }
         None => agent.config.detach_log_dir.join(format!(
             "lohar-detached-{}-{}.log",
             crate::agent::now_unix_ms(),

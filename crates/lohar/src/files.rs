@@ -212,10 +212,7 @@ where
                 if sink.is_ok() && received > req.size {
                     sink = Err(failed(ErrorMsg {
                         code: ErrorCode::BadRequest,
-                        message: format!(
-                            "more data than the declared size of {} bytes",
-                            req.size
-                        ),
+                        message: format!("more data than the declared size of {} bytes", req.size),
                     }));
                 }
                 if let Ok(tx) = &sink {
@@ -272,7 +269,9 @@ fn check_write(agent: &Agent, req: &FileWrite) -> Result<PathBuf, Failure> {
         ));
     }
     if req.mode.is_some_and(|m| m > 0o7777) {
-        return Err(Failure::bad_request("mode must be permission bits (at most 0o7777)"));
+        return Err(Failure::bad_request(
+            "mode must be permission bits (at most 0o7777)",
+        ));
     }
     let path = resolve(agent, &req.path)?;
     if path.file_name().is_none() || req.path.ends_with('/') {
@@ -473,9 +472,7 @@ pub async fn ls<W: AsyncWrite + Unpin>(
         let size = serde_json::to_vec(&entry).map_or(0, |v| v.len()) + 1;
         if chunk_bytes + size > LS_CHUNK_BYTES && !chunk.is_empty() {
             let entries = std::mem::take(&mut chunk);
-            writer
-                .send(&Message::LsChunk(LsChunk { entries }))
-                .await?;
+            writer.send(&Message::LsChunk(LsChunk { entries })).await?;
             chunk_bytes = 0;
         }
         chunk_bytes += size;

@@ -180,7 +180,16 @@ mod tests {
 
     #[test]
     fn explicit_uid_uses_passwd_gid_or_override() {
-        let id = Identity::resolve_from(RunAs::Uid { uid: 65534, gid: None }, PASSWD, GROUP, 0, 0);
+        let id = Identity::resolve_from(
+            RunAs::Uid {
+                uid: 65534,
+                gid: None,
+            },
+            PASSWD,
+            GROUP,
+            0,
+            0,
+        );
         assert_eq!((id.uid, id.gid), (65534, 65534));
         let id = Identity::resolve_from(
             RunAs::Uid {

@@ -45,7 +45,11 @@ impl Listener {
     /// The bound address, as `unix:PATH` or `tcp:IP:PORT`.
     pub fn describe(&self) -> String {
         match self {
-            Listener::Unix(l) => match l.local_addr().ok().and_then(|a| a.as_pathname().map(|p| p.display().to_string())) {
+            Listener::Unix(l) => match l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
+            {
                 Some(p) => format!("unix:{p}"),
                 None => "unix:?".to_string(),
             },
@@ -130,7 +134,8 @@ pub fn run_test_mode(opts: ServeOptions) -> anyhow::Result<()> {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading config {}", path.display()))?;
-            serde_json::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?
+            serde_json::from_str(&text)
+                .with_context(|| format!("parsing config {}", path.display()))?
         }
         None => AgentConfig::default(),
     };

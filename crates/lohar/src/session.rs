@@ -428,7 +428,17 @@ where
             st.last_activity_ms = now_unix_ms();
         }
     };
-    let result = relay(agent, reader, writer, &session, replay, size, &mut events, &mut kicked).await;
+    let result = relay(
+        agent,
+        reader,
+        writer,
+        &session,
+        replay,
+        size,
+        &mut events,
+        &mut kicked,
+    )
+    .await;
     detach(&session);
     result
 }
@@ -535,7 +545,9 @@ mod tests {
         s.push(b"hello ");
         s.push(b"world");
         assert_eq!(s.to_vec(), b"hello world");
-        let big: Vec<u8> = (0..SCROLLBACK_BYTES + 10).map(|i| (i % 251) as u8).collect();
+        let big: Vec<u8> = (0..SCROLLBACK_BYTES + 10)
+            .map(|i| (i % 251) as u8)
+            .collect();
         s.push(&big);
         assert_eq!(s.to_vec(), &big[10..]);
         s.push(b"!");

@@ -164,5 +164,8 @@ pub fn kill_group(pgid: u32, signal: nix::sys::signal::Signal) {
 
 /// The message for a command that could not start.
 pub fn spawn_failed(program: &str, e: &std::io::Error) -> Failure {
-    Failure::new(ErrorCode::SpawnFailed, format!("cannot run '{program}': {e}"))
+    Failure::new(
+        ErrorCode::SpawnFailed,
+        format!("cannot run '{program}': {e}"),
+    )
 }

@@ -46,7 +46,10 @@ async fn carries_megabytes_of_output_intact() {
     assert!(want.len() > 2_500_000);
     assert_eq!(out.stdout.len(), want.len());
     assert!(out.stdout == want.as_bytes(), "stdout differs");
-    assert_eq!(out.stderr.len(), (1..=1000).map(|i| format!("{i}\n").len()).sum::<usize>());
+    assert_eq!(
+        out.stderr.len(),
+        (1..=1000).map(|i| format!("{i}\n").len()).sum::<usize>()
+    );
 }
 
 #[tokio::test]
@@ -59,9 +62,15 @@ async fn streams_output_as_it_is_produced() {
         flag.display()
     );
     let mut s = a.client.exec_stream(sh(&script)).await.unwrap();
-    assert_eq!(s.next().await.unwrap(), ExecEvent::Stdout(b"first\n".to_vec()));
+    assert_eq!(
+        s.next().await.unwrap(),
+        ExecEvent::Stdout(b"first\n".to_vec())
+    );
     std::fs::write(&flag, "").unwrap();
-    assert_eq!(s.next().await.unwrap(), ExecEvent::Stderr(b"second\n".to_vec()));
+    assert_eq!(
+        s.next().await.unwrap(),
+        ExecEvent::Stderr(b"second\n".to_vec())
+    );
     match s.next().await.unwrap() {
         ExecEvent::Exit(e) => assert_eq!(e.code, 0),
         other => panic!("expected exit, got {other:?}"),
@@ -75,7 +84,10 @@ async fn feeds_stdin_and_closes_it() {
     req.stdin = true;
     let mut s = a.client.exec_stream(req).await.unwrap();
     s.send_stdin(b"hello\n").await.unwrap();
-    assert_eq!(s.next().await.unwrap(), ExecEvent::Stdout(b"hello\n".to_vec()));
+    assert_eq!(
+        s.next().await.unwrap(),
+        ExecEvent::Stdout(b"hello\n".to_vec())
+    );
     s.close_stdin().await.unwrap();
     assert!(matches!(s.next().await.unwrap(), ExecEvent::Exit(e) if e.code == 0));
 
@@ -91,7 +103,13 @@ async fn moves_megabytes_through_stdin_and_stdout_at_once() {
     // wait for the other.
     let mut req = argv(&["cat"]);
     req.stdin = true;
-    let (mut output, mut input) = a.client.exec_stream(req).await.unwrap().into_split().unwrap();
+    let (mut output, mut input) = a
+        .client
+        .exec_stream(req)
+        .await
+        .unwrap()
+        .into_split()
+        .unwrap();
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
     let sent = data.clone();
     let writer = tokio::spawn(async move {
@@ -149,7 +167,10 @@ async fn kill_reaches_the_whole_process_group() {
         ExecEvent::Exit(e) => assert_eq!((e.code, e.signal), (137, Some(9))),
         other => panic!("expected exit, got {other:?}"),
     }
-    wait_until("the grandchild died", Duration::from_secs(10), || !alive(grandchild)).await;
+    wait_until("the grandchild died", Duration::from_secs(10), || {
+        !alive(grandchild)
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -157,10 +178,16 @@ async fn client_disconnect_kills_the_whole_process_group() {
     let a = TestAgent::start();
     let (s, grandchild) = with_grandchild(&a).await;
     drop(s);
-    wait_until("the grandchild died", Duration::from_secs(10), || !alive(grandchild)).await;
+    wait_until("the grandchild died", Duration::from_secs(10), || {
+        !alive(grandchild)
+    })
+    .await;
     let end = std::time::Instant::now() + Duration::from_secs(10);
     while a.client.activity().await.unwrap().running_execs != 0 {
-        assert!(std::time::Instant::now() < end, "the exec is still counted as running");
+        assert!(
+            std::time::Instant::now() < end,
+            "the exec is still counted as running"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -179,13 +206,21 @@ async fn layers_env_and_honours_cwd() {
     let out = a.client.exec(req).await.unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines[0], "from-config from-request xx_YY.UTF-8 only-request");
+    assert_eq!(
+        lines[0],
+        "from-config from-request xx_YY.UTF-8 only-request"
+    );
     let real = std::fs::canonicalize(a.dir.path()).unwrap();
     assert_eq!(lines[1], real.display().to_string());
     // The agent's own environment does not leak into commands.
     let out = a.client.exec(sh("env | cut -d= -f1 | sort")).await.unwrap();
     let names = String::from_utf8(out.stdout).unwrap();
-    assert!(!names.lines().any(|n| n == "CARGO_MANIFEST_DIR" || n == "RUST_TEST_THREADS"), "{names}");
+    assert!(
+        !names
+            .lines()
+            .any(|n| n == "CARGO_MANIFEST_DIR" || n == "RUST_TEST_THREADS"),
+        "{names}"
+    );
     assert!(names.lines().any(|n| n == "PATH"));
 }
 
@@ -199,13 +234,17 @@ async fn detached_commands_run_on_with_output_in_a_file() {
         .unwrap();
     assert!(started.pid > 0);
     let log = std::path::PathBuf::from(started.log_path.expect("log path"));
-    wait_until("the detached command finished", Duration::from_secs(10), || {
-        std::fs::read_to_string(&log).is_ok_and(|s| s == "hello\nbye\n")
-    })
+    wait_until(
+        "the detached command finished",
+        Duration::from_secs(10),
+        || std::fs::read_to_string(&log).is_ok_and(|s| s == "hello\nbye\n"),
+    )
     .await;
-    wait_until("the detached command was reaped", Duration::from_secs(10), || {
-        !std::path::Path::new(&format!("/proc/{}", started.pid)).exists()
-    })
+    wait_until(
+        "the detached command was reaped",
+        Duration::from_secs(10),
+        || !std::path::Path::new(&format!("/proc/{}", started.pid)).exists(),
+    )
     .await;
     // An explicit log path is honoured.
     let mut req = sh("echo there");
@@ -235,7 +274,11 @@ async fn reaps_every_child_after_many_short_execs() {
 #[tokio::test]
 async fn bad_commands_get_clear_errors_and_the_connection_lives_on() {
     let a = TestAgent::start();
-    let err = a.client.exec(argv(&["/no/such/program"])).await.unwrap_err();
+    let err = a
+        .client
+        .exec(argv(&["/no/such/program"]))
+        .await
+        .unwrap_err();
     assert_eq!(err.agent_code(), Some(ErrorCode::SpawnFailed));
     assert!(err.to_string().contains("/no/such/program"), "{err}");
     let err = a.client.exec(argv(&[])).await.unwrap_err();
@@ -261,7 +304,8 @@ async fn runs_commands_as_the_configured_user() {
         println!("SKIP runs_commands_as_the_configured_user: needs root to switch users");
         return;
     }
-    let a = TestAgent::start_with(serde_json::json!({"run_as": {"uid": {"uid": 65534, "gid": 65534}}}));
+    let a =
+        TestAgent::start_with(serde_json::json!({"run_as": {"uid": {"uid": 65534, "gid": 65534}}}));
     let out = a.client.exec(sh("id -u; id -g")).await.unwrap();
     assert_eq!(String::from_utf8(out.stdout).unwrap(), "65534\n65534\n");
     // Files the host writes belong to that user by default.

@@ -171,7 +171,12 @@ pub fn zombies_of(parent: u32) -> Vec<u32> {
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
             continue;
         };
-        let rest: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+        let rest: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
         if rest.len() > 1 && rest[0] == "Z" && rest[1] == parent.to_string() {
             out.push(pid);
         }
