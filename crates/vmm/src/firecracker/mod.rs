@@ -230,6 +230,15 @@ impl FirecrackerVmm {
         self.shared().state = s;
     }
 
+    /// The state `op` leads to; a dead VMM answers with its exit.
+    fn next_state(&self, op: Op) -> Result<VmState> {
+        if let Some(exit) = self.process().and_then(|p| p.exit()) {
+            return Err(exit.to_error());
+        }
+        transition(self.current_state(), op)
+    }
+
+    /// The state, with a dead VMM read as `Exited`.
     fn current_state(&self) -> VmState {
         let s = self.shared();
         match &s.process {
@@ -385,7 +394,7 @@ impl Vmm for FirecrackerVmm {
 
     async fn boot(&self) -> Result<()> {
         let _op = self.ops.lock().await;
-        let next = transition(self.current_state(), Op::Boot)?;
+        let next = self.next_state(Op::Boot)?;
         let proc = self.launch(true).await?;
         for call in boot_plan(&self.spec, &self.config) {
             let r = call.send(&self.api).await;
@@ -400,7 +409,7 @@ impl Vmm for FirecrackerVmm {
 
     async fn pause(&self) -> Result<()> {
         let _op = self.ops.lock().await;
-        let next = transition(self.current_state(), Op::Pause)?;
+        let next = self.next_state(Op::Pause)?;
         self.patch_vm(VmRunState::Paused).await?;
         self.set_state(next);
         Ok(())
@@ -408,7 +417,7 @@ impl Vmm for FirecrackerVmm {
 
     async fn resume(&self) -> Result<()> {
         let _op = self.ops.lock().await;
-        let next = transition(self.current_state(), Op::Resume)?;
+        let next = self.next_state(Op::Resume)?;
         self.patch_vm(VmRunState::Resumed).await?;
         self.set_state(next);
         Ok(())
@@ -423,7 +432,7 @@ impl Vmm for FirecrackerVmm {
         }
         let _op = self.ops.lock().await;
         let from = self.current_state();
-        let next = transition(from, Op::Snapshot)?;
+        let next = self.next_state(Op::Snapshot)?;
         let started = std::time::Instant::now();
         if from == VmState::Running {
             self.patch_vm(VmRunState::Paused).await?;
@@ -490,7 +499,7 @@ impl Vmm for FirecrackerVmm {
 
     async fn restore(&self, dir: &Path) -> Result<()> {
         let _op = self.ops.lock().await;
-        let next = transition(self.current_state(), Op::Restore)?;
+        let next = self.next_state(Op::Restore)?;
         let manifest = SnapshotManifest::read_for(dir, EngineKind::Firecracker, &self.spec)?;
         let params = load_params(dir, &manifest, &self.spec, &self.config)?;
         let proc = self.launch(false).await?;

@@ -138,6 +138,14 @@ impl QemuVmm {
         self.shared().state = state;
     }
 
+    /// The state `op` leads to; a dead VMM answers with its exit.
+    fn next_state(&self, op: Op) -> Result<VmState> {
+        if let Some(exit) = self.process().and_then(|p| p.exit()) {
+            return Err(exit.to_error());
+        }
+        transition(self.current_state(), op)
+    }
+
     /// The state, with a dead VMM read as `Exited`.
     fn current_state(&self) -> VmState {
         let s = self.shared();
@@ -353,7 +361,7 @@ impl Vmm for QemuVmm {
 
     async fn boot(&self) -> Result<()> {
         let mut qmp = self.ops.lock().await;
-        let next = transition(self.current_state(), Op::Boot)?;
+        let next = self.next_state(Op::Boot)?;
         let (_proc, client) = self.launch(Launch::Boot).await?;
         *qmp = Some(client);
         self.set_state(next);
@@ -362,7 +370,7 @@ impl Vmm for QemuVmm {
 
     async fn pause(&self) -> Result<()> {
         let mut qmp = self.ops.lock().await;
-        let next = transition(self.current_state(), Op::Pause)?;
+        let next = self.next_state(Op::Pause)?;
         let c = self.session(&mut qmp, "pause")?;
         self.cmd(c, "stop").await?;
         self.set_state(next);
@@ -371,7 +379,7 @@ impl Vmm for QemuVmm {
 
     async fn resume(&self) -> Result<()> {
         let mut qmp = self.ops.lock().await;
-        let next = transition(self.current_state(), Op::Resume)?;
+        let next = self.next_state(Op::Resume)?;
         let c = self.session(&mut qmp, "resume")?;
         self.cmd(c, "cont").await?;
         self.set_state(next);
@@ -387,7 +395,7 @@ impl Vmm for QemuVmm {
         }
         let mut qmp = self.ops.lock().await;
         let from = self.current_state();
-        let next = transition(from, Op::Snapshot)?;
+        let next = self.next_state(Op::Snapshot)?;
         let c = self.session(&mut qmp, "snapshot")?;
         let started = std::time::Instant::now();
         if from == VmState::Running {
@@ -459,7 +467,7 @@ impl Vmm for QemuVmm {
 
     async fn restore(&self, dir: &Path) -> Result<()> {
         let mut qmp = self.ops.lock().await;
-        let next = transition(self.current_state(), Op::Restore)?;
+        let next = self.next_state(Op::Restore)?;
         let manifest = SnapshotManifest::read_for(dir, self.engine(), &self.spec)?;
         let mismatch = |reason: String| VmmError::SnapshotMismatch {
             dir: dir.to_path_buf(),
@@ -498,28 +506,20 @@ impl Vmm for QemuVmm {
             };
             self.cmd_args(c, "migrate-incoming", &uri).await?;
             self.wait_migration(c, "restore").await?;
-            // Without -S QEMU starts the vCPUs itself once the state is in.
-            let deadline = Instant::now() + QMP_READY_TIMEOUT;
-            loop {
-                let r = c.query_status().await;
-                let st = self.qmp_result("query-status", r).await?;
-                if st.running {
-                    return Ok(());
-                }
-                if st.status != "inmigrate" && st.status != "paused" && st.status != "prelaunch" {
+            // The migration stream carries the source's run state, and a
+            // snapshot is taken with the vCPUs stopped: start them.
+            let r = c.query_status().await;
+            let st = self.qmp_result("query-status", r).await?;
+            if !st.running {
+                if st.status != "paused" && st.status != "postmigrate" {
                     return Err(VmmError::Migration {
                         operation: "restore",
                         message: format!("QEMU is {} after loading the snapshot", st.status),
                     });
                 }
-                if Instant::now() > deadline {
-                    return Err(VmmError::Timeout {
-                        what: "the restored VM to run",
-                        after: QMP_READY_TIMEOUT,
-                    });
-                }
-                tokio::time::sleep(Duration::from_millis(1)).await;
+                self.cmd(c, "cont").await?;
             }
+            Ok(())
         }
         .await;
         match result {
