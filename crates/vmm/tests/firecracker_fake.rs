@@ -1,0 +1,684 @@
+//! The Firecracker backend against a fake Firecracker.
+//!
+//! No `firecracker` binary exists on our CI hosts (and it needs hardware
+//! KVM), so this test binary doubles as a fake one: run with `--api-sock`
+//! it serves the subset of the Firecracker API we use on that Unix socket,
+//! checks every body against the API's field names, records each request
+//! in `requests.jsonl` beside the socket, writes its "guest console" to
+//! stdout and exits on `SendCtrlAltDel`, like Firecracker. Without
+//! `--api-sock` it runs the tests below (custom harness). The real-VM test
+//! is `firecracker_vm.rs`.
+
+use std::future::Future;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use vmm::firecracker::api::{ApiClient, ApiError, Method};
+use vmm::firecracker::model::*;
+use vmm::firecracker::{boot_plan, FirecrackerConfig, FirecrackerVmm};
+use vmm::{
+    DriveSpec, ExitStatusKind, NetSpec, ShutdownPath, SnapshotKind, VmSpec, VmState, Vmm, VmmError,
+};
+
+// ---------------------------------------------------------------- fake server
+
+/// One parsed request.
+#[derive(Debug, Clone)]
+struct Req {
+    method: String,
+    path: String,
+    body: Option<Value>,
+}
+
+/// A canned response: status and body (None = no body).
+type Resp = (u16, Option<String>);
+
+async fn read_request(s: &mut UnixStream) -> Result<Option<Req>> {
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8(buf[..head_end].to_vec())?;
+    let mut lines = head.split("\r\n");
+    let mut first = lines.next().context("no request line")?.split(' ');
+    let method = first.next().context("no method")?.to_string();
+    let path = first.next().context("no path")?.to_string();
+    ensure!(first.next() == Some("HTTP/1.1"), "not HTTP/1.1");
+    let mut len = 0usize;
+    for l in lines {
+        let (k, v) = l.split_once(':').context("bad header")?;
+        if k.eq_ignore_ascii_case("content-length") {
+            len = v.trim().parse()?;
+        }
+    }
+    let mut body = buf[head_end + 4..].to_vec();
+    while body.len() < len {
+        let mut chunk = vec![0u8; len - body.len()];
+        let n = s.read(&mut chunk).await?;
+        ensure!(n > 0, "body cut short");
+        body.extend_from_slice(&chunk[..n]);
+    }
+    let body = if len == 0 {
+        None
+    } else {
+        Some(serde_json::from_slice(&body)?)
+    };
+    Ok(Some(Req { method, path, body }))
+}
+
+async fn write_response(s: &mut UnixStream, (status, body): Resp) -> Result<()> {
+    let reason = if status < 300 { "OK" } else { "Bad Request" };
+    let mut out = format!("HTTP/1.1 {status} {reason}\r\nServer: Firecracker API\r\n");
+    match &body {
+        Some(b) => out.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+            b.len()
+        )),
+        None => out.push_str("\r\n"),
+    }
+    s.write_all(out.as_bytes()).await?;
+    Ok(())
+}
+
+/// Serves `handler` on `listener`, one request per connection.
+async fn serve(listener: UnixListener, handler: Arc<dyn Fn(Req) -> Resp + Send + Sync>) {
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else {
+            return;
+        };
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            if let Ok(Some(req)) = read_request(&mut s).await {
+                let resp = handler(req);
+                let _written = write_response(&mut s, resp).await;
+            }
+        });
+    }
+}
+
+fn fault(msg: &str) -> Resp {
+    (
+        400,
+        Some(serde_json::to_string(&json!({ "fault_message": msg })).unwrap()),
+    )
+}
+
+/// Decodes a body into the API type, as Firecracker's deny_unknown_fields
+/// parser would, turning a mismatch into the fault Firecracker returns.
+fn parse<T: serde::de::DeserializeOwned>(req: &Req) -> Result<T, Resp> {
+    let body = req
+        .body
+        .clone()
+        .ok_or_else(|| fault("Empty request body"))?;
+    serde_json::from_value(body).map_err(|e| {
+        fault(&format!(
+            "An error occurred when deserializing the json body of a request: {e}"
+        ))
+    })
+}
+
+#[derive(Default)]
+struct FakeVm {
+    configured: bool,
+    started: bool,
+    paused: bool,
+    mem_mib: u32,
+    quit: bool,
+}
+
+/// The Firecracker API subset, with Firecracker's state rules.
+fn fake_route(vm: &mut FakeVm, req: &Req) -> Result<Resp, Resp> {
+    const PRE_BOOT: &str = "The requested operation is not supported after starting the microVM.";
+    let m = req.method.as_str();
+    let p = req.path.as_str();
+    match (m, p) {
+        ("GET", "/") => {
+            let state = match (vm.started, vm.paused) {
+                (false, _) => "Not started",
+                (true, false) => "Running",
+                (true, true) => "Paused",
+            };
+            let info = InstanceInfo {
+                app_name: "Firecracker".into(),
+                id: "anonymous-instance".into(),
+                state: state.into(),
+                vmm_version: "1.7.0-fake".into(),
+            };
+            Ok((200, Some(serde_json::to_string(&info).unwrap())))
+        }
+        ("PUT", "/machine-config") => {
+            let mc: MachineConfiguration = parse(req)?;
+            if vm.started {
+                return Err(fault(PRE_BOOT));
+            }
+            vm.mem_mib = mc.mem_size_mib;
+            vm.configured = true;
+            Ok((204, None))
+        }
+        ("PUT", "/boot-source") => {
+            let bs: BootSource = parse(req)?;
+            if vm.started {
+                return Err(fault(PRE_BOOT));
+            }
+            if std::fs::read(&bs.kernel_image_path)
+                .unwrap_or_default()
+                .starts_with(b"FAULT")
+            {
+                return Err(fault("Cannot load kernel due to invalid memory configuration or invalid kernel image: Kernel Loader: failed to load ELF kernel image"));
+            }
+            vm.configured = true;
+            Ok((204, None))
+        }
+        ("PUT", _) if p.starts_with("/drives/") => {
+            let d: Drive = parse(req)?;
+            if vm.started {
+                return Err(fault(PRE_BOOT));
+            }
+            if p != format!("/drives/{}", d.drive_id) {
+                return Err(fault(
+                    "The id from the path does not match the id from the body!",
+                ));
+            }
+            vm.configured = true;
+            Ok((204, None))
+        }
+        ("PUT", _) if p.starts_with("/network-interfaces/") => {
+            let n: NetworkInterface = parse(req)?;
+            if vm.started {
+                return Err(fault(PRE_BOOT));
+            }
+            if p != format!("/network-interfaces/{}", n.iface_id) {
+                return Err(fault(
+                    "The id from the path does not match the id from the body!",
+                ));
+            }
+            vm.configured = true;
+            Ok((204, None))
+        }
+        ("PUT", "/actions") => {
+            let a: InstanceActionInfo = parse(req)?;
+            match a.action_type {
+                ActionType::InstanceStart => {
+                    if vm.started {
+                        return Err(fault(PRE_BOOT));
+                    }
+                    vm.started = true;
+                    println!("fake guest: booted");
+                    let _flushed = std::io::stdout().flush();
+                }
+                ActionType::SendCtrlAltDel => vm.quit = true,
+                ActionType::FlushMetrics => {}
+            }
+            Ok((204, None))
+        }
+        ("PATCH", "/vm") => {
+            let v: Vm = parse(req)?;
+            if !vm.started {
+                return Err(fault(
+                    "The requested operation is not supported before starting the microVM.",
+                ));
+            }
+            vm.paused = v.state == VmRunState::Paused;
+            Ok((204, None))
+        }
+        ("PUT", "/snapshot/create") => {
+            let s: SnapshotCreateParams = parse(req)?;
+            if !vm.paused {
+                return Err(fault(
+                    "Cannot save the microVM state: the microVM must be paused",
+                ));
+            }
+            std::fs::write(&s.snapshot_path, b"fake microVM state")
+                .map_err(|e| fault(&e.to_string()))?;
+            let mem = std::fs::File::create(&s.mem_file_path).map_err(|e| fault(&e.to_string()))?;
+            mem.set_len(u64::from(vm.mem_mib) << 20)
+                .map_err(|e| fault(&e.to_string()))?;
+            Ok((204, None))
+        }
+        ("PUT", "/snapshot/load") => {
+            let l: SnapshotLoadParams = parse(req)?;
+            if vm.started || vm.configured {
+                return Err(fault("Loading a microVM snapshot not allowed after configuring boot-specific resources."));
+            }
+            for f in [&l.snapshot_path, &l.mem_backend.backend_path] {
+                if !f.exists() {
+                    return Err(fault(&format!("Cannot open {}", f.display())));
+                }
+            }
+            vm.started = true;
+            vm.paused = !l.resume_vm;
+            Ok((204, None))
+        }
+        _ => Err(fault("Invalid request method and/or path")),
+    }
+}
+
+/// Entry point when this binary is run as `firecracker --api-sock …`.
+fn fake_firecracker_main(args: &[String]) -> ! {
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let sock = PathBuf::from(arg("--api-sock").expect("--api-sock"));
+    let log = arg("--log-path").map(PathBuf::from);
+    if let Some(log) = &log {
+        // Firecracker requires the log file to exist already.
+        assert!(log.exists(), "log path {} does not exist", log.display());
+    }
+    eprintln!("fake firecracker starting on {}", sock.display());
+    let record = sock.with_file_name("requests.jsonl");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let listener = UnixListener::bind(&sock).expect("bind api socket");
+        let vm = Arc::new(Mutex::new(FakeVm::default()));
+        let quit = Arc::new(tokio::sync::Notify::new());
+        let handler = {
+            let (vm, quit) = (vm.clone(), quit.clone());
+            Arc::new(move |req: Req| {
+                let line = json!({"method": req.method, "path": req.path, "body": req.body});
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&record)
+                    .unwrap();
+                writeln!(f, "{line}").unwrap();
+                let mut vm = vm.lock().unwrap();
+                let resp = fake_route(&mut vm, &req).unwrap_or_else(|e| e);
+                if vm.quit {
+                    quit.notify_one();
+                }
+                resp
+            })
+        };
+        tokio::select! {
+            _ = serve(listener, handler) => {}
+            _ = quit.notified() => {
+                // Let the 204 reach the client, then "the guest rebooted".
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+    std::process::exit(0)
+}
+
+// ---------------------------------------------------------------- tests
+
+fn recorded(work: &Path) -> Vec<Value> {
+    std::fs::read_to_string(work.join("requests.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn fc_config() -> FirecrackerConfig {
+    FirecrackerConfig::new(std::env::current_exe().unwrap())
+}
+
+fn spec(dir: &Path) -> VmSpec {
+    let kernel = dir.join("vmlinux");
+    std::fs::write(&kernel, b"\x7fELF fake").unwrap();
+    let disk = dir.join("base.img");
+    std::fs::write(&disk, b"").unwrap();
+    let mut s = VmSpec::new(&kernel, dir.join("w"));
+    s.vcpus = 2;
+    s.memory_mib = 64;
+    s.cmdline = "console=ttyS0 reboot=k panic=1".into();
+    s.drives = vec![DriveSpec {
+        id: "base".into(),
+        path: disk,
+        read_only: true,
+    }];
+    s.net = Some(NetSpec {
+        tap: "tap0".into(),
+        mac: "02:00:00:00:00:01".parse().unwrap(),
+    });
+    s
+}
+
+async fn client_round_trips_and_typed_faults() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let sock = dir.path().join("api.sock");
+    let seen = Arc::new(Mutex::new(Vec::<Req>::new()));
+    let handler = {
+        let seen = seen.clone();
+        Arc::new(move |req: Req| {
+            seen.lock().unwrap().push(req.clone());
+            match req.path.as_str() {
+                "/" => (200, Some(r#"{"app_name":"Firecracker","id":"x","state":"Running","vmm_version":"1.7.0"}"#.into())),
+                "/drives/bad" => fault("Unable to open the block device: No such file"),
+                "/vm" => (204, None),
+                "/not-json-fault" => (500, Some("internal oops".into())),
+                _ => fault("Invalid request method and/or path"),
+            }
+        })
+    };
+    tokio::spawn(serve(UnixListener::bind(&sock)?, handler));
+    let api = ApiClient::new(&sock);
+
+    let info: InstanceInfo = api.get("/").await?;
+    assert_eq!(info.state, "Running");
+    api.patch(
+        "/vm",
+        &Vm {
+            state: VmRunState::Paused,
+        },
+    )
+    .await?;
+    let drive = Drive {
+        drive_id: "bad".into(),
+        path_on_host: "/nope".into(),
+        is_root_device: false,
+        is_read_only: true,
+    };
+    match api.put("/drives/bad", &drive).await {
+        Err(ApiError::Fault {
+            status,
+            fault_message,
+        }) => {
+            assert_eq!(status, 400);
+            assert_eq!(
+                fault_message,
+                "Unable to open the block device: No such file"
+            );
+        }
+        other => panic!("expected a fault, got {other:?}"),
+    }
+    match api.request(Method::Get, "/not-json-fault", None).await {
+        Err(ApiError::Fault {
+            status: 500,
+            fault_message,
+        }) => assert_eq!(fault_message, "internal oops"),
+        other => panic!("expected a fault, got {other:?}"),
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 4);
+    assert_eq!(seen[1].method, "PATCH");
+    assert_eq!(seen[1].body, Some(json!({"state": "Paused"})));
+    assert_eq!(seen[2].method, "PUT");
+    assert_eq!(
+        seen[2].body,
+        Some(
+            json!({"drive_id": "bad", "path_on_host": "/nope", "is_root_device": false, "is_read_only": true})
+        )
+    );
+    assert!(seen[0].body.is_none());
+
+    // A server that is not there, and one that speaks nonsense.
+    let e = ApiClient::new(dir.path().join("missing.sock"))
+        .get::<Value>("/")
+        .await
+        .unwrap_err();
+    assert!(e.is_unreachable(), "{e:?}");
+    let junk_sock = dir.path().join("junk.sock");
+    let junk = UnixListener::bind(&junk_sock)?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = junk.accept().await {
+            let _req = read_request(&mut s).await;
+            let _w = s.write_all(b"SSH-2.0-OpenSSH\r\n\r\n").await;
+        }
+    });
+    let e = ApiClient::new(&junk_sock)
+        .get::<Value>("/")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ApiError::Malformed(_)), "{e:?}");
+    Ok(())
+}
+
+async fn full_lifecycle_against_the_fake_binary() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let s = spec(dir.path());
+    let vm = FirecrackerVmm::new(fc_config(), s.clone())?;
+    vm.boot().await?;
+    assert_eq!(vm.state(), VmState::Running);
+    assert!(std::fs::read_to_string(&s.serial_log)?.contains("fake guest: booted"));
+    vm.pause().await?;
+    vm.resume().await?;
+    let snap = dir.path().join("snap");
+    let info = vm.snapshot(&snap, SnapshotKind::Full).await?;
+    assert_eq!(vm.state(), VmState::Paused);
+    assert!(info.state_bytes > 0);
+    let e = vm.snapshot(&snap, SnapshotKind::Diff).await.unwrap_err();
+    assert!(matches!(e, VmmError::Unsupported { .. }), "{e}");
+
+    let boot_requests = recorded(&s.work_dir);
+    let shape: Vec<(String, String, Value)> = boot_requests
+        .iter()
+        .filter(|r| r["path"] != "/")
+        .map(|r| {
+            (
+                r["method"].as_str().unwrap().into(),
+                r["path"].as_str().unwrap().into(),
+                r["body"].clone(),
+            )
+        })
+        .collect();
+    let kernel = s.kernel.to_str().unwrap();
+    let disk = s.drives[0].path.to_str().unwrap();
+    let state = snap.join("vmstate");
+    let mem = snap.join("memory");
+    assert_eq!(
+        shape,
+        vec![
+            (
+                "PUT".into(),
+                "/machine-config".into(),
+                json!({"vcpu_count": 2, "mem_size_mib": 64})
+            ),
+            (
+                "PUT".into(),
+                "/boot-source".into(),
+                json!({"kernel_image_path": kernel, "boot_args": "console=ttyS0 reboot=k panic=1"})
+            ),
+            (
+                "PUT".into(),
+                "/drives/base".into(),
+                json!({"drive_id": "base", "path_on_host": disk, "is_root_device": false, "is_read_only": true})
+            ),
+            (
+                "PUT".into(),
+                "/network-interfaces/eth0".into(),
+                json!({"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "02:00:00:00:00:01"})
+            ),
+            (
+                "PUT".into(),
+                "/actions".into(),
+                json!({"action_type": "InstanceStart"})
+            ),
+            ("PATCH".into(), "/vm".into(), json!({"state": "Paused"})),
+            ("PATCH".into(), "/vm".into(), json!({"state": "Resumed"})),
+            ("PATCH".into(), "/vm".into(), json!({"state": "Paused"})),
+            (
+                "PUT".into(),
+                "/snapshot/create".into(),
+                json!({"snapshot_type": "Full", "snapshot_path": state, "mem_file_path": mem})
+            ),
+        ]
+    );
+    vm.kill().await?;
+
+    // Restore onto another TAP: a fresh process, one load call with a
+    // network override.
+    let mut s2 = s.clone();
+    s2.work_dir = dir.path().join("w2");
+    s2.net.as_mut().unwrap().tap = "tap9".into();
+    let restored = FirecrackerVmm::new(fc_config(), s2.clone())?;
+    restored.restore(&snap).await?;
+    assert_eq!(restored.state(), VmState::Running);
+    let loads: Vec<Value> = recorded(&s2.work_dir)
+        .into_iter()
+        .filter(|r| r["path"] != "/")
+        .collect();
+    assert_eq!(
+        loads,
+        vec![json!({"method": "PUT", "path": "/snapshot/load", "body": {
+            "snapshot_path": state,
+            "mem_backend": {"backend_type": "File", "backend_path": mem},
+            "enable_diff_snapshots": false,
+            "resume_vm": true,
+            "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap9"}]
+        }})]
+    );
+    // Graceful shutdown: Ctrl-Alt-Del makes Firecracker exit.
+    let report = restored.shutdown(Duration::from_secs(10)).await?;
+    assert_eq!(report.path, ShutdownPath::Guest);
+    assert_eq!(report.exit.status, ExitStatusKind::Code(0));
+    Ok(())
+}
+
+async fn an_api_fault_fails_boot_with_firecrackers_message() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let s = spec(dir.path());
+    std::fs::write(&s.kernel, b"FAULT")?;
+    let vm = FirecrackerVmm::new(fc_config(), s)?;
+    let e = vm.boot().await.unwrap_err();
+    match &e {
+        VmmError::FirecrackerApi {
+            method,
+            path,
+            source:
+                ApiError::Fault {
+                    status,
+                    fault_message,
+                },
+        } => {
+            assert_eq!(
+                (*method, path.as_str(), *status),
+                ("PUT", "/boot-source", 400)
+            );
+            assert!(
+                fault_message.contains("failed to load ELF kernel image"),
+                "{fault_message}"
+            );
+        }
+        other => panic!("expected a Firecracker fault, got {other:?}"),
+    }
+    // The half-configured VMM does not linger.
+    let exit = tokio::time::timeout(Duration::from_secs(10), vm.wait_exit()).await??;
+    assert_eq!(exit.status, ExitStatusKind::Signal(9));
+    Ok(())
+}
+
+async fn kill_9_is_reported_with_the_stderr_tail() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let vm = FirecrackerVmm::new(fc_config(), spec(dir.path()))?;
+    vm.boot().await?;
+    let pid = vm.pid().context("pid")?;
+    // SAFETY: plain kill(2) of our live child.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    let exit = tokio::time::timeout(Duration::from_secs(10), vm.wait_exit()).await??;
+    assert_eq!(exit.status, ExitStatusKind::Signal(9));
+    let e = vm.pause().await.unwrap_err();
+    let text = e.to_string();
+    assert!(text.starts_with("VMM exited: killed by signal 9"), "{text}");
+    assert!(
+        text.contains("fake firecracker starting"),
+        "stderr tail missing: {text}"
+    );
+    Ok(())
+}
+
+async fn restore_needs_a_fresh_vm_and_a_matching_snapshot() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let s = spec(dir.path());
+    let vm = FirecrackerVmm::new(fc_config(), s.clone())?;
+    let e = vm
+        .restore(&dir.path().join("no-snapshot"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, VmmError::SnapshotIo { .. }), "{e}");
+    assert_eq!(vm.pid(), None, "nothing may start for a missing snapshot");
+    let mut big = s.clone();
+    big.vcpus = 40;
+    let e = FirecrackerVmm::new(fc_config(), big).unwrap_err();
+    assert!(e.to_string().contains("limit of 32"), "{e}");
+    // The boot plan for this spec is what the lifecycle test saw.
+    assert_eq!(boot_plan(&s, &fc_config()).len(), 5);
+    Ok(())
+}
+
+// ---------------------------------------------------------------- harness
+
+type TestFn = fn() -> Pin<Box<dyn Future<Output = Result<()>>>>;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--api-sock") {
+        fake_firecracker_main(&args);
+    }
+    let tests: &[(&str, TestFn)] = &[
+        ("client_round_trips_and_typed_faults", || {
+            Box::pin(client_round_trips_and_typed_faults())
+        }),
+        ("full_lifecycle_against_the_fake_binary", || {
+            Box::pin(full_lifecycle_against_the_fake_binary())
+        }),
+        ("an_api_fault_fails_boot_with_firecrackers_message", || {
+            Box::pin(an_api_fault_fails_boot_with_firecrackers_message())
+        }),
+        ("kill_9_is_reported_with_the_stderr_tail", || {
+            Box::pin(kill_9_is_reported_with_the_stderr_tail())
+        }),
+        ("restore_needs_a_fresh_vm_and_a_matching_snapshot", || {
+            Box::pin(restore_needs_a_fresh_vm_and_a_matching_snapshot())
+        }),
+    ];
+    // `cargo test NAME` passes NAME; flags (--nocapture, …) are ignored.
+    let filters: Vec<&String> = args
+        .iter()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (mut passed, mut failed) = (0, 0);
+    for (name, f) in tests {
+        if !filters.is_empty() && !filters.iter().any(|flt| name.contains(flt.as_str())) {
+            continue;
+        }
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            rt.block_on(async { tokio::time::timeout(Duration::from_secs(60), f()).await })
+        }));
+        match run.unwrap_or_else(|_| Ok(Err(anyhow::anyhow!("panicked")))) {
+            Ok(Ok(())) => {
+                println!("test {name} ... ok");
+                passed += 1;
+            }
+            Ok(Err(e)) => {
+                println!("test {name} ... FAILED: {e:#}");
+                failed += 1;
+            }
+            Err(_) => {
+                println!("test {name} ... FAILED: timed out after 60s");
+                failed += 1;
+            }
+        }
+    }
+    println!("{passed} passed, {failed} failed");
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}
