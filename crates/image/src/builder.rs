@@ -331,7 +331,8 @@ impl ImageBuilder {
                 stage_tiny(&self.apt, bb, staging.path(), &root)?;
             }
             _ => {
-                let mirrors: Vec<&str> = sources.iter().map(|s| s.uri.as_str()).collect();
+                let mut mirrors: Vec<&str> = sources.iter().map(|s| s.uri.as_str()).collect();
+                mirrors.dedup();
                 self.detail(
                     step,
                     format!("mmdebstrap {MINIMAL_SUITE} via {}", mirrors.join(", ")),

@@ -180,12 +180,12 @@ pub fn stage_minimal(sources: &[SourceEntry], root: &Path) -> Result<()> {
         .arg(format!("--include={}", MINIMAL_PACKAGES.join(",")))
         // Documentation and translations are dead weight in a sandbox image.
         .args([
-            "--dpkg-opt=path-exclude=/usr/share/man/*",
-            "--dpkg-opt=path-exclude=/usr/share/doc/*",
-            "--dpkg-opt=path-include=/usr/share/doc/*/copyright",
-            "--dpkg-opt=path-exclude=/usr/share/info/*",
-            "--dpkg-opt=path-exclude=/usr/share/locale/*",
-            "--dpkg-opt=path-include=/usr/share/locale/locale.alias",
+            "--dpkgopt=path-exclude=/usr/share/man/*",
+            "--dpkgopt=path-exclude=/usr/share/doc/*",
+            "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+            "--dpkgopt=path-exclude=/usr/share/info/*",
+            "--dpkgopt=path-exclude=/usr/share/locale/*",
+            "--dpkgopt=path-include=/usr/share/locale/locale.alias",
         ])
         .arg(MINIMAL_SUITE)
         .arg(root);

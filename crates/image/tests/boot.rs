@@ -1,4 +1,4 @@
-//! End-to-end: build the kernel, an initramfs and the tiny rootfs into a
+//! End-to-end: build the kernel, an initramfs and a rootfs tier into a
 //! temp data dir through the public API, then boot them under QEMU TCG with a
 //! test `/init` (busybox script standing in for lohar's PID-1 mode) that
 //! follows the lohar contract: load `/etc/lohar/modules.load`, mount the base
@@ -77,7 +77,7 @@ for d in /dev/vd?; do
   [ "$(head -c 8 $d)" = BHATTICD ] && CFG=$d
 done
 mkdir -p /mnt/base /mnt/disk /newroot
-mount -t ext4 -o ro "$(findfs LABEL=bhatti-tiny)" /mnt/base || echo "BHATTI error=base"
+mount -t ext4 -o ro "$(findfs LABEL=bhatti-@TIER@)" /mnt/base || echo "BHATTI error=base"
 mount -t ext4 "$(findfs LABEL=bhatti-disk)" /mnt/disk || echo "BHATTI error=disk"
 mount -t overlay overlay -o lowerdir=/mnt/base,upperdir=/mnt/disk/upper,workdir=/mnt/disk/work /newroot || echo "BHATTI error=overlay"
 LEN=$(dd if=$CFG bs=1 skip=12 count=4 2>/dev/null | od -An -tu4 | tr -d ' ')
@@ -90,7 +90,10 @@ echo "BHATTI lohar_uid=$(chroot /newroot /bin/sh -c "id -u lohar")"
 echo "BHATTI workspace_uid=$(stat -c %u /newroot/workspace)"
 chroot /newroot /bin/sh -c 'echo written-in-guest > /workspace/proof'
 echo "BHATTI upper=$(cat /mnt/disk/upper/workspace/proof)"
-umount /newroot /mnt/disk /mnt/base
+mount -t proc proc /newroot/proc
+mount -o bind /dev /newroot/dev
+@CHECKS@
+umount /newroot/dev /newroot/proc /newroot /mnt/disk /mnt/base
 echo BHATTI-BOOT-OK
 poweroff -f
 "#;
@@ -231,12 +234,19 @@ fn value<'a>(lines: &'a [String], key: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {key} in serial:\n{}", lines.join("\n")))
 }
 
-#[test]
-fn tiny_image_boots_under_qemu_tcg() {
+fn qemu_missing() -> bool {
     if Command::new(QEMU).arg("--version").output().is_err() {
         println!("SKIP {QEMU} is not installed (apt-get install qemu-system-x86)");
-        return;
+        return true;
     }
+    false
+}
+
+/// Builds `tier` through [`ImageBuilder`] into a temp data dir, checks the
+/// cache and the store, then boots it `boots` times with the test init,
+/// which runs `checks` (shell, inside the initramfs, with the overlay root at
+/// /newroot) before powering off. Returns the serial lines of the last boot.
+fn build_and_boot(tier: Tier, boots: usize, checks: &str) -> Vec<String> {
     let tmp = tempfile::tempdir().expect("tempdir");
     let busybox = fetch_busybox(tmp.path());
     let layout = Layout::new(tmp.path().join("data"));
@@ -248,9 +258,9 @@ fn tiny_image_boots_under_qemu_tcg() {
     };
 
     let t = Instant::now();
-    let report = builder.build(Tier::Tiny, &opts).expect("build tiny");
+    let report = builder.build(tier, &opts).expect("build");
     println!(
-        "TIMING first build (kernel+initramfs+tiny): {:.2}s",
+        "TIMING first build (kernel+initramfs+{tier}): {:.2}s",
         t.elapsed().as_secs_f64()
     );
     assert_eq!(report.steps.len(), 3);
@@ -259,7 +269,7 @@ fn tiny_image_boots_under_qemu_tcg() {
         "{report:?}"
     );
     let t = Instant::now();
-    let again = builder.build(Tier::Tiny, &opts).expect("rebuild tiny");
+    let again = builder.build(tier, &opts).expect("rebuild");
     println!("TIMING cached build: {:.3}s", t.elapsed().as_secs_f64());
     assert!(
         again.steps.iter().all(|s| s.outcome == Outcome::Cached),
@@ -267,9 +277,13 @@ fn tiny_image_boots_under_qemu_tcg() {
     );
 
     let store = ImageStore::new(layout.clone());
-    let img = store.resolve("tiny").expect("tiny resolves");
+    let img = store.resolve(tier.name()).expect("image resolves");
+    let other = Tier::ALL
+        .into_iter()
+        .find(|t| *t != tier)
+        .expect("two tiers");
     assert!(matches!(
-        store.resolve("minimal"),
+        store.resolve(other.name()),
         Err(StoreError::NotBuilt { .. })
     ));
     assert!(matches!(
@@ -304,7 +318,10 @@ fn tiny_image_boots_under_qemu_tcg() {
 
     // Test initramfs: same modules, a shell /init.
     let init = tmp.path().join("test-init");
-    std::fs::write(&init, TEST_INIT).expect("write init");
+    let script = TEST_INIT
+        .replace("@TIER@", tier.name())
+        .replace("@CHECKS@", checks);
+    std::fs::write(&init, script).expect("write init");
     let test_initrd = tmp.path().join("test-initramfs.cpio");
     let report = write_initramfs(
         &InitramfsSpec {
@@ -340,8 +357,9 @@ fn tiny_image_boots_under_qemu_tcg() {
         }],
         init: None,
     };
-    let mut boots = Vec::new();
-    for i in 0..BOOTS {
+    let mut times = Vec::new();
+    let mut last = Vec::new();
+    for i in 0..boots {
         let t = Instant::now();
         let disk = create_sandbox_disk(&sb, 64 << 20).expect("sandbox disk");
         let disk_time = t.elapsed();
@@ -349,11 +367,16 @@ fn tiny_image_boots_under_qemu_tcg() {
         let t = Instant::now();
         write_config_drive(&config, &cfg, ConfigDriveFormat::Raw).expect("config drive");
         let cfg_time = t.elapsed();
+        let t = Instant::now();
+        write_config_drive(&sb.join("config.ext4"), &cfg, ConfigDriveFormat::Ext4)
+            .expect("ext4 config drive");
+        let cfg_ext4_time = t.elapsed();
         let b = boot(&img.vmlinux, &test_initrd, &img.rootfs, &disk, &config);
         println!(
-            "TIMING boot {i}: disk {:.1} ms, config drive {:.3} ms, boot to marker {:.2}s",
+            "TIMING {tier} boot {i}: disk {:.1} ms, config drive raw {:.3} ms (ext4 {:.1} ms), boot to marker {:.2}s",
             disk_time.as_secs_f64() * 1e3,
             cfg_time.as_secs_f64() * 1e3,
+            cfg_ext4_time.as_secs_f64() * 1e3,
             b.to_marker.as_secs_f64()
         );
         let lines = &b.lines;
@@ -388,18 +411,47 @@ fn tiny_image_boots_under_qemu_tcg() {
             .output()
             .expect("debugfs");
         assert_eq!(String::from_utf8_lossy(&out.stdout), "written-in-guest\n");
-        boots.push(b.to_marker);
+        times.push(b.to_marker);
+        last = b.lines;
         destroy_sandbox_dir(&sandboxes, &sb).expect("destroy sandbox");
         assert!(!sb.exists());
     }
-    boots.sort();
+    times.sort();
     println!(
-        "TIMING boot to marker: median {:.2}s, best {:.2}s over {BOOTS}",
-        boots[BOOTS / 2].as_secs_f64(),
-        boots[0].as_secs_f64()
+        "TIMING {tier} boot to marker: median {:.2}s, best {:.2}s over {boots}",
+        times[boots / 2].as_secs_f64(),
+        times[0].as_secs_f64()
     );
     assert!(
         img.rootfs.exists(),
         "destroying sandboxes must not touch the base image"
     );
+    last
+}
+
+#[test]
+fn tiny_image_boots_under_qemu_tcg() {
+    if qemu_missing() {
+        return;
+    }
+    let lines = build_and_boot(
+        Tier::Tiny,
+        BOOTS,
+        r#"echo "BHATTI sh=$(chroot /newroot /bin/sh -c 'echo ok')""#,
+    );
+    assert_eq!(value(&lines, "sh"), "ok");
+}
+
+#[test]
+fn minimal_image_boots_under_qemu_tcg() {
+    if qemu_missing() {
+        return;
+    }
+    let checks = r#"echo "BHATTI sudo=$(chroot /newroot /usr/sbin/runuser -u lohar -- sudo -n id -u)"
+echo "BHATTI python=$(chroot /newroot /usr/bin/python3 -c 'print(6*7)')"
+echo "BHATTI tools=$(chroot /newroot /bin/sh -c 'for t in bash git curl ip ps update-ca-certificates; do command -v $t >/dev/null || echo missing-$t; done; echo done')""#;
+    let lines = build_and_boot(Tier::Minimal, 1, checks);
+    assert_eq!(value(&lines, "sudo"), "0");
+    assert_eq!(value(&lines, "python"), "42");
+    assert_eq!(value(&lines, "tools"), "done");
 }
