@@ -1,1 +1,51 @@
-fn main() {}
+//! `bhatti`: the host binary. Today it carries the benchmarks; the daemon
+//! (`serve`), the client commands and `user` administration build on the
+//! same entry point.
+
+mod bench;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bhatti",
+    version,
+    about = "microVM sandboxes for AI coding agents"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Measure bhatti against the physical limits of this machine.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+    /// Print the version.
+    Version,
+}
+
+fn main() -> std::process::ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Bench(b) => bench::run(b),
+        Command::Version => {
+            println!("bhatti {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bhatti: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

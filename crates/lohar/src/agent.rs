@@ -10,6 +10,7 @@ use proto::Activity;
 use crate::config::AgentConfig;
 use crate::identity::Identity;
 use crate::session::Sessions;
+use crate::spawner::Spawner;
 
 #[derive(Debug)]
 pub struct Agent {
@@ -21,6 +22,9 @@ pub struct Agent {
     pub connections: AtomicU32,
     pub running_execs: AtomicU32,
     pub sessions: Sessions,
+    /// Starts piped commands as the command user cheaply; `None` when
+    /// commands run as the agent's own user (or the thread could not start).
+    pub spawner: Option<Spawner>,
 }
 
 pub fn now_unix_ms() -> u64 {
@@ -39,8 +43,21 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl Agent {
+    /// Must be called inside the runtime that will serve the agent.
     pub fn new(config: AgentConfig, identity: Identity, token: String) -> Arc<Agent> {
+        let spawner = if identity.switch {
+            match Spawner::start(&identity, tokio::runtime::Handle::current()) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no spawner thread; commands start through fork");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         Arc::new(Agent {
+            spawner,
             config,
             identity,
             token: token.into_bytes(),

@@ -10,7 +10,10 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use proto::{ErrorCode, ExecRequest, FrameReader, FrameWriter, Message, Started, DATA_CHUNK};
+use proto::{
+    frame_type, write_header, ErrorCode, ExecRequest, FrameReader, FrameWriter, Message, Started,
+    DATA_CHUNK, HEADER_LEN,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
@@ -58,15 +61,16 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut cmd = spawn::command(agent, &req, Grouping::ProcessGroup)?;
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    cmd.stdin(if req.stdin {
+    let mut prepared = spawn::command(agent, &req, Grouping::ProcessGroup)?;
+    prepared.cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    prepared.cmd.stdin(if req.stdin {
         Stdio::piped()
     } else {
         Stdio::null()
     });
-    let mut child = cmd
-        .spawn()
+    let mut child = prepared
+        .spawn(agent)
+        .await
         .map_err(|e| spawn::spawn_failed(&req.argv[0], &e))?;
     let pid = child.id().unwrap_or(0);
     let mut group = GroupGuard {
@@ -85,7 +89,11 @@ where
     let mut stdout = child.stdout.take().expect("stdout is piped");
     let mut stderr = child.stderr.take().expect("stderr is piped");
     let mut stdin = child.stdin.take();
-    let (mut out_buf, mut err_buf) = (vec![0u8; DATA_CHUNK], vec![0u8; DATA_CHUNK]);
+    // Output is read in place behind a reserved frame header and sent
+    // without copying.
+    let mut out_buf = vec![0u8; HEADER_LEN + OUTPUT_CHUNK];
+    let mut err_buf = vec![0u8; HEADER_LEN + DATA_CHUNK];
+    grow_pipe(&stdout);
     let (mut out_open, mut err_open, mut client_open) = (true, true, true);
     let mut pending_in: Vec<u8> = Vec::new();
     let mut stdin_eof = false;
@@ -105,18 +113,18 @@ where
             stdin = None;
         }
         tokio::select! {
-            r = stdout.read(&mut out_buf), if out_open => match r {
+            r = stdout.read(&mut out_buf[HEADER_LEN..]), if out_open => match r {
                 Ok(0) | Err(_) => out_open = false,
                 Ok(n) => {
                     agent.touch();
-                    writer.send(&Message::Stdout(out_buf[..n].to_vec())).await?;
+                    send_in_place(writer, &mut out_buf, frame_type::STDOUT, n).await?;
                 }
             },
-            r = stderr.read(&mut err_buf), if err_open => match r {
+            r = stderr.read(&mut err_buf[HEADER_LEN..]), if err_open => match r {
                 Ok(0) | Err(_) => err_open = false,
                 Ok(n) => {
                     agent.touch();
-                    writer.send(&Message::Stderr(err_buf[..n].to_vec())).await?;
+                    send_in_place(writer, &mut err_buf, frame_type::STDERR, n).await?;
                 }
             },
             r = child.wait(), if status.is_none() => {
@@ -176,11 +184,45 @@ where
     Ok(())
 }
 
-/// Flushes dirty data of every filesystem to its device.
-pub async fn sync_filesystems() {
-    if let Err(e) = tokio::task::spawn_blocking(nix::unistd::sync).await {
-        tracing::warn!(error = %e, "sync task failed");
+/// Largest stdout read; the pipe is grown to match so a busy command needs
+/// fewer wakeups.
+const OUTPUT_CHUNK: usize = 256 * 1024;
+
+/// Sends `buf[HEADER_LEN..HEADER_LEN + n]` as one frame, header filled in place.
+async fn send_in_place<W: AsyncWrite + Unpin>(
+    writer: &mut FrameWriter<W>,
+    buf: &mut [u8],
+    ty: u8,
+    n: usize,
+) -> Result<(), Failure> {
+    write_header(buf, ty, n).map_err(|e| Failure::new(ErrorCode::Io, e.to_string()))?;
+    writer.send_encoded(&buf[..HEADER_LEN + n]).await?;
+    Ok(())
+}
+
+/// Grows a pipe's buffer; a smaller pipe only costs throughput.
+fn grow_pipe(pipe: &tokio::process::ChildStdout) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: F_SETPIPE_SZ on a pipe descriptor we own; no memory is passed.
+    let r = unsafe {
+        libc::fcntl(
+            pipe.as_raw_fd(),
+            libc::F_SETPIPE_SZ,
+            OUTPUT_CHUNK as libc::c_int,
+        )
+    };
+    if r < 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot grow the stdout pipe");
     }
+}
+
+/// Flushes dirty data of every filesystem to its device.
+///
+/// Runs in place on the current worker (other tasks move to the other
+/// worker meanwhile): a hand-off to the blocking pool and back would cost
+/// two thread wakeups on every exec.
+pub async fn sync_filesystems() {
+    tokio::task::block_in_place(nix::unistd::sync);
 }
 
 /// Starts a command that outlives the request, its output in a file.
@@ -192,7 +234,7 @@ pub async fn detached<W: AsyncWrite + Unpin>(
     if req.stdin {
         return Err(Failure::bad_request("a detached command cannot take stdin"));
     }
-    let mut cmd = spawn::command(agent, &req, Grouping::ProcessGroup)?;
+    let mut prepared = spawn::command(agent, &req, Grouping::ProcessGroup)?;
     let log_path = match &req.log_path {
         Some(p) if p.starts_with('/') => std::path::PathBuf::from(p),
         Some(p) => {
@@ -220,11 +262,14 @@ pub async fn detached<W: AsyncWrite + Unpin>(
     let log2 = log
         .try_clone()
         .map_err(|e| Failure::io("cannot open log file", &display, &e))?;
-    cmd.stdin(Stdio::null())
+    prepared
+        .cmd
+        .stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log2));
-    let mut child = cmd
-        .spawn()
+    let mut child = prepared
+        .spawn(agent)
+        .await
         .map_err(|e| spawn::spawn_failed(&req.argv[0], &e))?;
     let pid = child.id().unwrap_or(0);
     tokio::spawn(async move {

@@ -544,7 +544,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
         std::fs::write(&p, "l0\nl1\nl2\nl3\nl4").unwrap();
-        let cases: &[(Option<u64>, Option<u64>, Option<u64>, &str, bool)] = &[
+        // (offset, limit, max_bytes, expected data, expected truncated)
+        type Case = (Option<u64>, Option<u64>, Option<u64>, &'static str, bool);
+        let cases: &[Case] = &[
             (None, None, None, "l0\nl1\nl2\nl3\nl4", false),
             (Some(1), None, None, "l1\nl2\nl3\nl4", false),
             (Some(1), Some(2), None, "l1\nl2\n", true),

@@ -17,6 +17,7 @@ mod pty;
 mod server;
 mod session;
 mod spawn;
+mod spawner;
 mod tunnel;
 
 use std::process::ExitCode;

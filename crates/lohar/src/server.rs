@@ -140,7 +140,10 @@ pub fn run_test_mode(opts: ServeOptions) -> anyhow::Result<()> {
         None => AgentConfig::default(),
     };
     let identity = Identity::resolve(config.run_as);
-    let rt = tokio::runtime::Builder::new_current_thread()
+    // Two workers: `sync` before an exit report runs in place on one
+    // (block_in_place) while the other keeps serving every other connection.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the runtime")?;

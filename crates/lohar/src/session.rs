@@ -205,7 +205,7 @@ impl Sessions {
         if size.rows == 0 || size.cols == 0 {
             return Err(Failure::bad_request("terminal size must be at least 1x1"));
         }
-        let mut cmd = spawn::command(agent, req, Grouping::TtySession)?;
+        let mut cmd = spawn::command(agent, req, Grouping::TtySession)?.cmd;
         // Hold the registry lock from the checks to the insert so that two
         // creates cannot both pass them.
         let mut map = this.map();
@@ -443,6 +443,13 @@ where
     result
 }
 
+fn taken_over(session: &Session) -> Message {
+    Message::error(
+        ErrorCode::SessionTakenOver,
+        format!("another client took session '{}' over", session.name),
+    )
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn relay<R, W>(
     agent: &Agent,
@@ -481,17 +488,22 @@ where
                         continue;
                     }
                     Some(Event::Exited(exit)) => exit,
+                    // Replaced by a client that stole the session: the
+                    // kick was sent before this attachment was dropped.
+                    None if kicked.try_recv().is_ok() => {
+                        writer.send(&taken_over(session)).await?;
+                        return Ok(());
+                    }
                     // The session ended and dropped this attachment.
                     None => session.exit.borrow().unwrap_or(Exit { code: 255, signal: None, timed_out: false }),
                 };
                 writer.send(&Message::Exit(exit)).await?;
                 return Ok(());
             },
-            _ = &mut *kicked => {
-                writer.send(&Message::error(
-                    ErrorCode::SessionTakenOver,
-                    format!("another client took session '{}' over", session.name),
-                )).await?;
+            // A dropped sender (the session ended) is not a kick; the
+            // pattern disables this branch then.
+            Ok(()) = &mut *kicked => {
+                writer.send(&taken_over(session)).await?;
                 return Ok(());
             },
             msg = reader.read_message(), if pending.len() < MAX_PENDING_INPUT => match msg {

@@ -129,6 +129,22 @@ fn write_payload(msg: &Message, out: &mut Vec<u8>) -> Result<(), CodecError> {
     }
 }
 
+/// Fills in the header of a raw-data frame whose payload was written in
+/// place after [`HEADER_LEN`] reserved bytes, so that output can be framed
+/// without copying it: `buf[..HEADER_LEN]` gets the header for a payload of
+/// `len` bytes of type `frame_type` (one of the raw-data types).
+pub fn write_header(buf: &mut [u8], frame_type: u8, len: usize) -> Result<(), CodecError> {
+    if len > MAX_FRAME_PAYLOAD {
+        return Err(CodecError::FrameTooLarge {
+            len,
+            max: MAX_FRAME_PAYLOAD,
+        });
+    }
+    buf[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    buf[4] = frame_type;
+    Ok(())
+}
+
 /// Looks for one frame at the start of `buf`. A header announcing more
 /// than [`MAX_FRAME_PAYLOAD`] is an error before any of its payload is read.
 pub fn decode_frame(buf: &[u8]) -> Result<Decoded<'_>, CodecError> {
@@ -241,6 +257,15 @@ mod tests {
             }
             other => panic!("expected a frame, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn in_place_header_matches_encode() {
+        let mut buf = vec![0u8; HEADER_LEN + 3];
+        buf[HEADER_LEN..].copy_from_slice(b"abc");
+        write_header(&mut buf, t::STDERR, 3).unwrap();
+        assert_eq!(buf, encode(&Message::Stderr(b"abc".to_vec())).unwrap());
+        assert!(write_header(&mut buf, t::STDERR, MAX_FRAME_PAYLOAD + 1).is_err());
     }
 
     #[test]

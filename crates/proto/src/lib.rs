@@ -17,7 +17,9 @@ mod io;
 mod limits;
 mod message;
 
-pub use codec::{decode_frame, encode, encode_into, CodecError, Decoded, RawFrame, HEADER_LEN};
+pub use codec::{
+    decode_frame, encode, encode_into, write_header, CodecError, Decoded, RawFrame, HEADER_LEN,
+};
 #[cfg(feature = "tokio")]
 pub use io::{FrameReader, FrameWriter, ReadError, WriteError};
 pub use limits::*;

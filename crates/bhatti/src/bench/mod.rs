@@ -1,0 +1,20 @@
+//! `bhatti bench …`: each benchmark measures an operation and, in the same
+//! run, the physical limit it is built on, and reports both with their ratio.
+
+mod agent;
+mod stats;
+
+use clap::Subcommand;
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// The guest agent on this host: exec, file I/O and streaming through
+    /// lohar vs. doing the same directly.
+    Agent(agent::AgentBenchArgs),
+}
+
+pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::Agent(args) => agent::run(args),
+    }
+}
