@@ -1,0 +1,150 @@
+//! Test support shared by the VM and network suites.
+//!
+//! * [`Netns`]: a network namespace made by the test (`ip netns add`) that
+//!   the calling test thread enters; everything the thread then starts
+//!   (QEMU, `ip`, sockets) lives in it. Removed on drop.
+//! * [`static_lohar`]: the statically linked agent that goes into the initramfs.
+//! * [`images`]: guest images built once per machine into a shared cache.
+//! * [`wait_until`]: poll a condition with a deadline; a hang becomes a named failure.
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use image::{BuildOptions, ImageBuilder, ImageStore, Layout, ResolvedImage, Tier};
+
+/// Runs a command and panics with its output if it fails.
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {} failed: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A network namespace created by this test and entered by the calling
+/// thread. Dropping it returns the thread to its old namespace and deletes
+/// the namespace (with everything left in it: bridges, TAPs, routes).
+#[derive(Debug)]
+pub struct Netns {
+    pub name: String,
+    original: File,
+}
+
+impl Netns {
+    /// Creates `bt-<tag>-<pid>-<n>` and moves the current thread into it,
+    /// with loopback up. Must be called before the test starts any
+    /// runtime threads that should live in it.
+    pub fn enter(tag: &str) -> Netns {
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("bt-{tag}-{}-{n}", std::process::id());
+        assert!(name.len() < 64);
+        run("ip", &["netns", "add", &name]);
+        let original = File::open("/proc/thread-self/ns/net").expect("own netns");
+        let target = File::open(format!("/var/run/netns/{name}")).expect("new netns");
+        nix::sched::setns(target.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("entering the test netns");
+        run("ip", &["link", "set", "lo", "up"]);
+        Netns { name, original }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(e) = nix::sched::setns(self.original.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET) {
+            eprintln!("warning: cannot leave netns {}: {e}", self.name);
+        }
+        let out = Command::new("ip").args(["netns", "del", &self.name]).output();
+        if !out.is_ok_and(|o| o.status.success()) {
+            eprintln!("warning: cannot delete netns {}", self.name);
+        }
+    }
+}
+
+/// The workspace root (two levels above this crate).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// The statically linked lohar for the initramfs: `$BHATTI_LOHAR_STATIC`,
+/// or what `scripts/build-lohar.sh` (run by `scripts/test.sh`) produced.
+pub fn static_lohar() -> PathBuf {
+    if let Some(p) = std::env::var_os("BHATTI_LOHAR_STATIC") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    let p = target.join("x86_64-unknown-linux-gnu/release/lohar");
+    assert!(
+        p.is_file(),
+        "no static lohar at {}: run scripts/build-lohar.sh (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// Where test images are cached across test binaries and runs.
+pub fn image_cache() -> PathBuf {
+    std::env::var_os("BHATTI_TEST_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/bhatti-test/data"))
+}
+
+/// Builds (or reuses) the kernel, the initramfs with the current static
+/// lohar, and `tier`, in the shared cache; safe across threads and processes.
+pub fn images(tier: Tier) -> ResolvedImage {
+    static BUILD: Mutex<()> = Mutex::new(());
+    let _in_process = BUILD.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = image_cache();
+    std::fs::create_dir_all(&dir).expect("image cache dir");
+    let lock = File::create(dir.join(".build.lock")).expect("lock file");
+    nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map(|guard| {
+            let layout = Layout::new(&dir);
+            ImageBuilder::new(layout.clone())
+                .build(
+                    tier,
+                    &BuildOptions {
+                        lohar: static_lohar(),
+                        force: false,
+                    },
+                )
+                .unwrap_or_else(|e| panic!("building the {} image: {e}", tier.name()));
+            let resolved = ImageStore::new(layout)
+                .resolve(tier.name())
+                .expect("resolving a just-built image");
+            drop(guard);
+            resolved
+        })
+        .unwrap_or_else(|(_, e)| panic!("locking the image cache: {e}"))
+}
+
+/// Polls `cond` every 20 ms until it holds; panics naming `what` after `deadline`.
+pub fn wait_until(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + deadline;
+    while !cond() {
+        assert!(Instant::now() < end, "timed out after {deadline:?} waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether this process runs as root (the VM and network suites need it).
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The one test command: installs the system packages the suite needs
+# (idempotent, quiet when present), then format, lint and the whole suite,
+# including the QEMU-TCG VM tests. Run as root on Debian/Ubuntu.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(
+  qemu-system-x86   # the VM engine the VM tests use (TCG here)
+  mmdebstrap        # the `minimal` guest rootfs
+  cpio e2fsprogs zstd xz-utils lz4 gzip  # initramfs, ext4 images, kernel payloads
+  iproute2 iptables # bridges, TAPs, namespaces and firewall rules in tests
+  tmux              # drives the interactive shell in CLI tests
+  ca-certificates
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "test.sh: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ "$(id -u)" != 0 ]; then
+  echo "test.sh: the VM and network tests need root; run as root" >&2
+  exit 1
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "== build (host binaries, and the static lohar for the guest initramfs)"
+cargo build --workspace --quiet
+bash scripts/build-lohar.sh
+echo "== cargo test"
+cargo test --workspace 2>&1
