@@ -62,10 +62,14 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        if let Err(e) = nix::sched::setns(self.original.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET) {
+        if let Err(e) =
+            nix::sched::setns(self.original.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+        {
             eprintln!("warning: cannot leave netns {}: {e}", self.name);
         }
-        let out = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let out = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
         if !out.is_ok_and(|o| o.status.success()) {
             eprintln!("warning: cannot delete netns {}", self.name);
         }
@@ -139,7 +143,10 @@ pub fn images(tier: Tier) -> ResolvedImage {
 pub fn wait_until(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
     let end = Instant::now() + deadline;
     while !cond() {
-        assert!(Instant::now() < end, "timed out after {deadline:?} waiting until {what}");
+        assert!(
+            Instant::now() < end,
+            "timed out after {deadline:?} waiting until {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
