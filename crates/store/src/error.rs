@@ -1,0 +1,39 @@
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the database at {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("database error")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("stored JSON is malformed")]
+    Json(#[from] serde_json::Error),
+    #[error("a {kind} named '{name}' already exists")]
+    Duplicate { kind: &'static str, name: String },
+    #[error("no {kind} '{id}'")]
+    NotFound { kind: &'static str, id: String },
+    #[error("the database is at schema version {found}, newer than this binary knows ({known})")]
+    TooNew { found: i64, known: i64 },
+}
+
+impl StoreError {
+    /// Maps a UNIQUE constraint failure to [`StoreError::Duplicate`].
+    pub(crate) fn unique(e: rusqlite::Error, kind: &'static str, name: &str) -> StoreError {
+        match &e {
+            rusqlite::Error::SqliteFailure(f, _)
+                if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                    || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
+            {
+                StoreError::Duplicate {
+                    kind,
+                    name: name.to_string(),
+                }
+            }
+            _ => StoreError::Sqlite(e),
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! Schema migrations, applied in order; `PRAGMA user_version` records how far.
+
+use crate::{Result, StoreError};
+
+const MIGRATIONS: &[&str] = &[
+    // 1: users, sandboxes, secrets, events.
+    "CREATE TABLE users (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        key_hash TEXT NOT NULL UNIQUE,
+        max_sandboxes INTEGER NOT NULL,
+        max_cpus INTEGER NOT NULL,
+        max_memory_mb INTEGER NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE sandboxes (
+        id TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        image TEXT NOT NULL,
+        cpus INTEGER NOT NULL,
+        memory_mb INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        status_reason TEXT,
+        thermal TEXT NOT NULL,
+        thermal_since INTEGER NOT NULL,
+        ip TEXT,
+        keep_hot INTEGER NOT NULL DEFAULT 0,
+        labels TEXT NOT NULL DEFAULT '{}',
+        runtime TEXT NOT NULL DEFAULT 'null',
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        UNIQUE (user_id, name)
+    );
+    CREATE TABLE secrets (
+        user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        ciphertext BLOB NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (user_id, name)
+    );
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        user_id TEXT NOT NULL,
+        sandbox_id TEXT,
+        kind TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT '{}',
+        at INTEGER NOT NULL
+    );
+    CREATE INDEX events_by_sandbox ON events (sandbox_id, id);",
+];
+
+pub fn migrate(conn: &mut rusqlite::Connection) -> Result<()> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(StoreError::TooNew {
+            found: version,
+            known,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)?;
+        tx.commit()?;
+        tracing::info!(version = i + 1, "applied store migration");
+    }
+    Ok(())
+}
