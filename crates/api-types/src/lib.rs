@@ -1,0 +1,283 @@
+//! The bhatti API's bodies. Request bodies deny unknown fields, so a typo
+//! is a 400 rather than a silently ignored setting. See `docs/api.md`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// `{"error": "..."}`, the body of every failed request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// `GET /health`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+    /// `firecracker` or `qemu`.
+    pub engine: String,
+    /// `kvm` or `tcg`.
+    pub accelerator: String,
+    /// Why this engine was chosen.
+    pub engine_reason: String,
+}
+
+/// A file placed in a new sandbox at boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewFile {
+    pub path: String,
+    /// UTF-8 text; binary files go through `PUT /sandboxes/:id/files`.
+    pub content: String,
+    #[serde(default)]
+    pub mode: Option<u32>,
+}
+
+/// `POST /sandboxes`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandbox {
+    /// Unique per user; generated when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Image name (`minimal` when absent).
+    #[serde(default)]
+    pub image: Option<String>,
+    #[serde(default)]
+    pub cpus: Option<u32>,
+    #[serde(default)]
+    pub memory_mb: Option<u64>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Names of the user's secrets to put in the sandbox's environment.
+    #[serde(default)]
+    pub secrets: Vec<String>,
+    #[serde(default)]
+    pub files: Vec<NewFile>,
+    #[serde(default)]
+    pub keep_hot: bool,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// `PATCH /sandboxes/:id`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatchSandbox {
+    #[serde(default)]
+    pub keep_hot: Option<bool>,
+    #[serde(default)]
+    pub labels: Option<BTreeMap<String, String>>,
+}
+
+/// A sandbox as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sandbox {
+    pub id: String,
+    pub name: String,
+    pub image: String,
+    pub cpus: u32,
+    pub memory_mb: u64,
+    /// `creating`, `running`, `stopped`, `failed`, `destroying`.
+    pub status: String,
+    #[serde(default)]
+    pub status_reason: Option<String>,
+    /// `hot`, `warm` or `cold`.
+    pub thermal: String,
+    /// When the thermal state last changed (Unix ms).
+    pub thermal_since: i64,
+    pub ip: Option<String>,
+    pub keep_hot: bool,
+    pub labels: BTreeMap<String, String>,
+    /// Unix ms.
+    pub created_at: i64,
+}
+
+/// `POST /sandboxes/:id/exec`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecBody {
+    pub cmd: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Default 300, at most 86400.
+    #[serde(default)]
+    pub timeout_sec: Option<u64>,
+    #[serde(default)]
+    pub detach: bool,
+}
+
+/// The answer to a collected exec. Output that is not UTF-8 is converted
+/// lossily; use NDJSON streaming or files for binary output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecResult {
+    pub exit_code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    #[serde(default)]
+    pub timed_out: bool,
+}
+
+/// The answer to a detached exec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Detached {
+    pub pid: u32,
+    pub log_path: String,
+}
+
+/// One line of an NDJSON exec stream (`Accept: application/x-ndjson`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExecLine {
+    Stdout { data: String },
+    Stderr { data: String },
+    Exit {
+        exit_code: i32,
+        #[serde(default)]
+        timed_out: bool,
+    },
+    Error { error: String },
+}
+
+/// First text message on `WS /sandboxes/:id/ws`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShellOpen {
+    /// Attach to this session (created when absent and `new` or not found).
+    #[serde(default)]
+    pub session: Option<String>,
+    /// Always start a new session.
+    #[serde(default)]
+    pub new: bool,
+    /// Take the session over from another attached client.
+    #[serde(default)]
+    pub steal: bool,
+    /// Command of a new session (the user's shell when absent).
+    #[serde(default)]
+    pub cmd: Option<Vec<String>>,
+    #[serde(default)]
+    pub rows: Option<u16>,
+    #[serde(default)]
+    pub cols: Option<u16>,
+}
+
+/// Control messages over the shell WebSocket (text frames; terminal bytes
+/// travel as binary frames).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ShellControl {
+    /// Server → client: attached to this session.
+    Attached { session: String, pid: u32 },
+    /// Client → server.
+    Resize { rows: u16, cols: u16 },
+    /// Client → server: leave the session running.
+    Detach,
+    /// Server → client: the session's command ended.
+    Exit { exit_code: i32 },
+    /// Server → client: the attachment ended (detached, taken over).
+    Detached { reason: String },
+    Error { error: String },
+}
+
+/// One entry of `GET /sandboxes/:id/files?ls=true`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub name: String,
+    /// `file`, `dir`, `symlink`, `other`.
+    pub kind: String,
+    pub size: u64,
+    pub mode: u32,
+    pub mtime_ms: i64,
+    #[serde(default)]
+    pub symlink_target: Option<String>,
+}
+
+/// `GET /sandboxes/:id/files?ls=true`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listing {
+    pub path: String,
+    pub entries: Vec<FileEntry>,
+    pub total: u64,
+    pub truncated: bool,
+}
+
+/// `PUT /sandboxes/:id/files`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Written {
+    pub path: String,
+    pub bytes: u64,
+}
+
+/// One PTY session of `GET /sandboxes/:id/sessions`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionSummary {
+    pub session: String,
+    pub pid: u32,
+    pub cmd: Vec<String>,
+    pub attached: bool,
+    pub created_at: i64,
+    pub last_activity_at: i64,
+}
+
+/// `POST /secrets`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewSecret {
+    pub name: String,
+    pub value: String,
+}
+
+/// A secret as listed: never its value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretSummary {
+    pub name: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// Response headers of file reads.
+pub mod headers {
+    /// Size of the whole file, whatever part the body holds.
+    pub const FILE_SIZE: &str = "x-file-size";
+    /// `true` when limits left part of the file out.
+    pub const TRUNCATED: &str = "x-truncated";
+    pub const FILE_MODE: &str = "x-file-mode";
+    pub const FILE_KIND: &str = "x-file-kind";
+}
+
+/// Limits the API enforces at the edge.
+pub mod limits {
+    pub const DEFAULT_EXEC_TIMEOUT_SEC: u64 = 300;
+    pub const MAX_EXEC_TIMEOUT_SEC: u64 = 86_400;
+    /// JSON bodies.
+    pub const MAX_JSON_BODY: usize = 1024 * 1024;
+    /// File uploads (the agent's write limit).
+    pub const MAX_FILE_BODY: u64 = 100 * 1000 * 1000;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_reject_unknown_fields() {
+        assert!(serde_json::from_str::<CreateSandbox>(r#"{"name":"a","cpu":2}"#).is_err());
+        assert!(serde_json::from_str::<ExecBody>(r#"{"cmd":["x"],"timeout":1}"#).is_err());
+        let c: CreateSandbox = serde_json::from_str(r#"{"name":"a","cpus":2}"#).unwrap();
+        assert_eq!((c.name.as_deref(), c.cpus), (Some("a"), Some(2)));
+    }
+
+    #[test]
+    fn stream_lines_are_tagged() {
+        let l = ExecLine::Exit { exit_code: 3, timed_out: false };
+        assert_eq!(serde_json::to_string(&l).unwrap(), r#"{"type":"exit","exit_code":3,"timed_out":false}"#);
+        let l: ExecLine = serde_json::from_str(r#"{"type":"stdout","data":"hi"}"#).unwrap();
+        assert_eq!(l, ExecLine::Stdout { data: "hi".into() });
+        let c: ShellControl = serde_json::from_str(r#"{"type":"resize","rows":10,"cols":20}"#).unwrap();
+        assert_eq!(c, ShellControl::Resize { rows: 10, cols: 20 });
+    }
+}
