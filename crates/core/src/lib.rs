@@ -1,0 +1,1 @@
+//! The bhatti orchestrator core (work in progress).

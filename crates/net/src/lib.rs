@@ -1,0 +1,39 @@
+//! Host networking for bhatti sandboxes.
+//!
+//! Owns everything between a VM's virtio-net device and the host: the
+//! bridge a network's VMs share, one TAP per VM, the IPv4 pool those VMs
+//! take their static addresses from, the MAC derived from each address, and
+//! the neighbour entry pre-seeded for each new VM.
+//!
+//! * [`Subnet`], [`Mac`] — addresses; [`Mac::for_ip`] is stable per address.
+//! * [`IpPool`] — pure allocation bookkeeping (gateway `.1`, never the
+//!   network or broadcast address), serde-able for the store.
+//! * [`TapNamer`] — TAP names within `IFNAMSIZ` that encode the address.
+//! * [`NetOps`] — the privileged operations, as a trait: [`IpRoute`] runs
+//!   iproute2's `ip`; [`fake::FakeNetOps`] is in memory for tests without
+//!   root.
+//! * [`Network`] — one bridge + pool: `setup` (bridge, orphan TAP cleanup),
+//!   `attach` (address, TAP, neighbour; undone on failure), `detach`.
+//!
+//! Everything acts in the calling thread's network namespace. Firewall
+//! rules, NAT, per-user networks and the DNS responder come later
+//! (docs/networking.md says what exists).
+
+mod error;
+pub mod fake;
+mod iproute;
+mod names;
+mod network;
+mod ops;
+mod pool;
+mod subnet;
+
+pub use error::{NetError, Result};
+pub use iproute::IpRoute;
+pub use names::{check_ifname, TapNamer, MAX_IFNAME, MAX_TAP_PREFIX};
+pub use network::{
+    Attachment, Network, NetworkConfig, DEFAULT_BRIDGE, DEFAULT_SUBNET, DEFAULT_TAP_PREFIX,
+};
+pub use ops::NetOps;
+pub use pool::{IpPool, PoolError};
+pub use subnet::{Mac, Subnet, SubnetError, MAC_PREFIX, MAX_PREFIX, MIN_PREFIX};

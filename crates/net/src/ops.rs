@@ -1,0 +1,44 @@
+//! [`NetOps`]: the privileged operations bhatti needs from the host's
+//! network stack, behind one small trait so the logic above it
+//! ([`crate::Network`]) is testable without root ([`crate::fake`]) and the
+//! real implementation ([`crate::IpRoute`]) is tested for real inside a
+//! test-made network namespace.
+//!
+//! Every call blocks (it runs a short-lived process or a syscall); async
+//! callers use `spawn_blocking`.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+
+use crate::error::Result;
+use crate::subnet::Mac;
+
+/// Privileged network operations, all in the caller's network namespace.
+pub trait NetOps: Send + Sync + fmt::Debug {
+    /// Creates bridge `name` (or adopts an existing bridge of that name),
+    /// gives it the fixed `mac` (so it never changes as ports come and go,
+    /// which would leave stale neighbour entries in guests), the address
+    /// `addr/prefix`, and sets it up.
+    fn create_bridge(&self, name: &str, mac: Mac, addr: Ipv4Addr, prefix: u8) -> Result<()>;
+
+    /// Creates a persistent TAP `name` that user `owner_uid` (the VMM) may
+    /// open, attaches it to `bridge`, and sets it up.
+    fn create_tap(&self, name: &str, owner_uid: u32, bridge: &str) -> Result<()>;
+
+    /// Sets a link's MAC (when given) and brings it up.
+    fn set_link_up(&self, name: &str, mac: Option<Mac>) -> Result<()>;
+
+    /// Deletes a link. `Ok(false)` when there was no such link.
+    fn delete_link(&self, name: &str) -> Result<bool>;
+
+    /// The names of the links starting with `prefix`, sorted.
+    fn list_links(&self, prefix: &str) -> Result<Vec<String>>;
+
+    /// Pre-seeds a permanent neighbour (ARP) entry `ip → mac` on `dev`, so
+    /// the first packet to a new guest does not wait for ARP resolution.
+    fn set_neighbour(&self, dev: &str, ip: Ipv4Addr, mac: Mac) -> Result<()>;
+
+    /// Removes the neighbour entry for `ip` on `dev`. `Ok(false)` when
+    /// there was none.
+    fn delete_neighbour(&self, dev: &str, ip: Ipv4Addr) -> Result<bool>;
+}
