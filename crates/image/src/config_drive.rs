@@ -14,8 +14,10 @@
 //!   Writing it is a single small file write (microseconds), where
 //!   `mkfs.ext4 -d` costs tens of milliseconds and lohar would need to mount.
 //! * [`ConfigDriveFormat::Ext4`]: an ext4 image holding `/lohar.json`.
+//!
+//! The types and the raw codec live in `proto::config_drive` (lohar decodes
+//! the drive without depending on this crate) and are re-exported here.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
@@ -24,233 +26,13 @@ use crate::error::{io, Result};
 use crate::fsutil::Staging;
 use crate::mkfs::{make_ext4, Ext4Spec};
 
-/// Magic at offset 0 of a raw config drive.
-pub const RAW_MAGIC: &[u8; 8] = b"BHATTICD";
-/// Version of the raw container format.
-pub const RAW_FORMAT_VERSION: u32 = 1;
-/// Upper bound of the JSON document.
-pub const MAX_CONFIG_BYTES: usize = 1 << 20;
+pub use proto::config_drive::{
+    decode_raw, encode_raw, ConfigDrive, ConfigDriveError, ConfigFile, InitCommand,
+    MAX_CONFIG_BYTES, RAW_FORMAT_VERSION, RAW_MAGIC,
+};
+
 /// File name of the JSON document on an ext4 config drive.
 pub const EXT4_CONFIG_FILE: &str = "lohar.json";
-const RAW_HEADER: usize = 16;
-const RAW_ALIGN: usize = 4096;
-
-/// Why a config drive could not be encoded or decoded.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ConfigDriveError {
-    /// The raw image does not start with the magic.
-    #[error("Not a bhatti config drive")]
-    BadMagic,
-    /// The raw image has a container version we do not know.
-    #[error("Unsupported config drive format version {0}")]
-    UnsupportedVersion(u32),
-    /// The JSON length is larger than the image or the limit.
-    #[error("Config length {len} exceeds {limit} bytes")]
-    TooLarge {
-        /// Declared or encoded length.
-        len: usize,
-        /// Limit.
-        limit: usize,
-    },
-    /// The JSON does not match [`ConfigDrive`].
-    #[error("Invalid config JSON: {0}")]
-    Json(String),
-    /// A field is invalid.
-    #[error("Invalid {field}: {reason}")]
-    Invalid {
-        /// Which field.
-        field: String,
-        /// Why.
-        reason: &'static str,
-    },
-}
-
-/// A file lohar writes into the guest before starting anything.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ConfigFile {
-    /// Absolute guest path.
-    pub path: String,
-    /// UTF-8 contents (binary files go through the agent's file API).
-    pub content: String,
-    /// Permission bits.
-    #[serde(default = "default_file_mode")]
-    pub mode: u32,
-    /// Owner uid and gid.
-    #[serde(default = "default_owner")]
-    pub owner: u32,
-}
-
-fn default_file_mode() -> u32 {
-    0o644
-}
-fn default_owner() -> u32 {
-    crate::rootfs::LOHAR_UID
-}
-
-/// A command lohar starts once the sandbox is configured.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InitCommand {
-    /// Program and arguments.
-    pub argv: Vec<String>,
-    /// Working directory (default `/workspace`).
-    #[serde(default)]
-    pub cwd: Option<String>,
-}
-
-/// The agent configuration carried by a config drive (`/lohar.json`).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ConfigDrive {
-    /// Guest hostname.
-    pub hostname: String,
-    /// Per-sandbox agent token (the AUTH secret).
-    pub token: String,
-    /// Environment for every exec (below request env).
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    /// Files to write at boot.
-    #[serde(default)]
-    pub files: Vec<ConfigFile>,
-    /// Command to start at boot.
-    #[serde(default)]
-    pub init: Option<InitCommand>,
-}
-
-fn invalid(field: impl Into<String>, reason: &'static str) -> ConfigDriveError {
-    ConfigDriveError::Invalid {
-        field: field.into(),
-        reason,
-    }
-}
-
-impl ConfigDrive {
-    /// Checks every field: an RFC 1123 hostname, a token of 16..=256
-    /// printable ASCII bytes, POSIX env names, absolute normalised file paths.
-    pub fn validate(&self) -> Result<(), ConfigDriveError> {
-        let h = &self.hostname;
-        if h.is_empty() || h.len() > 253 {
-            return Err(invalid("hostname", "must be 1..=253 bytes"));
-        }
-        for label in h.split('.') {
-            let ok = !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                && !label.starts_with('-')
-                && !label.ends_with('-');
-            if !ok {
-                return Err(invalid(
-                    "hostname",
-                    "labels are 1..=63 of [A-Za-z0-9-], no leading or trailing '-'",
-                ));
-            }
-        }
-        if !(16..=256).contains(&self.token.len())
-            || !self.token.bytes().all(|b| b.is_ascii_graphic())
-        {
-            return Err(invalid("token", "must be 16..=256 printable ASCII bytes"));
-        }
-        for key in self.env.keys() {
-            let mut bytes = key.bytes();
-            let first_ok = bytes
-                .next()
-                .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_');
-            if !first_ok || !bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-                return Err(invalid(
-                    format!("env name '{key}'"),
-                    "must match [A-Za-z_][A-Za-z0-9_]*",
-                ));
-            }
-        }
-        if self.env.values().any(|v| v.contains('\0')) {
-            return Err(invalid("env value", "must not contain NUL"));
-        }
-        for f in &self.files {
-            let ok = f.path.starts_with('/')
-                && !f.path.contains('\0')
-                && f.path
-                    .split('/')
-                    .skip(1)
-                    .all(|c| !c.is_empty() && c != "." && c != "..");
-            if !ok {
-                return Err(invalid(
-                    format!("file path '{}'", f.path),
-                    "must be absolute and normalised",
-                ));
-            }
-            if f.mode > 0o7777 {
-                return Err(invalid(
-                    format!("mode of '{}'", f.path),
-                    "must be at most 0o7777",
-                ));
-            }
-        }
-        if let Some(init) = &self.init {
-            if init.argv.is_empty() || init.argv.iter().any(|a| a.contains('\0')) {
-                return Err(invalid("init.argv", "must be non-empty without NUL bytes"));
-            }
-        }
-        Ok(())
-    }
-
-    fn to_json(&self) -> Result<Vec<u8>, ConfigDriveError> {
-        self.validate()?;
-        let json = serde_json::to_vec(self).map_err(|e| ConfigDriveError::Json(e.to_string()))?;
-        if json.len() > MAX_CONFIG_BYTES {
-            return Err(ConfigDriveError::TooLarge {
-                len: json.len(),
-                limit: MAX_CONFIG_BYTES,
-            });
-        }
-        Ok(json)
-    }
-
-    /// Parses and validates the JSON document.
-    pub fn from_json(json: &[u8]) -> Result<Self, ConfigDriveError> {
-        let cfg: Self =
-            serde_json::from_slice(json).map_err(|e| ConfigDriveError::Json(e.to_string()))?;
-        cfg.validate()?;
-        Ok(cfg)
-    }
-}
-
-/// Encodes a raw config drive image (see the module docs for the layout).
-pub fn encode_raw(cfg: &ConfigDrive) -> Result<Vec<u8>, ConfigDriveError> {
-    let json = cfg.to_json()?;
-    let mut out = Vec::with_capacity((RAW_HEADER + json.len()).next_multiple_of(RAW_ALIGN));
-    out.extend_from_slice(RAW_MAGIC);
-    out.extend_from_slice(&RAW_FORMAT_VERSION.to_le_bytes());
-    out.extend_from_slice(&(json.len() as u32).to_le_bytes());
-    out.extend_from_slice(&json);
-    out.resize((RAW_HEADER + json.len()).next_multiple_of(RAW_ALIGN), 0);
-    Ok(out)
-}
-
-/// Decodes a raw config drive image (what lohar does with the device's bytes).
-pub fn decode_raw(bytes: &[u8]) -> Result<ConfigDrive, ConfigDriveError> {
-    if bytes.get(..8) != Some(RAW_MAGIC.as_slice()) {
-        return Err(ConfigDriveError::BadMagic);
-    }
-    let word = |o: usize| {
-        bytes
-            .get(o..o + 4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .ok_or(ConfigDriveError::BadMagic)
-    };
-    let version = word(8)?;
-    if version != RAW_FORMAT_VERSION {
-        return Err(ConfigDriveError::UnsupportedVersion(version));
-    }
-    let len = word(12)? as usize;
-    let limit = MAX_CONFIG_BYTES.min(bytes.len() - RAW_HEADER);
-    if len > limit {
-        return Err(ConfigDriveError::TooLarge { len, limit });
-    }
-    ConfigDrive::from_json(&bytes[RAW_HEADER..RAW_HEADER + len])
-}
 
 /// How a config drive is encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -314,9 +96,10 @@ pub fn write_config_drive(path: &Path, cfg: &ConfigDrive, format: ConfigDriveFor
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
     use std::os::unix::fs::PermissionsExt;
 
-    pub(crate) fn sample() -> ConfigDrive {
+    fn sample() -> ConfigDrive {
         ConfigDrive {
             hostname: "sb-1.example".into(),
             token: "0123456789abcdef0123".into(),
@@ -331,98 +114,6 @@ mod tests {
                 argv: vec!["/bin/sh".into(), "-c".into(), "echo hi".into()],
                 cwd: None,
             }),
-        }
-    }
-
-    #[test]
-    fn raw_roundtrip_and_layout() {
-        let cfg = sample();
-        let raw = encode_raw(&cfg).unwrap();
-        assert_eq!(raw.len() % 4096, 0);
-        assert_eq!(&raw[..8], b"BHATTICD");
-        assert_eq!(u32::from_le_bytes(raw[8..12].try_into().unwrap()), 1);
-        let len = u32::from_le_bytes(raw[12..16].try_into().unwrap()) as usize;
-        assert_eq!(
-            &raw[16..16 + len],
-            serde_json::to_vec(&cfg).unwrap().as_slice()
-        );
-        assert_eq!(decode_raw(&raw).unwrap(), cfg);
-    }
-
-    #[test]
-    fn defaults_and_unknown_fields() {
-        let cfg = ConfigDrive::from_json(
-            br#"{"hostname":"a","token":"0123456789abcdef","files":[{"path":"/x","content":""}]}"#,
-        )
-        .unwrap();
-        assert_eq!(cfg.files[0].mode, 0o644);
-        assert_eq!(cfg.files[0].owner, 1000);
-        assert!(cfg.env.is_empty() && cfg.init.is_none());
-        let err =
-            ConfigDrive::from_json(br#"{"hostname":"a","token":"0123456789abcdef","secrets":{}}"#)
-                .unwrap_err();
-        assert!(matches!(err, ConfigDriveError::Json(m) if m.contains("unknown field")));
-    }
-
-    #[test]
-    fn validation() {
-        let bad = |f: fn(&mut ConfigDrive)| {
-            let mut c = sample();
-            f(&mut c);
-            assert!(
-                matches!(c.validate(), Err(ConfigDriveError::Invalid { .. })),
-                "{c:?}"
-            );
-        };
-        bad(|c| c.hostname = "-x".into());
-        bad(|c| c.hostname = "a..b".into());
-        bad(|c| c.hostname = "x".repeat(64));
-        bad(|c| c.token = "short".into());
-        bad(|c| c.token = "0123456789abcdef 0123".into());
-        bad(|c| {
-            c.env.insert("1X".into(), "v".into());
-        });
-        bad(|c| {
-            c.env.insert("A=B".into(), "v".into());
-        });
-        bad(|c| c.files[0].path = "relative".into());
-        bad(|c| c.files[0].path = "/a/../etc/shadow".into());
-        bad(|c| c.files[0].mode = 0o10000);
-        bad(|c| {
-            c.init = Some(InitCommand {
-                argv: vec![],
-                cwd: None,
-            })
-        });
-        assert!(sample().validate().is_ok());
-    }
-
-    #[test]
-    fn decode_rejects_garbage() {
-        assert_eq!(decode_raw(b"nope"), Err(ConfigDriveError::BadMagic));
-        let mut raw = encode_raw(&sample()).unwrap();
-        raw[8] = 2;
-        assert_eq!(
-            decode_raw(&raw),
-            Err(ConfigDriveError::UnsupportedVersion(2))
-        );
-        let mut raw = encode_raw(&sample()).unwrap();
-        raw[12..16].copy_from_slice(&(1u32 << 30).to_le_bytes());
-        assert!(matches!(
-            decode_raw(&raw),
-            Err(ConfigDriveError::TooLarge { .. })
-        ));
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn decode_never_panics(tail in proptest::collection::vec(proptest::num::u8::ANY, 0..64), len in 0u32..100) {
-            let mut raw = b"BHATTICD".to_vec();
-            raw.extend_from_slice(&1u32.to_le_bytes());
-            raw.extend_from_slice(&len.to_le_bytes());
-            raw.extend_from_slice(&tail);
-            let _ = decode_raw(&raw);
-            let _ = decode_raw(&tail);
         }
     }
 

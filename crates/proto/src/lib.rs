@@ -10,8 +10,12 @@
 //! The first frame on every connection is [`Message::Auth`]. After that a
 //! connection serves one request at a time (see `docs/wire-protocol.md` for
 //! the exchange of each request).
+//!
+//! [`config_drive`] holds the per-boot config drive's types and raw encoding,
+//! shared by the image pipeline (writer) and lohar (reader).
 
 mod codec;
+pub mod config_drive;
 #[cfg(feature = "tokio")]
 mod io;
 mod limits;
