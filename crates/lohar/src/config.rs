@@ -33,6 +33,8 @@ pub struct AgentConfig {
     pub session_idle_timeout_secs: u64,
     /// Command of the well-known `init` session, started with the agent.
     pub init_command: Option<Vec<String>>,
+    /// Working directory of the `init` session (else the default one).
+    pub init_cwd: Option<PathBuf>,
     /// Flush guest filesystems before reporting a command's exit, so the
     /// host can snapshot right after.
     pub sync_before_exit: bool,
@@ -48,6 +50,7 @@ impl Default for AgentConfig {
             default_cwd: None,
             session_idle_timeout_secs: 24 * 3600,
             init_command: None,
+            init_cwd: None,
             sync_before_exit: true,
             detach_log_dir: PathBuf::from("/tmp"),
         }

@@ -13,6 +13,7 @@ mod exec;
 mod failure;
 mod files;
 mod identity;
+mod init;
 mod pty;
 mod server;
 mod session;
@@ -41,8 +42,7 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::from(2);
             }
-            eprintln!("lohar: PID-1 init is not part of this build");
-            ExitCode::from(2)
+            init::run()
         }
         Ok(cli::Command::Serve(opts)) => match server::run_test_mode(opts) {
             Ok(()) => ExitCode::SUCCESS,

@@ -106,6 +106,11 @@ pub fn start_agent(agent: &Arc<Agent>) -> anyhow::Result<()> {
             argv: argv.clone(),
             tty: true,
             session: Some(INIT_SESSION.to_string()),
+            cwd: agent
+                .config
+                .init_cwd
+                .as_ref()
+                .map(|p| p.display().to_string()),
             ..Default::default()
         };
         if let Err(f) = Sessions::create(agent, &req) {
@@ -153,6 +158,32 @@ pub fn run_test_mode(opts: ServeOptions) -> anyhow::Result<()> {
         start_agent(&agent)?;
         println!("LISTENING {}", listener.describe());
         accept_loop(listener, agent).await;
+        Ok(())
+    })
+}
+
+/// The agent in a sandbox VM (the process PID 1 forks): TCP on `addr`,
+/// `on_ready` called once it accepts connections.
+pub fn serve_guest(
+    config: AgentConfig,
+    token: String,
+    addr: std::net::SocketAddr,
+    on_ready: impl FnOnce(),
+) -> anyhow::Result<()> {
+    let identity = Identity::resolve(config.run_as);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async move {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        let agent = Agent::new(config, identity, token);
+        start_agent(&agent)?;
+        on_ready();
+        accept_loop(Listener::Tcp(listener), agent).await;
         Ok(())
     })
 }

@@ -1,0 +1,209 @@
+//! lohar as PID 1: the guest's boot, synchronous and before any runtime
+//! starts, then the agent in a child process and PID 1's duties
+//! ([`supervise`]).
+//!
+//! Boot order (each step in its own module; any failure prints
+//! `lohar: boot failed: …` on the console and powers off — PID 1 never
+//! exits, which would panic the kernel, and never panics):
+//!
+//! 1. signals blocked ([`supervise::take_signals`]), Ctrl-Alt-Del → `SIGINT`;
+//! 2. `/dev`, `/proc`, `/sys` ([`mounts::early`]);
+//! 3. kernel release check and modules ([`modules`]);
+//! 4. network settings from `/proc/cmdline` ([`cmdline`]), checked early so
+//!    a bad line fails before the slow steps;
+//! 5. the three disks, identified by content ([`disks`]), the raw config
+//!    drive read with `read(2)`;
+//! 6. overlay root, switch into it, late mounts ([`mounts`]);
+//! 7. `lo` and `eth0` ([`net`]), hostname, hosts, DNS, the drive's files
+//!    ([`guest`]);
+//! 8. fork the agent: TCP `0.0.0.0:`[`AGENT_PORT`], commands as uid 1000
+//!    in `/workspace`, the drive's env and `init` session.
+
+mod cmdline;
+mod disks;
+mod error;
+mod guest;
+mod modules;
+mod mounts;
+mod net;
+mod supervise;
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use nix::unistd::{fork, ForkResult, Pid};
+
+use crate::config::{AgentConfig, RunAs};
+pub use error::BootError;
+
+/// The agent's TCP port on the guest IP. Tunnels use the same port: a
+/// connection becomes a byte pipe after `Tunnel`/`TunnelOk`.
+pub const AGENT_PORT: u16 = 1024;
+/// Default working directory of commands.
+pub const WORKSPACE: &str = "/workspace";
+/// How long the boot waits for devices (disks, `eth0`) to appear.
+const DEVICE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the boot hands to the agent process.
+#[derive(Debug, Clone)]
+struct Booted {
+    config: AgentConfig,
+    token: String,
+}
+
+/// Milliseconds since the kernel started (`CLOCK_BOOTTIME`).
+fn uptime_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the valid timespec we pass.
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
+fn set_process_name(name: &std::ffi::CStr) {
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+    if unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr(), 0, 0, 0) } != 0 {
+        tracing::debug!("cannot set the process name");
+    }
+}
+
+/// Runs PID 1. Never returns.
+pub fn run() -> ! {
+    supervise::take_signals();
+    init_logging();
+    let started = Instant::now();
+    let kernel_ms = uptime_ms();
+    let booted = match std::panic::catch_unwind(|| boot(started)) {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => fatal(&e.chain()),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown".into());
+            fatal(&format!("panic: {msg}"))
+        }
+    };
+    eprintln!(
+        "lohar: booted: init started {kernel_ms} ms after the kernel, took {} ms",
+        started.elapsed().as_millis()
+    );
+    let start = || spawn_agent(&booted);
+    match start() {
+        Ok(pid) => supervise::supervise(pid, start),
+        Err(e) => fatal(&e.chain()),
+    }
+}
+
+fn fatal(msg: &str) -> ! {
+    eprintln!("lohar: boot failed: {msg}");
+    supervise::poweroff("boot failed")
+}
+
+fn init_logging() {
+    // The kernel passes unknown `KEY=value` words of its command line to
+    // init's environment, so `LOHAR_LOG=debug` there turns on debug logs.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LOHAR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    if tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init()
+        .is_err()
+    {
+        eprintln!("lohar: logging was already set up");
+    }
+}
+
+fn boot(started: Instant) -> Result<Booted, BootError> {
+    set_process_name(c"lohar");
+    if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
+        eprintln!("lohar: cannot route Ctrl-Alt-Del to SIGINT: {e}");
+    }
+    let step = |name: &str, t: &mut Instant| {
+        tracing::info!(
+            step = name,
+            ms = t.elapsed().as_millis() as u64,
+            "boot step"
+        );
+        *t = Instant::now();
+    };
+    let mut t = started;
+    mounts::early()?;
+    let release = modules::check_release()?;
+    let n = modules::load_all(&release)?;
+    step("modules", &mut t);
+    tracing::debug!(modules = n, %release, "modules loaded");
+    let cmdline =
+        std::fs::read_to_string("/proc/cmdline").map_err(BootError::io("read", "/proc/cmdline"))?;
+    let netcfg = cmdline::NetConfig::from_cmdline(&cmdline)?;
+    let found = disks::find(DEVICE_TIMEOUT)?;
+    let drive = disks::read_config(&found.config)?;
+    step("disks", &mut t);
+    mounts::assemble_root(&found)?;
+    mounts::switch_root()?;
+    let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    mounts::late(guest::tty_gid(&group))?;
+    step("root", &mut t);
+    net::configure(&netcfg, DEVICE_TIMEOUT)?;
+    guest::apply_identity(&drive.hostname, netcfg.ip, netcfg.dns)?;
+    guest::write_files(&drive.files)?;
+    step("net+config", &mut t);
+    let init_cwd = drive
+        .init
+        .as_ref()
+        .map(|i| PathBuf::from(i.cwd.clone().unwrap_or_else(|| WORKSPACE.to_string())));
+    let config = AgentConfig {
+        env: drive.env,
+        run_as: RunAs::Auto,
+        default_cwd: Some(PathBuf::from(WORKSPACE)),
+        init_command: drive.init.map(|i| i.argv),
+        init_cwd,
+        ..AgentConfig::default()
+    };
+    Ok(Booted {
+        config,
+        token: drive.token,
+    })
+}
+
+/// Forks the agent process. PID 1 never starts a thread, so the child may
+/// do anything after `fork`.
+fn spawn_agent(booted: &Booted) -> Result<Pid, BootError> {
+    // SAFETY: PID 1 is single-threaded (no runtime, no helper threads), so
+    // the child starts with consistent allocator and libc state.
+    match unsafe { fork() } {
+        Ok(ForkResult::Parent { child }) => Ok(child),
+        Ok(ForkResult::Child) => {
+            supervise::release_signals();
+            set_process_name(c"lohar-agent");
+            let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, AGENT_PORT));
+            let code = match crate::server::serve_guest(
+                booted.config.clone(),
+                booted.token.clone(),
+                addr,
+                || {
+                    eprintln!(
+                        "lohar: agent ready on {addr}, {} ms after the kernel started",
+                        uptime_ms()
+                    );
+                },
+            ) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("lohar: agent failed: {e:#}");
+                    1
+                }
+            };
+            std::process::exit(code)
+        }
+        Err(e) => Err(BootError::Fork(e)),
+    }
+}

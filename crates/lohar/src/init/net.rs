@@ -1,0 +1,191 @@
+//! Loopback and `eth0` from [`NetConfig`], with the classic socket ioctls
+//! (`SIOCSIFADDR`, `SIOCSIFNETMASK`, `SIOCSIFFLAGS`, `SIOCADDRT`): four
+//! system calls, no netlink library in a static binary.
+
+use std::ffi::CString;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use super::cmdline::NetConfig;
+use super::error::BootError;
+
+/// The guest's one NIC.
+pub const IFACE: &str = "eth0";
+
+/// `struct rtentry` from `<net/route.h>` (the `libc` crate lacks it for glibc).
+#[repr(C)]
+struct RtEntry {
+    rt_pad1: libc::c_ulong,
+    rt_dst: libc::sockaddr,
+    rt_gateway: libc::sockaddr,
+    rt_genmask: libc::sockaddr,
+    rt_flags: libc::c_ushort,
+    rt_pad2: libc::c_short,
+    rt_pad3: libc::c_ulong,
+    rt_pad4: *mut libc::c_void,
+    rt_metric: libc::c_short,
+    rt_dev: *mut libc::c_char,
+    rt_mtu: libc::c_ulong,
+    rt_window: libc::c_ulong,
+    rt_irtt: libc::c_ushort,
+}
+
+fn sockaddr(ip: Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr have the same size (16 bytes) on
+    // Linux; the kernel reads an AF_INET address out of it.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+struct Ctl {
+    sock: OwnedFd,
+}
+
+impl Ctl {
+    fn open() -> Result<Ctl, BootError> {
+        // SAFETY: plain socket(2); the result is checked before use.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(BootError::Net {
+                op: "open a control socket",
+                iface: "-".into(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: fd is a fresh descriptor we own.
+        Ok(Ctl {
+            sock: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    fn ifreq(iface: &str) -> libc::ifreq {
+        // SAFETY: ifreq is plain data; all-zero is a valid value.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in req
+            .ifr_name
+            .iter_mut()
+            .zip(iface.bytes().take(libc::IFNAMSIZ - 1))
+        {
+            *dst = src as libc::c_char;
+        }
+        req
+    }
+
+    fn ioctl<T>(
+        &self,
+        op: &'static str,
+        iface: &str,
+        request: libc::c_ulong,
+        arg: &mut T,
+    ) -> Result<(), BootError> {
+        // SAFETY: `arg` is the structure this request expects (ifreq or
+        // rtentry), valid and exclusively borrowed for the call.
+        let r = unsafe { libc::ioctl(self.sock.as_raw_fd(), request, arg as *mut T) };
+        if r < 0 {
+            return Err(BootError::Net {
+                op,
+                iface: iface.to_string(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    fn set_addr(
+        &self,
+        iface: &str,
+        request: libc::c_ulong,
+        op: &'static str,
+        ip: Ipv4Addr,
+    ) -> Result<(), BootError> {
+        let mut req = Self::ifreq(iface);
+        req.ifr_ifru.ifru_addr = sockaddr(ip);
+        self.ioctl(op, iface, request, &mut req)
+    }
+
+    fn up(&self, iface: &str) -> Result<(), BootError> {
+        let mut req = Self::ifreq(iface);
+        self.ioctl("read the flags", iface, libc::SIOCGIFFLAGS, &mut req)?;
+        // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+        unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+        self.ioctl("bring the link up", iface, libc::SIOCSIFFLAGS, &mut req)
+    }
+
+    fn default_route(&self, iface: &str, gateway: Ipv4Addr) -> Result<(), BootError> {
+        let dev = CString::new(iface).expect("interface names have no NUL");
+        let mut rt = RtEntry {
+            rt_pad1: 0,
+            rt_dst: sockaddr(Ipv4Addr::UNSPECIFIED),
+            rt_gateway: sockaddr(gateway),
+            rt_genmask: sockaddr(Ipv4Addr::UNSPECIFIED),
+            rt_flags: libc::RTF_UP | libc::RTF_GATEWAY,
+            rt_pad2: 0,
+            rt_pad3: 0,
+            rt_pad4: std::ptr::null_mut(),
+            rt_metric: 0,
+            rt_dev: dev.as_ptr().cast_mut(),
+            rt_mtu: 0,
+            rt_window: 0,
+            rt_irtt: 0,
+        };
+        self.ioctl("add the default route", iface, libc::SIOCADDRT, &mut rt)
+    }
+}
+
+/// Brings up `lo` (the kernel gives it 127.0.0.1/8) and `eth0` with the
+/// static address, then the default route through the gateway. Waits
+/// (bounded) for `eth0` to exist: virtio_net registers it at probe time.
+pub fn configure(cfg: &NetConfig, timeout: Duration) -> Result<(), BootError> {
+    let ctl = Ctl::open()?;
+    ctl.up("lo")?;
+    let end = Instant::now() + timeout;
+    let name = CString::new(IFACE).expect("static name");
+    // SAFETY: if_nametoindex reads a NUL-terminated string.
+    while unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
+        if Instant::now() >= end {
+            return Err(BootError::Timeout {
+                what: format!("network interface {IFACE}"),
+                after: timeout,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    ctl.set_addr(IFACE, libc::SIOCSIFADDR, "set the address", cfg.ip)?;
+    ctl.set_addr(
+        IFACE,
+        libc::SIOCSIFNETMASK,
+        "set the netmask",
+        cfg.netmask(),
+    )?;
+    ctl.up(IFACE)?;
+    ctl.default_route(IFACE, cfg.gateway)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rtentry_has_the_kernel_layout() {
+        // x86_64 and aarch64: 8 + 3*16 + 2 + 2 + 4(pad) + 8 + 8 + 2 + 6(pad) + 8 + 8 + 8 + 2 + 6(pad)
+        assert_eq!(std::mem::size_of::<RtEntry>(), 120);
+        assert_eq!(std::mem::offset_of!(RtEntry, rt_flags), 56);
+        assert_eq!(std::mem::offset_of!(RtEntry, rt_dev), 88);
+    }
+
+    #[test]
+    fn sockaddr_holds_the_address_in_network_order() {
+        let sa = sockaddr(Ipv4Addr::new(10, 77, 0, 2));
+        assert_eq!(sa.sa_family, libc::AF_INET as libc::sa_family_t);
+        let bytes: Vec<u8> = sa.sa_data[2..6].iter().map(|&b| b as u8).collect();
+        assert_eq!(bytes, [10, 77, 0, 2]);
+    }
+}
