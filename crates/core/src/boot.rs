@@ -1,0 +1,191 @@
+//! Waiting for a new VM's agent, and turning a dead VMM into an error an
+//! operator can act on.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use agent_client::{AgentClient, ClientError};
+use vmm::{Vmm, VmmExit};
+
+use crate::error::{CoreError, Result};
+use crate::id::SandboxId;
+
+/// How long one TCP probe may wait: a SYN sent before the guest's network
+/// is up is dropped (the neighbour entry is pre-seeded, so nothing answers
+/// "unreachable"), and the kernel would only retransmit after 1 s.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(100);
+/// Pause after a probe that failed fast (refused: guest up, agent not yet).
+const PROBE_INTERVAL: Duration = Duration::from_millis(5);
+/// How long authentication may take once TCP connects (TCG is slow).
+const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Console bytes kept for error reports.
+const SERIAL_TAIL_BYTES: u64 = 4096;
+/// Console lines kept for error reports.
+const SERIAL_TAIL_LINES: usize = 25;
+
+/// The last lines of the guest console (empty when unreadable).
+pub(crate) fn serial_tail(path: &Path) -> String {
+    let read = || -> std::io::Result<String> {
+        let mut f = std::fs::File::open(path)?;
+        let len = f.metadata()?.len();
+        f.seek(SeekFrom::Start(len.saturating_sub(SERIAL_TAIL_BYTES)))?;
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    };
+    match read() {
+        Ok(text) => last_lines(&text, SERIAL_TAIL_LINES),
+        Err(e) => {
+            tracing::debug!(path = %path.display(), error = %e, "no console log");
+            String::new()
+        }
+    }
+}
+
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().map(|l| l.trim_end_matches('\r')).collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// How the VMM ended, in words.
+pub(crate) fn exit_reason(exit: &VmmExit) -> String {
+    let tail = exit.stderr_tail.trim();
+    if tail.is_empty() {
+        format!("VMM {}", exit.status)
+    } else {
+        format!("VMM {}; stderr: {tail}", exit.status)
+    }
+}
+
+/// The error for a dead VMM.
+pub(crate) fn dead(id: &SandboxId, exit: &VmmExit, serial_log: &Path) -> CoreError {
+    CoreError::VmmExited {
+        id: id.clone(),
+        reason: exit_reason(exit),
+        serial_tail: serial_tail(serial_log),
+    }
+}
+
+/// Resolves when the VMM exits (never, if it was not started).
+pub(crate) async fn exited(vmm: &dyn Vmm) -> VmmExit {
+    match vmm.wait_exit().await {
+        Ok(exit) => exit,
+        Err(_) => std::future::pending().await,
+    }
+}
+
+/// Polls until the agent at `addr` authenticates a connection, the VMM
+/// dies, or `timeout` passes.
+///
+/// Two phases per round: a bare TCP connect with a short timeout (is the
+/// guest's network up and lohar listening?), then one authenticated ping on
+/// the client's pool with a generous deadline — so a slow TCG guest is not
+/// mistaken for an absent one, and a guest that is not up yet costs at most
+/// [`PROBE_TIMEOUT`] of detection latency. The authenticated connection
+/// stays in the client's pool for the first real call.
+pub(crate) async fn wait_for_agent(
+    id: &SandboxId,
+    vmm: &dyn Vmm,
+    client: &AgentClient,
+    addr: SocketAddr,
+    timeout: Duration,
+    serial_log: &Path,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut last_error = String::from("no attempt finished");
+    let dead_or_timeout = |last_error: String| match vmm.exit() {
+        Some(exit) => dead(id, &exit, serial_log),
+        None => CoreError::BootTimeout {
+            id: id.clone(),
+            after: timeout,
+            last_error,
+            serial_tail: serial_tail(serial_log),
+        },
+    };
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || vmm.exit().is_some() {
+            return Err(dead_or_timeout(last_error));
+        }
+        let round = async {
+            match tokio::time::timeout(
+                PROBE_TIMEOUT.min(left),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await
+            {
+                Err(_) => {
+                    return Err(format!(
+                        "connect to {addr}: no answer within {PROBE_TIMEOUT:?}"
+                    ))
+                }
+                Ok(Err(e)) => return Err(format!("connect to {addr}: {e}")),
+                Ok(Ok(_probe)) => {}
+            }
+            match client.deadline(AUTH_TIMEOUT.min(left)).ping().await {
+                Ok(_) => Ok(Ok(())),
+                // The agent answered and said no: waiting will not help.
+                Err(e @ (ClientError::Agent { .. } | ClientError::UnexpectedFrame { .. })) => {
+                    Ok(Err(e))
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        tokio::select! {
+            r = round => match r {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(source)) => {
+                    return Err(CoreError::AgentUnreachable { id: id.clone(), source });
+                }
+                Err(e) => last_error = e,
+            },
+            exit = exited(vmm) => return Err(dead(id, &exit, serial_log)),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+            exit = exited(vmm) => return Err(dead(id, &exit, serial_log)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tails() {
+        assert_eq!(last_lines("a\nb\nc\n", 2), "b\nc");
+        assert_eq!(last_lines("a\r\nb", 5), "a\nb");
+        assert_eq!(last_lines("", 3), "");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("serial.log");
+        assert_eq!(serial_tail(&p), "");
+        let mut text = String::new();
+        for i in 0..1000 {
+            text.push_str(&format!("line {i}\n"));
+        }
+        std::fs::write(&p, &text).unwrap();
+        let tail = serial_tail(&p);
+        assert_eq!(tail.lines().count(), SERIAL_TAIL_LINES);
+        assert!(tail.ends_with("line 999"));
+    }
+
+    #[test]
+    fn reasons() {
+        let exit = VmmExit {
+            status: vmm::ExitStatusKind::Signal(9),
+            stderr_tail: String::new(),
+        };
+        assert_eq!(exit_reason(&exit), "VMM killed by signal 9");
+        let exit = VmmExit {
+            status: vmm::ExitStatusKind::Code(1),
+            stderr_tail: "qemu: could not open disk\n".into(),
+        };
+        assert_eq!(
+            exit_reason(&exit),
+            "VMM exited with code 1; stderr: qemu: could not open disk"
+        );
+    }
+}

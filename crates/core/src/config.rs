@@ -1,0 +1,69 @@
+//! [`CoreConfig`]: where data lives, which engine, which network, and the
+//! lifecycle's timeouts.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use image::Layout;
+use net::NetworkConfig;
+use vmm::EnginePreference;
+
+use crate::spec::Limits;
+
+/// How the orchestrator runs.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// Where sandboxes live (`DATA/sandboxes/<id>`).
+    pub data_dir: PathBuf,
+    /// Where images are read from (`IMAGES/images/…`); usually `data_dir`.
+    pub image_dir: PathBuf,
+    /// Which engine (`auto` by default; always reported).
+    pub engine: EnginePreference,
+    /// The bridge and subnet.
+    pub network: NetworkConfig,
+    /// Bounds on specs.
+    pub limits: Limits,
+    /// Size of each sandbox's sparse writable disk.
+    pub disk_bytes: u64,
+    /// How long a new VM may take until its agent answers.
+    pub boot_timeout: Duration,
+    /// How long destroy waits for the guest (and then QEMU) to stop before
+    /// the next, harsher step.
+    pub destroy_grace: Duration,
+    /// The user the VMM runs as (TAP owner); the daemon's own by default.
+    pub vmm_uid: Option<u32>,
+}
+
+impl CoreConfig {
+    /// Defaults with everything under `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> CoreConfig {
+        let data_dir = data_dir.into();
+        CoreConfig {
+            image_dir: data_dir.clone(),
+            data_dir,
+            engine: EnginePreference::Auto,
+            network: NetworkConfig::default(),
+            limits: Limits::for_host(),
+            disk_bytes: 2 << 30,
+            boot_timeout: Duration::from_secs(60),
+            destroy_grace: Duration::from_millis(500),
+            vmm_uid: None,
+        }
+    }
+
+    /// The layout sandboxes are created in.
+    pub fn data_layout(&self) -> Layout {
+        Layout::new(&self.data_dir)
+    }
+
+    /// The layout images are read from.
+    pub fn image_layout(&self) -> Layout {
+        Layout::new(&self.image_dir)
+    }
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        CoreConfig::new(image::layout::DEFAULT_DATA_DIR)
+    }
+}

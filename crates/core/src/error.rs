@@ -1,0 +1,160 @@
+//! The crate's error type: one variant per failing operation, with the
+//! sandbox id and what an operator needs to act (the VMM's exit, the tail
+//! of the guest console).
+
+use std::time::Duration;
+
+use agent_client::ClientError;
+
+use crate::id::SandboxId;
+use crate::spec::SpecError;
+use crate::state::{InvalidTransition, SandboxState};
+
+/// `Result` with [`CoreError`].
+pub type Result<T, E = CoreError> = std::result::Result<T, E>;
+
+/// Why a lifecycle operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    /// The spec was rejected; nothing was created.
+    #[error("Invalid sandbox spec")]
+    InvalidSpec(#[from] SpecError),
+    /// The image is unknown or not built (kernel, initramfs or rootfs
+    /// missing); nothing was created.
+    #[error(transparent)]
+    Image(#[from] image::StoreError),
+    /// Another live sandbox has this name.
+    #[error("A sandbox named '{0}' already exists")]
+    NameTaken(String),
+    /// No such sandbox.
+    #[error("No sandbox {0}")]
+    NotFound(SandboxId),
+    /// The sandbox is not in a state that allows the operation.
+    #[error("Sandbox {id} is {state}; cannot {operation}")]
+    InvalidState {
+        /// The sandbox.
+        id: SandboxId,
+        /// Its state.
+        state: SandboxState,
+        /// What was attempted.
+        operation: &'static str,
+    },
+    /// A lifecycle transition the state machine forbids (a bug if seen).
+    #[error("Sandbox {id}")]
+    Transition {
+        /// The sandbox.
+        id: SandboxId,
+        /// The transition.
+        #[source]
+        source: InvalidTransition,
+    },
+    /// Choosing the engine failed.
+    #[error("No usable VM engine")]
+    Engine(#[source] vmm::VmmError),
+    /// Setting up the host network failed.
+    #[error("Setting up the sandbox network")]
+    NetworkSetup(#[source] net::NetError),
+    /// Random bytes (ids, tokens) could not be read.
+    #[error("Reading random bytes")]
+    Random(#[source] std::io::Error),
+    /// Creating the sandbox's disk or config drive failed.
+    #[error("Preparing the disks of sandbox {id}")]
+    Disk {
+        /// The sandbox.
+        id: SandboxId,
+        /// Underlying error (boxed: it is large).
+        #[source]
+        source: Box<image::Error>,
+    },
+    /// Attaching the sandbox to the network failed.
+    #[error("Attaching sandbox {id} to the network")]
+    Network {
+        /// The sandbox.
+        id: SandboxId,
+        /// Underlying error.
+        #[source]
+        source: net::NetError,
+    },
+    /// The VMM refused the spec or could not start.
+    #[error("Starting the VM of sandbox {id}")]
+    Vmm {
+        /// The sandbox.
+        id: SandboxId,
+        /// Underlying error.
+        #[source]
+        source: vmm::VmmError,
+    },
+    /// The VMM process is gone (crashed, killed, guest powered off).
+    #[error("The VM of sandbox {id} is dead: {reason}{}", console(serial_tail))]
+    VmmExited {
+        /// The sandbox.
+        id: SandboxId,
+        /// How the VMM ended (`killed by signal 9`, its stderr).
+        reason: String,
+        /// The end of the guest console.
+        serial_tail: String,
+    },
+    /// The agent did not answer before the boot deadline.
+    #[error(
+        "The agent of sandbox {id} did not answer within {after:?} (last attempt: {last_error}){}",
+        console(serial_tail)
+    )]
+    BootTimeout {
+        /// The sandbox.
+        id: SandboxId,
+        /// The deadline.
+        after: Duration,
+        /// Why the last connection attempt failed.
+        last_error: String,
+        /// The end of the guest console.
+        serial_tail: String,
+    },
+    /// The agent answered but refused us (bad token, protocol mismatch).
+    #[error("The agent of sandbox {id} refused the connection")]
+    AgentUnreachable {
+        /// The sandbox.
+        id: SandboxId,
+        /// What it said.
+        #[source]
+        source: ClientError,
+    },
+    /// A call to the agent failed (the agent's own error, or transport).
+    #[error("Agent call on sandbox {id}")]
+    Agent {
+        /// The sandbox.
+        id: SandboxId,
+        /// Underlying error.
+        #[source]
+        source: ClientError,
+    },
+    /// A destroy step failed; the sandbox is `failed` and destroy can be
+    /// retried.
+    #[error("Destroying sandbox {id}: cannot {step}")]
+    Destroy {
+        /// The sandbox.
+        id: SandboxId,
+        /// The step (`stop the VMM`, `remove the TAP`, `remove the directory`).
+        step: &'static str,
+        /// Underlying error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A blocking task died.
+    #[error("A blocking task failed")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+fn console(tail: &str) -> String {
+    if tail.trim().is_empty() {
+        String::new()
+    } else {
+        format!("\n--- guest console (last lines) ---\n{}", tail.trim_end())
+    }
+}
+
+impl CoreError {
+    /// The sandbox is gone or going; retrying the same call cannot help.
+    pub fn is_dead(&self) -> bool {
+        matches!(self, CoreError::VmmExited { .. })
+    }
+}

@@ -1,0 +1,744 @@
+//! [`SandboxManager`]: creates, runs and destroys sandboxes.
+//!
+//! One lifecycle lock per sandbox serialises create and destroy; calls
+//! into the guest (exec, files, sessions) run concurrently and are raced
+//! against the VMM's exit, so a dead VM is reported as soon as it dies
+//! rather than after a network timeout. No lock is held across `.await`
+//! except the per-sandbox lifecycle lock (a tokio mutex, for exactly that).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use agent_client::{
+    AgentClient, ClientError, Endpoint, ExecOutput, ExecStream, FileContent, Listing,
+    SessionStream, WriteOptions,
+};
+use image::disk::{CONFIG_DRIVE, SANDBOX_DISK};
+use image::{ConfigDriveFormat, ImageStore, ResolvedImage};
+use net::{Attachment, NetOps, Network};
+use proto::{ExecRequest, FileRead, FileStat, SessionInfo, WindowSize};
+use tracing::Instrument;
+use vmm::{DriveSpec, EngineChoice, MacAddr, MemoryBacking, NetSpec, VmSpec, Vmm};
+
+use crate::boot::{dead, exited, wait_for_agent};
+use crate::config::CoreConfig;
+use crate::error::{CoreError, Result};
+use crate::id::{SandboxId, Token};
+use crate::record::{BootTimings, SandboxRecord};
+use crate::spec::SandboxSpec;
+use crate::state::{transition, SandboxState};
+
+/// The TCP port lohar listens on in the guest (control and tunnels).
+pub const AGENT_PORT: u16 = 1024;
+/// File name of the guest console log in a sandbox directory.
+pub const SERIAL_LOG: &str = "serial.log";
+/// The kernel command line before the network arguments: serial console,
+/// no crypto self-tests (~0.4 s under TCG), quiet, and a panic ends QEMU.
+/// The QEMU backend appends `tsc_early_khz=` itself.
+pub const BASE_CMDLINE: &str = "console=ttyS0 cryptomgr.notests quiet panic=-1";
+
+/// A running VM and the client of its agent.
+#[derive(Debug, Clone)]
+struct Vm {
+    vmm: Arc<dyn Vmm>,
+    client: AgentClient,
+}
+
+#[derive(Debug)]
+struct Entry {
+    id: SandboxId,
+    /// Serialises create and destroy of this sandbox.
+    lifecycle: tokio::sync::Mutex<()>,
+    record: Mutex<SandboxRecord>,
+    vm: OnceLock<Vm>,
+}
+
+impl Entry {
+    fn record(&self) -> MutexGuard<'_, SandboxRecord> {
+        self.record.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_state(&self, to: SandboxState) -> Result<()> {
+        let mut r = self.record();
+        r.state = transition(r.state, to).map_err(|source| CoreError::Transition {
+            id: self.id.clone(),
+            source,
+        })?;
+        tracing::info!(sandbox = %self.id, state = %to, "state");
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: CoreConfig,
+    engine: EngineChoice,
+    images: ImageStore,
+    network: Arc<Network>,
+    vmm_uid: u32,
+    sandboxes: Mutex<BTreeMap<SandboxId, Arc<Entry>>>,
+}
+
+/// The sandbox lifecycle over an engine, the image store and a network.
+/// Cheap to clone; clones share everything.
+#[derive(Debug, Clone)]
+pub struct SandboxManager {
+    inner: Arc<Inner>,
+}
+
+/// What a failed create must undo, filled in as it goes.
+#[derive(Debug, Default)]
+struct Undo {
+    dir: Option<PathBuf>,
+    attachment: Option<Attachment>,
+    vmm: Option<Arc<dyn Vmm>>,
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn own_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    // /proc/self is owned by the process's effective uid.
+    std::fs::metadata("/proc/self").map_or(0, |m| m.uid())
+}
+
+impl SandboxManager {
+    /// Picks the engine (`config.engine`, logged with its reason) and sets
+    /// up the network (bridge, orphan TAPs removed). Blocks for a few
+    /// milliseconds of `ip` commands.
+    pub fn new(config: CoreConfig, net_ops: Arc<dyn NetOps>) -> Result<SandboxManager> {
+        let engine = vmm::select_engine(config.engine).map_err(CoreError::Engine)?;
+        SandboxManager::with_engine(config, engine, net_ops)
+    }
+
+    /// Like [`SandboxManager::new`] with an engine chosen by the caller.
+    pub fn with_engine(
+        config: CoreConfig,
+        engine: EngineChoice,
+        net_ops: Arc<dyn NetOps>,
+    ) -> Result<SandboxManager> {
+        tracing::info!(engine = %engine.kind, binary = %engine.binary.display(), reason = %engine.reason, "engine");
+        let network =
+            Network::setup(config.network.clone(), net_ops, []).map_err(CoreError::NetworkSetup)?;
+        Ok(SandboxManager {
+            inner: Arc::new(Inner {
+                images: ImageStore::new(config.image_layout()),
+                vmm_uid: config.vmm_uid.unwrap_or_else(own_uid),
+                config,
+                engine,
+                network: Arc::new(network),
+                sandboxes: Mutex::new(BTreeMap::new()),
+            }),
+        })
+    }
+
+    /// The engine in use, and why.
+    pub fn engine(&self) -> &EngineChoice {
+        &self.inner.engine
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &CoreConfig {
+        &self.inner.config
+    }
+
+    /// The network sandboxes are attached to.
+    pub fn network(&self) -> &Network {
+        &self.inner.network
+    }
+
+    fn sandboxes(&self) -> MutexGuard<'_, BTreeMap<SandboxId, Arc<Entry>>> {
+        self.inner
+            .sandboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn entry(&self, id: &SandboxId) -> Result<Arc<Entry>> {
+        self.sandboxes()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| CoreError::NotFound(id.clone()))
+    }
+
+    /// Every sandbox, by id.
+    pub fn list(&self) -> Vec<SandboxRecord> {
+        let entries: Vec<_> = self.sandboxes().values().cloned().collect();
+        entries.iter().map(|e| e.record().clone()).collect()
+    }
+
+    /// One sandbox's record. Does not touch the guest; a VMM that died is
+    /// noticed here too (the sandbox turns `failed`).
+    pub fn get(&self, id: &SandboxId) -> Result<SandboxRecord> {
+        let entry = self.entry(id)?;
+        if let Some(vm) = entry.vm.get() {
+            if let Some(exit) = vm.vmm.exit() {
+                self.mark_dead(&entry, &exit);
+            }
+        }
+        let r = entry.record().clone();
+        Ok(r)
+    }
+
+    /// Creates a sandbox and returns once its agent answers.
+    ///
+    /// The spec and the image are checked first; on any error there,
+    /// nothing has been created. Later failures undo what was done (VMM
+    /// killed, TAP and address released, directory removed) and return the
+    /// error: [`CoreError::VmmExited`], [`CoreError::BootTimeout`] and
+    /// [`CoreError::AgentUnreachable`] carry the guest console's tail.
+    pub async fn create(&self, spec: SandboxSpec) -> Result<SandboxRecord> {
+        spec.validate(&self.inner.config.limits)?;
+        let image = self.inner.images.resolve(&spec.image)?;
+        let id = SandboxId::generate().map_err(CoreError::Random)?;
+        let token = Token::generate().map_err(CoreError::Random)?;
+        let span =
+            tracing::info_span!("create", sandbox = %id, name = %spec.name, image = %spec.image);
+        async move {
+            let entry = self.register(&id, spec, &image, token)?;
+            let _life = entry.lifecycle.lock().await;
+            let mut undo = Undo::default();
+            match self.build(&entry, &image, &mut undo).await {
+                Ok((vm, timings)) => {
+                    {
+                        let mut r = entry.record();
+                        r.boot = Some(timings);
+                        r.vmm_pid = vm.vmm.pid();
+                    }
+                    // Set once, under the lifecycle lock, right here.
+                    if entry.vm.set(vm).is_err() {
+                        tracing::error!("VM set twice");
+                    }
+                    entry.set_state(SandboxState::Running)?;
+                    tracing::info!(
+                        prepare_ms = timings.prepare.as_millis() as u64,
+                        vmm_start_ms = timings.vmm_start.as_millis() as u64,
+                        agent_ready_ms = timings.agent_ready.as_millis() as u64,
+                        "sandbox running"
+                    );
+                    Ok(entry.record().clone())
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "create failed; cleaning up");
+                    self.undo(undo).await;
+                    self.sandboxes().remove(&id);
+                    Err(e)
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Adds the `creating` entry, refusing a name a live sandbox has.
+    fn register(
+        &self,
+        id: &SandboxId,
+        spec: SandboxSpec,
+        image: &ResolvedImage,
+        token: Token,
+    ) -> Result<Arc<Entry>> {
+        let mut map = self.sandboxes();
+        if map.values().any(|e| e.record().spec.name == spec.name) {
+            return Err(CoreError::NameTaken(spec.name));
+        }
+        let entry = Arc::new(Entry {
+            id: id.clone(),
+            lifecycle: tokio::sync::Mutex::new(()),
+            record: Mutex::new(SandboxRecord {
+                id: id.clone(),
+                spec,
+                state: SandboxState::Creating,
+                failure: None,
+                engine: self.inner.engine.kind,
+                kernel_release: image.kernel_release.clone(),
+                dir: self
+                    .inner
+                    .config
+                    .data_layout()
+                    .sandboxes_dir()
+                    .join(id.as_str()),
+                network: None,
+                token,
+                vmm_pid: None,
+                created_unix_ms: now_unix_ms(),
+                boot: None,
+            }),
+            vm: OnceLock::new(),
+        });
+        map.insert(id.clone(), entry.clone());
+        Ok(entry)
+    }
+
+    async fn build(
+        &self,
+        entry: &Entry,
+        image: &ResolvedImage,
+        undo: &mut Undo,
+    ) -> Result<(Vm, BootTimings)> {
+        let started = Instant::now();
+        let id = entry.id.clone();
+        let (spec, dir, token) = {
+            let r = entry.record();
+            (r.spec.clone(), r.dir.clone(), r.token.clone())
+        };
+
+        // Disks: the sandbox directory, its sparse disk and config drive.
+        let root = self.inner.config.data_layout().sandboxes_dir();
+        std::fs::create_dir_all(&root).map_err(|source| CoreError::Disk {
+            id: id.clone(),
+            source: Box::new(image::Error::Io {
+                op: "create directory",
+                path: root.clone(),
+                source,
+            }),
+        })?;
+        undo.dir = Some(dir.clone());
+        let cfg = spec.config_drive(token.expose().to_owned());
+        let disk_bytes = self.inner.config.disk_bytes;
+        let d = dir.clone();
+        tokio::task::spawn_blocking(move || -> image::Result<()> {
+            image::create_sandbox_disk(&d, disk_bytes)?;
+            image::write_config_drive(&d.join(CONFIG_DRIVE), &cfg, ConfigDriveFormat::Raw)
+        })
+        .await?
+        .map_err(|source| CoreError::Disk {
+            id: id.clone(),
+            source: Box::new(source),
+        })?;
+
+        // Network: an address, a TAP on the bridge, a neighbour entry.
+        let network = self.inner.network.clone();
+        let uid = self.inner.vmm_uid;
+        let att = tokio::task::spawn_blocking(move || network.attach(uid))
+            .await?
+            .map_err(|source| CoreError::Network {
+                id: id.clone(),
+                source,
+            })?;
+        undo.attachment = Some(att.clone());
+        entry.record().network = Some(att.clone());
+
+        // The VM.
+        let spec = vm_spec(&spec, image, &dir, &att);
+        let vmm: Arc<dyn Vmm> = Arc::from(vmm::new_vmm(&self.inner.engine, spec).map_err(
+            |source| CoreError::Vmm {
+                id: id.clone(),
+                source,
+            },
+        )?);
+        undo.vmm = Some(vmm.clone());
+        let prepared = Instant::now();
+        let serial_log = dir.join(SERIAL_LOG);
+        vmm.boot().await.map_err(|source| match vmm.exit() {
+            Some(exit) => dead(&id, &exit, &serial_log),
+            None => CoreError::Vmm {
+                id: id.clone(),
+                source,
+            },
+        })?;
+        entry.record().vmm_pid = vmm.pid();
+        let vcpus_running = Instant::now();
+
+        let addr = SocketAddr::from((att.ip, AGENT_PORT));
+        let client = AgentClient::new(Endpoint::Tcp(addr), token.expose());
+        wait_for_agent(
+            &id,
+            &*vmm,
+            &client,
+            addr,
+            self.inner.config.boot_timeout,
+            &serial_log,
+        )
+        .await?;
+        let ready = Instant::now();
+        Ok((
+            Vm { vmm, client },
+            BootTimings {
+                prepare: prepared - started,
+                vmm_start: vcpus_running - prepared,
+                agent_ready: ready - vcpus_running,
+            },
+        ))
+    }
+
+    /// Undoes a failed create; failures are logged (the create's own error
+    /// is the one returned).
+    async fn undo(&self, undo: Undo) {
+        if let Some(vmm) = undo.vmm {
+            if vmm.pid().is_some() && vmm.exit().is_none() {
+                if let Err(e) = vmm.kill().await {
+                    tracing::warn!(error = %e, "killing the VMM of a failed create");
+                }
+            }
+        }
+        if let Some(att) = undo.attachment {
+            let network = self.inner.network.clone();
+            match tokio::task::spawn_blocking(move || network.detach(&att)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "detaching a failed create"),
+                Err(e) => tracing::warn!(error = %e, "detaching a failed create"),
+            }
+        }
+        if let Some(dir) = undo.dir {
+            if let Err(e) = self.remove_dir(dir).await {
+                tracing::warn!(error = %e, "removing the directory of a failed create");
+            }
+        }
+    }
+
+    async fn remove_dir(&self, dir: PathBuf) -> std::result::Result<(), String> {
+        let root = self.inner.config.data_layout().sandboxes_dir();
+        match tokio::task::spawn_blocking(move || image::destroy_sandbox_dir(&root, &dir)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(error_chain(&e)),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Marks a sandbox whose VMM died as `failed` and returns the error
+    /// that says so.
+    fn mark_dead(&self, entry: &Entry, exit: &vmm::VmmExit) -> CoreError {
+        let serial_log = entry.record().serial_log();
+        let err = dead(&entry.id, exit, &serial_log);
+        let mut r = entry.record();
+        if r.state == SandboxState::Running {
+            r.state = SandboxState::Failed;
+            r.failure = Some(crate::boot::exit_reason(exit));
+            r.vmm_pid = None;
+            tracing::warn!(sandbox = %entry.id, reason = ?r.failure, "VMM died");
+        }
+        err
+    }
+
+    /// The running VM of a sandbox, or why there is none.
+    fn running(&self, entry: &Entry, operation: &'static str) -> Result<Vm> {
+        let vm = entry.vm.get().cloned();
+        if let Some(exit) = vm.as_ref().and_then(|vm| vm.vmm.exit()) {
+            return Err(self.mark_dead(entry, &exit));
+        }
+        let state = entry.record().state;
+        match (state, vm) {
+            (SandboxState::Running, Some(vm)) => Ok(vm),
+            (state, _) => Err(CoreError::InvalidState {
+                id: entry.id.clone(),
+                state,
+                operation,
+            }),
+        }
+    }
+
+    /// Runs an agent call, racing it against the VMM's exit.
+    async fn with_agent<T, F, Fut>(
+        &self,
+        id: &SandboxId,
+        operation: &'static str,
+        call: F,
+    ) -> Result<T>
+    where
+        F: FnOnce(AgentClient) -> Fut,
+        Fut: Future<Output = std::result::Result<T, ClientError>>,
+    {
+        let entry = self.entry(id)?;
+        let vm = self.running(&entry, operation)?;
+        let span = tracing::debug_span!("agent", sandbox = %id, operation);
+        let result = tokio::select! {
+            r = call(vm.client.clone()).instrument(span) => r,
+            exit = exited(&*vm.vmm) => return Err(self.mark_dead(&entry, &exit)),
+        };
+        result.map_err(|source| match vm.vmm.exit() {
+            // The call failed because the VM died under it.
+            Some(exit) if source.agent_code().is_none() => self.mark_dead(&entry, &exit),
+            _ => CoreError::Agent {
+                id: id.clone(),
+                source,
+            },
+        })
+    }
+
+    /// The agent client of a running sandbox, for calls this type does not
+    /// wrap (tunnels, activity). Not raced against the VMM's exit.
+    pub fn agent(&self, id: &SandboxId) -> Result<AgentClient> {
+        let entry = self.entry(id)?;
+        Ok(self.running(&entry, "reach the agent")?.client)
+    }
+
+    /// Runs a command to completion.
+    pub async fn exec(&self, id: &SandboxId, req: ExecRequest) -> Result<ExecOutput> {
+        self.with_agent(id, "exec", |c| async move { c.exec(req).await })
+            .await
+    }
+
+    /// Starts a command and streams its output.
+    pub async fn exec_stream(&self, id: &SandboxId, req: ExecRequest) -> Result<ExecStream> {
+        self.with_agent(id, "exec", |c| async move { c.exec_stream(req).await })
+            .await
+    }
+
+    /// Reads a file.
+    pub async fn read_file(&self, id: &SandboxId, req: FileRead) -> Result<FileContent> {
+        self.with_agent(id, "read a file", |c| async move { c.read_file(req).await })
+            .await
+    }
+
+    /// Writes a file atomically.
+    pub async fn write_file(
+        &self,
+        id: &SandboxId,
+        path: &str,
+        data: &[u8],
+        opts: WriteOptions,
+    ) -> Result<u64> {
+        self.with_agent(id, "write a file", |c| async move {
+            c.write_file(path, data, opts).await
+        })
+        .await
+    }
+
+    /// Metadata of a guest path.
+    pub async fn stat(&self, id: &SandboxId, path: &str) -> Result<FileStat> {
+        self.with_agent(id, "stat", |c| async move { c.stat(path).await })
+            .await
+    }
+
+    /// Lists a guest directory.
+    pub async fn ls(&self, id: &SandboxId, path: &str) -> Result<Listing> {
+        self.with_agent(id, "list a directory", |c| async move { c.ls(path).await })
+            .await
+    }
+
+    /// Starts a command in a new PTY session and attaches to it.
+    pub async fn open_session(&self, id: &SandboxId, req: ExecRequest) -> Result<SessionStream> {
+        self.with_agent(id, "open a session", |c| async move {
+            c.open_session(req).await
+        })
+        .await
+    }
+
+    /// Attaches to an existing session (scrollback replayed first).
+    pub async fn attach_session(
+        &self,
+        id: &SandboxId,
+        name: &str,
+        steal: bool,
+        size: Option<WindowSize>,
+    ) -> Result<SessionStream> {
+        self.with_agent(id, "attach a session", |c| async move {
+            c.attach(name, steal, size).await
+        })
+        .await
+    }
+
+    /// The sandbox's PTY sessions.
+    pub async fn sessions(&self, id: &SandboxId) -> Result<Vec<SessionInfo>> {
+        self.with_agent(id, "list sessions", |c| async move { c.sessions().await })
+            .await
+    }
+
+    /// Destroys a sandbox: stops the VMM (the guest gets `destroy_grace`,
+    /// then QEMU is told to quit, then killed), removes the TAP and the
+    /// neighbour entry, releases the address, deletes the directory.
+    /// Every step is attempted; if one fails the sandbox stays, `failed`,
+    /// and destroy can be retried.
+    pub async fn destroy(&self, id: &SandboxId) -> Result<()> {
+        let entry = self.entry(id)?;
+        let span = tracing::info_span!("destroy", sandbox = %id);
+        async move {
+            let _life = entry.lifecycle.lock().await;
+            if entry.record().state == SandboxState::Destroyed {
+                return Ok(());
+            }
+            entry.set_state(SandboxState::Destroying)?;
+            let mut first: Option<CoreError> = None;
+            let mut fail =
+                |step: &'static str, source: Box<dyn std::error::Error + Send + Sync>| {
+                    tracing::warn!(step, error = %error_chain(&*source), "destroy step failed");
+                    first.get_or_insert(CoreError::Destroy {
+                        id: id.clone(),
+                        step,
+                        source,
+                    });
+                };
+            if let Some(vm) = entry.vm.get() {
+                if vm.vmm.exit().is_none() {
+                    match vm.vmm.shutdown(self.inner.config.destroy_grace).await {
+                        Ok(report) => {
+                            tracing::info!(path = ?report.path, exit = %report.exit, "VMM stopped")
+                        }
+                        Err(e) => fail("stop the VMM", Box::new(e)),
+                    }
+                }
+            }
+            let att = entry.record().network.clone();
+            if let Some(att) = att {
+                let network = self.inner.network.clone();
+                match tokio::task::spawn_blocking(move || network.detach(&att)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => fail("remove the TAP", Box::new(e)),
+                    Err(e) => fail("remove the TAP", Box::new(e)),
+                }
+            }
+            let dir = entry.record().dir.clone();
+            if let Err(e) = self.remove_dir(dir).await {
+                fail("remove the directory", e.into());
+            }
+            match first {
+                None => {
+                    entry.set_state(SandboxState::Destroyed)?;
+                    entry.record().vmm_pid = None;
+                    self.sandboxes().remove(id);
+                    Ok(())
+                }
+                Some(e) => {
+                    entry.set_state(SandboxState::Failed)?;
+                    entry.record().failure = Some(error_chain(&e));
+                    Err(e)
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Destroys every sandbox (tests, benches, daemon uninstall); returns
+    /// the errors of those that could not be destroyed.
+    pub async fn destroy_all(&self) -> Vec<CoreError> {
+        let ids: Vec<SandboxId> = self.sandboxes().keys().cloned().collect();
+        let mut errors = Vec::new();
+        for id in ids {
+            if let Err(e) = self.destroy(&id).await {
+                errors.push(e);
+            }
+        }
+        errors
+    }
+}
+
+/// The VM for a sandbox: vda = the image's rootfs (read-only, shared),
+/// vdb = the sandbox disk, vdc = the config drive; kernel arguments carry
+/// the static address.
+fn vm_spec(spec: &SandboxSpec, image: &ResolvedImage, dir: &Path, att: &Attachment) -> VmSpec {
+    VmSpec {
+        vcpus: spec.cpus,
+        memory_mib: spec.memory_mb,
+        kernel: image.vmlinux.clone(),
+        initrd: Some(image.initramfs.clone()),
+        cmdline: format!("{BASE_CMDLINE} {}", att.kernel_args()),
+        drives: vec![
+            DriveSpec {
+                id: "rootfs".into(),
+                path: image.rootfs.clone(),
+                read_only: true,
+            },
+            DriveSpec {
+                id: "disk".into(),
+                path: dir.join(SANDBOX_DISK),
+                read_only: false,
+            },
+            DriveSpec {
+                id: "config".into(),
+                path: dir.join(CONFIG_DRIVE),
+                read_only: true,
+            },
+        ],
+        net: Some(NetSpec {
+            tap: att.tap.clone(),
+            mac: MacAddr(att.mac.0),
+        }),
+        serial_log: dir.join(SERIAL_LOG),
+        work_dir: dir.to_path_buf(),
+        memory: MemoryBacking::Anonymous,
+    }
+}
+
+/// An error and its sources on one line.
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_spec_follows_the_guest_contract() {
+        let image = ResolvedImage {
+            tier: image::Tier::Tiny,
+            vmlinux: "/d/images/kernel/vmlinux".into(),
+            vmlinuz: "/d/images/kernel/vmlinuz".into(),
+            kernel_release: "6.1".into(),
+            initramfs: "/d/images/initramfs/initramfs.cpio".into(),
+            rootfs: "/d/images/tiny/rootfs.ext4".into(),
+        };
+        let att = Attachment {
+            bridge: "bhatti0".into(),
+            tap: "bt0ac80002".into(),
+            ip: "10.200.0.2".parse().unwrap(),
+            prefix: 24,
+            mac: net::Mac::for_ip("10.200.0.2".parse().unwrap()),
+            gateway: "10.200.0.1".parse().unwrap(),
+            dns: None,
+        };
+        let mut spec = SandboxSpec::new("a", "tiny");
+        spec.cpus = 2;
+        spec.memory_mb = 300;
+        let dir = Path::new("/d/sandboxes/sb-000000000001");
+        let v = vm_spec(&spec, &image, dir, &att);
+        assert_eq!(
+            v.cmdline,
+            "console=ttyS0 cryptomgr.notests quiet panic=-1 bhatti.ip=10.200.0.2/24 bhatti.gw=10.200.0.1"
+        );
+        let drives: Vec<_> = v
+            .drives
+            .iter()
+            .map(|d| (d.path.to_str().unwrap(), d.read_only))
+            .collect();
+        assert_eq!(
+            drives,
+            vec![
+                ("/d/images/tiny/rootfs.ext4", true),
+                ("/d/sandboxes/sb-000000000001/disk.ext4", false),
+                ("/d/sandboxes/sb-000000000001/config.img", true),
+            ]
+        );
+        assert_eq!((v.vcpus, v.memory_mib), (2, 300));
+        assert_eq!(v.net.as_ref().unwrap().mac.to_string(), "02:b4:0a:c8:00:02");
+        assert_eq!(v.work_dir, dir);
+        assert_eq!(
+            v.initrd.as_deref(),
+            Some(Path::new("/d/images/initramfs/initramfs.cpio"))
+        );
+    }
+
+    #[test]
+    fn error_chains() {
+        let e = CoreError::Disk {
+            id: "sb-000000000001".parse().unwrap(),
+            source: Box::new(image::Error::DiskSize {
+                size: 1,
+                min: 2,
+                max: 3,
+            }),
+        };
+        assert_eq!(
+            error_chain(&e),
+            "Preparing the disks of sandbox sb-000000000001: Disk size 1 bytes is outside 2..=3"
+        );
+    }
+}

@@ -1,0 +1,320 @@
+//! [`SandboxSpec`]: what a user asks for, and its validation — pure, and
+//! done before anything is created.
+
+use std::collections::BTreeMap;
+
+use image::config_drive::ConfigDriveError;
+use image::{ConfigDrive, ConfigFile, InitCommand};
+use serde::{Deserialize, Serialize};
+
+/// Image used when a spec names none.
+pub const DEFAULT_IMAGE: &str = "minimal";
+/// vCPUs when a spec names none.
+pub const DEFAULT_CPUS: u32 = 1;
+/// Memory when a spec names none.
+pub const DEFAULT_MEMORY_MB: u32 = 512;
+
+/// A sandbox to create.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxSpec {
+    /// Name, unique among live sandboxes; also the guest hostname:
+    /// 1..=63 of `[a-z0-9-]`, not starting or ending with `-`.
+    pub name: String,
+    /// Image (`tiny`, `minimal`).
+    #[serde(default = "default_image")]
+    pub image: String,
+    /// vCPUs.
+    #[serde(default = "default_cpus")]
+    pub cpus: u32,
+    /// Guest memory in MiB.
+    #[serde(default = "default_memory")]
+    pub memory_mb: u32,
+    /// Environment of every command (below a request's own env).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Text files written into the guest at boot.
+    #[serde(default)]
+    pub files: Vec<ConfigFile>,
+    /// Command started at boot.
+    #[serde(default)]
+    pub init: Option<InitCommand>,
+}
+
+fn default_image() -> String {
+    DEFAULT_IMAGE.to_owned()
+}
+fn default_cpus() -> u32 {
+    DEFAULT_CPUS
+}
+fn default_memory() -> u32 {
+    DEFAULT_MEMORY_MB
+}
+
+impl SandboxSpec {
+    /// A spec with defaults for everything but the name and image.
+    pub fn new(name: impl Into<String>, image: impl Into<String>) -> SandboxSpec {
+        SandboxSpec {
+            name: name.into(),
+            image: image.into(),
+            cpus: DEFAULT_CPUS,
+            memory_mb: DEFAULT_MEMORY_MB,
+            env: BTreeMap::new(),
+            files: Vec::new(),
+            init: None,
+        }
+    }
+}
+
+/// Bounds on what a spec may ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Most vCPUs per sandbox.
+    pub max_cpus: u32,
+    /// Least memory (the Debian kernel and initramfs need room).
+    pub min_memory_mb: u32,
+    /// Most memory per sandbox.
+    pub max_memory_mb: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_cpus: 32,
+            min_memory_mb: 128,
+            max_memory_mb: 64 * 1024,
+        }
+    }
+}
+
+impl Limits {
+    /// The defaults, narrowed to this host: no more vCPUs than host CPUs,
+    /// no more memory than the host has.
+    pub fn for_host() -> Limits {
+        let d = Limits::default();
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(d.max_cpus);
+        let mem = host_memory_mb().unwrap_or(d.max_memory_mb);
+        Limits {
+            max_cpus: d.max_cpus.min(cpus).max(1),
+            min_memory_mb: d.min_memory_mb,
+            max_memory_mb: d.max_memory_mb.min(mem).max(d.min_memory_mb),
+        }
+    }
+}
+
+fn host_memory_mb() -> Option<u32> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    u32::try_from(kb / 1024).ok()
+}
+
+/// Why a spec was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    /// The name is not a valid hostname label.
+    #[error("Invalid name {name:?}: {reason}")]
+    Name {
+        /// The name.
+        name: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// Too few or too many vCPUs.
+    #[error("cpus must be 1..={max}, got {got}")]
+    Cpus {
+        /// Asked for.
+        got: u32,
+        /// Limit.
+        max: u32,
+    },
+    /// Too little or too much memory.
+    #[error("memory_mb must be {min}..={max}, got {got}")]
+    Memory {
+        /// Asked for.
+        got: u32,
+        /// Lower limit.
+        min: u32,
+        /// Upper limit.
+        max: u32,
+    },
+    /// env, files or init are invalid.
+    #[error("Invalid guest configuration")]
+    Guest(#[source] ConfigDriveError),
+}
+
+fn check_name(name: &str) -> Result<(), SpecError> {
+    let reason = if name.is_empty() || name.len() > 63 {
+        Some("must be 1..=63 characters")
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        Some("may only hold [a-z0-9-]")
+    } else if name.starts_with('-') || name.ends_with('-') {
+        Some("must not start or end with '-'")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(SpecError::Name {
+            name: name.to_owned(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+impl SandboxSpec {
+    /// Checks the spec against `limits` (the image name is checked against
+    /// the image store by the caller). Pure: nothing is touched.
+    pub fn validate(&self, limits: &Limits) -> Result<(), SpecError> {
+        check_name(&self.name)?;
+        if !(1..=limits.max_cpus).contains(&self.cpus) {
+            return Err(SpecError::Cpus {
+                got: self.cpus,
+                max: limits.max_cpus,
+            });
+        }
+        if !(limits.min_memory_mb..=limits.max_memory_mb).contains(&self.memory_mb) {
+            return Err(SpecError::Memory {
+                got: self.memory_mb,
+                min: limits.min_memory_mb,
+                max: limits.max_memory_mb,
+            });
+        }
+        // The config drive's own validation covers env names, file paths
+        // and modes, and init; a placeholder token stands in for the real one.
+        self.config_drive("0".repeat(32))
+            .validate()
+            .map_err(SpecError::Guest)
+    }
+
+    /// The config drive for this spec with `token`.
+    pub(crate) fn config_drive(&self, token: String) -> ConfigDrive {
+        ConfigDrive {
+            hostname: self.name.clone(),
+            token,
+            env: self.env.clone(),
+            files: self.files.clone(),
+            init: self.init.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_cpus: 4,
+        min_memory_mb: 128,
+        max_memory_mb: 4096,
+    };
+
+    fn spec() -> SandboxSpec {
+        SandboxSpec::new("dev-1", "tiny")
+    }
+
+    #[test]
+    fn defaults_and_serde() {
+        let s: SandboxSpec = serde_json::from_str(r#"{"name":"a"}"#).unwrap();
+        assert_eq!(s.image, DEFAULT_IMAGE);
+        assert_eq!((s.cpus, s.memory_mb), (DEFAULT_CPUS, DEFAULT_MEMORY_MB));
+        assert!(serde_json::from_str::<SandboxSpec>(r#"{"name":"a","gpu":1}"#).is_err());
+        s.validate(&Limits::default()).unwrap();
+    }
+
+    #[test]
+    fn names() {
+        for ok in ["a", "dev-1", "0", &"x".repeat(63)] {
+            let mut s = spec();
+            s.name = ok.into();
+            s.validate(&LIMITS).unwrap();
+        }
+        for bad in ["", "-a", "a-", "A", "a_b", "a.b", "a b", &"x".repeat(64)] {
+            let mut s = spec();
+            s.name = bad.into();
+            assert!(
+                matches!(s.validate(&LIMITS), Err(SpecError::Name { .. })),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn cpus_and_memory_bounds() {
+        for (cpus, ok) in [
+            (0, false),
+            (1, true),
+            (4, true),
+            (5, false),
+            (u32::MAX, false),
+        ] {
+            let mut s = spec();
+            s.cpus = cpus;
+            assert_eq!(s.validate(&LIMITS).is_ok(), ok, "cpus {cpus}");
+        }
+        for (mem, ok) in [
+            (0, false),
+            (127, false),
+            (128, true),
+            (4096, true),
+            (4097, false),
+            (u32::MAX, false),
+        ] {
+            let mut s = spec();
+            s.memory_mb = mem;
+            assert_eq!(s.validate(&LIMITS).is_ok(), ok, "memory {mem}");
+        }
+        let mut s = spec();
+        s.cpus = 0;
+        assert_eq!(
+            s.validate(&LIMITS).unwrap_err().to_string(),
+            "cpus must be 1..=4, got 0"
+        );
+        s.cpus = 1;
+        s.memory_mb = 1 << 30;
+        assert_eq!(
+            s.validate(&LIMITS).unwrap_err().to_string(),
+            "memory_mb must be 128..=4096, got 1073741824"
+        );
+    }
+
+    #[test]
+    fn guest_config_is_checked() {
+        let mut s = spec();
+        s.env.insert("1BAD".into(), "x".into());
+        assert!(matches!(s.validate(&LIMITS), Err(SpecError::Guest(_))));
+        let mut s = spec();
+        s.files.push(ConfigFile {
+            path: "relative/path".into(),
+            content: String::new(),
+            mode: 0o644,
+            owner: 1000,
+        });
+        assert!(matches!(s.validate(&LIMITS), Err(SpecError::Guest(_))));
+        let mut s = spec();
+        s.init = Some(InitCommand {
+            argv: vec![],
+            cwd: None,
+        });
+        assert!(matches!(s.validate(&LIMITS), Err(SpecError::Guest(_))));
+    }
+
+    #[test]
+    fn host_limits_are_sane() {
+        let l = Limits::for_host();
+        assert!(l.max_cpus >= 1 && l.max_cpus <= Limits::default().max_cpus);
+        assert!(l.max_memory_mb >= l.min_memory_mb);
+    }
+}
