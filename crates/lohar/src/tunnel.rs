@@ -15,7 +15,9 @@ pub async fn connect(req: Tunnel) -> Result<TcpStream, Failure> {
     if req.port == 0 {
         return Err(Failure::bad_request("port 0 is not a valid tunnel target"));
     }
-    let addr = ("127.0.0.1", req.port);
+    // A socket address, not a host name: the static binary never resolves
+    // names (static glibc cannot load NSS modules).
+    let addr = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, req.port));
     match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => {
             s.set_nodelay(true).ok();
