@@ -13,6 +13,42 @@ use crate::conn::{unexpected, Conn};
 use crate::stream::{Endpoint, Stream, Tunnel};
 use crate::ClientError;
 
+/// Runs one exchange (`$body`, a future using `$c: &mut Conn`) on a pooled
+/// connection, within the client's deadline. A pooled connection that turns
+/// out stale (closed before answering anything) is replaced once and the
+/// exchange run again. A macro rather than a closure-taking method: futures
+/// of async closures over `&mut Conn` cannot be proven `Send`, which the
+/// daemon's handlers need.
+macro_rules! call {
+    ($client:expr, $op:expr, |$c:ident| $body:expr) => {{
+        let client: &$crate::AgentClient = $client;
+        let fut = async {
+            let (mut conn, pooled) = match client.checkout_idle() {
+                Some(c) => (c, true),
+                None => (client.open_fresh().await?, false),
+            };
+            let seen = conn.received();
+            let result = {
+                let $c = &mut conn;
+                $body.await
+            };
+            match result {
+                Err(e) if pooled && conn.received() == seen && e.is_stale_connection() => {
+                    let mut conn = client.open_fresh().await?;
+                    let v = {
+                        let $c = &mut conn;
+                        $body.await
+                    };
+                    client.finish(conn, v)
+                }
+                other => client.finish(conn, other),
+            }
+        };
+        client.within_deadline($op, fut).await
+    }};
+}
+pub(crate) use call;
+
 /// Idle connections kept for reuse.
 const MAX_IDLE: usize = 8;
 
@@ -115,33 +151,27 @@ impl AgentClient {
         }
     }
 
-    /// Runs one exchange on a pooled connection. A pooled connection that
-    /// turns out stale (closed before answering anything) is replaced once.
-    pub(crate) async fn call<T>(
+    pub(crate) fn checkout_idle(&self) -> Option<Conn> {
+        self.inner.checkout_idle()
+    }
+
+    pub(crate) async fn open_fresh(&self) -> Result<Conn, ClientError> {
+        self.inner.open().await
+    }
+
+    pub(crate) async fn within_deadline<T>(
         &self,
         operation: &'static str,
-        mut exchange: impl AsyncFnMut(&mut Conn) -> Result<T, ClientError>,
+        fut: impl std::future::Future<Output = Result<T, ClientError>>,
     ) -> Result<T, ClientError> {
-        let fut = async {
-            let (mut conn, pooled) = match self.inner.checkout_idle() {
-                Some(c) => (c, true),
-                None => (self.inner.open().await?, false),
-            };
-            let seen = conn.received();
-            let result = exchange(&mut conn).await;
-            match result {
-                Err(e) if pooled && conn.received() == seen && e.is_stale_connection() => {
-                    let mut conn = self.inner.open().await?;
-                    let v = exchange(&mut conn).await;
-                    self.finish(conn, v)
-                }
-                other => self.finish(conn, other),
-            }
-        };
         self.within(operation, Some(self.deadline), fut).await
     }
 
-    fn finish<T>(&self, conn: Conn, result: Result<T, ClientError>) -> Result<T, ClientError> {
+    pub(crate) fn finish<T>(
+        &self,
+        conn: Conn,
+        result: Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
         // After an agent error the exchange is over and the connection in step.
         if matches!(result, Ok(_) | Err(ClientError::Agent { .. })) {
             self.inner.checkin(conn);
@@ -230,29 +260,27 @@ impl AgentClient {
     }
 
     pub async fn activity(&self) -> Result<Activity, ClientError> {
-        self.call("activity", async |c: &mut Conn| {
+        call!(self, "activity", |c| async {
             c.send(&Message::ActivityQuery).await?;
             match c.recv("activity").await? {
                 Message::Activity(a) => Ok(a),
                 other => Err(unexpected("activity", &other)),
             }
         })
-        .await
     }
 
     pub async fn sessions(&self) -> Result<Vec<SessionInfo>, ClientError> {
-        self.call("session list", async |c: &mut Conn| {
+        call!(self, "session list", |c| async {
             c.send(&Message::SessionList).await?;
             match c.recv("session list").await? {
                 Message::Sessions(s) => Ok(s.sessions),
                 other => Err(unexpected("sessions", &other)),
             }
         })
-        .await
     }
 
     pub async fn session(&self, name: &str) -> Result<SessionInfo, ClientError> {
-        self.call("session query", async |c: &mut Conn| {
+        call!(self, "session query", |c| async {
             c.send(&Message::SessionQuery(SessionRef {
                 session: name.to_string(),
             }))
@@ -262,13 +290,12 @@ impl AgentClient {
                 other => Err(unexpected("session", &other)),
             }
         })
-        .await
     }
 
     /// Ends a session (SIGTERM, then SIGKILL after a grace period) and
     /// returns once it is gone.
     pub async fn kill_session(&self, name: &str) -> Result<(), ClientError> {
-        self.call("session kill", async |c: &mut Conn| {
+        call!(self, "session kill", |c| async {
             c.send(&Message::SessionKill(SessionRef {
                 session: name.to_string(),
             }))
@@ -278,7 +305,6 @@ impl AgentClient {
                 other => Err(unexpected("ok", &other)),
             }
         })
-        .await
     }
 
     /// Opens a raw byte tunnel to `127.0.0.1:port` in the guest.

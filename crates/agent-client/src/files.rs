@@ -3,7 +3,7 @@
 use proto::{FileRead, FileStat, FileWrite, Ls, Message, Stat, DATA_CHUNK, MAX_FILE_WRITE};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use crate::client::AgentClient;
+use crate::client::{call, AgentClient};
 use crate::conn::{unexpected, Conn};
 use crate::ClientError;
 
@@ -108,10 +108,9 @@ async fn write_exchange<R: AsyncRead + Unpin>(
 impl AgentClient {
     /// Reads a file, within the request's line and byte limits.
     pub async fn read_file(&self, req: FileRead) -> Result<FileContent, ClientError> {
-        self.call("file read", async |c: &mut Conn| {
+        call!(self, "file read", |c| async {
             read_exchange(c, &req).await
         })
-        .await
     }
 
     /// Writes a file atomically. Retried once on a fresh connection if a
@@ -123,10 +122,9 @@ impl AgentClient {
         opts: WriteOptions,
     ) -> Result<u64, ClientError> {
         let req = write_request(path, data.len() as u64, &opts)?;
-        self.call("file write", async |c: &mut Conn| {
+        call!(self, "file write", |c| async {
             write_exchange(c, &req, data).await
         })
-        .await
     }
 
     /// Writes `size` bytes from `source` to a file atomically.
@@ -140,18 +138,19 @@ impl AgentClient {
         let req = write_request(path, size, &opts)?;
         // The source can be read only once, so this exchange is never retried.
         let mut source = Some(source);
-        self.call("file write", async |c: &mut Conn| match source.take() {
-            Some(src) => write_exchange(c, &req, src).await,
-            None => Err(ClientError::Closed {
-                operation: "file write",
-            }),
+        call!(self, "file write", |c| async {
+            match source.take() {
+                Some(src) => write_exchange(c, &req, src).await,
+                None => Err(ClientError::Closed {
+                    operation: "file write",
+                }),
+            }
         })
-        .await
     }
 
     /// Metadata of a path (a final symlink is not followed).
     pub async fn stat(&self, path: &str) -> Result<FileStat, ClientError> {
-        self.call("stat", async |c: &mut Conn| {
+        call!(self, "stat", |c| async {
             c.send(&Message::Stat(Stat {
                 path: path.to_string(),
             }))
@@ -161,12 +160,11 @@ impl AgentClient {
                 other => Err(unexpected("stat_result", &other)),
             }
         })
-        .await
     }
 
     /// Lists a directory (capped at [`proto::MAX_LS_ENTRIES`] entries).
     pub async fn ls(&self, path: &str) -> Result<Listing, ClientError> {
-        self.call("ls", async |c: &mut Conn| {
+        call!(self, "ls", |c| async {
             c.send(&Message::Ls(Ls {
                 path: path.to_string(),
             }))
@@ -186,6 +184,5 @@ impl AgentClient {
                 }
             }
         })
-        .await
     }
 }

@@ -1,0 +1,214 @@
+//! The daemon's configuration: one TOML file, every field defaulted, and
+//! command-line flags over it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// `bhatti serve` settings.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DaemonConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// `auto`, `firecracker`, `qemu-kvm` or `qemu-tcg`.
+    pub engine: String,
+    pub limits: LimitsConfig,
+    pub thermal: ThermalConfig,
+    pub network: NetworkConfig,
+    pub defaults: SandboxDefaults,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Sandbox creations per user per minute.
+    pub creates_per_min: u32,
+    /// Execs (and shells) per user per minute.
+    pub execs_per_min: u32,
+    /// Reads (list, inspect, files, sessions) per user per minute.
+    pub reads_per_min: u32,
+    /// Largest JSON body, bytes.
+    pub max_json_body: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ThermalConfig {
+    pub warm_after_secs: u64,
+    pub cold_after_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Bridge the sandboxes' TAPs join.
+    pub bridge: String,
+    /// Their subnet (the gateway is `.1`).
+    pub subnet: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SandboxDefaults {
+    pub image: String,
+    pub cpus: u32,
+    pub memory_mb: u64,
+    /// New users get these quotas unless `bhatti user create` says otherwise.
+    pub max_sandboxes: u32,
+    pub max_cpus: u32,
+    pub max_memory_mb: u64,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            data_dir: PathBuf::from("/var/lib/bhatti"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8700)),
+            engine: "auto".into(),
+            limits: LimitsConfig::default(),
+            thermal: ThermalConfig::default(),
+            network: NetworkConfig::default(),
+            defaults: SandboxDefaults::default(),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            creates_per_min: 10,
+            execs_per_min: 120,
+            reads_per_min: 600,
+            max_json_body: api_types::limits::MAX_JSON_BODY,
+        }
+    }
+}
+
+impl Default for ThermalConfig {
+    fn default() -> Self {
+        ThermalConfig {
+            warm_after_secs: 30,
+            cold_after_secs: 1800,
+        }
+    }
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            bridge: "bhatti0".into(),
+            subnet: "10.210.0.0/24".into(),
+        }
+    }
+}
+
+impl Default for SandboxDefaults {
+    fn default() -> Self {
+        SandboxDefaults {
+            image: "minimal".into(),
+            cpus: 1,
+            memory_mb: 512,
+            max_sandboxes: 10,
+            max_cpus: 16,
+            max_memory_mb: 16 * 1024,
+        }
+    }
+}
+
+impl DaemonConfig {
+    /// Reads `path` (if given) over the defaults.
+    pub fn load(path: Option<&Path>) -> Result<DaemonConfig, ConfigError> {
+        let config = match path {
+            None => DaemonConfig::default(),
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+                Self::parse(&text).map_err(|message| ConfigError::Parse {
+                    path: p.to_path_buf(),
+                    message,
+                })?
+            }
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn parse(text: &str) -> Result<DaemonConfig, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        if l.creates_per_min == 0 || l.execs_per_min == 0 || l.reads_per_min == 0 {
+            return Err(ConfigError::Invalid(
+                "rate limits must be at least 1 per minute".into(),
+            ));
+        }
+        if self.thermal.warm_after_secs == 0 || self.thermal.cold_after_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "thermal timers must be at least 1 second".into(),
+            ));
+        }
+        if !matches!(
+            self.engine.as_str(),
+            "auto" | "firecracker" | "qemu-kvm" | "qemu-tcg"
+        ) {
+            return Err(ConfigError::Invalid(format!(
+                "engine '{}' is not one of auto, firecracker, qemu-kvm, qemu-tcg",
+                self.engine
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join("bhatti.db")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_all_defaults() {
+        assert_eq!(DaemonConfig::parse("").unwrap(), DaemonConfig::default());
+    }
+
+    #[test]
+    fn parses_sections_and_refuses_unknown_keys() {
+        let c = DaemonConfig::parse(
+            "data_dir = \"/tmp/b\"\nlisten = \"127.0.0.1:0\"\n[thermal]\nwarm_after_secs = 2\n[limits]\nexecs_per_min = 5\n",
+        )
+        .unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/b"));
+        assert_eq!(c.thermal.warm_after_secs, 2);
+        assert_eq!(c.thermal.cold_after_secs, 1800);
+        assert_eq!(c.limits.execs_per_min, 5);
+        assert!(DaemonConfig::parse("bogus = 1").is_err());
+        assert!(DaemonConfig::parse("[limits]\nexec_per_min = 1").is_err());
+        let bad = DaemonConfig {
+            engine: "vmware".into(),
+            ..Default::default()
+        };
+        assert!(bad.validate().is_err());
+    }
+}

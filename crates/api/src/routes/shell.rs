@@ -1,0 +1,181 @@
+//! `GET /sandboxes/:id/ws`: an interactive PTY session over a WebSocket.
+//! Protocol in `docs/api.md`: a `ShellOpen` text frame first, binary frames
+//! for terminal bytes, JSON text frames for control.
+
+use std::time::Duration;
+
+use agent_client::{AgentClient, SessionEvent};
+use api_types::{ShellControl, ShellOpen};
+use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, State};
+use axum::response::Response;
+use futures_util::{SinkExt, StreamExt};
+
+use crate::auth::User;
+use crate::error::ApiError;
+use crate::ratelimit::Class;
+use crate::state::AppState;
+
+pub async fn shell(
+    State(state): State<AppState>,
+    User(user): User,
+    Path(id): Path<String>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    state.limit(&user, Class::Exec)?;
+    let agent = state.service.agent(&user, &id).await?;
+    Ok(ws.on_upgrade(move |socket| async move {
+        if let Err(e) = serve(socket, agent).await {
+            tracing::debug!(error = %e, "shell websocket ended");
+        }
+    }))
+}
+
+fn control(c: &ShellControl) -> WsMessage {
+    WsMessage::Text(serde_json::to_string(c).unwrap_or_default().into())
+}
+
+async fn open(agent: &AgentClient, o: &ShellOpen) -> Result<agent_client::SessionStream, String> {
+    let size = match (o.rows, o.cols) {
+        (Some(rows), Some(cols)) if rows > 0 && cols > 0 => Some(proto::WindowSize { rows, cols }),
+        (None, None) => None,
+        _ => return Err("rows and cols must both be given and positive".into()),
+    };
+    if let (Some(name), false) = (&o.session, o.new) {
+        match agent.attach(name, o.steal, size).await {
+            Ok(s) => return Ok(s),
+            Err(e) if e.agent_code() == Some(proto::ErrorCode::NotFound) => {}
+            Err(e) => return Err(crate::error::error_chain(&e)),
+        }
+    }
+    let argv = o
+        .cmd
+        .clone()
+        .unwrap_or_else(|| vec!["/bin/bash".into(), "-l".into()]);
+    let mut req = proto::ExecRequest {
+        argv,
+        session: o.session.clone(),
+        size,
+        ..Default::default()
+    };
+    match agent.open_session(req.clone()).await {
+        Ok(s) => Ok(s),
+        // Images without bash (tiny) fall back to sh.
+        Err(e) if o.cmd.is_none() && e.agent_code() == Some(proto::ErrorCode::SpawnFailed) => {
+            req.argv = vec!["/bin/sh".into(), "-l".into()];
+            agent
+                .open_session(req)
+                .await
+                .map_err(|e| crate::error::error_chain(&e))
+        }
+        Err(e) => Err(crate::error::error_chain(&e)),
+    }
+}
+
+async fn serve(socket: WebSocket, agent: AgentClient) -> Result<(), String> {
+    let (mut tx, mut rx) = socket.split();
+    let first = tokio::time::timeout(Duration::from_secs(10), rx.next())
+        .await
+        .map_err(|_| "no open message within 10s".to_string())?;
+    let opened: ShellOpen = match first {
+        Some(Ok(WsMessage::Text(t))) => match serde_json::from_str(&t) {
+            Ok(o) => o,
+            Err(e) => {
+                let _ = tx
+                    .send(control(&ShellControl::Error {
+                        error: format!("bad open message: {e}"),
+                    }))
+                    .await;
+                return Err("bad open message".into());
+            }
+        },
+        _ => return Err("expected a JSON open message".into()),
+    };
+    let session = match open(&agent, &opened).await {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = tx
+                .send(control(&ShellControl::Error { error: e.clone() }))
+                .await;
+            let _ = tx.send(WsMessage::Close(None)).await;
+            return Err(e);
+        }
+    };
+    tx.send(control(&ShellControl::Attached {
+        session: session.name.clone(),
+        pid: session.pid,
+    }))
+    .await
+    .map_err(|e| e.to_string())?;
+    let (mut output, mut input) = session.into_split().map_err(|e| e.to_string())?;
+
+    // Guest → browser/CLI.
+    let down = async move {
+        loop {
+            match output.next().await {
+                Ok(Some(SessionEvent::Output(d))) => {
+                    if tx.send(WsMessage::Binary(d.into())).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Some(SessionEvent::Exit(e))) => {
+                    let _ = tx
+                        .send(control(&ShellControl::Exit { exit_code: e.code }))
+                        .await;
+                    let _ = tx.send(WsMessage::Close(None)).await;
+                    return;
+                }
+                Ok(Some(SessionEvent::TakenOver(reason))) => {
+                    let _ = tx.send(control(&ShellControl::Detached { reason })).await;
+                    let _ = tx.send(WsMessage::Close(None)).await;
+                    return;
+                }
+                Ok(None) => {
+                    let _ = tx
+                        .send(control(&ShellControl::Detached {
+                            reason: "detached".into(),
+                        }))
+                        .await;
+                    let _ = tx.send(WsMessage::Close(None)).await;
+                    return;
+                }
+                Err(e) => {
+                    let _ = tx
+                        .send(control(&ShellControl::Error {
+                            error: e.to_string(),
+                        }))
+                        .await;
+                    return;
+                }
+            }
+        }
+    };
+    // Browser/CLI → guest.
+    let up = async move {
+        while let Some(Ok(msg)) = rx.next().await {
+            let r = match msg {
+                WsMessage::Binary(b) => input.write(&b).await,
+                WsMessage::Text(t) => match serde_json::from_str::<ShellControl>(&t) {
+                    Ok(ShellControl::Resize { rows, cols }) if rows > 0 && cols > 0 => {
+                        input.resize(proto::WindowSize { rows, cols }).await
+                    }
+                    Ok(ShellControl::Detach) => input.detach().await,
+                    // Anything else from a client is ignored rather than fatal.
+                    _ => Ok(()),
+                },
+                WsMessage::Close(_) => break,
+                _ => Ok(()),
+            };
+            if r.is_err() {
+                break;
+            }
+        }
+        // Dropping the input half with the output half detaches: the
+        // agent keeps the session.
+    };
+    tokio::select! {
+        () = down => {},
+        () = up => {},
+    }
+    Ok(())
+}

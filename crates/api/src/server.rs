@@ -1,0 +1,101 @@
+//! Starting the daemon: store, secrets, engine, recovery, listener, and a
+//! graceful shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::config::DaemonConfig;
+use crate::ratelimit::RateLimiter;
+use crate::secrets::SecretBox;
+use crate::service::Service;
+use crate::state::AppState;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot create the data directory {path}")]
+    DataDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Secrets(#[from] crate::secrets::SecretsError),
+    #[error("cannot listen on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the VM layer failed to start: {0}")]
+    Vms(String),
+    #[error("serving failed")]
+    Serve(#[source] std::io::Error),
+}
+
+/// A daemon bound to its address, ready to serve.
+#[derive(Debug)]
+pub struct Daemon {
+    pub state: AppState,
+    listener: tokio::net::TcpListener,
+}
+
+impl Daemon {
+    /// Opens everything and binds the listener; nothing is served yet.
+    pub async fn start(config: DaemonConfig) -> Result<Daemon, ServeError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| ServeError::DataDir {
+            path: config.data_dir.display().to_string(),
+            source,
+        })?;
+        let store = Arc::new(store::Store::open(&config.db_path())?);
+        let secrets = Arc::new(SecretBox::open(&config.data_dir.join("secrets.key"))?);
+        let limiter = Arc::new(RateLimiter::new(
+            config.limits.creates_per_min,
+            config.limits.execs_per_min,
+            config.limits.reads_per_min,
+        ));
+        let config = Arc::new(config);
+        let service = Service::start(config.clone(), store.clone(), secrets.clone())
+            .await
+            .map_err(|e| ServeError::Vms(crate::error::error_chain(&e)))?;
+        let health = service.health();
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ServeError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        Ok(Daemon {
+            state: AppState {
+                config,
+                store,
+                secrets,
+                limiter,
+                health,
+                service: Arc::new(service),
+            },
+            listener,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets
+    /// in-flight requests finish, and shuts the VM layer down.
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let service = self.state.service.clone();
+        let app = crate::routes::router(self.state);
+        axum::serve(self.listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(ServeError::Serve)?;
+        service.shutdown().await;
+        Ok(())
+    }
+}

@@ -1,0 +1,579 @@
+//! The sandbox service: the store's records (per user, persistent) over
+//! core's running VMs (per daemon process). Handlers call this; it never
+//! sees HTTP.
+//!
+//! What is persisted: the API's view of each sandbox (name, size, status,
+//! ip, labels) and core's record of its VM (directory, network attachment,
+//! agent token), minus secret values — those are stored only encrypted, in
+//! the secrets table, and looked up again by name when needed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use agent_client::AgentClient;
+use api_types::{CreateSandbox, PatchSandbox, Sandbox};
+use bhatti_core::{CoreConfig, CoreError, SandboxId, SandboxManager, SandboxRecord, SandboxSpec};
+use serde::{Deserialize, Serialize};
+use store::{NewSandbox, SandboxUpdate, Store, UserRecord};
+
+use crate::config::DaemonConfig;
+use crate::error::{error_chain, ApiError};
+use crate::keys::random_hex;
+use crate::secrets::SecretBox;
+use crate::state::blocking;
+
+/// Statuses the API shows.
+pub mod status {
+    pub const CREATING: &str = "creating";
+    pub const RUNNING: &str = "running";
+    pub const FAILED: &str = "failed";
+}
+
+/// What the store keeps of a sandbox's VM (`runtime` column).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Runtime {
+    /// Core's record, with the spec's env reduced to the plain variables.
+    core: SandboxRecord,
+    /// Secrets (by name) the sandbox's env was given.
+    secret_names: Vec<String>,
+}
+
+#[derive(Debug)]
+pub struct Service {
+    config: Arc<DaemonConfig>,
+    store: Arc<Store>,
+    secrets: Arc<SecretBox>,
+    core: SandboxManager,
+    /// Store id → core id of the VMs this process runs.
+    live: Mutex<HashMap<String, SandboxId>>,
+}
+
+fn engine_preference(s: &str) -> vmm::EnginePreference {
+    match s {
+        "firecracker" => vmm::EnginePreference::Firecracker,
+        "qemu-kvm" => vmm::EnginePreference::QemuKvm,
+        "qemu-tcg" => vmm::EnginePreference::QemuTcg,
+        _ => vmm::EnginePreference::Auto,
+    }
+}
+
+/// Builds the API's view of a stored sandbox.
+pub fn view(r: &store::SandboxRecord) -> Sandbox {
+    Sandbox {
+        id: r.id.clone(),
+        name: r.name.clone(),
+        image: r.image.clone(),
+        cpus: r.cpus,
+        memory_mb: r.memory_mb,
+        status: r.status.clone(),
+        status_reason: r.status_reason.clone(),
+        thermal: r.thermal.clone(),
+        thermal_since: r.thermal_since,
+        ip: r.ip.clone(),
+        keep_hot: r.keep_hot,
+        labels: r.labels.clone(),
+        created_at: r.created_at,
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError::Internal(e.to_string())
+}
+
+/// Maps core's errors to API errors: what the caller asked for wrong is a
+/// 400, a sandbox that died or never booted a 502.
+fn core_error(e: CoreError) -> ApiError {
+    match &e {
+        CoreError::InvalidSpec(_) | CoreError::Image(_) => ApiError::BadRequest(error_chain(&e)),
+        CoreError::NotFound(_) => ApiError::Unavailable(format!(
+            "the sandbox's VM is not running: {}",
+            error_chain(&e)
+        )),
+        CoreError::Agent { source, .. } => ApiError::from(clone_client_error(source)),
+        _ => ApiError::BadGateway(error_chain(&e)),
+    }
+}
+
+fn clone_client_error(e: &agent_client::ClientError) -> agent_client::ClientError {
+    match e {
+        agent_client::ClientError::Agent { code, message } => agent_client::ClientError::Agent {
+            code: *code,
+            message: message.clone(),
+        },
+        other => agent_client::ClientError::InvalidRequest(error_chain(other)),
+    }
+}
+
+impl Service {
+    /// Picks the engine, sets up the network and recovers what the store
+    /// says existed before this process.
+    pub async fn start(
+        config: Arc<DaemonConfig>,
+        store: Arc<Store>,
+        secrets: Arc<SecretBox>,
+    ) -> Result<Service, CoreError> {
+        let mut core_config = CoreConfig::new(&config.data_dir);
+        core_config.engine = engine_preference(&config.engine);
+        core_config.network.bridge = config.network.bridge.clone();
+        if let Ok(subnet) = config.network.subnet.parse() {
+            core_config.network.subnet = subnet;
+        }
+        let core = tokio::task::spawn_blocking(move || {
+            SandboxManager::new(core_config, Arc::new(net::IpRoute::new("ip")))
+        })
+        .await
+        .map_err(|e| CoreError::Random(std::io::Error::other(e.to_string())))??;
+        let service = Service {
+            config,
+            store,
+            secrets,
+            core,
+            live: Mutex::new(HashMap::new()),
+        };
+        service.recover().await;
+        Ok(service)
+    }
+
+    /// `/health`'s answer.
+    pub fn health(&self) -> api_types::Health {
+        let engine = self.core.engine();
+        let (engine_name, accelerator) = match engine.kind {
+            vmm::EngineKind::Firecracker => ("firecracker", "kvm"),
+            vmm::EngineKind::QemuKvm => ("qemu", "kvm"),
+            vmm::EngineKind::QemuTcg => ("qemu", "tcg"),
+        };
+        api_types::Health {
+            status: "ok".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            engine: engine_name.into(),
+            accelerator: accelerator.into(),
+            engine_reason: engine.reason.clone(),
+        }
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, SandboxId>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Startup recovery: a sandbox whose VM belonged to an earlier daemon
+    /// process is not running now. It is marked failed with the reason (its
+    /// disk is kept, so destroy cleans it up), and a VMM that outlived its
+    /// daemon is killed.
+    async fn recover(&self) {
+        let store = self.store.clone();
+        let rows = match blocking(move || store.all_sandboxes()).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read sandboxes for recovery");
+                return;
+            }
+        };
+        for row in rows {
+            if row.status == status::FAILED {
+                continue;
+            }
+            if let Ok(rt) = serde_json::from_value::<Runtime>(row.runtime.clone()) {
+                if let Some(pid) = rt.core.vmm_pid {
+                    kill_orphan_vmm(pid, &rt.core.dir);
+                }
+            }
+            let reason = "the daemon restarted; this sandbox's VM is no longer running \
+                          (its disk is kept; destroy it to free its resources)";
+            tracing::warn!(sandbox = %row.id, "recovered as failed: VM gone after restart");
+            let update = SandboxUpdate {
+                status: Some(status::FAILED.into()),
+                status_reason: Some(Some(reason.into())),
+                ..Default::default()
+            };
+            let store = self.store.clone();
+            let id = row.id.clone();
+            let user = row.user_id.clone();
+            let r = blocking(move || {
+                store.update_sandbox(&id, &update)?;
+                store.record_event(
+                    &user,
+                    Some(&id),
+                    "failed",
+                    &serde_json::json!({"reason": "daemon restart"}),
+                )
+            })
+            .await;
+            if let Err(e) = r {
+                tracing::error!(sandbox = %row.id, error = %e, "cannot mark sandbox failed");
+            }
+        }
+    }
+
+    pub async fn list(&self, user: &UserRecord) -> Result<Vec<Sandbox>, ApiError> {
+        let store = self.store.clone();
+        let uid = user.id.clone();
+        let rows = blocking(move || store.sandboxes_of(&uid)).await?;
+        Ok(rows.iter().map(view).collect())
+    }
+
+    async fn row(&self, user: &UserRecord, id: &str) -> Result<store::SandboxRecord, ApiError> {
+        let store = self.store.clone();
+        let (uid, key) = (user.id.clone(), id.to_string());
+        blocking(move || store.sandbox(&uid, &key))
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("no sandbox '{id}'")))
+    }
+
+    pub async fn get(&self, user: &UserRecord, id: &str) -> Result<Sandbox, ApiError> {
+        Ok(view(&self.row(user, id).await?))
+    }
+
+    pub async fn patch(
+        &self,
+        user: &UserRecord,
+        id: &str,
+        p: PatchSandbox,
+    ) -> Result<Sandbox, ApiError> {
+        if let Some(labels) = &p.labels {
+            check_labels(labels)?;
+        }
+        let row = self.row(user, id).await?;
+        let store = self.store.clone();
+        let update = SandboxUpdate {
+            keep_hot: p.keep_hot,
+            labels: p.labels,
+            ..Default::default()
+        };
+        let updated = blocking(move || store.update_sandbox(&row.id, &update)).await?;
+        Ok(view(&updated))
+    }
+
+    /// Creates a sandbox, or returns the user's existing one of that name
+    /// (`Ok((false, …))`).
+    pub async fn create(
+        &self,
+        user: &UserRecord,
+        body: CreateSandbox,
+    ) -> Result<(bool, Sandbox), ApiError> {
+        let defaults = &self.config.defaults;
+        let name = match body.name.clone() {
+            Some(n) => n,
+            None => format!("sb-{}", random_hex(3).map_err(internal)?),
+        };
+        let mut spec = SandboxSpec::new(
+            &name,
+            body.image.clone().unwrap_or_else(|| defaults.image.clone()),
+        );
+        spec.cpus = body.cpus.unwrap_or(defaults.cpus);
+        let memory = body.memory_mb.unwrap_or(defaults.memory_mb);
+        spec.memory_mb = u32::try_from(memory)
+            .map_err(|_| ApiError::BadRequest(format!("memory_mb {memory} is absurd")))?;
+        spec.env = body.env.clone();
+        spec.files = body
+            .files
+            .iter()
+            .map(|f| {
+                crate::validate::guest_path(&f.path)?;
+                Ok(proto::config_drive::ConfigFile {
+                    path: f.path.clone(),
+                    content: f.content.clone(),
+                    mode: f.mode.unwrap_or(0o644),
+                    owner: 1000,
+                })
+            })
+            .collect::<Result<_, ApiError>>()?;
+        check_labels(&body.labels)?;
+        for k in body.env.keys() {
+            crate::validate::env_name(k)?;
+        }
+        spec.validate(&self.core.config().limits)
+            .map_err(|e| ApiError::BadRequest(error_chain(&e)))?;
+
+        // The same name again: the existing sandbox.
+        if let Some(existing) = {
+            let store = self.store.clone();
+            let (uid, n) = (user.id.clone(), name.clone());
+            blocking(move || store.sandbox(&uid, &n)).await?
+        } {
+            return Ok((false, view(&existing)));
+        }
+        self.check_quota(user, spec.cpus, memory).await?;
+        let plain_env = spec.env.clone();
+        for secret in &body.secrets {
+            let value = self.secret_value(user, secret).await?;
+            spec.env.insert(secret.clone(), value);
+        }
+
+        let id = format!("sb-{}", random_hex(6).map_err(internal)?);
+        let new = NewSandbox {
+            id: id.clone(),
+            user_id: user.id.clone(),
+            name: name.clone(),
+            image: spec.image.clone(),
+            cpus: spec.cpus,
+            memory_mb: memory,
+            status: status::CREATING.into(),
+            thermal: "hot".into(),
+            keep_hot: body.keep_hot,
+            labels: body.labels.clone(),
+        };
+        let store = self.store.clone();
+        let inserted = blocking(move || store.insert_sandbox(&new)).await;
+        match inserted {
+            Ok(_) => {}
+            // A concurrent create of the same name won: answer with it.
+            Err(ApiError::Conflict(_)) => {
+                let store = self.store.clone();
+                let (uid, n) = (user.id.clone(), name.clone());
+                let row = blocking(move || store.sandbox(&uid, &n))
+                    .await?
+                    .ok_or_else(|| ApiError::Internal("sandbox vanished during create".into()))?;
+                return Ok((false, view(&row)));
+            }
+            Err(e) => return Err(e),
+        }
+        self.event(
+            user,
+            &id,
+            "creating",
+            serde_json::json!({"image": spec.image}),
+        )
+        .await;
+
+        match self.core.create(spec).await {
+            Ok(mut record) => {
+                record.spec.env = plain_env;
+                let rt = Runtime {
+                    core: record.clone(),
+                    secret_names: body.secrets.clone(),
+                };
+                self.live().insert(id.clone(), record.id.clone());
+                let update = SandboxUpdate {
+                    status: Some(status::RUNNING.into()),
+                    ip: Some(record.network.as_ref().map(|a| a.ip.to_string())),
+                    runtime: Some(serde_json::to_value(&rt).map_err(internal)?),
+                    ..Default::default()
+                };
+                let store = self.store.clone();
+                let row = blocking(move || store.update_sandbox(&id, &update)).await?;
+                self.event(
+                    user,
+                    &row.id,
+                    "running",
+                    serde_json::json!({
+                        "boot_ms": record.boot.map(|b| b.total().as_millis() as u64),
+                    }),
+                )
+                .await;
+                Ok((true, view(&row)))
+            }
+            Err(e @ (CoreError::InvalidSpec(_) | CoreError::Image(_))) => {
+                // Nothing was started: forget the row.
+                let store = self.store.clone();
+                let rid = id.clone();
+                blocking(move || store.delete_sandbox(&rid)).await?;
+                Err(ApiError::BadRequest(error_chain(&e)))
+            }
+            Err(e) => {
+                let reason = error_chain(&e);
+                tracing::warn!(sandbox = %id, error = %reason, "create failed");
+                let update = SandboxUpdate {
+                    status: Some(status::FAILED.into()),
+                    status_reason: Some(Some(reason.clone())),
+                    ..Default::default()
+                };
+                let store = self.store.clone();
+                let rid = id.clone();
+                blocking(move || store.update_sandbox(&rid, &update)).await?;
+                self.event(user, &id, "failed", serde_json::json!({"reason": reason}))
+                    .await;
+                Err(ApiError::BadGateway(format!(
+                    "sandbox '{name}' failed to start: {reason}"
+                )))
+            }
+        }
+    }
+
+    async fn check_quota(
+        &self,
+        user: &UserRecord,
+        cpus: u32,
+        memory_mb: u64,
+    ) -> Result<(), ApiError> {
+        let store = self.store.clone();
+        let uid = user.id.clone();
+        let (count, used_cpus, used_mem) = blocking(move || store.usage_of(&uid)).await?;
+        if count >= user.max_sandboxes {
+            return Err(ApiError::Forbidden(format!(
+                "sandbox quota reached: {count} of {} sandboxes in use; destroy one first",
+                user.max_sandboxes
+            )));
+        }
+        if used_cpus + cpus > user.max_cpus {
+            return Err(ApiError::Forbidden(format!(
+                "CPU quota reached: {used_cpus} of {} CPUs in use, {cpus} more asked",
+                user.max_cpus
+            )));
+        }
+        if used_mem + memory_mb > user.max_memory_mb {
+            return Err(ApiError::Forbidden(format!(
+                "memory quota reached: {used_mem} of {} MiB in use, {memory_mb} more asked",
+                user.max_memory_mb
+            )));
+        }
+        Ok(())
+    }
+
+    async fn secret_value(&self, user: &UserRecord, name: &str) -> Result<String, ApiError> {
+        let store = self.store.clone();
+        let (uid, n) = (user.id.clone(), name.to_string());
+        let rec = blocking(move || store.secret(&uid, &n))
+            .await?
+            .ok_or_else(|| ApiError::BadRequest(format!("no secret named '{name}'")))?;
+        self.secrets.decrypt(&rec.ciphertext).map_err(internal)
+    }
+
+    async fn event(&self, user: &UserRecord, id: &str, kind: &str, detail: serde_json::Value) {
+        let store = self.store.clone();
+        let (uid, sid, k) = (user.id.clone(), id.to_string(), kind.to_string());
+        if let Err(e) = blocking(move || store.record_event(&uid, Some(&sid), &k, &detail)).await {
+            tracing::warn!(sandbox = %id, error = %e, "cannot record event");
+        }
+    }
+
+    /// The agent of a running sandbox of `user`.
+    pub async fn agent(&self, user: &UserRecord, id: &str) -> Result<AgentClient, ApiError> {
+        let row = self.row(user, id).await?;
+        match row.status.as_str() {
+            status::RUNNING => {}
+            status::FAILED => {
+                return Err(ApiError::Unavailable(format!(
+                    "sandbox '{}' has failed: {}",
+                    row.name,
+                    row.status_reason.unwrap_or_default()
+                )))
+            }
+            other => {
+                return Err(ApiError::Unavailable(format!(
+                    "sandbox '{}' is {other}",
+                    row.name
+                )))
+            }
+        }
+        let core_id = self.live().get(&row.id).cloned().ok_or_else(|| {
+            ApiError::Unavailable(format!("sandbox '{}' has no running VM", row.name))
+        })?;
+        // A VMM that died is noticed here and the sandbox marked failed.
+        match self.core.get(&core_id) {
+            Ok(rec) if rec.state == bhatti_core::SandboxState::Running => {}
+            Ok(rec) => {
+                let reason = rec
+                    .failure
+                    .unwrap_or_else(|| format!("VM is {}", rec.state));
+                self.mark_failed(user, &row.id, &reason).await;
+                return Err(ApiError::BadGateway(format!(
+                    "sandbox '{}' failed: {reason}",
+                    row.name
+                )));
+            }
+            Err(e) => return Err(core_error(e)),
+        }
+        self.core.agent(&core_id).map_err(core_error)
+    }
+
+    async fn mark_failed(&self, user: &UserRecord, id: &str, reason: &str) {
+        let update = SandboxUpdate {
+            status: Some(status::FAILED.into()),
+            status_reason: Some(Some(reason.to_string())),
+            ..Default::default()
+        };
+        let store = self.store.clone();
+        let sid = id.to_string();
+        if let Err(e) = blocking(move || store.update_sandbox(&sid, &update)).await {
+            tracing::error!(sandbox = %id, error = %e, "cannot mark sandbox failed");
+        }
+        self.event(user, id, "failed", serde_json::json!({"reason": reason}))
+            .await;
+    }
+
+    /// Destroys a sandbox: its VM, TAP and directory, then its record.
+    pub async fn destroy(&self, user: &UserRecord, id: &str) -> Result<(), ApiError> {
+        let row = self.row(user, id).await?;
+        let core_id = self.live().get(&row.id).cloned();
+        match core_id {
+            Some(cid) => match self.core.destroy(&cid).await {
+                Ok(()) | Err(CoreError::NotFound(_)) => {}
+                Err(e) => {
+                    return Err(ApiError::BadGateway(format!(
+                        "destroying: {}",
+                        error_chain(&e)
+                    )))
+                }
+            },
+            None => {
+                // Not run by this process (e.g. failed after a restart):
+                // remove what its record says is left on disk.
+                if let Ok(rt) = serde_json::from_value::<Runtime>(row.runtime.clone()) {
+                    if let Some(pid) = rt.core.vmm_pid {
+                        kill_orphan_vmm(pid, &rt.core.dir);
+                    }
+                    let root = self.config.data_dir.join("sandboxes");
+                    if rt.core.dir.exists() {
+                        image::destroy_sandbox_dir(&root, &rt.core.dir)
+                            .map_err(|e| ApiError::Internal(error_chain(&e)))?;
+                    }
+                }
+            }
+        }
+        self.live().remove(&row.id);
+        let store = self.store.clone();
+        let rid = row.id.clone();
+        blocking(move || store.delete_sandbox(&rid)).await?;
+        self.event(user, &row.id, "destroyed", serde_json::json!({}))
+            .await;
+        Ok(())
+    }
+
+    /// Daemon shutdown: stop every VM this process runs. (With thermal
+    /// management they will be snapshotted instead.)
+    pub async fn shutdown(&self) {
+        for e in self.core.destroy_all().await {
+            tracing::warn!(error = %error_chain(&e), "stopping a sandbox at shutdown failed");
+        }
+        self.live().clear();
+    }
+}
+
+fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    if labels.len() > 64 {
+        return Err(ApiError::BadRequest("at most 64 labels".into()));
+    }
+    for (k, v) in labels {
+        if k.is_empty() || k.len() > 63 || v.len() > 256 {
+            return Err(ApiError::BadRequest(format!(
+                "label '{k}': keys are 1-63 bytes, values at most 256"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Kills a VMM left over from an earlier daemon, if `pid` is still that VMM
+/// (its command line names the sandbox directory).
+fn kill_orphan_vmm(pid: u32, dir: &std::path::Path) {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return;
+    };
+    let needle = dir.display().to_string();
+    if String::from_utf8_lossy(&cmdline).contains(&needle) {
+        tracing::warn!(pid, dir = %needle, "killing a VMM left by an earlier daemon");
+        if let Err(e) = nix_kill(pid) {
+            tracing::warn!(pid, error = %e, "cannot kill the orphaned VMM");
+        }
+    }
+}
+
+fn nix_kill(pid: u32) -> std::io::Result<()> {
+    // SAFETY: kill(2) with a plain pid and signal; no memory is involved.
+    let r = unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}

@@ -1,0 +1,38 @@
+//! What every handler shares.
+
+use std::sync::Arc;
+
+use crate::config::DaemonConfig;
+use crate::error::ApiError;
+use crate::ratelimit::{Class, RateLimiter};
+use crate::secrets::SecretBox;
+use crate::service::Service;
+
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub config: Arc<DaemonConfig>,
+    pub store: Arc<store::Store>,
+    pub secrets: Arc<SecretBox>,
+    pub limiter: Arc<RateLimiter>,
+    pub health: api_types::Health,
+    pub service: Arc<Service>,
+}
+
+impl AppState {
+    /// Charges one request of `class` to `user`.
+    pub fn limit(&self, user: &store::UserRecord, class: Class) -> Result<(), ApiError> {
+        self.limiter
+            .check(&user.id, class)
+            .map_err(|retry_after| ApiError::RateLimited { retry_after })
+    }
+}
+
+/// Runs store work on the blocking pool.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> store::Result<T> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(format!("store task failed: {e}")))?
+        .map_err(ApiError::from)
+}

@@ -1,0 +1,209 @@
+//! A real daemon for API tests: temp data dir (with the cached guest
+//! images linked in), port 0 on loopback, inside a network namespace the
+//! test made, with real QEMU-TCG VMs behind it.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use image::Tier;
+use testkit::Netns;
+
+/// Captures everything the daemon logs, to check secrets never appear.
+#[derive(Clone, Default)]
+pub struct LogSink(pub Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+pub fn logs() -> LogSink {
+    static SINK: std::sync::OnceLock<LogSink> = std::sync::OnceLock::new();
+    SINK.get_or_init(|| {
+        let sink = LogSink::default();
+        let s2 = sink.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("debug"))
+            .with_writer(move || s2.clone())
+            .with_ansi(false)
+            .try_init();
+        sink
+    })
+    .clone()
+}
+
+/// A data dir whose `images/` is the shared test image cache.
+pub fn data_dir() -> tempfile::TempDir {
+    // Build (or reuse) the images once; both tiers are used by the suite.
+    testkit::images(Tier::Tiny);
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::os::unix::fs::symlink(
+        testkit::image_cache().join("images"),
+        dir.path().join("images"),
+    )
+    .expect("link images");
+    dir
+}
+
+pub fn config(data: &Path, tweak: &str) -> api::DaemonConfig {
+    let text = format!(
+        "data_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\nengine = \"qemu-tcg\"\n[defaults]\nimage = \"tiny\"\nmemory_mb = 256\n{tweak}",
+        data.display()
+    );
+    let c = api::DaemonConfig::parse(&text).expect("test config");
+    c.validate().expect("valid test config");
+    c
+}
+
+/// A running daemon; `stop` shuts it down gracefully.
+pub struct TestDaemon {
+    pub url: String,
+    pub addr: SocketAddr,
+    pub data: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestDaemon {
+    pub async fn start(config: api::DaemonConfig) -> TestDaemon {
+        logs();
+        let data = config.data_dir.clone();
+        let daemon = api::Daemon::start(config).await.expect("daemon starts");
+        let addr = daemon.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            daemon
+                .serve(async {
+                    let _ = rx.await;
+                })
+                .await
+                .expect("daemon serves");
+        });
+        TestDaemon {
+            url: format!("http://{addr}"),
+            addr,
+            data,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.expect("daemon task");
+        }
+    }
+
+    /// Creates a user straight in the database; returns their key.
+    pub fn user(&self, name: &str, max_sandboxes: u32) -> String {
+        let store = store::Store::open(&self.data.join("bhatti.db")).unwrap();
+        let quotas = api::users::Quotas {
+            max_sandboxes,
+            max_cpus: 8,
+            max_memory_mb: 4096,
+        };
+        api::users::create_user(&store, name, quotas).unwrap().1
+    }
+
+    pub fn client(&self, key: &str) -> Client {
+        Client {
+            base: self.url.clone(),
+            key: key.to_string(),
+            http: reqwest::Client::new(),
+        }
+    }
+}
+
+/// An authenticated HTTP client for one user.
+#[derive(Clone)]
+pub struct Client {
+    pub base: String,
+    pub key: String,
+    pub http: reqwest::Client,
+}
+
+impl Client {
+    pub fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.key)
+            .timeout(Duration::from_secs(120))
+    }
+
+    pub async fn json(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let mut r = self.req(method, path);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let resp = r.send().await.expect("request");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        let v = if text.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_str(&text)
+                .unwrap_or_else(|_| panic!("non-JSON answer ({status}): {text}"))
+        };
+        (status, v)
+    }
+
+    pub async fn create(&self, name: &str) -> serde_json::Value {
+        let (s, v) = self
+            .json(
+                reqwest::Method::POST,
+                "/sandboxes",
+                Some(serde_json::json!({"name": name})),
+            )
+            .await;
+        assert_eq!(s, 201, "create {name}: {v}");
+        v
+    }
+
+    pub async fn exec(&self, sandbox: &str, cmd: &[&str]) -> (u16, serde_json::Value) {
+        self.json(
+            reqwest::Method::POST,
+            &format!("/sandboxes/{sandbox}/exec"),
+            Some(serde_json::json!({ "cmd": cmd })),
+        )
+        .await
+    }
+}
+
+/// Runs an async test body in a fresh network namespace, on a runtime
+/// whose threads (and their children: QEMU, ip) all live in it.
+pub fn in_netns<F, Fut>(tag: &str, f: F)
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    assert!(
+        testkit::is_root(),
+        "the API suite needs root (namespaces, TAPs)"
+    );
+    let _ns = Netns::enter(tag);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(f());
+    rt.shutdown_timeout(Duration::from_secs(10));
+}

@@ -1,0 +1,57 @@
+//! A daemon restart keeps users, secrets and sandboxes.
+
+mod common;
+
+use common::*;
+use reqwest::Method;
+use serde_json::json;
+
+#[test]
+fn restart_keeps_users_secrets_and_sandboxes() {
+    in_netns("api-restart", || async {
+        let data = data_dir();
+        let d = TestDaemon::start(config(data.path(), "")).await;
+        let key = d.user("alice", 5);
+        let c = d.client(&key);
+        c.json(
+            Method::POST,
+            "/secrets",
+            Some(json!({"name": "KEEP", "value": "kept-value"})),
+        )
+        .await;
+        c.create("durable").await;
+        let r = c
+            .req(
+                Method::PUT,
+                "/sandboxes/durable/files?path=/workspace/note.txt",
+            )
+            .body("still here")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        d.stop().await;
+
+        let d = TestDaemon::start(config(data.path(), "")).await;
+        let c = d.client(&key);
+        let (s, secrets) = c.json(Method::GET, "/secrets", None).await;
+        assert_eq!(s, 200, "the key survives a restart");
+        assert_eq!(secrets[0]["name"], "KEEP");
+        let (_, list) = c.json(Method::GET, "/sandboxes", None).await;
+        assert_eq!(list.as_array().unwrap().len(), 1);
+        let sb = &list[0];
+        // Never silently lost: either usable again, or failed with a reason.
+        match sb["status"].as_str().unwrap() {
+            "failed" => assert!(
+                sb["status_reason"].as_str().is_some_and(|r| !r.is_empty()),
+                "{sb}"
+            ),
+            _ => {
+                let (s, out) = c.exec("durable", &["cat", "/workspace/note.txt"]).await;
+                assert_eq!(s, 200, "{out}");
+                assert_eq!(out["stdout"], "still here");
+            }
+        }
+        d.stop().await;
+    });
+}
