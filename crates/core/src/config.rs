@@ -28,7 +28,9 @@ pub struct CoreConfig {
     /// How long a new VM may take until its agent answers.
     pub boot_timeout: Duration,
     /// How long destroy waits for the guest (and then QEMU) to stop before
-    /// the next, harsher step.
+    /// the next, harsher step. Short: the sandbox's disk is deleted right
+    /// after, so the guest has nothing worth flushing, and lohar does not
+    /// act on the ACPI power button yet, so this is mostly waited out.
     pub destroy_grace: Duration,
     /// The user the VMM runs as (TAP owner); the daemon's own by default.
     pub vmm_uid: Option<u32>,
@@ -46,7 +48,7 @@ impl CoreConfig {
             limits: Limits::for_host(),
             disk_bytes: 2 << 30,
             boot_timeout: Duration::from_secs(60),
-            destroy_grace: Duration::from_millis(500),
+            destroy_grace: Duration::from_millis(300),
             vmm_uid: None,
         }
     }
