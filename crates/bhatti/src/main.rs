@@ -13,6 +13,8 @@ use clap::{Parser, Subcommand};
     about = "microVM sandboxes for AI coding agents"
 )]
 struct Cli {
+    #[command(flatten)]
+    client: cli::GlobalArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -22,8 +24,8 @@ enum Command {
     /// Measure bhatti against the physical limits of this machine.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
-    /// Print the version.
-    Version,
+    #[command(flatten)]
+    Client(cli::Command),
 }
 
 fn main() -> std::process::ExitCode {
@@ -36,9 +38,8 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(b) => bench::run(b),
-        Command::Version => {
-            println!("bhatti {}", env!("CARGO_PKG_VERSION"));
-            Ok(())
+        Command::Client(c) => {
+            return cli::run(cli.client, c, <Cli as clap::CommandFactory>::command)
         }
     };
     match result {

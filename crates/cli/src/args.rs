@@ -1,0 +1,495 @@
+//! The client commands as clap types, and the pure parsers of their values
+//! (`K=V`, `local:guest`, memory sizes, file modes).
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+/// Options every client command accepts, anywhere on the command line.
+#[derive(Debug, Clone, Default, Args)]
+pub struct GlobalArgs {
+    /// Server URL [env: BHATTI_URL; default: the config file, then http://127.0.0.1:8700]
+    #[arg(long, global = true, value_name = "URL")]
+    pub url: Option<String>,
+    /// API token (bht_…) [env: BHATTI_TOKEN; default: the config file]
+    #[arg(long, global = true, value_name = "TOKEN")]
+    pub token: Option<String>,
+    /// Print the API's JSON instead of tables (read commands)
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// The client commands of the `bhatti` binary.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check a server URL and token (--url, --token) and save them to the config file.
+    Setup,
+    /// Create a sandbox (answers the existing one when the name is taken).
+    Create(CreateArgs),
+    /// List your sandboxes.
+    List,
+    /// Show one sandbox (never wakes it).
+    Inspect {
+        /// Sandbox name or id.
+        name: String,
+    },
+    /// Run a command in a sandbox, streaming its output; exits with its exit code.
+    Exec(ExecArgs),
+    /// Open an interactive shell in a sandbox (Ctrl+\ detaches).
+    Shell(ShellArgs),
+    /// List a sandbox's shell sessions.
+    Ps {
+        /// Sandbox name or id.
+        name: String,
+    },
+    /// Read, write and list files in a sandbox.
+    #[command(subcommand)]
+    File(FileCommand),
+    /// Manage your secrets (values are never shown).
+    #[command(subcommand)]
+    Secret(SecretCommand),
+    /// Destroy a sandbox and its disk.
+    Destroy {
+        /// Sandbox name or id.
+        name: String,
+    },
+    /// Print the client's version and, when reachable, the server's.
+    Version,
+    /// Print a shell completion script.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Unique among your sandboxes; generated when absent.
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long)]
+    pub cpus: Option<u32>,
+    /// Memory: MiB, or with a unit (512M, 2G).
+    #[arg(long, value_name = "SIZE", value_parser = parse_memory_mb)]
+    pub memory: Option<u64>,
+    /// Image name [default on the server: minimal].
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Environment variable for every command (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "K=V", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Put one of your secrets into the environment (repeatable).
+    #[arg(long = "secret", value_name = "NAME")]
+    pub secrets: Vec<String>,
+    /// Copy a local text file into the sandbox at boot (repeatable).
+    #[arg(long = "file", value_name = "LOCAL:GUEST", value_parser = parse_file_spec)]
+    pub files: Vec<FileSpec>,
+    /// Never pause or snapshot this sandbox when idle.
+    #[arg(long)]
+    pub keep_hot: bool,
+    /// A label (repeatable).
+    #[arg(long = "label", value_name = "K=V", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// Sandbox name or id.
+    pub name: String,
+    /// Kill the command after this many seconds (server default 300).
+    #[arg(long, value_name = "SEC", value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub timeout: Option<u64>,
+    /// Working directory in the sandbox.
+    #[arg(long, value_name = "DIR")]
+    pub cwd: Option<String>,
+    /// Environment variable (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "K=V", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// The command and its arguments (after `--`).
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
+    pub cmd: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ShellArgs {
+    /// Sandbox name or id.
+    pub name: String,
+    /// Start a new session even if one exists.
+    #[arg(long, conflicts_with = "session")]
+    pub new: bool,
+    /// Attach to this session (its recent output is replayed).
+    #[arg(long, value_name = "S")]
+    pub session: Option<String>,
+    /// Take the session over from another attached client.
+    #[arg(long, requires = "session")]
+    pub steal: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FileCommand {
+    /// Write a file's bytes to standard output.
+    Read {
+        name: String,
+        path: String,
+        /// Start at this byte.
+        #[arg(long)]
+        offset: Option<u64>,
+        /// Read at most this many bytes from the offset.
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Cap on the bytes returned.
+        #[arg(long)]
+        max_bytes: Option<u64>,
+    },
+    /// Write a local file (or standard input: `-` or nothing) to PATH, atomically.
+    Write {
+        name: String,
+        path: String,
+        /// Local file, or `-` for standard input.
+        #[arg(default_value = "-")]
+        local: String,
+        /// File mode in octal (e.g. 0755).
+        #[arg(long, value_parser = parse_mode)]
+        mode: Option<u32>,
+    },
+    /// List a directory.
+    Ls { name: String, path: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretCommand {
+    /// Set a secret; the value is read from standard input when VALUE is `-`
+    /// or absent (a VALUE argument lands in your shell history).
+    Set {
+        name: String,
+        #[arg(default_value = "-")]
+        value: String,
+    },
+    /// List your secrets' names.
+    List,
+    /// Delete a secret.
+    Delete { name: String },
+}
+
+/// `--file LOCAL:GUEST`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileSpec {
+    pub local: PathBuf,
+    pub guest: String,
+}
+
+fn split_kv(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some(("", _)) => Err(format!("empty key in {s:?} (expected K=V)")),
+        Some((k, v)) => Ok((k.to_string(), v.to_string())),
+        None => Err(format!("expected K=V, got {s:?}")),
+    }
+}
+
+/// `K=V` for an environment variable: `K` a valid variable name, `V`
+/// anything (including `=` and nothing).
+pub fn parse_env(s: &str) -> Result<(String, String), String> {
+    let (k, v) = split_kv(s)?;
+    let mut chars = k.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    if !first_ok || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(format!(
+            "invalid variable name {k:?} (letters, digits and _, not starting with a digit)"
+        ));
+    }
+    Ok((k, v))
+}
+
+/// `k=v` for a label (the server validates further).
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    split_kv(s)
+}
+
+/// `LOCAL:GUEST`, split at the first `:` that starts an absolute guest path.
+pub fn parse_file_spec(s: &str) -> Result<FileSpec, String> {
+    let example = "e.g. ./app.py:/workspace/app.py";
+    let Some(at) = s.find(":/") else {
+        return Err(format!(
+            "expected LOCAL:GUEST with an absolute guest path, got {s:?} ({example})"
+        ));
+    };
+    let (local, guest) = (&s[..at], &s[at + 1..]);
+    if local.is_empty() {
+        return Err(format!("missing the local file in {s:?} ({example})"));
+    }
+    if guest.ends_with('/') {
+        return Err(format!(
+            "the guest path {guest:?} must name a file, not a directory ({example})"
+        ));
+    }
+    if guest.split('/').any(|c| c == "..") {
+        return Err(format!("the guest path {guest:?} may not contain `..`"));
+    }
+    Ok(FileSpec {
+        local: PathBuf::from(local),
+        guest: guest.to_string(),
+    })
+}
+
+/// Memory in MiB: `512`, `512M`, `512MiB`, `2G`, `2GiB` (case-insensitive).
+pub fn parse_memory_mb(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("expected a size like 512M or 2G, got {s:?}"))?;
+    let factor = match unit.to_ascii_lowercase().as_str() {
+        "" | "m" | "mb" | "mib" => 1,
+        "g" | "gb" | "gib" => 1024,
+        _ => return Err(format!("unknown unit in {s:?} (use M or G)")),
+    };
+    match n.checked_mul(factor) {
+        Some(0) => Err("memory must be more than 0".to_string()),
+        Some(mb) => Ok(mb),
+        None => Err(format!("{s:?} is too large")),
+    }
+}
+
+/// An octal file mode such as `644` or `0755`.
+pub fn parse_mode(s: &str) -> Result<u32, String> {
+    let m = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("expected an octal mode like 0644, got {s:?}"))?;
+    if m > 0o7777 {
+        return Err(format!("{s:?} is not a file mode (at most 07777)"));
+    }
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    #[command(name = "bhatti")]
+    struct TestCli {
+        #[command(flatten)]
+        global: GlobalArgs,
+        #[command(subcommand)]
+        command: Command,
+    }
+
+    fn parse(args: &[&str]) -> Result<TestCli, clap::Error> {
+        TestCli::try_parse_from(std::iter::once("bhatti").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        TestCli::command().debug_assert();
+    }
+
+    #[test]
+    fn env_pairs() {
+        assert_eq!(parse_env("A=1"), Ok(("A".into(), "1".into())));
+        assert_eq!(parse_env("_x9="), Ok(("_x9".into(), "".into())));
+        assert_eq!(parse_env("URL=a=b"), Ok(("URL".into(), "a=b".into())));
+        assert!(parse_env("A").unwrap_err().contains("expected K=V"));
+        assert!(parse_env("=1").unwrap_err().contains("empty key"));
+        assert!(parse_env("1A=x")
+            .unwrap_err()
+            .contains("invalid variable name"));
+        assert!(parse_env("A-B=x")
+            .unwrap_err()
+            .contains("invalid variable name"));
+        assert_eq!(parse_label("team=ml"), Ok(("team".into(), "ml".into())));
+        assert!(parse_label("=x").is_err());
+    }
+
+    #[test]
+    fn file_specs() {
+        assert_eq!(
+            parse_file_spec("./app.py:/workspace/app.py"),
+            Ok(FileSpec {
+                local: "./app.py".into(),
+                guest: "/workspace/app.py".into()
+            })
+        );
+        // A colon inside the local name is kept: the split is at ":/".
+        assert_eq!(
+            parse_file_spec("a:b.txt:/tmp/x").unwrap().local,
+            PathBuf::from("a:b.txt")
+        );
+        assert_eq!(parse_file_spec("/abs/f:/g").unwrap().guest, "/g");
+        assert!(parse_file_spec("app.py")
+            .unwrap_err()
+            .contains("LOCAL:GUEST"));
+        assert!(parse_file_spec("app.py:rel/x")
+            .unwrap_err()
+            .contains("absolute"));
+        assert!(parse_file_spec(":/x")
+            .unwrap_err()
+            .contains("missing the local"));
+        assert!(parse_file_spec("a:/x/").unwrap_err().contains("directory"));
+        assert!(parse_file_spec("a:/x/../etc/passwd")
+            .unwrap_err()
+            .contains(".."));
+    }
+
+    #[test]
+    fn memory_sizes() {
+        assert_eq!(parse_memory_mb("512"), Ok(512));
+        assert_eq!(parse_memory_mb("512M"), Ok(512));
+        assert_eq!(parse_memory_mb("512mib"), Ok(512));
+        assert_eq!(parse_memory_mb("2G"), Ok(2048));
+        assert_eq!(parse_memory_mb("1GiB"), Ok(1024));
+        assert!(parse_memory_mb("0").is_err());
+        assert!(parse_memory_mb("2T").unwrap_err().contains("unknown unit"));
+        assert!(parse_memory_mb("G").is_err());
+        assert!(parse_memory_mb("-1").is_err());
+        assert!(parse_memory_mb("99999999999999999999G").is_err());
+    }
+
+    #[test]
+    fn modes() {
+        assert_eq!(parse_mode("0644"), Ok(0o644));
+        assert_eq!(parse_mode("755"), Ok(0o755));
+        assert_eq!(parse_mode("0o600"), Ok(0o600));
+        assert!(parse_mode("0999").is_err());
+        assert!(parse_mode("17777").is_err());
+    }
+
+    #[test]
+    fn create_collects_repeated_flags() {
+        let c = parse(&[
+            "create",
+            "--name",
+            "demo",
+            "--memory",
+            "1G",
+            "--env",
+            "A=1",
+            "-e",
+            "B=2",
+            "--secret",
+            "GH",
+            "--file",
+            "./x:/workspace/x",
+            "--label",
+            "k=v",
+            "--keep-hot",
+        ])
+        .unwrap();
+        let Command::Create(a) = c.command else {
+            panic!("not create")
+        };
+        assert_eq!(a.name.as_deref(), Some("demo"));
+        assert_eq!(a.memory, Some(1024));
+        assert_eq!(
+            a.env,
+            vec![("A".into(), "1".into()), ("B".into(), "2".into())]
+        );
+        assert_eq!(a.secrets, vec!["GH".to_string()]);
+        assert_eq!(a.files[0].guest, "/workspace/x");
+        assert_eq!(a.labels, vec![("k".into(), "v".into())]);
+        assert!(a.keep_hot);
+    }
+
+    #[test]
+    fn bad_values_are_usage_errors_that_name_the_flag() {
+        let e = parse(&["create", "--file", "nocolon"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        let msg = e.to_string();
+        assert!(
+            msg.contains("--file") && msg.contains("LOCAL:GUEST"),
+            "{msg}"
+        );
+        let e = parse(&["create", "--env", "1X=y"]).unwrap_err();
+        assert!(e.to_string().contains("invalid variable name"), "{e}");
+        let e = parse(&["exec", "demo", "--timeout", "0", "--", "true"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+    }
+
+    #[test]
+    fn exec_takes_everything_after_the_name_or_dashes() {
+        let c = parse(&[
+            "exec",
+            "demo",
+            "--timeout",
+            "5",
+            "-e",
+            "X=1",
+            "--",
+            "ls",
+            "-la",
+            "--json",
+        ])
+        .unwrap();
+        let Command::Exec(a) = c.command else {
+            panic!("not exec")
+        };
+        assert_eq!(a.cmd, ["ls", "-la", "--json"]);
+        assert_eq!(a.timeout, Some(5));
+        assert!(
+            !c.global.json,
+            "--json after the command belongs to the command"
+        );
+        let c = parse(&["exec", "demo", "uname", "-a"]).unwrap();
+        let Command::Exec(a) = c.command else {
+            panic!("not exec")
+        };
+        assert_eq!(a.cmd, ["uname", "-a"]);
+        assert!(parse(&["exec", "demo"]).is_err(), "a command is required");
+    }
+
+    #[test]
+    fn global_flags_go_anywhere() {
+        let c = parse(&["list", "--json", "--url", "http://h:1"]).unwrap();
+        assert!(c.global.json);
+        assert_eq!(c.global.url.as_deref(), Some("http://h:1"));
+        let c = parse(&["--token", "bht_x", "setup"]).unwrap();
+        assert_eq!(c.global.token.as_deref(), Some("bht_x"));
+    }
+
+    #[test]
+    fn shell_and_files_and_secrets() {
+        assert!(parse(&["shell", "demo", "--new", "--session", "s1"]).is_err());
+        assert!(parse(&["shell", "demo", "--steal"]).is_err());
+        let c = parse(&["shell", "demo", "--session", "s1", "--steal"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Command::Shell(ShellArgs { steal: true, .. })
+        ));
+        let c = parse(&["file", "write", "demo", "/workspace/a"]).unwrap();
+        assert!(
+            matches!(c.command, Command::File(FileCommand::Write { ref local, .. }) if local == "-")
+        );
+        let c = parse(&["secret", "set", "GH"]).unwrap();
+        assert!(
+            matches!(c.command, Command::Secret(SecretCommand::Set { ref value, .. }) if value == "-")
+        );
+        let c = parse(&[
+            "file",
+            "read",
+            "demo",
+            "/etc/hosts",
+            "--offset",
+            "3",
+            "--max-bytes",
+            "9",
+        ])
+        .unwrap();
+        assert!(matches!(
+            c.command,
+            Command::File(FileCommand::Read {
+                offset: Some(3),
+                limit: None,
+                max_bytes: Some(9),
+                ..
+            })
+        ));
+    }
+}

@@ -1,0 +1,396 @@
+//! The HTTP client of the bhatti API (docs/api.md): one method per route,
+//! typed with `api_types`, every failure turned into the server's own
+//! error message.
+
+use std::time::Duration;
+
+use api_types::{
+    CreateSandbox, ErrorBody, ExecBody, Health, Listing, NewSecret, Sandbox, SecretSummary,
+    SessionSummary, Written,
+};
+use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, RETRY_AFTER};
+use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
+use serde::de::DeserializeOwned;
+
+use crate::error::{CliError, Result};
+
+/// A client bound to one server and (optionally) one API token.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: Url,
+    token: Option<String>,
+}
+
+/// Parses and checks a server URL: `http://host[:port][/prefix]`.
+pub fn parse_base_url(url: &str) -> Result<Url> {
+    let bad = |reason: &str| CliError::BadUrl {
+        url: url.to_string(),
+        reason: reason.to_string(),
+    };
+    let mut u = Url::parse(url).map_err(|e| bad(&e.to_string()))?;
+    match u.scheme() {
+        "http" => {}
+        "https" => {
+            return Err(bad(
+                "https is not supported by this build; use http:// (the daemon speaks plain HTTP)",
+            ))
+        }
+        _ => return Err(bad("expected http://HOST:PORT")),
+    }
+    if u.query().is_some() || u.fragment().is_some() {
+        return Err(bad("expected no query or fragment"));
+    }
+    // A trailing slash would make every route a double slash.
+    let path = u.path().trim_end_matches('/').to_string();
+    u.set_path(&path);
+    Ok(u)
+}
+
+/// The message to show for a failed answer: the `{"error": …}` body when
+/// there is one, else the status and what text came back.
+pub fn error_message(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> String {
+    let mut msg = match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(e) => e.error,
+        Err(_) => {
+            let text = String::from_utf8_lossy(body);
+            let text = text.trim();
+            let reason = status.canonical_reason().unwrap_or("error");
+            if text.is_empty() {
+                format!("HTTP {} {reason}", status.as_u16())
+            } else {
+                let short: String = text.chars().take(300).collect();
+                format!("HTTP {} {reason}: {short}", status.as_u16())
+            }
+        }
+    };
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        if let Some(s) = headers.get(RETRY_AFTER).and_then(|v| v.to_str().ok()) {
+            msg.push_str(&format!(" (retry after {s}s)"));
+        }
+    }
+    msg
+}
+
+impl Client {
+    pub fn new(url: &str, token: Option<String>) -> Result<Client> {
+        let base = parse_base_url(url)?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|source| CliError::Request {
+                url: url.to_string(),
+                source,
+            })?;
+        Ok(Client { http, base, token })
+    }
+
+    /// The server URL as the user would write it (no trailing slash).
+    pub fn base_str(&self) -> String {
+        self.base.as_str().trim_end_matches('/').to_string()
+    }
+
+    pub fn token(&self) -> Result<&str> {
+        self.token.as_deref().ok_or(CliError::NoToken)
+    }
+
+    /// The base URL plus path segments, each percent-encoded.
+    pub fn url(&self, segments: &[&str]) -> Url {
+        let mut u = self.base.clone();
+        u.path_segments_mut()
+            .expect("an http URL has path segments")
+            .pop_if_empty()
+            .extend(segments);
+        u
+    }
+
+    fn request(&self, method: Method, url: Url, auth: bool) -> Result<RequestBuilder> {
+        let rb = self.http.request(method, url);
+        Ok(if auth {
+            rb.header(AUTHORIZATION, format!("Bearer {}", self.token()?))
+        } else {
+            rb
+        })
+    }
+
+    /// Sends, and turns refused connections and error statuses into
+    /// `CliError`s carrying the server's message.
+    pub async fn send(&self, rb: RequestBuilder) -> Result<Response> {
+        let resp = rb.send().await.map_err(|e| self.transport_error(e))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let headers = resp.headers().clone();
+        let body = resp.bytes().await.unwrap_or_default();
+        Err(CliError::Api {
+            status: status.as_u16(),
+            message: error_message(status, &headers, &body),
+        })
+    }
+
+    /// A failure below HTTP: connection refused, reset, timed out.
+    pub fn transport_error(&self, e: reqwest::Error) -> CliError {
+        if e.is_connect() {
+            let mut reason = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                reason = s.to_string();
+                src = s.source();
+            }
+            CliError::Connect {
+                url: self.base_str(),
+                reason,
+            }
+        } else {
+            CliError::Request {
+                url: e
+                    .url()
+                    .map(|u| u.to_string())
+                    .unwrap_or_else(|| self.base_str()),
+                source: e,
+            }
+        }
+    }
+
+    async fn json<T: DeserializeOwned>(&self, what: &'static str, resp: Response) -> Result<T> {
+        let body = resp.bytes().await.map_err(|e| self.transport_error(e))?;
+        serde_json::from_slice(&body).map_err(|source| CliError::Decode { what, source })
+    }
+
+    async fn get_json<T: DeserializeOwned>(&self, what: &'static str, url: Url) -> Result<T> {
+        let resp = self.send(self.request(Method::GET, url, true)?).await?;
+        self.json(what, resp).await
+    }
+
+    /// `GET /health` (no token).
+    pub async fn health(&self) -> Result<Health> {
+        let rb = self
+            .request(Method::GET, self.url(&["health"]), false)?
+            .timeout(Duration::from_secs(5));
+        let resp = self.send(rb).await?;
+        self.json("GET /health", resp).await
+    }
+
+    pub async fn list(&self) -> Result<Vec<Sandbox>> {
+        self.get_json("GET /sandboxes", self.url(&["sandboxes"]))
+            .await
+    }
+
+    pub async fn get(&self, name: &str) -> Result<Sandbox> {
+        self.get_json("GET /sandboxes/:id", self.url(&["sandboxes", name]))
+            .await
+    }
+
+    /// `POST /sandboxes`: the sandbox, and whether it is new (201) rather
+    /// than an existing one of that name (200).
+    pub async fn create(&self, body: &CreateSandbox) -> Result<(Sandbox, bool)> {
+        let rb = self
+            .request(Method::POST, self.url(&["sandboxes"]), true)?
+            .json(body);
+        let resp = self.send(rb).await?;
+        let created = resp.status() == StatusCode::CREATED;
+        Ok((self.json("POST /sandboxes", resp).await?, created))
+    }
+
+    pub async fn destroy(&self, name: &str) -> Result<()> {
+        let rb = self.request(Method::DELETE, self.url(&["sandboxes", name]), true)?;
+        self.send(rb).await.map(drop)
+    }
+
+    /// `POST /sandboxes/:id/exec` asking for an NDJSON stream.
+    pub async fn exec_stream(&self, name: &str, body: &ExecBody) -> Result<Response> {
+        let rb = self
+            .request(Method::POST, self.url(&["sandboxes", name, "exec"]), true)?
+            .header(ACCEPT, "application/x-ndjson")
+            .json(body);
+        self.send(rb).await
+    }
+
+    pub async fn sessions(&self, name: &str) -> Result<Vec<SessionSummary>> {
+        self.get_json(
+            "GET /sandboxes/:id/sessions",
+            self.url(&["sandboxes", name, "sessions"]),
+        )
+        .await
+    }
+
+    /// `GET /sandboxes/:id/files?path=…`: the answer, for its body stream
+    /// and headers.
+    pub async fn read_file(
+        &self,
+        name: &str,
+        path: &str,
+        offset: Option<u64>,
+        limit: Option<u64>,
+        max_bytes: Option<u64>,
+    ) -> Result<Response> {
+        let mut url = self.url(&["sandboxes", name, "files"]);
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair("path", path);
+            for (k, v) in [
+                ("offset", offset),
+                ("limit", limit),
+                ("max_bytes", max_bytes),
+            ] {
+                if let Some(v) = v {
+                    q.append_pair(k, &v.to_string());
+                }
+            }
+        }
+        self.send(self.request(Method::GET, url, true)?).await
+    }
+
+    pub async fn list_dir(&self, name: &str, path: &str) -> Result<Listing> {
+        let mut url = self.url(&["sandboxes", name, "files"]);
+        url.query_pairs_mut()
+            .append_pair("path", path)
+            .append_pair("ls", "true");
+        self.get_json("GET /sandboxes/:id/files?ls=true", url).await
+    }
+
+    pub async fn write_file(
+        &self,
+        name: &str,
+        path: &str,
+        mode: Option<u32>,
+        data: Vec<u8>,
+    ) -> Result<Written> {
+        let mut url = self.url(&["sandboxes", name, "files"]);
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair("path", path);
+            if let Some(m) = mode {
+                q.append_pair("mode", &format!("{m:04o}"));
+            }
+        }
+        let rb = self
+            .request(Method::PUT, url, true)?
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(data);
+        let resp = self.send(rb).await?;
+        self.json("PUT /sandboxes/:id/files", resp).await
+    }
+
+    pub async fn secrets(&self) -> Result<Vec<SecretSummary>> {
+        self.get_json("GET /secrets", self.url(&["secrets"])).await
+    }
+
+    pub async fn set_secret(&self, body: &NewSecret) -> Result<SecretSummary> {
+        let rb = self
+            .request(Method::POST, self.url(&["secrets"]), true)?
+            .json(body);
+        let resp = self.send(rb).await?;
+        self.json("POST /secrets", resp).await
+    }
+
+    pub async fn delete_secret(&self, name: &str) -> Result<()> {
+        let rb = self.request(Method::DELETE, self.url(&["secrets", name]), true)?;
+        self.send(rb).await.map(drop)
+    }
+
+    /// The `ws://` URL of a sandbox's shell.
+    pub fn shell_url(&self, name: &str) -> Url {
+        let mut u = self.url(&["sandboxes", name, "ws"]);
+        u.set_scheme("ws")
+            .expect("http and ws are both special schemes");
+        u
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use reqwest::header::HeaderValue;
+
+    use super::*;
+
+    #[test]
+    fn base_urls() {
+        assert_eq!(
+            parse_base_url("http://127.0.0.1:8700").unwrap().as_str(),
+            "http://127.0.0.1:8700/"
+        );
+        assert_eq!(parse_base_url("http://h:1/api/").unwrap().path(), "/api");
+        assert!(matches!(
+            parse_base_url("127.0.0.1:8700"),
+            Err(CliError::BadUrl { .. })
+        ));
+        assert!(parse_base_url("https://h")
+            .unwrap_err()
+            .to_string()
+            .contains("https"));
+        assert!(parse_base_url("http://h/?x=1").is_err());
+    }
+
+    #[test]
+    fn route_urls_encode_segments() {
+        let c = Client::new("http://h:1/", None).unwrap();
+        assert_eq!(
+            c.url(&["sandboxes", "demo", "exec"]).as_str(),
+            "http://h:1/sandboxes/demo/exec"
+        );
+        assert_eq!(
+            c.url(&["sandboxes", "a/b c"]).as_str(),
+            "http://h:1/sandboxes/a%2Fb%20c"
+        );
+        let c = Client::new("http://h:1/api", None).unwrap();
+        assert_eq!(c.url(&["health"]).as_str(), "http://h:1/api/health");
+        assert_eq!(
+            c.shell_url("demo").as_str(),
+            "ws://h:1/api/sandboxes/demo/ws"
+        );
+        assert!(matches!(c.token(), Err(CliError::NoToken)));
+    }
+
+    #[test]
+    fn error_messages_prefer_the_servers_words() {
+        let h = HeaderMap::new();
+        assert_eq!(
+            error_message(
+                StatusCode::NOT_FOUND,
+                &h,
+                br#"{"error":"no sandbox named x"}"#
+            ),
+            "no sandbox named x"
+        );
+        assert_eq!(
+            error_message(StatusCode::BAD_GATEWAY, &h, b""),
+            "HTTP 502 Bad Gateway"
+        );
+        assert_eq!(
+            error_message(StatusCode::INTERNAL_SERVER_ERROR, &h, b"  boom\n"),
+            "HTTP 500 Internal Server Error: boom"
+        );
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, HeaderValue::from_static("7"));
+        assert_eq!(
+            error_message(
+                StatusCode::TOO_MANY_REQUESTS,
+                &h,
+                br#"{"error":"rate limited"}"#
+            ),
+            "rate limited (retry after 7s)"
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn refused_connection_names_the_url() {
+        // A port that was just bound and released: nothing listens there.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let c = Client::new(&format!("http://127.0.0.1:{port}"), Some("bht_x".into())).unwrap();
+        let e = c.list().await.unwrap_err();
+        assert!(matches!(e, CliError::Connect { .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with(&format!("cannot connect to http://127.0.0.1:{port}: ")),
+            "{msg}"
+        );
+        assert!(msg.contains("bhatti serve"), "{msg}");
+        assert_eq!(e.exit_code(), 1);
+    }
+}

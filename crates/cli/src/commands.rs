@@ -1,0 +1,510 @@
+//! What each client command does: resolve settings, call the API, print.
+
+use std::collections::BTreeMap;
+use std::io::{self, BufRead, IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+
+use api_types::{headers, limits, CreateSandbox, ExecBody, Health, NewFile, NewSecret};
+use serde::Serialize;
+
+use crate::args::{
+    Command, CreateArgs, ExecArgs, FileCommand, FileSpec, GlobalArgs, SecretCommand,
+};
+use crate::client::Client;
+use crate::config::{self, Layer};
+use crate::error::{CliError, Result};
+use crate::exec::{self, Sink};
+use crate::output;
+use crate::shell::{self, Outcome, ShellRequest};
+use crate::terminal::NoEcho;
+
+/// Runs one client command; the answer is the process exit code.
+pub fn run(global: GlobalArgs, command: Command, app: fn() -> clap::Command) -> Result<u8> {
+    if let Command::Completion { shell } = command {
+        let mut out = Vec::new();
+        clap_complete::generate(shell, &mut app(), "bhatti", &mut out);
+        print_bytes(&out)?;
+        return Ok(0);
+    }
+    let env = |k: &str| std::env::var(k).ok();
+    let path = config::config_path(env);
+    // `setup` writes the file, so a broken one must not stop it.
+    let file = match (&command, &path) {
+        (Command::Setup, _) | (_, Err(_)) => Layer::default(),
+        (_, Ok(p)) => config::load(p)?,
+    };
+    let flags = Layer {
+        url: global.url.clone(),
+        token: global.token.clone(),
+    };
+    let settings = config::resolve(&flags, &config::env_layer(env), &file);
+    let client = Client::new(&settings.url, settings.token.clone())?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(CliError::Runtime)?;
+    let ctx = Ctx {
+        client,
+        json: global.json,
+        config_path: path,
+    };
+    rt.block_on(ctx.dispatch(command))
+}
+
+struct Ctx {
+    client: Client,
+    json: bool,
+    config_path: Result<PathBuf>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn print_bytes(b: &[u8]) -> Result<()> {
+    let mut out = io::stdout().lock();
+    out.write_all(b)
+        .and_then(|()| out.flush())
+        .map_err(CliError::Output)
+}
+
+fn print(s: &str) -> Result<()> {
+    print_bytes(s.as_bytes())
+}
+
+fn print_json<T: Serialize>(v: &T) -> Result<()> {
+    let mut s = serde_json::to_string_pretty(v).expect("API values serialise");
+    s.push('\n');
+    print(&s)
+}
+
+/// `bhatti version --json`.
+#[derive(Debug, Serialize)]
+struct VersionReport {
+    client: &'static str,
+    url: String,
+    server: Option<Health>,
+    server_error: Option<String>,
+}
+
+impl Ctx {
+    async fn dispatch(&self, command: Command) -> Result<u8> {
+        let c = &self.client;
+        match command {
+            Command::Setup => self.setup().await?,
+            Command::Create(a) => self.create(a).await?,
+            Command::List => {
+                let list = c.list().await?;
+                if self.json {
+                    print_json(&list)?
+                } else {
+                    print(&output::sandboxes_table(&list, now_ms()))?
+                }
+            }
+            Command::Inspect { name } => {
+                let sb = c.get(&name).await?;
+                if self.json {
+                    print_json(&sb)?
+                } else {
+                    print(&output::sandbox_details(&sb, now_ms()))?
+                }
+            }
+            Command::Exec(a) => return self.exec(a).await,
+            Command::Shell(a) => {
+                let req = ShellRequest {
+                    sandbox: a.name,
+                    session: a.session,
+                    new: a.new,
+                    steal: a.steal,
+                };
+                return shell_outcome(&req, shell::run(c, &req).await?);
+            }
+            Command::Ps { name } => {
+                let list = c.sessions(&name).await?;
+                if self.json {
+                    print_json(&list)?
+                } else {
+                    print(&output::sessions_table(&list, now_ms()))?
+                }
+            }
+            Command::File(f) => self.file(f).await?,
+            Command::Secret(s) => self.secret(s).await?,
+            Command::Destroy { name } => {
+                c.destroy(&name).await?;
+                eprintln!("destroyed {name}");
+            }
+            Command::Version => self.version().await?,
+            Command::Completion { .. } => unreachable!("handled before the runtime starts"),
+        }
+        Ok(0)
+    }
+
+    async fn setup(&self) -> Result<()> {
+        let c = &self.client;
+        c.token()?;
+        let url = c.base_str();
+        let list = match c.list().await {
+            Ok(l) => l,
+            Err(CliError::Api {
+                status: 401,
+                message,
+            }) => return Err(CliError::TokenRefused { url, message }),
+            Err(e) => return Err(e),
+        };
+        let path = match &self.config_path {
+            Ok(p) => p,
+            Err(_) => return Err(CliError::NoConfigDir),
+        };
+        let layer = Layer {
+            url: Some(url.clone()),
+            token: c.token().ok().map(String::from),
+        };
+        config::save(path, &layer)?;
+        print(&format!(
+            "saved {url} and its token to {} ({} sandbox{})\n",
+            path.display(),
+            list.len(),
+            if list.len() == 1 { "" } else { "es" }
+        ))
+    }
+
+    async fn create(&self, a: CreateArgs) -> Result<()> {
+        let files = a
+            .files
+            .iter()
+            .map(read_new_file)
+            .collect::<Result<Vec<_>>>()?;
+        let body = CreateSandbox {
+            name: a.name,
+            image: a.image,
+            cpus: a.cpus,
+            memory_mb: a.memory,
+            env: a.env.into_iter().collect(),
+            secrets: a.secrets,
+            files,
+            keep_hot: a.keep_hot,
+            labels: a.labels.into_iter().collect::<BTreeMap<_, _>>(),
+        };
+        let (sb, created) = self.client.create(&body).await?;
+        if !created {
+            eprintln!("bhatti: a sandbox named {} already exists", sb.name);
+        }
+        if self.json {
+            print_json(&sb)
+        } else {
+            print(&output::sandbox_details(&sb, now_ms()))
+        }
+    }
+
+    async fn exec(&self, a: ExecArgs) -> Result<u8> {
+        let body = ExecBody {
+            cmd: a.cmd,
+            env: a.env.into_iter().collect(),
+            cwd: a.cwd,
+            timeout_sec: a.timeout,
+            detach: false,
+        };
+        let resp = self.client.exec_stream(&a.name, &body).await?;
+        let mut sink = Sink::new(io::stdout(), io::stderr());
+        let status = exec::stream(&self.client, resp, &mut sink).await?;
+        if status.timed_out {
+            let limit = a.timeout.unwrap_or(limits::DEFAULT_EXEC_TIMEOUT_SEC);
+            eprintln!(
+                "bhatti: the command timed out after {limit}s and was killed (exit code {})",
+                status.process_code()
+            );
+        }
+        Ok(status.process_code())
+    }
+
+    async fn file(&self, f: FileCommand) -> Result<()> {
+        let c = &self.client;
+        match f {
+            FileCommand::Read {
+                name,
+                path,
+                offset,
+                limit,
+                max_bytes,
+            } => {
+                let mut resp = c.read_file(&name, &path, offset, limit, max_bytes).await?;
+                let header = |h: &str| {
+                    resp.headers()
+                        .get(h)
+                        .and_then(|v| v.to_str().ok())
+                        .map(String::from)
+                };
+                let truncated = header(headers::TRUNCATED).as_deref() == Some("true");
+                let size = header(headers::FILE_SIZE);
+                let mut out = io::stdout().lock();
+                let mut n = 0u64;
+                while let Some(chunk) = resp.chunk().await.map_err(|e| c.transport_error(e))? {
+                    out.write_all(&chunk).map_err(CliError::Output)?;
+                    n += chunk.len() as u64;
+                }
+                out.flush().map_err(CliError::Output)?;
+                if truncated {
+                    eprintln!(
+                        "bhatti: {path}: printed {n} of {} bytes (see --offset, --limit, --max-bytes)",
+                        size.as_deref().unwrap_or("?")
+                    );
+                }
+            }
+            FileCommand::Write {
+                name,
+                path,
+                local,
+                mode,
+            } => {
+                let data = read_upload(&local)?;
+                let w = c.write_file(&name, &path, mode, data).await?;
+                if self.json {
+                    print_json(&w)?
+                } else {
+                    eprintln!("wrote {} bytes to {}", w.bytes, w.path);
+                }
+            }
+            FileCommand::Ls { name, path } => {
+                let l = c.list_dir(&name, &path).await?;
+                if self.json {
+                    print_json(&l)?
+                } else {
+                    print(&output::listing_table(&l.entries, now_ms()))?;
+                    if l.truncated {
+                        eprintln!("bhatti: showing {} of {} entries", l.entries.len(), l.total);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn secret(&self, s: SecretCommand) -> Result<()> {
+        let c = &self.client;
+        match s {
+            SecretCommand::Set { name, value } => {
+                let value = if value == "-" {
+                    read_secret_value(&name)?
+                } else {
+                    value
+                };
+                if value.is_empty() {
+                    return Err(CliError::EmptySecret);
+                }
+                let s = c.set_secret(&NewSecret { name, value }).await?;
+                if self.json {
+                    print_json(&s)?
+                } else {
+                    eprintln!("secret {} saved", s.name);
+                }
+            }
+            SecretCommand::List => {
+                let list = c.secrets().await?;
+                if self.json {
+                    print_json(&list)?
+                } else {
+                    print(&output::secrets_table(&list, now_ms()))?
+                }
+            }
+            SecretCommand::Delete { name } => {
+                c.delete_secret(&name).await?;
+                eprintln!("secret {name} deleted");
+            }
+        }
+        Ok(())
+    }
+
+    async fn version(&self) -> Result<()> {
+        let client = env!("CARGO_PKG_VERSION");
+        let url = self.client.base_str();
+        let (server, server_error) = match self.client.health().await {
+            Ok(h) => (Some(h), None),
+            Err(e) => (
+                None,
+                Some(e.to_string().lines().next().unwrap_or("").to_string()),
+            ),
+        };
+        if self.json {
+            return print_json(&VersionReport {
+                client,
+                url,
+                server,
+                server_error,
+            });
+        }
+        let server_line = match (server, server_error) {
+            (Some(h), _) => format!(
+                "server: bhatti {} at {url} ({} on {}; {})",
+                h.version, h.engine, h.accelerator, h.engine_reason
+            ),
+            (None, e) => format!("server: unreachable at {url}: {}", e.unwrap_or_default()),
+        };
+        print(&format!("client: bhatti {client}\n{server_line}\n"))
+    }
+}
+
+/// Prints what happened to the shell and picks the exit code: the
+/// session's own, or 0 after a detach.
+fn shell_outcome(req: &ShellRequest, outcome: Outcome) -> Result<u8> {
+    match outcome {
+        Outcome::Exited(code) => Ok(u8::try_from(code).unwrap_or(255)),
+        Outcome::Detached { session, reason } => {
+            if let Some(r) = reason {
+                eprintln!("\nbhatti: {r}");
+            }
+            eprintln!("\n{}", shell::reattach_hint(&req.sandbox, &session));
+            Ok(0)
+        }
+        Outcome::Interrupted { session } => {
+            eprintln!("\n{}", shell::reattach_hint(&req.sandbox, &session));
+            Ok(crate::error::EXIT_FAILURE)
+        }
+    }
+}
+
+/// A `--file LOCAL:GUEST` as the create body carries it: UTF-8 text, with
+/// the local file's permission bits.
+fn read_new_file(spec: &FileSpec) -> Result<NewFile> {
+    use std::os::unix::fs::PermissionsExt;
+    let rerr = |source| CliError::LocalRead {
+        path: spec.local.clone(),
+        source,
+    };
+    let meta = std::fs::metadata(&spec.local).map_err(rerr)?;
+    if meta.len() > limits::MAX_JSON_BODY as u64 {
+        return Err(CliError::TooLarge {
+            what: spec.local.display().to_string(),
+            size: meta.len(),
+            max: limits::MAX_JSON_BODY as u64,
+        });
+    }
+    let bytes = std::fs::read(&spec.local).map_err(rerr)?;
+    let content = String::from_utf8(bytes).map_err(|_| CliError::NotText {
+        path: spec.local.clone(),
+    })?;
+    Ok(NewFile {
+        path: spec.guest.clone(),
+        content,
+        mode: Some(meta.permissions().mode() & 0o7777),
+    })
+}
+
+/// The body of `file write`: a local file, or standard input for `-`.
+fn read_upload(local: &str) -> Result<Vec<u8>> {
+    let max = limits::MAX_FILE_BODY;
+    let too_large = |what: &str, size| CliError::TooLarge {
+        what: what.to_string(),
+        size,
+        max,
+    };
+    let mut data = Vec::new();
+    if local == "-" {
+        io::stdin()
+            .lock()
+            .take(max + 1)
+            .read_to_end(&mut data)
+            .map_err(CliError::Stdin)?;
+        if data.len() as u64 > max {
+            return Err(too_large("standard input", data.len() as u64));
+        }
+    } else {
+        let path = Path::new(local);
+        let rerr = |source| CliError::LocalRead {
+            path: path.to_path_buf(),
+            source,
+        };
+        let len = std::fs::metadata(path).map_err(rerr)?.len();
+        if len > max {
+            return Err(too_large(local, len));
+        }
+        data = std::fs::read(path).map_err(rerr)?;
+    }
+    Ok(data)
+}
+
+/// A value typed at a terminal (echo off) or piped in, less the one
+/// line ending that ends it.
+fn read_secret_value(name: &str) -> Result<String> {
+    let stdin = io::stdin();
+    let mut s = String::new();
+    if stdin.is_terminal() {
+        eprint!("value for secret {name} (not echoed): ");
+        let guard = NoEcho::enter()?;
+        let read = stdin.lock().read_line(&mut s);
+        drop(guard);
+        eprintln!();
+        read.map_err(CliError::Stdin)?;
+    } else {
+        stdin
+            .lock()
+            .read_to_string(&mut s)
+            .map_err(CliError::Stdin)?;
+    }
+    Ok(strip_line_end(&s).to_string())
+}
+
+/// Drops one trailing `\n` or `\r\n` (as `echo` adds), nothing more.
+pub fn strip_line_end(s: &str) -> &str {
+    s.strip_suffix("\r\n")
+        .or_else(|| s.strip_suffix('\n'))
+        .unwrap_or(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_line_end_is_stripped() {
+        assert_eq!(strip_line_end("s3cret\n"), "s3cret");
+        assert_eq!(strip_line_end("s3cret\r\n"), "s3cret");
+        assert_eq!(strip_line_end("two\n\n"), "two\n");
+        assert_eq!(strip_line_end(" keep "), " keep ");
+    }
+
+    #[test]
+    fn new_files_carry_text_and_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("run.sh");
+        std::fs::write(&p, "#!/bin/sh\necho hi\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o750)).unwrap();
+        let spec = FileSpec {
+            local: p.clone(),
+            guest: "/workspace/run.sh".into(),
+        };
+        let f = read_new_file(&spec).unwrap();
+        assert_eq!(f.path, "/workspace/run.sh");
+        assert_eq!(f.content, "#!/bin/sh\necho hi\n");
+        assert_eq!(f.mode, Some(0o750));
+
+        std::fs::write(&p, [0xff, 0xfe, 0]).unwrap();
+        let e = read_new_file(&spec).unwrap_err();
+        assert!(e.to_string().contains("bhatti file write"), "{e}");
+        assert_eq!(e.exit_code(), 2);
+        let missing = FileSpec {
+            local: dir.path().join("nope"),
+            guest: "/x".into(),
+        };
+        assert!(matches!(
+            read_new_file(&missing),
+            Err(CliError::LocalRead { .. })
+        ));
+    }
+
+    #[test]
+    fn uploads_read_local_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("blob");
+        std::fs::write(&p, [0u8, 1, 2, 255]).unwrap();
+        assert_eq!(
+            read_upload(p.to_str().unwrap()).unwrap(),
+            vec![0u8, 1, 2, 255]
+        );
+        let e = read_upload(dir.path().join("nope").to_str().unwrap()).unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+    }
+}

@@ -1,0 +1,340 @@
+//! Human output: aligned tables, key/value blocks, sizes and ages. Pure
+//! string building; the commands decide where it goes.
+
+use api_types::{FileEntry, Sandbox, SecretSummary, SessionSummary};
+
+/// A table whose columns are padded to their widest cell, two spaces
+/// apart; the last column is not padded.
+#[derive(Debug)]
+pub struct Table {
+    headers: Vec<&'static str>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn new(headers: &[&'static str]) -> Table {
+        Table {
+            headers: headers.to_vec(),
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn row(&mut self, cells: Vec<String>) {
+        assert_eq!(cells.len(), self.headers.len(), "row width");
+        self.rows.push(cells);
+    }
+
+    pub fn render(&self) -> String {
+        let width = |s: &str| s.chars().count();
+        let mut widths: Vec<usize> = self.headers.iter().map(|h| width(h)).collect();
+        for r in &self.rows {
+            for (w, c) in widths.iter_mut().zip(r) {
+                *w = (*w).max(width(c));
+            }
+        }
+        let mut out = String::new();
+        let header: Vec<String> = self.headers.iter().map(|h| h.to_string()).collect();
+        for cells in std::iter::once(&header).chain(&self.rows) {
+            let last = cells.len() - 1;
+            let mut line = String::new();
+            for (i, c) in cells.iter().enumerate() {
+                line.push_str(c);
+                if i != last {
+                    line.extend(std::iter::repeat_n(' ', widths[i] - width(c) + 2));
+                }
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// `key:  value` lines with the values aligned.
+pub fn key_values(pairs: &[(&str, String)]) -> String {
+    let w = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k}:{}{v}\n", " ".repeat(w - k.len() + 2)))
+        .collect()
+}
+
+/// How long ago `then_ms` was, compactly: `42s ago`, `5m ago`, `3h ago`, `2d ago`.
+pub fn ago(now_ms: i64, then_ms: i64) -> String {
+    let s = (now_ms - then_ms).max(0) / 1000;
+    match s {
+        0..60 => format!("{s}s ago"),
+        60..3600 => format!("{}m ago", s / 60),
+        3600..86_400 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86_400),
+    }
+}
+
+/// A byte count with a binary unit: `512`, `1.5K`, `12M`, `3.0G`.
+pub fn size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["K", "M", "G", "T", "P"];
+    if bytes < 1024 {
+        return bytes.to_string();
+    }
+    let mut v = bytes as f64;
+    let mut unit = "";
+    for u in UNITS {
+        if v < 1024.0 {
+            break;
+        }
+        v /= 1024.0;
+        unit = u;
+    }
+    if v < 10.0 {
+        format!("{v:.1}{unit}")
+    } else {
+        format!("{v:.0}{unit}")
+    }
+}
+
+/// Memory given in MiB: `512M`, `2G`.
+pub fn memory(mb: u64) -> String {
+    if mb >= 1024 && mb.is_multiple_of(1024) {
+        format!("{}G", mb / 1024)
+    } else {
+        format!("{mb}M")
+    }
+}
+
+/// `ls -l` style mode: `drwxr-xr-x`.
+pub fn mode_string(kind: &str, mode: u32) -> String {
+    let t = match kind {
+        "dir" => 'd',
+        "symlink" => 'l',
+        "file" => '-',
+        _ => '?',
+    };
+    let mut s = String::from(t);
+    for shift in [6, 3, 0] {
+        let bits = (mode >> shift) & 7;
+        s.push(if bits & 4 != 0 { 'r' } else { '-' });
+        s.push(if bits & 2 != 0 { 'w' } else { '-' });
+        s.push(if bits & 1 != 0 { 'x' } else { '-' });
+    }
+    s
+}
+
+fn or_dash(v: Option<&str>) -> String {
+    v.filter(|s| !s.is_empty()).unwrap_or("-").to_string()
+}
+
+fn labels(l: &std::collections::BTreeMap<String, String>) -> String {
+    if l.is_empty() {
+        return "-".into();
+    }
+    l.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+pub fn sandboxes_table(list: &[Sandbox], now_ms: i64) -> String {
+    let mut t = Table::new(&[
+        "NAME", "STATUS", "THERMAL", "IMAGE", "CPUS", "MEMORY", "IP", "CREATED",
+    ]);
+    for s in list {
+        t.row(vec![
+            s.name.clone(),
+            s.status.clone(),
+            s.thermal.clone(),
+            s.image.clone(),
+            s.cpus.to_string(),
+            memory(s.memory_mb),
+            or_dash(s.ip.as_deref()),
+            ago(now_ms, s.created_at),
+        ]);
+    }
+    t.render()
+}
+
+pub fn sandbox_details(s: &Sandbox, now_ms: i64) -> String {
+    let mut status = s.status.clone();
+    if let Some(r) = s.status_reason.as_deref().filter(|r| !r.is_empty()) {
+        status.push_str(&format!(" ({r})"));
+    }
+    key_values(&[
+        ("name", s.name.clone()),
+        ("id", s.id.clone()),
+        ("status", status),
+        (
+            "thermal",
+            format!("{} (since {})", s.thermal, ago(now_ms, s.thermal_since)),
+        ),
+        ("image", s.image.clone()),
+        ("cpus", s.cpus.to_string()),
+        ("memory", memory(s.memory_mb)),
+        ("ip", or_dash(s.ip.as_deref())),
+        ("keep_hot", s.keep_hot.to_string()),
+        ("labels", labels(&s.labels)),
+        ("created", ago(now_ms, s.created_at)),
+    ])
+}
+
+pub fn sessions_table(list: &[SessionSummary], now_ms: i64) -> String {
+    let mut t = Table::new(&["SESSION", "PID", "ATTACHED", "CREATED", "ACTIVE", "CMD"]);
+    for s in list {
+        t.row(vec![
+            s.session.clone(),
+            s.pid.to_string(),
+            if s.attached { "yes" } else { "no" }.into(),
+            ago(now_ms, s.created_at),
+            ago(now_ms, s.last_activity_at),
+            s.cmd.join(" "),
+        ]);
+    }
+    t.render()
+}
+
+pub fn listing_table(entries: &[FileEntry], now_ms: i64) -> String {
+    let mut t = Table::new(&["MODE", "SIZE", "MODIFIED", "NAME"]);
+    for e in entries {
+        let name = match &e.symlink_target {
+            Some(target) => format!("{} -> {target}", e.name),
+            None if e.kind == "dir" => format!("{}/", e.name),
+            None => e.name.clone(),
+        };
+        t.row(vec![
+            mode_string(&e.kind, e.mode),
+            size(e.size),
+            ago(now_ms, e.mtime_ms),
+            name,
+        ]);
+    }
+    t.render()
+}
+
+pub fn secrets_table(list: &[SecretSummary], now_ms: i64) -> String {
+    let mut t = Table::new(&["NAME", "CREATED", "UPDATED"]);
+    for s in list {
+        t.row(vec![
+            s.name.clone(),
+            ago(now_ms, s.created_at),
+            ago(now_ms, s.updated_at),
+        ]);
+    }
+    t.render()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    #[test]
+    fn table_columns_align_and_last_is_unpadded() {
+        let mut t = Table::new(&["NAME", "STATUS", "IP"]);
+        t.row(vec!["demo".into(), "running".into(), "10.0.0.2".into()]);
+        t.row(vec!["a-much-longer-name".into(), "cold".into(), "-".into()]);
+        t.row(vec!["ünï".into(), "x".into(), "".into()]);
+        assert_eq!(
+            t.render(),
+            "NAME                STATUS   IP\n\
+             demo                running  10.0.0.2\n\
+             a-much-longer-name  cold     -\n\
+             ünï                 x\n"
+        );
+    }
+
+    #[test]
+    fn empty_table_is_its_header() {
+        assert_eq!(Table::new(&["A", "B"]).render(), "A  B\n");
+    }
+
+    #[test]
+    fn key_values_align() {
+        assert_eq!(
+            key_values(&[("id", "x".into()), ("status", "running".into())]),
+            "id:      x\nstatus:  running\n"
+        );
+    }
+
+    #[test]
+    fn ages_sizes_modes() {
+        let now = 1_000_000_000;
+        assert_eq!(ago(now, now), "0s ago");
+        assert_eq!(ago(now, now + 5000), "0s ago", "clock skew is not negative");
+        assert_eq!(ago(now, now - 59_999), "59s ago");
+        assert_eq!(ago(now, now - 60_000), "1m ago");
+        assert_eq!(ago(now, now - 7_200_000), "2h ago");
+        assert_eq!(ago(now, now - 3 * 86_400_000), "3d ago");
+        assert_eq!(size(0), "0");
+        assert_eq!(size(1023), "1023");
+        assert_eq!(size(1536), "1.5K");
+        assert_eq!(size(12 * 1024 * 1024), "12M");
+        assert_eq!(size(3 << 30), "3.0G");
+        assert_eq!(memory(512), "512M");
+        assert_eq!(memory(2048), "2G");
+        assert_eq!(memory(1536), "1536M");
+        assert_eq!(mode_string("dir", 0o755), "drwxr-xr-x");
+        assert_eq!(mode_string("file", 0o640), "-rw-r-----");
+        assert_eq!(mode_string("symlink", 0o777), "lrwxrwxrwx");
+    }
+
+    fn sandbox() -> Sandbox {
+        Sandbox {
+            id: "sb_1".into(),
+            name: "demo".into(),
+            image: "minimal".into(),
+            cpus: 2,
+            memory_mb: 1024,
+            status: "failed".into(),
+            status_reason: Some("agent did not answer".into()),
+            thermal: "cold".into(),
+            thermal_since: 0,
+            ip: None,
+            keep_hot: false,
+            labels: BTreeMap::from([("a".into(), "1".into()), ("b".into(), "2".into())]),
+            created_at: 0,
+        }
+    }
+
+    #[test]
+    fn sandbox_views() {
+        let list = sandboxes_table(&[sandbox()], 90_000);
+        assert_eq!(
+            list,
+            "NAME  STATUS  THERMAL  IMAGE    CPUS  MEMORY  IP  CREATED\n\
+             demo  failed  cold     minimal  2     1G      -   1m ago\n"
+        );
+        let d = sandbox_details(&sandbox(), 90_000);
+        assert!(
+            d.contains("status:    failed (agent did not answer)\n"),
+            "{d}"
+        );
+        assert!(d.contains("labels:    a=1,b=2\n"), "{d}");
+        assert!(d.contains("thermal:   cold (since 1m ago)\n"), "{d}");
+    }
+
+    #[test]
+    fn listing_marks_dirs_and_links() {
+        let e = |name: &str, kind: &str, target: Option<&str>| FileEntry {
+            name: name.into(),
+            kind: kind.into(),
+            size: 2048,
+            mode: 0o755,
+            mtime_ms: 0,
+            symlink_target: target.map(Into::into),
+        };
+        let out = listing_table(
+            &[
+                e("src", "dir", None),
+                e("cur", "symlink", Some("src")),
+                e("a.py", "file", None),
+            ],
+            0,
+        );
+        assert_eq!(
+            out,
+            "MODE        SIZE  MODIFIED  NAME\n\
+             drwxr-xr-x  2.0K  0s ago    src/\n\
+             lrwxr-xr-x  2.0K  0s ago    cur -> src\n\
+             -rwxr-xr-x  2.0K  0s ago    a.py\n"
+        );
+    }
+}
