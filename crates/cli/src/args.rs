@@ -132,18 +132,18 @@ pub struct ShellArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum FileCommand {
-    /// Write a file's bytes to standard output.
+    /// Write a file (or some of its lines) to standard output, byte for byte.
     Read {
         name: String,
         path: String,
-        /// Start at this byte.
-        #[arg(long)]
+        /// Skip this many lines.
+        #[arg(long, value_name = "LINES")]
         offset: Option<u64>,
-        /// Read at most this many bytes from the offset.
-        #[arg(long)]
+        /// Print at most this many lines (after the offset).
+        #[arg(long, value_name = "LINES")]
         limit: Option<u64>,
-        /// Cap on the bytes returned.
-        #[arg(long)]
+        /// Print at most this many bytes (whichever limit ends first).
+        #[arg(long, value_name = "BYTES")]
         max_bytes: Option<u64>,
     },
     /// Write a local file (or standard input: `-` or nothing) to PATH, atomically.

@@ -248,7 +248,7 @@ impl Ctx {
                 out.flush().map_err(CliError::Output)?;
                 if truncated {
                     eprintln!(
-                        "bhatti: {path}: printed {n} of {} bytes (see --offset, --limit, --max-bytes)",
+                        "bhatti: {path}: printed {n} bytes of {}; the rest was left out (see --offset, --limit, --max-bytes)",
                         size.as_deref().unwrap_or("?")
                     );
                 }
