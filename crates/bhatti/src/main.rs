@@ -3,6 +3,7 @@
 //! same entry point.
 
 mod bench;
+mod image_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -21,6 +22,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Build the guest kernel, initramfs and root filesystems.
+    #[command(subcommand)]
+    Image(image_cmd::ImageCommand),
     /// Measure bhatti against the physical limits of this machine.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -37,6 +41,7 @@ fn main() -> std::process::ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Image(i) => image_cmd::run(i),
         Command::Bench(b) => bench::run(b),
         Command::Client(c) => {
             return cli::run(cli.client, c, <Cli as clap::CommandFactory>::command)

@@ -14,8 +14,10 @@ use crate::id::SandboxId;
 
 /// How long one TCP probe may wait: a SYN sent before the guest's network
 /// is up is dropped (the neighbour entry is pre-seeded, so nothing answers
-/// "unreachable"), and the kernel would only retransmit after 1 s.
-const PROBE_TIMEOUT: Duration = Duration::from_millis(100);
+/// "unreachable"), and the kernel would only retransmit after 1 s. Once
+/// eth0 is up an absent listener answers with a reset at once, so this only
+/// bounds how late we notice the network coming up.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(50);
 /// Pause after a probe that failed fast (refused: guest up, agent not yet).
 const PROBE_INTERVAL: Duration = Duration::from_millis(5);
 /// How long authentication may take once TCP connects (TCG is slow).

@@ -1,0 +1,266 @@
+//! `bhatti image build`: the kernel, the initramfs (with a static lohar as
+//! `/init`) and the rootfs tiers, built into the data directory with a
+//! progress line per step. Cached artifacts are skipped unless `--force`.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use image::{
+    BuildOptions, ImageBuilder, ImageProgress, Layout, Outcome, ProgressEvent, Selection, Tier,
+};
+
+/// Environment variable naming the static lohar for the initramfs.
+pub const LOHAR_STATIC_ENV: &str = "BHATTI_LOHAR_STATIC";
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ImageCommand {
+    /// Build (or confirm cached) the kernel, initramfs and rootfs tiers.
+    Build(BuildArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TierArg {
+    /// busybox only (fast; for tests)
+    Tiny,
+    /// Debian bookworm with the usual tools (the default image)
+    Minimal,
+    /// every tier
+    All,
+}
+
+impl From<TierArg> for Selection {
+    fn from(t: TierArg) -> Selection {
+        match t {
+            TierArg::Tiny => Selection::Tier(Tier::Tiny),
+            TierArg::Minimal => Selection::Tier(Tier::Minimal),
+            TierArg::All => Selection::All,
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BuildArgs {
+    /// Which rootfs tier(s) to build; the kernel and initramfs always are.
+    #[arg(long, value_enum, default_value = "minimal")]
+    tier: TierArg,
+    /// The data directory (images go to DIR/images).
+    #[arg(long, value_name = "DIR", default_value = image::layout::DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    /// Rebuild even what is cached and current.
+    #[arg(long)]
+    force: bool,
+    /// The statically linked lohar to put in the initramfs (default:
+    /// $BHATTI_LOHAR_STATIC, else a static `lohar` beside this binary).
+    #[arg(long, value_name = "PATH")]
+    lohar: Option<PathBuf>,
+}
+
+pub fn run(cmd: ImageCommand) -> anyhow::Result<()> {
+    match cmd {
+        ImageCommand::Build(args) => build(args),
+    }
+}
+
+fn build(args: BuildArgs) -> anyhow::Result<()> {
+    let beside = std::env::current_exe()
+        .context("locating this binary")?
+        .with_file_name("lohar");
+    let lohar = find_static_lohar(
+        args.lohar,
+        std::env::var_os(LOHAR_STATIC_ENV).map(PathBuf::from),
+        &beside,
+    )?;
+    println!(
+        "building images into {} (lohar: {})",
+        args.data_dir.display(),
+        lohar.display()
+    );
+    let started = Instant::now();
+    let report = ImageBuilder::new(Layout::new(&args.data_dir))
+        .with_progress(Lines)
+        .build(
+            args.tier,
+            &BuildOptions {
+                lohar,
+                force: args.force,
+            },
+        )
+        .context("building images")?;
+    let built = report
+        .steps
+        .iter()
+        .filter(|s| s.outcome == Outcome::Built)
+        .count();
+    println!(
+        "done in {:.1}s: {built} built, {} cached",
+        started.elapsed().as_secs_f64(),
+        report.steps.len() - built
+    );
+    Ok(())
+}
+
+/// Prints one line per progress event.
+struct Lines;
+
+impl ImageProgress for Lines {
+    fn on_event(&self, event: &ProgressEvent) {
+        match event {
+            ProgressEvent::Started(step) => println!("==> {step}"),
+            ProgressEvent::Detail(step, msg) => println!("    {step}: {msg}"),
+            ProgressEvent::Finished(r) => {
+                let what = match r.outcome {
+                    Outcome::Built => "built",
+                    Outcome::Cached => "cached",
+                };
+                println!(
+                    "    {}: {what} in {:.1}s — {}",
+                    r.step,
+                    r.elapsed.as_secs_f64(),
+                    r.summary
+                );
+            }
+        }
+    }
+}
+
+/// The lohar for the initramfs: `explicit` (`--lohar`), else `from_env`
+/// (`$BHATTI_LOHAR_STATIC`), else `beside` (next to this binary) if it is
+/// statically linked. An explicit choice that is missing or dynamic is an
+/// error, never silently replaced.
+pub fn find_static_lohar(
+    explicit: Option<PathBuf>,
+    from_env: Option<PathBuf>,
+    beside: &Path,
+) -> anyhow::Result<PathBuf> {
+    const HOW: &str = "build one with scripts/build-lohar.sh (it prints its path) and pass it \
+                       with --lohar PATH or $BHATTI_LOHAR_STATIC";
+    if let Some((p, origin)) = explicit
+        .map(|p| (p, "--lohar"))
+        .or_else(|| from_env.map(|p| (p, LOHAR_STATIC_ENV)))
+    {
+        let is_static =
+            is_static_elf(&p).with_context(|| format!("{origin}: cannot read {}", p.display()))?;
+        if !is_static {
+            bail!(
+                "{origin}: {} is dynamically linked; the initramfs has no libraries: {HOW}",
+                p.display()
+            );
+        }
+        return Ok(p);
+    }
+    match is_static_elf(beside) {
+        Ok(true) => Ok(beside.to_path_buf()),
+        Ok(false) => bail!(
+            "{} is dynamically linked and cannot run as the guest's /init: {HOW}",
+            beside.display()
+        ),
+        Err(_) => bail!("no static lohar found (none beside this binary): {HOW}"),
+    }
+}
+
+/// Whether `path` is an ELF executable without a program interpreter
+/// (`PT_INTERP`), i.e. statically linked (static-pie included).
+pub fn is_static_elf(path: &Path) -> anyhow::Result<bool> {
+    let mut f = std::fs::File::open(path)?;
+    let mut hdr = [0u8; 64];
+    f.read_exact(&mut hdr)
+        .with_context(|| format!("{} is too short for an ELF header", path.display()))?;
+    let phdrs = program_header_table(&hdr).with_context(|| format!("{}", path.display()))?;
+    let (off, size, count) = phdrs;
+    let mut table = vec![0u8; size * count];
+    use std::io::{Seek, SeekFrom};
+    f.seek(SeekFrom::Start(off))?;
+    f.read_exact(&mut table)
+        .with_context(|| format!("{}: truncated program headers", path.display()))?;
+    const PT_INTERP: u32 = 3;
+    Ok(!table
+        .chunks_exact(size)
+        .any(|ph| u32::from_le_bytes([ph[0], ph[1], ph[2], ph[3]]) == PT_INTERP))
+}
+
+/// Offset, entry size and count of the program headers of a 64-bit
+/// little-endian ELF.
+fn program_header_table(hdr: &[u8; 64]) -> anyhow::Result<(u64, usize, usize)> {
+    if &hdr[..4] != b"\x7fELF" {
+        bail!("not an ELF file");
+    }
+    if hdr[4] != 2 || hdr[5] != 1 {
+        bail!("not a 64-bit little-endian ELF");
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([hdr[o], hdr[o + 1]]) as usize;
+    let mut off = [0u8; 8];
+    off.copy_from_slice(&hdr[0x20..0x28]);
+    let size = u16_at(0x36);
+    if size < 4 {
+        bail!("program header entries of {size} bytes");
+    }
+    Ok((u64::from_le_bytes(off), size, u16_at(0x38)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal ELF64 header with the given program header types.
+    fn elf(types: &[u32]) -> Vec<u8> {
+        let mut v = vec![0u8; 64];
+        v[..4].copy_from_slice(b"\x7fELF");
+        v[4] = 2;
+        v[5] = 1;
+        v[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+        v[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        v[0x38..0x3a].copy_from_slice(&(types.len() as u16).to_le_bytes());
+        for t in types {
+            let mut ph = vec![0u8; 56];
+            ph[..4].copy_from_slice(&t.to_le_bytes());
+            v.extend(ph);
+        }
+        v
+    }
+
+    #[test]
+    fn static_and_dynamic_elves() {
+        let d = tempfile::tempdir().unwrap();
+        let write = |name: &str, bytes: &[u8]| {
+            let p = d.path().join(name);
+            std::fs::write(&p, bytes).unwrap();
+            p
+        };
+        assert!(is_static_elf(&write("static", &elf(&[1, 1, 4]))).unwrap());
+        assert!(!is_static_elf(&write("dynamic", &elf(&[6, 3, 1]))).unwrap());
+        assert!(is_static_elf(&write("text", b"#!/bin/sh\n")).is_err());
+        let mut cut = elf(&[1, 3]);
+        cut.truncate(100);
+        assert!(is_static_elf(&write("cut", &cut)).is_err());
+        // This test binary is a normal dynamically linked executable.
+        let me = std::env::current_exe().unwrap();
+        assert!(!is_static_elf(&me).unwrap());
+    }
+
+    #[test]
+    fn lohar_lookup_order_and_errors() {
+        let d = tempfile::tempdir().unwrap();
+        let stat = d.path().join("static");
+        std::fs::write(&stat, elf(&[1])).unwrap();
+        let dynamic = d.path().join("dynamic");
+        std::fs::write(&dynamic, elf(&[3])).unwrap();
+        let none = d.path().join("none");
+
+        let pick = |e: Option<&Path>, env: Option<&Path>, beside: &Path| {
+            find_static_lohar(e.map(Path::to_path_buf), env.map(Path::to_path_buf), beside)
+        };
+        assert_eq!(pick(Some(&stat), Some(&dynamic), &none).unwrap(), stat);
+        assert_eq!(pick(None, Some(&stat), &dynamic).unwrap(), stat);
+        assert_eq!(pick(None, None, &stat).unwrap(), stat);
+        let e = pick(Some(&dynamic), Some(&stat), &stat).unwrap_err();
+        assert!(format!("{e:#}").contains("--lohar") && format!("{e:#}").contains("dynamically"));
+        let e = pick(None, Some(&none), &stat).unwrap_err();
+        assert!(format!("{e:#}").contains(LOHAR_STATIC_ENV), "{e:#}");
+        for beside in [&dynamic, &none] {
+            let e = pick(None, None, beside).unwrap_err();
+            assert!(format!("{e:#}").contains("scripts/build-lohar.sh"), "{e:#}");
+        }
+    }
+}
