@@ -26,6 +26,9 @@ use crate::state::blocking;
 pub mod status {
     pub const CREATING: &str = "creating";
     pub const RUNNING: &str = "running";
+    /// Its VM is not running (the daemon stopped); its disk is kept and the
+    /// next operation that needs the guest boots it again.
+    pub const STOPPED: &str = "stopped";
     pub const FAILED: &str = "failed";
 }
 
@@ -46,6 +49,9 @@ pub struct Service {
     core: SandboxManager,
     /// Store id → core id of the VMs this process runs.
     live: Mutex<HashMap<String, SandboxId>>,
+    /// Serialises boots of one stopped sandbox, so concurrent requests
+    /// wait for one boot instead of starting several.
+    booting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 fn engine_preference(s: &str) -> vmm::EnginePreference {
@@ -114,6 +120,7 @@ impl Service {
     ) -> Result<Service, CoreError> {
         let mut core_config = CoreConfig::new(&config.data_dir);
         core_config.engine = engine_preference(&config.engine);
+        core_config.unique_names = false;
         core_config.network.bridge = config.network.bridge.clone();
         if let Ok(subnet) = config.network.subnet.parse() {
             core_config.network.subnet = subnet;
@@ -129,6 +136,7 @@ impl Service {
             secrets,
             core,
             live: Mutex::new(HashMap::new()),
+            booting: Mutex::new(HashMap::new()),
         };
         service.recover().await;
         Ok(service)
@@ -156,9 +164,9 @@ impl Service {
     }
 
     /// Startup recovery: a sandbox whose VM belonged to an earlier daemon
-    /// process is not running now. It is marked failed with the reason (its
-    /// disk is kept, so destroy cleans it up), and a VMM that outlived its
-    /// daemon is killed.
+    /// process is not running now. It becomes `stopped` (its disk is kept,
+    /// and the next operation that needs the guest boots it again); a VMM
+    /// that outlived its daemon (kill -9) is killed first.
     async fn recover(&self) {
         let store = self.store.clone();
         let rows = match blocking(move || store.all_sandboxes()).await {
@@ -169,38 +177,56 @@ impl Service {
             }
         };
         for row in rows {
-            if row.status == status::FAILED {
+            if row.status == status::FAILED || row.status == status::STOPPED {
                 continue;
             }
-            if let Ok(rt) = serde_json::from_value::<Runtime>(row.runtime.clone()) {
-                if let Some(pid) = rt.core.vmm_pid {
+            let runtime = serde_json::from_value::<Runtime>(row.runtime.clone()).ok();
+            if let Some(pid) = runtime.as_ref().and_then(|rt| rt.core.vmm_pid) {
+                if let Some(rt) = &runtime {
                     kill_orphan_vmm(pid, &rt.core.dir);
                 }
             }
-            let reason = "the daemon restarted; this sandbox's VM is no longer running \
-                          (its disk is kept; destroy it to free its resources)";
-            tracing::warn!(sandbox = %row.id, "recovered as failed: VM gone after restart");
-            let update = SandboxUpdate {
-                status: Some(status::FAILED.into()),
-                status_reason: Some(Some(reason.into())),
-                ..Default::default()
+            let (new_status, reason) = match &runtime {
+                Some(_) => (
+                    status::STOPPED,
+                    "the daemon restarted; the sandbox boots again when next used",
+                ),
+                // Never got as far as a VM: nothing to boot.
+                None => (
+                    status::FAILED,
+                    "the daemon restarted while this sandbox was being created",
+                ),
             };
-            let store = self.store.clone();
-            let id = row.id.clone();
-            let user = row.user_id.clone();
-            let r = blocking(move || {
-                store.update_sandbox(&id, &update)?;
-                store.record_event(
-                    &user,
-                    Some(&id),
-                    "failed",
-                    &serde_json::json!({"reason": "daemon restart"}),
-                )
-            })
-            .await;
-            if let Err(e) = r {
-                tracing::error!(sandbox = %row.id, error = %e, "cannot mark sandbox failed");
-            }
+            tracing::warn!(sandbox = %row.id, status = new_status, "recovered after restart");
+            self.set_status(&row.user_id, &row.id, new_status, Some(reason))
+                .await;
+        }
+    }
+
+    async fn set_status(&self, user_id: &str, id: &str, new_status: &str, reason: Option<&str>) {
+        let update = SandboxUpdate {
+            status: Some(new_status.into()),
+            status_reason: Some(reason.map(String::from)),
+            thermal: Some(
+                if new_status == status::RUNNING {
+                    "hot"
+                } else {
+                    "cold"
+                }
+                .into(),
+            ),
+            ..Default::default()
+        };
+        let store = self.store.clone();
+        let (sid, uid, kind) = (id.to_string(), user_id.to_string(), new_status.to_string());
+        let detail = serde_json::json!({ "reason": reason });
+        let r = blocking(move || {
+            store.update_sandbox(&sid, &update)?;
+            store.record_event(&uid, Some(&sid), &kind, &detail)
+        })
+        .await;
+        if let Err(e) = r {
+            tracing::error!(sandbox = %id, error = %e, "cannot update sandbox status");
         }
     }
 
@@ -436,9 +462,13 @@ impl Service {
         }
     }
 
-    /// The agent of a running sandbox of `user`.
+    /// The agent of a sandbox of `user`, booting it again first if it is
+    /// stopped.
     pub async fn agent(&self, user: &UserRecord, id: &str) -> Result<AgentClient, ApiError> {
-        let row = self.row(user, id).await?;
+        let mut row = self.row(user, id).await?;
+        if row.status == status::STOPPED {
+            row = self.boot_stopped(user, row).await?;
+        }
         match row.status.as_str() {
             status::RUNNING => {}
             status::FAILED => {
@@ -474,6 +504,61 @@ impl Service {
             Err(e) => return Err(core_error(e)),
         }
         self.core.agent(&core_id).map_err(core_error)
+    }
+
+    /// Boots a stopped sandbox from its disk; concurrent callers share one boot.
+    async fn boot_stopped(
+        &self,
+        user: &UserRecord,
+        row: store::SandboxRecord,
+    ) -> Result<store::SandboxRecord, ApiError> {
+        let gate = {
+            let mut booting = self.booting.lock().unwrap_or_else(|p| p.into_inner());
+            booting.entry(row.id.clone()).or_default().clone()
+        };
+        let _one_at_a_time = gate.lock().await;
+        // Someone else may have booted it while this call waited.
+        let row = self.row(user, &row.id).await?;
+        if row.status != status::STOPPED {
+            return Ok(row);
+        }
+        let mut rt: Runtime = serde_json::from_value(row.runtime.clone())
+            .map_err(|e| ApiError::Internal(format!("stored runtime of {}: {e}", row.id)))?;
+        tracing::info!(sandbox = %row.id, "booting a stopped sandbox");
+        match self.core.boot_existing(rt.core.clone()).await {
+            Ok(mut record) => {
+                record.spec.env = rt.core.spec.env.clone();
+                rt.core = record.clone();
+                self.live().insert(row.id.clone(), record.id.clone());
+                let update = SandboxUpdate {
+                    status: Some(status::RUNNING.into()),
+                    status_reason: Some(None),
+                    thermal: Some("hot".into()),
+                    ip: Some(record.network.as_ref().map(|a| a.ip.to_string())),
+                    runtime: Some(serde_json::to_value(&rt).map_err(internal)?),
+                    ..Default::default()
+                };
+                let store = self.store.clone();
+                let id = row.id.clone();
+                let row = blocking(move || store.update_sandbox(&id, &update)).await?;
+                self.event(
+                    user,
+                    &row.id,
+                    "running",
+                    serde_json::json!({"booted_again": true}),
+                )
+                .await;
+                Ok(row)
+            }
+            Err(e) => {
+                let reason = format!("booting again failed: {}", error_chain(&e));
+                self.mark_failed(user, &row.id, &reason).await;
+                Err(ApiError::BadGateway(format!(
+                    "sandbox '{}' {reason}",
+                    row.name
+                )))
+            }
+        }
     }
 
     async fn mark_failed(&self, user: &UserRecord, id: &str, reason: &str) {
@@ -529,13 +614,31 @@ impl Service {
         Ok(())
     }
 
-    /// Daemon shutdown: stop every VM this process runs. (With thermal
-    /// management they will be snapshotted instead.)
+    /// Daemon shutdown: stop every VM this process runs, keeping their
+    /// disks; they are `stopped` and boot again when next used. (With
+    /// thermal management they will be snapshotted instead.)
     pub async fn shutdown(&self) {
-        for e in self.core.destroy_all().await {
+        for e in self.core.release_all().await {
             tracing::warn!(error = %error_chain(&e), "stopping a sandbox at shutdown failed");
         }
-        self.live().clear();
+        let ids: Vec<String> = self.live().drain().map(|(id, _)| id).collect();
+        for id in ids {
+            let store = self.store.clone();
+            let sid = id.clone();
+            let row = blocking(move || store.all_sandboxes())
+                .await
+                .ok()
+                .and_then(|rows| rows.into_iter().find(|r| r.id == sid));
+            if let Some(row) = row {
+                self.set_status(
+                    &row.user_id,
+                    &id,
+                    status::STOPPED,
+                    Some("the daemon stopped"),
+                )
+                .await;
+            }
+        }
     }
 }
 

@@ -120,11 +120,13 @@ fn exec_reports_codes_streams_in_order_and_times_out() {
         assert!(stdout.bytes().all(|b| b == b'a'));
 
         // NDJSON: lines in order, each flushed as produced — the command
-        // cannot finish until the test has seen its first line.
+        // cannot finish until the test has seen its first line. (stdout
+        // and stderr are separate pipes, so only output separated in time
+        // has a defined order; hence the pause before "three".)
         let resp = c
             .req(Method::POST, "/sandboxes/ex/exec")
             .header("accept", "application/x-ndjson")
-            .json(&json!({"cmd": ["sh", "-c", "echo one; while [ ! -e /tmp/go ]; do sleep 0.05; done; echo two >&2; echo three"]}))
+            .json(&json!({"cmd": ["sh", "-c", "echo one; while [ ! -e /tmp/go ]; do sleep 0.05; done; echo two >&2; sleep 0.3; echo three"]}))
             .send()
             .await
             .unwrap();

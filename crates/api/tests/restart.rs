@@ -40,18 +40,33 @@ fn restart_keeps_users_secrets_and_sandboxes() {
         let (_, list) = c.json(Method::GET, "/sandboxes", None).await;
         assert_eq!(list.as_array().unwrap().len(), 1);
         let sb = &list[0];
-        // Never silently lost: either usable again, or failed with a reason.
-        match sb["status"].as_str().unwrap() {
-            "failed" => assert!(
-                sb["status_reason"].as_str().is_some_and(|r| !r.is_empty()),
-                "{sb}"
-            ),
-            _ => {
-                let (s, out) = c.exec("durable", &["cat", "/workspace/note.txt"]).await;
-                assert_eq!(s, 200, "{out}");
-                assert_eq!(out["stdout"], "still here");
-            }
-        }
+        // Not silently lost: stopped, with its disk, until it is used.
+        assert_eq!(sb["status"], "stopped", "{sb}");
+        assert!(
+            sb["status_reason"].as_str().is_some_and(|r| !r.is_empty()),
+            "{sb}"
+        );
+        let ip_before = sb["ip"].clone();
+        let (s, out) = c.exec("durable", &["cat", "/workspace/note.txt"]).await;
+        assert_eq!(s, 200, "{out}");
+        assert_eq!(out["stdout"], "still here");
+        let (_, sb) = c.json(Method::GET, "/sandboxes/durable", None).await;
+        assert_eq!(
+            (sb["status"].as_str(), &sb["ip"]),
+            (Some("running"), &ip_before),
+            "{sb}"
+        );
+        // The secret still decrypts: a new sandbox can use it.
+        let (s, v) = c
+            .json(
+                Method::POST,
+                "/sandboxes",
+                Some(json!({"name": "again", "secrets": ["KEEP"]})),
+            )
+            .await;
+        assert_eq!(s, 201, "{v}");
+        let (_, out) = c.exec("again", &["sh", "-c", "echo $KEEP"]).await;
+        assert_eq!(out["stdout"], "kept-value\n");
         d.stop().await;
     });
 }

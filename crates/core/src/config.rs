@@ -34,6 +34,10 @@ pub struct CoreConfig {
     pub destroy_grace: Duration,
     /// The user the VMM runs as (TAP owner); the daemon's own by default.
     pub vmm_uid: Option<u32>,
+    /// Refuse a name a live sandbox already has. The multi-user daemon
+    /// turns this off: names are unique per user there (its store enforces
+    /// that), and two users' sandboxes may share a hostname.
+    pub unique_names: bool,
 }
 
 impl CoreConfig {
@@ -50,6 +54,7 @@ impl CoreConfig {
             boot_timeout: Duration::from_secs(60),
             destroy_grace: Duration::from_millis(300),
             vmm_uid: None,
+            unique_names: true,
         }
     }
 

@@ -207,7 +207,7 @@ impl SandboxManager {
             let entry = self.register(&id, spec, &image, token)?;
             let _life = entry.lifecycle.lock().await;
             let mut undo = Undo::default();
-            match self.build(&entry, &image, &mut undo).await {
+            match self.build(&entry, &image, &mut undo, true, None).await {
                 Ok((vm, timings)) => {
                     {
                         let mut r = entry.record();
@@ -239,7 +239,8 @@ impl SandboxManager {
         .await
     }
 
-    /// Adds the `creating` entry, refusing a name a live sandbox has.
+    /// Adds the `creating` entry, refusing a name a live sandbox has (unless
+    /// [`CoreConfig::unique_names`] is off).
     fn register(
         &self,
         id: &SandboxId,
@@ -248,7 +249,8 @@ impl SandboxManager {
         token: Token,
     ) -> Result<Arc<Entry>> {
         let mut map = self.sandboxes();
-        if map.values().any(|e| e.record().spec.name == spec.name) {
+        if self.inner.config.unique_names && map.values().any(|e| e.record().spec.name == spec.name)
+        {
             return Err(CoreError::NameTaken(spec.name));
         }
         let entry = Arc::new(Entry {
@@ -279,11 +281,16 @@ impl SandboxManager {
         Ok(entry)
     }
 
+    /// Prepares what the VM needs and boots it. A `fresh` sandbox gets its
+    /// directory, disk and config drive made; otherwise they must exist
+    /// (a sandbox booted again) and `ip` names the address to keep.
     async fn build(
         &self,
         entry: &Entry,
         image: &ResolvedImage,
         undo: &mut Undo,
+        fresh: bool,
+        ip: Option<std::net::Ipv4Addr>,
     ) -> Result<(Vm, BootTimings)> {
         let started = Instant::now();
         let id = entry.id.clone();
@@ -292,6 +299,21 @@ impl SandboxManager {
             (r.spec.clone(), r.dir.clone(), r.token.clone())
         };
 
+        if !fresh {
+            for file in [SANDBOX_DISK, CONFIG_DRIVE] {
+                let path = dir.join(file);
+                if !path.is_file() {
+                    return Err(CoreError::Disk {
+                        id: id.clone(),
+                        source: Box::new(image::Error::Io {
+                            op: "find the sandbox's disk",
+                            path,
+                            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+                        }),
+                    });
+                }
+            }
+        }
         // Disks: the sandbox directory, its sparse disk and config drive.
         let root = self.inner.config.data_layout().sandboxes_dir();
         std::fs::create_dir_all(&root).map_err(|source| CoreError::Disk {
@@ -302,29 +324,34 @@ impl SandboxManager {
                 source,
             }),
         })?;
-        undo.dir = Some(dir.clone());
-        let cfg = spec.config_drive(token.expose().to_owned());
-        let disk_bytes = self.inner.config.disk_bytes;
-        let d = dir.clone();
-        tokio::task::spawn_blocking(move || -> image::Result<()> {
-            image::create_sandbox_disk(&d, disk_bytes)?;
-            image::write_config_drive(&d.join(CONFIG_DRIVE), &cfg, ConfigDriveFormat::Raw)
-        })
-        .await?
-        .map_err(|source| CoreError::Disk {
-            id: id.clone(),
-            source: Box::new(source),
-        })?;
+        if fresh {
+            undo.dir = Some(dir.clone());
+            let cfg = spec.config_drive(token.expose().to_owned());
+            let disk_bytes = self.inner.config.disk_bytes;
+            let d = dir.clone();
+            tokio::task::spawn_blocking(move || -> image::Result<()> {
+                image::create_sandbox_disk(&d, disk_bytes)?;
+                image::write_config_drive(&d.join(CONFIG_DRIVE), &cfg, ConfigDriveFormat::Raw)
+            })
+            .await?
+            .map_err(|source| CoreError::Disk {
+                id: id.clone(),
+                source: Box::new(source),
+            })?;
+        }
 
         // Network: an address, a TAP on the bridge, a neighbour entry.
         let network = self.inner.network.clone();
         let uid = self.inner.vmm_uid;
-        let att = tokio::task::spawn_blocking(move || network.attach(uid))
-            .await?
-            .map_err(|source| CoreError::Network {
-                id: id.clone(),
-                source,
-            })?;
+        let att = tokio::task::spawn_blocking(move || match ip {
+            Some(ip) => network.attach_at(uid, ip),
+            None => network.attach(uid),
+        })
+        .await?
+        .map_err(|source| CoreError::Network {
+            id: id.clone(),
+            source,
+        })?;
         undo.attachment = Some(att.clone());
         entry.record().network = Some(att.clone());
 
@@ -607,6 +634,120 @@ impl SandboxManager {
         }
         .instrument(span)
         .await
+    }
+
+    /// Boots a sandbox again from its record — after a daemon restart, say —
+    /// reusing its directory (disk and config drive, so its files and boot
+    /// settings are as they were) and, when free, its address. Its
+    /// processes start afresh. On failure the directory is left in place.
+    pub async fn boot_existing(&self, record: SandboxRecord) -> Result<SandboxRecord> {
+        let image = self.inner.images.resolve(&record.spec.image)?;
+        let id = record.id.clone();
+        let ip = record.network.as_ref().map(|a| a.ip);
+        let span = tracing::info_span!("boot", sandbox = %id, name = %record.spec.name);
+        async move {
+            let entry = {
+                let mut map = self.sandboxes();
+                if map.contains_key(&id) {
+                    return Err(CoreError::InvalidState {
+                        id: id.clone(),
+                        state: map[&id].record().state,
+                        operation: "boot again",
+                    });
+                }
+                let entry = Arc::new(Entry {
+                    id: id.clone(),
+                    lifecycle: tokio::sync::Mutex::new(()),
+                    record: Mutex::new(SandboxRecord {
+                        state: SandboxState::Creating,
+                        failure: None,
+                        network: None,
+                        vmm_pid: None,
+                        boot: None,
+                        engine: self.inner.engine.kind,
+                        kernel_release: image.kernel_release.clone(),
+                        ..record
+                    }),
+                    vm: OnceLock::new(),
+                });
+                map.insert(id.clone(), entry.clone());
+                entry
+            };
+            let _life = entry.lifecycle.lock().await;
+            let mut undo = Undo::default();
+            match self.build(&entry, &image, &mut undo, false, ip).await {
+                Ok((vm, timings)) => {
+                    {
+                        let mut r = entry.record();
+                        r.boot = Some(timings);
+                        r.vmm_pid = vm.vmm.pid();
+                    }
+                    if entry.vm.set(vm).is_err() {
+                        tracing::error!("VM set twice");
+                    }
+                    entry.set_state(SandboxState::Running)?;
+                    tracing::info!(
+                        boot_ms = timings.total().as_millis() as u64,
+                        "sandbox booted again"
+                    );
+                    Ok(entry.record().clone())
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "boot failed; cleaning up (directory kept)");
+                    self.undo(undo).await;
+                    self.sandboxes().remove(&id);
+                    Err(e)
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Stops a sandbox's VM, removes its TAP and forgets it, but keeps its
+    /// directory, so [`SandboxManager::boot_existing`] can bring it back
+    /// (daemon shutdown). Returns its last record.
+    pub async fn release(&self, id: &SandboxId) -> Result<SandboxRecord> {
+        let entry = self.entry(id)?;
+        let _life = entry.lifecycle.lock().await;
+        if let Some(vm) = entry.vm.get() {
+            if vm.vmm.exit().is_none() {
+                vm.vmm
+                    .shutdown(self.inner.config.destroy_grace)
+                    .await
+                    .map_err(|source| CoreError::Vmm {
+                        id: id.clone(),
+                        source,
+                    })?;
+            }
+        }
+        let att = entry.record().network.clone();
+        if let Some(att) = att {
+            let network = self.inner.network.clone();
+            tokio::task::spawn_blocking(move || network.detach(&att))
+                .await?
+                .map_err(|source| CoreError::Network {
+                    id: id.clone(),
+                    source,
+                })?;
+        }
+        self.sandboxes().remove(id);
+        let mut r = entry.record().clone();
+        r.vmm_pid = None;
+        tracing::info!(sandbox = %id, "released (directory kept)");
+        Ok(r)
+    }
+
+    /// Releases every sandbox (daemon shutdown); returns the errors.
+    pub async fn release_all(&self) -> Vec<CoreError> {
+        let ids: Vec<SandboxId> = self.sandboxes().keys().cloned().collect();
+        let mut errors = Vec::new();
+        for id in ids {
+            if let Err(e) = self.release(&id).await {
+                errors.push(e);
+            }
+        }
+        errors
     }
 
     /// Destroys every sandbox (tests, benches, daemon uninstall); returns

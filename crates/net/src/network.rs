@@ -175,6 +175,20 @@ impl Network {
     /// entry. On failure everything done so far is undone.
     pub fn attach(&self, owner_uid: u32) -> Result<Attachment> {
         let ip = self.lock_pool().allocate()?;
+        self.attach_ip(owner_uid, ip)
+    }
+
+    /// Like [`Network::attach`], at a given address (a sandbox booted
+    /// again keeps its address, MAC and TAP name). Fails if the address is
+    /// taken or outside the subnet.
+    pub fn attach_at(&self, owner_uid: u32, ip: Ipv4Addr) -> Result<Attachment> {
+        self.lock_pool().reserve(ip)?;
+        self.attach_ip(owner_uid, ip)
+    }
+
+    /// Creates the TAP and neighbour entry of an address already taken
+    /// from the pool.
+    fn attach_ip(&self, owner_uid: u32, ip: Ipv4Addr) -> Result<Attachment> {
         let a = Attachment {
             bridge: self.config.bridge.clone(),
             tap: self.namer.name_for(ip),
