@@ -4,6 +4,8 @@
 
 mod bench;
 mod image_cmd;
+mod serve;
+mod user;
 
 use clap::{Parser, Subcommand};
 
@@ -22,6 +24,11 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the daemon.
+    Serve(serve::ServeArgs),
+    /// Manage users and their API keys.
+    #[command(subcommand)]
+    User(user::UserCommand),
     /// Build the guest kernel, initramfs and root filesystems.
     #[command(subcommand)]
     Image(image_cmd::ImageCommand),
@@ -41,6 +48,8 @@ fn main() -> std::process::ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Serve(a) => serve::run(a),
+        Command::User(u) => user::run(u),
         Command::Image(i) => image_cmd::run(i),
         Command::Bench(b) => bench::run(b),
         Command::Client(c) => {

@@ -1,0 +1,79 @@
+//! `bhatti serve`: the daemon.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// TOML config file (every setting has a default).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Data directory (images, sandboxes, database); overrides the config.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Address to listen on, e.g. 127.0.0.1:8700 (port 0 picks one); overrides the config.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// `auto`, `firecracker`, `qemu-kvm` or `qemu-tcg`; overrides the config.
+    #[arg(long)]
+    engine: Option<String>,
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = api::DaemonConfig::load(args.config.as_deref())?;
+    if let Some(d) = args.data_dir {
+        config.data_dir = d;
+    }
+    if let Some(l) = args.listen {
+        config.listen = l;
+    }
+    if let Some(e) = args.engine {
+        config.engine = e;
+    }
+    config.validate()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async move {
+        let daemon = api::Daemon::start(config).await?;
+        let addr = daemon.local_addr()?;
+        let h = &daemon.state.health;
+        println!(
+            "bhatti {} serving on http://{addr}\nengine: {} ({}) — {}",
+            h.version,
+            h.engine,
+            h.accelerator.to_uppercase(),
+            h.engine_reason
+        );
+        if h.accelerator == "tcg" {
+            println!(
+                "WARNING: no usable KVM: VMs run under QEMU software emulation (TCG), \
+                 tens of times slower than on a KVM host"
+            );
+        }
+        tracing::info!(%addr, engine = %h.engine, accelerator = %h.accelerator, "serving");
+        daemon.serve(shutdown_signal()).await?;
+        println!("bhatti: stopped");
+        anyhow::Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch SIGTERM");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+    tracing::info!("shutting down");
+}
