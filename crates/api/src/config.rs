@@ -61,6 +61,10 @@ pub struct NetworkConfig {
     pub bridge: String,
     /// Their subnet (the gateway is `.1`).
     pub subnet: String,
+    /// Prefix of the TAP names (at most 7 bytes). At startup, TAPs with this
+    /// prefix that no sandbox owns are removed, so two daemons (or a daemon
+    /// and a benchmark) in one namespace need different prefixes.
+    pub tap_prefix: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -114,6 +118,7 @@ impl Default for NetworkConfig {
         NetworkConfig {
             bridge: "bhatti0".into(),
             subnet: "10.210.0.0/24".into(),
+            tap_prefix: "bt".into(),
         }
     }
 }

@@ -44,6 +44,9 @@ pub struct Daemon {
 impl Daemon {
     /// Opens everything and binds the listener; nothing is served yet.
     pub async fn start(config: DaemonConfig) -> Result<Daemon, ServeError> {
+        config
+            .validate()
+            .map_err(|e| ServeError::Vms(e.to_string()))?;
         std::fs::create_dir_all(&config.data_dir).map_err(|source| ServeError::DataDir {
             path: config.data_dir.display().to_string(),
             source,
@@ -74,6 +77,7 @@ impl Daemon {
                 limiter,
                 health,
                 service: Arc::new(service),
+                auth_cache: Arc::default(),
             },
             listener,
         })

@@ -32,6 +32,23 @@ pub mod status {
     pub const FAILED: &str = "failed";
 }
 
+/// A sandbox whose VM this process runs.
+#[derive(Debug, Clone)]
+struct Live {
+    core: SandboxId,
+    user_id: String,
+    name: String,
+}
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
 /// What the store keeps of a sandbox's VM (`runtime` column).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Runtime {
@@ -47,8 +64,9 @@ pub struct Service {
     store: Arc<Store>,
     secrets: Arc<SecretBox>,
     core: SandboxManager,
-    /// Store id → core id of the VMs this process runs.
-    live: Mutex<HashMap<String, SandboxId>>,
+    /// The VMs this process runs, by store id: the hot path (exec, files)
+    /// finds its sandbox here without a database read.
+    live: Mutex<HashMap<String, Live>>,
     /// Serialises boots of one stopped sandbox, so concurrent requests
     /// wait for one boot instead of starting several.
     booting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -117,19 +135,22 @@ impl Service {
         config: Arc<DaemonConfig>,
         store: Arc<Store>,
         secrets: Arc<SecretBox>,
-    ) -> Result<Service, CoreError> {
+    ) -> Result<Service, StartError> {
         let mut core_config = CoreConfig::new(&config.data_dir);
         core_config.engine = engine_preference(&config.engine);
         core_config.unique_names = false;
         core_config.network.bridge = config.network.bridge.clone();
-        if let Ok(subnet) = config.network.subnet.parse() {
-            core_config.network.subnet = subnet;
-        }
+        core_config.network.tap_prefix = config.network.tap_prefix.clone();
+        core_config.network.subnet = config
+            .network
+            .subnet
+            .parse()
+            .map_err(|e| StartError::Config(format!("network.subnet: {e}")))?;
         let core = tokio::task::spawn_blocking(move || {
             SandboxManager::new(core_config, Arc::new(net::IpRoute::new("ip")))
         })
         .await
-        .map_err(|e| CoreError::Random(std::io::Error::other(e.to_string())))??;
+        .map_err(|e| StartError::Config(format!("setting up the VM layer: {e}")))??;
         let service = Service {
             config,
             store,
@@ -159,8 +180,19 @@ impl Service {
         }
     }
 
-    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, SandboxId>> {
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Live>> {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A live sandbox of `user` by id or name.
+    fn live_lookup(&self, user_id: &str, key: &str) -> Option<(String, Live)> {
+        let live = self.live();
+        if let Some(l) = live.get(key).filter(|l| l.user_id == user_id) {
+            return Some((key.to_string(), l.clone()));
+        }
+        live.iter()
+            .find(|(_, l)| l.user_id == user_id && l.name == key)
+            .map(|(id, l)| (id.clone(), l.clone()))
     }
 
     /// Startup recovery: a sandbox whose VM belonged to an earlier daemon
@@ -368,7 +400,14 @@ impl Service {
                     core: record.clone(),
                     secret_names: body.secrets.clone(),
                 };
-                self.live().insert(id.clone(), record.id.clone());
+                self.live().insert(
+                    id.clone(),
+                    Live {
+                        core: record.id.clone(),
+                        user_id: user.id.clone(),
+                        name: name.clone(),
+                    },
+                );
                 let update = SandboxUpdate {
                     status: Some(status::RUNNING.into()),
                     ip: Some(record.network.as_ref().map(|a| a.ip.to_string())),
@@ -465,6 +504,9 @@ impl Service {
     /// The agent of a sandbox of `user`, booting it again first if it is
     /// stopped.
     pub async fn agent(&self, user: &UserRecord, id: &str) -> Result<AgentClient, ApiError> {
+        if let Some((sid, live)) = self.live_lookup(&user.id, id) {
+            return self.live_agent(user, &sid, &live).await;
+        }
         let mut row = self.row(user, id).await?;
         if row.status == status::STOPPED {
             row = self.boot_stopped(user, row).await?;
@@ -485,25 +527,35 @@ impl Service {
                 )))
             }
         }
-        let core_id = self.live().get(&row.id).cloned().ok_or_else(|| {
+        let live = self.live().get(&row.id).cloned().ok_or_else(|| {
             ApiError::Unavailable(format!("sandbox '{}' has no running VM", row.name))
         })?;
+        self.live_agent(user, &row.id, &live).await
+    }
+
+    async fn live_agent(
+        &self,
+        user: &UserRecord,
+        sid: &str,
+        live: &Live,
+    ) -> Result<AgentClient, ApiError> {
         // A VMM that died is noticed here and the sandbox marked failed.
-        match self.core.get(&core_id) {
+        match self.core.get(&live.core) {
             Ok(rec) if rec.state == bhatti_core::SandboxState::Running => {}
             Ok(rec) => {
                 let reason = rec
                     .failure
                     .unwrap_or_else(|| format!("VM is {}", rec.state));
-                self.mark_failed(user, &row.id, &reason).await;
+                self.live().remove(sid);
+                self.mark_failed(user, sid, &reason).await;
                 return Err(ApiError::BadGateway(format!(
                     "sandbox '{}' failed: {reason}",
-                    row.name
+                    live.name
                 )));
             }
             Err(e) => return Err(core_error(e)),
         }
-        self.core.agent(&core_id).map_err(core_error)
+        self.core.agent(&live.core).map_err(core_error)
     }
 
     /// Boots a stopped sandbox from its disk; concurrent callers share one boot.
@@ -529,7 +581,14 @@ impl Service {
             Ok(mut record) => {
                 record.spec.env = rt.core.spec.env.clone();
                 rt.core = record.clone();
-                self.live().insert(row.id.clone(), record.id.clone());
+                self.live().insert(
+                    row.id.clone(),
+                    Live {
+                        core: record.id.clone(),
+                        user_id: user.id.clone(),
+                        name: row.name.clone(),
+                    },
+                );
                 let update = SandboxUpdate {
                     status: Some(status::RUNNING.into()),
                     status_reason: Some(None),
@@ -579,7 +638,7 @@ impl Service {
     /// Destroys a sandbox: its VM, TAP and directory, then its record.
     pub async fn destroy(&self, user: &UserRecord, id: &str) -> Result<(), ApiError> {
         let row = self.row(user, id).await?;
-        let core_id = self.live().get(&row.id).cloned();
+        let core_id = self.live().get(&row.id).map(|l| l.core.clone());
         match core_id {
             Some(cid) => match self.core.destroy(&cid).await {
                 Ok(()) | Err(CoreError::NotFound(_)) => {}

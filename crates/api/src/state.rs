@@ -16,6 +16,7 @@ pub struct AppState {
     pub limiter: Arc<RateLimiter>,
     pub health: api_types::Health,
     pub service: Arc<Service>,
+    pub auth_cache: Arc<crate::auth::AuthCache>,
 }
 
 impl AppState {

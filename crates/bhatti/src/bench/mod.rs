@@ -2,6 +2,7 @@
 //! run, the physical limit it is built on, and reports both with their ratio.
 
 mod agent;
+mod api;
 mod boot;
 mod stats;
 
@@ -15,11 +16,15 @@ pub enum BenchCommand {
     /// Create → first exec on real VMs (tiny and minimal), with where the
     /// time goes. Needs root and built images.
     Boot(boot::BootBenchArgs),
+    /// The daemon's API against the agent client it wraps: exec, 1 KiB
+    /// files, 10 concurrent execs, /health. Needs root and built images.
+    Api(api::ApiBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Agent(args) => agent::run(args),
         BenchCommand::Boot(args) => boot::run(args),
+        BenchCommand::Api(args) => api::run(args),
     }
 }

@@ -1,0 +1,260 @@
+//! `bhatti bench api`: a daemon in this process (temp data dir, port 0,
+//! its own bridge and TAP names), one sandbox, and the API measured against
+//! the same operations straight through the agent client.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::json;
+
+use super::stats::{header, row, Samples};
+
+#[derive(Debug, clap::Args)]
+pub struct ApiBenchArgs {
+    /// Data directory holding the built images (`bhatti image build`).
+    #[arg(long, default_value = "/var/lib/bhatti")]
+    data_dir: PathBuf,
+    /// Image of the sandbox measured.
+    #[arg(long, default_value = "tiny")]
+    image: String,
+    /// Samples per measured operation.
+    #[arg(long, default_value_t = 200)]
+    iterations: usize,
+    /// The bench's own subnet.
+    #[arg(long, default_value = "10.213.0.0/24")]
+    subnet: String,
+}
+
+pub fn run(args: ApiBenchArgs) -> anyhow::Result<()> {
+    if args.iterations == 0 {
+        bail!("--iterations must be at least 1");
+    }
+    let images = args.data_dir.join("images");
+    if !images.is_dir() {
+        bail!(
+            "no images in {}; run `bhatti image build --data-dir {}` first",
+            args.data_dir.display(),
+            args.data_dir.display()
+        );
+    }
+    let scratch = tempfile::Builder::new()
+        .prefix("bhatti-bench-api-")
+        .tempdir()
+        .context("temp dir")?;
+    std::os::unix::fs::symlink(&images, scratch.path().join("images"))?;
+    let tag = format!("{:04x}", std::process::id() & 0xffff);
+    let bridge = format!("bhapi{tag}");
+    let mut config = api::DaemonConfig::parse(&format!(
+        "data_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\n[network]\nbridge = \"{bridge}\"\nsubnet = \"{}\"\ntap_prefix = \"ba{tag}\"\n\
+         [limits]\ncreates_per_min = 1000\nexecs_per_min = 1000000\nreads_per_min = 1000000\n",
+        scratch.path().display(),
+        args.subnet,
+    ))
+    .map_err(anyhow::Error::msg)?;
+    config.defaults.image = args.image.clone();
+    config.defaults.memory_mb = 256;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(measure(config, args.iterations));
+    // The bridge is the bench's own; its TAPs went with the sandbox.
+    let _ = std::process::Command::new("ip")
+        .args(["link", "del", &bridge])
+        .status();
+    result
+}
+
+async fn measure(config: api::DaemonConfig, n: usize) -> anyhow::Result<()> {
+    let data = config.data_dir.clone();
+    let daemon = api::Daemon::start(config)
+        .await
+        .context("starting the daemon")?;
+    let addr = daemon.local_addr()?;
+    let h = daemon.state.health.clone();
+    println!(
+        "bhatti bench api: daemon on {addr}, engine {} ({}), {n} samples per operation",
+        h.engine, h.accelerator
+    );
+    let store = store::Store::open(&data.join("bhatti.db"))?;
+    let quotas = api::users::Quotas {
+        max_sandboxes: 10,
+        max_cpus: 8,
+        max_memory_mb: 8192,
+    };
+    let (user, key) = api::users::create_user(&store, "bench", quotas)?;
+    let service = daemon.state.service.clone();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(daemon.serve(async {
+        let _ = stop_rx.await;
+    }));
+
+    let base = format!("http://{addr}");
+    let http = reqwest::Client::new();
+    let t = Instant::now();
+    let created = http
+        .post(format!("{base}/sandboxes"))
+        .bearer_auth(&key)
+        .json(&json!({"name": "bench"}))
+        .send()
+        .await?;
+    if !created.status().is_success() {
+        bail!("create failed: {}", created.text().await?);
+    }
+    println!(
+        "sandbox created in {:.0} ms",
+        t.elapsed().as_secs_f64() * 1000.0
+    );
+    let agent = service
+        .agent(&user, "bench")
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    let exec_body = json!({"cmd": ["true"]});
+    let post_exec = || {
+        http.post(format!("{base}/sandboxes/bench/exec"))
+            .bearer_auth(&key)
+            .json(&exec_body)
+            .send()
+    };
+    let true_req = proto::ExecRequest {
+        argv: vec!["true".into()],
+        ..Default::default()
+    };
+    // Warm up both paths.
+    for _ in 0..10 {
+        post_exec().await?.error_for_status()?;
+        agent.exec(true_req.clone()).await?;
+    }
+    let (mut health, mut api_exec, mut agent_exec) =
+        (Samples::default(), Samples::default(), Samples::default());
+    let (mut api_read, mut api_write, mut agent_read, mut agent_write) = (
+        Samples::default(),
+        Samples::default(),
+        Samples::default(),
+        Samples::default(),
+    );
+    let kib: Vec<u8> = (0..1024).map(|i| (i % 251) as u8).collect();
+    for _ in 0..n {
+        let t = Instant::now();
+        http.get(format!("{base}/health"))
+            .send()
+            .await?
+            .error_for_status()?;
+        health.push(t.elapsed());
+
+        // Interleaved, so drift hits both paths alike.
+        let t = Instant::now();
+        let r = post_exec().await?.error_for_status()?;
+        let v: serde_json::Value = r.json().await?;
+        api_exec.push(t.elapsed());
+        if v["exit_code"] != 0 {
+            bail!("`true` failed through the API: {v}");
+        }
+        let t = Instant::now();
+        let out = agent.exec(true_req.clone()).await?;
+        agent_exec.push(t.elapsed());
+        if out.exit.code != 0 {
+            bail!("`true` failed through the agent");
+        }
+
+        let t = Instant::now();
+        http.put(format!("{base}/sandboxes/bench/files?path=/tmp/k"))
+            .bearer_auth(&key)
+            .body(kib.clone())
+            .send()
+            .await?
+            .error_for_status()?;
+        api_write.push(t.elapsed());
+        let t = Instant::now();
+        let body = http
+            .get(format!("{base}/sandboxes/bench/files?path=/tmp/k"))
+            .bearer_auth(&key)
+            .send()
+            .await?
+            .error_for_status()?
+            .bytes()
+            .await?;
+        api_read.push(t.elapsed());
+        if body.len() != kib.len() {
+            bail!("short read through the API");
+        }
+        let t = Instant::now();
+        agent
+            .write_file("/tmp/k2", &kib, agent_client::WriteOptions::default())
+            .await?;
+        agent_write.push(t.elapsed());
+        let t = Instant::now();
+        agent
+            .read_file(proto::FileRead {
+                path: "/tmp/k2".into(),
+                ..Default::default()
+            })
+            .await?;
+        agent_read.push(t.elapsed());
+    }
+
+    // Ten execs at once, through the API.
+    let mut concurrent = Samples::default();
+    let rounds = (n / 10).max(3);
+    let mut wall = Samples::default();
+    for _ in 0..rounds {
+        let t0 = Instant::now();
+        let calls = (0..10).map(|_| {
+            let f = post_exec();
+            async move {
+                let t = Instant::now();
+                let r = f.await?.error_for_status()?;
+                let _: serde_json::Value = r.json().await?;
+                anyhow::Ok(t.elapsed())
+            }
+        });
+        for d in futures_util::future::join_all(calls).await {
+            concurrent.push(d?);
+        }
+        wall.push(t0.elapsed());
+    }
+
+    println!("{}", header().replace("raw", "agt"));
+    println!(
+        "{}",
+        row("exec true (API vs agent)", &api_exec, &agent_exec)
+    );
+    println!("{}", row("file write 1 KiB", &api_write, &agent_write));
+    println!("{}", row("file read 1 KiB", &api_read, &agent_read));
+    println!(
+        "{}",
+        row("10 concurrent execs, each", &concurrent, &agent_exec)
+    );
+    println!("{}", row("10 concurrent execs, all", &wall, &agent_exec));
+    println!(
+        "GET /health: p50 {:.3} ms, p95 {:.3} ms, p99 {:.3} ms",
+        ms(health.p50()),
+        ms(health.percentile(95.0)),
+        ms(health.percentile(99.0))
+    );
+
+    let destroyed = http
+        .delete(format!("{base}/sandboxes/bench"))
+        .bearer_auth(&key)
+        .send()
+        .await?;
+    if !destroyed.status().is_success() {
+        eprintln!(
+            "warning: destroying the bench sandbox failed: {}",
+            destroyed.text().await?
+        );
+    }
+    let _ = stop_tx.send(());
+    server.await??;
+    println!(
+        "api_exec_overhead_ratio_p50={:.3}",
+        api_exec.p50().as_secs_f64() / agent_exec.p50().as_secs_f64().max(1e-9)
+    );
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
