@@ -526,7 +526,11 @@ impl Tmux {
 
     /// A window running `cmd` in a shell; the window stays open after it.
     fn start(&self, name: &str, cmd: &str) {
-        let script = format!("{cmd}; echo EXITED=$?; stty -a | grep -o -- '-*icanon'; read _");
+        // After `cmd`: its exit code, then the terminal's icanon and echo
+        // flags (a leading `-` means off), one per line.
+        let script = format!(
+            "{cmd}; echo EXITED=$?; stty -a | tr ' ' '\\n' | grep -x -- '-*icanon\\|-*echo'; read _"
+        );
         self.tmux(&[
             "new-session",
             "-d",
@@ -602,10 +606,10 @@ fn shell_in_tmux_detaches_and_reattaches() {
     tmux.keys("one", &["C-\\"]);
     let screen = tmux.wait_for("one", "EXITED=");
     assert!(screen.contains("EXITED=0"), "{screen}");
-    // The terminal is back in canonical mode after raw mode.
+    // The terminal is back in canonical mode, with echo, after raw mode.
     let after = tmux.wait_for("one", "icanon");
     assert!(
-        !after.contains("-icanon"),
+        after.lines().any(|l| l == "echo") && after.lines().any(|l| l == "icanon"),
         "terminal left in raw mode:\n{after}"
     );
     let hint = "reattach with: bhatti shell sh --session ";
@@ -641,6 +645,24 @@ fn shell_in_tmux_detaches_and_reattaches() {
         "the window size reached the guest:\n{screen}"
     );
     assert!(screen.contains("EXITED=7"), "{screen}");
+
+    // A secret typed at the terminal is not echoed, and echo comes back.
+    tmux.start("sec", &format!("{client} secret set TYPED"));
+    tmux.wait_for("sec", "(not echoed)");
+    tmux.keys("sec", &["hunter2-typed", "Enter"]);
+    let screen = tmux.wait_for("sec", "EXITED=");
+    assert!(screen.contains("EXITED=0"), "{screen}");
+    assert!(
+        !screen.contains("hunter2"),
+        "the secret was echoed:\n{screen}"
+    );
+    let screen = tmux.wait_for("sec", "icanon");
+    assert!(
+        screen.lines().any(|l| l == "echo"),
+        "echo not restored:\n{screen}"
+    );
+    let secrets: Vec<SecretSummary> = d.json(&["secret", "list"]);
+    assert!(secrets.iter().any(|s| s.name == "TYPED"), "{secrets:?}");
 
     d.ok(&["destroy", "sh"]);
 }
