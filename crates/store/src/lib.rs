@@ -44,6 +44,15 @@ impl Store {
             path: path.to_path_buf(),
             source,
         })?;
+        // It holds key hashes and agent tokens: owner only. SQLite gives
+        // its -wal and -shm files the database file's mode.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
+            StoreError::Open {
+                path: path.to_path_buf(),
+                source: rusqlite::Error::InvalidPath(format!("chmod 0600: {e}").into()),
+            }
+        })?;
         Self::setup(conn)
     }
 
