@@ -133,14 +133,20 @@ pub struct Detached {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ExecLine {
-    Stdout { data: String },
-    Stderr { data: String },
+    Stdout {
+        data: String,
+    },
+    Stderr {
+        data: String,
+    },
     Exit {
         exit_code: i32,
         #[serde(default)]
         timed_out: bool,
     },
-    Error { error: String },
+    Error {
+        error: String,
+    },
 }
 
 /// First text message on `WS /sandboxes/:id/ws`.
@@ -171,16 +177,28 @@ pub struct ShellOpen {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ShellControl {
     /// Server → client: attached to this session.
-    Attached { session: String, pid: u32 },
+    Attached {
+        session: String,
+        pid: u32,
+    },
     /// Client → server.
-    Resize { rows: u16, cols: u16 },
+    Resize {
+        rows: u16,
+        cols: u16,
+    },
     /// Client → server: leave the session running.
     Detach,
     /// Server → client: the session's command ended.
-    Exit { exit_code: i32 },
+    Exit {
+        exit_code: i32,
+    },
     /// Server → client: the attachment ended (detached, taken over).
-    Detached { reason: String },
-    Error { error: String },
+    Detached {
+        reason: String,
+    },
+    Error {
+        error: String,
+    },
 }
 
 /// One entry of `GET /sandboxes/:id/files?ls=true`.
@@ -273,11 +291,18 @@ mod tests {
 
     #[test]
     fn stream_lines_are_tagged() {
-        let l = ExecLine::Exit { exit_code: 3, timed_out: false };
-        assert_eq!(serde_json::to_string(&l).unwrap(), r#"{"type":"exit","exit_code":3,"timed_out":false}"#);
+        let l = ExecLine::Exit {
+            exit_code: 3,
+            timed_out: false,
+        };
+        assert_eq!(
+            serde_json::to_string(&l).unwrap(),
+            r#"{"type":"exit","exit_code":3,"timed_out":false}"#
+        );
         let l: ExecLine = serde_json::from_str(r#"{"type":"stdout","data":"hi"}"#).unwrap();
         assert_eq!(l, ExecLine::Stdout { data: "hi".into() });
-        let c: ShellControl = serde_json::from_str(r#"{"type":"resize","rows":10,"cols":20}"#).unwrap();
+        let c: ShellControl =
+            serde_json::from_str(r#"{"type":"resize","rows":10,"cols":20}"#).unwrap();
         assert_eq!(c, ShellControl::Resize { rows: 10, cols: 20 });
     }
 }

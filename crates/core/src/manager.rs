@@ -209,16 +209,7 @@ impl SandboxManager {
             let mut undo = Undo::default();
             match self.build(&entry, &image, &mut undo, true, None).await {
                 Ok((vm, timings)) => {
-                    {
-                        let mut r = entry.record();
-                        r.boot = Some(timings);
-                        r.vmm_pid = vm.vmm.pid();
-                    }
-                    // Set once, under the lifecycle lock, right here.
-                    if entry.vm.set(vm).is_err() {
-                        tracing::error!("VM set twice");
-                    }
-                    entry.set_state(SandboxState::Running)?;
+                    self.mark_running(&entry, vm, timings)?;
                     tracing::info!(
                         prepare_ms = timings.prepare.as_millis() as u64,
                         vmm_start_ms = timings.vmm_start.as_millis() as u64,
@@ -237,6 +228,21 @@ impl SandboxManager {
         }
         .instrument(span)
         .await
+    }
+
+    /// Records a booted VM on its entry (under the lifecycle lock) and
+    /// makes the sandbox `running`.
+    fn mark_running(&self, entry: &Entry, vm: Vm, timings: BootTimings) -> Result<()> {
+        {
+            let mut r = entry.record();
+            r.boot = Some(timings);
+            r.vmm_pid = vm.vmm.pid();
+        }
+        // Set once, under the lifecycle lock.
+        if entry.vm.set(vm).is_err() {
+            tracing::error!("VM set twice");
+        }
+        entry.set_state(SandboxState::Running)
     }
 
     /// Adds the `creating` entry, refusing a name a live sandbox has (unless
@@ -677,15 +683,7 @@ impl SandboxManager {
             let mut undo = Undo::default();
             match self.build(&entry, &image, &mut undo, false, ip).await {
                 Ok((vm, timings)) => {
-                    {
-                        let mut r = entry.record();
-                        r.boot = Some(timings);
-                        r.vmm_pid = vm.vmm.pid();
-                    }
-                    if entry.vm.set(vm).is_err() {
-                        tracing::error!("VM set twice");
-                    }
-                    entry.set_state(SandboxState::Running)?;
+                    self.mark_running(&entry, vm, timings)?;
                     tracing::info!(
                         boot_ms = timings.total().as_millis() as u64,
                         "sandbox booted again"
