@@ -304,7 +304,8 @@ async fn stream_throughput(client: &AgentClient, bytes: u64) -> anyhow::Result<(
         // SAFETY: F_SETPIPE_SZ on a pipe we own; no memory is passed.
         unsafe { libc::fcntl(out.as_raw_fd(), libc::F_SETPIPE_SZ, 256 * 1024) };
     }
-    let mut buf = vec![0u8; proto::DATA_CHUNK];
+    // The same read size the agent uses for command output.
+    let mut buf = vec![0u8; 256 * 1024];
     let mut raw = 0u64;
     loop {
         let n = out.read(&mut buf)?;
