@@ -15,12 +15,17 @@
 //! * [`Network`] — one bridge + pool: `setup` (bridge, orphan TAP cleanup),
 //!   `attach` (address, TAP, neighbour; undone on failure), `detach`.
 //!
-//! Everything acts in the calling thread's network namespace. Firewall
-//! rules, NAT, per-user networks and the DNS responder come later
-//! (docs/networking.md says what exists).
+//! * [`Firewall`] — bhatti's iptables chains: no traffic between users'
+//!   bridges, no new connections from sandboxes to the host but DNS, NAT
+//!   out; idempotent, never touching rules bhatti did not create.
+//!
+//! Everything acts in the calling thread's network namespace. Per-user
+//! networks and the DNS responder come later (docs/networking.md says what
+//! exists).
 
 mod error;
 pub mod fake;
+mod firewall;
 mod iproute;
 mod names;
 mod network;
@@ -29,6 +34,10 @@ mod pool;
 mod subnet;
 
 pub use error::{NetError, Result};
+pub use firewall::{
+    plan as firewall_plan, Firewall, FirewallConfig, Iptables, IptablesCommand, Rule,
+    CHAIN_FORWARD, CHAIN_INPUT, CHAIN_NAT,
+};
 pub use iproute::IpRoute;
 pub use names::{check_ifname, TapNamer, MAX_IFNAME, MAX_TAP_PREFIX};
 pub use network::{
