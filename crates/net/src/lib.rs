@@ -19,10 +19,13 @@
 //!   bridges, no new connections from sandboxes to the host but DNS, NAT
 //!   out; idempotent, never touching rules bhatti did not create.
 //!
+//! * [`dns`] — the gateway's DNS responder: sandbox names answered, the rest
+//!   relayed upstream.
+//!
 //! Everything acts in the calling thread's network namespace. Per-user
-//! networks and the DNS responder come later (docs/networking.md says what
-//! exists).
+//! networks come later (docs/networking.md says what exists).
 
+pub mod dns;
 mod error;
 pub mod fake;
 mod firewall;
