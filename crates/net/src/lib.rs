@@ -35,6 +35,7 @@ mod network;
 mod ops;
 mod pool;
 mod subnet;
+mod user_nets;
 
 pub use error::{NetError, Result};
 pub use firewall::{
@@ -49,3 +50,4 @@ pub use network::{
 pub use ops::NetOps;
 pub use pool::{IpPool, PoolError};
 pub use subnet::{Mac, Subnet, SubnetError, MAC_PREFIX, MAX_PREFIX, MIN_PREFIX};
+pub use user_nets::{UserNetError, UserNetworks};
