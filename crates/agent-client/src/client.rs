@@ -269,6 +269,18 @@ impl AgentClient {
         })
     }
 
+    /// Sets the guest's wall clock to `unix_ms` (after a resume or restore).
+    pub async fn set_time(&self, unix_ms: u64) -> Result<(), ClientError> {
+        call!(self, "set_time", |c| async {
+            c.send(&Message::SetTime(proto::SetTime { unix_ms }))
+                .await?;
+            match c.recv("set_time").await? {
+                Message::Ok => Ok(()),
+                other => Err(unexpected("set_time", &other)),
+            }
+        })
+    }
+
     pub async fn sessions(&self) -> Result<Vec<SessionInfo>, ClientError> {
         call!(self, "session list", |c| async {
             c.send(&Message::SessionList).await?;

@@ -38,6 +38,9 @@ pub struct CoreConfig {
     /// turns this off: names are unique per user there (its store enforces
     /// that), and two users' sandboxes may share a hostname.
     pub unique_names: bool,
+    /// When idle sandboxes are paused and snapshotted, and how many may
+    /// wake from cold at once.
+    pub thermal: crate::thermal::ThermalPolicy,
 }
 
 impl CoreConfig {
@@ -55,6 +58,7 @@ impl CoreConfig {
             destroy_grace: Duration::from_millis(300),
             vmm_uid: None,
             unique_names: true,
+            thermal: crate::thermal::ThermalPolicy::default(),
         }
     }
 

@@ -139,9 +139,61 @@ pub enum CoreError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// Pausing, resuming or snapshotting the VM failed; the sandbox keeps
+    /// its VMM (nothing was killed).
+    #[error("Cannot {operation} sandbox {id}{}", stderr(stderr_tail))]
+    Thermal {
+        /// The sandbox.
+        id: SandboxId,
+        /// `pause`, `resume`, `snapshot`.
+        operation: &'static str,
+        /// Underlying error.
+        #[source]
+        source: Box<vmm::VmmError>,
+        /// What the VMM wrote to stderr lately.
+        stderr_tail: String,
+    },
+    /// The snapshot just written does not check out; the VM was left running.
+    #[error("The snapshot of sandbox {id} is unusable ({reason}); the VM keeps running")]
+    SnapshotVerify {
+        /// The sandbox.
+        id: SandboxId,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A restore from cold failed; the circuit breaker is now open.
+    #[error(
+        "Restoring sandbox {id} from its snapshot failed: {reason}{}",
+        stderr(stderr_tail)
+    )]
+    Restore {
+        /// The sandbox.
+        id: SandboxId,
+        /// The error chain.
+        reason: String,
+        /// What the VMM wrote to stderr.
+        stderr_tail: String,
+    },
+    /// An earlier restore failed and the breaker is open: no automatic wake
+    /// until a forced start.
+    #[error("Sandbox {id} is cold and its last restore failed ({reason}); start it with force to try again")]
+    BreakerOpen {
+        /// The sandbox.
+        id: SandboxId,
+        /// Why the last restore failed.
+        reason: String,
+    },
     /// A blocking task died.
     #[error("A blocking task failed")]
     Join(#[from] tokio::task::JoinError),
+}
+
+fn stderr(tail: &str) -> String {
+    if tail.trim().is_empty() {
+        String::new()
+    } else {
+        format!("\n--- VMM stderr (last lines) ---\n{}", tail.trim_end())
+    }
 }
 
 fn console(tail: &str) -> String {

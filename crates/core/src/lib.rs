@@ -26,6 +26,7 @@ mod manager;
 mod record;
 mod spec;
 mod state;
+mod thermal;
 
 pub use config::CoreConfig;
 pub use error::{CoreError, Result};
@@ -33,4 +34,7 @@ pub use id::{BadSandboxId, SandboxId, Token};
 pub use manager::{SandboxManager, AGENT_PORT, BASE_CMDLINE, SERIAL_LOG};
 pub use record::{BootTimings, SandboxRecord};
 pub use spec::{Limits, SandboxSpec, SpecError, DEFAULT_CPUS, DEFAULT_IMAGE, DEFAULT_MEMORY_MB};
-pub use state::{transition, valid_transition, InvalidTransition, SandboxState};
+pub use state::{
+    transition, valid_thermal, valid_transition, InvalidTransition, SandboxState, ThermalState,
+};
+pub use thermal::{ThermalEvent, ThermalEventKind, ThermalPolicy};

@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use agent_client::{
@@ -41,25 +42,57 @@ pub const SERIAL_LOG: &str = "serial.log";
 /// The QEMU backend appends `tsc_early_khz=` itself.
 pub const BASE_CMDLINE: &str = "console=ttyS0 cryptomgr.notests quiet panic=-1";
 
+/// File name of guest RAM in a sandbox directory (QEMU
+/// `memory-backend-file,share=on`): a snapshot leaves it in place.
+pub const MEMORY_FILE: &str = "memory.ram";
+/// Directory of a sandbox's snapshot (device state and manifest).
+pub const SNAPSHOT_DIR: &str = "snapshot";
+
 /// A running VM and the client of its agent.
 #[derive(Debug, Clone)]
-struct Vm {
-    vmm: Arc<dyn Vmm>,
-    client: AgentClient,
+pub(crate) struct Vm {
+    pub(crate) vmm: Arc<dyn Vmm>,
+    pub(crate) client: AgentClient,
 }
 
 #[derive(Debug)]
-struct Entry {
-    id: SandboxId,
-    /// Serialises create and destroy of this sandbox.
-    lifecycle: tokio::sync::Mutex<()>,
+pub(crate) struct Entry {
+    pub(crate) id: SandboxId,
+    /// Serialises create, destroy and thermal transitions of this sandbox.
+    pub(crate) lifecycle: tokio::sync::Mutex<()>,
     record: Mutex<SandboxRecord>,
-    vm: OnceLock<Vm>,
+    /// The VM while there is a VMM (hot or warm); `None` while cold.
+    vm: Mutex<Option<Vm>>,
+    /// Host-side last use (Unix ms): every agent call touches it.
+    pub(crate) last_activity_ms: AtomicU64,
 }
 
 impl Entry {
-    fn record(&self) -> MutexGuard<'_, SandboxRecord> {
+    fn new(id: SandboxId, record: SandboxRecord) -> Entry {
+        Entry {
+            id,
+            lifecycle: tokio::sync::Mutex::new(()),
+            record: Mutex::new(record),
+            vm: Mutex::new(None),
+            last_activity_ms: AtomicU64::new(now_unix_ms()),
+        }
+    }
+
+    pub(crate) fn record(&self) -> MutexGuard<'_, SandboxRecord> {
         self.record.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn vm_slot(&self) -> MutexGuard<'_, Option<Vm>> {
+        self.vm.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn vm(&self) -> Option<Vm> {
+        self.vm_slot().clone()
+    }
+
+    pub(crate) fn touch(&self) {
+        self.last_activity_ms
+            .store(now_unix_ms(), Ordering::Relaxed);
     }
 
     fn set_state(&self, to: SandboxState) -> Result<()> {
@@ -74,20 +107,25 @@ impl Entry {
 }
 
 #[derive(Debug)]
-struct Inner {
-    config: CoreConfig,
-    engine: EngineChoice,
-    images: ImageStore,
-    network: Arc<Network>,
+pub(crate) struct Inner {
+    pub(crate) config: CoreConfig,
+    pub(crate) engine: EngineChoice,
+    pub(crate) images: ImageStore,
+    pub(crate) network: Arc<Network>,
     vmm_uid: u32,
     sandboxes: Mutex<BTreeMap<SandboxId, Arc<Entry>>>,
+    /// Caps concurrent restores from cold.
+    pub(crate) cold_wakes: tokio::sync::Semaphore,
+    /// Where thermal transitions are reported (the daemon records them).
+    pub(crate) events:
+        Mutex<Option<tokio::sync::mpsc::UnboundedSender<crate::thermal::ThermalEvent>>>,
 }
 
 /// The sandbox lifecycle over an engine, the image store and a network.
 /// Cheap to clone; clones share everything.
 #[derive(Debug, Clone)]
 pub struct SandboxManager {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 /// What a failed create must undo, filled in as it goes.
@@ -98,7 +136,7 @@ struct Undo {
     vmm: Option<Arc<dyn Vmm>>,
 }
 
-fn now_unix_ms() -> u64 {
+pub(crate) fn now_unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -133,6 +171,8 @@ impl SandboxManager {
             inner: Arc::new(Inner {
                 images: ImageStore::new(config.image_layout()),
                 vmm_uid: config.vmm_uid.unwrap_or_else(own_uid),
+                cold_wakes: tokio::sync::Semaphore::new(config.thermal.max_cold_wakes.max(1)),
+                events: Mutex::new(None),
                 config,
                 engine,
                 network: Arc::new(network),
@@ -163,11 +203,34 @@ impl SandboxManager {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    fn entry(&self, id: &SandboxId) -> Result<Arc<Entry>> {
+    pub(crate) fn entry(&self, id: &SandboxId) -> Result<Arc<Entry>> {
         self.sandboxes()
             .get(id)
             .cloned()
             .ok_or_else(|| CoreError::NotFound(id.clone()))
+    }
+
+    pub(crate) fn entries(&self) -> Vec<Arc<Entry>> {
+        self.sandboxes().values().cloned().collect()
+    }
+
+    pub(crate) fn vmm_uid(&self) -> u32 {
+        self.inner.vmm_uid
+    }
+
+    /// Registers a recovered record (cold, no VMM) unless its id is taken.
+    pub(crate) fn insert_adopted(&self, record: SandboxRecord) -> Result<()> {
+        let mut map = self.sandboxes();
+        if let Some(e) = map.get(&record.id) {
+            return Err(CoreError::InvalidState {
+                id: record.id.clone(),
+                state: e.record().state,
+                operation: "adopt",
+            });
+        }
+        let id = record.id.clone();
+        map.insert(id.clone(), Arc::new(Entry::new(id, record)));
+        Ok(())
     }
 
     /// Every sandbox, by id.
@@ -180,7 +243,7 @@ impl SandboxManager {
     /// noticed here too (the sandbox turns `failed`).
     pub fn get(&self, id: &SandboxId) -> Result<SandboxRecord> {
         let entry = self.entry(id)?;
-        if let Some(vm) = entry.vm.get() {
+        if let Some(vm) = entry.vm() {
             if let Some(exit) = vm.vmm.exit() {
                 self.mark_dead(&entry, &exit);
             }
@@ -238,10 +301,14 @@ impl SandboxManager {
             r.boot = Some(timings);
             r.vmm_pid = vm.vmm.pid();
         }
-        // Set once, under the lifecycle lock.
-        if entry.vm.set(vm).is_err() {
-            tracing::error!("VM set twice");
+        {
+            let mut r = entry.record();
+            r.thermal = crate::state::ThermalState::Hot;
+            r.thermal_since_unix_ms = now_unix_ms();
         }
+        // Under the lifecycle lock.
+        *entry.vm_slot() = Some(vm);
+        entry.touch();
         entry.set_state(SandboxState::Running)
     }
 
@@ -259,10 +326,9 @@ impl SandboxManager {
         {
             return Err(CoreError::NameTaken(spec.name));
         }
-        let entry = Arc::new(Entry {
-            id: id.clone(),
-            lifecycle: tokio::sync::Mutex::new(()),
-            record: Mutex::new(SandboxRecord {
+        let entry = Arc::new(Entry::new(
+            id.clone(),
+            SandboxRecord {
                 id: id.clone(),
                 spec,
                 state: SandboxState::Creating,
@@ -280,9 +346,13 @@ impl SandboxManager {
                 vmm_pid: None,
                 created_unix_ms: now_unix_ms(),
                 boot: None,
-            }),
-            vm: OnceLock::new(),
-        });
+                thermal: crate::state::ThermalState::Hot,
+                thermal_since_unix_ms: now_unix_ms(),
+                keep_hot: false,
+                breaker: None,
+                cold_wakes: 0,
+            },
+        ));
         map.insert(id.clone(), entry.clone());
         Ok(entry)
     }
@@ -440,7 +510,7 @@ impl SandboxManager {
 
     /// Marks a sandbox whose VMM died as `failed` and returns the error
     /// that says so.
-    fn mark_dead(&self, entry: &Entry, exit: &vmm::VmmExit) -> CoreError {
+    pub(crate) fn mark_dead(&self, entry: &Entry, exit: &vmm::VmmExit) -> CoreError {
         let serial_log = entry.record().serial_log();
         let err = dead(&entry.id, exit, &serial_log);
         let mut r = entry.record();
@@ -455,7 +525,7 @@ impl SandboxManager {
 
     /// The running VM of a sandbox, or why there is none.
     fn running(&self, entry: &Entry, operation: &'static str) -> Result<Vm> {
-        let vm = entry.vm.get().cloned();
+        let vm = entry.vm();
         if let Some(exit) = vm.as_ref().and_then(|vm| vm.vmm.exit()) {
             return Err(self.mark_dead(entry, &exit));
         }
@@ -481,6 +551,7 @@ impl SandboxManager {
         F: FnOnce(AgentClient) -> Fut,
         Fut: Future<Output = std::result::Result<T, ClientError>>,
     {
+        self.ensure_hot(id).await?;
         let entry = self.entry(id)?;
         let vm = self.running(&entry, operation)?;
         let span = tracing::debug_span!("agent", sandbox = %id, operation);
@@ -499,7 +570,8 @@ impl SandboxManager {
     }
 
     /// The agent client of a running sandbox, for calls this type does not
-    /// wrap (tunnels, activity). Not raced against the VMM's exit.
+    /// wrap (tunnels, activity). Not raced against the VMM's exit, and does
+    /// not wake the sandbox: call [`SandboxManager::ensure_hot`] first.
     pub fn agent(&self, id: &SandboxId) -> Result<AgentClient> {
         let entry = self.entry(id)?;
         Ok(self.running(&entry, "reach the agent")?.client)
@@ -601,7 +673,7 @@ impl SandboxManager {
                         source,
                     });
                 };
-            if let Some(vm) = entry.vm.get() {
+            if let Some(vm) = entry.vm() {
                 if vm.vmm.exit().is_none() {
                     match vm.vmm.shutdown(self.inner.config.destroy_grace).await {
                         Ok(report) => {
@@ -661,10 +733,9 @@ impl SandboxManager {
                         operation: "boot again",
                     });
                 }
-                let entry = Arc::new(Entry {
-                    id: id.clone(),
-                    lifecycle: tokio::sync::Mutex::new(()),
-                    record: Mutex::new(SandboxRecord {
+                let entry = Arc::new(Entry::new(
+                    id.clone(),
+                    SandboxRecord {
                         state: SandboxState::Creating,
                         failure: None,
                         network: None,
@@ -672,10 +743,10 @@ impl SandboxManager {
                         boot: None,
                         engine: self.inner.engine.kind,
                         kernel_release: image.kernel_release.clone(),
+                        breaker: None,
                         ..record
-                    }),
-                    vm: OnceLock::new(),
-                });
+                    },
+                ));
                 map.insert(id.clone(), entry.clone());
                 entry
             };
@@ -708,7 +779,7 @@ impl SandboxManager {
     pub async fn release(&self, id: &SandboxId) -> Result<SandboxRecord> {
         let entry = self.entry(id)?;
         let _life = entry.lifecycle.lock().await;
-        if let Some(vm) = entry.vm.get() {
+        if let Some(vm) = entry.vm() {
             if vm.vmm.exit().is_none() {
                 vm.vmm
                     .shutdown(self.inner.config.destroy_grace)
@@ -765,7 +836,12 @@ impl SandboxManager {
 /// The VM for a sandbox: vda = the image's rootfs (read-only, shared),
 /// vdb = the sandbox disk, vdc = the config drive; kernel arguments carry
 /// the static address.
-fn vm_spec(spec: &SandboxSpec, image: &ResolvedImage, dir: &Path, att: &Attachment) -> VmSpec {
+pub(crate) fn vm_spec(
+    spec: &SandboxSpec,
+    image: &ResolvedImage,
+    dir: &Path,
+    att: &Attachment,
+) -> VmSpec {
     VmSpec {
         vcpus: spec.cpus,
         memory_mib: spec.memory_mb,
@@ -795,7 +871,11 @@ fn vm_spec(spec: &SandboxSpec, image: &ResolvedImage, dir: &Path, att: &Attachme
         }),
         serial_log: dir.join(SERIAL_LOG),
         work_dir: dir.to_path_buf(),
-        memory: MemoryBacking::Anonymous,
+        // Guest RAM in a file of the sandbox: going cold writes only device
+        // state, and a restore maps this file lazily.
+        memory: MemoryBacking::File {
+            path: dir.join(MEMORY_FILE),
+        },
     }
 }
 

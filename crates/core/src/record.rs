@@ -11,7 +11,7 @@ use vmm::EngineKind;
 
 use crate::id::{SandboxId, Token};
 use crate::spec::SandboxSpec;
-use crate::state::SandboxState;
+use crate::state::{SandboxState, ThermalState};
 
 /// How long each phase of a create took.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +60,23 @@ pub struct SandboxRecord {
     pub created_unix_ms: u64,
     /// Phases of the create, once it finished.
     pub boot: Option<BootTimings>,
+    /// Hot, warm or cold (meaningful while `running`).
+    #[serde(default)]
+    pub thermal: ThermalState,
+    /// When `thermal` last changed, milliseconds since the Unix epoch.
+    #[serde(default)]
+    pub thermal_since_unix_ms: u64,
+    /// Never paused or snapshotted by the thermal manager.
+    #[serde(default)]
+    pub keep_hot: bool,
+    /// Why the last restore failed: while set, the sandbox is not woken
+    /// automatically (the circuit breaker is open) until a forced start.
+    #[serde(default)]
+    pub breaker: Option<String>,
+    /// Restores from cold this daemon process did (coalescing is tested
+    /// against it).
+    #[serde(default)]
+    pub cold_wakes: u64,
 }
 
 impl SandboxRecord {

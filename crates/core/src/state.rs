@@ -39,6 +39,53 @@ impl fmt::Display for SandboxState {
     }
 }
 
+/// How warm a `running` sandbox is (DESIGN §7). Orthogonal to
+/// [`SandboxState`]: a sandbox is `Running` in all three; only the VMM
+/// differs.
+///
+/// ```text
+/// Hot ──pause──► Warm ──snapshot, VMM exits──► Cold
+///  ▲  ◄─resume──   │                            │
+///  │               └──────────(stop)────────────┤
+///  └───────────restore (new VMM, clock set)─────┘
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ThermalState {
+    /// vCPUs running.
+    #[default]
+    Hot,
+    /// vCPUs stopped, VMM alive, RAM resident.
+    Warm,
+    /// No VMM: device state in the sandbox's snapshot directory, RAM in its
+    /// memory file.
+    Cold,
+}
+
+impl fmt::Display for ThermalState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ThermalState::Hot => "hot",
+            ThermalState::Warm => "warm",
+            ThermalState::Cold => "cold",
+        })
+    }
+}
+
+/// Whether the thermal transition `from → to` is allowed. Exhaustive with
+/// no wildcard, like [`valid_transition`]. Hot → Cold is a stop (pause and
+/// snapshot in one step); Cold → Warm does not exist (a restore runs the
+/// vCPUs, and the clock must be set before the sandbox counts as awake).
+pub fn valid_thermal(from: ThermalState, to: ThermalState) -> bool {
+    use ThermalState::*;
+    match (from, to) {
+        (Hot, Warm) | (Hot, Cold) => true,
+        (Warm, Hot) | (Warm, Cold) => true,
+        (Cold, Hot) => true,
+        (Hot, Hot) | (Warm, Warm) | (Cold, Cold) | (Cold, Warm) => false,
+    }
+}
+
 /// A transition the lifecycle does not allow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("Invalid sandbox transition {from} -> {to}")]
@@ -112,6 +159,29 @@ mod tests {
             transition(Destroyed, Running).unwrap_err().to_string(),
             "Invalid sandbox transition destroyed -> running"
         );
+    }
+
+    #[test]
+    fn thermal_transitions_are_exactly_these() {
+        use ThermalState::*;
+        let all = [Hot, Warm, Cold];
+        let allowed = [
+            (Hot, Warm),
+            (Hot, Cold),
+            (Warm, Hot),
+            (Warm, Cold),
+            (Cold, Hot),
+        ];
+        for from in all {
+            for to in all {
+                assert_eq!(
+                    valid_thermal(from, to),
+                    allowed.contains(&(from, to)),
+                    "{from} -> {to}"
+                );
+            }
+        }
+        assert_eq!(serde_json::to_string(&Cold).unwrap(), "\"cold\"");
     }
 
     #[test]

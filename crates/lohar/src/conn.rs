@@ -171,6 +171,10 @@ where
             Ok(writer.send(&Message::Ok).await?)
         }
         Message::ActivityQuery => Ok(writer.send(&Message::Activity(agent.activity())).await?),
+        Message::SetTime(t) => {
+            crate::clock::set_realtime(t.unix_ms)?;
+            Ok(writer.send(&Message::Ok).await?)
+        }
         Message::FileRead(req) => crate::files::read(agent, writer, req).await,
         Message::FileWrite(req) => crate::files::write(agent, reader, writer, req).await,
         Message::Stat(s) => {

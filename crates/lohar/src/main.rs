@@ -7,6 +7,7 @@
 
 mod agent;
 mod cli;
+mod clock;
 mod config;
 mod conn;
 mod exec;

@@ -180,6 +180,7 @@ pub fn serve_guest(
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
+        crate::clock::mark_guest();
         let agent = Agent::new(config, identity, token);
         start_agent(&agent)?;
         on_ready();

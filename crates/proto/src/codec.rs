@@ -126,6 +126,7 @@ fn write_payload(msg: &Message, out: &mut Vec<u8>) -> Result<(), CodecError> {
         Message::LsChunk(v) => json_into(name, v, out),
         Message::LsEnd(v) => json_into(name, v, out),
         Message::Tunnel(v) => json_into(name, v, out),
+        Message::SetTime(v) => json_into(name, v, out),
     }
 }
 
@@ -233,6 +234,7 @@ impl Message {
             t::LS_CHUNK => Message::LsChunk(json("ls_chunk", p)?),
             t::LS_END => Message::LsEnd(json("ls_end", p)?),
             t::TUNNEL => Message::Tunnel(json("tunnel", p)?),
+            t::SET_TIME => Message::SetTime(json("set_time", p)?),
             t::TUNNEL_OK => empty("tunnel_ok", Message::TunnelOk, p)?,
             _ => return Ok(None),
         };

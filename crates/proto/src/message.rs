@@ -194,6 +194,17 @@ pub struct Sessions {
     pub sessions: Vec<SessionInfo>,
 }
 
+/// Set the guest's wall clock (`CLOCK_REALTIME`). The host sends it after
+/// resuming a paused VM or restoring a snapshot: guest time continues where
+/// it stopped, so the clock lags by however long the VM slept. Answered by
+/// `Ok`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetTime {
+    /// The host's time, milliseconds since the Unix epoch.
+    pub unix_ms: u64,
+}
+
 /// How busy the guest is; the host's thermal manager reads it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Activity {
@@ -364,6 +375,7 @@ pub enum Message {
     LsEnd(LsEnd),
     Tunnel(Tunnel),
     TunnelOk,
+    SetTime(SetTime),
 }
 
 /// Frame type bytes. Grouped by area; gaps leave room for additions.
@@ -404,6 +416,7 @@ pub mod frame_type {
     pub const LS_END: u8 = 0x4b;
     pub const TUNNEL: u8 = 0x50;
     pub const TUNNEL_OK: u8 = 0x51;
+    pub const SET_TIME: u8 = 0x60;
 }
 
 impl Message {
@@ -447,6 +460,7 @@ impl Message {
             Message::LsEnd(_) => t::LS_END,
             Message::Tunnel(_) => t::TUNNEL,
             Message::TunnelOk => t::TUNNEL_OK,
+            Message::SetTime(_) => t::SET_TIME,
         }
     }
 
@@ -489,6 +503,7 @@ impl Message {
             Message::LsEnd(_) => "ls_end",
             Message::Tunnel(_) => "tunnel",
             Message::TunnelOk => "tunnel_ok",
+            Message::SetTime(_) => "set_time",
         }
     }
 

@@ -141,6 +141,9 @@ fn samples() -> Vec<Message> {
         }),
         Message::Tunnel(Tunnel { port: 3000 }),
         Message::TunnelOk,
+        Message::SetTime(SetTime {
+            unix_ms: 1_700_000_000_123,
+        }),
     ]
 }
 
@@ -182,6 +185,7 @@ fn variant(m: &Message) -> usize {
         Message::LsEnd(_) => 33,
         Message::Tunnel(_) => 34,
         Message::TunnelOk => 35,
+        Message::SetTime(_) => 36,
     }
 }
 
@@ -211,7 +215,7 @@ fn every_message_has_a_sample() {
     let mut seen: Vec<usize> = samples().iter().map(variant).collect();
     seen.sort();
     seen.dedup();
-    assert_eq!(seen, (0..36).collect::<Vec<_>>());
+    assert_eq!(seen, (0..37).collect::<Vec<_>>());
 }
 
 #[test]

@@ -1,0 +1,457 @@
+//! Thermal tiers on real VMs (QEMU-TCG here): hot ⇄ warm ⇄ cold with the
+//! guest's processes, memory and files intact, transparent wake, coalesced
+//! wakes, the circuit breaker, the ticker, and a daemon restart with cold
+//! sandboxes. Each test in a network namespace of its own.
+//!
+//! Needs root and `qemu-system-x86_64`; otherwise prints `SKIP` and passes.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bhatti_core::{
+    CoreConfig, CoreError, SandboxId, SandboxManager, SandboxSpec, ThermalPolicy, ThermalState,
+};
+use image::Tier;
+use net::{IpRoute, NetworkConfig};
+use proto::ExecRequest;
+use testkit::{images, is_root, Netns};
+
+const QEMU: &str = "qemu-system-x86_64";
+
+fn skip() -> bool {
+    if !is_root() {
+        println!("SKIP the VM tests need root");
+        return true;
+    }
+    if Command::new(QEMU).arg("--version").output().is_err() {
+        println!("SKIP {QEMU} is not installed");
+        return true;
+    }
+    false
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn config(data: &Path, bridge: &str, subnet: &str) -> CoreConfig {
+    let mut config = CoreConfig::new(data);
+    config.image_dir = testkit::image_cache();
+    config.network = NetworkConfig {
+        bridge: bridge.into(),
+        subnet: subnet.parse().unwrap(),
+        tap_prefix: "bt".into(),
+        dns: None,
+    };
+    config.disk_bytes = 256 << 20;
+    config.boot_timeout = Duration::from_secs(90);
+    // No ticker unless a test starts one; the long timers keep a manual
+    // tick from acting.
+    config.thermal = ThermalPolicy {
+        warm_after: Duration::from_secs(3600),
+        cold_after: Duration::from_secs(3600),
+        ..ThermalPolicy::default()
+    };
+    config
+}
+
+fn manager(config: CoreConfig) -> SandboxManager {
+    SandboxManager::new(config, Arc::new(IpRoute::default())).expect("manager")
+}
+
+fn spec(name: &str, tier: Tier) -> SandboxSpec {
+    let mut s = SandboxSpec::new(name, tier.name());
+    s.memory_mb = 256;
+    s
+}
+
+fn sh(script: &str) -> ExecRequest {
+    ExecRequest {
+        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        timeout_ms: Some(60_000),
+        ..Default::default()
+    }
+}
+
+async fn out(mgr: &SandboxManager, id: &SandboxId, script: &str) -> String {
+    let o = mgr.exec(id, sh(script)).await.expect("exec");
+    assert_eq!(
+        o.exit.code,
+        0,
+        "{script}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).trim().to_owned()
+}
+
+fn thermal(mgr: &SandboxManager, id: &SandboxId) -> ThermalState {
+    mgr.get(id).expect("record").thermal
+}
+
+fn host_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A shell counter and a Python process holding a dict behind a TCP port,
+/// both outside the exec's process group.
+const START_WORKLOAD: &str = r#"
+setsid sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done' </dev/null >/dev/null 2>&1 &
+echo $! > /tmp/counter.pid
+cat > /tmp/dict.py <<'EOF'
+import os, socketserver
+state = {"token": os.urandom(8).hex(), "hits": 0}
+class H(socketserver.StreamRequestHandler):
+    def handle(self):
+        state["hits"] += 1
+        self.wfile.write(("%s %d %d\n" % (state["token"], state["hits"], os.getpid())).encode())
+socketserver.TCPServer.allow_reuse_address = True
+socketserver.TCPServer(("127.0.0.1", 9000), H).serve_forever()
+EOF
+setsid python3 /tmp/dict.py </dev/null >/tmp/dict.log 2>&1 &
+echo $! > /tmp/dict.pid
+"#;
+
+const ASK_DICT: &str = "python3 -c 'import socket; s=socket.create_connection((\"127.0.0.1\", 9000)); print(s.makefile().readline().strip())'";
+
+/// (counter pid alive, counter value, dict token, dict hits, dict pid)
+async fn workload(mgr: &SandboxManager, id: &SandboxId) -> (String, u64, String, u64, String) {
+    let pid = out(mgr, id, "p=$(cat /tmp/counter.pid); kill -0 $p && echo $p").await;
+    let count: u64 = out(mgr, id, "cat /tmp/count").await.parse().unwrap();
+    let answer = out(mgr, id, ASK_DICT).await;
+    let parts: Vec<&str> = answer.split_whitespace().collect();
+    assert_eq!(parts.len(), 3, "{answer}");
+    (
+        pid,
+        count,
+        parts[0].to_string(),
+        parts[1].parse().unwrap(),
+        parts[2].to_string(),
+    )
+}
+
+async fn wait_for_dict(mgr: &SandboxManager, id: &SandboxId) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let o = mgr.exec(id, sh(ASK_DICT)).await.expect("exec");
+        if o.exit.code == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "python server never answered: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
+#[test]
+fn processes_memory_files_and_clock_survive_warm_cold_and_a_daemon_restart() {
+    if skip() {
+        return;
+    }
+    images(Tier::Minimal);
+    let _ns = Netns::enter("th-state");
+    let data = tempfile::tempdir().unwrap();
+    runtime().block_on(async {
+        let cfg = config(data.path(), "bhth0", "10.231.0.0/24");
+        let mgr = manager(cfg.clone());
+        let rec = mgr
+            .create(spec("keeper", Tier::Minimal))
+            .await
+            .expect("create");
+        let id = rec.id.clone();
+        out(&mgr, &id, START_WORKLOAD).await;
+        wait_for_dict(&mgr, &id).await;
+        out(&mgr, &id, "echo before-cold > /workspace/kept.txt").await;
+        let (pid0, c0, token, hits0, dpid) = workload(&mgr, &id).await;
+
+        // Warm: vCPUs stopped, VMM alive.
+        let t = Instant::now();
+        mgr.pause(&id).await.expect("pause");
+        println!("TIMING pause {:?}", t.elapsed());
+        assert_eq!(thermal(&mgr, &id), ThermalState::Warm);
+        let (pid1, c1, token1, hits1, dpid1) = workload(&mgr, &id).await;
+        assert_eq!(thermal(&mgr, &id), ThermalState::Hot, "an exec wakes it");
+        assert_eq!(
+            (pid1.as_str(), token1.as_str(), dpid1.as_str()),
+            (pid0.as_str(), token.as_str(), dpid.as_str())
+        );
+        assert!(c1 > c0, "counter {c0} -> {c1}");
+        assert_eq!(hits1, hits0 + 1, "the dict kept its count");
+
+        // Cold: no VMM, device state on disk, RAM in the memory file.
+        let t = Instant::now();
+        mgr.stop(&id).await.expect("stop");
+        println!("TIMING stop to cold {:?}", t.elapsed());
+        let cold = mgr.get(&id).unwrap();
+        assert_eq!(cold.thermal, ThermalState::Cold);
+        assert_eq!(cold.vmm_pid, None);
+        assert!(
+            common::processes_mentioning(&cold.dir).is_empty(),
+            "a VMM still runs: {:?}",
+            common::processes_mentioning(&cold.dir)
+        );
+        let state = std::fs::metadata(cold.dir.join("snapshot/vmstate"))
+            .unwrap()
+            .len();
+        let ram = std::fs::metadata(cold.dir.join("memory.ram"))
+            .unwrap()
+            .len();
+        println!("MEASURED cold snapshot: {state} bytes of device state, memory file {ram} bytes");
+        assert!(
+            state > 0 && state < 4 << 20,
+            "device state only: {state} bytes"
+        );
+        assert_eq!(ram, 256 << 20);
+
+        let t = Instant::now();
+        let (pid2, c2, token2, hits2, dpid2) = workload(&mgr, &id).await;
+        println!("TIMING cold wake + 4 execs {:?}", t.elapsed());
+        let woke = mgr.get(&id).unwrap();
+        assert_eq!(woke.thermal, ThermalState::Hot);
+        assert_eq!(woke.cold_wakes, 1);
+        assert_eq!(
+            (pid2.as_str(), token2.as_str(), dpid2.as_str()),
+            (pid0.as_str(), token.as_str(), dpid.as_str())
+        );
+        assert!(c2 > c1, "counter {c1} -> {c2}");
+        assert_eq!(hits2, hits1 + 1);
+        assert_eq!(
+            out(&mgr, &id, "cat /workspace/kept.txt").await,
+            "before-cold"
+        );
+        let guest: u64 = out(&mgr, &id, "date +%s").await.parse().unwrap();
+        assert!(
+            guest.abs_diff(host_unix()) <= 2,
+            "guest clock {guest}, host {}",
+            host_unix()
+        );
+
+        // Daemon restart: every sandbox to cold, a new manager adopts them.
+        let t = Instant::now();
+        let (released, failed) = mgr.stop_all().await;
+        println!("TIMING stop_all {:?}", t.elapsed());
+        assert!(failed.is_empty(), "{failed:?}");
+        assert_eq!(released.len(), 1);
+        assert_eq!(released[0].thermal, ThermalState::Cold);
+        drop(mgr);
+        let mgr = manager(cfg);
+        let adopted = mgr.adopt_cold(released[0].clone()).await.expect("adopt");
+        assert_eq!(adopted.thermal, ThermalState::Cold);
+        let (pid3, c3, token3, hits3, dpid3) = workload(&mgr, &id).await;
+        assert_eq!(
+            (pid3.as_str(), token3.as_str(), dpid3.as_str()),
+            (pid0.as_str(), token.as_str(), dpid.as_str())
+        );
+        assert!(c3 > c2);
+        assert_eq!(hits3, hits2 + 1);
+        assert_eq!(
+            out(&mgr, &id, "cat /workspace/kept.txt").await,
+            "before-cold"
+        );
+        mgr.destroy(&id).await.expect("destroy");
+    });
+}
+
+#[test]
+fn fifty_warm_and_twenty_cold_cycles_and_coalesced_wakes() {
+    if skip() {
+        return;
+    }
+    images(Tier::Tiny);
+    let _ns = Netns::enter("th-cycle");
+    let data = tempfile::tempdir().unwrap();
+    runtime().block_on(async {
+        let mgr = manager(config(data.path(), "bhth1", "10.232.0.0/24"));
+        let id = mgr
+            .create(spec("cycler", Tier::Tiny))
+            .await
+            .expect("create")
+            .id;
+        out(&mgr, &id, "echo 0 > /tmp/n").await;
+        let bump = "n=$(( $(cat /tmp/n) + 1 )); echo $n > /tmp/n; echo $n";
+        let mut pauses = Vec::new();
+        for i in 1..=50u32 {
+            let t = Instant::now();
+            mgr.pause(&id)
+                .await
+                .unwrap_or_else(|e| panic!("pause {i}: {e}"));
+            pauses.push(t.elapsed());
+            assert_eq!(thermal(&mgr, &id), ThermalState::Warm);
+            assert_eq!(out(&mgr, &id, bump).await, i.to_string(), "warm cycle {i}");
+        }
+        pauses.sort();
+        println!("TIMING pause p50 {:?} max {:?}", pauses[25], pauses[49]);
+        for i in 1..=20u32 {
+            mgr.stop(&id)
+                .await
+                .unwrap_or_else(|e| panic!("stop {i}: {e}"));
+            assert_eq!(thermal(&mgr, &id), ThermalState::Cold);
+            let t = Instant::now();
+            assert_eq!(
+                out(&mgr, &id, bump).await,
+                (50 + i).to_string(),
+                "cold cycle {i}"
+            );
+            println!("TIMING cold wake+exec {i}: {:?}", t.elapsed());
+        }
+        assert_eq!(mgr.get(&id).unwrap().cold_wakes, 20);
+
+        // Two concurrent execs on a cold sandbox: one restore.
+        mgr.stop(&id).await.expect("stop");
+        let (a, b) = tokio::join!(out(&mgr, &id, "echo a"), out(&mgr, &id, "echo b"));
+        assert_eq!((a.as_str(), b.as_str()), ("a", "b"));
+        assert_eq!(
+            mgr.get(&id).unwrap().cold_wakes,
+            21,
+            "exactly one more restore"
+        );
+        mgr.destroy(&id).await.expect("destroy");
+    });
+}
+
+#[test]
+fn a_corrupt_snapshot_opens_the_breaker_and_a_forced_start_closes_it() {
+    if skip() {
+        return;
+    }
+    images(Tier::Tiny);
+    let _ns = Netns::enter("th-break");
+    let data = tempfile::tempdir().unwrap();
+    runtime().block_on(async {
+        let mgr = manager(config(data.path(), "bhth2", "10.233.0.0/24"));
+        let id = mgr
+            .create(spec("fragile", Tier::Tiny))
+            .await
+            .expect("create")
+            .id;
+        out(&mgr, &id, "echo kept > /tmp/mem-only").await;
+        mgr.stop(&id).await.expect("stop");
+        let state = mgr.get(&id).unwrap().dir.join("snapshot/vmstate");
+        let good = std::fs::read(&state).unwrap();
+        let mut bad = good.clone();
+        bad[..64].fill(0xa5);
+        std::fs::write(&state, &bad).unwrap();
+
+        let t = Instant::now();
+        let e = mgr.exec(&id, sh("true")).await.unwrap_err();
+        println!("TIMING failed restore {:?}: {e}", t.elapsed());
+        assert!(matches!(e, CoreError::Restore { .. }), "{e:?}");
+        assert!(e.to_string().contains("Restoring sandbox"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(30), "no hang");
+        assert!(mgr.breaker(&id).unwrap().is_some());
+        assert_eq!(thermal(&mgr, &id), ThermalState::Cold);
+        assert!(common::processes_mentioning(&mgr.get(&id).unwrap().dir).is_empty());
+        // Open breaker: refused at once, no new attempt.
+        let t = Instant::now();
+        let e = mgr.exec(&id, sh("true")).await.unwrap_err();
+        assert!(matches!(e, CoreError::BreakerOpen { .. }), "{e:?}");
+        assert!(t.elapsed() < Duration::from_secs(1));
+        // Even with the snapshot repaired, only a forced start tries again.
+        std::fs::write(&state, &good).unwrap();
+        assert!(matches!(
+            mgr.start(&id, false).await,
+            Err(CoreError::BreakerOpen { .. })
+        ));
+        mgr.start(&id, true).await.expect("forced start");
+        assert!(mgr.breaker(&id).unwrap().is_none());
+        assert_eq!(out(&mgr, &id, "cat /tmp/mem-only").await, "kept");
+        mgr.destroy(&id).await.expect("destroy");
+    });
+}
+
+#[test]
+fn the_ticker_cools_idle_sandboxes_and_spares_busy_and_keep_hot_ones() {
+    if skip() {
+        return;
+    }
+    images(Tier::Tiny);
+    let _ns = Netns::enter("th-tick");
+    let data = tempfile::tempdir().unwrap();
+    runtime().block_on(async {
+        let mut cfg = config(data.path(), "bhth3", "10.234.0.0/24");
+        cfg.thermal = ThermalPolicy {
+            warm_after: Duration::from_secs(1),
+            cold_after: Duration::from_secs(2),
+            tick: Duration::from_millis(200),
+            ..ThermalPolicy::default()
+        };
+        let mgr = manager(cfg);
+        let mut events = mgr.subscribe_thermal();
+        let (a, b) = tokio::join!(
+            mgr.create(spec("idle", Tier::Tiny)),
+            mgr.create(spec("pinned", Tier::Tiny))
+        );
+        let (idle, pinned) = (a.expect("create").id, b.expect("create").id);
+        mgr.set_keep_hot(&pinned, true).unwrap();
+        mgr.touch(&idle);
+        let ticker = mgr.spawn_thermal();
+
+        // A command running longer than warm_after keeps the sandbox hot.
+        let started = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        out(&mgr, &idle, "sleep 3").await;
+        let ended = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+
+        // Then it goes warm, then cold, by itself.
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !seen
+            .iter()
+            .any(|(i, k, _): &(SandboxId, &str, u64)| i == &idle && *k == "cold")
+        {
+            let ev = tokio::time::timeout_at(deadline.into(), events.recv())
+                .await
+                .expect("idle sandbox went cold in time")
+                .expect("events");
+            seen.push((ev.id.clone(), ev.kind.name(), ev.at_unix_ms));
+        }
+        let kinds: Vec<&str> = seen
+            .iter()
+            .filter(|(i, ..)| i == &idle)
+            .map(|(_, k, _)| *k)
+            .collect();
+        assert_eq!(kinds, ["warm", "cold"]);
+        let warm_at = seen.iter().find(|(_, k, _)| *k == "warm").unwrap().2;
+        assert!(
+            warm_at >= ended,
+            "paused at {warm_at} during the exec ({started}..{ended})"
+        );
+        assert!(
+            seen.iter().all(|(i, ..)| i != &pinned),
+            "keep_hot was touched"
+        );
+        assert_eq!(thermal(&mgr, &pinned), ThermalState::Hot);
+        assert_eq!(thermal(&mgr, &idle), ThermalState::Cold);
+        // list/get never wake.
+        for _ in 0..5 {
+            assert_eq!(
+                mgr.list().iter().find(|r| r.id == idle).unwrap().thermal,
+                ThermalState::Cold
+            );
+            assert_eq!(thermal(&mgr, &idle), ThermalState::Cold);
+        }
+        assert_eq!(mgr.get(&idle).unwrap().cold_wakes, 0);
+        ticker.abort();
+        assert_eq!(out(&mgr, &idle, "echo awake").await, "awake");
+        mgr.destroy(&idle).await.expect("destroy");
+        mgr.destroy(&pinned).await.expect("destroy");
+    });
+}
