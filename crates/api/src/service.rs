@@ -12,7 +12,10 @@ use std::sync::{Arc, Mutex};
 
 use agent_client::AgentClient;
 use api_types::{CreateSandbox, PatchSandbox, Sandbox};
-use bhatti_core::{CoreConfig, CoreError, SandboxId, SandboxManager, SandboxRecord, SandboxSpec};
+use bhatti_core::{
+    CoreConfig, CoreError, SandboxId, SandboxManager, SandboxRecord, SandboxSpec, ThermalEvent,
+    ThermalEventKind, ThermalPolicy, ThermalState,
+};
 use serde::{Deserialize, Serialize};
 use store::{NewSandbox, SandboxUpdate, Store, UserRecord};
 
@@ -66,7 +69,9 @@ pub struct Service {
     core: SandboxManager,
     /// The VMs this process runs, by store id: the hot path (exec, files)
     /// finds its sandbox here without a database read.
-    live: Mutex<HashMap<String, Live>>,
+    live: Arc<Mutex<HashMap<String, Live>>>,
+    /// The thermal ticker and the task recording its events.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Serialises boots of one stopped sandbox, so concurrent requests
     /// wait for one boot instead of starting several.
     booting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -114,6 +119,7 @@ fn core_error(e: CoreError) -> ApiError {
             error_chain(&e)
         )),
         CoreError::Agent { source, .. } => ApiError::from(clone_client_error(source)),
+        CoreError::BreakerOpen { .. } => ApiError::Unavailable(error_chain(&e)),
         _ => ApiError::BadGateway(error_chain(&e)),
     }
 }
@@ -139,6 +145,7 @@ impl Service {
         let mut core_config = CoreConfig::new(&config.data_dir);
         core_config.engine = engine_preference(&config.engine);
         core_config.unique_names = false;
+        core_config.thermal = thermal_policy(&config.thermal);
         core_config.network.bridge = config.network.bridge.clone();
         core_config.network.tap_prefix = config.network.tap_prefix.clone();
         core_config.network.subnet = config
@@ -156,10 +163,23 @@ impl Service {
             store,
             secrets,
             core,
-            live: Mutex::new(HashMap::new()),
+            live: Arc::new(Mutex::new(HashMap::new())),
+            tasks: Mutex::new(Vec::new()),
             booting: Mutex::new(HashMap::new()),
         };
+        let events = service.core.subscribe_thermal();
         service.recover().await;
+        let recorder = tokio::spawn(record_thermal(
+            events,
+            service.store.clone(),
+            service.live.clone(),
+        ));
+        let ticker = service.core.spawn_thermal();
+        service
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend([recorder, ticker]);
         Ok(service)
     }
 
@@ -213,6 +233,32 @@ impl Service {
                 continue;
             }
             let runtime = serde_json::from_value::<Runtime>(row.runtime.clone()).ok();
+            if row.status == status::RUNNING && row.thermal == "cold" {
+                if let Some(rt) = &runtime {
+                    match self.core.adopt_cold(rt.core.clone()).await {
+                        Ok(record) => {
+                            tracing::info!(sandbox = %row.id, "recovered cold; wakes when next used");
+                            self.live().insert(
+                                row.id.clone(),
+                                Live {
+                                    core: record.id.clone(),
+                                    user_id: row.user_id.clone(),
+                                    name: row.name.clone(),
+                                },
+                            );
+                            if let Err(e) = self.core.set_keep_hot(&record.id, row.keep_hot) {
+                                tracing::warn!(sandbox = %row.id, error = %e, "keep_hot");
+                            }
+                            continue;
+                        }
+                        Err(e) => tracing::warn!(
+                            sandbox = %row.id,
+                            error = %error_chain(&e),
+                            "cold snapshot unusable; the sandbox boots again from its disk"
+                        ),
+                    }
+                }
+            }
             if let Some(pid) = runtime.as_ref().and_then(|rt| rt.core.vmm_pid) {
                 if let Some(rt) = &runtime {
                     kill_orphan_vmm(pid, &rt.core.dir);
@@ -291,6 +337,12 @@ impl Service {
             check_labels(labels)?;
         }
         let row = self.row(user, id).await?;
+        let live = self.live().get(&row.id).cloned();
+        if let (Some(keep_hot), Some(live)) = (p.keep_hot, live) {
+            self.core
+                .set_keep_hot(&live.core, keep_hot)
+                .map_err(core_error)?;
+        }
         let store = self.store.clone();
         let update = SandboxUpdate {
             keep_hot: p.keep_hot,
@@ -400,6 +452,9 @@ impl Service {
                     core: record.clone(),
                     secret_names: body.secrets.clone(),
                 };
+                if let Err(e) = self.core.set_keep_hot(&record.id, body.keep_hot) {
+                    tracing::warn!(sandbox = %id, error = %e, "keep_hot");
+                }
                 self.live().insert(
                     id.clone(),
                     Live {
@@ -539,6 +594,9 @@ impl Service {
         sid: &str,
         live: &Live,
     ) -> Result<AgentClient, ApiError> {
+        // Warm: resumed; cold: restored (concurrent callers share one
+        // wake). This is also the host-side activity mark.
+        self.core.ensure_hot(&live.core).await.map_err(core_error)?;
         // A VMM that died is noticed here and the sandbox marked failed.
         match self.core.get(&live.core) {
             Ok(rec) if rec.state == bhatti_core::SandboxState::Running => {}
@@ -673,30 +731,201 @@ impl Service {
         Ok(())
     }
 
-    /// Daemon shutdown: stop every VM this process runs, keeping their
-    /// disks; they are `stopped` and boot again when next used. (With
-    /// thermal management they will be snapshotted instead.)
-    pub async fn shutdown(&self) {
-        for e in self.core.release_all().await {
-            tracing::warn!(error = %error_chain(&e), "stopping a sandbox at shutdown failed");
-        }
-        let ids: Vec<String> = self.live().drain().map(|(id, _)| id).collect();
-        for id in ids {
-            let store = self.store.clone();
-            let sid = id.clone();
-            let row = blocking(move || store.all_sandboxes())
-                .await
-                .ok()
-                .and_then(|rows| rows.into_iter().find(|r| r.id == sid));
-            if let Some(row) = row {
-                self.set_status(
-                    &row.user_id,
-                    &id,
-                    status::STOPPED,
-                    Some("the daemon stopped"),
-                )
-                .await;
+    /// Takes a sandbox to cold (`POST /sandboxes/:id/stop`).
+    pub async fn stop(&self, user: &UserRecord, id: &str) -> Result<Sandbox, ApiError> {
+        let row = self.row(user, id).await?;
+        let live = self.live().get(&row.id).cloned().ok_or_else(|| {
+            ApiError::Conflict(format!(
+                "sandbox '{}' is {}; nothing to stop",
+                row.name, row.status
+            ))
+        })?;
+        self.core.stop(&live.core).await.map_err(core_error)?;
+        self.persist_thermal(&row.id, &live.core).await?;
+        Ok(view(&self.row(user, &row.id).await?))
+    }
+
+    /// Wakes a warm or cold sandbox, or boots a stopped one
+    /// (`POST /sandboxes/:id/start`); `force` first closes an open breaker.
+    pub async fn start_sandbox(
+        &self,
+        user: &UserRecord,
+        id: &str,
+        force: bool,
+    ) -> Result<Sandbox, ApiError> {
+        let row = self.row(user, id).await?;
+        let live = self.live().get(&row.id).cloned();
+        match live {
+            Some(live) => {
+                self.core
+                    .start(&live.core, force)
+                    .await
+                    .map_err(core_error)?;
+                self.persist_thermal(&row.id, &live.core).await?;
             }
+            None if row.status == status::STOPPED => {
+                self.boot_stopped(user, row.clone()).await?;
+            }
+            None => {
+                return Err(ApiError::Conflict(format!(
+                    "sandbox '{}' is {}; cannot start it",
+                    row.name, row.status
+                )))
+            }
+        }
+        Ok(view(&self.row(user, &row.id).await?))
+    }
+
+    /// Writes core's thermal state (and record) of a live sandbox to the store.
+    async fn persist_thermal(&self, sid: &str, core: &SandboxId) -> Result<(), ApiError> {
+        let record = self.core.get(core).map_err(core_error)?;
+        persist(&self.store, sid, &record).await
+    }
+
+    /// Daemon shutdown: every VM this process runs goes cold (snapshot,
+    /// VMM exits, TAP removed); the next daemon adopts them as cold and
+    /// they wake with their processes and memory. A sandbox that cannot be
+    /// snapshotted is left running, as it is.
+    pub async fn shutdown(&self) {
+        let tasks: Vec<_> = self
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect();
+        // The ticker (last) stops first; the recorder keeps recording.
+        if let Some(ticker) = tasks.last() {
+            ticker.abort();
+        }
+        let (released, failed) = self.core.stop_all().await;
+        for (id, e) in failed {
+            tracing::error!(sandbox = %id, error = %error_chain(&e), "snapshot at shutdown failed; left running");
+        }
+        let by_core: HashMap<SandboxId, String> = self
+            .live()
+            .iter()
+            .map(|(sid, l)| (l.core.clone(), sid.clone()))
+            .collect();
+        for record in released {
+            let Some(sid) = by_core.get(&record.id) else {
+                continue;
+            };
+            self.live().remove(sid);
+            if let Err(e) = persist(&self.store, sid, &record).await {
+                tracing::error!(sandbox = %sid, error = %e, "recording a cold sandbox at shutdown");
+            }
+        }
+        for t in tasks {
+            t.abort();
+        }
+    }
+}
+
+/// `[thermal]` as core's policy: the ticker looks four times per shortest
+/// timer, at least every second.
+fn thermal_policy(c: &crate::config::ThermalConfig) -> ThermalPolicy {
+    let warm = std::time::Duration::from_secs(c.warm_after_secs.max(1));
+    let cold = std::time::Duration::from_secs(c.cold_after_secs.max(1));
+    ThermalPolicy {
+        warm_after: warm,
+        cold_after: cold,
+        tick: (warm.min(cold) / 4).clamp(
+            std::time::Duration::from_millis(100),
+            std::time::Duration::from_secs(1),
+        ),
+        ..ThermalPolicy::default()
+    }
+}
+
+/// Writes a core record's thermal state to the store row `sid`: the column
+/// (and `thermal_since`) and the runtime, so that a daemon that dies while
+/// a sandbox is cold finds it cold.
+async fn persist(store: &Arc<Store>, sid: &str, record: &SandboxRecord) -> Result<(), ApiError> {
+    let store = store.clone();
+    let sid = sid.to_string();
+    let record = record.clone();
+    blocking(move || {
+        let row = store
+            .all_sandboxes()?
+            .into_iter()
+            .find(|r| r.id == sid)
+            .ok_or_else(|| store::StoreError::NotFound {
+                kind: "sandbox",
+                id: sid.clone(),
+            })?;
+        let mut runtime = row.runtime.clone();
+        if let Ok(mut rt) = serde_json::from_value::<Runtime>(row.runtime.clone()) {
+            let env = rt.core.spec.env.clone();
+            rt.core = record.clone();
+            rt.core.spec.env = env;
+            runtime = serde_json::to_value(&rt)?;
+        }
+        store.update_sandbox(
+            &sid,
+            &SandboxUpdate {
+                thermal: Some(record.thermal.to_string()),
+                runtime: Some(runtime),
+                ..Default::default()
+            },
+        )?;
+        Ok(())
+    })
+    .await
+}
+
+/// Records thermal events as they come: the row's thermal column and
+/// runtime, and an event (`warm`, `hot`, `cold`, `restore_failed`,
+/// `breaker_closed`).
+async fn record_thermal(
+    mut events: tokio::sync::mpsc::UnboundedReceiver<ThermalEvent>,
+    store: Arc<Store>,
+    live: Arc<Mutex<HashMap<String, Live>>>,
+) {
+    while let Some(ev) = events.recv().await {
+        let found = live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|(_, l)| l.core == ev.id)
+            .map(|(sid, l)| (sid.clone(), l.user_id.clone()));
+        let Some((sid, uid)) = found else {
+            continue;
+        };
+        let detail = match &ev.kind {
+            ThermalEventKind::Cold { state_bytes } => {
+                serde_json::json!({ "took_ms": ev.took.as_millis() as u64, "state_bytes": state_bytes })
+            }
+            ThermalEventKind::Hot { from } => {
+                serde_json::json!({ "took_ms": ev.took.as_millis() as u64, "from": from.to_string() })
+            }
+            ThermalEventKind::RestoreFailed { reason } => {
+                serde_json::json!({ "took_ms": ev.took.as_millis() as u64, "reason": reason })
+            }
+            ThermalEventKind::Warm | ThermalEventKind::BreakerClosed => {
+                serde_json::json!({ "took_ms": ev.took.as_millis() as u64 })
+            }
+        };
+        let thermal: &'static str = match ev.thermal {
+            ThermalState::Hot => "hot",
+            ThermalState::Warm => "warm",
+            ThermalState::Cold => "cold",
+        };
+        let store2 = store.clone();
+        let (s2, kind) = (sid.clone(), ev.kind.name());
+        let r = blocking(move || {
+            store2.update_sandbox(
+                &s2,
+                &SandboxUpdate {
+                    thermal: Some(thermal.into()),
+                    ..Default::default()
+                },
+            )?;
+            store2.record_event(&uid, Some(&s2), kind, &detail)?;
+            Ok(())
+        })
+        .await;
+        if let Err(e) = r {
+            tracing::warn!(sandbox = %sid, error = %e, "recording a thermal event");
         }
     }
 }

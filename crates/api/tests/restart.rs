@@ -40,10 +40,11 @@ fn restart_keeps_users_secrets_and_sandboxes() {
         let (_, list) = c.json(Method::GET, "/sandboxes", None).await;
         assert_eq!(list.as_array().unwrap().len(), 1);
         let sb = &list[0];
-        // Not silently lost: stopped, with its disk, until it is used.
-        assert_eq!(sb["status"], "stopped", "{sb}");
-        assert!(
-            sb["status_reason"].as_str().is_some_and(|r| !r.is_empty()),
+        // Shutdown took it to cold; the new daemon adopted it as cold and
+        // listing did not wake it.
+        assert_eq!(
+            (sb["status"].as_str(), sb["thermal"].as_str()),
+            (Some("running"), Some("cold")),
             "{sb}"
         );
         let ip_before = sb["ip"].clone();

@@ -24,6 +24,8 @@ pub fn router(state: AppState) -> Router {
                 .patch(sandboxes::patch)
                 .delete(sandboxes::destroy),
         )
+        .route("/sandboxes/{id}/stop", post(sandboxes::stop))
+        .route("/sandboxes/{id}/start", post(sandboxes::start))
         .route("/sandboxes/{id}/exec", post(exec::exec))
         .route("/sandboxes/{id}/sessions", get(sandboxes::sessions))
         .route("/sandboxes/{id}/ws", get(shell::shell))

@@ -60,6 +60,40 @@ pub async fn destroy(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// `POST /sandboxes/:id/stop`: to cold (snapshot, VMM exits).
+pub async fn stop(
+    State(state): State<AppState>,
+    User(user): User,
+    Path(id): Path<String>,
+) -> Result<Json<api_types::Sandbox>, ApiError> {
+    state.limit(&user, Class::Create)?;
+    Ok(Json(state.service.stop(&user, &id).await?))
+}
+
+/// `?force=true` (or `false`) closes an open circuit breaker first;
+/// anything else is refused.
+pub fn parse_start_query(q: Option<&str>) -> Result<bool, ApiError> {
+    match q.unwrap_or("") {
+        "" | "force=false" => Ok(false),
+        "force=true" | "force=1" => Ok(true),
+        other => Err(ApiError::BadRequest(format!(
+            "unknown query '{other}': only force=true|false"
+        ))),
+    }
+}
+
+/// `POST /sandboxes/:id/start[?force=true]`: wake (or boot a stopped one).
+pub async fn start(
+    State(state): State<AppState>,
+    User(user): User,
+    Path(id): Path<String>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> Result<Json<api_types::Sandbox>, ApiError> {
+    state.limit(&user, Class::Create)?;
+    let force = parse_start_query(q.as_deref())?;
+    Ok(Json(state.service.start_sandbox(&user, &id, force).await?))
+}
+
 pub async fn sessions(
     State(state): State<AppState>,
     User(user): User,
@@ -81,4 +115,18 @@ pub async fn sessions(
             })
             .collect(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_start_query;
+
+    #[test]
+    fn start_query() {
+        assert!(!parse_start_query(None).unwrap());
+        assert!(!parse_start_query(Some("force=false")).unwrap());
+        assert!(parse_start_query(Some("force=true")).unwrap());
+        assert!(parse_start_query(Some("force=yes")).is_err());
+        assert!(parse_start_query(Some("x=1")).is_err());
+    }
 }
