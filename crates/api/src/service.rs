@@ -233,9 +233,16 @@ impl Service {
                 continue;
             }
             let runtime = serde_json::from_value::<Runtime>(row.runtime.clone()).ok();
-            if row.status == status::RUNNING && row.thermal == "cold" {
+            if row.status == status::RUNNING {
                 if let Some(rt) = &runtime {
-                    match self.core.adopt_cold(rt.core.clone()).await {
+                    // Cold: the snapshot is on disk. Hot or warm: its VMM
+                    // outlived the daemon (SIGKILL); snapshot it first.
+                    let adopted = if row.thermal == "cold" {
+                        self.core.adopt_cold(rt.core.clone()).await
+                    } else {
+                        self.core.adopt_orphan(rt.core.clone()).await
+                    };
+                    match adopted {
                         Ok(record) => {
                             tracing::info!(sandbox = %row.id, "recovered cold; wakes when next used");
                             self.live().insert(
@@ -249,12 +256,15 @@ impl Service {
                             if let Err(e) = self.core.set_keep_hot(&record.id, row.keep_hot) {
                                 tracing::warn!(sandbox = %row.id, error = %e, "keep_hot");
                             }
+                            if let Err(e) = persist(&self.store, &row.id, &record).await {
+                                tracing::error!(sandbox = %row.id, error = %e, "recording a recovered sandbox");
+                            }
                             continue;
                         }
                         Err(e) => tracing::warn!(
                             sandbox = %row.id,
                             error = %error_chain(&e),
-                            "cold snapshot unusable; the sandbox boots again from its disk"
+                            "no usable snapshot; the sandbox boots again from its disk"
                         ),
                     }
                 }
@@ -911,12 +921,22 @@ async fn record_thermal(
             ThermalState::Cold => "cold",
         };
         let store2 = store.clone();
-        let (s2, kind) = (sid.clone(), ev.kind.name());
+        let (s2, kind, pid) = (sid.clone(), ev.kind.name(), ev.vmm_pid);
         let r = blocking(move || {
+            // The runtime keeps the VMM's pid current (a restore starts a
+            // new VMM), so recovery after a crash finds the right one.
+            let runtime = store2.sandbox(&uid, &s2)?.map(|row| {
+                let mut rt = row.runtime;
+                if let Some(core) = rt.get_mut("core").and_then(|c| c.as_object_mut()) {
+                    core.insert("vmm_pid".into(), serde_json::json!(pid));
+                }
+                rt
+            });
             store2.update_sandbox(
                 &s2,
                 &SandboxUpdate {
                     thermal: Some(thermal.into()),
+                    runtime,
                     ..Default::default()
                 },
             )?;

@@ -31,7 +31,9 @@ mod thermal;
 pub use config::CoreConfig;
 pub use error::{CoreError, Result};
 pub use id::{BadSandboxId, SandboxId, Token};
-pub use manager::{SandboxManager, AGENT_PORT, BASE_CMDLINE, SERIAL_LOG};
+pub use manager::{
+    SandboxManager, AGENT_PORT, BASE_CMDLINE, MEMORY_FILE, SERIAL_LOG, SNAPSHOT_DIR,
+};
 pub use record::{BootTimings, SandboxRecord};
 pub use spec::{Limits, SandboxSpec, SpecError, DEFAULT_CPUS, DEFAULT_IMAGE, DEFAULT_MEMORY_MB};
 pub use state::{

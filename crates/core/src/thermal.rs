@@ -114,6 +114,8 @@ pub struct ThermalEvent {
     pub at_unix_ms: u64,
     /// How long the operation took.
     pub took: Duration,
+    /// The VMM's pid after it (a restore starts a new one).
+    pub vmm_pid: Option<u32>,
 }
 
 /// Reads every byte of the state file and checks the manifest against the
@@ -143,7 +145,10 @@ impl SandboxManager {
     }
 
     fn emit(&self, entry: &Entry, kind: ThermalEventKind, took: Duration) {
-        let thermal = entry.record().thermal;
+        let (thermal, vmm_pid) = {
+            let r = entry.record();
+            (r.thermal, r.vmm_pid)
+        };
         tracing::info!(sandbox = %entry.id, event = kind.name(), %thermal, took_ms = took.as_millis() as u64, "thermal");
         let ev = ThermalEvent {
             id: entry.id.clone(),
@@ -151,6 +156,7 @@ impl SandboxManager {
             thermal,
             at_unix_ms: now_unix_ms(),
             took,
+            vmm_pid,
         };
         if let Some(tx) = &*self.inner.events.lock().unwrap_or_else(|p| p.into_inner()) {
             // A dropped receiver only means nobody records events any more.
@@ -659,6 +665,67 @@ impl SandboxManager {
             }
         }
         (released, failed)
+    }
+
+    /// Startup recovery of a sandbox whose VMM outlived an earlier daemon
+    /// (killed with SIGKILL while the sandbox was hot or warm): that VMM
+    /// (`record.vmm_pid`, only if its command line names the sandbox
+    /// directory) is snapshotted through its QMP socket and ends, and the
+    /// sandbox is adopted cold — its processes and memory intact.
+    pub async fn adopt_orphan(&self, record: SandboxRecord) -> Result<SandboxRecord> {
+        let id = record.id.clone();
+        let fail = |reason: String| CoreError::Restore {
+            id: id.clone(),
+            reason,
+            stderr_tail: String::new(),
+        };
+        let pid = record
+            .vmm_pid
+            .ok_or_else(|| fail("no VMM pid recorded".into()))?;
+        let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+        let cmdline = std::fs::read(proc_dir.join("cmdline"))
+            .map_err(|e| fail(format!("VMM {pid} is gone: {e}")))?;
+        if !String::from_utf8_lossy(&cmdline).contains(&record.dir.display().to_string()) {
+            return Err(fail(format!("pid {pid} is not this sandbox's VMM")));
+        }
+        let image = self.inner.images.resolve(&record.spec.image)?;
+        let att = record
+            .network
+            .clone()
+            .ok_or_else(|| fail("the record has no network attachment".into()))?;
+        let spec = vm_spec(&record.spec, &image, &record.dir, &att);
+        let dir = record.dir.join(SNAPSHOT_DIR);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)
+                .map_err(|e| fail(format!("removing the old snapshot: {e}")))?;
+        }
+        let info = vmm::snapshot_orphan(&self.inner.engine, spec, &dir)
+            .await
+            .map_err(|e| {
+                fail(format!(
+                    "snapshotting the orphaned VMM {pid}: {}",
+                    error_chain(&e)
+                ))
+            })?;
+        // It holds the disk's lock and the old TAP: wait until it has exited.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // (A zombie, exited but not yet reaped, has an empty command line.)
+        while std::fs::read(proc_dir.join("cmdline")).is_ok_and(|c| !c.is_empty()) {
+            if Instant::now() >= deadline {
+                // SAFETY: kill(2) with a plain pid and signal; no memory is involved.
+                if unsafe { libc::kill(pid as i32, libc::SIGKILL) } != 0 {
+                    tracing::warn!(pid, error = %std::io::Error::last_os_error(), "killing the orphaned VMM");
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tracing::info!(sandbox = %id, pid, state_bytes = info.state_bytes, "orphaned VMM snapshotted");
+        self.adopt_cold(SandboxRecord {
+            vmm_pid: None,
+            ..record
+        })
+        .await
     }
 
     /// Startup recovery of a sandbox that went cold under an earlier

@@ -62,3 +62,30 @@ pub fn new_vmm(choice: &EngineChoice, spec: VmSpec) -> Result<Box<dyn Vmm>> {
         other => Err(VmmError::EngineNotBuilt { engine: other }),
     }
 }
+
+/// Snapshots into `dir` a VM that an earlier process started with `spec`
+/// and lost (see [`qemu::QemuVmm::snapshot_orphan`]), and ends it.
+/// Firecracker: [`VmmError::Unsupported`].
+pub async fn snapshot_orphan(
+    choice: &EngineChoice,
+    spec: VmSpec,
+    dir: &std::path::Path,
+) -> Result<SnapshotInfo> {
+    match choice.kind {
+        #[cfg(feature = "qemu")]
+        EngineKind::QemuKvm | EngineKind::QemuTcg => {
+            let accel = if choice.kind == EngineKind::QemuKvm {
+                qemu::Accel::Kvm
+            } else {
+                qemu::Accel::Tcg
+            };
+            let config = qemu::QemuConfig::new(choice.binary.clone(), accel);
+            qemu::QemuVmm::new(config, spec)?.snapshot_orphan(dir).await
+        }
+        #[allow(unreachable_patterns)]
+        other => Err(VmmError::Unsupported {
+            engine: other,
+            operation: "take over an orphaned VMM",
+        }),
+    }
+}

@@ -118,6 +118,44 @@ impl QemuVmm {
         cmdline::build(&self.spec, &self.config, launch)
     }
 
+    /// Takes over a QEMU that an earlier process started with this same
+    /// spec and then lost (a daemon killed with SIGKILL leaves its VMMs
+    /// running): connects to the QMP socket in the work directory, saves a
+    /// full snapshot into `dir` (guest memory stays in the shared memory
+    /// file) and tells that QEMU to quit. The VM must not have been started
+    /// by this value; afterwards it counts as exited.
+    pub async fn snapshot_orphan(&self, dir: &Path) -> Result<SnapshotInfo> {
+        {
+            let mut qmp = self.ops.lock().await;
+            let state = self.current_state();
+            if state != VmState::Created || qmp.is_some() {
+                return Err(VmmError::InvalidState {
+                    operation: "take over",
+                    state,
+                });
+            }
+            let sock = self.spec.work_dir.join(QMP_SOCKET);
+            let c = QmpClient::connect(&sock)
+                .await
+                .map_err(|source| VmmError::Qmp {
+                    command: "connect".into(),
+                    source,
+                })?;
+            *qmp = Some(c);
+            self.set_state(VmState::Running);
+        }
+        let result = self.snapshot(dir, SnapshotKind::Full).await;
+        let mut qmp = self.ops.lock().await;
+        if let Some(mut c) = qmp.take() {
+            // QEMU may close the socket before answering.
+            if let Err(e) = c.run::<()>("quit", None).await {
+                tracing::debug!(error = %e, "quit after taking over");
+            }
+        }
+        self.set_state(VmState::Exited);
+        result
+    }
+
     /// QMP `query-status`.
     pub async fn query_status(&self) -> Result<StatusInfo> {
         let mut qmp = self.ops.lock().await;
