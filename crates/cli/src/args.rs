@@ -48,6 +48,27 @@ pub enum Command {
     /// Manage your secrets (values are never shown).
     #[command(subcommand)]
     Secret(SecretCommand),
+    /// Put a sandbox to sleep now: snapshot to disk, VM exits (cold).
+    Stop {
+        /// Sandbox name or id.
+        name: String,
+    },
+    /// Wake a warm or cold sandbox now (it also wakes by itself when used).
+    Start {
+        /// Sandbox name or id.
+        name: String,
+        /// Try again after a failed restore (closes the circuit breaker).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Change a sandbox's settings.
+    Edit {
+        /// Sandbox name or id.
+        name: String,
+        /// Never pause or snapshot it when idle.
+        #[arg(long, value_name = "true|false")]
+        keep_hot: Option<bool>,
+    },
     /// Destroy a sandbox and its disk.
     Destroy {
         /// Sandbox name or id.
@@ -360,6 +381,28 @@ mod tests {
         assert_eq!(parse_mode("0o600"), Ok(0o600));
         assert!(parse_mode("0999").is_err());
         assert!(parse_mode("17777").is_err());
+    }
+
+    #[test]
+    fn thermal_commands() {
+        assert!(matches!(
+            parse(&["start", "a", "--force"]).unwrap().command,
+            Command::Start { ref name, force: true } if name == "a"
+        ));
+        assert!(matches!(
+            parse(&["stop", "a"]).unwrap().command,
+            Command::Stop { ref name } if name == "a"
+        ));
+        assert!(matches!(
+            parse(&["edit", "a", "--keep-hot", "false"])
+                .unwrap()
+                .command,
+            Command::Edit {
+                keep_hot: Some(false),
+                ..
+            }
+        ));
+        assert!(parse(&["edit", "a", "--keep-hot", "maybe"]).is_err());
     }
 
     #[test]

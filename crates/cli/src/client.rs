@@ -193,6 +193,29 @@ impl Client {
         Ok((self.json("POST /sandboxes", resp).await?, created))
     }
 
+    /// `POST /sandboxes/:id/stop` or `/start[?force=true]`.
+    pub async fn lifecycle(&self, name: &str, action: &str, force: bool) -> Result<Sandbox> {
+        let mut url = self.url(&["sandboxes", name, action]);
+        if force {
+            url.set_query(Some("force=true"));
+        }
+        let resp = self.send(self.request(Method::POST, url, true)?).await?;
+        self.json("POST /sandboxes/:id/stop|start", resp).await
+    }
+
+    /// `PATCH /sandboxes/:id`.
+    pub async fn patch(&self, name: &str, keep_hot: Option<bool>) -> Result<Sandbox> {
+        let body = api_types::PatchSandbox {
+            keep_hot,
+            labels: None,
+        };
+        let rb = self
+            .request(Method::PATCH, self.url(&["sandboxes", name]), true)?
+            .json(&body);
+        let resp = self.send(rb).await?;
+        self.json("PATCH /sandboxes/:id", resp).await
+    }
+
     pub async fn destroy(&self, name: &str) -> Result<()> {
         let rb = self.request(Method::DELETE, self.url(&["sandboxes", name]), true)?;
         self.send(rb).await.map(drop)

@@ -132,6 +132,22 @@ impl Ctx {
             }
             Command::File(f) => self.file(f).await?,
             Command::Secret(s) => self.secret(s).await?,
+            Command::Stop { name } => {
+                let sb = c.lifecycle(&name, "stop", false).await?;
+                eprintln!("{name} is {}", sb.thermal);
+            }
+            Command::Start { name, force } => {
+                let sb = c.lifecycle(&name, "start", force).await?;
+                eprintln!("{name} is {}", sb.thermal);
+            }
+            Command::Edit { name, keep_hot } => {
+                let sb = c.patch(&name, keep_hot).await?;
+                if self.json {
+                    print_json(&sb)?
+                } else {
+                    print(&output::sandbox_details(&sb, now_ms()))?
+                }
+            }
             Command::Destroy { name } => {
                 c.destroy(&name).await?;
                 eprintln!("destroyed {name}");
