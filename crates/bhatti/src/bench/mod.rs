@@ -5,6 +5,7 @@ mod agent;
 mod api;
 mod boot;
 mod stats;
+mod thermal;
 
 use clap::Subcommand;
 
@@ -19,6 +20,10 @@ pub enum BenchCommand {
     /// The daemon's API against the agent client it wraps: exec, 1 KiB
     /// files, 10 concurrent execs, /health. Needs root and built images.
     Api(api::ApiBenchArgs),
+    /// Thermal tiers on a real VM: pause, resume, warm and cold wake +
+    /// exec vs. a fresh boot, snapshot size vs. memory dirtied. Needs root
+    /// and built images.
+    Thermal(thermal::ThermalBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -26,5 +31,6 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Agent(args) => agent::run(args),
         BenchCommand::Boot(args) => boot::run(args),
         BenchCommand::Api(args) => api::run(args),
+        BenchCommand::Thermal(args) => thermal::run(args),
     }
 }
