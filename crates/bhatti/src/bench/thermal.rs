@@ -55,6 +55,36 @@ struct Results {
     boot_exec: Samples,
     /// (MiB dirtied, state bytes, memory-file bytes on disk, stop time)
     dirtied: Vec<(u64, u64, u64, Duration)>,
+    /// Guest RAM resident in QEMU (KiB of the memory file) before a stop and right
+    /// after the cold wake + exec that follows it.
+    resident: Vec<(u64, u64)>,
+}
+
+/// KiB of the guest's memory file resident in a process (`Rss` of its
+/// mapping in `/proc/PID/smaps`).
+fn resident_ram_kib(pid: Option<u32>) -> u64 {
+    let Some(pid) = pid else { return 0 };
+    let Ok(smaps) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return 0;
+    };
+    let mut in_ram = false;
+    let mut kib = 0;
+    for line in smaps.lines() {
+        if let Some(v) = line.strip_prefix("Rss:") {
+            if in_ram {
+                kib += v
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap_or(0);
+            }
+        } else if line.contains('-') && line.split_whitespace().count() >= 5 {
+            // A mapping's header line: `start-end perms offset dev inode [path]`.
+            in_ram = line.trim_end().ends_with(bhatti_core::MEMORY_FILE);
+        }
+    }
+    kib
 }
 
 pub fn run(args: ThermalBenchArgs) -> anyhow::Result<()> {
@@ -178,11 +208,14 @@ async fn measure(mgr: &SandboxManager, args: &ThermalBenchArgs) -> anyhow::Resul
     }
     eprintln!("warm: done");
     for i in 0..args.cold_iterations {
+        let before = resident_ram_kib(mgr.get(&id)?.vmm_pid);
         let t = Instant::now();
         mgr.stop(&id).await.context("stop")?;
         r.stop.push(t.elapsed());
         let woke = timed_exec(mgr, &id).await?;
         r.cold_exec.push(woke);
+        r.resident
+            .push((before, resident_ram_kib(mgr.get(&id)?.vmm_pid)));
         eprintln!("cold #{}: wake+exec {woke:?}", i + 1);
         eprintln!(
             "cold #{}: wake+exec {:?}",
@@ -249,6 +282,17 @@ fn report(image: &str, r: &Results) {
             ms(s.p50()),
             ms(s.percentile(95.0)),
             ms(s.percentile(99.0))
+        );
+    }
+    if let Some((before, after)) = r.resident.last() {
+        let mean_after =
+            r.resident.iter().map(|(_, a)| a).sum::<u64>() / r.resident.len().max(1) as u64;
+        println!(
+            "\n  guest RAM mapped in QEMU (resident pages of the memory file): {} MiB before a stop; {} MiB right after the cold wake + exec (mean {} MiB); the file holds {} MiB: a restore maps pages as the guest touches them, nothing is read up front",
+            before >> 10,
+            after >> 10,
+            mean_after >> 10,
+            r.dirtied.first().map_or(0, |d| d.2 >> 20)
         );
     }
     println!("\n  snapshot vs guest memory dirtied (tmpfs writes before the stop)");
