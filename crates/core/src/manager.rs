@@ -65,6 +65,12 @@ pub(crate) struct Entry {
     vm: Mutex<Option<Vm>>,
     /// Host-side last use (Unix ms): every agent call touches it.
     pub(crate) last_activity_ms: AtomicU64,
+    /// While cold: the agent client of the VM that was snapshotted. Its
+    /// idle connections are frozen in the snapshot with the guest and work
+    /// again after the restore, which saves the first calls a TCP
+    /// handshake and an auth round trip through a guest whose code is
+    /// cold. A connection that turns out dead is replaced transparently.
+    pub(crate) cold_client: Mutex<Option<AgentClient>>,
 }
 
 impl Entry {
@@ -75,6 +81,7 @@ impl Entry {
             record: Mutex::new(record),
             vm: Mutex::new(None),
             last_activity_ms: AtomicU64::new(now_unix_ms()),
+            cold_client: Mutex::new(None),
         }
     }
 
@@ -88,6 +95,10 @@ impl Entry {
 
     pub(crate) fn vm(&self) -> Option<Vm> {
         self.vm_slot().clone()
+    }
+
+    pub(crate) fn cold_client(&self) -> MutexGuard<'_, Option<AgentClient>> {
+        self.cold_client.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(crate) fn touch(&self) {

@@ -414,6 +414,7 @@ impl SandboxManager {
         // Verified: the VMM may go. Out of the slot first, so nobody takes
         // its exit for a crash.
         let vm = entry.vm_slot().take().unwrap_or(vm);
+        *entry.cold_client() = Some(vm.client.clone());
         match vm.vmm.kill().await {
             Ok(exit) => tracing::debug!(%exit, "VMM of a cold sandbox ended"),
             Err(e) => {
@@ -534,7 +535,11 @@ impl SandboxManager {
             return Err(err);
         }
         let addr = SocketAddr::from((att.ip, AGENT_PORT));
-        let client = AgentClient::new(Endpoint::Tcp(addr), record.token.expose());
+        let client = entry
+            .cold_client()
+            .take()
+            .filter(|c| *c.endpoint() == Endpoint::Tcp(addr))
+            .unwrap_or_else(|| AgentClient::new(Endpoint::Tcp(addr), record.token.expose()));
         let deadline = Instant::now() + self.inner.config.thermal.wake_timeout;
         let mut last;
         loop {
