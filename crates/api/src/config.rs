@@ -65,6 +65,12 @@ pub struct NetworkConfig {
     /// prefix that no sandbox owns are removed, so two daemons (or a daemon
     /// and a benchmark) in one namespace need different prefixes.
     pub tap_prefix: String,
+    /// Apply bhatti's firewall (no new connections from sandboxes to the
+    /// host but DNS, NAT out); off only for hosts that manage it elsewhere.
+    pub firewall: bool,
+    /// Where the gateway's DNS responder relays names it does not know
+    /// (default: the host's first `nameserver`).
+    pub dns_upstream: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -119,6 +125,8 @@ impl Default for NetworkConfig {
             bridge: "bhatti0".into(),
             subnet: "10.210.0.0/24".into(),
             tap_prefix: "bt".into(),
+            firewall: true,
+            dns_upstream: None,
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod extract;
 pub mod keys;
+pub mod network;
 pub mod ratelimit;
 pub mod routes;
 pub mod secrets;

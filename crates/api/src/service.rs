@@ -75,6 +75,8 @@ pub struct Service {
     /// Serialises boots of one stopped sandbox, so concurrent requests
     /// wait for one boot instead of starting several.
     booting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Sandbox names by user and address, for the gateway's DNS responder.
+    names: Arc<crate::network::GuestNames>,
 }
 
 fn engine_preference(s: &str) -> vmm::EnginePreference {
@@ -166,8 +168,15 @@ impl Service {
             live: Arc::new(Mutex::new(HashMap::new())),
             tasks: Mutex::new(Vec::new()),
             booting: Mutex::new(HashMap::new()),
+            names: Arc::default(),
         };
         let events = service.core.subscribe_thermal();
+        let net_tasks = crate::network::start(
+            &service.config,
+            service.store.clone(),
+            service.names.clone(),
+        )
+        .await?;
         service.recover().await;
         let recorder = tokio::spawn(record_thermal(
             events,
@@ -180,6 +189,11 @@ impl Service {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .extend([recorder, ticker]);
+        service
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(net_tasks);
         Ok(service)
     }
 
@@ -490,6 +504,7 @@ impl Service {
                     }),
                 )
                 .await;
+                self.names.refresh(&self.store).await;
                 Ok((true, view(&row)))
             }
             Err(e @ (CoreError::InvalidSpec(_) | CoreError::Image(_))) => {
@@ -738,6 +753,7 @@ impl Service {
         blocking(move || store.delete_sandbox(&rid)).await?;
         self.event(user, &row.id, "destroyed", serde_json::json!({}))
             .await;
+        self.names.refresh(&self.store).await;
         Ok(())
     }
 

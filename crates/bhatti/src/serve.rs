@@ -19,9 +19,17 @@ pub struct ServeArgs {
     /// `auto`, `firecracker`, `qemu-kvm` or `qemu-tcg`; overrides the config.
     #[arg(long)]
     engine: Option<String>,
+    /// Remove bhatti's firewall rules from this host and exit.
+    #[arg(long)]
+    cleanup: bool,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    if args.cleanup {
+        api::network::cleanup().context("removing bhatti's firewall rules")?;
+        println!("bhatti: firewall rules removed");
+        return Ok(());
+    }
     let mut config = api::DaemonConfig::load(args.config.as_deref())?;
     if let Some(d) = args.data_dir {
         config.data_dir = d;

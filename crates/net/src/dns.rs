@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use tokio::net::UdpSocket;
 
-/// Looks a (lower-case, dot-less) sandbox name up.
-pub type NameLookup = Arc<dyn Fn(&str) -> Option<Ipv4Addr> + Send + Sync>;
+/// Looks a (lower-case) sandbox name up for the guest asking (by its
+/// address), so each user's sandboxes see only their own names.
+pub type NameLookup = Arc<dyn Fn(&str, std::net::IpAddr) -> Option<Ipv4Addr> + Send + Sync>;
 
 const TYPE_A: u16 = 1;
 const TYPE_AAAA: u16 = 28;
@@ -101,6 +102,18 @@ pub fn answer(msg: &[u8], q: &Question, ip: Ipv4Addr) -> Vec<u8> {
     out
 }
 
+/// A SERVFAIL answer to `q` (the upstream could not be asked).
+pub fn servfail(msg: &[u8], q: &Question) -> Vec<u8> {
+    let mut out = Vec::with_capacity(q.end);
+    out.extend_from_slice(&q.id.to_be_bytes());
+    let rd = msg[2] & 0x01;
+    out.extend_from_slice(&[0x80 | rd, 0x82]);
+    out.extend_from_slice(&1u16.to_be_bytes());
+    out.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    out.extend_from_slice(&msg[12..q.end]);
+    out
+}
+
 /// Serves DNS on `socket` until it fails: sandbox names from `lookup`
 /// (with or without the `suffix` domain), everything else via `upstream`.
 pub async fn serve(
@@ -123,7 +136,7 @@ pub async fn serve(
             .unwrap_or(&q.name)
             .to_string();
         let known = (q.qclass == CLASS_IN && matches!(q.qtype, TYPE_A | TYPE_AAAA))
-            .then(|| lookup(&local))
+            .then(|| lookup(&local, from.ip()))
             .flatten();
         match known {
             Some(ip) => {
@@ -140,7 +153,11 @@ pub async fn serve(
                                 tracing::debug!(%from, error = %e, "cannot relay a DNS answer");
                             }
                         }
-                        Err(e) => tracing::debug!(%upstream, error = %e, "DNS upstream failed"),
+                        Err(e) => {
+                            // Fail fast rather than let the guest's resolver time out.
+                            tracing::debug!(%upstream, error = %e, "DNS upstream failed");
+                            let _ = socket.send_to(&servfail(&msg, &q), from).await;
+                        }
                     }
                 });
             }
@@ -156,12 +173,15 @@ async fn forward(msg: &[u8], upstream: SocketAddr) -> std::io::Result<Vec<u8>> {
         "[::]:0".parse().expect("literal")
     };
     let s = UdpSocket::bind(bind).await?;
-    s.send_to(msg, upstream).await?;
+    // Connected, so an unreachable upstream is an error at once (ICMP)
+    // rather than a timeout, and only the upstream's datagrams arrive.
+    s.connect(upstream).await?;
+    s.send(msg).await?;
     let mut buf = vec![0u8; 4096];
     let read = async {
         loop {
-            let (n, from) = s.recv_from(&mut buf).await?;
-            if from == upstream && n >= 2 && buf[..2] == msg[..2] {
+            let n = s.recv(&mut buf).await?;
+            if n >= 2 && buf[..2] == msg[..2] {
                 return Ok::<_, std::io::Error>(buf[..n].to_vec());
             }
         }
@@ -217,6 +237,17 @@ pub(crate) mod tests {
         let empty = answer(&aaaa, &p, Ipv4Addr::LOCALHOST);
         assert_eq!(u16::from_be_bytes([empty[6], empty[7]]), 0);
         assert_eq!(empty.len(), aaaa.len());
+    }
+
+    #[test]
+    fn servfail_echoes_the_question_with_rcode_2() {
+        let q = query(5, "example.org", TYPE_A);
+        let p = parse_query(&q).unwrap();
+        let f = servfail(&q, &p);
+        assert_eq!(&f[..2], &[0, 5]);
+        assert_eq!(f[3] & 0x0f, 2);
+        assert_eq!(u16::from_be_bytes([f[6], f[7]]), 0);
+        assert_eq!(&f[12..], &q[12..]);
     }
 
     #[test]

@@ -45,7 +45,10 @@ async fn answers_sandbox_names_and_relays_the_rest() {
     });
     let names: HashMap<String, Ipv4Addr> =
         HashMap::from([("dev".to_string(), Ipv4Addr::new(10, 210, 0, 7))]);
-    let lookup: net::dns::NameLookup = Arc::new(move |n: &str| names.get(n).copied());
+    let lookup: net::dns::NameLookup = Arc::new(move |n: &str, from: std::net::IpAddr| {
+        assert!(from.is_loopback(), "the asker's address reaches the lookup");
+        names.get(n).copied()
+    });
     let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
     let server = socket.local_addr().unwrap();
     tokio::spawn(net::dns::serve(
