@@ -45,8 +45,10 @@ pub fn run(args: ApiBenchArgs) -> anyhow::Result<()> {
     std::os::unix::fs::symlink(&images, scratch.path().join("images"))?;
     let tag = format!("{:04x}", std::process::id() & 0xffff);
     let bridge = format!("bhapi{tag}");
+    // No firewall: applying it would replace the rules of a daemon running
+    // in the same namespace with the bench's own.
     let mut config = api::DaemonConfig::parse(&format!(
-        "data_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\n[network]\nbridge = \"{bridge}\"\nsubnet = \"{}\"\ntap_prefix = \"ba{tag}\"\n\
+        "data_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\n[network]\nbridge = \"{bridge}\"\nsubnet = \"{}\"\ntap_prefix = \"ba{tag}\"\nfirewall = false\n\
          [limits]\ncreates_per_min = 1000\nexecs_per_min = 1000000\nreads_per_min = 1000000\n",
         scratch.path().display(),
         args.subnet,
