@@ -7,15 +7,13 @@
 //! removes them at the end, also on failure.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use bhatti_core::{CoreConfig, SandboxManager, SandboxSpec};
+use bhatti_core::{SandboxManager, SandboxSpec};
 use image::{ImageStore, Layout, Tier};
-use net::{IpRoute, NetworkConfig};
 use proto::ExecRequest;
-use vmm::{EngineKind, EnginePreference};
+use vmm::EnginePreference;
 
 use super::stats::Samples;
 
@@ -65,39 +63,8 @@ pub fn run(args: BootBenchArgs) -> anyhow::Result<()> {
             .resolve(t.name())
             .with_context(|| format!("image '{t}' in {}", args.data_dir.display()))?;
     }
-    let scratch = tempfile::Builder::new()
-        .prefix("bhatti-bench-boot-")
-        .tempdir()
-        .context("temp dir")?;
-    // Names of our own, so a daemon's TAPs in the same namespace are never
-    // taken for orphans (setup removes links with the TAP prefix).
-    let tag = format!("{:04x}", std::process::id() & 0xffff);
-    let mut config = CoreConfig::new(scratch.path());
-    config.image_dir = args.data_dir.clone();
-    config.engine = args.engine;
-    config.disk_bytes = 1 << 30;
-    config.network = NetworkConfig {
-        bridge: format!("bhbench{tag}"),
-        subnet: args.subnet.parse().context("--subnet")?,
-        tap_prefix: format!("bb{tag}"),
-        dns: None,
-    };
-    let mgr = SandboxManager::new(config, Arc::new(IpRoute::default()))
-        .context("setting up (root is needed for the bridge and TAPs)")?;
-    let engine = mgr.engine().clone();
-    println!("engine: {} ({})", engine.kind, engine.reason);
-    println!(
-        "accelerator: {}",
-        match engine.kind {
-            EngineKind::QemuTcg => "tcg (software emulation: absolute times are not KVM times)",
-            EngineKind::QemuKvm | EngineKind::Firecracker => "kvm",
-        }
-    );
-    println!(
-        "network: bridge {} {} (removed at the end)",
-        mgr.network().config().bridge,
-        mgr.network().config().subnet
-    );
+    let (_scratch, mgr) =
+        super::scratch_manager("boot", 'b', &args.data_dir, args.engine, &args.subnet)?;
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

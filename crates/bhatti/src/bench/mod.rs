@@ -26,6 +26,56 @@ pub enum BenchCommand {
     Thermal(thermal::ThermalBenchArgs),
 }
 
+/// A sandbox manager of the bench's own: a temp data dir reading the images
+/// in `data_dir`, and a bridge, TAP prefix and subnet named after this
+/// process, so a daemon's links in the same namespace are never taken for
+/// orphans (`tap_letter` must differ from every other user of the
+/// namespace's `b…` TAP prefixes: the daemon's default is `bt`). Prints the
+/// engine and network it uses.
+pub fn scratch_manager(
+    label: &str,
+    tap_letter: char,
+    data_dir: &std::path::Path,
+    engine: vmm::EnginePreference,
+    subnet: &str,
+) -> anyhow::Result<(tempfile::TempDir, bhatti_core::SandboxManager)> {
+    use anyhow::Context;
+    let scratch = tempfile::Builder::new()
+        .prefix(&format!("bhatti-bench-{label}-"))
+        .tempdir()
+        .context("temp dir")?;
+    let tag = format!("{:04x}", std::process::id() & 0xffff);
+    let mut config = bhatti_core::CoreConfig::new(scratch.path());
+    config.image_dir = data_dir.to_path_buf();
+    config.engine = engine;
+    config.disk_bytes = 1 << 30;
+    config.network = net::NetworkConfig {
+        bridge: format!("bh{}{tag}", &label[..label.len().min(5)]),
+        subnet: subnet.parse().context("--subnet")?,
+        tap_prefix: format!("b{tap_letter}{tag}"),
+        dns: None,
+    };
+    let mgr =
+        bhatti_core::SandboxManager::new(config, std::sync::Arc::new(net::IpRoute::default()))
+            .context("setting up (root is needed for the bridge and TAPs)")?;
+    let engine = mgr.engine().clone();
+    println!("engine: {} ({})", engine.kind, engine.reason);
+    println!(
+        "accelerator: {}",
+        match engine.kind {
+            vmm::EngineKind::QemuTcg =>
+                "tcg (software emulation: absolute times are not KVM times)",
+            vmm::EngineKind::QemuKvm | vmm::EngineKind::Firecracker => "kvm",
+        }
+    );
+    println!(
+        "network: bridge {} {} (removed at the end)",
+        mgr.network().config().bridge,
+        mgr.network().config().subnet
+    );
+    Ok((scratch, mgr))
+}
+
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Agent(args) => agent::run(args),

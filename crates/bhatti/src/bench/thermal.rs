@@ -8,15 +8,13 @@
 //! current network namespace, all removed at the end (also on failure).
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use bhatti_core::{CoreConfig, SandboxId, SandboxManager, SandboxSpec};
+use bhatti_core::{SandboxId, SandboxManager, SandboxSpec};
 use image::{ImageStore, Layout};
-use net::{IpRoute, NetworkConfig};
 use proto::ExecRequest;
-use vmm::{EngineKind, EnginePreference};
+use vmm::EnginePreference;
 
 use super::stats::Samples;
 
@@ -95,37 +93,9 @@ pub fn run(args: ThermalBenchArgs) -> anyhow::Result<()> {
     ImageStore::new(Layout::new(&args.data_dir))
         .resolve(&args.image)
         .with_context(|| format!("image '{}' in {}", args.image, args.data_dir.display()))?;
-    let scratch = tempfile::Builder::new()
-        .prefix("bhatti-bench-thermal-")
-        .tempdir()
-        .context("temp dir")?;
-    let tag = format!("{:04x}", std::process::id() & 0xffff);
-    let mut config = CoreConfig::new(scratch.path());
-    config.image_dir = args.data_dir.clone();
-    config.engine = args.engine;
-    config.disk_bytes = 1 << 30;
-    config.network = NetworkConfig {
-        bridge: format!("bhtherm{tag}"),
-        subnet: args.subnet.parse().context("--subnet")?,
-        tap_prefix: format!("bq{tag}"),
-        dns: None,
-    };
-    let mgr = SandboxManager::new(config, Arc::new(IpRoute::default()))
-        .context("setting up (root is needed for the bridge and TAPs)")?;
-    let engine = mgr.engine().clone();
-    println!("engine: {} ({})", engine.kind, engine.reason);
-    println!(
-        "accelerator: {}",
-        match engine.kind {
-            EngineKind::QemuTcg => "tcg (software emulation: absolute times are not KVM times)",
-            EngineKind::QemuKvm | EngineKind::Firecracker => "kvm",
-        }
-    );
-    println!(
-        "network: bridge {} {} (removed at the end)",
-        mgr.network().config().bridge,
-        mgr.network().config().subnet
-    );
+    let (_scratch, mgr) =
+        super::scratch_manager("therm", 'q', &args.data_dir, args.engine, &args.subnet)?;
+
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
