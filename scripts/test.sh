@@ -31,6 +31,14 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 
+# rust-toolchain.toml pins 1.95.0. A machine whose stable toolchain is
+# 1.95.0 but has none under that name gets a link rather than a download.
+if command -v rustup >/dev/null && ! (cd / && rustup run 1.95.0 rustc --version >/dev/null 2>&1); then
+  if (cd / && rustup run stable rustc --version 2>/dev/null | grep -q '^rustc 1\.95\.0'); then
+    rustup toolchain link 1.95.0 "$(cd / && rustup run stable rustc --print sysroot)"
+  fi
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
