@@ -8,7 +8,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -16,23 +15,11 @@ use bhatti_core::{
     CoreConfig, CoreError, SandboxId, SandboxManager, SandboxSpec, ThermalPolicy, ThermalState,
 };
 use image::Tier;
-use net::{IpRoute, NetworkConfig};
+use net::IpRoute;
 use proto::ExecRequest;
-use testkit::{images, is_root, Netns};
+use testkit::{images, Netns};
 
-const QEMU: &str = "qemu-system-x86_64";
-
-fn skip() -> bool {
-    if !is_root() {
-        println!("SKIP the VM tests need root");
-        return true;
-    }
-    if Command::new(QEMU).arg("--version").output().is_err() {
-        println!("SKIP {QEMU} is not installed");
-        return true;
-    }
-    false
-}
+use common::skip;
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -43,16 +30,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn config(data: &Path, bridge: &str, subnet: &str) -> CoreConfig {
-    let mut config = CoreConfig::new(data);
-    config.image_dir = testkit::image_cache();
-    config.network = NetworkConfig {
-        bridge: bridge.into(),
-        subnet: subnet.parse().unwrap(),
-        tap_prefix: "bt".into(),
-        dns: None,
-    };
-    config.disk_bytes = 256 << 20;
-    config.boot_timeout = Duration::from_secs(90);
+    let mut config = common::vm_config(data, bridge, subnet, "bt");
     // No ticker unless a test starts one; the long timers keep a manual
     // tick from acting.
     config.thermal = ThermalPolicy {

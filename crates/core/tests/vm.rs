@@ -9,30 +9,17 @@ mod common;
 
 use std::net::Ipv4Addr;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agent_client::{SessionEvent, WriteOptions};
-use bhatti_core::{CoreConfig, CoreError, SandboxId, SandboxManager, SandboxSpec, SandboxState};
+use bhatti_core::{CoreError, SandboxId, SandboxManager, SandboxSpec, SandboxState};
 use image::{ConfigFile, Tier};
 use net::{IpRoute, NetOps, NetworkConfig};
 use proto::{ErrorCode, ExecRequest, FileRead};
-use testkit::{images, is_root, Netns};
+use testkit::{images, Netns};
 
-const QEMU: &str = "qemu-system-x86_64";
-
-fn skip() -> bool {
-    if !is_root() {
-        println!("SKIP the VM tests need root");
-        return true;
-    }
-    if Command::new(QEMU).arg("--version").output().is_err() {
-        println!("SKIP {QEMU} is not installed");
-        return true;
-    }
-    false
-}
+use common::skip;
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -44,17 +31,7 @@ fn runtime() -> tokio::runtime::Runtime {
 /// A manager over a fresh data directory in the current namespace, reading
 /// images from the shared cache.
 fn manager(data: &Path, bridge: &str, subnet: &str, tap_prefix: &str) -> SandboxManager {
-    let mut config = CoreConfig::new(data);
-    config.image_dir = testkit::image_cache();
-    config.network = NetworkConfig {
-        bridge: bridge.into(),
-        subnet: subnet.parse().unwrap(),
-        tap_prefix: tap_prefix.into(),
-        dns: None,
-    };
-    config.disk_bytes = 256 << 20;
-    // Several TCG guests boot at once on two shared cores in this suite.
-    config.boot_timeout = Duration::from_secs(90);
+    let config = common::vm_config(data, bridge, subnet, tap_prefix);
     SandboxManager::new(config, Arc::new(IpRoute::default())).expect("manager")
 }
 

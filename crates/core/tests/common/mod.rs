@@ -71,3 +71,45 @@ pub fn dir_entries(dir: &Path) -> Vec<String> {
         Err(_) => Vec::new(),
     }
 }
+
+/// The QEMU binary the VM suites need.
+pub const QEMU: &str = "qemu-system-x86_64";
+
+/// Whether the VM suites cannot run here (printing why).
+pub fn skip() -> bool {
+    if !testkit::is_root() {
+        println!("SKIP the VM tests need root");
+        return true;
+    }
+    if std::process::Command::new(QEMU)
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        println!("SKIP {QEMU} is not installed");
+        return true;
+    }
+    false
+}
+
+/// A core configuration over a fresh data directory in the current
+/// namespace, reading images from the shared test cache, with generous boot
+/// timeouts (several TCG guests boot at once on two shared cores).
+pub fn vm_config(
+    data: &Path,
+    bridge: &str,
+    subnet: &str,
+    tap_prefix: &str,
+) -> bhatti_core::CoreConfig {
+    let mut config = bhatti_core::CoreConfig::new(data);
+    config.image_dir = testkit::image_cache();
+    config.network = net::NetworkConfig {
+        bridge: bridge.into(),
+        subnet: subnet.parse().unwrap(),
+        tap_prefix: tap_prefix.into(),
+        dns: None,
+    };
+    config.disk_bytes = 256 << 20;
+    config.boot_timeout = std::time::Duration::from_secs(90);
+    config
+}
