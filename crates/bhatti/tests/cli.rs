@@ -34,13 +34,7 @@ impl Daemon {
             testkit::is_root(),
             "the CLI suite needs root (namespaces, TAPs)"
         );
-        testkit::images(Tier::Tiny);
-        let data = tempfile::tempdir().unwrap();
-        std::os::unix::fs::symlink(
-            testkit::image_cache().join("images"),
-            data.path().join("images"),
-        )
-        .unwrap();
+        let data = testkit::data_dir_with_images(Tier::Tiny);
         let config = data.path().join("bhatti.toml");
         std::fs::write(
             &config,

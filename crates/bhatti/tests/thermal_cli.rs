@@ -94,14 +94,8 @@ const COUNTER: &str = "setsid sh -c 'i=0; while true; do i=$((i+1)); echo $i > /
 #[test]
 fn stop_start_edit_and_a_killed_daemon_with_cold_and_warm_sandboxes() {
     assert!(testkit::is_root(), "the CLI suite needs root");
-    testkit::images(Tier::Tiny);
     let _ns = Netns::enter("cli-thermal");
-    let data = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(
-        testkit::image_cache().join("images"),
-        data.path().join("images"),
-    )
-    .unwrap();
+    let data = testkit::data_dir_with_images(Tier::Tiny);
     let config = data.path().join("bhatti.toml");
     // Warm after 1 s idle; cold only when asked (or at shutdown).
     std::fs::write(

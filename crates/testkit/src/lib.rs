@@ -155,3 +155,13 @@ pub fn wait_until(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
+
+/// A fresh data directory whose `images/` links to the shared image cache
+/// (built for `tier` first): what a test daemon's `data_dir` needs.
+pub fn data_dir_with_images(tier: Tier) -> tempfile::TempDir {
+    images(tier);
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::os::unix::fs::symlink(image_cache().join("images"), dir.path().join("images"))
+        .expect("linking the image cache");
+    dir
+}

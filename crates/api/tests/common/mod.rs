@@ -44,15 +44,7 @@ pub fn logs() -> LogSink {
 
 /// A data dir whose `images/` is the shared test image cache.
 pub fn data_dir() -> tempfile::TempDir {
-    // Build (or reuse) the images once; both tiers are used by the suite.
-    testkit::images(Tier::Tiny);
-    let dir = tempfile::tempdir().expect("temp dir");
-    std::os::unix::fs::symlink(
-        testkit::image_cache().join("images"),
-        dir.path().join("images"),
-    )
-    .expect("link images");
-    dir
+    testkit::data_dir_with_images(Tier::Tiny)
 }
 
 pub fn config(data: &Path, tweak: &str) -> api::DaemonConfig {
