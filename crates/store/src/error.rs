@@ -16,6 +16,10 @@ pub enum StoreError {
     Duplicate { kind: &'static str, name: String },
     #[error("no {kind} '{id}'")]
     NotFound { kind: &'static str, id: String },
+    #[error("the alias '{alias}' is taken")]
+    AliasTaken { alias: String },
+    #[error("port {port} is already published as '{alias}'")]
+    PortPublished { port: u16, alias: String },
     #[error("the database is at schema version {found}, newer than this binary knows ({known})")]
     TooNew { found: i64, known: i64 },
 }

@@ -8,6 +8,7 @@
 mod error;
 mod events;
 mod migrations;
+mod publications;
 mod sandboxes;
 mod secrets;
 mod users;
@@ -17,6 +18,7 @@ use std::sync::{Mutex, MutexGuard};
 
 pub use error::StoreError;
 pub use events::EventRecord;
+pub use publications::{NewPublication, PublicationRecord};
 pub use sandboxes::{NewSandbox, SandboxRecord, SandboxUpdate};
 pub use secrets::SecretRecord;
 pub use users::{NewUser, UserRecord};

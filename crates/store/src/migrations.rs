@@ -49,6 +49,17 @@ const MIGRATIONS: &[&str] = &[
         at INTEGER NOT NULL
     );
     CREATE INDEX events_by_sandbox ON events (sandbox_id, id);",
+    // 2: publications (a sandbox port under a public alias).
+    "CREATE TABLE publications (
+        id TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        sandbox_id TEXT NOT NULL REFERENCES sandboxes(id) ON DELETE CASCADE,
+        port INTEGER NOT NULL CHECK (port BETWEEN 1 AND 65535),
+        alias TEXT NOT NULL COLLATE NOCASE UNIQUE,
+        created_at INTEGER NOT NULL,
+        UNIQUE (sandbox_id, port)
+    );
+    CREATE INDEX publications_by_user ON publications (user_id);",
 ];
 
 pub fn migrate(conn: &mut rusqlite::Connection) -> Result<()> {

@@ -68,6 +68,17 @@ impl Store {
             .optional()?)
     }
 
+    pub fn user_by_id(&self, id: &str) -> Result<Option<UserRecord>> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!("SELECT {COLS} FROM users WHERE id = ?1"),
+                [id],
+                user,
+            )
+            .optional()?)
+    }
+
     pub fn user_by_key_hash(&self, hash: &str) -> Result<Option<UserRecord>> {
         Ok(self
             .conn()
