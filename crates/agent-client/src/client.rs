@@ -281,6 +281,17 @@ impl AgentClient {
         })
     }
 
+    /// The TCP ports listening in the guest (the agent's own left out).
+    pub async fn ports(&self) -> Result<Vec<proto::ListeningPort>, ClientError> {
+        call!(self, "list ports", |c| async {
+            c.send(&Message::ListPorts).await?;
+            match c.recv("list ports").await? {
+                Message::PortList(l) => Ok(l.ports),
+                other => Err(unexpected("port_list", &other)),
+            }
+        })
+    }
+
     pub async fn sessions(&self) -> Result<Vec<SessionInfo>, ClientError> {
         call!(self, "session list", |c| async {
             c.send(&Message::SessionList).await?;

@@ -175,6 +175,11 @@ where
             crate::clock::set_realtime(t.unix_ms)?;
             Ok(writer.send(&Message::Ok).await?)
         }
+        Message::ListPorts => {
+            // Two small procfs reads: quick enough to do in place.
+            let ports = crate::ports::listening(crate::init::AGENT_PORT);
+            Ok(writer.send(&Message::PortList(ports)).await?)
+        }
         Message::FileRead(req) => crate::files::read(agent, writer, req).await,
         Message::FileWrite(req) => crate::files::write(agent, reader, writer, req).await,
         Message::Stat(s) => {

@@ -15,6 +15,7 @@ mod failure;
 mod files;
 mod identity;
 mod init;
+mod ports;
 mod pty;
 mod server;
 mod session;

@@ -62,3 +62,37 @@ async fn a_closed_port_is_a_clear_error_and_the_client_goes_on() {
     assert_eq!(err.agent_code(), Some(ErrorCode::BadRequest));
     assert_eq!(a.client.exec(argv(&["true"])).await.unwrap().exit.code, 0);
 }
+
+#[tokio::test]
+async fn listening_ports_are_listed_and_closed_ones_are_not() {
+    let a = TestAgent::start();
+    let v4 = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let v4_port = v4.local_addr().unwrap().port();
+    let listed = a.client.ports().await.unwrap();
+    assert!(
+        listed
+            .iter()
+            .any(|p| p.port == v4_port && p.address == "127.0.0.1" && p.protocol == "tcp"),
+        "{listed:?}"
+    );
+    // Sorted by port, no duplicates.
+    let keys: Vec<_> = listed.iter().map(|p| (p.port, p.address.clone())).collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(keys, sorted);
+    // IPv6, where the host has it.
+    if let Ok(v6) = TcpListener::bind("[::1]:0").await {
+        let v6_port = v6.local_addr().unwrap().port();
+        let listed = a.client.ports().await.unwrap();
+        assert!(
+            listed
+                .iter()
+                .any(|p| p.port == v6_port && p.address == "::1"),
+            "{listed:?}"
+        );
+    }
+    drop(v4);
+    let listed = a.client.ports().await.unwrap();
+    assert!(!listed.iter().any(|p| p.port == v4_port), "{listed:?}");
+}

@@ -100,7 +100,8 @@ fn write_payload(msg: &Message, out: &mut Vec<u8>) -> Result<(), CodecError> {
         | Message::SessionList
         | Message::ActivityQuery
         | Message::DataEnd
-        | Message::TunnelOk => Ok(()),
+        | Message::TunnelOk
+        | Message::ListPorts => Ok(()),
         Message::Auth(v) => json_into(name, v, out),
         Message::AuthOk(v) => json_into(name, v, out),
         Message::Error(v) => json_into(name, v, out),
@@ -127,6 +128,7 @@ fn write_payload(msg: &Message, out: &mut Vec<u8>) -> Result<(), CodecError> {
         Message::LsEnd(v) => json_into(name, v, out),
         Message::Tunnel(v) => json_into(name, v, out),
         Message::SetTime(v) => json_into(name, v, out),
+        Message::PortList(v) => json_into(name, v, out),
     }
 }
 
@@ -236,6 +238,8 @@ impl Message {
             t::TUNNEL => Message::Tunnel(json("tunnel", p)?),
             t::SET_TIME => Message::SetTime(json("set_time", p)?),
             t::TUNNEL_OK => empty("tunnel_ok", Message::TunnelOk, p)?,
+            t::LIST_PORTS => empty("list_ports", Message::ListPorts, p)?,
+            t::PORT_LIST => Message::PortList(json("port_list", p)?),
             _ => return Ok(None),
         };
         Ok(Some(msg))

@@ -334,6 +334,23 @@ pub struct Tunnel {
     pub port: u16,
 }
 
+/// One TCP socket listening in the guest, from `/proc/net/tcp{,6}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListeningPort {
+    pub port: u16,
+    /// The bound address: `0.0.0.0`, `127.0.0.1`, `::`, `::1`, …
+    pub address: String,
+    /// Always `tcp` for now.
+    pub protocol: String,
+}
+
+/// The guest's listening TCP sockets (the agent's own port left out),
+/// sorted by port then address; the answer to [`Message::ListPorts`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortList {
+    pub ports: Vec<ListeningPort>,
+}
+
 /// Every message, with its frame type in [`Message::frame_type`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -376,6 +393,9 @@ pub enum Message {
     Tunnel(Tunnel),
     TunnelOk,
     SetTime(SetTime),
+    /// Which TCP ports listen in the guest; answered by [`Message::PortList`].
+    ListPorts,
+    PortList(PortList),
 }
 
 /// Frame type bytes. Grouped by area; gaps leave room for additions.
@@ -416,6 +436,8 @@ pub mod frame_type {
     pub const LS_END: u8 = 0x4b;
     pub const TUNNEL: u8 = 0x50;
     pub const TUNNEL_OK: u8 = 0x51;
+    pub const LIST_PORTS: u8 = 0x52;
+    pub const PORT_LIST: u8 = 0x53;
     pub const SET_TIME: u8 = 0x60;
 }
 
@@ -461,6 +483,8 @@ impl Message {
             Message::Tunnel(_) => t::TUNNEL,
             Message::TunnelOk => t::TUNNEL_OK,
             Message::SetTime(_) => t::SET_TIME,
+            Message::ListPorts => t::LIST_PORTS,
+            Message::PortList(_) => t::PORT_LIST,
         }
     }
 
@@ -504,6 +528,8 @@ impl Message {
             Message::Tunnel(_) => "tunnel",
             Message::TunnelOk => "tunnel_ok",
             Message::SetTime(_) => "set_time",
+            Message::ListPorts => "list_ports",
+            Message::PortList(_) => "port_list",
         }
     }
 

@@ -144,6 +144,21 @@ fn samples() -> Vec<Message> {
         Message::SetTime(SetTime {
             unix_ms: 1_700_000_000_123,
         }),
+        Message::ListPorts,
+        Message::PortList(PortList {
+            ports: vec![
+                ListeningPort {
+                    port: 22,
+                    address: "0.0.0.0".into(),
+                    protocol: "tcp".into(),
+                },
+                ListeningPort {
+                    port: 3000,
+                    address: "::1".into(),
+                    protocol: "tcp".into(),
+                },
+            ],
+        }),
     ]
 }
 
@@ -186,6 +201,8 @@ fn variant(m: &Message) -> usize {
         Message::Tunnel(_) => 34,
         Message::TunnelOk => 35,
         Message::SetTime(_) => 36,
+        Message::ListPorts => 37,
+        Message::PortList(_) => 38,
     }
 }
 
@@ -215,7 +232,7 @@ fn every_message_has_a_sample() {
     let mut seen: Vec<usize> = samples().iter().map(variant).collect();
     seen.sort();
     seen.dedup();
-    assert_eq!(seen, (0..37).collect::<Vec<_>>());
+    assert_eq!(seen, (0..39).collect::<Vec<_>>());
 }
 
 #[test]
