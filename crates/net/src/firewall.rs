@@ -20,9 +20,12 @@
 //!
 //! Policy: traffic between two sandbox bridges is dropped (a user's
 //! sandboxes share one bridge, where frames are switched without
-//! reaching these chains; a per-bridge accept keeps that true on hosts that
-//! send bridged frames through iptables); sandboxes may not open
-//! connections to the host except DNS to their gateway; replies to
+//! reaching these chains; an accept for bridged frames — `physdev
+//! --physdev-is-bridged`, which only ever matches frames that stay on one
+//! bridge — keeps that true on hosts that send bridged frames through
+//! iptables with `br_netfilter`, without a rule per bridge, so bridges can
+//! come and go with users without touching the rules); sandboxes may not open
+//! connections to the host except DNS (and pings) to their gateway; replies to
 //! connections the host opened (the agent, proxies) pass; sandboxes reach
 //! the outside through NAT.
 
@@ -42,9 +45,7 @@ pub struct FirewallConfig {
     /// Prefix every sandbox bridge name starts with (`bh` matches `bhatti0`,
     /// `bhu1`, …); rules use it as an iptables wildcard (`bh+`).
     pub bridge_prefix: String,
-    /// The sandbox bridges that exist now (each gets its same-bridge accept).
-    pub bridges: Vec<String>,
-    /// Sandbox subnets to masquerade.
+    /// Sandbox subnets to masquerade (the whole per-user range will do).
     pub subnets: Vec<Subnet>,
 }
 
@@ -67,14 +68,11 @@ fn rule(table: &'static str, chain: &'static str, args: &str) -> Rule {
 /// The contents of bhatti's chains for `cfg`, in order. Pure.
 pub fn plan(cfg: &FirewallConfig) -> Vec<Rule> {
     let any = format!("{}+", cfg.bridge_prefix);
-    let mut rules = Vec::new();
-    for b in &cfg.bridges {
-        rules.push(rule(
-            "filter",
-            CHAIN_FORWARD,
-            &format!("-i {b} -o {b} -j ACCEPT"),
-        ));
-    }
+    let mut rules = vec![rule(
+        "filter",
+        CHAIN_FORWARD,
+        "-m physdev --physdev-is-bridged -j ACCEPT",
+    )];
     rules.extend([
         rule(
             "filter",
@@ -102,6 +100,13 @@ pub fn plan(cfg: &FirewallConfig) -> Vec<Rule> {
             "filter",
             CHAIN_INPUT,
             &format!("-i {any} -p tcp --dport 53 -j ACCEPT"),
+        ),
+        // Pinging the gateway is how anyone first checks a network; an
+        // echo request opens nothing.
+        rule(
+            "filter",
+            CHAIN_INPUT,
+            &format!("-i {any} -p icmp --icmp-type echo-request -j ACCEPT"),
         ),
         rule("filter", CHAIN_INPUT, &format!("-i {any} -j DROP")),
     ]);
@@ -203,7 +208,7 @@ impl Firewall {
                 )?;
             }
         }
-        tracing::info!(bridges = ?cfg.bridges, "firewall rules applied");
+        tracing::info!(bridges = %format!("{}+", cfg.bridge_prefix), "firewall rules applied");
         Ok(())
     }
 
@@ -234,7 +239,6 @@ mod tests {
     fn plan_isolates_bridges_guards_the_host_and_masquerades() {
         let cfg = FirewallConfig {
             bridge_prefix: "bh".into(),
-            bridges: vec!["bhu1".into(), "bhu2".into()],
             subnets: vec!["10.210.1.0/24".parse().unwrap()],
         };
         let text: Vec<String> = plan(&cfg)
@@ -244,8 +248,7 @@ mod tests {
         assert_eq!(
             text,
             [
-                "filter BHATTI-FWD -i bhu1 -o bhu1 -j ACCEPT",
-                "filter BHATTI-FWD -i bhu2 -o bhu2 -j ACCEPT",
+                "filter BHATTI-FWD -m physdev --physdev-is-bridged -j ACCEPT",
                 "filter BHATTI-FWD -i bh+ -o bh+ -j DROP",
                 "filter BHATTI-FWD -o bh+ -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
                 "filter BHATTI-FWD -o bh+ -j DROP",
@@ -253,6 +256,7 @@ mod tests {
                 "filter BHATTI-IN -i bh+ -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
                 "filter BHATTI-IN -i bh+ -p udp --dport 53 -j ACCEPT",
                 "filter BHATTI-IN -i bh+ -p tcp --dport 53 -j ACCEPT",
+                "filter BHATTI-IN -i bh+ -p icmp --icmp-type echo-request -j ACCEPT",
                 "filter BHATTI-IN -i bh+ -j DROP",
                 "nat BHATTI-NAT -s 10.210.1.0/24 ! -o bh+ -j MASQUERADE",
             ]

@@ -136,7 +136,11 @@ impl Network {
             config.subnet.prefix(),
         )?;
         for tap in ops.list_links(namer.prefix())? {
-            let owned = namer.parse(&tap).is_some_and(|ip| pool.is_allocated(ip));
+            // Networks may share a TAP prefix (per-user networks do): a TAP
+            // for another subnet's address is another network's business.
+            let owned = namer
+                .parse(&tap)
+                .is_some_and(|ip| pool.is_allocated(ip) || !config.subnet.contains(ip));
             if !owned {
                 tracing::info!(%tap, bridge = %config.bridge, "removing orphan TAP");
                 ops.delete_link(&tap)?;
@@ -227,13 +231,19 @@ impl Network {
         neigh.and(tap).and(release)
     }
 
-    /// Deletes every TAP of this network and the bridge (tests, benches,
-    /// `bhatti setup --uninstall`). VMs still attached lose their network.
+    /// Deletes every TAP of this network and the bridge (a user's last
+    /// sandbox gone, tests, benches). VMs still attached lose their
+    /// network. TAPs of other subnets that share the prefix are left alone.
     pub fn teardown(&self) -> Result<()> {
         let mut first_err = None;
         match self.ops.list_links(self.namer.prefix()) {
             Ok(taps) => {
-                for tap in taps {
+                let ours = |tap: &String| {
+                    self.namer
+                        .parse(tap)
+                        .is_none_or(|ip| self.config.subnet.contains(ip))
+                };
+                for tap in taps.into_iter().filter(ours) {
                     if let Err(e) = self.ops.delete_link(&tap) {
                         first_err.get_or_insert(e);
                     }
@@ -363,5 +373,26 @@ mod tests {
         assert!(Network::setup(config(), ops.clone(), ["10.8.0.2".parse().unwrap()]).is_err());
         net.teardown().unwrap();
         assert_eq!(ops.links(), vec!["other0".to_string()]);
+    }
+
+    #[test]
+    fn networks_sharing_a_tap_prefix_leave_each_others_taps_alone() {
+        let ops = Arc::new(FakeNetOps::default());
+        let other = NetworkConfig {
+            bridge: "br-other".into(),
+            subnet: "10.7.1.0/29".parse().unwrap(),
+            ..config()
+        };
+        let mine = Network::setup(config(), ops.clone(), []).unwrap();
+        let a = mine.attach(0).unwrap();
+        // Another network with the same prefix comes up: a's TAP stays.
+        let theirs = Network::setup(other, ops.clone(), []).unwrap();
+        let b = theirs.attach(0).unwrap();
+        assert!(ops.link(&a.tap).is_some());
+        // ...and goes: a's TAP still stays.
+        theirs.teardown().unwrap();
+        assert!(ops.link(&b.tap).is_none());
+        assert!(ops.link(&a.tap).is_some());
+        assert!(ops.link("br-other").is_none());
     }
 }

@@ -13,8 +13,14 @@ use crate::subnet::Subnet;
 /// Why a user network could not be assigned.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UserNetError {
-    #[error("the range {range} cannot be cut into /{prefix} networks")]
+    #[error("the range {range} cannot be cut into /{prefix} networks (at most 65536 of them)")]
     BadRange { range: Subnet, prefix: u8 },
+    #[error("the {what} prefix '{prefix}' is too long (at most {max} bytes)")]
+    PrefixTooLong {
+        what: &'static str,
+        prefix: String,
+        max: usize,
+    },
     #[error("every /{prefix} network of {range} is in use ({count} users)")]
     Exhausted {
         range: Subnet,
@@ -43,8 +49,23 @@ impl UserNetworks {
         bridge_prefix: &str,
         tap_prefix: &str,
     ) -> Result<UserNetworks, UserNetError> {
-        if prefix < range.prefix() || prefix > crate::subnet::MAX_PREFIX {
+        if prefix < range.prefix()
+            || prefix > crate::subnet::MAX_PREFIX
+            || prefix - range.prefix() > 16
+        {
             return Err(UserNetError::BadRange { range, prefix });
+        }
+        for (what, p, max) in [
+            ("bridge", bridge_prefix, crate::names::MAX_IFNAME - 4),
+            ("TAP", tap_prefix, crate::names::MAX_TAP_PREFIX),
+        ] {
+            if p.len() > max {
+                return Err(UserNetError::PrefixTooLong {
+                    what,
+                    prefix: p.to_string(),
+                    max,
+                });
+            }
         }
         Ok(UserNetworks {
             range,
@@ -66,11 +87,15 @@ impl UserNetworks {
             .unwrap_or_else(|e| unreachable!("an aligned network inside the range: {e}"))
     }
 
+    /// Bridges carry the index as four hex digits (fixed width, so no
+    /// bridge name is a prefix of another). TAPs share one prefix: their
+    /// names hold the guest address, unique across users' subnets, and a
+    /// network's orphan cleanup only looks at TAPs of its own subnet.
     fn config_for(&self, index: u32) -> NetworkConfig {
         NetworkConfig {
-            bridge: format!("{}{index}", self.bridge_prefix),
+            bridge: format!("{}{index:04x}", self.bridge_prefix),
             subnet: self.subnet_at(index),
-            tap_prefix: format!("{}{index}", self.tap_prefix),
+            tap_prefix: self.tap_prefix.clone(),
             dns: Some(self.subnet_at(index).gateway()),
         }
     }
@@ -91,6 +116,42 @@ impl UserNetworks {
                 })?;
         self.by_user.insert(user.to_string(), index);
         Ok(self.config_for(index))
+    }
+
+    /// Like [`UserNetworks::assign`], but prefers the network holding
+    /// `ip` when it is free: a sandbox booted again after a daemon restart
+    /// keeps its address (and MAC, and TAP name) even though users'
+    /// networks are assigned afresh in whatever order their sandboxes come
+    /// back.
+    pub fn assign_containing(
+        &mut self,
+        user: &str,
+        ip: std::net::Ipv4Addr,
+    ) -> Result<NetworkConfig, UserNetError> {
+        if !self.by_user.contains_key(user) && self.range.contains(ip) {
+            let size = 1u32 << (32 - self.prefix);
+            let index = (u32::from(ip) - u32::from(self.range.network())) / size;
+            if !self.by_user.values().any(|&i| i == index) {
+                self.by_user.insert(user.to_string(), index);
+                return Ok(self.config_for(index));
+            }
+        }
+        self.assign(user)
+    }
+
+    /// Bridge names are `<bridge_prefix>` and four hex digits.
+    pub fn bridge_prefix(&self) -> &str {
+        &self.bridge_prefix
+    }
+
+    /// Every user's TAPs are `<tap_prefix>` and the guest address in hex.
+    pub fn tap_prefix(&self) -> &str {
+        &self.tap_prefix
+    }
+
+    /// The range users' networks are cut from.
+    pub fn range(&self) -> Subnet {
+        self.range
     }
 
     /// The user's network if one is assigned.
@@ -128,11 +189,11 @@ mod tests {
                 a.subnet.to_string(),
                 a.tap_prefix.as_str()
             ),
-            ("bhu0", "10.210.0.0/24".into(), "tu0")
+            ("bhu0000", "10.210.0.0/24".into(), "tu")
         );
         assert_eq!(
             (b.bridge.as_str(), b.subnet.to_string()),
-            ("bhu1", "10.210.1.0/24".into())
+            ("bhu0001", "10.210.1.0/24".into())
         );
         assert_eq!(a.dns, Some("10.210.0.1".parse().unwrap()));
         assert_eq!(n.assign("alice").unwrap(), a, "stable");
@@ -150,11 +211,51 @@ mod tests {
             n.assign("e"),
             Err(UserNetError::Exhausted { count: 4, .. })
         ));
-        assert_eq!(n.release("b").unwrap().bridge, "bhu1");
-        assert_eq!(n.assign("e").unwrap().bridge, "bhu1");
+        assert_eq!(n.release("b").unwrap().bridge, "bhu0001");
+        assert_eq!(n.assign("e").unwrap().bridge, "bhu0001");
         assert_eq!(n.get("nobody"), None);
         let json = serde_json::to_string(&n).unwrap();
         assert_eq!(serde_json::from_str::<UserNetworks>(&json).unwrap(), n);
+    }
+
+    #[test]
+    fn a_returning_sandbox_gets_the_network_holding_its_address() {
+        let mut n = nets();
+        n.assign("bob").unwrap(); // takes index 0
+        let a = n
+            .assign_containing("alice", "10.210.2.7".parse().unwrap())
+            .unwrap();
+        assert_eq!(a.subnet.to_string(), "10.210.2.0/24");
+        // Taken already: the next free one.
+        let c = n
+            .assign_containing("carol", "10.210.0.9".parse().unwrap())
+            .unwrap();
+        assert_eq!(c.subnet.to_string(), "10.210.1.0/24");
+        // Outside the range: the next free one.
+        let d = n
+            .assign_containing("dave", "192.168.1.2".parse().unwrap())
+            .unwrap();
+        assert_eq!(d.subnet.to_string(), "10.210.3.0/24");
+        // Already assigned: unchanged.
+        assert_eq!(
+            n.assign_containing("alice", "10.210.3.9".parse().unwrap())
+                .unwrap(),
+            a
+        );
+    }
+
+    #[test]
+    fn bridge_names_never_prefix_each_other() {
+        let mut n = UserNetworks::new("10.0.0.0/16".parse().unwrap(), 28, "bhu", "tu").unwrap();
+        let names: Vec<String> = (0..20)
+            .map(|i| n.assign(&format!("u{i}")).unwrap().bridge)
+            .collect();
+        for a in &names {
+            for b in &names {
+                assert!(a == b || !b.starts_with(a.as_str()), "{a} prefixes {b}");
+            }
+        }
+        assert!(n.assign("x").unwrap().validate().is_ok());
     }
 
     #[test]
@@ -162,5 +263,7 @@ mod tests {
         let range: Subnet = "10.210.0.0/24".parse().unwrap();
         assert!(UserNetworks::new(range, 16, "bhu", "tu").is_err());
         assert!(UserNetworks::new(range, 31, "bhu", "tu").is_err());
+        assert!(UserNetworks::new(range, 28, "bhu", "tuuuuuuu").is_err());
+        assert!(UserNetworks::new(range, 28, "bhatti-users", "tu").is_err());
     }
 }
