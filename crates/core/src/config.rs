@@ -19,8 +19,12 @@ pub struct CoreConfig {
     pub image_dir: PathBuf,
     /// Which engine (`auto` by default; always reported).
     pub engine: EnginePreference,
-    /// The bridge and subnet.
+    /// The bridge and subnet every sandbox shares, unless
+    /// `group_networks` is set.
     pub network: NetworkConfig,
+    /// A bridge and subnet per network group (per user, in the daemon),
+    /// made with the group's first sandbox and removed with its last.
+    pub group_networks: Option<crate::networks::GroupNetworkConfig>,
     /// Bounds on specs.
     pub limits: Limits,
     /// Size of each sandbox's sparse writable disk.
@@ -52,6 +56,7 @@ impl CoreConfig {
             data_dir,
             engine: EnginePreference::Auto,
             network: NetworkConfig::default(),
+            group_networks: None,
             limits: Limits::for_host(),
             disk_bytes: 2 << 30,
             boot_timeout: Duration::from_secs(60),

@@ -75,6 +75,16 @@ pub enum CoreError {
         #[source]
         source: net::NetError,
     },
+    /// Removing a sandbox's TAP (and its group's bridge, with its last
+    /// sandbox) failed.
+    #[error("Detaching TAP {tap} from the network")]
+    Detach {
+        /// The TAP.
+        tap: String,
+        /// Underlying error (boxed: it is large).
+        #[source]
+        source: Box<net::NetError>,
+    },
     /// The VMM refused the spec or could not start.
     #[error("Starting the VM of sandbox {id}")]
     Vmm {

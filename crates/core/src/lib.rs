@@ -23,6 +23,7 @@ mod config;
 mod error;
 mod id;
 mod manager;
+mod networks;
 mod record;
 mod spec;
 mod state;
@@ -34,6 +35,7 @@ pub use id::{BadSandboxId, SandboxId, Token};
 pub use manager::{
     SandboxManager, AGENT_PORT, BASE_CMDLINE, MEMORY_FILE, SERIAL_LOG, SNAPSHOT_DIR,
 };
+pub use networks::{GroupNetworkConfig, NetworkEvent};
 pub use record::{BootTimings, SandboxRecord};
 pub use spec::{Limits, SandboxSpec, SpecError, DEFAULT_CPUS, DEFAULT_IMAGE, DEFAULT_MEMORY_MB};
 pub use state::{

@@ -122,7 +122,7 @@ pub(crate) struct Inner {
     pub(crate) config: CoreConfig,
     pub(crate) engine: EngineChoice,
     pub(crate) images: ImageStore,
-    pub(crate) network: Arc<Network>,
+    pub(crate) networks: crate::networks::Networks,
     vmm_uid: u32,
     sandboxes: Mutex<BTreeMap<SandboxId, Arc<Entry>>>,
     /// Caps concurrent restores from cold.
@@ -176,8 +176,12 @@ impl SandboxManager {
         net_ops: Arc<dyn NetOps>,
     ) -> Result<SandboxManager> {
         tracing::info!(engine = %engine.kind, binary = %engine.binary.display(), reason = %engine.reason, "engine");
-        let network =
-            Network::setup(config.network.clone(), net_ops, []).map_err(CoreError::NetworkSetup)?;
+        let networks = crate::networks::Networks::new(
+            &config.network,
+            config.group_networks.as_ref(),
+            net_ops,
+        )
+        .map_err(CoreError::NetworkSetup)?;
         Ok(SandboxManager {
             inner: Arc::new(Inner {
                 images: ImageStore::new(config.image_layout()),
@@ -186,7 +190,7 @@ impl SandboxManager {
                 events: Mutex::new(None),
                 config,
                 engine,
-                network: Arc::new(network),
+                networks,
                 sandboxes: Mutex::new(BTreeMap::new()),
             }),
         })
@@ -202,9 +206,54 @@ impl SandboxManager {
         &self.inner.config
     }
 
-    /// The network sandboxes are attached to.
-    pub fn network(&self) -> &Network {
-        &self.inner.network
+    /// The networks that exist now: the shared one, or every group's.
+    pub fn networks(&self) -> Vec<Arc<Network>> {
+        self.inner.networks.all()
+    }
+
+    /// Reports group networks coming and going (those up already are
+    /// reported at once). One subscriber; a new one replaces the last.
+    pub fn subscribe_networks(
+        &self,
+        tx: tokio::sync::mpsc::UnboundedSender<crate::networks::NetworkEvent>,
+    ) {
+        self.inner.networks.subscribe(tx);
+    }
+
+    /// Removes every bridge and TAP (benches and tests, after their
+    /// sandboxes are gone).
+    pub fn teardown_networks(&self) -> std::result::Result<(), net::NetError> {
+        self.inner.networks.teardown_all()
+    }
+
+    /// Attaches on the sandbox's group network (blocking work off the
+    /// runtime).
+    pub(crate) async fn attach(
+        &self,
+        id: &SandboxId,
+        group: &str,
+        ip: Option<std::net::Ipv4Addr>,
+    ) -> Result<Attachment> {
+        let inner = self.inner.clone();
+        let (group, uid) = (group.to_string(), self.inner.vmm_uid);
+        tokio::task::spawn_blocking(move || inner.networks.attach(&group, uid, ip))
+            .await?
+            .map_err(|source| CoreError::Network {
+                id: id.clone(),
+                source,
+            })
+    }
+
+    /// Undoes [`SandboxManager::attach`].
+    pub(crate) async fn detach(&self, att: Attachment) -> std::result::Result<(), CoreError> {
+        let inner = self.inner.clone();
+        let tap = att.tap.clone();
+        tokio::task::spawn_blocking(move || inner.networks.detach(&att))
+            .await?
+            .map_err(|source| CoreError::Detach {
+                tap,
+                source: Box::new(source),
+            })
     }
 
     fn sandboxes(&self) -> MutexGuard<'_, BTreeMap<SandboxId, Arc<Entry>>> {
@@ -223,10 +272,6 @@ impl SandboxManager {
 
     pub(crate) fn entries(&self) -> Vec<Arc<Entry>> {
         self.sandboxes().values().cloned().collect()
-    }
-
-    pub(crate) fn vmm_uid(&self) -> u32 {
-        self.inner.vmm_uid
     }
 
     /// Registers a recovered record (cold, no VMM) unless its id is taken.
@@ -427,18 +472,8 @@ impl SandboxManager {
             })?;
         }
 
-        // Network: an address, a TAP on the bridge, a neighbour entry.
-        let network = self.inner.network.clone();
-        let uid = self.inner.vmm_uid;
-        let att = tokio::task::spawn_blocking(move || match ip {
-            Some(ip) => network.attach_at(uid, ip),
-            None => network.attach(uid),
-        })
-        .await?
-        .map_err(|source| CoreError::Network {
-            id: id.clone(),
-            source,
-        })?;
+        // Network: an address, a TAP on the group's bridge, a neighbour entry.
+        let att = self.attach(&id, &spec.network_group, ip).await?;
         undo.attachment = Some(att.clone());
         entry.record().network = Some(att.clone());
 
@@ -496,11 +531,8 @@ impl SandboxManager {
             }
         }
         if let Some(att) = undo.attachment {
-            let network = self.inner.network.clone();
-            match tokio::task::spawn_blocking(move || network.detach(&att)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "detaching a failed create"),
-                Err(e) => tracing::warn!(error = %e, "detaching a failed create"),
+            if let Err(e) = self.detach(att).await {
+                tracing::warn!(error = %e, "detaching a failed create");
             }
         }
         if let Some(dir) = undo.dir {
@@ -696,11 +728,8 @@ impl SandboxManager {
             }
             let att = entry.record().network.clone();
             if let Some(att) = att {
-                let network = self.inner.network.clone();
-                match tokio::task::spawn_blocking(move || network.detach(&att)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => fail("remove the TAP", Box::new(e)),
-                    Err(e) => fail("remove the TAP", Box::new(e)),
+                if let Err(e) = self.detach(att).await {
+                    fail("remove the TAP", Box::new(e));
                 }
             }
             let dir = entry.record().dir.clone();
@@ -803,13 +832,7 @@ impl SandboxManager {
         }
         let att = entry.record().network.clone();
         if let Some(att) = att {
-            let network = self.inner.network.clone();
-            tokio::task::spawn_blocking(move || network.detach(&att))
-                .await?
-                .map_err(|source| CoreError::Network {
-                    id: id.clone(),
-                    source,
-                })?;
+            self.detach(att).await?;
         }
         self.sandboxes().remove(id);
         let mut r = entry.record().clone();

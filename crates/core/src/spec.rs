@@ -39,6 +39,11 @@ pub struct SandboxSpec {
     /// Command started at boot.
     #[serde(default)]
     pub init: Option<InitCommand>,
+    /// Sandboxes of one network group share a bridge and subnet, and no
+    /// other sandbox is on it (the daemon uses the user id). Ignored when
+    /// the manager runs one shared network.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub network_group: String,
 }
 
 fn default_image() -> String {
@@ -62,6 +67,7 @@ impl SandboxSpec {
             env: BTreeMap::new(),
             files: Vec::new(),
             init: None,
+            network_group: String::new(),
         }
     }
 }

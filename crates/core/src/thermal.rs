@@ -748,22 +748,15 @@ impl SandboxManager {
                 reason: "the record has no network attachment".into(),
                 stderr_tail: String::new(),
             })?;
-        let network = self.inner.network.clone();
-        let uid = self.vmm_uid();
-        let att = tokio::task::spawn_blocking(move || network.attach_at(uid, ip))
-            .await?
-            .map_err(|source| CoreError::Network {
-                id: id.clone(),
-                source,
-            })?;
+        let att = self
+            .attach(&id, &record.spec.network_group, Some(ip))
+            .await?;
         let spec = vm_spec(&record.spec, &image, &record.dir, &att);
         let (dir, engine) = (record.dir.join(SNAPSHOT_DIR), self.inner.engine.kind);
         let checked =
             tokio::task::spawn_blocking(move || verify_snapshot(&dir, engine, &spec)).await?;
         if let Err(reason) = checked {
-            let network = self.inner.network.clone();
-            let a = att.clone();
-            if let Err(e) = tokio::task::spawn_blocking(move || network.detach(&a)).await? {
+            if let Err(e) = self.detach(att.clone()).await {
                 tracing::warn!(sandbox = %id, error = %e, "detaching after a bad snapshot");
             }
             return Err(CoreError::Restore {

@@ -123,7 +123,7 @@ fn a_vmm_that_cannot_start_leaves_nothing_behind() {
     // It got as far as a disk, a config drive and a TAP, and undid them.
     assert!(ops.calls().iter().any(|c| c.starts_with("create_tap")));
     assert_eq!(ops.links(), vec!["bhatti0".to_string()]);
-    assert!(mgr.network().pool().is_empty());
+    assert!(mgr.networks()[0].pool().is_empty());
     assert!(common::dir_entries(&dir.path().join("sandboxes")).is_empty());
     assert!(mgr.list().is_empty());
     // The name is free again.

@@ -80,7 +80,7 @@ async fn destroy_and_check(mgr: &SandboxManager, id: &SandboxId) {
     assert!(!taps("").contains(&att.tap), "TAP {} left", att.tap);
     assert!(!rec.dir.exists(), "{} left", rec.dir.display());
     assert!(matches!(mgr.get(id), Err(CoreError::NotFound(_))));
-    assert!(!mgr.network().pool().is_allocated(att.ip));
+    assert!(!mgr.networks()[0].pool().is_allocated(att.ip));
 }
 
 async fn session_output(mgr: &SandboxManager, id: &SandboxId, argv: &[&str]) -> String {
@@ -364,7 +364,7 @@ fn a_killed_vmm_is_reported_dead_and_a_boot_timeout_cleans_up() {
         }
         assert!(taps("bu").is_empty());
         assert!(impatient.list().is_empty());
-        assert!(impatient.network().pool().is_empty());
+        assert!(impatient.networks()[0].pool().is_empty());
         assert!(common::dir_entries(&data.path().join("sandboxes")).is_empty());
         assert!(common::processes_mentioning(data.path()).is_empty());
     });

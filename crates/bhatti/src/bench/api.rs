@@ -44,14 +44,17 @@ pub fn run(args: ApiBenchArgs) -> anyhow::Result<()> {
         .context("temp dir")?;
     std::os::unix::fs::symlink(&images, scratch.path().join("images"))?;
     let tag = format!("{:04x}", std::process::id() & 0xffff);
-    let bridge = format!("bhapi{tag}");
+    let subnet: net::Subnet = args.subnet.parse().context("--subnet")?;
+    // The bench's one user gets the range's first (and only) subnet.
+    let bridge_prefix = format!("bha{tag}");
+    let bridge = format!("{bridge_prefix}0000");
     // No firewall: applying it would replace the rules of a daemon running
     // in the same namespace with the bench's own.
     let mut config = api::DaemonConfig::parse(&format!(
-        "data_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\n[network]\nbridge = \"{bridge}\"\nsubnet = \"{}\"\ntap_prefix = \"ba{tag}\"\nfirewall = false\n\
+        "data_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\n[network]\nrange = \"{subnet}\"\nuser_prefix = {}\nbridge_prefix = \"{bridge_prefix}\"\ntap_prefix = \"ba{tag}\"\nfirewall = false\n\
          [limits]\ncreates_per_min = 1000\nexecs_per_min = 1000000\nreads_per_min = 1000000\n",
         scratch.path().display(),
-        args.subnet,
+        subnet.prefix(),
     ))
     .map_err(anyhow::Error::msg)?;
     config.defaults.image = args.image.clone();
@@ -61,7 +64,7 @@ pub fn run(args: ApiBenchArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let result = rt.block_on(measure(config, args.iterations));
-    // The bridge is the bench's own; its TAPs went with the sandbox.
+    // The bridge is the bench's own and normally went with its sandbox.
     let _ = std::process::Command::new("ip")
         .args(["link", "del", &bridge])
         .status();

@@ -75,7 +75,7 @@ pub fn run(args: BootBenchArgs) -> anyhow::Result<()> {
     for e in rt.block_on(mgr.destroy_all()) {
         eprintln!("warning: {e:#}");
     }
-    if let Err(e) = mgr.network().teardown() {
+    if let Err(e) = mgr.teardown_networks() {
         eprintln!("warning: removing the bench network: {e:#}");
     }
     let results = result?;

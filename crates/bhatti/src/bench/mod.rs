@@ -68,11 +68,13 @@ pub fn scratch_manager(
             vmm::EngineKind::QemuKvm | vmm::EngineKind::Firecracker => "kvm",
         }
     );
-    println!(
-        "network: bridge {} {} (removed at the end)",
-        mgr.network().config().bridge,
-        mgr.network().config().subnet
-    );
+    for n in mgr.networks() {
+        println!(
+            "network: bridge {} {} (removed at the end)",
+            n.config().bridge,
+            n.config().subnet
+        );
+    }
     Ok((scratch, mgr))
 }
 
