@@ -57,20 +57,67 @@ pub struct ThermalConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NetworkConfig {
-    /// Bridge the sandboxes' TAPs join.
-    pub bridge: String,
-    /// Their subnet (the gateway is `.1`).
-    pub subnet: String,
-    /// Prefix of the TAP names (at most 7 bytes). At startup, TAPs with this
-    /// prefix that no sandbox owns are removed, so two daemons (or a daemon
-    /// and a benchmark) in one namespace need different prefixes.
+    /// The range users' subnets are cut from: each user gets the next free
+    /// `/user_prefix` of it (and its own bridge) with their first sandbox,
+    /// and gives it back with their last.
+    pub range: String,
+    /// Length of each user's subnet (24: 253 sandboxes per user).
+    pub user_prefix: u8,
+    /// Users' bridges are `<bridge_prefix><4 hex digits>` (2..=11 bytes).
+    /// At start, links with this prefix are removed (left by a previous
+    /// run), so two daemons in one namespace need different prefixes.
+    pub bridge_prefix: String,
+    /// TAPs are `<tap_prefix><guest IPv4 in hex>` (2..=7 bytes); removed at
+    /// start like the bridges.
     pub tap_prefix: String,
-    /// Apply bhatti's firewall (no new connections from sandboxes to the
-    /// host but DNS, NAT out); off only for hosts that manage it elsewhere.
+    /// Apply bhatti's firewall (no traffic between users' bridges, no new
+    /// connections from sandboxes to the host but DNS, NAT out); off only
+    /// for hosts that manage it elsewhere.
     pub firewall: bool,
-    /// Where the gateway's DNS responder relays names it does not know
+    /// Where the gateways' DNS responders relay names they do not know
     /// (default: the host's first `nameserver`).
     pub dns_upstream: Option<String>,
+}
+
+impl NetworkConfig {
+    /// The core's plan for users' networks, checked.
+    pub fn group_networks(&self) -> Result<bhatti_core::GroupNetworkConfig, String> {
+        let range: net::Subnet = self
+            .range
+            .parse()
+            .map_err(|e| format!("network.range '{}': {e}", self.range))?;
+        for (key, value) in [
+            ("bridge_prefix", &self.bridge_prefix),
+            ("tap_prefix", &self.tap_prefix),
+        ] {
+            if value.len() < 2 {
+                return Err(format!(
+                    "network.{key} '{value}' is too short (at least 2 bytes: links starting with it are removed at start)"
+                ));
+            }
+            net::check_ifname(value).map_err(|e| format!("network.{key}: {e}"))?;
+        }
+        if self.bridge_prefix.starts_with(&self.tap_prefix)
+            || self.tap_prefix.starts_with(&self.bridge_prefix)
+        {
+            return Err(
+                "network.bridge_prefix and network.tap_prefix must not prefix each other".into(),
+            );
+        }
+        net::UserNetworks::new(
+            range,
+            self.user_prefix,
+            &self.bridge_prefix,
+            &self.tap_prefix,
+        )
+        .map_err(|e| format!("network: {e}"))?;
+        Ok(bhatti_core::GroupNetworkConfig {
+            range,
+            prefix: self.user_prefix,
+            bridge_prefix: self.bridge_prefix.clone(),
+            tap_prefix: self.tap_prefix.clone(),
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -122,9 +169,10 @@ impl Default for ThermalConfig {
 impl Default for NetworkConfig {
     fn default() -> Self {
         NetworkConfig {
-            bridge: "bhatti0".into(),
-            subnet: "10.210.0.0/24".into(),
-            tap_prefix: "bt".into(),
+            range: "10.210.0.0/16".into(),
+            user_prefix: 24,
+            bridge_prefix: "bhu".into(),
+            tap_prefix: "tu".into(),
             firewall: true,
             dns_upstream: None,
         }
@@ -189,6 +237,9 @@ impl DaemonConfig {
                 self.engine
             )));
         }
+        self.network
+            .group_networks()
+            .map_err(ConfigError::Invalid)?;
         Ok(())
     }
 
@@ -200,6 +251,26 @@ impl DaemonConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn network_settings_are_checked() {
+        for (bad, says) in [
+            ("range = \"10.210.0.0\"", "network.range"),
+            (
+                "range = \"10.210.0.0/24\"\nuser_prefix = 16",
+                "cannot be cut",
+            ),
+            ("bridge_prefix = \"b\"", "too short"),
+            ("tap_prefix = \"bh\"", "prefix each other"),
+            ("tap_prefix = \"t u\"", "tap_prefix"),
+        ] {
+            let c = DaemonConfig::parse(&format!("[network]\n{bad}\n")).unwrap();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+        let plan = DaemonConfig::default().network.group_networks().unwrap();
+        assert_eq!(plan.range.to_string(), "10.210.0.0/16");
+    }
 
     #[test]
     fn empty_config_is_all_defaults() {

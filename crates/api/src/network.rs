@@ -1,7 +1,9 @@
-//! The daemon's network services around the sandboxes' bridge: the
-//! firewall (and NAT out), and the DNS responder on the gateway, which
+//! The daemon's network services around the users' bridges: the firewall
+//! (and NAT out), and a DNS responder on each user's gateway, which
 //! answers each guest with the addresses of its own user's sandboxes and
-//! relays every other name upstream.
+//! relays every other name upstream. Bridges come and go with users'
+//! sandboxes; core reports them ([`bhatti_core::NetworkEvent`]) and the
+//! responders follow.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, RwLock};
@@ -56,15 +58,13 @@ impl GuestNames {
 }
 
 fn firewall_config(config: &DaemonConfig) -> Result<net::FirewallConfig, StartError> {
-    let subnet: net::Subnet = config
+    let plan = config
         .network
-        .subnet
-        .parse()
-        .map_err(|e| StartError::Config(format!("network.subnet: {e}")))?;
+        .group_networks()
+        .map_err(StartError::Config)?;
     Ok(net::FirewallConfig {
-        bridge_prefix: config.network.bridge.clone(),
-        bridges: vec![config.network.bridge.clone()],
-        subnets: vec![subnet],
+        bridge_prefix: plan.bridge_prefix,
+        subnets: vec![plan.range],
     })
 }
 
@@ -74,17 +74,14 @@ pub fn cleanup() -> Result<(), net::NetError> {
 }
 
 /// Applies the firewall (when enabled), turns on forwarding for NAT, and
-/// starts the DNS responder on the gateway and its name-table refresher.
+/// starts the name-table refresher and the task that keeps a DNS
+/// responder on every user's gateway while their bridge exists.
 pub async fn start(
     config: &DaemonConfig,
     store: Arc<store::Store>,
     names: Arc<GuestNames>,
+    core: &bhatti_core::SandboxManager,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, StartError> {
-    let subnet: net::Subnet = config
-        .network
-        .subnet
-        .parse()
-        .map_err(|e| StartError::Config(format!("network.subnet: {e}")))?;
     if config.network.firewall {
         let fw = firewall_config(config)?;
         tokio::task::spawn_blocking(move || {
@@ -114,20 +111,14 @@ pub async fn start(
             .and_then(|t| net::dns::upstream_from_resolv_conf(&t))
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 53], 53))),
     };
-    let gateway = SocketAddr::from((subnet.gateway(), 53));
-    let socket = tokio::net::UdpSocket::bind(gateway)
-        .await
-        .map_err(|e| StartError::Config(format!("cannot serve DNS on {gateway}: {e}")))?;
-    tracing::info!(%gateway, %upstream, "DNS responder");
+    tracing::info!(%upstream, "DNS responders relay unknown names here");
     names.refresh(&store).await;
     let lookup_names = names.clone();
     let lookup: net::dns::NameLookup =
         Arc::new(move |n: &str, from: IpAddr| lookup_names.lookup(n, from));
-    let dns = tokio::spawn(async move {
-        if let Err(e) = net::dns::serve(Arc::new(socket), lookup, "bhatti".into(), upstream).await {
-            tracing::error!(error = %e, "the DNS responder stopped");
-        }
-    });
+    let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+    core.subscribe_networks(tx);
+    let responders = tokio::spawn(keep_responders(events, lookup, upstream));
     let refresher = tokio::spawn(async move {
         let mut every = tokio::time::interval(REFRESH);
         loop {
@@ -135,7 +126,76 @@ pub async fn start(
             names.refresh(&store).await;
         }
     });
-    Ok(vec![dns, refresher])
+    Ok(vec![responders, refresher])
+}
+
+/// The responders by bridge; dropping this stops them all.
+#[derive(Debug, Default)]
+struct Responders(std::collections::HashMap<String, tokio::task::JoinHandle<()>>);
+
+impl Drop for Responders {
+    fn drop(&mut self) {
+        for task in self.0.values() {
+            task.abort();
+        }
+    }
+}
+
+/// Binds a gateway's port 53. A bridge that went and came back may still
+/// have its old responder's socket bound while that task is being
+/// cancelled: retry briefly.
+async fn bind_gateway(gateway: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
+    let mut tries = 0;
+    loop {
+        match tokio::net::UdpSocket::bind(gateway).await {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 40 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Starts a responder on each gateway that comes up and stops it when its
+/// bridge goes.
+async fn keep_responders(
+    mut events: tokio::sync::mpsc::UnboundedReceiver<bhatti_core::NetworkEvent>,
+    lookup: net::dns::NameLookup,
+    upstream: SocketAddr,
+) {
+    let mut running = Responders::default();
+    while let Some(event) = events.recv().await {
+        match event {
+            bhatti_core::NetworkEvent::Up(net) => {
+                let gateway = SocketAddr::from((net.subnet.gateway(), 53));
+                let socket = match bind_gateway(gateway).await {
+                    Ok(s) => Arc::new(s),
+                    Err(e) => {
+                        tracing::error!(%gateway, error = %e, "cannot serve DNS on a user's gateway; their sandboxes will not resolve names");
+                        continue;
+                    }
+                };
+                tracing::info!(%gateway, bridge = %net.bridge, "DNS responder up");
+                let lookup = lookup.clone();
+                let task = tokio::spawn(async move {
+                    if let Err(e) = net::dns::serve(socket, lookup, "bhatti".into(), upstream).await
+                    {
+                        tracing::error!(%gateway, error = %e, "a DNS responder stopped");
+                    }
+                });
+                if let Some(old) = running.0.insert(net.bridge, task) {
+                    old.abort();
+                }
+            }
+            bhatti_core::NetworkEvent::Down(net) => {
+                if let Some(task) = running.0.remove(&net.bridge) {
+                    task.abort();
+                    tracing::info!(bridge = %net.bridge, "DNS responder down");
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

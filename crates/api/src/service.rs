@@ -104,6 +104,8 @@ pub fn view(r: &store::SandboxRecord) -> Sandbox {
         keep_hot: r.keep_hot,
         labels: r.labels.clone(),
         created_at: r.created_at,
+        // Filled in by the calls that show them (get, list).
+        published: Vec::new(),
     }
 }
 
@@ -148,13 +150,12 @@ impl Service {
         core_config.engine = engine_preference(&config.engine);
         core_config.unique_names = false;
         core_config.thermal = thermal_policy(&config.thermal);
-        core_config.network.bridge = config.network.bridge.clone();
-        core_config.network.tap_prefix = config.network.tap_prefix.clone();
-        core_config.network.subnet = config
-            .network
-            .subnet
-            .parse()
-            .map_err(|e| StartError::Config(format!("network.subnet: {e}")))?;
+        core_config.group_networks = Some(
+            config
+                .network
+                .group_networks()
+                .map_err(StartError::Config)?,
+        );
         let core = tokio::task::spawn_blocking(move || {
             SandboxManager::new(core_config, Arc::new(net::IpRoute::new("ip")))
         })
@@ -175,6 +176,7 @@ impl Service {
             &service.config,
             service.store.clone(),
             service.names.clone(),
+            &service.core,
         )
         .await?;
         service.recover().await;
@@ -394,6 +396,8 @@ impl Service {
             body.image.clone().unwrap_or_else(|| defaults.image.clone()),
         );
         spec.cpus = body.cpus.unwrap_or(defaults.cpus);
+        // Each user's sandboxes share a bridge of their own.
+        spec.network_group = user.id.clone();
         let memory = body.memory_mb.unwrap_or(defaults.memory_mb);
         spec.memory_mb = u32::try_from(memory)
             .map_err(|_| ApiError::BadRequest(format!("memory_mb {memory} is absurd")))?;

@@ -166,7 +166,18 @@ pub fn configure(cfg: &NetConfig, timeout: Duration) -> Result<(), BootError> {
         cfg.netmask(),
     )?;
     ctl.up(IFACE)?;
-    ctl.default_route(IFACE, cfg.gateway)
+    ctl.default_route(IFACE, cfg.gateway)?;
+    allow_unprivileged_ping();
+    Ok(())
+}
+
+/// Lets every user `ping` with ICMP datagram sockets, as Docker does for
+/// containers: the sandbox user is not root, and ping is the first thing
+/// anyone tries when a network looks wrong. Best effort.
+fn allow_unprivileged_ping() {
+    if let Err(e) = std::fs::write("/proc/sys/net/ipv4/ping_group_range", "0 2147483647") {
+        eprintln!("lohar: cannot allow unprivileged ping: {e}");
+    }
 }
 
 #[cfg(test)]
