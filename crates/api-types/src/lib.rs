@@ -93,6 +93,35 @@ pub struct Sandbox {
     pub labels: BTreeMap<String, String>,
     /// Unix ms.
     pub created_at: i64,
+    /// Its ports reachable through the public proxy.
+    #[serde(default)]
+    pub published: Vec<Published>,
+}
+
+/// `POST /sandboxes/:id/publish`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishPort {
+    /// 1-65535.
+    pub port: u16,
+    /// 3-63 of a-z, 0-9 and inner '-' (any case; stored lowercase);
+    /// `<sandbox-name>-<port>` (with a random suffix if taken) when absent.
+    #[serde(default)]
+    pub alias: Option<String>,
+}
+
+/// A port published through the public proxy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Published {
+    pub port: u16,
+    pub alias: String,
+    /// Where the public reaches it.
+    pub url: String,
+    /// Only in the answer to a publish: whether something listened on the
+    /// port then (absent when the sandbox was not hot: publishing never
+    /// wakes it to look).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listening: Option<bool>,
 }
 
 /// `POST /sandboxes/:id/exec`.

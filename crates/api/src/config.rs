@@ -32,6 +32,8 @@ pub struct DaemonConfig {
     pub thermal: ThermalConfig,
     pub network: NetworkConfig,
     pub defaults: SandboxDefaults,
+    /// The public proxy for published ports.
+    pub publish: crate::publish::PublishConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -142,6 +144,7 @@ impl Default for DaemonConfig {
             thermal: ThermalConfig::default(),
             network: NetworkConfig::default(),
             defaults: SandboxDefaults::default(),
+            publish: Default::default(),
         }
     }
 }
@@ -240,6 +243,7 @@ impl DaemonConfig {
         self.network
             .group_networks()
             .map_err(ConfigError::Invalid)?;
+        self.publish.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 

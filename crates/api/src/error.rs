@@ -70,7 +70,9 @@ impl IntoResponse for ApiError {
 impl From<store::StoreError> for ApiError {
     fn from(e: store::StoreError) -> Self {
         match e {
-            store::StoreError::Duplicate { .. } => ApiError::Conflict(e.to_string()),
+            store::StoreError::Duplicate { .. }
+            | store::StoreError::AliasTaken { .. }
+            | store::StoreError::PortPublished { .. } => ApiError::Conflict(e.to_string()),
             store::StoreError::NotFound { .. } => ApiError::NotFound(e.to_string()),
             other => ApiError::Internal(error_chain(&other)),
         }

@@ -10,6 +10,7 @@ pub mod extract;
 pub mod keys;
 pub mod network;
 pub mod proxy;
+pub mod publish;
 pub mod ratelimit;
 pub mod routes;
 pub mod secrets;

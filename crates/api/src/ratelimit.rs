@@ -43,6 +43,22 @@ impl RateLimiter {
         self.check_at(user, class, Instant::now())
     }
 
+    /// Forgets buckets that have refilled completely (the same as having
+    /// none), so keys that come and go (public clients' addresses) do not
+    /// pile up.
+    pub fn prune(&self) {
+        self.prune_at(Instant::now())
+    }
+
+    fn prune_at(&self, now: Instant) {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        buckets.retain(|(_, class), b| {
+            let per_min = f64::from(self.rates[class].max(1));
+            let elapsed = now.saturating_duration_since(b.updated).as_secs_f64();
+            b.tokens + elapsed * per_min / 60.0 < per_min
+        });
+    }
+
     fn check_at(&self, user: &str, class: Class, now: Instant) -> Result<(), Duration> {
         let per_min = f64::from(self.rates[&class].max(1));
         let per_sec = per_min / 60.0;
@@ -86,6 +102,23 @@ mod tests {
             .is_ok());
         assert!(r
             .check_at("a", Class::Create, t0 + Duration::from_secs(30))
+            .is_err());
+    }
+
+    #[test]
+    fn prune_forgets_only_full_buckets() {
+        let r = RateLimiter::new(2, 60, 60);
+        let t0 = Instant::now();
+        r.check_at("a", Class::Create, t0).unwrap();
+        r.check_at("a", Class::Create, t0).unwrap();
+        r.check_at("b", Class::Create, t0).unwrap();
+        r.prune_at(t0 + Duration::from_secs(31));
+        // b refilled (forgotten); a did not, and is still limited.
+        assert_eq!(r.buckets.lock().unwrap().len(), 1);
+        r.check_at("a", Class::Create, t0 + Duration::from_secs(31))
+            .unwrap();
+        assert!(r
+            .check_at("a", Class::Create, t0 + Duration::from_secs(31))
             .is_err());
     }
 }

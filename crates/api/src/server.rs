@@ -39,11 +39,17 @@ pub enum ServeError {
 pub struct Daemon {
     pub state: AppState,
     listener: tokio::net::TcpListener,
+    /// The public proxy's socket (`[publish] listen`), unless it is off.
+    public: Option<tokio::net::TcpListener>,
 }
+
+/// How long requests in flight on the public proxy (event streams,
+/// WebSockets) may take to finish after shutdown begins.
+const PUBLIC_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Daemon {
     /// Opens everything and binds the listener; nothing is served yet.
-    pub async fn start(config: DaemonConfig) -> Result<Daemon, ServeError> {
+    pub async fn start(mut config: DaemonConfig) -> Result<Daemon, ServeError> {
         config
             .validate()
             .map_err(|e| ServeError::Vms(e.to_string()))?;
@@ -58,6 +64,7 @@ impl Daemon {
             config.limits.execs_per_min,
             config.limits.reads_per_min,
         ));
+        let public = bind_public(&mut config).await?;
         let config = Arc::new(config);
         let service = Service::start(config.clone(), store.clone(), secrets.clone())
             .await
@@ -80,7 +87,13 @@ impl Daemon {
                 auth_cache: Arc::default(),
             },
             listener,
+            public,
         })
+    }
+
+    /// The public proxy's address, when it is on.
+    pub fn public_addr(&self) -> Option<SocketAddr> {
+        self.public.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -94,12 +107,55 @@ impl Daemon {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let service = self.state.service.clone();
+        let (stop_public, stopped) = tokio::sync::watch::channel(false);
+        let public = self.public.map(|listener| {
+            let state = crate::publish::public::PublicState::new(&self.state);
+            tokio::spawn(crate::publish::public::serve(listener, state, stopped))
+        });
+        let shutdown = async move {
+            shutdown.await;
+            // send fails only when the public proxy is off or gone.
+            let _ = stop_public.send(true);
+        };
         let app = crate::routes::router(self.state);
         axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
             .await
             .map_err(ServeError::Serve)?;
+        if let Some(mut task) = public {
+            match tokio::time::timeout(PUBLIC_DRAIN, &mut task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::error!(error = %e, "the public proxy failed"),
+                Ok(Err(e)) => tracing::error!(error = %e, "the public proxy task failed"),
+                Err(_) => {
+                    tracing::warn!(
+                        "public requests still open after {PUBLIC_DRAIN:?}; closing them"
+                    );
+                    task.abort();
+                }
+            }
+        }
         service.shutdown().await;
         Ok(())
     }
+}
+
+/// Binds the public proxy's socket, if `[publish]` has one, and writes the
+/// bound address back (port 0 becomes the real port, which printed URLs
+/// then carry).
+async fn bind_public(
+    config: &mut DaemonConfig,
+) -> Result<Option<tokio::net::TcpListener>, ServeError> {
+    let Some(addr) = config.publish.listen_addr().map_err(ServeError::Vms)? else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    config.publish.listen = bound.to_string();
+    tracing::info!(%bound, "public proxy listening");
+    Ok(Some(listener))
 }

@@ -25,6 +25,8 @@ use crate::keys::random_hex;
 use crate::secrets::SecretBox;
 use crate::state::blocking;
 
+mod publish;
+
 /// Statuses the API shows.
 pub mod status {
     pub const CREATING: &str = "creating";
@@ -338,7 +340,8 @@ impl Service {
         let store = self.store.clone();
         let uid = user.id.clone();
         let rows = blocking(move || store.sandboxes_of(&uid)).await?;
-        Ok(rows.iter().map(view).collect())
+        self.all_with_published(user, rows.iter().map(view).collect())
+            .await
     }
 
     async fn row(&self, user: &UserRecord, id: &str) -> Result<store::SandboxRecord, ApiError> {
@@ -350,7 +353,7 @@ impl Service {
     }
 
     pub async fn get(&self, user: &UserRecord, id: &str) -> Result<Sandbox, ApiError> {
-        Ok(view(&self.row(user, id).await?))
+        self.with_published(view(&self.row(user, id).await?)).await
     }
 
     pub async fn patch(

@@ -3,6 +3,7 @@
 pub mod exec;
 pub mod files;
 pub mod health;
+pub mod publish;
 pub mod sandboxes;
 pub mod secrets;
 pub mod shell;
@@ -35,6 +36,11 @@ pub fn router(state: AppState) -> Router {
                 .head(files::head)
                 .put(files::write)
                 .layer(axum::extract::DefaultBodyLimit::max(file_limit)),
+        )
+        .route("/sandboxes/{id}/publish", post(publish::publish))
+        .route(
+            "/sandboxes/{id}/publish/{port}",
+            axum::routing::delete(publish::unpublish),
         )
         .route("/secrets", get(secrets::list).post(secrets::create))
         .route("/secrets/{name}", axum::routing::delete(secrets::delete))

@@ -1,0 +1,191 @@
+//! Which publication a public request is for: by host (`<alias>.<domain>`,
+//! when a domain is configured) or by the first path segment
+//! (`/<alias>/rest…`, the guest sees `/rest…`). Pure, so every case is a
+//! unit test.
+
+use super::alias;
+
+/// Where a public request goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// To the publication `alias`, with this request target in the guest.
+    Publication {
+        alias: String,
+        path_and_query: String,
+    },
+    /// `/<alias>` without the slash: to `/<alias>/` (relative links in the
+    /// guest's pages resolve under the alias only then).
+    Redirect { alias: String, location: String },
+    /// Names no possible publication.
+    Unknown,
+}
+
+/// The host part of a `Host` header, lowercased, without a port or a
+/// trailing dot.
+fn host_name(host: &str) -> String {
+    let h = host.trim();
+    let h = if h.starts_with('[') {
+        // An IPv6 literal never names an alias.
+        h
+    } else {
+        h.rsplit_once(':')
+            .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+            .map_or(h, |(name, _)| name)
+    };
+    h.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// Routes a request: `host` is its `Host` header, `domain` the configured
+/// one (lowercase, no leading dot), `path` the raw (still percent-encoded)
+/// path and `query` the raw query.
+///
+/// With a domain, a host `<label>.<domain>` routes to that alias and the
+/// path is kept; a host deeper under the domain is unknown. Any other host
+/// (the domain itself, an IP address) falls back to path routing.
+pub fn route(host: Option<&str>, domain: Option<&str>, path: &str, query: Option<&str>) -> Route {
+    let query = query.map(|q| format!("?{q}")).unwrap_or_default();
+    if let (Some(host), Some(domain)) = (host, domain) {
+        let name = host_name(host);
+        if let Some(label) = name
+            .strip_suffix(domain)
+            .and_then(|rest| rest.strip_suffix('.'))
+        {
+            if label.contains('.') || alias::validate(label).is_err() {
+                return Route::Unknown;
+            }
+            let path = if path.is_empty() { "/" } else { path };
+            return Route::Publication {
+                alias: label.to_string(),
+                path_and_query: format!("{path}{query}"),
+            };
+        }
+    }
+    let Some(rest) = path.strip_prefix('/') else {
+        return Route::Unknown;
+    };
+    let (segment, tail) = match rest.split_once('/') {
+        Some((s, t)) => (s, Some(t)),
+        None => (rest, None),
+    };
+    let Ok(alias) = alias::parse(segment) else {
+        return Route::Unknown;
+    };
+    match tail {
+        None => Route::Redirect {
+            location: format!("/{alias}/{query}"),
+            alias,
+        },
+        Some(t) => Route::Publication {
+            alias,
+            path_and_query: format!("/{t}{query}"),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publication(alias: &str, pq: &str) -> Route {
+        Route::Publication {
+            alias: alias.into(),
+            path_and_query: pq.into(),
+        }
+    }
+
+    #[test]
+    fn path_routes() {
+        assert_eq!(
+            route(None, None, "/myapp/a/b", Some("x=1")),
+            publication("myapp", "/a/b?x=1")
+        );
+        assert_eq!(
+            route(None, None, "/myapp/", None),
+            publication("myapp", "/")
+        );
+        assert_eq!(
+            route(Some("127.0.0.1:8081"), None, "/MyApp/x%20y", None),
+            publication("myapp", "/x%20y")
+        );
+        assert_eq!(
+            route(None, None, "/myapp/a//b/", None),
+            publication("myapp", "/a//b/")
+        );
+        assert_eq!(
+            route(None, None, "/myapp", Some("q=2")),
+            Route::Redirect {
+                alias: "myapp".into(),
+                location: "/myapp/?q=2".into()
+            }
+        );
+        for unknown in [
+            "/",
+            "",
+            "//x",
+            "/ab/",
+            "/api/x",
+            "/my_app/x",
+            "/%6dyapp/",
+            "x/y",
+        ] {
+            assert_eq!(
+                route(None, None, unknown, None),
+                Route::Unknown,
+                "{unknown}"
+            );
+        }
+    }
+
+    #[test]
+    fn host_routes_when_a_domain_is_set() {
+        let d = Some("preview.example.com");
+        assert_eq!(
+            route(Some("myapp.preview.example.com"), d, "/a", Some("b=c")),
+            publication("myapp", "/a?b=c")
+        );
+        assert_eq!(
+            route(Some("MyApp.Preview.Example.COM:8081"), d, "/", None),
+            publication("myapp", "/")
+        );
+        assert_eq!(
+            route(Some("myapp.preview.example.com."), d, "", None),
+            publication("myapp", "/")
+        );
+        // The path is the guest's: no alias segment is taken off.
+        assert_eq!(
+            route(Some("myapp.preview.example.com"), d, "/other/x", None),
+            publication("myapp", "/other/x")
+        );
+        for unknown in [
+            "a.b.preview.example.com",
+            "api.preview.example.com",
+            "ab.preview.example.com",
+            "-x-.preview.example.com",
+        ] {
+            assert_eq!(
+                route(Some(unknown), d, "/x/y", None),
+                Route::Unknown,
+                "{unknown}"
+            );
+        }
+    }
+
+    #[test]
+    fn other_hosts_fall_back_to_paths() {
+        let d = Some("preview.example.com");
+        for host in [
+            "preview.example.com",
+            "127.0.0.1:8081",
+            "[::1]:8081",
+            "evilpreview.example.com",
+            "myapp.preview.example.com.evil.test",
+        ] {
+            assert_eq!(
+                route(Some(host), d, "/myapp/x", None),
+                publication("myapp", "/x"),
+                "{host}"
+            );
+        }
+        assert_eq!(route(None, d, "/myapp/x", None), publication("myapp", "/x"));
+    }
+}
