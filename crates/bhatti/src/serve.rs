@@ -56,6 +56,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             h.accelerator.to_uppercase(),
             h.engine_reason
         );
+        if let Some(public) = daemon.public_addr() {
+            println!("public proxy (published ports) on http://{public}");
+        }
         if h.accelerator == "tcg" {
             println!(
                 "WARNING: no usable KVM: VMs run under QEMU software emulation (TCG), \

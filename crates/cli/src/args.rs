@@ -69,6 +69,17 @@ pub enum Command {
         #[arg(long, value_name = "true|false")]
         keep_hot: Option<bool>,
     },
+    /// Publish a sandbox port at a public URL (no token needed to reach it;
+    /// a sleeping sandbox wakes on the first request). Prints the URL.
+    Publish(PublishArgs),
+    /// Stop publishing a sandbox port.
+    Unpublish {
+        /// Sandbox name or id.
+        name: String,
+        /// The published port.
+        #[arg(short, long, value_parser = clap::value_parser!(u16).range(1..))]
+        port: u16,
+    },
     /// Destroy a sandbox and its disk.
     Destroy {
         /// Sandbox name or id.
@@ -134,6 +145,18 @@ pub struct ExecArgs {
         value_name = "CMD"
     )]
     pub cmd: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// Sandbox name or id.
+    pub name: String,
+    /// The port in the sandbox (something may start listening later).
+    #[arg(short, long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: u16,
+    /// The public name: 3-63 of a-z, 0-9, '-' [default: <sandbox>-<port>].
+    #[arg(long)]
+    pub alias: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -216,6 +216,31 @@ impl Client {
         self.json("PATCH /sandboxes/:id", resp).await
     }
 
+    /// `POST /sandboxes/:id/publish`.
+    pub async fn publish(
+        &self,
+        name: &str,
+        body: &api_types::PublishPort,
+    ) -> Result<api_types::Published> {
+        let rb = self
+            .request(
+                Method::POST,
+                self.url(&["sandboxes", name, "publish"]),
+                true,
+            )?
+            .json(body);
+        let resp = self.send(rb).await?;
+        self.json("POST /sandboxes/:id/publish", resp).await
+    }
+
+    /// `DELETE /sandboxes/:id/publish/:port`.
+    pub async fn unpublish(&self, name: &str, port: u16) -> Result<()> {
+        let url = self.url(&["sandboxes", name, "publish", &port.to_string()]);
+        self.send(self.request(Method::DELETE, url, true)?)
+            .await
+            .map(drop)
+    }
+
     pub async fn destroy(&self, name: &str) -> Result<()> {
         let rb = self.request(Method::DELETE, self.url(&["sandboxes", name]), true)?;
         self.send(rb).await.map(drop)

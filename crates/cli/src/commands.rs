@@ -148,6 +148,29 @@ impl Ctx {
                     print(&output::sandbox_details(&sb, now_ms()))?
                 }
             }
+            Command::Publish(a) => {
+                let body = api_types::PublishPort {
+                    port: a.port,
+                    alias: a.alias,
+                };
+                let p = c.publish(&a.name, &body).await?;
+                if self.json {
+                    print_json(&p)?
+                } else {
+                    print(&format!("{}\n", p.url))?;
+                    eprintln!("published port {} of {} as '{}'", p.port, a.name, p.alias);
+                    if p.listening == Some(false) {
+                        eprintln!(
+                            "note: nothing listens on port {} yet; requests get a 502 until something does",
+                            p.port
+                        );
+                    }
+                }
+            }
+            Command::Unpublish { name, port } => {
+                c.unpublish(&name, port).await?;
+                eprintln!("unpublished port {port} of {name}");
+            }
             Command::Destroy { name } => {
                 c.destroy(&name).await?;
                 eprintln!("destroyed {name}");

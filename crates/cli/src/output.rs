@@ -157,7 +157,7 @@ pub fn sandbox_details(s: &Sandbox, now_ms: i64) -> String {
     if let Some(r) = s.status_reason.as_deref().filter(|r| !r.is_empty()) {
         status.push_str(&format!(" ({r})"));
     }
-    key_values(&[
+    let mut pairs = vec![
         ("name", s.name.clone()),
         ("id", s.id.clone()),
         ("status", status),
@@ -172,7 +172,17 @@ pub fn sandbox_details(s: &Sandbox, now_ms: i64) -> String {
         ("keep_hot", s.keep_hot.to_string()),
         ("labels", labels(&s.labels)),
         ("created", ago(now_ms, s.created_at)),
-    ])
+    ];
+    if !s.published.is_empty() {
+        let urls = s
+            .published
+            .iter()
+            .map(|p| format!("{} (port {})", p.url, p.port))
+            .collect::<Vec<_>>()
+            .join(", ");
+        pairs.push(("published", urls));
+    }
+    key_values(&pairs)
 }
 
 pub fn sessions_table(list: &[SessionSummary], now_ms: i64) -> String {
@@ -291,6 +301,7 @@ mod tests {
             keep_hot: false,
             labels: BTreeMap::from([("a".into(), "1".into()), ("b".into(), "2".into())]),
             created_at: 0,
+            published: vec![],
         }
     }
 
@@ -309,6 +320,19 @@ mod tests {
         );
         assert!(d.contains("labels:    a=1,b=2\n"), "{d}");
         assert!(d.contains("thermal:   cold (since 1m ago)\n"), "{d}");
+        assert!(!d.contains("published"), "{d}");
+        let mut sb = sandbox();
+        sb.published = vec![api_types::Published {
+            port: 3000,
+            alias: "demo-3000".into(),
+            url: "http://127.0.0.1:8081/demo-3000/".into(),
+            listening: None,
+        }];
+        let d = sandbox_details(&sb, 90_000);
+        assert!(
+            d.contains("published:  http://127.0.0.1:8081/demo-3000/ (port 3000)\n"),
+            "{d}"
+        );
     }
 
     #[test]
