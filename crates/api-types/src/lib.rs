@@ -286,6 +286,22 @@ pub struct SecretSummary {
     pub updated_at: i64,
 }
 
+/// A TCP port listening in a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Port {
+    pub port: u16,
+    /// The address it is bound to: `0.0.0.0`, `127.0.0.1`, `::`, …
+    pub address: String,
+    /// `tcp`.
+    pub protocol: String,
+}
+
+/// `GET /sandboxes/:id/ports`: sorted by port, the agent's own left out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortList {
+    pub ports: Vec<Port>,
+}
+
 /// Response headers of file reads.
 pub mod headers {
     /// Size of the whole file, whatever part the body holds.

@@ -198,6 +198,12 @@ async fn forward_inner(
     Ok(back)
 }
 
+/// The JSON error response for a tunnel that could not be opened (502, or
+/// 504 on a timeout), as [`forward`] renders it.
+pub fn tunnel_failure(e: ClientError, port: u16, sandbox_name: &str) -> Response {
+    tunnel_error(e, port, sandbox_name).into_response()
+}
+
 fn tunnel_error(e: ClientError, port: u16, sandbox: &str) -> ProxyError {
     let sandbox = sandbox.to_string();
     match &e {

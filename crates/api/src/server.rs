@@ -118,6 +118,8 @@ impl Daemon {
             let _ = stop_public.send(true);
         };
         let app = crate::routes::router(self.state);
+        // Peer addresses for the proxy's X-Forwarded-For.
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
             .await

@@ -3,12 +3,13 @@
 pub mod exec;
 pub mod files;
 pub mod health;
+pub mod proxy;
 pub mod publish;
 pub mod sandboxes;
 pub mod secrets;
 pub mod shell;
 
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::Router;
 
 use crate::state::AppState;
@@ -37,6 +38,12 @@ pub fn router(state: AppState) -> Router {
                 .put(files::write)
                 .layer(axum::extract::DefaultBodyLimit::max(file_limit)),
         )
+        // Proxied bodies stream through unbuffered: no JSON limit.
+        .route("/sandboxes/{id}/proxy/{port}", proxied())
+        .route("/sandboxes/{id}/proxy/{port}/", proxied())
+        .route("/sandboxes/{id}/proxy/{port}/{*rest}", proxied())
+        .route("/sandboxes/{id}/ports", get(proxy::ports))
+        .route("/sandboxes/{id}/tunnel/{port}", get(proxy::tunnel))
         .route("/sandboxes/{id}/publish", post(publish::publish))
         .route(
             "/sandboxes/{id}/publish/{port}",
@@ -47,4 +54,8 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { crate::error::ApiError::NotFound("no such endpoint".into()) })
         .layer(axum::extract::DefaultBodyLimit::max(json_limit))
         .with_state(state)
+}
+
+fn proxied() -> axum::routing::MethodRouter<AppState> {
+    any(proxy::proxy).layer(axum::extract::DefaultBodyLimit::disable())
 }
