@@ -20,7 +20,7 @@ pub async fn publish(
     Path(id): Path<String>,
     JsonBody(body): JsonBody<api_types::PublishPort>,
 ) -> Result<(StatusCode, Json<api_types::Published>), ApiError> {
-    state.limit(&user, Class::Create)?;
+    state.limit(&user, Class::Read)?;
     let (created, published) = state.service.publish(&user, &id, body).await?;
     let status = if created {
         StatusCode::CREATED
@@ -46,7 +46,7 @@ pub async fn unpublish(
     User(user): User,
     Path((id, port)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    state.limit(&user, Class::Create)?;
+    state.limit(&user, Class::Read)?;
     let port = parse_port(&port)?;
     state.service.unpublish(&user, &id, port).await?;
     Ok(StatusCode::NO_CONTENT)

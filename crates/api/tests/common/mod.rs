@@ -52,7 +52,11 @@ pub fn config(data: &Path, tweak: &str) -> api::DaemonConfig {
         "data_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\nengine = \"qemu-tcg\"\n[defaults]\nimage = \"tiny\"\nmemory_mb = 256\n{tweak}",
         data.display()
     );
-    let c = api::DaemonConfig::parse(&text).expect("test config");
+    let mut c = api::DaemonConfig::parse(&text).expect("test config");
+    // The public proxy on port 0 too, unless the tweak says otherwise.
+    if c.publish.listen == api::publish::PublishConfig::default().listen {
+        c.publish.listen = "127.0.0.1:0".into();
+    }
     c.validate().expect("valid test config");
     c
 }
@@ -61,6 +65,8 @@ pub fn config(data: &Path, tweak: &str) -> api::DaemonConfig {
 pub struct TestDaemon {
     pub url: String,
     pub addr: SocketAddr,
+    /// The public proxy's address (`[publish] listen`), when it is on.
+    pub public: Option<SocketAddr>,
     pub data: PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -72,6 +78,7 @@ impl TestDaemon {
         let data = config.data_dir.clone();
         let daemon = api::Daemon::start(config).await.expect("daemon starts");
         let addr = daemon.local_addr().unwrap();
+        let public = daemon.public_addr();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             daemon
@@ -84,6 +91,7 @@ impl TestDaemon {
         TestDaemon {
             url: format!("http://{addr}"),
             addr,
+            public,
             data,
             stop: Some(tx),
             task: Some(task),
