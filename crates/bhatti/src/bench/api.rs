@@ -64,9 +64,11 @@ pub fn run(args: ApiBenchArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let result = rt.block_on(measure(config, args.iterations));
-    // The bridge is the bench's own and normally went with its sandbox.
+    // The bridge is the bench's own and normally went with its sandbox;
+    // this only matters when the bench stopped half-way.
     let _ = std::process::Command::new("ip")
         .args(["link", "del", &bridge])
+        .stderr(std::process::Stdio::null())
         .status();
     result
 }
