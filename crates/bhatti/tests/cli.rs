@@ -660,3 +660,164 @@ fn shell_in_tmux_detaches_and_reattaches() {
 
     d.ok(&["destroy", "sh"]);
 }
+
+/// A `bhatti forward` process; SIGINT and reaped on drop.
+struct Forwarder {
+    child: Child,
+    local: std::net::SocketAddr,
+}
+
+impl Forwarder {
+    /// Starts `bhatti forward ARGS` and waits for its banner line.
+    fn start(d: &Daemon, args: &[&str]) -> Forwarder {
+        let mut child = d
+            .cmd(true)
+            .arg("forward")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let local = line
+            .strip_prefix("Forwarding ")
+            .and_then(|l| l.split(' ').next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no banner from bhatti forward {args:?}: {line:?}"));
+        Forwarder { child, local }
+    }
+
+    /// One TCP exchange through the forwarded port: `send`, half-close,
+    /// read to the end.
+    fn exchange(&self, send: &[u8]) -> Vec<u8> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.local).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        s.write_all(send).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut got = Vec::new();
+        if let Err(e) = s.read_to_end(&mut got) {
+            panic!(
+                "reading from {} after sending {:?}: {e} (got {:?})",
+                self.local,
+                String::from_utf8_lossy(send),
+                String::from_utf8_lossy(&got)
+            );
+        }
+        got
+    }
+
+    /// SIGINT; the exit status and what it wrote to stderr.
+    fn stop(mut self) -> (std::process::ExitStatus, String) {
+        use std::io::Read;
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+        let status = self.child.wait().unwrap();
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            e.read_to_string(&mut err).unwrap();
+        }
+        (status, err)
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            if let Err(e) = self.child.kill() {
+                eprintln!("warning: cannot kill bhatti forward: {e}");
+            }
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[test]
+fn ports_and_forward_through_the_cli() {
+    let _ns = Netns::enter("cli-fwd");
+    let d = Daemon::start();
+    d.ok(&["create", "--name", "web"]);
+    // An HTTP server and a line echo (not HTTP) in the sandbox.
+    d.ok(&[
+        "exec",
+        "web",
+        "--",
+        "sh",
+        "-c",
+        "mkdir -p /tmp/www && echo hello-forward > /tmp/www/index.html && httpd -p 8080 -h /tmp/www && \
+         (setsid nc -ll -p 7000 -e cat </dev/null >/dev/null 2>&1 &)",
+    ]);
+    wait_until("both servers listen", BOOT, || {
+        let list: api_types::PortList = d.json(&["ports", "web"]);
+        let ports: Vec<u16> = list.ports.iter().map(|p| p.port).collect();
+        assert!(
+            !ports.contains(&1024),
+            "the agent's port is listed: {ports:?}"
+        );
+        ports.contains(&8080) && ports.contains(&7000)
+    });
+    let table = d.ok(&["ports", "web"]);
+    assert!(table.starts_with("PORT"), "{table}");
+    // busybox httpd listens on the IPv6 wildcard (dual stack).
+    assert!(
+        table.lines().any(|l| {
+            let cols: Vec<_> = l.split_whitespace().collect();
+            cols.len() == 3
+                && cols[0] == "8080"
+                && ["::", "0.0.0.0"].contains(&cols[1])
+                && cols[2] == "tcp"
+        }),
+        "{table}"
+    );
+    let out = d.run(&["ports", "nosuch"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(stderr(&out).contains("nosuch"), "{}", show(&out));
+
+    // HTTP through the default local port (the same number), two
+    // connections at once.
+    let web = Forwarder::start(&d, &["web", "8080"]);
+    assert_eq!(web.local.to_string(), "127.0.0.1:8080");
+    let answers: Vec<Vec<u8>> = std::thread::scope(|s| {
+        let a = s.spawn(|| web.exchange(b"GET /index.html HTTP/1.0\r\n\r\n"));
+        let b = s.spawn(|| web.exchange(b"GET /index.html HTTP/1.0\r\n\r\n"));
+        vec![a.join().unwrap(), b.join().unwrap()]
+    });
+    for got in answers {
+        let got = String::from_utf8_lossy(&got);
+        assert!(
+            got.starts_with("HTTP/1.") && got.ends_with("hello-forward\n"),
+            "{got}"
+        );
+    }
+    // Not HTTP: bytes both ways, on a port the system picked.
+    let echo = Forwarder::start(&d, &["web", "7000", "--local-port", "0"]);
+    assert_ne!(echo.local.port(), 0);
+    assert_eq!(
+        echo.exchange(b"ping over a tunnel\n"),
+        b"ping over a tunnel\n"
+    );
+    // Nothing listening in the sandbox: the local connection closes and
+    // the forwarder says why.
+    let closed = Forwarder::start(&d, &["web", "9999", "--local-port", "0"]);
+    assert!(closed.exchange(b"hello?").is_empty());
+    let (status, err) = closed.stop();
+    assert!(status.success(), "{status}: {err}");
+    assert!(err.contains("nothing is listening on port 9999"), "{err}");
+    for f in [web, echo] {
+        let (status, err) = f.stop();
+        assert!(status.success(), "{status}: {err}");
+    }
+
+    // Refusals before listening: no such sandbox, a port in use.
+    let out = d.run(&["forward", "nosuch", "80", "--local-port", "0"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(stderr(&out).contains("nosuch"), "{}", show(&out));
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let out = d.run(&["forward", "web", "8080", "--local-port", &port]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(stderr(&out).contains("cannot listen on"), "{}", show(&out));
+}

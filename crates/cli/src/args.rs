@@ -69,6 +69,14 @@ pub enum Command {
         #[arg(long, value_name = "true|false")]
         keep_hot: Option<bool>,
     },
+    /// List the TCP ports listening in a sandbox (wakes it).
+    Ports {
+        /// Sandbox name or id.
+        name: String,
+    },
+    /// Forward a local TCP port to a port in a sandbox (any TCP protocol),
+    /// through the daemon, until Ctrl+C.
+    Forward(ForwardArgs),
     /// Publish a sandbox port at a public URL (no token needed to reach it;
     /// a sleeping sandbox wakes on the first request). Prints the URL.
     Publish(PublishArgs),
@@ -157,6 +165,21 @@ pub struct PublishArgs {
     /// The public name: 3-63 of a-z, 0-9, '-' [default: <sandbox>-<port>].
     #[arg(long)]
     pub alias: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ForwardArgs {
+    /// Sandbox name or id.
+    pub name: String,
+    /// The port in the sandbox.
+    #[arg(value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: u16,
+    /// The local port [default: the same number]; 0 picks a free one.
+    #[arg(long, value_name = "N")]
+    pub local_port: Option<u16>,
+    /// The local address to listen on.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1")]
+    pub bind: std::net::IpAddr,
 }
 
 #[derive(Debug, Args)]

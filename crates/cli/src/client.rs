@@ -255,6 +255,15 @@ impl Client {
         self.send(rb).await
     }
 
+    /// `GET /sandboxes/:id/ports` (wakes the sandbox).
+    pub async fn ports(&self, name: &str) -> Result<api_types::PortList> {
+        self.get_json(
+            "GET /sandboxes/:id/ports",
+            self.url(&["sandboxes", name, "ports"]),
+        )
+        .await
+    }
+
     pub async fn sessions(&self, name: &str) -> Result<Vec<SessionSummary>> {
         self.get_json(
             "GET /sandboxes/:id/sessions",
@@ -336,6 +345,14 @@ impl Client {
     pub async fn delete_secret(&self, name: &str) -> Result<()> {
         let rb = self.request(Method::DELETE, self.url(&["secrets", name]), true)?;
         self.send(rb).await.map(drop)
+    }
+
+    /// The `ws://` URL of a raw TCP tunnel to `port` in a sandbox.
+    pub fn tunnel_url(&self, name: &str, port: u16) -> Url {
+        let mut u = self.url(&["sandboxes", name, "tunnel", &port.to_string()]);
+        u.set_scheme("ws")
+            .expect("http and ws are both special schemes");
+        u
     }
 
     /// The `ws://` URL of a sandbox's shell.

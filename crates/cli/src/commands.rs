@@ -148,6 +148,23 @@ impl Ctx {
                     print(&output::sandbox_details(&sb, now_ms()))?
                 }
             }
+            Command::Ports { name } => {
+                let list = c.ports(&name).await?;
+                if self.json {
+                    print_json(&list)?
+                } else {
+                    print(&output::ports_table(&list.ports))?
+                }
+            }
+            Command::Forward(a) => {
+                let req = crate::forward::ForwardRequest {
+                    sandbox: a.name,
+                    port: a.port,
+                    local_port: a.local_port.unwrap_or(a.port),
+                    bind: a.bind,
+                };
+                crate::forward::run(c, &req).await?;
+            }
             Command::Publish(a) => {
                 let body = api_types::PublishPort {
                     port: a.port,

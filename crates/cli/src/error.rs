@@ -81,6 +81,11 @@ pub enum CliError {
     },
     #[error("the shell socket closed before the session was attached")]
     ShellClosed,
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: io::Error,
+    },
 }
 
 impl CliError {
@@ -112,7 +117,8 @@ impl CliError {
             | CliError::Terminal(_)
             | CliError::Runtime(_)
             | CliError::WebSocket { .. }
-            | CliError::ShellClosed => EXIT_FAILURE,
+            | CliError::ShellClosed
+            | CliError::Bind { .. } => EXIT_FAILURE,
         }
     }
 

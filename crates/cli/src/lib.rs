@@ -12,6 +12,7 @@ mod commands;
 mod config;
 mod error;
 mod exec;
+mod forward;
 mod output;
 mod shell;
 mod terminal;

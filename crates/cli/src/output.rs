@@ -185,6 +185,18 @@ pub fn sandbox_details(s: &Sandbox, now_ms: i64) -> String {
     key_values(&pairs)
 }
 
+pub fn ports_table(list: &[api_types::Port]) -> String {
+    let mut t = Table::new(&["PORT", "ADDRESS", "PROTOCOL"]);
+    for p in list {
+        t.row(vec![
+            p.port.to_string(),
+            p.address.clone(),
+            p.protocol.clone(),
+        ]);
+    }
+    t.render()
+}
+
 pub fn sessions_table(list: &[SessionSummary], now_ms: i64) -> String {
     let mut t = Table::new(&["SESSION", "PID", "ATTACHED", "CREATED", "ACTIVE", "CMD"]);
     for s in list {

@@ -81,7 +81,7 @@ fn stdin_reader() -> mpsc::Receiver<Vec<u8>> {
     rx
 }
 
-fn ws_error(url: &str, e: tungstenite::Error) -> CliError {
+pub(crate) fn ws_error(url: &str, e: tungstenite::Error) -> CliError {
     match e {
         tungstenite::Error::Http(resp) => {
             let body = resp.body().as_deref().unwrap_or_default();
