@@ -40,7 +40,8 @@ impl Daemon {
             &config,
             format!(
                 "data_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\nengine = \"qemu-tcg\"\n\
-                 [defaults]\nimage = \"tiny\"\nmemory_mb = 256\n",
+                 [defaults]\nimage = \"tiny\"\nmemory_mb = 256\n\
+                 [publish]\nlisten = \"127.0.0.1:0\"\n",
                 data.path().display()
             ),
         )
@@ -487,11 +488,88 @@ fn sandbox_lifecycle_through_the_cli() {
     d.ok(&["secret", "delete", "GH_TOKEN"]);
     assert!(d.json::<Vec<SecretSummary>>(&["secret", "list"]).is_empty());
 
+    publish_and_unpublish(&d);
+
     let out = d.run(&["destroy", "demo"]);
     assert!(out.status.success(), "{}", show(&out));
     let out = d.run(&["inspect", "demo"]);
     assert_eq!(out.status.code(), Some(1), "{}", show(&out));
     assert!(d.json::<Vec<Sandbox>>(&["list"]).is_empty());
+}
+
+/// `bhatti publish` prints a URL the public proxy answers on (no token),
+/// `inspect` lists it, bad input is refused with a message and exit 1 (2
+/// for a flag clap refuses), `unpublish` takes it away.
+fn publish_and_unpublish(d: &Daemon) {
+    d.ok(&[
+        "exec",
+        "demo",
+        "--",
+        "sh",
+        "-c",
+        "mkdir -p /tmp/www && echo published-hello > /tmp/www/index.html && httpd -p 8080 -h /tmp/www",
+    ]);
+    let out = d.run(&["publish", "demo", "-p", "8080"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let url = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(url.ends_with("/demo-8080/"), "{url}");
+    assert!(stderr(&out).contains("as 'demo-8080'"), "{}", stderr(&out));
+    assert_eq!(
+        http_get(&format!("{url}index.html")),
+        (200, "published-hello\n".into())
+    );
+    assert!(d.ok(&["inspect", "demo"]).contains(&url));
+    let sb: Sandbox = d.json(&["inspect", "demo"]);
+    assert_eq!(sb.published[0].alias, "demo-8080");
+
+    for (args, code, says) in [
+        (
+            &["publish", "demo", "-p", "8081", "--alias", "api"][..],
+            1,
+            "reserved",
+        ),
+        (
+            &["publish", "demo", "-p", "8081", "--alias", "a_b"],
+            1,
+            "a-z",
+        ),
+        (
+            &["publish", "demo", "-p", "8081", "--alias", "demo-8080"],
+            1,
+            "taken",
+        ),
+        (&["publish", "nosuch", "-p", "8081"], 1, "nosuch"),
+        (&["publish", "demo", "-p", "0"], 2, "0"),
+        (&["unpublish", "demo", "-p", "8081"], 1, "not published"),
+    ] {
+        let out = d.run(args);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {}", show(&out));
+        assert!(stderr(&out).contains(says), "{args:?}: {}", show(&out));
+    }
+
+    let out = d.run(&["unpublish", "demo", "-p", "8080"]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(http_get(&format!("{url}index.html")).0, 404);
+    assert!(d.json::<Sandbox>(&["inspect", "demo"]).published.is_empty());
+}
+
+/// A plain HTTP/1.0 GET of an `http://host:port/path` URL: status and body.
+fn http_get(url: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").expect(url);
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let mut s = std::net::TcpStream::connect(authority).expect(url);
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").expect(&answer);
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect(head);
+    (status, body.to_string())
 }
 
 /// A tmux server of the test's own (own socket, so it starts inside the
