@@ -321,6 +321,21 @@ fn published_ports_answer_publicly_wake_cold_sandboxes_and_go_away() {
         assert_eq!(resp.headers()["content-type"], "application/x-test");
         assert_eq!(resp.text().await.unwrap(), "posted publicly");
 
+        // What the guest sees: where its paths are for the caller (never
+        // the caller's word for it), who asked.
+        let seen: serde_json::Value = http
+            .get(format!("http://{public}/py-echo/headers"))
+            .header("x-forwarded-prefix", "/spoofed")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(seen["x-forwarded-prefix"], "/py-echo", "{seen}");
+        assert_eq!(seen["x-forwarded-for"], "127.0.0.1", "{seen}");
+        assert_eq!(seen["host"], public.to_string(), "{seen}");
+
         // WebSocket echo through the public proxy.
         let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{public}/py-echo/ws"))
             .await

@@ -145,13 +145,14 @@ async fn handle(State(s): State<PublicState>, req: Request) -> Response {
         req.uri().path(),
         req.uri().query(),
     );
-    let (alias, target) = match routed {
+    let (alias, target, prefix) = match routed {
         Route::Unknown => return not_found("no published service here".into()),
-        Route::Redirect { alias, location } => (alias, Err(location)),
+        Route::Redirect { alias, location } => (alias, Err(location), None),
         Route::Publication {
             alias,
             path_and_query,
-        } => (alias, Ok(path_and_query)),
+            prefix,
+        } => (alias, Ok(path_and_query), prefix),
     };
     let publication = {
         let store = s.store.clone();
@@ -195,6 +196,13 @@ async fn handle(State(s): State<PublicState>, req: Request) -> Response {
             Err(e) => return wake_error(&alias, e),
         }
     };
+    // Where the guest's paths are for the caller; never the caller's word.
+    let mut req = req;
+    let forwarded_prefix = header::HeaderName::from_static("x-forwarded-prefix");
+    req.headers_mut().remove(&forwarded_prefix);
+    if let Some(v) = prefix.and_then(|p| HeaderValue::from_str(&p).ok()) {
+        req.headers_mut().insert(forwarded_prefix, v);
+    }
     // The alias, not the sandbox's name, goes into error messages.
     let resp = crate::proxy::forward(agent, publication.port, &alias, req, &target).await;
     hold_until_body_ends(resp, slot)

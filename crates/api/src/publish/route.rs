@@ -8,10 +8,13 @@ use super::alias;
 /// Where a public request goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
-    /// To the publication `alias`, with this request target in the guest.
+    /// To the publication `alias`, with this request target in the guest;
+    /// `prefix` is the path the guest's paths are under for the caller
+    /// (`/<alias>` on a path route, none on a host route).
     Publication {
         alias: String,
         path_and_query: String,
+        prefix: Option<String>,
     },
     /// `/<alias>` without the slash: to `/<alias>/` (relative links in the
     /// guest's pages resolve under the alias only then).
@@ -57,6 +60,7 @@ pub fn route(host: Option<&str>, domain: Option<&str>, path: &str, query: Option
             return Route::Publication {
                 alias: label.to_string(),
                 path_and_query: format!("{path}{query}"),
+                prefix: None,
             };
         }
     }
@@ -76,8 +80,9 @@ pub fn route(host: Option<&str>, domain: Option<&str>, path: &str, query: Option
             alias,
         },
         Some(t) => Route::Publication {
-            alias,
             path_and_query: format!("/{t}{query}"),
+            prefix: Some(format!("/{alias}")),
+            alias,
         },
     }
 }
@@ -86,10 +91,21 @@ pub fn route(host: Option<&str>, domain: Option<&str>, path: &str, query: Option
 mod tests {
     use super::*;
 
+    /// A path route.
     fn publication(alias: &str, pq: &str) -> Route {
         Route::Publication {
             alias: alias.into(),
             path_and_query: pq.into(),
+            prefix: Some(format!("/{alias}")),
+        }
+    }
+
+    /// A host route.
+    fn hosted(alias: &str, pq: &str) -> Route {
+        Route::Publication {
+            alias: alias.into(),
+            path_and_query: pq.into(),
+            prefix: None,
         }
     }
 
@@ -141,20 +157,20 @@ mod tests {
         let d = Some("preview.example.com");
         assert_eq!(
             route(Some("myapp.preview.example.com"), d, "/a", Some("b=c")),
-            publication("myapp", "/a?b=c")
+            hosted("myapp", "/a?b=c")
         );
         assert_eq!(
             route(Some("MyApp.Preview.Example.COM:8081"), d, "/", None),
-            publication("myapp", "/")
+            hosted("myapp", "/")
         );
         assert_eq!(
             route(Some("myapp.preview.example.com."), d, "", None),
-            publication("myapp", "/")
+            hosted("myapp", "/")
         );
         // The path is the guest's: no alias segment is taken off.
         assert_eq!(
             route(Some("myapp.preview.example.com"), d, "/other/x", None),
-            publication("myapp", "/other/x")
+            hosted("myapp", "/other/x")
         );
         for unknown in [
             "a.b.preview.example.com",
@@ -187,5 +203,23 @@ mod tests {
             );
         }
         assert_eq!(route(None, d, "/myapp/x", None), publication("myapp", "/x"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn routing_never_panics(
+            host in proptest::option::of("\\PC{0,40}"),
+            path in "\\PC{0,60}",
+            query in proptest::option::of("\\PC{0,20}"),
+        ) {
+            for domain in [None, Some("pv.example.com")] {
+                if let Route::Publication { alias, path_and_query, .. } =
+                    route(host.as_deref(), domain, &path, query.as_deref())
+                {
+                    proptest::prop_assert!(alias::validate(&alias).is_ok());
+                    proptest::prop_assert!(path_and_query.starts_with('/'));
+                }
+            }
+        }
     }
 }
