@@ -120,7 +120,15 @@ impl Daemon {
         let app = crate::routes::router(self.state);
         // Peer addresses for the proxy's X-Forwarded-For.
         let app = app.into_make_service_with_connect_info::<SocketAddr>();
-        axum::serve(self.listener, app)
+        // Without TCP_NODELAY a streamed response's head and body go out
+        // as two small writes and the second waits for the client's
+        // delayed ACK (40 ms): every proxied request would pay it.
+        let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
+        axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await
             .map_err(ServeError::Serve)?;

@@ -297,8 +297,7 @@ fn ports_proxy_websocket_sse_tunnel_and_refusals() {
         let (s, _) = refusal(
             ws_connect(&d, None, "/sandboxes/web/tunnel/8080")
                 .await
-                .err()
-                .expect("no key, no tunnel"),
+                .expect_err("no key, no tunnel"),
         );
         assert_eq!(s, 401);
 
@@ -331,16 +330,14 @@ fn ports_proxy_websocket_sse_tunnel_and_refusals() {
         let (s, e) = refusal(
             ws_connect(&d, Some(&key), "/sandboxes/web/tunnel/9999")
                 .await
-                .err()
-                .expect("a closed port is refused before the upgrade"),
+                .expect_err("a closed port is refused before the upgrade"),
         );
         assert_eq!(s, 502, "{e}");
         assert!(e.contains("nothing is listening on port 9999"), "{e}");
         let (s, _) = refusal(
             ws_connect(&d, Some(&bob.key), "/sandboxes/web/tunnel/8080")
                 .await
-                .err()
-                .expect("another user's sandbox is refused"),
+                .expect_err("another user's sandbox is refused"),
         );
         assert_eq!(s, 404);
 

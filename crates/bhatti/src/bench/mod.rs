@@ -4,6 +4,7 @@
 mod agent;
 mod api;
 mod boot;
+mod proxy;
 mod stats;
 mod thermal;
 
@@ -24,6 +25,10 @@ pub enum BenchCommand {
     /// exec vs. a fresh boot, snapshot size vs. memory dirtied. Needs root
     /// and built images.
     Thermal(thermal::ThermalBenchArgs),
+    /// HTTP through the daemon's authenticated proxy vs. the same request
+    /// over an agent tunnel (busybox httpd on tiny). Needs root and built
+    /// images.
+    Proxy(proxy::ProxyBenchArgs),
 }
 
 /// A sandbox manager of the bench's own: a temp data dir reading the images
@@ -84,5 +89,6 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Boot(args) => boot::run(args),
         BenchCommand::Api(args) => api::run(args),
         BenchCommand::Thermal(args) => thermal::run(args),
+        BenchCommand::Proxy(args) => proxy::run(args),
     }
 }
