@@ -419,6 +419,101 @@ fn published_ports_answer_publicly_wake_cold_sandboxes_and_go_away() {
 }
 
 #[test]
+fn a_response_streaming_publicly_keeps_its_sandbox_hot() {
+    in_netns("api-pub-hot", || async {
+        let data = data_dir();
+        testkit::images(image::Tier::Minimal);
+        let tweak = "[thermal]\nwarm_after_secs = 1\ncold_after_secs = 3600\n";
+        let d = TestDaemon::start(config(data.path(), tweak)).await;
+        let public = d.public.expect("the public proxy is on");
+        let http = public_client();
+        let alice = d.client(&d.user("alice", 5));
+        let (s, v) = alice
+            .json(
+                Method::POST,
+                "/sandboxes",
+                Some(json!({"name": "py", "image": "minimal", "memory_mb": 512})),
+            )
+            .await;
+        assert_eq!(s, 201, "{v}");
+        alice.create("ctl").await;
+        let resp = alice
+            .req(Method::PUT, "/sandboxes/py/files?path=/tmp/echo_server.py")
+            .body(ECHO_SERVER)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        sh(
+            &alice,
+            "py",
+            "setsid python3 /tmp/echo_server.py 8000 </dev/null >/tmp/echo.log 2>&1 &",
+        )
+        .await;
+        let (s, v) = publish(&alice, "py", json!({"port": 8000})).await;
+        assert_eq!(s, 201, "{v}");
+        let end = tokio::time::Instant::now() + Duration::from_secs(60);
+        while get(&http, public, "/py-8000/").await.0 != 200 {
+            assert!(
+                tokio::time::Instant::now() < end,
+                "echo_server never answered"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+
+        let resp = http
+            .get(format!("http://{public}/py-8000/sse?n=2&gate=1"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut events = resp.bytes_stream();
+        let mut seen = String::new();
+        read_until(&mut events, &mut seen, "data: event 1\n\n").await;
+        // A sandbox used after the stream began goes warm when idle; by
+        // then the streaming one has had no request for longer, and is hot
+        // only because its response is still streaming.
+        sh(&alice, "ctl", "true").await;
+        let end = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let (_, v) = alice.json(Method::GET, "/sandboxes/ctl", None).await;
+            if v["thermal"] == "warm" {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < end,
+                "ctl never went warm: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (_, v) = alice.json(Method::GET, "/sandboxes/py", None).await;
+        assert_eq!(
+            v["thermal"], "hot",
+            "paused under a streaming response: {v}"
+        );
+        let r = http
+            .post(format!("http://{public}/py-8000/sse/next"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        read_until(&mut events, &mut seen, "data: event 2\n\n").await;
+        assert!(events.next().await.is_none());
+        // With the stream over, it cools like any other.
+        let end = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let (_, v) = alice.json(Method::GET, "/sandboxes/py", None).await;
+            if v["thermal"] == "warm" {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < end, "py never went warm: {v}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        d.stop().await;
+    });
+}
+
+#[test]
 fn the_public_proxy_has_its_own_rate_limit() {
     in_netns("api-pub-rl", || async {
         let data = data_dir();

@@ -205,18 +205,45 @@ async fn handle(State(s): State<PublicState>, req: Request) -> Response {
     }
     // The alias, not the sandbox's name, goes into error messages.
     let resp = crate::proxy::forward(agent, publication.port, &alias, req, &target).await;
-    hold_until_body_ends(resp, slot)
+    let keep_hot = KeepHot::start(&s.service, &publication.sandbox_id);
+    hold_until_body_ends(resp, (slot, keep_hot))
 }
 
-/// Keeps `slot` taken until the response body has been sent (or dropped),
-/// so a long stream counts as in flight.
-fn hold_until_body_ends(resp: Response, slot: tokio::sync::OwnedSemaphorePermit) -> Response {
+/// Marks a sandbox in use at a steady pace while it lives, so one that
+/// streams a response (server-sent events, a download) is not paused
+/// under it for lack of new requests.
+#[derive(Debug)]
+struct KeepHot(tokio::task::JoinHandle<()>);
+
+impl KeepHot {
+    fn start(service: &Arc<Service>, sid: &str) -> KeepHot {
+        let service = service.clone();
+        let sid = sid.to_string();
+        KeepHot(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(service.keep_hot_every());
+            loop {
+                tick.tick().await;
+                service.touch(&sid);
+            }
+        }))
+    }
+}
+
+impl Drop for KeepHot {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Keeps `held` (the in-flight slot, the keep-hot task) until the response
+/// body has been sent or dropped, so a long stream counts as in flight.
+fn hold_until_body_ends<H: Send + Sync + 'static>(resp: Response, held: H) -> Response {
     if resp.body().is_end_stream() || resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         return resp;
     }
     let (parts, body) = resp.into_parts();
     let stream = body.into_data_stream().map(move |chunk| {
-        let _held = &slot;
+        let _held = &held;
         chunk
     });
     Response::from_parts(parts, Body::from_stream(stream))

@@ -211,6 +211,21 @@ impl Service {
         !matches!(self.core.get(&core), Ok(r) if r.thermal == ThermalState::Hot)
     }
 
+    /// Marks a sandbox (store id) as in use now, so the thermal manager
+    /// does not pause it under a response still streaming.
+    pub fn touch(&self, sid: &str) {
+        if let Some(core) = self.live().get(sid).map(|l| l.core.clone()) {
+            self.core.touch(&core);
+        }
+    }
+
+    /// How often a sandbox with a response streaming out of it is marked
+    /// in use: well within the idle time after which it is paused.
+    pub fn keep_hot_every(&self) -> std::time::Duration {
+        (std::time::Duration::from_secs(self.config.thermal.warm_after_secs.max(1)) / 3)
+            .max(std::time::Duration::from_millis(100))
+    }
+
     /// The agent behind a publication, for the public proxy: its owner's
     /// [`Service::agent`] (warm resumed, cold restored, stopped booted;
     /// concurrent callers share one wake), without an API key.
