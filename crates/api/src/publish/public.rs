@@ -82,6 +82,13 @@ pub async fn serve(
         }
     });
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    // As on the API socket: without TCP_NODELAY a streamed response's
+    // second small write waits for the client's delayed ACK (40 ms).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             // Err: the daemon dropped the sender; stop as well.

@@ -62,6 +62,8 @@ pub fn run(args: ProxyBenchArgs) -> anyhow::Result<()> {
         subnet.prefix(),
     ))
     .map_err(anyhow::Error::msg)?;
+    // No public proxy: its default port may be a running daemon's.
+    config.publish.listen = String::new();
     config.defaults.image = "tiny".into();
     config.defaults.memory_mb = 256;
     let rt = tokio::runtime::Builder::new_multi_thread()
