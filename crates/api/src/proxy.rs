@@ -36,7 +36,22 @@ pub async fn forward(
     req: Request,
     path_and_query: &str,
 ) -> Response {
-    match forward_inner(agent, port, sandbox_name, req, path_and_query).await {
+    forward_holding(agent, port, sandbox_name, req, path_and_query, ()).await
+}
+
+/// [`forward`], keeping `held` alive for as long as the exchange lasts:
+/// until the response body has been sent (or dropped), or, after a `101`,
+/// until the upgraded connection closes. For whatever must last as long
+/// as the traffic does: a task keeping the sandbox hot, a concurrency slot.
+pub async fn forward_holding<H: Send + Sync + Unpin + 'static>(
+    agent: AgentClient,
+    port: u16,
+    sandbox_name: &str,
+    req: Request,
+    path_and_query: &str,
+    held: H,
+) -> Response {
+    match forward_inner(agent, port, sandbox_name, req, path_and_query, held).await {
         Ok(resp) => resp,
         Err(e) => e.into_response(),
     }
@@ -92,12 +107,13 @@ impl IntoResponse for ProxyError {
     }
 }
 
-async fn forward_inner(
+async fn forward_inner<H: Send + Sync + Unpin + 'static>(
     agent: AgentClient,
     port: u16,
     sandbox: &str,
     mut req: Request,
     path_and_query: &str,
+    held: H,
 ) -> Result<Response, ProxyError> {
     let target = if path_and_query.is_empty() {
         "/"
@@ -154,11 +170,15 @@ async fn forward_inner(
     };
 
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    let mut held = Some(held);
     if switching {
         if let Some(client_upgrade) = client_upgrade {
             let guest_upgrade = hyper::upgrade::on(&mut resp);
             let sandbox = sandbox.to_string();
+            // Held by the spliced connection from here on.
+            let upgrade_held = held.take();
             tokio::spawn(async move {
+                let _held = upgrade_held;
                 let (client, guest) = match tokio::try_join!(client_upgrade, guest_upgrade) {
                     Ok(pair) => pair,
                     Err(e) => {
@@ -191,7 +211,10 @@ async fn forward_inner(
     let mut back = Response::new(if switching {
         Body::empty()
     } else {
-        Body::new(rbody)
+        Body::new(Holding {
+            body: rbody,
+            _held: held,
+        })
     });
     *back.status_mut() = rparts.status;
     *back.headers_mut() = response_headers(&rparts.headers, switching);
@@ -202,6 +225,36 @@ async fn forward_inner(
 /// 504 on a timeout), as [`forward`] renders it.
 pub fn tunnel_failure(e: ClientError, port: u16, sandbox_name: &str) -> Response {
     tunnel_error(e, port, sandbox_name).into_response()
+}
+
+/// A response body that keeps something alive until it is dropped.
+struct Holding<B, H> {
+    body: B,
+    _held: H,
+}
+
+impl<B, H> hyper::body::Body for Holding<B, H>
+where
+    B: hyper::body::Body + Unpin,
+    H: Unpin,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 fn tunnel_error(e: ClientError, port: u16, sandbox: &str) -> ProxyError {

@@ -109,12 +109,31 @@ where
     }
 }
 
+/// Watches `sandboxes` (which never wakes them) for three idle periods
+/// (`warm_after_secs = 2`): each must stay hot all along.
+async fn stays_hot(c: &Client, sandboxes: &[&str]) {
+    let end = tokio::time::Instant::now() + Duration::from_secs(6);
+    while tokio::time::Instant::now() < end {
+        for sb in sandboxes {
+            let (s, v) = c.json(Method::GET, &format!("/sandboxes/{sb}"), None).await;
+            assert_eq!(s, 200, "{v}");
+            assert_eq!(
+                v["thermal"], "hot",
+                "{sb} was paused under open traffic: {v}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[test]
 fn ports_proxy_websocket_sse_tunnel_and_refusals() {
     in_netns("api-proxy", || async {
         let data = data_dir();
         testkit::images(image::Tier::Minimal);
-        let d = TestDaemon::start(config(data.path(), "")).await;
+        // Sandboxes idle for 2 s are paused: long-lived proxied traffic
+        // has to keep them hot.
+        let d = TestDaemon::start(config(data.path(), "[thermal]\nwarm_after_secs = 2\n")).await;
         let key = d.user("alice", 5);
         let alice = d.client(&key);
         let bob = d.client(&d.user("bob", 5));
@@ -134,7 +153,8 @@ fn ports_proxy_websocket_sse_tunnel_and_refusals() {
             "web",
             "mkdir -p /tmp/www/cgi-bin && echo hello-tiny > /tmp/www/index.html && \
              printf '#!/bin/sh\\necho Content-Type: text/plain\\necho\\ncat\\n' > /tmp/www/cgi-bin/echo && \
-             chmod +x /tmp/www/cgi-bin/echo && httpd -p 8080 -h /tmp/www",
+             chmod +x /tmp/www/cgi-bin/echo && httpd -p 8080 -h /tmp/www && \
+             (setsid nc -ll -p 7000 -e cat </dev/null >/dev/null 2>&1 &)",
         )
         .await;
         // echo_server.py on minimal, put in with the files API, detached.
@@ -341,6 +361,52 @@ fn ports_proxy_websocket_sse_tunnel_and_refusals() {
         );
         assert_eq!(s, 404);
 
+        // Long-lived traffic keeps its sandbox hot: a server-sent event
+        // stream (py) and a raw tunnel (web) held open across several idle
+        // periods, then a WebSocket through the proxy (py) likewise; each
+        // still carries data afterwards.
+        wait_for_port(&alice, "web", 7000).await;
+        let resp = alice
+            .req(Method::GET, "/sandboxes/py/proxy/8000/sse?n=2&gate=1")
+            .send()
+            .await
+            .unwrap();
+        let mut events = resp.bytes_stream();
+        let mut seen = String::new();
+        read_until(&mut events, &mut seen, "data: event 1\n\n").await;
+        let mut t = ws_connect(&d, Some(&key), "/sandboxes/web/tunnel/7000")
+            .await
+            .expect("tunnel to nc");
+        stays_hot(&alice, &["py", "web"]).await;
+        t.send(Ws::binary(b"still there?\n".to_vec()))
+            .await
+            .unwrap();
+        match tokio::time::timeout(Duration::from_secs(60), t.next()).await {
+            Ok(Some(Ok(Ws::Binary(b)))) => assert_eq!(&b[..], b"still there?\n"),
+            other => panic!("no echo through the held tunnel: {other:?}"),
+        }
+        let _ = t.close(None).await;
+        let r = alice
+            .req(Method::POST, "/sandboxes/py/proxy/8000/sse/next")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        read_until(&mut events, &mut seen, "data: event 2\n\n").await;
+        drop(events);
+        let mut ws = ws_connect(&d, Some(&key), "/sandboxes/py/proxy/8000/ws")
+            .await
+            .expect("websocket through the proxy");
+        ws.send(Ws::text("one")).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Ws::text("one"));
+        stays_hot(&alice, &["py"]).await;
+        ws.send(Ws::text("two")).await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(60), ws.next()).await {
+            Ok(Some(Ok(m))) => assert_eq!(m, Ws::text("two")),
+            other => panic!("no echo through the held websocket: {other:?}"),
+        }
+        let _ = ws.close(None).await;
+
         // A cold sandbox wakes for a proxied request, its server intact.
         let (s, v) = alice.json(Method::POST, "/sandboxes/web/stop", None).await;
         assert_eq!((s, v["thermal"].as_str()), (200, Some("cold")), "{v}");
@@ -351,8 +417,6 @@ fn ports_proxy_websocket_sse_tunnel_and_refusals() {
             .unwrap();
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.text().await.unwrap(), "hello-tiny\n");
-        let (_, v) = alice.json(Method::GET, "/sandboxes/web", None).await;
-        assert_eq!(v["thermal"], "hot", "{v}");
 
         d.stop().await;
     });

@@ -79,7 +79,46 @@ pub async fn proxy(
     let target = guest_target(req.uri().path(), req.uri().query());
     // The key authenticated this request; the guest never sees it.
     req.headers_mut().remove(axum::http::header::AUTHORIZATION);
-    Ok(crate::proxy::forward(agent, port, id, req, &target).await)
+    let keep_hot = KeepHot::start(&state, user, id);
+    Ok(crate::proxy::forward_holding(agent, port, id, req, &target, keep_hot).await)
+}
+
+/// Marks a sandbox in use at a steady pace while it lives, so one that
+/// streams a response, holds a WebSocket or carries a forwarded connection
+/// is not paused under the traffic for lack of API requests (a paused
+/// guest would leave the connection hanging: bytes on an open tunnel do
+/// not wake it). Quick requests end before the first mark and cost no
+/// lookup.
+#[derive(Debug)]
+struct KeepHot(tokio::task::JoinHandle<()>);
+
+impl KeepHot {
+    fn start(state: &AppState, user: std::sync::Arc<store::UserRecord>, key: &str) -> KeepHot {
+        let service = state.service.clone();
+        let key = key.to_string();
+        KeepHot(tokio::spawn(async move {
+            let every = service.keep_hot_every();
+            tokio::time::sleep(every).await;
+            let sid = match service.get(&user, &key).await {
+                Ok(sb) => sb.id,
+                Err(e) => {
+                    tracing::debug!(error = %e, sandbox = %key, "not kept hot");
+                    return;
+                }
+            };
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                service.touch(&sid);
+            }
+        }))
+    }
+}
+
+impl Drop for KeepHot {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn param<'a>(params: &'a [(String, String)], name: &str) -> Result<&'a str, ApiError> {
@@ -105,7 +144,11 @@ pub async fn tunnel(
         Ok(t) => t,
         Err(e) => return Ok(crate::proxy::tunnel_failure(e, port, &id)),
     };
-    Ok(ws.on_upgrade(move |socket| relay(socket, tunnel)))
+    let keep_hot = KeepHot::start(&state, user, &id);
+    Ok(ws.on_upgrade(move |socket| async move {
+        relay(socket, tunnel).await;
+        drop(keep_hot);
+    }))
 }
 
 /// Binary frames carry the bytes; an empty binary frame says its sender
