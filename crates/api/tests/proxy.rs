@@ -302,6 +302,10 @@ fn ports_proxy_websocket_sse_tunnel_and_refusals() {
             assert_eq!(s, 400, "{bad}: {v}");
             assert!(v["error"].as_str().unwrap().contains("port"), "{v}");
         }
+        for path in ["/sandboxes/web/tunnel/8080", "/sandboxes/%FF/proxy/80/x"] {
+            let (s, v) = alice.json(Method::GET, path, None).await;
+            assert_eq!(s, 400, "{path}: {v}");
+        }
         for path in [
             "/sandboxes/py/proxy/8000/",
             "/sandboxes/py/ports",

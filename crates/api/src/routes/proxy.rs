@@ -5,6 +5,8 @@
 //! All wake a warm or cold sandbox first.
 
 use agent_client::Tunnel;
+use axum::extract::rejection::PathRejection;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Request, State};
 use axum::response::Response;
@@ -47,8 +49,9 @@ pub fn guest_target(path: &str, query: Option<&str>) -> String {
 pub async fn ports(
     State(state): State<AppState>,
     User(user): User,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<axum::Json<api_types::PortList>, ApiError> {
+    let Path(id) = id.map_err(bad_path)?;
     state.limit(&user, Class::Read)?;
     let agent = state.service.agent(&user, &id).await?;
     let ports = agent.ports().await?;
@@ -69,9 +72,10 @@ pub async fn ports(
 pub async fn proxy(
     State(state): State<AppState>,
     User(user): User,
-    Path(params): Path<Vec<(String, String)>>,
+    params: Result<Path<Vec<(String, String)>>, PathRejection>,
     mut req: Request,
 ) -> Result<Response, ApiError> {
+    let Path(params) = params.map_err(bad_path)?;
     let id = param(&params, "id")?;
     let port = parse_port(param(&params, "port")?)?;
     state.limit(&user, Class::Read)?;
@@ -121,6 +125,10 @@ impl Drop for KeepHot {
     }
 }
 
+fn bad_path(e: PathRejection) -> ApiError {
+    ApiError::BadRequest(format!("invalid path: {}", e.body_text()))
+}
+
 fn param<'a>(params: &'a [(String, String)], name: &str) -> Result<&'a str, ApiError> {
     params
         .iter()
@@ -134,9 +142,13 @@ fn param<'a>(params: &'a [(String, String)], name: &str) -> Result<&'a str, ApiE
 pub async fn tunnel(
     State(state): State<AppState>,
     User(user): User,
-    Path((id, port)): Path<(String, String)>,
-    ws: WebSocketUpgrade,
+    params: Result<Path<(String, String)>, PathRejection>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
+    let Path((id, port)) = params.map_err(bad_path)?;
+    let ws = ws.map_err(|e| {
+        ApiError::BadRequest(format!("expected a WebSocket upgrade: {}", e.body_text()))
+    })?;
     let port = parse_port(&port)?;
     state.limit(&user, Class::Read)?;
     let agent = state.service.agent(&user, &id).await?;
