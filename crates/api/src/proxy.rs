@@ -514,6 +514,57 @@ mod tests {
     }
 
     #[test]
+    fn tunnel_failures_map_to_502_or_504_with_a_reason() {
+        let agent = |message: &str| ClientError::Agent {
+            code: proto::ErrorCode::ConnectFailed,
+            message: message.into(),
+        };
+        let e = tunnel_error(
+            agent(
+                "cannot connect to 127.0.0.1:3000 in the guest: Connection refused (os error 111)",
+            ),
+            3000,
+            "dev",
+        );
+        assert_eq!(e.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            e.to_string(),
+            "nothing is listening on port 3000 in sandbox 'dev'"
+        );
+        let e = tunnel_error(
+            agent("connecting to 127.0.0.1:3000 in the guest timed out after 5s"),
+            3000,
+            "dev",
+        );
+        assert_eq!(e.status(), StatusCode::GATEWAY_TIMEOUT);
+        let e = tunnel_error(
+            ClientError::Timeout {
+                operation: "tunnel",
+                after: Duration::from_secs(30),
+            },
+            3000,
+            "dev",
+        );
+        assert_eq!(e.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert!(e.to_string().contains("did not answer within 30s"), "{e}");
+        let e = tunnel_error(
+            ClientError::Closed {
+                operation: "tunnel",
+            },
+            3000,
+            "dev",
+        );
+        assert_eq!(e.status(), StatusCode::BAD_GATEWAY);
+        assert!(
+            e.to_string()
+                .starts_with("cannot reach port 3000 in sandbox 'dev'"),
+            "{e}"
+        );
+        let e = ProxyError::BadTarget { target: "x".into() };
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
     fn bhatti_keys_are_recognised() {
         assert!(is_bhatti_key(&HeaderValue::from_static("Bearer bht_abc")));
         assert!(is_bhatti_key(&HeaderValue::from_static("bearer  bht_abc")));

@@ -411,6 +411,20 @@ fn ports_proxy_websocket_sse_tunnel_and_refusals() {
         }
         let _ = ws.close(None).await;
 
+        // A server that does not speak HTTP (nc echoing the request back
+        // as its "response"): 502 saying the exchange broke.
+        let (s, v) = alice
+            .json(Method::GET, "/sandboxes/web/proxy/7000/", None)
+            .await;
+        assert_eq!(s, 502, "{v}");
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("the server on port 7000 in sandbox 'web' broke the HTTP exchange"),
+            "{v}"
+        );
+
         // A cold sandbox wakes for a proxied request, its server intact.
         let (s, v) = alice.json(Method::POST, "/sandboxes/web/stop", None).await;
         assert_eq!((s, v["thermal"].as_str()), (200, Some("cold")), "{v}");
