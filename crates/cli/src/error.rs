@@ -74,13 +74,15 @@ pub enum CliError {
     Terminal(nix::Error),
     #[error("cannot start the client runtime: {0}")]
     Runtime(io::Error),
-    #[error("shell connection to {url}: {source}")]
+    #[error("WebSocket connection to {url}: {source}")]
     WebSocket {
         url: String,
         source: Box<tokio_tungstenite::tungstenite::Error>,
     },
     #[error("the shell socket closed before the session was attached")]
     ShellClosed,
+    #[error("local connection: {0}")]
+    LocalConn(io::Error),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -118,7 +120,8 @@ impl CliError {
             | CliError::Runtime(_)
             | CliError::WebSocket { .. }
             | CliError::ShellClosed
-            | CliError::Bind { .. } => EXIT_FAILURE,
+            | CliError::Bind { .. }
+            | CliError::LocalConn(_) => EXIT_FAILURE,
         }
     }
 

@@ -117,7 +117,7 @@ async fn forward_one(client: &Client, req: &ForwardRequest, tcp: TcpStream) -> R
     let up = async {
         let mut buf = vec![0u8; CHUNK];
         loop {
-            let n = rd.read(&mut buf).await.map_err(CliError::Output)?;
+            let n = rd.read(&mut buf).await.map_err(CliError::LocalConn)?;
             if n == 0 {
                 ws_tx
                     .send(Message::binary(Vec::new()))
@@ -137,10 +137,10 @@ async fn forward_one(client: &Client, req: &ForwardRequest, tcp: TcpStream) -> R
         while let Some(msg) = ws_rx.next().await {
             match msg.map_err(ws_err)? {
                 Message::Binary(b) if b.is_empty() => {
-                    wr.shutdown().await.map_err(CliError::Output)?;
+                    wr.shutdown().await.map_err(CliError::LocalConn)?;
                     return Ok::<_, CliError>(true);
                 }
-                Message::Binary(b) => wr.write_all(&b).await.map_err(CliError::Output)?,
+                Message::Binary(b) => wr.write_all(&b).await.map_err(CliError::LocalConn)?,
                 Message::Close(_) => return Ok(false),
                 _ => {}
             }
