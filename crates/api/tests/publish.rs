@@ -418,8 +418,28 @@ fn published_ports_answer_publicly_wake_cold_sandboxes_and_go_away() {
     });
 }
 
+/// Uses `sandbox` now, then waits until the thermal manager has paused it
+/// for being idle: whatever was idle since before has been idle longer.
+async fn wait_warm_after_use(c: &Client, sandbox: &str) {
+    sh(c, sandbox, "true").await;
+    let end = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, v) = c
+            .json(Method::GET, &format!("/sandboxes/{sandbox}"), None)
+            .await;
+        if v["thermal"] == "warm" {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "{sandbox} never went warm: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[test]
-fn a_response_streaming_publicly_keeps_its_sandbox_hot() {
+fn public_streams_and_websockets_keep_their_sandbox_hot() {
     in_netns("api-pub-hot", || async {
         let data = data_dir();
         testkit::images(image::Tier::Minimal);
@@ -473,19 +493,7 @@ fn a_response_streaming_publicly_keeps_its_sandbox_hot() {
         // A sandbox used after the stream began goes warm when idle; by
         // then the streaming one has had no request for longer, and is hot
         // only because its response is still streaming.
-        sh(&alice, "ctl", "true").await;
-        let end = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let (_, v) = alice.json(Method::GET, "/sandboxes/ctl", None).await;
-            if v["thermal"] == "warm" {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < end,
-                "ctl never went warm: {v}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_warm_after_use(&alice, "ctl").await;
         let (_, v) = alice.json(Method::GET, "/sandboxes/py", None).await;
         assert_eq!(
             v["thermal"], "hot",
@@ -499,7 +507,29 @@ fn a_response_streaming_publicly_keeps_its_sandbox_hot() {
         assert_eq!(r.status(), 200);
         read_until(&mut events, &mut seen, "data: event 2\n\n").await;
         assert!(events.next().await.is_none());
-        // With the stream over, it cools like any other.
+
+        // The same for a WebSocket held open without traffic.
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{public}/py-8000/ws"))
+            .await
+            .expect("public websocket");
+        ws.send(Ws::text("before")).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Ws::text("before"));
+        wait_warm_after_use(&alice, "ctl").await;
+        let (_, v) = alice.json(Method::GET, "/sandboxes/py", None).await;
+        assert_eq!(v["thermal"], "hot", "paused under an open WebSocket: {v}");
+        ws.send(Ws::text("after")).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Ws::text("after"));
+        ws.close(None).await.unwrap();
+        while let Some(Ok(m)) = ws.next().await {
+            if m.is_close() {
+                break;
+            }
+        }
+        // The connection (and with it the keep-hot mark) ends when both
+        // sides have closed it.
+        drop(ws);
+
+        // With the traffic over, it cools like any other.
         let end = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
             let (_, v) = alice.json(Method::GET, "/sandboxes/py", None).await;

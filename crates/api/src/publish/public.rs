@@ -10,12 +10,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::{Body, HttpBody};
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
-use futures_util::StreamExt;
 
 use super::gate::{Inflight, WakeGate};
 use super::route::{route, Route};
@@ -211,14 +209,23 @@ async fn handle(State(s): State<PublicState>, req: Request) -> Response {
         req.headers_mut().insert(forwarded_prefix, v);
     }
     // The alias, not the sandbox's name, goes into error messages.
-    let resp = crate::proxy::forward(agent, publication.port, &alias, req, &target).await;
+    // The slot and the keep-hot task last as long as the exchange: until
+    // the body has been sent, or an upgraded connection closes.
     let keep_hot = KeepHot::start(&s.service, &publication.sandbox_id);
-    hold_until_body_ends(resp, (slot, keep_hot))
+    crate::proxy::forward_holding(
+        agent,
+        publication.port,
+        &alias,
+        req,
+        &target,
+        (slot, keep_hot),
+    )
+    .await
 }
 
 /// Marks a sandbox in use at a steady pace while it lives, so one that
-/// streams a response (server-sent events, a download) is not paused
-/// under it for lack of new requests.
+/// streams a response (server-sent events, a download) or holds a
+/// WebSocket is not paused under it for lack of new requests.
 #[derive(Debug)]
 struct KeepHot(tokio::task::JoinHandle<()>);
 
@@ -240,18 +247,4 @@ impl Drop for KeepHot {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-/// Keeps `held` (the in-flight slot, the keep-hot task) until the response
-/// body has been sent or dropped, so a long stream counts as in flight.
-fn hold_until_body_ends<H: Send + Sync + 'static>(resp: Response, held: H) -> Response {
-    if resp.body().is_end_stream() || resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        return resp;
-    }
-    let (parts, body) = resp.into_parts();
-    let stream = body.into_data_stream().map(move |chunk| {
-        let _held = &held;
-        chunk
-    });
-    Response::from_parts(parts, Body::from_stream(stream))
 }
