@@ -414,6 +414,15 @@ fn published_ports_answer_publicly_wake_cold_sandboxes_and_go_away() {
             (200, "hello from echo_server\n".into())
         );
 
+        // A restart: publications are kept, and the first request wakes the
+        // sandbox the new daemon adopted cold.
+        d.stop().await;
+        let d = TestDaemon::start(config(data.path(), &tweak)).await;
+        let public = d.public.expect("the public proxy is on");
+        assert_eq!(
+            get(&http, public, "/web-8080/").await,
+            (200, "hello from echo_server\n".into())
+        );
         d.stop().await;
     });
 }
