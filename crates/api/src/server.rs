@@ -30,6 +30,8 @@ pub enum ServeError {
     },
     #[error("the VM layer failed to start: {0}")]
     Vms(String),
+    #[error("invalid configuration: {0}")]
+    Config(String),
     #[error("serving failed")]
     Serve(#[source] std::io::Error),
 }
@@ -156,7 +158,7 @@ impl Daemon {
 async fn bind_public(
     config: &mut DaemonConfig,
 ) -> Result<Option<tokio::net::TcpListener>, ServeError> {
-    let Some(addr) = config.publish.listen_addr().map_err(ServeError::Vms)? else {
+    let Some(addr) = config.publish.listen_addr().map_err(ServeError::Config)? else {
         return Ok(None);
     };
     let listener = tokio::net::TcpListener::bind(addr)

@@ -69,7 +69,7 @@ fn idle_sandboxes_cool_down_and_wake_transparently_across_a_restart() {
             )
             .await;
         assert_eq!(s, 201, "{pinned}");
-        let counter = "setsid sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done' </dev/null >/dev/null 2>&1 & echo $!";
+        let counter = "setsid sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.05; done' </dev/null >/dev/null 2>&1 & echo $!";
         let pid = out(&c, "sleepy", counter).await;
 
         // The ticker: warm after 1 s idle, cold 2 s later.

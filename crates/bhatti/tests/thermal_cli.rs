@@ -89,7 +89,7 @@ impl Cli {
     }
 }
 
-const COUNTER: &str = "setsid sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done' </dev/null >/dev/null 2>&1 & echo $!";
+const COUNTER: &str = "setsid sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.05; done' </dev/null >/dev/null 2>&1 & echo $!";
 
 #[test]
 fn stop_start_edit_and_a_killed_daemon_with_cold_and_warm_sandboxes() {

@@ -85,7 +85,7 @@ fn host_unix() -> u64 {
 /// A shell counter and a Python process holding a dict behind a TCP port,
 /// both outside the exec's process group.
 const START_WORKLOAD: &str = r#"
-setsid sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done' </dev/null >/dev/null 2>&1 &
+setsid sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.05; done' </dev/null >/dev/null 2>&1 &
 echo $! > /tmp/counter.pid
 cat > /tmp/dict.py <<'EOF'
 import os, socketserver
