@@ -129,7 +129,7 @@ pub fn images(tier: Tier) -> ResolvedImage {
                         force: false,
                     },
                 )
-                .unwrap_or_else(|e| panic!("building the {} image: {e}", tier.name()));
+                .unwrap_or_else(|e| panic!("building the {} image: {}", tier.name(), chain(&e)));
             let resolved = ImageStore::new(layout)
                 .resolve(tier.name())
                 .expect("resolving a just-built image");
@@ -137,6 +137,19 @@ pub fn images(tier: Tier) -> ResolvedImage {
             resolved
         })
         .unwrap_or_else(|(_, e)| panic!("locking the image cache: {e}"))
+}
+
+/// An error and its sources, so a panic says why ("No space left on
+/// device"), not only what failed.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 /// Polls `cond` every 20 ms until it holds; panics naming `what` after `deadline`.
