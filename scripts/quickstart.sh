@@ -113,6 +113,10 @@ bhatti is up. Next:
   bhatti exec demo -- python3 -c 'print(6*7)'
   echo 'print("hi")' | bhatti file write demo /workspace/hi.py
   bhatti file ls demo /workspace
+  bhatti exec demo -- sh -c 'setsid python3 -m http.server 8000 -d /workspace >/dev/null 2>&1 &'
+  bhatti ports demo                          # what listens in the sandbox
+  bhatti publish demo -p 8000                # a preview URL on the public proxy; wakes the sandbox when cold
+  bhatti forward demo 8000                   # or: 127.0.0.1:8000 here -> port 8000 in the sandbox
   bhatti list
   bhatti destroy demo
   bhatti --help                              # every command; reference: docs/cli.md
