@@ -30,49 +30,12 @@ pub fn run(args: ApiBenchArgs) -> anyhow::Result<()> {
     if args.iterations == 0 {
         bail!("--iterations must be at least 1");
     }
-    let images = args.data_dir.join("images");
-    if !images.is_dir() {
-        bail!(
-            "no images in {}; run `bhatti image build --data-dir {}` first",
-            args.data_dir.display(),
-            args.data_dir.display()
-        );
-    }
-    let scratch = tempfile::Builder::new()
-        .prefix("bhatti-bench-api-")
-        .tempdir()
-        .context("temp dir")?;
-    std::os::unix::fs::symlink(&images, scratch.path().join("images"))?;
-    let tag = format!("{:04x}", std::process::id() & 0xffff);
-    let subnet: net::Subnet = args.subnet.parse().context("--subnet")?;
-    // The bench's one user gets the range's first (and only) subnet.
-    let bridge_prefix = format!("bha{tag}");
-    let bridge = format!("{bridge_prefix}0000");
-    // No firewall: applying it would replace the rules of a daemon running
-    // in the same namespace with the bench's own.
-    let mut config = api::DaemonConfig::parse(&format!(
-        "data_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\n[network]\nrange = \"{subnet}\"\nuser_prefix = {}\nbridge_prefix = \"{bridge_prefix}\"\ntap_prefix = \"ba{tag}\"\nfirewall = false\n\
-         [limits]\ncreates_per_min = 1000\nexecs_per_min = 1000000\nreads_per_min = 1000000\n",
-        scratch.path().display(),
-        subnet.prefix(),
-    ))
-    .map_err(anyhow::Error::msg)?;
-    // No public proxy: its default port may be a running daemon's.
-    config.publish.listen = String::new();
-    config.defaults.image = args.image.clone();
-    config.defaults.memory_mb = 256;
+    let daemon = super::ScratchDaemon::new("api", 'a', &args.data_dir, &args.subnet, &args.image)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let result = rt.block_on(measure(config, args.iterations));
-    // The bridge is the bench's own and normally went with its sandbox;
-    // this only matters when the bench stopped half-way.
-    let _ = std::process::Command::new("ip")
-        .args(["link", "del", &bridge])
-        .stderr(std::process::Stdio::null())
-        .status();
-    result
+    rt.block_on(measure(daemon.config.clone(), args.iterations))
 }
 
 async fn measure(config: api::DaemonConfig, n: usize) -> anyhow::Result<()> {
