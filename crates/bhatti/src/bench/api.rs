@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use serde_json::json;
 
 use super::stats::{header, row, Samples};
@@ -39,49 +39,15 @@ pub fn run(args: ApiBenchArgs) -> anyhow::Result<()> {
 }
 
 async fn measure(config: api::DaemonConfig, n: usize) -> anyhow::Result<()> {
-    let data = config.data_dir.clone();
-    let daemon = api::Daemon::start(config)
-        .await
-        .context("starting the daemon")?;
-    let addr = daemon.local_addr()?;
-    let h = daemon.state.health.clone();
-    println!(
-        "bhatti bench api: daemon on {addr}, engine {} ({}), {n} samples per operation",
-        h.engine, h.accelerator
-    );
-    let store = store::Store::open(&data.join("bhatti.db"))?;
-    let quotas = api::users::Quotas {
-        max_sandboxes: 10,
-        max_cpus: 8,
-        max_memory_mb: 8192,
-    };
-    let (user, key) = api::users::create_user(&store, "bench", quotas)?;
-    let service = daemon.state.service.clone();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(daemon.serve(async {
-        let _ = stop_rx.await;
-    }));
-
-    let base = format!("http://{addr}");
+    let d = super::BenchDaemon::start(config, "api", n, "operation").await?;
+    let (base, key) = (d.base.clone(), d.key.clone());
     let http = reqwest::Client::new();
     let t = Instant::now();
-    let created = http
-        .post(format!("{base}/sandboxes"))
-        .bearer_auth(&key)
-        .json(&json!({"name": "bench"}))
-        .send()
-        .await?;
-    if !created.status().is_success() {
-        bail!("create failed: {}", created.text().await?);
-    }
+    let agent = d.create_sandbox(&http).await?;
     println!(
         "sandbox created in {:.0} ms",
         t.elapsed().as_secs_f64() * 1000.0
     );
-    let agent = service
-        .agent(&user, "bench")
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
 
     let exec_body = json!({"cmd": ["true"]});
     let post_exec = || {
@@ -207,19 +173,7 @@ async fn measure(config: api::DaemonConfig, n: usize) -> anyhow::Result<()> {
         ms(health.percentile(99.0))
     );
 
-    let destroyed = http
-        .delete(format!("{base}/sandboxes/bench"))
-        .bearer_auth(&key)
-        .send()
-        .await?;
-    if !destroyed.status().is_success() {
-        eprintln!(
-            "warning: destroying the bench sandbox failed: {}",
-            destroyed.text().await?
-        );
-    }
-    let _ = stop_tx.send(());
-    server.await??;
+    d.finish(&http).await?;
     println!(
         "api_exec_overhead_ratio_p50={:.3}",
         api_exec.p50().as_secs_f64() / agent_exec.p50().as_secs_f64().max(1e-9)

@@ -4,11 +4,14 @@
 mod agent;
 mod api;
 mod boot;
+mod daemon;
 mod proxy;
 mod stats;
 mod thermal;
 
 use clap::Subcommand;
+
+pub use daemon::{BenchDaemon, ScratchDaemon};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -29,75 +32,6 @@ pub enum BenchCommand {
     /// over an agent tunnel (busybox httpd on tiny). Needs root and built
     /// images.
     Proxy(proxy::ProxyBenchArgs),
-}
-
-/// An in-process daemon's configuration of the bench's own: a temp data
-/// dir reading the images in `data_dir`, port 0, a network range, bridge
-/// and TAP prefix named after this process (`letter` tells the benches
-/// apart), no firewall (applying it would replace the rules of a daemon
-/// running in the same namespace) and no public proxy (its default port may
-/// be a running daemon's). Dropping it removes the temp dir and the bench's
-/// bridge, should the bench have stopped before its sandbox was destroyed.
-#[derive(Debug)]
-pub struct ScratchDaemon {
-    pub config: ::api::DaemonConfig,
-    bridge: String,
-    _scratch: tempfile::TempDir,
-}
-
-impl ScratchDaemon {
-    pub fn new(
-        label: &str,
-        letter: char,
-        data_dir: &std::path::Path,
-        subnet: &str,
-        image: &str,
-    ) -> anyhow::Result<ScratchDaemon> {
-        use anyhow::Context;
-        let images = data_dir.join("images");
-        if !images.is_dir() {
-            anyhow::bail!(
-                "no images in {}; run `bhatti image build --data-dir {}` first",
-                data_dir.display(),
-                data_dir.display()
-            );
-        }
-        let scratch = tempfile::Builder::new()
-            .prefix(&format!("bhatti-bench-{label}-"))
-            .tempdir()
-            .context("temp dir")?;
-        std::os::unix::fs::symlink(&images, scratch.path().join("images"))?;
-        let tag = format!("{:04x}", std::process::id() & 0xffff);
-        let subnet: net::Subnet = subnet.parse().context("--subnet")?;
-        // The bench's one user gets the range's first (and only) subnet.
-        let bridge_prefix = format!("bh{letter}{tag}");
-        let mut config = ::api::DaemonConfig::parse(&format!(
-            "data_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\n[network]\nrange = \"{subnet}\"\nuser_prefix = {}\nbridge_prefix = \"{bridge_prefix}\"\ntap_prefix = \"b{letter}{tag}\"\nfirewall = false\n\
-             [limits]\ncreates_per_min = 1000\nexecs_per_min = 1000000\nreads_per_min = 1000000\n",
-            scratch.path().display(),
-            subnet.prefix(),
-        ))
-        .map_err(anyhow::Error::msg)?;
-        config.publish.listen = String::new();
-        config.defaults.image = image.to_string();
-        config.defaults.memory_mb = 256;
-        Ok(ScratchDaemon {
-            config,
-            bridge: format!("{bridge_prefix}0000"),
-            _scratch: scratch,
-        })
-    }
-}
-
-impl Drop for ScratchDaemon {
-    fn drop(&mut self) {
-        // Normally gone with the sandbox; only a bench stopped half-way
-        // leaves it.
-        let _ = std::process::Command::new("ip")
-            .args(["link", "del", &self.bridge])
-            .stderr(std::process::Stdio::null())
-            .status();
-    }
 }
 
 /// A sandbox manager of the bench's own: a temp data dir reading the images

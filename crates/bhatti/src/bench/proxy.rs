@@ -8,10 +8,9 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
-use serde_json::json;
 
 use super::stats::{header, row, Samples};
 
@@ -65,47 +64,13 @@ async fn get_via_tunnel(agent: &agent_client::AgentClient, path: &str) -> anyhow
 }
 
 async fn measure(config: api::DaemonConfig, n: usize) -> anyhow::Result<()> {
-    let data = config.data_dir.clone();
-    let daemon = api::Daemon::start(config)
-        .await
-        .context("starting the daemon")?;
-    let addr = daemon.local_addr()?;
-    let h = daemon.state.health.clone();
-    println!(
-        "bhatti bench proxy: daemon on {addr}, engine {} ({}), {n} samples per path",
-        h.engine, h.accelerator
-    );
-    let store = store::Store::open(&data.join("bhatti.db"))?;
-    let quotas = api::users::Quotas {
-        max_sandboxes: 10,
-        max_cpus: 8,
-        max_memory_mb: 8192,
-    };
-    let (user, key) = api::users::create_user(&store, "bench", quotas)?;
-    let service = daemon.state.service.clone();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(daemon.serve(async {
-        let _ = stop_rx.await;
-    }));
-
-    let base = format!("http://{addr}");
+    let d = super::BenchDaemon::start(config, "proxy", n, "path").await?;
+    let (base, key) = (d.base.clone(), d.key.clone());
     // One keep-alive connection to the daemon, as a browser would hold.
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(1)
         .build()?;
-    let created = http
-        .post(format!("{base}/sandboxes"))
-        .bearer_auth(&key)
-        .json(&json!({"name": "bench"}))
-        .send()
-        .await?;
-    if !created.status().is_success() {
-        bail!("create failed: {}", created.text().await?);
-    }
-    let agent = service
-        .agent(&user, "bench")
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let agent = d.create_sandbox(&http).await?;
     let setup = format!(
         "mkdir -p /tmp/www && head -c {FILE_BYTES} /dev/zero | tr '\\0' x > /tmp/www/small.txt && httpd -p {GUEST_PORT} -h /tmp/www"
     );
@@ -197,19 +162,7 @@ async fn measure(config: api::DaemonConfig, n: usize) -> anyhow::Result<()> {
         row("GET /sandboxes/:id (no guest)", &api_floor, &direct)
     );
 
-    let destroyed = http
-        .delete(format!("{base}/sandboxes/bench"))
-        .bearer_auth(&key)
-        .send()
-        .await?;
-    if !destroyed.status().is_success() {
-        eprintln!(
-            "warning: destroying the bench sandbox failed: {}",
-            destroyed.text().await?
-        );
-    }
-    let _ = stop_tx.send(());
-    server.await??;
+    d.finish(&http).await?;
     println!(
         "proxy_overhead_ratio_p50={:.3}",
         proxied.p50().as_secs_f64() / direct.p50().as_secs_f64().max(1e-9)
