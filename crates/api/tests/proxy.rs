@@ -21,13 +21,6 @@ const ECHO_SERVER: &str = include_str!("fixtures/echo_server.py");
 type WsStream =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-async fn sh(c: &Client, sandbox: &str, script: &str) -> String {
-    let (s, v) = c.exec(sandbox, &["sh", "-c", script]).await;
-    assert_eq!(s, 200, "{script}: {v}");
-    assert_eq!(v["exit_code"], 0, "{script}: {v}");
-    v["stdout"].as_str().unwrap_or_default().to_string()
-}
-
 async fn ports(c: &Client, sandbox: &str) -> Vec<(u64, String, String)> {
     let (s, v) = c
         .json(Method::GET, &format!("/sandboxes/{sandbox}/ports"), None)
@@ -91,21 +84,6 @@ fn refusal(e: tokio_tungstenite::tungstenite::Error) -> (u16, String) {
             )
         }
         other => panic!("expected an HTTP refusal, got {other}"),
-    }
-}
-
-/// Reads a streamed body until `needle` has arrived; returns all read so far.
-async fn read_until<S>(stream: &mut S, seen: &mut String, needle: &str)
-where
-    S: futures_util::Stream<Item = reqwest::Result<axum::body::Bytes>> + Unpin,
-{
-    while !seen.contains(needle) {
-        let chunk = tokio::time::timeout(Duration::from_secs(60), stream.next())
-            .await
-            .unwrap_or_else(|_| panic!("no {needle:?} within 60s; got {seen:?}"))
-            .unwrap_or_else(|| panic!("stream ended before {needle:?}; got {seen:?}"))
-            .expect("stream chunk");
-        seen.push_str(&String::from_utf8_lossy(&chunk));
     }
 }
 

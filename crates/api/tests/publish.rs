@@ -31,13 +31,6 @@ fn public_client() -> reqwest::Client {
         .unwrap()
 }
 
-async fn sh(c: &Client, sandbox: &str, script: &str) -> String {
-    let (s, v) = c.exec(sandbox, &["sh", "-c", script]).await;
-    assert_eq!(s, 200, "{script}: {v}");
-    assert_eq!(v["exit_code"], 0, "{script}: {v}");
-    v["stdout"].as_str().unwrap_or_default().to_string()
-}
-
 async fn publish(c: &Client, sandbox: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
     c.json(
         Method::POST,
@@ -82,21 +75,6 @@ async fn stop_cold(c: &Client, sandbox: &str) {
         .await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["thermal"], "cold", "{v}");
-}
-
-/// Reads a streamed body until `needle` has arrived.
-async fn read_until<S>(stream: &mut S, seen: &mut String, needle: &str)
-where
-    S: futures_util::Stream<Item = reqwest::Result<axum::body::Bytes>> + Unpin,
-{
-    while !seen.contains(needle) {
-        let chunk = tokio::time::timeout(Duration::from_secs(60), stream.next())
-            .await
-            .unwrap_or_else(|_| panic!("no {needle:?} within 60s; got {seen:?}"))
-            .unwrap_or_else(|| panic!("stream ended before {needle:?}; got {seen:?}"))
-            .expect("stream chunk");
-        seen.push_str(&String::from_utf8_lossy(&chunk));
-    }
 }
 
 #[test]

@@ -187,6 +187,33 @@ impl Client {
     }
 }
 
+/// Runs `script` with `sh -c` in `sandbox`, which must succeed; its stdout.
+pub async fn sh(c: &Client, sandbox: &str, script: &str) -> String {
+    let (s, v) = c.exec(sandbox, &["sh", "-c", script]).await;
+    assert_eq!(s, 200, "{script}: {v}");
+    assert_eq!(v["exit_code"], 0, "{script}: {v}");
+    v["stdout"].as_str().unwrap_or_default().to_string()
+}
+
+/// Reads a streamed body until `needle` has arrived (all read so far in
+/// `seen`); panics after 60 s without it or when the stream ends first.
+pub async fn read_until<S>(stream: &mut S, seen: &mut String, needle: &str)
+where
+    S: futures_util::Stream<Item = reqwest::Result<axum::body::Bytes>> + Unpin,
+{
+    while !seen.contains(needle) {
+        let chunk = tokio::time::timeout(
+            Duration::from_secs(60),
+            futures_util::StreamExt::next(stream),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("no {needle:?} within 60s; got {seen:?}"))
+        .unwrap_or_else(|| panic!("stream ended before {needle:?}; got {seen:?}"))
+        .expect("stream chunk");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+}
+
 /// Runs an async test body in a fresh network namespace, on a runtime
 /// whose threads (and their children: QEMU, ip) all live in it.
 pub fn in_netns<F, Fut>(tag: &str, f: F)
