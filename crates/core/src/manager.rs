@@ -232,11 +232,11 @@ impl SandboxManager {
         &self,
         id: &SandboxId,
         group: &str,
-        ip: Option<std::net::Ipv4Addr>,
+        placement: crate::networks::Placement,
     ) -> Result<Attachment> {
         let inner = self.inner.clone();
         let (group, uid) = (group.to_string(), self.inner.vmm_uid);
-        tokio::task::spawn_blocking(move || inner.networks.attach(&group, uid, ip))
+        tokio::task::spawn_blocking(move || inner.networks.attach(&group, uid, placement))
             .await?
             .map_err(|source| CoreError::Network {
                 id: id.clone(),
@@ -473,7 +473,13 @@ impl SandboxManager {
         }
 
         // Network: an address, a TAP on the group's bridge, a neighbour entry.
-        let att = self.attach(&id, &spec.network_group, ip).await?;
+        // A sandbox booted again from its disk keeps its address when it
+        // can, and learns a new one at boot when it cannot.
+        let placement = ip.map_or(
+            crate::networks::Placement::Any,
+            crate::networks::Placement::Prefer,
+        );
+        let att = self.attach(&id, &spec.network_group, placement).await?;
         undo.attachment = Some(att.clone());
         entry.record().network = Some(att.clone());
 

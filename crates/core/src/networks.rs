@@ -39,6 +39,28 @@ pub enum NetworkEvent {
     Down(NetworkConfig),
 }
 
+/// Where on its network a VM goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Placement {
+    /// The lowest free address (a new sandbox).
+    Any,
+    /// This address when it can have it, else any (a sandbox booted again
+    /// from its disk: it learns its address at boot).
+    Prefer(Ipv4Addr),
+    /// This address or nothing (a snapshot restore: the guest's memory
+    /// holds it).
+    Exactly(Ipv4Addr),
+}
+
+impl Placement {
+    fn ip(self) -> Option<Ipv4Addr> {
+        match self {
+            Placement::Any => None,
+            Placement::Prefer(ip) | Placement::Exactly(ip) => Some(ip),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Group {
     network: Arc<Network>,
@@ -145,18 +167,23 @@ impl Networks {
         }
     }
 
-    /// Attaches a VM of `group` (ignored without a group plan), at `ip`
-    /// when given (a sandbox coming back keeps its address, or fails).
-    /// Blocks on `ip` commands.
+    /// Attaches a VM of `group` (ignored without a group plan) where
+    /// `placement` says. Blocks on `ip` commands.
     pub(crate) fn attach(
         &self,
         group: &str,
         owner_uid: u32,
-        ip: Option<Ipv4Addr>,
+        placement: Placement,
     ) -> Result<Attachment, NetError> {
-        let attach = |network: &Network| match ip {
-            Some(ip) => network.attach_at(owner_uid, ip),
-            None => network.attach(owner_uid),
+        let attach = |network: &Network| {
+            match placement {
+            Placement::Any => network.attach(owner_uid),
+            Placement::Exactly(ip) => network.attach_at(owner_uid, ip),
+            Placement::Prefer(ip) => network.attach_at(owner_uid, ip).or_else(|e| {
+                tracing::info!(%ip, reason = %e, "the old address is not available; taking another");
+                network.attach(owner_uid)
+            }),
+        }
         };
         let Some(groups) = &self.groups else {
             let shared = self
@@ -167,7 +194,7 @@ impl Networks {
         };
         let mut groups = lock(groups);
         if !groups.live.contains_key(group) {
-            let config = match ip {
+            let config = match placement.ip() {
                 Some(ip) => groups.plan.assign_containing(group, ip),
                 None => groups.plan.assign(group),
             }
@@ -290,9 +317,9 @@ mod tests {
         let nets = Networks::new(&NetworkConfig::default(), Some(&plan()), ops.clone()).unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         nets.subscribe(tx);
-        let a1 = nets.attach("alice", 0, None).unwrap();
-        let a2 = nets.attach("alice", 0, None).unwrap();
-        let b1 = nets.attach("bob", 0, None).unwrap();
+        let a1 = nets.attach("alice", 0, Placement::Any).unwrap();
+        let a2 = nets.attach("alice", 0, Placement::Any).unwrap();
+        let b1 = nets.attach("bob", 0, Placement::Any).unwrap();
         assert_eq!(a1.bridge, a2.bridge);
         assert_ne!(a1.bridge, b1.bridge);
         assert_eq!(
@@ -318,13 +345,31 @@ mod tests {
         // Bob's sandbox comes back at its address after alice's network
         // was reused by carol.
         nets.detach(&b1).unwrap();
-        let c = nets.attach("carol", 0, None).unwrap();
+        let c = nets.attach("carol", 0, Placement::Any).unwrap();
         assert_eq!(c.bridge, a1.bridge);
-        let b = nets.attach("bob", 0, Some(b1.ip)).unwrap();
+        let b = nets.attach("bob", 0, Placement::Exactly(b1.ip)).unwrap();
         assert_eq!(
             (b.ip, b.mac, b.tap.clone()),
             (b1.ip, b1.mac, b1.tap.clone())
         );
+    }
+
+    #[test]
+    fn an_address_whose_network_went_to_another_group_is_preferred_not_required() {
+        let ops = Arc::new(FakeNetOps::default());
+        let nets = Networks::new(&NetworkConfig::default(), Some(&plan()), ops).unwrap();
+        let old = nets.attach("bob", 0, Placement::Any).unwrap();
+        nets.detach(&old).unwrap();
+        // Carol's first sandbox takes the /24 bob's network had.
+        let c = nets.attach("carol", 0, Placement::Any).unwrap();
+        assert_eq!(c.bridge, old.bridge);
+        // A snapshot cannot move: refused, and nothing is left behind.
+        assert!(nets.attach("bob", 0, Placement::Exactly(old.ip)).is_err());
+        assert_eq!(nets.all().len(), 1);
+        // A fresh boot can: another /24.
+        let b = nets.attach("bob", 0, Placement::Prefer(old.ip)).unwrap();
+        assert_ne!(b.bridge, old.bridge);
+        assert_eq!(b.ip.to_string(), "10.210.1.2");
     }
 
     #[test]
@@ -333,7 +378,7 @@ mod tests {
         {
             let nets =
                 Networks::new(&NetworkConfig::default(), Some(&plan()), ops.clone()).unwrap();
-            nets.attach("alice", 0, None).unwrap();
+            nets.attach("alice", 0, Placement::Any).unwrap();
         }
         assert!(!ops.list_links("tu").unwrap().is_empty());
         let _again = Networks::new(&NetworkConfig::default(), Some(&plan()), ops.clone()).unwrap();
@@ -345,8 +390,8 @@ mod tests {
     fn without_a_plan_everyone_shares_one_network() {
         let ops = Arc::new(FakeNetOps::default());
         let nets = Networks::new(&NetworkConfig::default(), None, ops).unwrap();
-        let a = nets.attach("alice", 0, None).unwrap();
-        let b = nets.attach("bob", 0, None).unwrap();
+        let a = nets.attach("alice", 0, Placement::Any).unwrap();
+        let b = nets.attach("bob", 0, Placement::Any).unwrap();
         assert_eq!(a.bridge, b.bridge);
         nets.detach(&a).unwrap();
         assert_eq!(nets.all().len(), 1);

@@ -749,7 +749,11 @@ impl SandboxManager {
                 stderr_tail: String::new(),
             })?;
         let att = self
-            .attach(&id, &record.spec.network_group, Some(ip))
+            .attach(
+                &id,
+                &record.spec.network_group,
+                crate::networks::Placement::Exactly(ip),
+            )
             .await?;
         let spec = vm_spec(&record.spec, &image, &record.dir, &att);
         let (dir, engine) = (record.dir.join(SNAPSHOT_DIR), self.inner.engine.kind);
