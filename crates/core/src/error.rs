@@ -26,6 +26,9 @@ pub enum CoreError {
     /// Another live sandbox has this name.
     #[error("A sandbox named '{0}' already exists")]
     NameTaken(String),
+    /// A live sandbox already has this id.
+    #[error("A sandbox with id {0} already exists")]
+    IdTaken(SandboxId),
     /// No such sandbox.
     #[error("No sandbox {0}")]
     NotFound(SandboxId),

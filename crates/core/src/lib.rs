@@ -21,6 +21,7 @@
 mod boot;
 mod config;
 mod error;
+mod guest;
 mod id;
 mod manager;
 mod networks;

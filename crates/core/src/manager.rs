@@ -7,25 +7,20 @@
 //! except the per-sandbox lifecycle lock (a tokio mutex, for exactly that).
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use agent_client::{
-    AgentClient, ClientError, Endpoint, ExecOutput, ExecStream, FileContent, Listing,
-    SessionStream, WriteOptions,
-};
+use agent_client::{AgentClient, Endpoint};
 use image::disk::{CONFIG_DRIVE, SANDBOX_DISK};
 use image::{ConfigDriveFormat, ImageStore, ResolvedImage};
 use net::{Attachment, NetOps, Network};
-use proto::{ExecRequest, FileRead, FileStat, SessionInfo, WindowSize};
 use tracing::Instrument;
 use vmm::{DriveSpec, EngineChoice, MacAddr, MemoryBacking, NetSpec, VmSpec, Vmm};
 
-use crate::boot::{dead, exited, wait_for_agent};
+use crate::boot::{dead, wait_for_agent};
 use crate::config::CoreConfig;
 use crate::error::{CoreError, Result};
 use crate::id::{SandboxId, Token};
@@ -316,9 +311,15 @@ impl SandboxManager {
     /// error: [`CoreError::VmmExited`], [`CoreError::BootTimeout`] and
     /// [`CoreError::AgentUnreachable`] carry the guest console's tail.
     pub async fn create(&self, spec: SandboxSpec) -> Result<SandboxRecord> {
+        let id = SandboxId::generate().map_err(CoreError::Random)?;
+        self.create_as(id, spec).await
+    }
+
+    /// [`SandboxManager::create`] under an id the caller chose (the
+    /// daemon's, so that one id names the sandbox from the API to the VMM).
+    pub async fn create_as(&self, id: SandboxId, spec: SandboxSpec) -> Result<SandboxRecord> {
         spec.validate(&self.inner.config.limits)?;
         let image = self.inner.images.resolve(&spec.image)?;
-        let id = SandboxId::generate().map_err(CoreError::Random)?;
         let token = Token::generate().map_err(CoreError::Random)?;
         let span =
             tracing::info_span!("create", sandbox = %id, name = %spec.name, image = %spec.image);
@@ -378,6 +379,9 @@ impl SandboxManager {
         token: Token,
     ) -> Result<Arc<Entry>> {
         let mut map = self.sandboxes();
+        if map.contains_key(id) {
+            return Err(CoreError::IdTaken(id.clone()));
+        }
         if self.inner.config.unique_names && map.values().any(|e| e.record().spec.name == spec.name)
         {
             return Err(CoreError::NameTaken(spec.name));
@@ -573,7 +577,7 @@ impl SandboxManager {
     }
 
     /// The running VM of a sandbox, or why there is none.
-    fn running(&self, entry: &Entry, operation: &'static str) -> Result<Vm> {
+    pub(crate) fn running(&self, entry: &Entry, operation: &'static str) -> Result<Vm> {
         let vm = entry.vm();
         if let Some(exit) = vm.as_ref().and_then(|vm| vm.vmm.exit()) {
             return Err(self.mark_dead(entry, &exit));
@@ -587,115 +591,6 @@ impl SandboxManager {
                 operation,
             }),
         }
-    }
-
-    /// Runs an agent call, racing it against the VMM's exit.
-    async fn with_agent<T, F, Fut>(
-        &self,
-        id: &SandboxId,
-        operation: &'static str,
-        call: F,
-    ) -> Result<T>
-    where
-        F: FnOnce(AgentClient) -> Fut,
-        Fut: Future<Output = std::result::Result<T, ClientError>>,
-    {
-        self.ensure_hot(id).await?;
-        let entry = self.entry(id)?;
-        let vm = self.running(&entry, operation)?;
-        let span = tracing::debug_span!("agent", sandbox = %id, operation);
-        let result = tokio::select! {
-            r = call(vm.client.clone()).instrument(span) => r,
-            exit = exited(&*vm.vmm) => return Err(self.mark_dead(&entry, &exit)),
-        };
-        result.map_err(|source| match vm.vmm.exit() {
-            // The call failed because the VM died under it.
-            Some(exit) if source.agent_code().is_none() => self.mark_dead(&entry, &exit),
-            _ => CoreError::Agent {
-                id: id.clone(),
-                source,
-            },
-        })
-    }
-
-    /// The agent client of a running sandbox, for calls this type does not
-    /// wrap (tunnels, activity). Not raced against the VMM's exit, and does
-    /// not wake the sandbox: call [`SandboxManager::ensure_hot`] first.
-    pub fn agent(&self, id: &SandboxId) -> Result<AgentClient> {
-        let entry = self.entry(id)?;
-        Ok(self.running(&entry, "reach the agent")?.client)
-    }
-
-    /// Runs a command to completion.
-    pub async fn exec(&self, id: &SandboxId, req: ExecRequest) -> Result<ExecOutput> {
-        self.with_agent(id, "exec", |c| async move { c.exec(req).await })
-            .await
-    }
-
-    /// Starts a command and streams its output.
-    pub async fn exec_stream(&self, id: &SandboxId, req: ExecRequest) -> Result<ExecStream> {
-        self.with_agent(id, "exec", |c| async move { c.exec_stream(req).await })
-            .await
-    }
-
-    /// Reads a file.
-    pub async fn read_file(&self, id: &SandboxId, req: FileRead) -> Result<FileContent> {
-        self.with_agent(id, "read a file", |c| async move { c.read_file(req).await })
-            .await
-    }
-
-    /// Writes a file atomically.
-    pub async fn write_file(
-        &self,
-        id: &SandboxId,
-        path: &str,
-        data: &[u8],
-        opts: WriteOptions,
-    ) -> Result<u64> {
-        self.with_agent(id, "write a file", |c| async move {
-            c.write_file(path, data, opts).await
-        })
-        .await
-    }
-
-    /// Metadata of a guest path.
-    pub async fn stat(&self, id: &SandboxId, path: &str) -> Result<FileStat> {
-        self.with_agent(id, "stat", |c| async move { c.stat(path).await })
-            .await
-    }
-
-    /// Lists a guest directory.
-    pub async fn ls(&self, id: &SandboxId, path: &str) -> Result<Listing> {
-        self.with_agent(id, "list a directory", |c| async move { c.ls(path).await })
-            .await
-    }
-
-    /// Starts a command in a new PTY session and attaches to it.
-    pub async fn open_session(&self, id: &SandboxId, req: ExecRequest) -> Result<SessionStream> {
-        self.with_agent(id, "open a session", |c| async move {
-            c.open_session(req).await
-        })
-        .await
-    }
-
-    /// Attaches to an existing session (scrollback replayed first).
-    pub async fn attach_session(
-        &self,
-        id: &SandboxId,
-        name: &str,
-        steal: bool,
-        size: Option<WindowSize>,
-    ) -> Result<SessionStream> {
-        self.with_agent(id, "attach a session", |c| async move {
-            c.attach(name, steal, size).await
-        })
-        .await
-    }
-
-    /// The sandbox's PTY sessions.
-    pub async fn sessions(&self, id: &SandboxId) -> Result<Vec<SessionInfo>> {
-        self.with_agent(id, "list sessions", |c| async move { c.sessions().await })
-            .await
     }
 
     /// Destroys a sandbox: stops the VMM (the guest gets `destroy_grace`,
