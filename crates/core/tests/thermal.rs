@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bhatti_core::{
-    CoreConfig, CoreError, SandboxId, SandboxManager, SandboxSpec, ThermalPolicy, ThermalState,
+    CoreConfig, CoreError, SandboxId, SandboxManager, SandboxSpec, Stopped, ThermalPolicy,
+    ThermalState,
 };
 use image::Tier;
 use net::IpRoute;
@@ -219,14 +220,18 @@ fn processes_memory_files_and_clock_survive_warm_cold_and_a_daemon_restart() {
 
         // Daemon restart: every sandbox to cold, a new manager adopts them.
         let t = Instant::now();
-        let (released, failed) = mgr.stop_all().await;
+        let (stopped, failed) = mgr.stop_all().await;
         println!("TIMING stop_all {:?}", t.elapsed());
         assert!(failed.is_empty(), "{failed:?}");
-        assert_eq!(released.len(), 1);
-        assert_eq!(released[0].thermal, ThermalState::Cold);
+        let released = match <[Stopped; 1]>::try_from(stopped) {
+            Ok([Stopped::Cold(record)]) => record,
+            other => panic!("expected one cold sandbox: {other:?}"),
+        };
+        assert_eq!(released.thermal, ThermalState::Cold);
+        assert!(mgr.list().is_empty(), "shutdown forgets what it stopped");
         drop(mgr);
         let mgr = manager(cfg);
-        let adopted = mgr.adopt_cold(released[0].clone()).await.expect("adopt");
+        let adopted = mgr.adopt_cold(released).await.expect("adopt");
         assert_eq!(adopted.thermal, ThermalState::Cold);
         let (pid3, c3, token3, hits3, dpid3) = workload(&mgr, &id).await;
         assert_eq!(

@@ -86,6 +86,20 @@ pub fn scratch_manager(
     Ok((scratch, mgr))
 }
 
+/// Destroys every sandbox of a scratch manager (a bench's cleanup, also on
+/// failure) through the one destroy there is; returns the errors.
+pub async fn destroy_every_sandbox(
+    mgr: &bhatti_core::SandboxManager,
+) -> Vec<bhatti_core::CoreError> {
+    let mut errors = Vec::new();
+    for record in mgr.list() {
+        if let Err(e) = mgr.destroy(&record.id).await {
+            errors.push(e);
+        }
+    }
+    errors
+}
+
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Agent(args) => agent::run(args),
