@@ -66,7 +66,7 @@ impl SandboxManager {
             let mgr = self.clone();
             match entry.state() {
                 SandboxState::Running => {
-                    tasks.spawn(async move { Some(mgr.stop_one(entry, deadline).await) });
+                    tasks.spawn(async move { mgr.stop_one(entry, deadline).await });
                 }
                 SandboxState::Creating => {
                     entry.cancel();
@@ -102,11 +102,13 @@ impl SandboxManager {
         (stopped, failed)
     }
 
+    /// `None` when the sandbox turned out not to be running any more (a
+    /// destroy got to it first).
     async fn stop_one(
         &self,
         entry: Arc<Entry>,
         deadline: Instant,
-    ) -> std::result::Result<Stopped, (SandboxId, CoreError)> {
+    ) -> Option<std::result::Result<Stopped, (SandboxId, CoreError)>> {
         let id = entry.id().clone();
         let limit = self.inner.config.shutdown_timeout;
         let timed_out = |operation| CoreError::TimedOut {
@@ -129,11 +131,14 @@ impl SandboxManager {
             }
         };
         let Some(_life) = life else {
-            return Err((
+            return Some(Err((
                 id.clone(),
                 timed_out("wait for the sandbox's running operation"),
-            ));
+            )));
         };
+        if entry.state() != SandboxState::Running {
+            return None;
+        }
         let frozen = match (entry.thermal(), cut) {
             (ThermalState::Cold, _) if entry.vm().is_none() => Ok(()),
             (_, Some(cut)) => Err(cut),
@@ -144,19 +149,23 @@ impl SandboxManager {
                 }
             }
         };
-        match frozen {
-            Ok(()) => {
-                let record = self.forget(&entry).await.map_err(|e| (id.clone(), e))?;
+        let outcome = match frozen {
+            Ok(()) => self.forget(&entry).await.map(|record| {
                 tracing::info!(sandbox = %id, "cold at shutdown (directory kept)");
-                Ok(Stopped::Cold(record))
-            }
+                Stopped::Cold(record)
+            }),
             Err(reason) => {
                 tracing::warn!(sandbox = %id, error = %error_chain(&reason), "not cold in time; killing its VMM");
-                self.kill_vm(&entry).await.map_err(|e| (id.clone(), e))?;
-                let record = self.forget(&entry).await.map_err(|e| (id.clone(), e))?;
-                Ok(Stopped::Killed { record, reason })
+                match self.kill_vm(&entry).await {
+                    Ok(()) => self
+                        .forget(&entry)
+                        .await
+                        .map(|record| Stopped::Killed { record, reason }),
+                    Err(e) => Err(e),
+                }
             }
-        }
+        };
+        Some(outcome.map_err(|e| (id, e)))
     }
 
     /// Kills the sandbox's VMM, if it has one; a snapshot it may have
