@@ -48,7 +48,7 @@ pub use machine::{AGENT_PORT, BASE_CMDLINE, MEMORY_FILE, SERIAL_LOG, SNAPSHOT_DI
 pub use manager::SandboxManager;
 pub use networks::{GroupNetworkConfig, NetworkEvent};
 pub use record::{BootTimings, SandboxRecord};
-pub use recovery::kill_orphan_vmm;
+pub use recovery::{kill_orphan_vmm, Swept};
 pub use shutdown::{Stopped, KILL_GRACE};
 pub use spec::{Limits, SandboxSpec, SpecError, DEFAULT_CPUS, DEFAULT_IMAGE, DEFAULT_MEMORY_MB};
 pub use state::{
