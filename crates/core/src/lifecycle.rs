@@ -162,7 +162,7 @@ impl SandboxManager {
         let result = match built {
             // A destroy that came after the agent answered still wins.
             Ok(_) if entry.is_cancelled() => Err(CoreError::Cancelled {
-                id: entry.id().clone(),
+                id: entry.id.clone(),
             }),
             Ok((vm, timings)) => entry.start_running(vm, timings).map(|()| timings),
             Err(e) => Err(e),
@@ -205,7 +205,7 @@ impl SandboxManager {
         origin: Origin,
     ) -> Result<(Vm, BootTimings)> {
         let started = Instant::now();
-        let id = entry.id().clone();
+        let id = entry.id.clone();
         let cancelled = || CoreError::Cancelled { id: id.clone() };
         let check = || {
             if entry.is_cancelled() {
@@ -365,7 +365,7 @@ impl SandboxManager {
             return Ok(());
         }
         entry.set_state(SandboxState::Destroying)?;
-        let id = entry.id().clone();
+        let id = entry.id.clone();
         let mut first: Option<CoreError> = None;
         let mut fail = |step: &'static str, source: Box<dyn std::error::Error + Send + Sync>| {
             tracing::warn!(step, error = %error_chain(&*source), "destroy step failed");

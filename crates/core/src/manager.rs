@@ -151,7 +151,7 @@ impl SandboxManager {
     /// that says so.
     pub(crate) fn mark_dead(&self, entry: &Entry, exit: &vmm::VmmExit) -> CoreError {
         let serial_log = entry.read(|r| r.serial_log());
-        let err = dead(entry.id(), exit, &serial_log);
+        let err = dead(&entry.id, exit, &serial_log);
         if entry.state() == SandboxState::Running
             && entry.fail(crate::boot::exit_reason(exit)).is_ok()
         {
@@ -170,7 +170,7 @@ impl SandboxManager {
         match (state, vm) {
             (SandboxState::Running, Some(vm)) => Ok(vm),
             (state, _) => Err(CoreError::InvalidState {
-                id: entry.id().clone(),
+                id: entry.id.clone(),
                 state,
                 operation,
             }),

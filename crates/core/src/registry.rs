@@ -1,10 +1,12 @@
 //! The registry: every sandbox this process runs, one [`Entry`] each.
 //!
-//! An entry's fields are private. Its lifecycle state and its thermal state
-//! change only through [`Entry::set_state`] and [`Entry::set_thermal`],
-//! which enforce the tables in [`crate::state`]: a transition the table
-//! forbids is a typed error ([`CoreError::Transition`],
-//! [`CoreError::ThermalTransition`]) and changes nothing.
+//! An entry's fields are private but for its id, which cannot change. Its
+//! lifecycle state and its thermal state change only through
+//! [`Entry::set_state`] and [`Entry::set_thermal`] (and `fail`,
+//! `start_running`, `install_restored`), which enforce the tables in
+//! [`crate::state`]: a transition the table forbids is a typed error
+//! ([`CoreError::Transition`], [`CoreError::ThermalTransition`]) and
+//! changes nothing.
 //!
 //! Each entry also carries the sandbox's lifecycle lock (create, boot,
 //! stop, start, destroy and every thermal transition take it, so they are
@@ -42,7 +44,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// One sandbox in the registry.
 #[derive(Debug)]
 pub(crate) struct Entry {
-    id: SandboxId,
+    /// Readable by all; it cannot change (an `Entry` is only ever shared,
+    /// behind an `Arc`, and has no setter).
+    pub(crate) id: SandboxId,
     /// Serialises create, boot, stop, start, destroy and thermal
     /// transitions of this sandbox. The only lock held across `.await`.
     lifecycle: tokio::sync::Mutex<()>,
@@ -88,10 +92,6 @@ impl Entry {
             thermal_since_unix_ms: now_unix_ms(),
             ..record
         })
-    }
-
-    pub(crate) fn id(&self) -> &SandboxId {
-        &self.id
     }
 
     // The lifecycle lock.
@@ -294,8 +294,8 @@ impl Registry {
     /// sandbox of the registry has its name. One lock for check and insert.
     pub(crate) fn insert(&self, entry: Arc<Entry>, unique_names: bool) -> Result<()> {
         let mut map = lock(&self.map);
-        if map.contains_key(entry.id()) {
-            return Err(CoreError::IdTaken(entry.id().clone()));
+        if map.contains_key(&entry.id) {
+            return Err(CoreError::IdTaken(entry.id.clone()));
         }
         if unique_names {
             let name = entry.read(|r| r.spec.name.clone());
@@ -303,7 +303,7 @@ impl Registry {
                 return Err(CoreError::NameTaken(name));
             }
         }
-        map.insert(entry.id().clone(), entry);
+        map.insert(entry.id.clone(), entry);
         Ok(())
     }
 
@@ -312,10 +312,10 @@ impl Registry {
     pub(crate) fn remove(&self, entry: &Entry) {
         let mut map = lock(&self.map);
         if map
-            .get(entry.id())
+            .get(&entry.id)
             .is_some_and(|e| std::ptr::eq(Arc::as_ptr(e), entry))
         {
-            map.remove(entry.id());
+            map.remove(&entry.id);
         }
     }
 }
@@ -380,7 +380,7 @@ mod tests {
                     Err(CoreError::Transition { id, source }) => {
                         assert!(!valid_transition(from, to), "{from} -> {to} refused");
                         assert_eq!((source.from, source.to), (from, to));
-                        assert_eq!(&id, e.id());
+                        assert_eq!(id, e.id);
                         assert_eq!(e.state(), from, "a refused transition changed the state");
                         refused += 1;
                     }
@@ -499,9 +499,9 @@ mod tests {
         assert_eq!(reg.all().len(), 2);
         // An entry that is not the registered one removes nothing.
         reg.remove(&same_id);
-        assert!(reg.get(a.id()).is_some());
+        assert!(reg.get(&a.id).is_some());
         reg.remove(&a);
-        assert!(reg.get(a.id()).is_none());
+        assert!(reg.get(&a.id).is_none());
         assert_eq!(reg.all().len(), 1);
     }
 }

@@ -72,7 +72,7 @@ impl SandboxManager {
                     entry.cancel();
                     tasks.spawn(async move {
                         // The create undoes itself and lets go of the lock.
-                        let id = entry.id().clone();
+                        let id = entry.id.clone();
                         match tokio::time::timeout_at(deadline + KILL_GRACE, entry.lock()).await {
                             Ok(_) => None,
                             Err(_) => Some(Err((
@@ -109,7 +109,7 @@ impl SandboxManager {
         entry: Arc<Entry>,
         deadline: Instant,
     ) -> Option<std::result::Result<Stopped, (SandboxId, CoreError)>> {
-        let id = entry.id().clone();
+        let id = entry.id.clone();
         let limit = self.inner.config.shutdown_timeout;
         let timed_out = |operation| CoreError::TimedOut {
             id: id.clone(),
@@ -181,9 +181,9 @@ impl SandboxManager {
         vm.vmm
             .kill()
             .await
-            .map(|exit| tracing::debug!(sandbox = %entry.id(), %exit, "VMM killed"))
+            .map(|exit| tracing::debug!(sandbox = %entry.id, %exit, "VMM killed"))
             .map_err(|source| CoreError::Vmm {
-                id: entry.id().clone(),
+                id: entry.id.clone(),
                 source,
             })
     }

@@ -179,10 +179,10 @@ fn snapshot_dir(entry: &Entry) -> PathBuf {
 pub(crate) fn discard_snapshot(entry: &Entry) {
     let manifest = snapshot_dir(entry).join(vmm::snapshot::MANIFEST);
     match std::fs::remove_file(&manifest) {
-        Ok(()) => tracing::debug!(sandbox = %entry.id(), "snapshot manifest removed"),
+        Ok(()) => tracing::debug!(sandbox = %entry.id, "snapshot manifest removed"),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => {
-            tracing::warn!(sandbox = %entry.id(), error = %e, "removing a snapshot manifest")
+            tracing::warn!(sandbox = %entry.id, error = %e, "removing a snapshot manifest")
         }
     }
 }
@@ -210,7 +210,7 @@ impl Drop for CutShort<'_> {
         if !self.armed || self.entry.vm().is_none() {
             return;
         }
-        tracing::warn!(sandbox = %self.entry.id(), "thermal transition cut short; labelled warm");
+        tracing::warn!(sandbox = %self.entry.id, "thermal transition cut short; labelled warm");
         discard_snapshot(self.entry);
         if self.entry.thermal() == ThermalState::Hot {
             if let Err(e) = self.entry.set_thermal(ThermalState::Warm) {
@@ -231,9 +231,9 @@ impl SandboxManager {
 
     fn emit(&self, entry: &Entry, kind: ThermalEventKind, took: Duration) {
         let (thermal, vmm_pid) = entry.read(|r| (r.thermal, r.vmm_pid));
-        tracing::info!(sandbox = %entry.id(), event = kind.name(), %thermal, took_ms = took.as_millis() as u64, "thermal");
+        tracing::info!(sandbox = %entry.id, event = kind.name(), %thermal, took_ms = took.as_millis() as u64, "thermal");
         let ev = ThermalEvent {
-            id: entry.id().clone(),
+            id: entry.id.clone(),
             kind,
             thermal,
             at_unix_ms: now_unix_ms(),
@@ -260,7 +260,7 @@ impl SandboxManager {
         source: vmm::VmmError,
     ) -> CoreError {
         CoreError::Thermal {
-            id: entry.id().clone(),
+            id: entry.id.clone(),
             operation,
             source: Box::new(source),
             stderr_tail: vmm.stderr_tail().unwrap_or_default(),
@@ -285,7 +285,7 @@ impl SandboxManager {
 
     fn vm_of(&self, entry: &Entry, operation: &'static str) -> Result<Vm> {
         entry.vm().ok_or_else(|| CoreError::InvalidState {
-            id: entry.id().clone(),
+            id: entry.id.clone(),
             state: entry.state(),
             operation,
         })
@@ -393,7 +393,7 @@ impl SandboxManager {
                 .set_time(now_unix_ms())
                 .await
             {
-                tracing::warn!(sandbox = %entry.id(), error = %error_chain(&e), "setting the guest clock after a resume");
+                tracing::warn!(sandbox = %entry.id, error = %error_chain(&e), "setting the guest clock after a resume");
             }
         }
         self.emit(
@@ -427,9 +427,9 @@ impl SandboxManager {
     /// labelled warm so the next use tries again.
     async fn resume_after(&self, entry: &Entry, vm: &Vm, err: CoreError) -> CoreError {
         match vm.vmm.resume().await {
-            Ok(()) => tracing::warn!(sandbox = %entry.id(), "snapshot failed; VM resumed"),
+            Ok(()) => tracing::warn!(sandbox = %entry.id, "snapshot failed; VM resumed"),
             Err(r) => {
-                tracing::error!(sandbox = %entry.id(), error = %error_chain(&r), "snapshot failed and the VM does not resume");
+                tracing::error!(sandbox = %entry.id, error = %error_chain(&r), "snapshot failed and the VM does not resume");
                 if entry.thermal() == ThermalState::Hot {
                     if let Err(e) = entry.set_thermal(ThermalState::Warm) {
                         tracing::error!(error = %error_chain(&e), "labelling warm");
@@ -468,20 +468,20 @@ impl SandboxManager {
             Err(source) => {
                 cut.disarm();
                 return Err(CoreError::Agent {
-                    id: entry.id().clone(),
+                    id: entry.id.clone(),
                     source,
                 });
             }
         };
         if synced.exit.code != 0 {
-            tracing::warn!(sandbox = %entry.id(), code = synced.exit.code, "sync before the snapshot failed");
+            tracing::warn!(sandbox = %entry.id, code = synced.exit.code, "sync before the snapshot failed");
         }
         let dir = snapshot_dir(entry);
         if dir.exists() {
             if let Err(e) = std::fs::remove_dir_all(&dir) {
                 cut.disarm();
                 return Err(CoreError::SnapshotVerify {
-                    id: entry.id().clone(),
+                    id: entry.id.clone(),
                     reason: format!("removing the old snapshot {}: {e}", dir.display()),
                 });
             }
@@ -502,7 +502,7 @@ impl SandboxManager {
             Ok(n) => n,
             Err(reason) => {
                 let err = CoreError::SnapshotVerify {
-                    id: entry.id().clone(),
+                    id: entry.id.clone(),
                     reason,
                 };
                 let err = self.resume_after(entry, &vm, err).await;
@@ -524,11 +524,11 @@ impl SandboxManager {
         match vm.vmm.kill().await {
             Ok(exit) => tracing::debug!(%exit, "VMM of a cold sandbox ended"),
             Err(e) => {
-                tracing::warn!(sandbox = %entry.id(), error = %error_chain(&e), "killing the VMM after the snapshot")
+                tracing::warn!(sandbox = %entry.id, error = %error_chain(&e), "killing the VMM after the snapshot")
             }
         }
         tracing::info!(
-            sandbox = %entry.id(),
+            sandbox = %entry.id,
             save_ms = info.duration.as_millis() as u64,
             state_bytes,
             "snapshot saved"
@@ -544,7 +544,7 @@ impl SandboxManager {
     async fn restore_locked(&self, entry: &Entry) -> Result<()> {
         if let Some(reason) = entry.read(|r| r.breaker.clone()) {
             return Err(CoreError::BreakerOpen {
-                id: entry.id().clone(),
+                id: entry.id.clone(),
                 reason,
             });
         }
@@ -554,7 +554,7 @@ impl SandboxManager {
                 .acquire()
                 .await
                 .map_err(|_| CoreError::InvalidState {
-                    id: entry.id().clone(),
+                    id: entry.id.clone(),
                     state: SandboxState::Running,
                     operation: "wake (shutting down)",
                 })?;
@@ -563,7 +563,7 @@ impl SandboxManager {
         // with the restore) is killed, and that is no restore failure.
         let restored = tokio::select! {
             r = self.restore_vm(entry) => r,
-            () = entry.cancelled() => return Err(CoreError::Cancelled { id: entry.id().clone() }),
+            () = entry.cancelled() => return Err(CoreError::Cancelled { id: entry.id.clone() }),
         };
         match restored {
             Ok(vm) => {
@@ -589,7 +589,7 @@ impl SandboxManager {
             }
             Err(e) => {
                 let reason = error_chain(&e);
-                tracing::error!(sandbox = %entry.id(), error = %reason, "restore failed; breaker open");
+                tracing::error!(sandbox = %entry.id, error = %reason, "restore failed; breaker open");
                 entry.set_breaker(Some(reason.clone()));
                 self.emit(
                     entry,
@@ -605,7 +605,7 @@ impl SandboxManager {
     /// set. On failure the new VMM is killed (also when this future is
     /// dropped: the VMM ends with its last handle).
     async fn restore_vm(&self, entry: &Entry) -> Result<Vm> {
-        let id = entry.id().clone();
+        let id = entry.id.clone();
         let record = entry.record();
         let restore_err = |reason: String, vmm: Option<&dyn Vmm>| CoreError::Restore {
             id: id.clone(),
@@ -735,12 +735,12 @@ impl SandboxManager {
             Ok(Ok(())) => return,
             Ok(Err(e)) => e,
             Err(_) => CoreError::TimedOut {
-                id: entry.id().clone(),
+                id: entry.id.clone(),
                 operation,
                 after: limit,
             },
         };
-        tracing::warn!(sandbox = %entry.id(), operation, error = %error_chain(&err), "thermal manager");
+        tracing::warn!(sandbox = %entry.id, operation, error = %error_chain(&err), "thermal manager");
     }
 
     /// One pass of the thermal manager: idle hot sandboxes are paused, and
@@ -779,7 +779,7 @@ impl SandboxManager {
                 // `warm_after`.
                 entry.touch();
                 return Err(CoreError::Agent {
-                    id: entry.id().clone(),
+                    id: entry.id.clone(),
                     source,
                 });
             }
