@@ -7,20 +7,19 @@
 //! except the per-sandbox lifecycle lock (a tokio mutex, for exactly that).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use agent_client::{AgentClient, Endpoint};
+use agent_client::AgentClient;
 use image::disk::{CONFIG_DRIVE, SANDBOX_DISK};
 use image::{ConfigDriveFormat, ImageStore, ResolvedImage};
 use net::{Attachment, NetOps, Network};
 use tracing::Instrument;
-use vmm::{DriveSpec, EngineChoice, MacAddr, MemoryBacking, NetSpec, VmSpec, Vmm};
+use vmm::{DriveSpec, Engine, EngineChoice, MacAddr, MemoryBacking, NetSpec, VmSpec, Vmm};
 
-use crate::boot::{dead, wait_for_agent};
+use crate::boot::{agent_endpoint, dead, wait_for_agent};
 use crate::config::CoreConfig;
 use crate::error::{CoreError, Result};
 use crate::id::{SandboxId, Token};
@@ -115,7 +114,8 @@ impl Entry {
 #[derive(Debug)]
 pub(crate) struct Inner {
     pub(crate) config: CoreConfig,
-    pub(crate) engine: EngineChoice,
+    /// What makes this manager's VMs (the chosen engine, or a test's fake).
+    pub(crate) engine: Arc<dyn Engine>,
     pub(crate) images: ImageStore,
     pub(crate) networks: crate::networks::Networks,
     vmm_uid: u32,
@@ -164,13 +164,18 @@ impl SandboxManager {
         SandboxManager::with_engine(config, engine, net_ops)
     }
 
-    /// Like [`SandboxManager::new`] with an engine chosen by the caller.
+    /// Like [`SandboxManager::new`] with an engine chosen by the caller: an
+    /// [`EngineChoice`], or a test's `vmm::fake::FakeEngine`.
     pub fn with_engine(
         config: CoreConfig,
-        engine: EngineChoice,
+        engine: impl Engine + 'static,
         net_ops: Arc<dyn NetOps>,
     ) -> Result<SandboxManager> {
-        tracing::info!(engine = %engine.kind, binary = %engine.binary.display(), reason = %engine.reason, "engine");
+        let engine: Arc<dyn Engine> = Arc::new(engine);
+        {
+            let c = engine.choice();
+            tracing::info!(engine = %c.kind, binary = %c.binary.display(), reason = %c.reason, "engine");
+        }
         let networks = crate::networks::Networks::new(
             &config.network,
             config.group_networks.as_ref(),
@@ -193,7 +198,7 @@ impl SandboxManager {
 
     /// The engine in use, and why.
     pub fn engine(&self) -> &EngineChoice {
-        &self.inner.engine
+        self.inner.engine.choice()
     }
 
     /// The configuration.
@@ -393,7 +398,7 @@ impl SandboxManager {
                 spec,
                 state: SandboxState::Creating,
                 failure: None,
-                engine: self.inner.engine.kind,
+                engine: self.inner.engine.kind(),
                 kernel_release: image.kernel_release.clone(),
                 dir: self
                     .inner
@@ -489,12 +494,16 @@ impl SandboxManager {
 
         // The VM.
         let spec = vm_spec(&spec, image, &dir, &att);
-        let vmm: Arc<dyn Vmm> = Arc::from(vmm::new_vmm(&self.inner.engine, spec).map_err(
-            |source| CoreError::Vmm {
-                id: id.clone(),
-                source,
-            },
-        )?);
+        let vmm: Arc<dyn Vmm> =
+            Arc::from(
+                self.inner
+                    .engine
+                    .new_vmm(spec)
+                    .map_err(|source| CoreError::Vmm {
+                        id: id.clone(),
+                        source,
+                    })?,
+            );
         undo.vmm = Some(vmm.clone());
         let prepared = Instant::now();
         let serial_log = dir.join(SERIAL_LOG);
@@ -508,13 +517,13 @@ impl SandboxManager {
         entry.record().vmm_pid = vmm.pid();
         let vcpus_running = Instant::now();
 
-        let addr = SocketAddr::from((att.ip, AGENT_PORT));
-        let client = AgentClient::new(Endpoint::Tcp(addr), token.expose());
+        let endpoint = agent_endpoint(&*vmm, att.ip);
+        let client = AgentClient::new(endpoint.clone(), token.expose());
         wait_for_agent(
             &id,
             &*vmm,
             &client,
-            addr,
+            &endpoint,
             self.inner.config.boot_timeout,
             &serial_log,
         )
@@ -682,7 +691,7 @@ impl SandboxManager {
                         network: None,
                         vmm_pid: None,
                         boot: None,
-                        engine: self.inner.engine.kind,
+                        engine: self.inner.engine.kind(),
                         kernel_release: image.kernel_release.clone(),
                         breaker: None,
                         ..record

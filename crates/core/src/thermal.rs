@@ -14,13 +14,12 @@
 //! sandboxes down: host-side last activity first, the agent's activity
 //! query second (an attached session or a running command keeps it hot).
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agent_client::{AgentClient, Endpoint};
+use agent_client::AgentClient;
 use proto::ExecRequest;
 use tracing::Instrument;
 use vmm::snapshot::SnapshotManifest;
@@ -28,9 +27,7 @@ use vmm::{SnapshotKind, Vmm};
 
 use crate::error::{CoreError, Result};
 use crate::id::SandboxId;
-use crate::manager::{
-    error_chain, now_unix_ms, vm_spec, Entry, SandboxManager, Vm, AGENT_PORT, SNAPSHOT_DIR,
-};
+use crate::manager::{error_chain, now_unix_ms, vm_spec, Entry, SandboxManager, Vm, SNAPSHOT_DIR};
 use crate::record::SandboxRecord;
 use crate::state::{valid_thermal, SandboxState, ThermalState};
 
@@ -519,7 +516,9 @@ impl SandboxManager {
             .map_err(|e| restore_err(error_chain(&e), None))?;
         let spec = vm_spec(&record.spec, &image, &record.dir, &att);
         let vmm: Arc<dyn Vmm> = Arc::from(
-            vmm::new_vmm(&self.inner.engine, spec)
+            self.inner
+                .engine
+                .new_vmm(spec)
                 .map_err(|e| restore_err(error_chain(&e), None))?,
         );
         let kill = |vmm: Arc<dyn Vmm>| async move {
@@ -534,12 +533,12 @@ impl SandboxManager {
             kill(vmm).await;
             return Err(err);
         }
-        let addr = SocketAddr::from((att.ip, AGENT_PORT));
+        let endpoint = crate::boot::agent_endpoint(&*vmm, att.ip);
         let client = entry
             .cold_client()
             .take()
-            .filter(|c| *c.endpoint() == Endpoint::Tcp(addr))
-            .unwrap_or_else(|| AgentClient::new(Endpoint::Tcp(addr), record.token.expose()));
+            .filter(|c| *c.endpoint() == endpoint)
+            .unwrap_or_else(|| AgentClient::new(endpoint, record.token.expose()));
         let deadline = Instant::now() + self.inner.config.thermal.wake_timeout;
         let mut last;
         loop {
@@ -704,14 +703,18 @@ impl SandboxManager {
             std::fs::remove_dir_all(&dir)
                 .map_err(|e| fail(format!("removing the old snapshot: {e}")))?;
         }
-        let info = vmm::snapshot_orphan(&self.inner.engine, spec, &dir)
-            .await
-            .map_err(|e| {
-                fail(format!(
-                    "snapshotting the orphaned VMM {pid}: {}",
-                    error_chain(&e)
-                ))
-            })?;
+        let orphan = self.inner.engine.new_vmm(spec).map_err(|e| {
+            fail(format!(
+                "the VM of the orphaned VMM {pid}: {}",
+                error_chain(&e)
+            ))
+        })?;
+        let info = orphan.snapshot_orphan(&dir).await.map_err(|e| {
+            fail(format!(
+                "snapshotting the orphaned VMM {pid}: {}",
+                error_chain(&e)
+            ))
+        })?;
         // It holds the disk's lock and the old TAP: wait until it has exited.
         let deadline = Instant::now() + Duration::from_secs(10);
         // (A zombie, exited but not yet reaped, has an empty command line.)
@@ -756,7 +759,7 @@ impl SandboxManager {
             )
             .await?;
         let spec = vm_spec(&record.spec, &image, &record.dir, &att);
-        let (dir, engine) = (record.dir.join(SNAPSHOT_DIR), self.inner.engine.kind);
+        let (dir, engine) = (record.dir.join(SNAPSHOT_DIR), self.inner.engine.kind());
         let checked =
             tokio::task::spawn_blocking(move || verify_snapshot(&dir, engine, &spec)).await?;
         if let Err(reason) = checked {
@@ -774,7 +777,7 @@ impl SandboxManager {
             failure: None,
             network: Some(att),
             vmm_pid: None,
-            engine: self.inner.engine.kind,
+            engine: self.inner.engine.kind(),
             kernel_release: image.kernel_release.clone(),
             thermal: ThermalState::Cold,
             cold_wakes: 0,
