@@ -553,6 +553,10 @@ impl SandboxManager {
                 .await
             {
                 Ok(()) => break,
+                // An agent that is not a guest's init (the fake engine's
+                // `lohar serve`) answers but keeps the host's clock, which
+                // is right already: it is awake.
+                Err(e) if e.agent_code() == Some(proto::ErrorCode::PermissionDenied) => break,
                 Err(e) => last = error_chain(&e),
             }
             if Instant::now() >= deadline {
