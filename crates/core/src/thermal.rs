@@ -678,7 +678,8 @@ impl SandboxManager {
     /// Startup recovery of a sandbox whose VMM outlived an earlier daemon
     /// (killed with SIGKILL while the sandbox was hot or warm): that VMM
     /// (`record.vmm_pid`, only if its command line names the sandbox
-    /// directory) is snapshotted through its QMP socket and ends, and the
+    /// directory) is snapshotted by the engine (`Vmm::snapshot_orphan`:
+    /// QEMU through its QMP socket) and ends, and the
     /// sandbox is adopted cold — its processes and memory intact.
     pub async fn adopt_orphan(&self, record: SandboxRecord) -> Result<SandboxRecord> {
         let id = record.id.clone();

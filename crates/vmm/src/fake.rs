@@ -325,7 +325,11 @@ impl FakeVmm {
         let proc = self
             .slot
             .spawn(cmd, self.lohar(), Some(Stdio::from(console)), None)?;
-        lock(&self.engine.processes).push(Arc::downgrade(&proc));
+        {
+            let mut procs = lock(&self.engine.processes);
+            procs.retain(|p| p.strong_count() > 0);
+            procs.push(Arc::downgrade(&proc));
+        }
         let pid_file = fake.join(PID_FILE);
         if let Err(e) = std::fs::write(&pid_file, proc.pid().to_string()) {
             proc.signal(libc::SIGKILL);

@@ -12,9 +12,9 @@
 //! * [`select`] — picks an engine for this host from a preference and a
 //!   [`select::HostProbe`], always with a human-readable reason.
 //! * [`Engine`] — what makes VMs: [`select::EngineChoice`] is one (through
-//!   [`new_vmm`]), the test engine [`fake::FakeEngine`] another, so `core`
+//!   [`new_vmm`]), the test engine `fake::FakeEngine` another, so `core`
 //!   holds an `Arc<dyn Engine>` and never names a concrete engine.
-//! * [`fake`] (cargo feature `fake`, for tests) — a `Vmm` whose "guest" is a
+//! * `fake` (cargo feature `fake`, for tests) — a `Vmm` whose "guest" is a
 //!   real `lohar serve` on the host: the orchestrator's lifecycle, thermal
 //!   and recovery paths run in milliseconds, without root or a hypervisor.
 //!
@@ -53,8 +53,8 @@ pub use vmm::{Capabilities, Engine, ShutdownPath, ShutdownReport, VmState, Vmm};
 /// starts nothing: call [`Vmm::boot`] or [`Vmm::restore`] next.
 ///
 /// [`EngineKind::Fake`] is refused here: a fake VM needs its
-/// [`fake::FakeEngine`] (fault plan, counters), which is an [`Engine`] of
-/// its own.
+/// `fake::FakeEngine` (fault plan, counters), which is an [`Engine`] of its
+/// own.
 pub fn new_vmm(choice: &EngineChoice, spec: VmSpec) -> Result<Box<dyn Vmm>> {
     match choice.kind {
         #[cfg(feature = "qemu")]

@@ -34,7 +34,7 @@ pub enum EngineKind {
     QemuKvm,
     /// QEMU with `-accel tcg` (software emulation).
     QemuTcg,
-    /// The test engine ([`crate::fake`]): the "guest" is a `lohar serve`
+    /// The test engine (`vmm::fake`, feature `fake`): the "guest" is a `lohar serve`
     /// process on the host. Never chosen by [`select_engine`].
     Fake,
 }
