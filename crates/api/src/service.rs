@@ -208,6 +208,7 @@ impl Service {
             vmm::EngineKind::Firecracker => ("firecracker", "kvm"),
             vmm::EngineKind::QemuKvm => ("qemu", "kvm"),
             vmm::EngineKind::QemuTcg => ("qemu", "tcg"),
+            vmm::EngineKind::Fake => ("fake", "none"),
         };
         api_types::Health {
             status: "ok".into(),

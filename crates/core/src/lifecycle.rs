@@ -15,22 +15,22 @@
 //! `failed` and returns [`CoreError::Cancelled`]. The destroy then takes
 //! the lock and removes what is left.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use agent_client::{AgentClient, Endpoint};
+use agent_client::AgentClient;
 use image::disk::{CONFIG_DRIVE, SANDBOX_DISK};
 use image::{ConfigDriveFormat, ResolvedImage};
 use net::Attachment;
 use tracing::Instrument;
 use vmm::Vmm;
 
-use crate::boot::{dead, wait_for_agent};
+use crate::boot::{agent_endpoint, dead, wait_for_agent};
 use crate::error::{error_chain, CoreError, Result};
 use crate::id::{SandboxId, Token};
-use crate::machine::{vm_spec, Vm, AGENT_PORT, SERIAL_LOG};
+use crate::machine::{vm_spec, Vm, SERIAL_LOG};
 use crate::manager::SandboxManager;
 use crate::record::{BootTimings, SandboxRecord};
 use crate::registry::{now_unix_ms, Entry};
@@ -90,7 +90,7 @@ impl SandboxManager {
             spec,
             state: SandboxState::Creating,
             failure: None,
-            engine: self.inner.engine.kind,
+            engine: self.inner.engine.kind(),
             kernel_release: image.kernel_release.clone(),
             dir: self
                 .inner
@@ -128,7 +128,7 @@ impl SandboxManager {
         let span = tracing::info_span!("boot", sandbox = %record.id, name = %record.spec.name);
         let entry = Arc::new(Entry::creating(SandboxRecord {
             network: None,
-            engine: self.inner.engine.kind,
+            engine: self.inner.engine.kind(),
             kernel_release: image.kernel_release.clone(),
             breaker: None,
             ..record
@@ -275,12 +275,16 @@ impl SandboxManager {
         // The VM. Starting it and waiting for its agent are raced against
         // the cancellation; both leave the VMM where `undo` finds it.
         let spec = vm_spec(&spec, image, &dir, &att);
-        let vmm: Arc<dyn Vmm> = Arc::from(vmm::new_vmm(&self.inner.engine, spec).map_err(
-            |source| CoreError::Vmm {
-                id: id.clone(),
-                source,
-            },
-        )?);
+        let vmm: Arc<dyn Vmm> =
+            Arc::from(
+                self.inner
+                    .engine
+                    .new_vmm(spec)
+                    .map_err(|source| CoreError::Vmm {
+                        id: id.clone(),
+                        source,
+                    })?,
+            );
         undo.vmm = Some(vmm.clone());
         let prepared = Instant::now();
         let serial_log = dir.join(SERIAL_LOG);
@@ -297,14 +301,14 @@ impl SandboxManager {
         entry.set_vmm_pid(vmm.pid());
         let vcpus_running = Instant::now();
 
-        let addr = SocketAddr::from((att.ip, AGENT_PORT));
-        let client = AgentClient::new(Endpoint::Tcp(addr), token.expose());
+        let endpoint = agent_endpoint(&*vmm, att.ip);
+        let client = AgentClient::new(endpoint.clone(), token.expose());
         tokio::select! {
             r = wait_for_agent(
                 &id,
                 &*vmm,
                 &client,
-                addr,
+                &endpoint,
                 self.inner.config.boot_timeout,
                 &serial_log,
             ) => r?,

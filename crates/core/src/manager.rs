@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use image::ImageStore;
 use net::{Attachment, NetOps, Network};
-use vmm::EngineChoice;
+use vmm::{Engine, EngineChoice};
 
 use crate::boot::dead;
 use crate::config::CoreConfig;
@@ -28,7 +28,8 @@ use crate::state::SandboxState;
 #[derive(Debug)]
 pub(crate) struct Inner {
     pub(crate) config: CoreConfig,
-    pub(crate) engine: EngineChoice,
+    /// What makes this manager's VMs (the chosen engine, or a test's fake).
+    pub(crate) engine: Arc<dyn Engine>,
     pub(crate) images: ImageStore,
     pub(crate) networks: crate::networks::Networks,
     pub(crate) vmm_uid: u32,
@@ -62,13 +63,18 @@ impl SandboxManager {
         SandboxManager::with_engine(config, engine, net_ops)
     }
 
-    /// Like [`SandboxManager::new`] with an engine chosen by the caller.
+    /// Like [`SandboxManager::new`] with an engine chosen by the caller: an
+    /// [`EngineChoice`], or a test's `vmm::fake::FakeEngine`.
     pub fn with_engine(
         config: CoreConfig,
-        engine: EngineChoice,
+        engine: impl Engine + 'static,
         net_ops: Arc<dyn NetOps>,
     ) -> Result<SandboxManager> {
-        tracing::info!(engine = %engine.kind, binary = %engine.binary.display(), reason = %engine.reason, "engine");
+        let engine: Arc<dyn Engine> = Arc::new(engine);
+        {
+            let c = engine.choice();
+            tracing::info!(engine = %c.kind, binary = %c.binary.display(), reason = %c.reason, "engine");
+        }
         let networks = crate::networks::Networks::new(
             &config.network,
             config.group_networks.as_ref(),
@@ -91,7 +97,7 @@ impl SandboxManager {
 
     /// The engine in use, and why.
     pub fn engine(&self) -> &EngineChoice {
-        &self.inner.engine
+        self.inner.engine.choice()
     }
 
     /// The configuration.

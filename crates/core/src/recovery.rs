@@ -175,7 +175,7 @@ impl SandboxManager {
     /// killed and removed is returned.
     pub async fn sweep_orphans(&self, keep: BTreeSet<SandboxId>) -> Result<Swept> {
         let root = self.inner.config.data_layout().sandboxes_dir();
-        let binary = self.inner.engine.binary.clone();
+        let binary = self.inner.engine.choice().binary.clone();
         let mgr = self.clone();
         Ok(tokio::task::spawn_blocking(move || {
             sweep(&root, &binary, &|id| {
@@ -217,14 +217,18 @@ impl SandboxManager {
             std::fs::remove_dir_all(&dir)
                 .map_err(|e| fail(format!("removing the old snapshot: {e}")))?;
         }
-        let info = vmm::snapshot_orphan(&self.inner.engine, spec, &dir)
-            .await
-            .map_err(|e| {
-                fail(format!(
-                    "snapshotting the orphaned VMM {pid}: {}",
-                    error_chain(&e)
-                ))
-            })?;
+        let orphan = self.inner.engine.new_vmm(spec).map_err(|e| {
+            fail(format!(
+                "the VM of the orphaned VMM {pid}: {}",
+                error_chain(&e)
+            ))
+        })?;
+        let info = orphan.snapshot_orphan(&dir).await.map_err(|e| {
+            fail(format!(
+                "snapshotting the orphaned VMM {pid}: {}",
+                error_chain(&e)
+            ))
+        })?;
         // It holds the disk's lock and the old TAP: wait until it has exited.
         let deadline = Instant::now() + Duration::from_secs(10);
         while is_vmm_of(pid, &record.dir) {
@@ -275,7 +279,7 @@ impl SandboxManager {
             }
         };
         let spec = vm_spec(&record.spec, &image, &record.dir, &att);
-        let (dir, engine) = (record.dir.join(SNAPSHOT_DIR), self.inner.engine.kind);
+        let (dir, engine) = (record.dir.join(SNAPSHOT_DIR), self.inner.engine.kind());
         let checked =
             match tokio::task::spawn_blocking(move || verify_snapshot(&dir, engine, &spec)).await {
                 Ok(c) => c,
@@ -297,7 +301,7 @@ impl SandboxManager {
             failure: None,
             network: Some(att.clone()),
             vmm_pid: None,
-            engine: self.inner.engine.kind,
+            engine: self.inner.engine.kind(),
             kernel_release: image.kernel_release.clone(),
             thermal: ThermalState::Cold,
             cold_wakes: 0,

@@ -4,6 +4,7 @@
 //!   the calling test thread enters; everything the thread then starts
 //!   (QEMU, `ip`, sockets) lives in it. Removed on drop.
 //! * [`static_lohar`]: the statically linked agent that goes into the initramfs.
+//! * [`host_lohar`]: the host build of the agent, the fake engine's guest.
 //! * [`images`]: guest images built once per machine into a shared cache.
 //! * [`wait_until`]: poll a condition with a deadline; a hang becomes a named failure.
 
@@ -11,7 +12,7 @@ use std::fs::File;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use image::{BuildOptions, ImageBuilder, ImageStore, Layout, ResolvedImage, Tier};
@@ -52,6 +53,9 @@ impl Netns {
         assert!(name.len() < 64);
         run("ip", &["netns", "add", &name]);
         let original = File::open("/proc/thread-self/ns/net").expect("own netns");
+        // The first namespace any test thread left is the one with a way
+        // out: image builds go back there (see `images`).
+        OUTSIDE.get_or_init(|| File::open("/proc/thread-self/ns/net").expect("own netns"));
         let target = File::open(format!("/var/run/netns/{name}")).expect("new netns");
         nix::sched::setns(target.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
             .expect("entering the test netns");
@@ -103,6 +107,59 @@ pub fn static_lohar() -> PathBuf {
     p
 }
 
+/// The host build of lohar (`target/debug/lohar` beside the running test
+/// binary), which the fake engine runs as its guest: `$BHATTI_LOHAR`, or
+/// that file when it is newer than every source of lohar and proto. Panics
+/// with the command to run when it is missing or stale (`cargo test -p X`
+/// builds only X's binaries; `scripts/test.sh` builds the workspace first).
+pub fn host_lohar() -> PathBuf {
+    if let Some(p) = std::env::var_os("BHATTI_LOHAR") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    // <target>/debug/deps/<test>-<hash> → <target>/debug/lohar
+    let p = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("lohar"))
+        .expect("the test binary is in <target>/<profile>/deps");
+    let built = std::fs::metadata(&p)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|e| {
+            panic!(
+                "no host lohar at {} ({e}): run `cargo build -p lohar` first",
+                p.display()
+            )
+        });
+    let root = workspace_root();
+    for src in ["crates/lohar/src", "crates/proto/src"] {
+        if let Some(newer) = newer_than(&root.join(src), built) {
+            panic!(
+                "{} is older than {}: run `cargo build -p lohar` first",
+                p.display(),
+                newer.display()
+            );
+        }
+    }
+    p
+}
+
+/// A file under `dir` modified after `t`, if any.
+fn newer_than(dir: &Path, t: std::time::SystemTime) -> Option<PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let meta = entry.metadata().ok()?;
+        if meta.is_dir() {
+            if let Some(p) = newer_than(&path, t) {
+                return Some(p);
+            }
+        } else if meta.modified().is_ok_and(|m| m > t) {
+            return Some(path);
+        }
+    }
+    None
+}
+
 /// Where test images are cached across test binaries and runs.
 pub fn image_cache() -> PathBuf {
     std::env::var_os("BHATTI_TEST_DATA")
@@ -110,12 +167,41 @@ pub fn image_cache() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/cache/bhatti-test/data"))
 }
 
+/// The network namespace the process was in before any test entered one
+/// of its own (set by the first [`Netns::enter`]).
+static OUTSIDE: OnceLock<File> = OnceLock::new();
+
 /// Builds (or reuses) the kernel, the initramfs with the current static
 /// lohar, and `tier`, in the shared cache; safe across threads and processes.
+///
+/// A build fetches Debian packages, so it runs on a thread of its own in
+/// the namespace the process started in: a test thread that already
+/// entered its [`Netns`] (which has no way out) may call this.
 pub fn images(tier: Tier) -> ResolvedImage {
+    images_in(&image_cache(), tier)
+}
+
+/// [`images`] into the cache directory `dir`.
+pub fn images_in(dir: &Path, tier: Tier) -> ResolvedImage {
+    let dir = dir.to_path_buf();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                if let Some(outside) = OUTSIDE.get() {
+                    nix::sched::setns(outside.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                        .expect("returning to the outside namespace to build images");
+                }
+                build_images(&dir, tier)
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+fn build_images(dir: &Path, tier: Tier) -> ResolvedImage {
     static BUILD: Mutex<()> = Mutex::new(());
     let _in_process = BUILD.lock().unwrap_or_else(|p| p.into_inner());
-    let dir = image_cache();
+    let dir = dir.to_path_buf();
     std::fs::create_dir_all(&dir).expect("image cache dir");
     let lock = File::create(dir.join(".build.lock")).expect("lock file");
     nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)

@@ -74,6 +74,7 @@ pub fn scratch_manager(
             vmm::EngineKind::QemuTcg =>
                 "tcg (software emulation: absolute times are not KVM times)",
             vmm::EngineKind::QemuKvm | vmm::EngineKind::Firecracker => "kvm",
+            vmm::EngineKind::Fake => "none (fake engine: no VM)",
         }
     );
     for n in mgr.networks() {
