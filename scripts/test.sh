@@ -46,5 +46,8 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== build (host binaries, and the static lohar for the guest initramfs)"
 cargo build --workspace --quiet
 bash scripts/build-lohar.sh
+echo "== test images (built before the suites, outside every test namespace)"
+cargo run --quiet -p bhatti-testkit --bin prepare-test-images -- tiny minimal
 echo "== cargo test"
-cargo test --workspace 2>&1
+# --no-fail-fast: one broken suite must not hide the others.
+cargo test --workspace --no-fail-fast 2>&1

@@ -11,7 +11,7 @@ use std::fs::File;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use image::{BuildOptions, ImageBuilder, ImageStore, Layout, ResolvedImage, Tier};
@@ -52,6 +52,9 @@ impl Netns {
         assert!(name.len() < 64);
         run("ip", &["netns", "add", &name]);
         let original = File::open("/proc/thread-self/ns/net").expect("own netns");
+        // The first namespace any test thread left is the one with a way
+        // out: image builds go back there (see `images`).
+        OUTSIDE.get_or_init(|| File::open("/proc/thread-self/ns/net").expect("own netns"));
         let target = File::open(format!("/var/run/netns/{name}")).expect("new netns");
         nix::sched::setns(target.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
             .expect("entering the test netns");
@@ -110,12 +113,41 @@ pub fn image_cache() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/cache/bhatti-test/data"))
 }
 
+/// The network namespace the process was in before any test entered one
+/// of its own (set by the first [`Netns::enter`]).
+static OUTSIDE: OnceLock<File> = OnceLock::new();
+
 /// Builds (or reuses) the kernel, the initramfs with the current static
 /// lohar, and `tier`, in the shared cache; safe across threads and processes.
+///
+/// A build fetches Debian packages, so it runs on a thread of its own in
+/// the namespace the process started in: a test thread that already
+/// entered its [`Netns`] (which has no way out) may call this.
 pub fn images(tier: Tier) -> ResolvedImage {
+    images_in(&image_cache(), tier)
+}
+
+/// [`images`] into the cache directory `dir`.
+pub fn images_in(dir: &Path, tier: Tier) -> ResolvedImage {
+    let dir = dir.to_path_buf();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                if let Some(outside) = OUTSIDE.get() {
+                    nix::sched::setns(outside.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                        .expect("returning to the outside namespace to build images");
+                }
+                build_images(&dir, tier)
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+fn build_images(dir: &Path, tier: Tier) -> ResolvedImage {
     static BUILD: Mutex<()> = Mutex::new(());
     let _in_process = BUILD.lock().unwrap_or_else(|p| p.into_inner());
-    let dir = image_cache();
+    let dir = dir.to_path_buf();
     std::fs::create_dir_all(&dir).expect("image cache dir");
     let lock = File::create(dir.join(".build.lock")).expect("lock file");
     nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
