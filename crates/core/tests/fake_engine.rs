@@ -8,7 +8,8 @@
 //! at each stage of create leaves nothing behind; exec and files through the
 //! guest surface; warm, cold and wake; wakes coalescing; the restore
 //! breaker; the thermal tick; recovery of a cold sandbox and of an orphaned
-//! VMM after a "crash"; destroy during a create; a VMM that dies.
+//! VMM after a "crash"; destroy during a create; a VMM that dies; a guest
+//! whose agent hangs (the ticker and shutdown are bounded around it).
 //!
 //! Needs the host build of lohar (`cargo build -p lohar`; see
 //! `testkit::host_lohar`).
@@ -21,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use bhatti_core::{
     CoreConfig, CoreError, Limits, SandboxId, SandboxManager, SandboxRecord, SandboxSpec,
-    SandboxState, ThermalEventKind, ThermalPolicy, ThermalState,
+    SandboxState, Stopped, ThermalEventKind, ThermalPolicy, ThermalState,
 };
 use net::fake::FakeNetOps;
 use proto::{ExecRequest, FileRead};
@@ -665,14 +666,13 @@ async fn destroy_during_a_create_leaves_nothing_behind() {
     );
     let destroyed = h.mgr.destroy(&sb).await;
     let created = create.await.unwrap();
-    // Whichever order they settle in, destroy wins: nothing remains.
+    // The destroy wins at once: the create, still waiting for its agent,
+    // gives up and undoes itself; nothing remains.
+    assert!(matches!(destroyed, Ok(())), "{destroyed:?}");
     assert!(
-        matches!(destroyed, Ok(()) | Err(CoreError::NotFound(_))),
-        "{destroyed:?}"
+        matches!(created, Err(CoreError::Cancelled { ref id }) if *id == sb),
+        "{created:?}"
     );
-    if let Ok(r) = &created {
-        assert_eq!(r.id, sb);
-    }
     h.assert_clean("destroyed during create");
 }
 
@@ -701,4 +701,97 @@ async fn a_vmm_that_dies_fails_the_sandbox_and_destroy_cleans_up() {
     assert!(rec.failure.unwrap().contains("signal 9"));
     h.mgr.destroy(&r.id).await.unwrap();
     h.assert_clean("destroyed after death");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_agent_delays_no_other_sandbox_and_shutdown_kills_it_within_its_bound() {
+    let h = harness_with(|c| {
+        c.thermal.warm_after = Duration::from_millis(200);
+        c.thermal.cold_after = Duration::from_millis(200);
+        c.thermal.tick = Duration::from_millis(50);
+        // Long enough that a ticker which waited for the hung sandbox
+        // would miss the deadline below.
+        c.thermal.agent_timeout = Duration::from_secs(20);
+        c.thermal.transition_timeout = Duration::from_secs(20);
+        c.thermal.sync_timeout = Duration::from_secs(20);
+        c.shutdown_timeout = Duration::from_secs(1);
+    });
+    let mut events = h.mgr.subscribe_thermal();
+    // `stuck` sorts first: a ticker going through sandboxes one after the
+    // other would wait for it before `fine`.
+    let stuck = h
+        .mgr
+        .create_as(id("sb-000000000001"), SandboxSpec::new("stuck", "tiny"))
+        .await
+        .unwrap();
+    let fine = h
+        .mgr
+        .create_as(id("sb-0000000000ff"), SandboxSpec::new("fine", "tiny"))
+        .await
+        .unwrap();
+    let pid = stuck.vmm_pid.unwrap();
+    // The agent of `stuck` hangs (its process stopped; the "VM" still
+    // counts as hot). Control: it answers before, and not after.
+    assert_eq!(run(&h.mgr, &stuck.id, "echo up").await, "up\n");
+    // SAFETY: kill(2) on the fake VMM's pid, which runs (checked above).
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
+    let silent = tokio::time::timeout(
+        Duration::from_millis(500),
+        h.mgr.exec(&stuck.id, sh("true")),
+    )
+    .await;
+    assert!(silent.is_err(), "the stopped agent answered: {silent:?}");
+
+    let ticker = h.mgr.spawn_thermal();
+    let mut kinds = Vec::new();
+    while !kinds.contains(&"cold") {
+        let ev = tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .expect("fine went warm and cold while stuck hung")
+            .expect("events");
+        assert_eq!(ev.id, fine.id, "{ev:?}");
+        kinds.push(ev.kind.name());
+    }
+    assert_eq!(kinds, ["warm", "cold"]);
+    assert_eq!(thermal(&h.mgr, &stuck.id), ThermalState::Hot);
+    ticker.abort();
+
+    // Shutdown: `fine` is cold already; `stuck` cannot sync within the
+    // shutdown bound and is killed.
+    let bound = Duration::from_secs(1) + bhatti_core::KILL_GRACE + Duration::from_secs(10);
+    let (stopped, failed) = tokio::time::timeout(bound, h.mgr.stop_all())
+        .await
+        .expect("stop_all within its bound");
+    assert!(failed.is_empty(), "{failed:?}");
+    let (mut cold, mut killed) = (None, None);
+    for s in stopped {
+        match s {
+            Stopped::Cold(r) => cold = Some(r),
+            Stopped::Killed { record, reason } => {
+                assert!(matches!(reason, CoreError::TimedOut { .. }), "{reason:?}");
+                killed = Some(record);
+            }
+        }
+    }
+    let (cold, killed) = (cold.expect("fine cold"), killed.expect("stuck killed"));
+    assert_eq!(
+        (cold.id.clone(), killed.id.clone()),
+        (fine.id.clone(), stuck.id.clone())
+    );
+    wait_for("the hung VMM is gone", Duration::from_secs(10), || async {
+        !alive(pid)
+    })
+    .await;
+    assert!(h.mgr.list().is_empty());
+    assert_eq!(h.ops.links(), vec!["bhatti0".to_string()], "TAPs left");
+
+    // Back: `fine` adopted cold, `stuck` booted again from its disk.
+    h.mgr.adopt_cold(cold).await.unwrap();
+    h.mgr.boot_existing(killed).await.unwrap();
+    assert_eq!(run(&h.mgr, &fine.id, "echo back").await, "back\n");
+    assert_eq!(run(&h.mgr, &stuck.id, "echo back").await, "back\n");
+    for id in [&fine.id, &stuck.id] {
+        h.mgr.destroy(id).await.unwrap();
+    }
+    h.assert_clean("destroyed");
 }
