@@ -795,3 +795,43 @@ async fn a_hung_agent_delays_no_other_sandbox_and_shutdown_kills_it_within_its_b
     }
     h.assert_clean("destroyed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroy_during_a_boot_from_disk_removes_the_kept_directory_too() {
+    let h = harness();
+    let r = h.create("again").await;
+    run(&h.mgr, &r.id, "echo kept > note").await;
+    // Shutdown forgets it, directory kept (cold, but booting from the
+    // disk is what a `stopped` sandbox does).
+    let (stopped, failed) = h.mgr.stop_all().await;
+    assert!(failed.is_empty(), "{failed:?}");
+    let record = match <[Stopped; 1]>::try_from(stopped) {
+        Ok([Stopped::Cold(record)]) => record,
+        other => panic!("{other:?}"),
+    };
+    assert!(record.dir.exists());
+    h.engine
+        .inject(Fault::AgentLate(Duration::from_millis(800)));
+    let boots = h.engine.stats().boots;
+    let boot = {
+        let mgr = h.mgr.clone();
+        tokio::spawn(async move { mgr.boot_existing(record).await })
+    };
+    wait_for(
+        "the VMM of the boot runs",
+        Duration::from_secs(10),
+        || async {
+            h.engine.stats().boots == boots + 1
+                && h.mgr.get(&r.id).is_ok_and(|x| x.vmm_pid.is_some())
+        },
+    )
+    .await;
+    assert_eq!(h.mgr.get(&r.id).unwrap().state, SandboxState::Creating);
+    h.mgr.destroy(&r.id).await.expect("the destroy wins");
+    let booted = boot.await.unwrap();
+    assert!(
+        matches!(booted, Err(CoreError::Cancelled { ref id }) if *id == r.id),
+        "{booted:?}"
+    );
+    h.assert_clean("destroyed during a boot from disk");
+}
