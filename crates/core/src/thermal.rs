@@ -71,7 +71,8 @@ pub struct ThermalPolicy {
     pub transition_timeout: Duration,
     /// The deadline of each small call core makes into a guest on its own
     /// account: the activity query before a pause, setting the clock after
-    /// a resume (each attempt after a restore is bounded by it too).
+    /// a resume, each ping while a restored agent is awaited (the clock
+    /// setting after a restore has what is left of `wake_timeout`).
     pub agent_timeout: Duration,
     /// The deadline of the `sync` run in the guest before a snapshot. A
     /// guest that cannot sync in time is not snapshotted (it stays hot).
@@ -650,25 +651,41 @@ impl SandboxManager {
             .unwrap_or_else(|| AgentClient::new(endpoint, record.token.expose()));
         let wake_timeout = self.policy().wake_timeout;
         let deadline = Instant::now() + wake_timeout;
-        let mut last;
+        let mut last = String::from("no attempt finished");
+        // First an answer, then the clock. Only pings are retried: a clock
+        // setting that timed out here could still reach the guest after a
+        // later one and move its clock back.
+        let mut answered = false;
         loop {
             if let Some(exit) = vmm.exit() {
                 let err = restore_err(format!("the restored VMM exited: {exit}"), Some(&*vmm));
                 return Err(err);
             }
-            // The clock first: nothing runs in a woken guest with a stale one.
             let attempt = self
                 .policy()
                 .agent_timeout
                 .min(deadline.saturating_duration_since(Instant::now()))
                 .max(Duration::from_millis(1));
-            match client.deadline(attempt).set_time(now_unix_ms()).await {
-                Ok(()) => break,
-                // An agent that is not a guest's init (the fake engine's
-                // `lohar serve`) answers but keeps the host's clock, which
-                // is right already: it is awake.
-                Err(e) if e.agent_code() == Some(proto::ErrorCode::PermissionDenied) => break,
-                Err(e) => last = error_chain(&e),
+            if !answered {
+                match client.deadline(attempt).ping().await {
+                    Ok(_) => answered = true,
+                    Err(e) => last = error_chain(&e),
+                }
+            }
+            if answered {
+                // The clock before anything else: nothing runs in a woken
+                // guest with a stale one.
+                let left = deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1));
+                match client.deadline(left).set_time(now_unix_ms()).await {
+                    Ok(()) => break,
+                    // An agent that is not a guest's init (the fake engine's
+                    // `lohar serve`) answers but keeps the host's clock,
+                    // which is right already: it is awake.
+                    Err(e) if e.agent_code() == Some(proto::ErrorCode::PermissionDenied) => break,
+                    Err(e) => last = error_chain(&e),
+                }
             }
             if Instant::now() >= deadline {
                 let err = restore_err(
