@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use agent_client::AgentClient;
 use api_types::{CreateSandbox, PatchSandbox, Sandbox};
 use bhatti_core::{
-    CoreConfig, CoreError, SandboxId, SandboxManager, SandboxRecord, SandboxSpec, ThermalEvent,
-    ThermalEventKind, ThermalPolicy, ThermalState,
+    CoreConfig, CoreError, SandboxId, SandboxManager, SandboxRecord, SandboxSpec, Stopped,
+    ThermalEvent, ThermalEventKind, ThermalPolicy, ThermalState,
 };
 use serde::{Deserialize, Serialize};
 use store::{NewSandbox, SandboxUpdate, Store, UserRecord};
@@ -208,6 +208,7 @@ impl Service {
             vmm::EngineKind::Firecracker => ("firecracker", "kvm"),
             vmm::EngineKind::QemuKvm => ("qemu", "kvm"),
             vmm::EngineKind::QemuTcg => ("qemu", "tcg"),
+            vmm::EngineKind::Fake => ("fake", "none"),
         };
         api_types::Health {
             status: "ok".into(),
@@ -817,8 +818,9 @@ impl Service {
 
     /// Daemon shutdown: every VM this process runs goes cold (snapshot,
     /// VMM exits, TAP removed); the next daemon adopts them as cold and
-    /// they wake with their processes and memory. A sandbox that cannot be
-    /// snapshotted is left running, as it is.
+    /// they wake with their processes and memory. One that is not cold
+    /// within core's shutdown bound has its VMM killed and is `stopped`
+    /// (it boots again from its disk).
     pub async fn shutdown(&self) {
         let tasks: Vec<_> = self
             .tasks
@@ -830,22 +832,33 @@ impl Service {
         if let Some(ticker) = tasks.last() {
             ticker.abort();
         }
-        let (released, failed) = self.core.stop_all().await;
+        let (stopped, failed) = self.core.stop_all().await;
         for (id, e) in failed {
-            tracing::error!(sandbox = %id, error = %error_chain(&e), "snapshot at shutdown failed; left running");
+            tracing::error!(sandbox = %id, error = %error_chain(&e), "shutdown could not stop this sandbox");
         }
-        let by_core: HashMap<SandboxId, String> = self
+        let by_core: HashMap<SandboxId, (String, String)> = self
             .live()
             .iter()
-            .map(|(sid, l)| (l.core.clone(), sid.clone()))
+            .map(|(sid, l)| (l.core.clone(), (sid.clone(), l.user_id.clone())))
             .collect();
-        for record in released {
-            let Some(sid) = by_core.get(&record.id) else {
+        for s in stopped {
+            let (record, killed) = match s {
+                Stopped::Cold(record) => (record, None),
+                Stopped::Killed { record, reason } => (record, Some(reason)),
+            };
+            let Some((sid, uid)) = by_core.get(&record.id) else {
                 continue;
             };
             self.live().remove(sid);
             if let Err(e) = persist(&self.store, sid, &record).await {
-                tracing::error!(sandbox = %sid, error = %e, "recording a cold sandbox at shutdown");
+                tracing::error!(sandbox = %sid, error = %e, "recording a sandbox at shutdown");
+            }
+            if let Some(reason) = killed {
+                let why = format!(
+                    "not cold in time at shutdown ({}); boots again from its disk when next used",
+                    error_chain(&reason)
+                );
+                self.set_status(uid, sid, status::STOPPED, Some(&why)).await;
             }
         }
         for t in tasks {

@@ -2,11 +2,11 @@
 //! operator can act on.
 
 use std::io::{Read, Seek, SeekFrom};
-use std::net::SocketAddr;
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use agent_client::{AgentClient, ClientError};
+use agent_client::{AgentClient, ClientError, Endpoint};
 use vmm::{Vmm, VmmExit};
 
 use crate::error::{CoreError, Result};
@@ -78,7 +78,17 @@ pub(crate) async fn exited(vmm: &dyn Vmm) -> VmmExit {
     }
 }
 
-/// Polls until the agent at `addr` authenticates a connection, the VMM
+/// Where the agent of `vmm`'s guest listens: the engine's host socket
+/// when it has one (the fake engine), else the guest's `ip` and
+/// [`crate::AGENT_PORT`].
+pub(crate) fn agent_endpoint(vmm: &dyn Vmm, ip: Ipv4Addr) -> Endpoint {
+    match vmm.agent_socket() {
+        Some(path) => Endpoint::Unix(path),
+        None => Endpoint::Tcp((ip, crate::machine::AGENT_PORT).into()),
+    }
+}
+
+/// Polls until the agent at `endpoint` authenticates a connection, the VMM
 /// dies, or `timeout` passes.
 ///
 /// Two phases per round: a bare TCP connect with a short timeout (is the
@@ -91,7 +101,7 @@ pub(crate) async fn wait_for_agent(
     id: &SandboxId,
     vmm: &dyn Vmm,
     client: &AgentClient,
-    addr: SocketAddr,
+    endpoint: &Endpoint,
     timeout: Duration,
     serial_log: &Path,
 ) -> Result<()> {
@@ -112,19 +122,20 @@ pub(crate) async fn wait_for_agent(
             return Err(dead_or_timeout(last_error));
         }
         let round = async {
-            match tokio::time::timeout(
-                PROBE_TIMEOUT.min(left),
-                tokio::net::TcpStream::connect(addr),
-            )
-            .await
-            {
+            let probe = async {
+                match endpoint {
+                    Endpoint::Tcp(addr) => tokio::net::TcpStream::connect(addr).await.map(drop),
+                    Endpoint::Unix(path) => tokio::net::UnixStream::connect(path).await.map(drop),
+                }
+            };
+            match tokio::time::timeout(PROBE_TIMEOUT.min(left), probe).await {
                 Err(_) => {
                     return Err(format!(
-                        "connect to {addr}: no answer within {PROBE_TIMEOUT:?}"
+                        "connect to {endpoint}: no answer within {PROBE_TIMEOUT:?}"
                     ))
                 }
-                Ok(Err(e)) => return Err(format!("connect to {addr}: {e}")),
-                Ok(Ok(_probe)) => {}
+                Ok(Err(e)) => return Err(format!("connect to {endpoint}: {e}")),
+                Ok(Ok(())) => {}
             }
             match client.deadline(AUTH_TIMEOUT.min(left)).ping().await {
                 Ok(_) => Ok(Ok(())),

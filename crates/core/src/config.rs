@@ -45,6 +45,12 @@ pub struct CoreConfig {
     /// When idle sandboxes are paused and snapshotted, and how many may
     /// wake from cold at once.
     pub thermal: crate::thermal::ThermalPolicy,
+    /// How long daemon shutdown ([`crate::SandboxManager::stop_all`]) gives
+    /// each sandbox (all at once) to go cold. One that is not cold by then
+    /// has its VMM killed and comes back `stopped`. `stop_all` returns
+    /// within this plus [`crate::KILL_GRACE`] plus the VMM's own
+    /// bound on dying after SIGKILL (10 s).
+    pub shutdown_timeout: Duration,
 }
 
 impl CoreConfig {
@@ -64,6 +70,7 @@ impl CoreConfig {
             vmm_uid: None,
             unique_names: true,
             thermal: crate::thermal::ThermalPolicy::default(),
+            shutdown_timeout: Duration::from_secs(30),
         }
     }
 

@@ -8,7 +8,7 @@ use agent_client::ClientError;
 
 use crate::id::SandboxId;
 use crate::spec::SpecError;
-use crate::state::{InvalidTransition, SandboxState};
+use crate::state::{InvalidThermal, InvalidTransition, SandboxState};
 
 /// `Result` with [`CoreError`].
 pub type Result<T, E = CoreError> = std::result::Result<T, E>;
@@ -50,6 +50,33 @@ pub enum CoreError {
         /// The transition.
         #[source]
         source: InvalidTransition,
+    },
+    /// A thermal transition the table forbids (a bug if seen).
+    #[error("Sandbox {id}")]
+    ThermalTransition {
+        /// The sandbox.
+        id: SandboxId,
+        /// The transition.
+        #[source]
+        source: InvalidThermal,
+    },
+    /// A destroy (or daemon shutdown) arrived while the sandbox was being
+    /// created or booted: the create gave up and undid what it had done.
+    #[error("Creating sandbox {id} was cancelled: it is being destroyed")]
+    Cancelled {
+        /// The sandbox.
+        id: SandboxId,
+    },
+    /// An operation of core's own (a thermal transition started by the
+    /// ticker, a snapshot at shutdown) did not finish within its bound.
+    #[error("Sandbox {id}: {operation} did not finish within {after:?}")]
+    TimedOut {
+        /// The sandbox.
+        id: SandboxId,
+        /// What was cut short (`go warm`, `go cold`, `snapshot at shutdown`).
+        operation: &'static str,
+        /// The bound.
+        after: Duration,
     },
     /// Choosing the engine failed.
     #[error("No usable VM engine")]
@@ -217,9 +244,42 @@ fn console(tail: &str) -> String {
     }
 }
 
+/// An error and its sources on one line.
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 impl CoreError {
     /// The sandbox is gone or going; retrying the same call cannot help.
     pub fn is_dead(&self) -> bool {
         matches!(self, CoreError::VmmExited { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_chains() {
+        let e = CoreError::Disk {
+            id: "sb-000000000001".parse().unwrap(),
+            source: Box::new(image::Error::DiskSize {
+                size: 1,
+                min: 2,
+                max: 3,
+            }),
+        };
+        assert_eq!(
+            error_chain(&e),
+            "Preparing the disks of sandbox sb-000000000001: Disk size 1 bytes is outside 2..=3"
+        );
     }
 }

@@ -9,23 +9,34 @@
 //! (`agent-client`) while watching the VMM, and destroy that leaves no
 //! process, TAP or file behind.
 //!
-//! * [`SandboxManager`] — the operations; one per daemon.
+//! * [`SandboxManager`] — the operations; one per daemon. Its modules go
+//!   by concept: `registry` (the entries, whose fields are private and
+//!   whose lifecycle and thermal changes go through the tables of
+//!   [`SandboxState`] and [`ThermalState`]), `lifecycle` (create, boot
+//!   again, destroy — serialised per sandbox, a destroy cancels a create in
+//!   progress), `thermal` (pause, resume, stop, start, restore, the
+//!   ticker), `shutdown` (the bounded [`SandboxManager::stop_all`]),
+//!   `recovery` (adoption after a restart), `guest` (calls into a guest).
 //! * [`SandboxRecord`] — serde-able state of one sandbox, for the store.
-//! * [`SandboxState`] — the lifecycle, with an exhaustive transition table.
 //! * [`CoreError`] — typed failures; a dead VMM, a boot timeout and a
 //!   refusing agent carry the guest console's last lines.
 //!
 //! No HTTP and no SQL here: the API crate maps requests onto these calls,
-//! the store persists records. The registry is in memory for now.
+//! the store persists records. The registry is in memory.
 
 mod boot;
 mod config;
 mod error;
 mod guest;
 mod id;
+mod lifecycle;
+mod machine;
 mod manager;
 mod networks;
 mod record;
+mod recovery;
+mod registry;
+mod shutdown;
 mod spec;
 mod state;
 mod thermal;
@@ -33,13 +44,15 @@ mod thermal;
 pub use config::CoreConfig;
 pub use error::{CoreError, Result};
 pub use id::{BadSandboxId, SandboxId, Token};
-pub use manager::{
-    SandboxManager, AGENT_PORT, BASE_CMDLINE, MEMORY_FILE, SERIAL_LOG, SNAPSHOT_DIR,
-};
+pub use machine::{AGENT_PORT, BASE_CMDLINE, MEMORY_FILE, SERIAL_LOG, SNAPSHOT_DIR};
+pub use manager::SandboxManager;
 pub use networks::{GroupNetworkConfig, NetworkEvent};
 pub use record::{BootTimings, SandboxRecord};
+pub use recovery::{kill_orphan_vmm, Swept};
+pub use shutdown::{Stopped, KILL_GRACE};
 pub use spec::{Limits, SandboxSpec, SpecError, DEFAULT_CPUS, DEFAULT_IMAGE, DEFAULT_MEMORY_MB};
 pub use state::{
-    transition, valid_thermal, valid_transition, InvalidTransition, SandboxState, ThermalState,
+    thermal_transition, transition, valid_thermal, valid_transition, InvalidThermal,
+    InvalidTransition, SandboxState, ThermalState,
 };
 pub use thermal::{ThermalEvent, ThermalEventKind, ThermalPolicy};

@@ -82,6 +82,6 @@ pub struct SandboxRecord {
 impl SandboxRecord {
     /// The guest console log.
     pub fn serial_log(&self) -> PathBuf {
-        self.dir.join(crate::manager::SERIAL_LOG)
+        self.dir.join(crate::machine::SERIAL_LOG)
     }
 }

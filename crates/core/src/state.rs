@@ -86,6 +86,28 @@ pub fn valid_thermal(from: ThermalState, to: ThermalState) -> bool {
     }
 }
 
+/// A thermal transition the table ([`valid_thermal`]) does not allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("Invalid thermal transition {from} -> {to}")]
+pub struct InvalidThermal {
+    /// From.
+    pub from: ThermalState,
+    /// To.
+    pub to: ThermalState,
+}
+
+/// [`valid_thermal`] as a `Result`.
+pub fn thermal_transition(
+    from: ThermalState,
+    to: ThermalState,
+) -> Result<ThermalState, InvalidThermal> {
+    if valid_thermal(from, to) {
+        Ok(to)
+    } else {
+        Err(InvalidThermal { from, to })
+    }
+}
+
 /// A transition the lifecycle does not allow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("Invalid sandbox transition {from} -> {to}")]
@@ -182,6 +204,11 @@ mod tests {
             }
         }
         assert_eq!(serde_json::to_string(&Cold).unwrap(), "\"cold\"");
+        assert_eq!(
+            thermal_transition(Cold, Warm).unwrap_err().to_string(),
+            "Invalid thermal transition cold -> warm"
+        );
+        assert_eq!(thermal_transition(Warm, Cold), Ok(Cold));
     }
 
     #[test]

@@ -8,34 +8,48 @@
 //!
 //! Every transition runs under the sandbox's lifecycle lock, so concurrent
 //! wakes of one sandbox coalesce: the first restores, the others find it
-//! hot. A failed restore opens the sandbox's circuit breaker (no automatic
-//! retry) until a forced [`SandboxManager::start`]. A semaphore caps
-//! concurrent restores. [`SandboxManager::thermal_tick`] moves idle
-//! sandboxes down: host-side last activity first, the agent's activity
-//! query second (an attached session or a running command keeps it hot).
+//! hot. The registry checks each step against the thermal table. A failed
+//! restore opens the sandbox's circuit breaker (no automatic retry) until
+//! a forced [`SandboxManager::start`]. A semaphore caps concurrent
+//! restores.
+//!
+//! The ticker ([`SandboxManager::spawn_thermal`]) moves idle sandboxes
+//! down — host-side last activity first, the agent's activity query second
+//! (an attached session or a running command keeps it hot). Each due
+//! sandbox gets a task of its own, bounded by
+//! [`ThermalPolicy::transition_timeout`], so a hung guest or VMM never
+//! delays another sandbox's transition; a sandbox whose transition is still
+//! running is skipped by later ticks. Every call core itself makes into a
+//! guest has its own deadline ([`ThermalPolicy::agent_timeout`],
+//! [`ThermalPolicy::sync_timeout`]).
+//!
+//! A transition cut short (its time limit, an aborted ticker, a caller
+//! that went away) leaves the sandbox labelled `warm` if its VMM still
+//! runs — the VM may be paused or not, and warm is the label that is right
+//! either way: the next use resumes it (resuming a running VM is
+//! harmless) — and removes the manifest of any snapshot it began, so a
+//! half-made snapshot is never restored.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agent_client::{AgentClient, Endpoint};
+use agent_client::AgentClient;
 use proto::ExecRequest;
+use tokio::task::JoinSet;
 use tracing::Instrument;
 use vmm::snapshot::SnapshotManifest;
 use vmm::{SnapshotKind, Vmm};
 
-use crate::error::{CoreError, Result};
+use crate::error::{error_chain, CoreError, Result};
 use crate::id::SandboxId;
-use crate::manager::{
-    error_chain, now_unix_ms, vm_spec, Entry, SandboxManager, Vm, AGENT_PORT, SNAPSHOT_DIR,
-};
-use crate::record::SandboxRecord;
-use crate::state::{valid_thermal, SandboxState, ThermalState};
+use crate::machine::{vm_spec, Vm, SNAPSHOT_DIR};
+use crate::manager::SandboxManager;
+use crate::registry::{now_unix_ms, Entry};
+use crate::state::{SandboxState, ThermalState};
 
-/// When the thermal manager moves sandboxes down, and how many may wake
-/// from cold at once.
+/// When the thermal manager moves sandboxes down, how many may wake from
+/// cold at once, and how long each step may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ThermalPolicy {
     /// Hot → warm after this long without host-side activity (and none
@@ -49,6 +63,20 @@ pub struct ThermalPolicy {
     pub max_cold_wakes: usize,
     /// How long a restored agent may take to answer.
     pub wake_timeout: Duration,
+    /// The time limit of one transition the ticker starts (hot → warm
+    /// with its activity query, warm → cold with its sync, snapshot and
+    /// check). Past it the transition is abandoned (see the module docs)
+    /// and tried again on a later tick; other sandboxes are never held up
+    /// by it, since each runs in a task of its own.
+    pub transition_timeout: Duration,
+    /// The deadline of each small call core makes into a guest on its own
+    /// account: the activity query before a pause, setting the clock after
+    /// a resume, each ping while a restored agent is awaited (the clock
+    /// setting after a restore has what is left of `wake_timeout`).
+    pub agent_timeout: Duration,
+    /// The deadline of the `sync` run in the guest before a snapshot. A
+    /// guest that cannot sync in time is not snapshotted (it stays hot).
+    pub sync_timeout: Duration,
 }
 
 impl Default for ThermalPolicy {
@@ -59,6 +87,9 @@ impl Default for ThermalPolicy {
             tick: Duration::from_secs(1),
             max_cold_wakes: 4,
             wake_timeout: Duration::from_secs(30),
+            transition_timeout: Duration::from_secs(60),
+            agent_timeout: Duration::from_secs(5),
+            sync_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -120,7 +151,11 @@ pub struct ThermalEvent {
 
 /// Reads every byte of the state file and checks the manifest against the
 /// VM: what a restore will need, checked while the VMM can still be resumed.
-fn verify_snapshot(dir: &Path, engine: vmm::EngineKind, spec: &vmm::VmSpec) -> Result<u64, String> {
+pub(crate) fn verify_snapshot(
+    dir: &Path,
+    engine: vmm::EngineKind,
+    spec: &vmm::VmSpec,
+) -> Result<u64, String> {
     let m = SnapshotManifest::read_for(dir, engine, spec).map_err(|e| error_chain(&e))?;
     let state = dir.join(vmm::snapshot::STATE_FILE);
     let bytes = std::fs::read(&state).map_err(|e| format!("reading {}: {e}", state.display()))?;
@@ -135,6 +170,56 @@ fn verify_snapshot(dir: &Path, engine: vmm::EngineKind, spec: &vmm::VmSpec) -> R
     Ok(m.state_bytes)
 }
 
+fn snapshot_dir(entry: &Entry) -> PathBuf {
+    entry.read(|r| r.dir.join(SNAPSHOT_DIR))
+}
+
+/// Makes the snapshot in the sandbox's directory unusable (its manifest
+/// gone): the VM ran on past it, or it was never finished.
+pub(crate) fn discard_snapshot(entry: &Entry) {
+    let manifest = snapshot_dir(entry).join(vmm::snapshot::MANIFEST);
+    match std::fs::remove_file(&manifest) {
+        Ok(()) => tracing::debug!(sandbox = %entry.id, "snapshot manifest removed"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(sandbox = %entry.id, error = %e, "removing a snapshot manifest")
+        }
+    }
+}
+
+/// Armed while a transition talks to a live VMM; if the transition is
+/// dropped before it disarms (cut short), the sandbox is settled as the
+/// module docs say.
+struct CutShort<'a> {
+    entry: &'a Entry,
+    armed: bool,
+}
+
+impl<'a> CutShort<'a> {
+    fn new(entry: &'a Entry) -> CutShort<'a> {
+        CutShort { entry, armed: true }
+    }
+
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for CutShort<'_> {
+    fn drop(&mut self) {
+        if !self.armed || self.entry.vm().is_none() {
+            return;
+        }
+        tracing::warn!(sandbox = %self.entry.id, "thermal transition cut short; labelled warm");
+        discard_snapshot(self.entry);
+        if self.entry.thermal() == ThermalState::Hot {
+            if let Err(e) = self.entry.set_thermal(ThermalState::Warm) {
+                tracing::error!(error = %error_chain(&e), "settling a cut transition");
+            }
+        }
+    }
+}
+
 impl SandboxManager {
     /// Thermal transitions from now on are sent here (one subscriber; a
     /// new call replaces the old one).
@@ -145,10 +230,7 @@ impl SandboxManager {
     }
 
     fn emit(&self, entry: &Entry, kind: ThermalEventKind, took: Duration) {
-        let (thermal, vmm_pid) = {
-            let r = entry.record();
-            (r.thermal, r.vmm_pid)
-        };
+        let (thermal, vmm_pid) = entry.read(|r| (r.thermal, r.vmm_pid));
         tracing::info!(sandbox = %entry.id, event = kind.name(), %thermal, took_ms = took.as_millis() as u64, "thermal");
         let ev = ThermalEvent {
             id: entry.id.clone(),
@@ -166,14 +248,8 @@ impl SandboxManager {
         }
     }
 
-    fn set_thermal(&self, entry: &Entry, to: ThermalState) {
-        let mut r = entry.record();
-        if !valid_thermal(r.thermal, to) {
-            // Callers match on the current state first; this is a bug.
-            tracing::error!(sandbox = %entry.id, from = %r.thermal, %to, "invalid thermal transition");
-        }
-        r.thermal = to;
-        r.thermal_since_unix_ms = now_unix_ms();
+    fn policy(&self) -> &ThermalPolicy {
+        &self.inner.config.thermal
     }
 
     fn thermal_error(
@@ -193,7 +269,7 @@ impl SandboxManager {
 
     fn running_entry(&self, id: &SandboxId, operation: &'static str) -> Result<Arc<Entry>> {
         let entry = self.entry(id)?;
-        let state = entry.record().state;
+        let state = entry.state();
         match state {
             SandboxState::Running => Ok(entry),
             SandboxState::Creating
@@ -207,14 +283,22 @@ impl SandboxManager {
         }
     }
 
+    fn vm_of(&self, entry: &Entry, operation: &'static str) -> Result<Vm> {
+        entry.vm().ok_or_else(|| CoreError::InvalidState {
+            id: entry.id.clone(),
+            state: entry.state(),
+            operation,
+        })
+    }
+
     /// Whether the sandbox's breaker is open, and why.
     pub fn breaker(&self, id: &SandboxId) -> Result<Option<String>> {
-        Ok(self.entry(id)?.record().breaker.clone())
+        Ok(self.entry(id)?.read(|r| r.breaker.clone()))
     }
 
     /// Opts a sandbox in or out of the thermal manager.
     pub fn set_keep_hot(&self, id: &SandboxId, keep_hot: bool) -> Result<()> {
-        self.entry(id)?.record().keep_hot = keep_hot;
+        self.entry(id)?.set_keep_hot(keep_hot);
         Ok(())
     }
 
@@ -229,9 +313,8 @@ impl SandboxManager {
     /// Pauses a hot sandbox (hot → warm); a warm or cold one is left as is.
     pub async fn pause(&self, id: &SandboxId) -> Result<()> {
         let entry = self.running_entry(id, "pause")?;
-        let _life = entry.lifecycle.lock().await;
-        let thermal = entry.record().thermal;
-        match thermal {
+        let _life = entry.lock().await;
+        match entry.thermal() {
             ThermalState::Hot => self.pause_locked(&entry).await,
             ThermalState::Warm | ThermalState::Cold => Ok(()),
         }
@@ -240,21 +323,13 @@ impl SandboxManager {
     async fn pause_locked(&self, entry: &Entry) -> Result<()> {
         let vm = self.vm_of(entry, "pause")?;
         let started = Instant::now();
-        vm.vmm
-            .pause()
-            .await
-            .map_err(|e| self.thermal_error(entry, &*vm.vmm, "pause", e))?;
-        self.set_thermal(entry, ThermalState::Warm);
+        let mut cut = CutShort::new(entry);
+        let paused = vm.vmm.pause().await;
+        cut.disarm();
+        paused.map_err(|e| self.thermal_error(entry, &*vm.vmm, "pause", e))?;
+        entry.set_thermal(ThermalState::Warm)?;
         self.emit(entry, ThermalEventKind::Warm, started.elapsed());
         Ok(())
-    }
-
-    fn vm_of(&self, entry: &Entry, operation: &'static str) -> Result<Vm> {
-        entry.vm().ok_or_else(|| CoreError::InvalidState {
-            id: entry.id.clone(),
-            state: entry.record().state,
-            operation,
-        })
     }
 
     /// Makes a sandbox hot: resumes a warm one, restores a cold one (unless
@@ -264,24 +339,21 @@ impl SandboxManager {
         let entry = self.entry(id)?;
         entry.touch();
         {
-            let r = entry.record();
-            if r.state != SandboxState::Running
-                || (r.thermal == ThermalState::Hot && entry.vm().is_some())
+            let (state, thermal) = entry.read(|r| (r.state, r.thermal));
+            if state != SandboxState::Running
+                || (thermal == ThermalState::Hot && entry.vm().is_some())
             {
                 // Not running: the caller's own check reports it.
                 return Ok(());
             }
         }
-        let _life = entry.lifecycle.lock().await;
+        let _life = entry.lock().await;
         entry.touch();
         self.wake_locked(&entry).await
     }
 
     async fn wake_locked(&self, entry: &Entry) -> Result<()> {
-        let (state, thermal) = {
-            let r = entry.record();
-            (r.state, r.thermal)
-        };
+        let (state, thermal) = entry.read(|r| (r.state, r.thermal));
         if state != SandboxState::Running {
             return Ok(());
         }
@@ -295,9 +367,9 @@ impl SandboxManager {
     /// Starts a warm or cold sandbox; `force` first closes an open breaker.
     pub async fn start(&self, id: &SandboxId, force: bool) -> Result<()> {
         let entry = self.running_entry(id, "start")?;
-        let _life = entry.lifecycle.lock().await;
+        let _life = entry.lock().await;
         entry.touch();
-        if force && entry.record().breaker.take().is_some() {
+        if force && entry.set_breaker(None).is_some() {
             self.emit(&entry, ThermalEventKind::BreakerClosed, Duration::ZERO);
         }
         self.wake_locked(&entry).await
@@ -306,16 +378,21 @@ impl SandboxManager {
     async fn resume_locked(&self, entry: &Entry) -> Result<()> {
         let vm = self.vm_of(entry, "resume")?;
         let started = Instant::now();
-        let paused_at = entry.record().thermal_since_unix_ms;
-        vm.vmm
-            .resume()
-            .await
-            .map_err(|e| self.thermal_error(entry, &*vm.vmm, "resume", e))?;
-        self.set_thermal(entry, ThermalState::Hot);
+        let paused_at = entry.read(|r| r.thermal_since_unix_ms);
+        let mut cut = CutShort::new(entry);
+        let resumed = vm.vmm.resume().await;
+        cut.disarm();
+        resumed.map_err(|e| self.thermal_error(entry, &*vm.vmm, "resume", e))?;
+        entry.set_thermal(ThermalState::Hot)?;
         // The guest's clock stood still while paused; a short pause is not
         // worth a round trip.
         if now_unix_ms().saturating_sub(paused_at) >= 1000 {
-            if let Err(e) = vm.client.set_time(now_unix_ms()).await {
+            if let Err(e) = vm
+                .client
+                .deadline(self.policy().agent_timeout)
+                .set_time(now_unix_ms())
+                .await
+            {
                 tracing::warn!(sandbox = %entry.id, error = %error_chain(&e), "setting the guest clock after a resume");
             }
         }
@@ -336,9 +413,8 @@ impl SandboxManager {
         let entry = self.running_entry(id, "stop")?;
         let span = tracing::info_span!("stop", sandbox = %id);
         async {
-            let _life = entry.lifecycle.lock().await;
-            let thermal = entry.record().thermal;
-            match thermal {
+            let _life = entry.lock().await;
+            match entry.thermal() {
                 ThermalState::Cold => Ok(()),
                 ThermalState::Hot | ThermalState::Warm => self.freeze_locked(&entry).await,
             }
@@ -347,55 +423,76 @@ impl SandboxManager {
         .await
     }
 
-    fn snapshot_dir(entry: &Entry) -> PathBuf {
-        entry.record().dir.join(SNAPSHOT_DIR)
-    }
-
-    async fn freeze_locked(&self, entry: &Entry) -> Result<()> {
-        let vm = self.vm_of(entry, "stop")?;
-        let started = Instant::now();
-        if entry.record().thermal == ThermalState::Warm {
-            // The guest must run to sync.
-            vm.vmm
-                .resume()
-                .await
-                .map_err(|e| self.thermal_error(entry, &*vm.vmm, "resume", e))?;
-            self.set_thermal(entry, ThermalState::Hot);
-        }
-        // Sync the guest's disks (lohar also syncs when a command exits).
-        let sync = ExecRequest {
-            argv: vec!["/bin/sh".into(), "-c".into(), "sync".into()],
-            timeout_ms: Some(30_000),
-            ..Default::default()
-        };
-        vm.client
-            .exec(sync)
-            .await
-            .map_err(|source| CoreError::Agent {
-                id: entry.id.clone(),
-                source,
-            })?;
-        let dir = Self::snapshot_dir(entry);
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|e| CoreError::SnapshotVerify {
-                id: entry.id.clone(),
-                reason: format!("removing the old snapshot {}: {e}", dir.display()),
-            })?;
-        }
-        let resume_after = |e: CoreError| async {
-            match vm.vmm.resume().await {
-                Ok(()) => tracing::warn!(sandbox = %entry.id, "snapshot failed; VM resumed"),
-                Err(r) => {
-                    tracing::error!(sandbox = %entry.id, error = %error_chain(&r), "snapshot failed and the VM does not resume")
+    /// Resumes a VM whose snapshot failed; if it will not resume, it is
+    /// labelled warm so the next use tries again.
+    async fn resume_after(&self, entry: &Entry, vm: &Vm, err: CoreError) -> CoreError {
+        match vm.vmm.resume().await {
+            Ok(()) => tracing::warn!(sandbox = %entry.id, "snapshot failed; VM resumed"),
+            Err(r) => {
+                tracing::error!(sandbox = %entry.id, error = %error_chain(&r), "snapshot failed and the VM does not resume");
+                if entry.thermal() == ThermalState::Hot {
+                    if let Err(e) = entry.set_thermal(ThermalState::Warm) {
+                        tracing::error!(error = %error_chain(&e), "labelling warm");
+                    }
                 }
             }
-            e
+        }
+        discard_snapshot(entry);
+        err
+    }
+
+    pub(crate) async fn freeze_locked(&self, entry: &Entry) -> Result<()> {
+        let vm = self.vm_of(entry, "stop")?;
+        let started = Instant::now();
+        let mut cut = CutShort::new(entry);
+        if entry.thermal() == ThermalState::Warm {
+            // The guest must run to sync.
+            if let Err(e) = vm.vmm.resume().await {
+                // Still paused, still labelled warm.
+                cut.disarm();
+                return Err(self.thermal_error(entry, &*vm.vmm, "resume", e));
+            }
+            entry.set_thermal(ThermalState::Hot)?;
+        }
+        // Sync the guest's disks (lohar also syncs when a command exits),
+        // under a deadline of its own: a guest whose agent does not answer
+        // is not snapshotted (it runs on, hot).
+        let limit = self.policy().sync_timeout;
+        let sync = ExecRequest {
+            argv: vec!["/bin/sh".into(), "-c".into(), "sync".into()],
+            timeout_ms: Some(limit.as_millis() as u64),
+            ..Default::default()
         };
+        let synced = match vm.client.deadline(limit).exec(sync).await {
+            Ok(o) => o,
+            Err(source) => {
+                cut.disarm();
+                return Err(CoreError::Agent {
+                    id: entry.id.clone(),
+                    source,
+                });
+            }
+        };
+        if synced.exit.code != 0 {
+            tracing::warn!(sandbox = %entry.id, code = synced.exit.code, "sync before the snapshot failed");
+        }
+        let dir = snapshot_dir(entry);
+        if dir.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                cut.disarm();
+                return Err(CoreError::SnapshotVerify {
+                    id: entry.id.clone(),
+                    reason: format!("removing the old snapshot {}: {e}", dir.display()),
+                });
+            }
+        }
         let info = match vm.vmm.snapshot(&dir, SnapshotKind::Full).await {
             Ok(info) => info,
             Err(e) => {
                 let err = self.thermal_error(entry, &*vm.vmm, "snapshot", e);
-                return Err(resume_after(err).await);
+                let err = self.resume_after(entry, &vm, err).await;
+                cut.disarm();
+                return Err(err);
             }
         };
         let (d, engine, spec) = (dir.clone(), vm.vmm.engine(), vm.vmm.spec().clone());
@@ -408,21 +505,28 @@ impl SandboxManager {
                     id: entry.id.clone(),
                     reason,
                 };
-                return Err(resume_after(err).await);
+                let err = self.resume_after(entry, &vm, err).await;
+                cut.disarm();
+                return Err(err);
             }
         };
-        // Verified: the VMM may go. Out of the slot first, so nobody takes
-        // its exit for a crash.
-        let vm = entry.vm_slot().take().unwrap_or(vm);
-        *entry.cold_client() = Some(vm.client.clone());
+        // Verified: the VMM may go. The record says cold before anything
+        // awaits again, so a cut from here on finds it consistent; out of
+        // the slot first, so nobody takes its exit for a crash.
+        if let Err(e) = entry.set_thermal(ThermalState::Cold) {
+            let err = self.resume_after(entry, &vm, e).await;
+            cut.disarm();
+            return Err(err);
+        }
+        cut.disarm();
+        let vm = entry.take_vm().unwrap_or(vm);
+        entry.stash_cold_client(vm.client.clone());
         match vm.vmm.kill().await {
             Ok(exit) => tracing::debug!(%exit, "VMM of a cold sandbox ended"),
             Err(e) => {
                 tracing::warn!(sandbox = %entry.id, error = %error_chain(&e), "killing the VMM after the snapshot")
             }
         }
-        entry.record().vmm_pid = None;
-        self.set_thermal(entry, ThermalState::Cold);
         tracing::info!(
             sandbox = %entry.id,
             save_ms = info.duration.as_millis() as u64,
@@ -438,7 +542,7 @@ impl SandboxManager {
     }
 
     async fn restore_locked(&self, entry: &Entry) -> Result<()> {
-        if let Some(reason) = entry.record().breaker.clone() {
+        if let Some(reason) = entry.read(|r| r.breaker.clone()) {
             return Err(CoreError::BreakerOpen {
                 id: entry.id.clone(),
                 reason,
@@ -455,22 +559,25 @@ impl SandboxManager {
                     operation: "wake (shutting down)",
                 })?;
         let started = Instant::now();
-        match self.restore_vm(entry).await {
+        // A destroy or a shutdown meanwhile wins: the new VMM (dropped
+        // with the restore) is killed, and that is no restore failure.
+        let restored = tokio::select! {
+            r = self.restore_vm(entry) => r,
+            () = entry.cancelled() => return Err(CoreError::Cancelled { id: entry.id.clone() }),
+        };
+        match restored {
             Ok(vm) => {
-                let dir = Self::snapshot_dir(entry);
                 // The guest runs again: the saved device state no longer
                 // matches the memory file. Without a manifest it is not a
                 // snapshot, so a crash from here on never restores it.
-                if let Err(e) = std::fs::remove_file(dir.join(vmm::snapshot::MANIFEST)) {
-                    tracing::warn!(sandbox = %entry.id, error = %e, "removing the used snapshot's manifest");
+                discard_snapshot(entry);
+                let vmm = vm.vmm.clone();
+                if let Err(e) = entry.install_restored(vm) {
+                    if let Err(k) = vmm.kill().await {
+                        tracing::warn!(error = %error_chain(&k), "killing a restored VMM");
+                    }
+                    return Err(e);
                 }
-                {
-                    let mut r = entry.record();
-                    r.vmm_pid = vm.vmm.pid();
-                    r.cold_wakes += 1;
-                }
-                *entry.vm_slot() = Some(vm);
-                self.set_thermal(entry, ThermalState::Hot);
                 self.emit(
                     entry,
                     ThermalEventKind::Hot {
@@ -483,7 +590,7 @@ impl SandboxManager {
             Err(e) => {
                 let reason = error_chain(&e);
                 tracing::error!(sandbox = %entry.id, error = %reason, "restore failed; breaker open");
-                entry.record().breaker = Some(reason.clone());
+                entry.set_breaker(Some(reason.clone()));
                 self.emit(
                     entry,
                     ThermalEventKind::RestoreFailed { reason },
@@ -495,10 +602,11 @@ impl SandboxManager {
     }
 
     /// A new VMM from the snapshot, its agent answering and the guest clock
-    /// set. On failure the new VMM is killed.
+    /// set. On failure the new VMM is killed (also when this future is
+    /// dropped: the VMM ends with its last handle).
     async fn restore_vm(&self, entry: &Entry) -> Result<Vm> {
         let id = entry.id.clone();
-        let record = entry.record().clone();
+        let record = entry.record();
         let restore_err = |reason: String, vmm: Option<&dyn Vmm>| CoreError::Restore {
             id: id.clone(),
             // A VMM that exited already has its stderr in the reason.
@@ -519,7 +627,9 @@ impl SandboxManager {
             .map_err(|e| restore_err(error_chain(&e), None))?;
         let spec = vm_spec(&record.spec, &image, &record.dir, &att);
         let vmm: Arc<dyn Vmm> = Arc::from(
-            vmm::new_vmm(&self.inner.engine, spec)
+            self.inner
+                .engine
+                .new_vmm(spec)
                 .map_err(|e| restore_err(error_chain(&e), None))?,
         );
         let kill = |vmm: Arc<dyn Vmm>| async move {
@@ -534,27 +644,48 @@ impl SandboxManager {
             kill(vmm).await;
             return Err(err);
         }
-        let addr = SocketAddr::from((att.ip, AGENT_PORT));
+        let endpoint = crate::boot::agent_endpoint(&*vmm, att.ip);
         let client = entry
-            .cold_client()
-            .take()
-            .filter(|c| *c.endpoint() == Endpoint::Tcp(addr))
-            .unwrap_or_else(|| AgentClient::new(Endpoint::Tcp(addr), record.token.expose()));
-        let deadline = Instant::now() + self.inner.config.thermal.wake_timeout;
-        let mut last;
+            .take_cold_client()
+            .filter(|c| *c.endpoint() == endpoint)
+            .unwrap_or_else(|| AgentClient::new(endpoint, record.token.expose()));
+        let wake_timeout = self.policy().wake_timeout;
+        let deadline = Instant::now() + wake_timeout;
+        let mut last = String::from("no attempt finished");
+        // First an answer, then the clock. Only pings are retried: a clock
+        // setting that timed out here could still reach the guest after a
+        // later one and move its clock back.
+        let mut answered = false;
         loop {
             if let Some(exit) = vmm.exit() {
                 let err = restore_err(format!("the restored VMM exited: {exit}"), Some(&*vmm));
                 return Err(err);
             }
-            // The clock first: nothing runs in a woken guest with a stale one.
-            match client
-                .deadline(Duration::from_secs(2))
-                .set_time(now_unix_ms())
-                .await
-            {
-                Ok(()) => break,
-                Err(e) => last = error_chain(&e),
+            let attempt = self
+                .policy()
+                .agent_timeout
+                .min(deadline.saturating_duration_since(Instant::now()))
+                .max(Duration::from_millis(1));
+            if !answered {
+                match client.deadline(attempt).ping().await {
+                    Ok(_) => answered = true,
+                    Err(e) => last = error_chain(&e),
+                }
+            }
+            if answered {
+                // The clock before anything else: nothing runs in a woken
+                // guest with a stale one.
+                let left = deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1));
+                match client.deadline(left).set_time(now_unix_ms()).await {
+                    Ok(()) => break,
+                    // An agent that is not a guest's init (the fake engine's
+                    // `lohar serve`) answers but keeps the host's clock,
+                    // which is right already: it is awake.
+                    Err(e) if e.agent_code() == Some(proto::ErrorCode::PermissionDenied) => break,
+                    Err(e) => last = error_chain(&e),
+                }
             }
             if Instant::now() >= deadline {
                 let err = restore_err(
@@ -569,64 +700,112 @@ impl SandboxManager {
         Ok(Vm { vmm, client })
     }
 
-    /// One pass of the thermal manager: idle hot sandboxes are paused, and
-    /// sandboxes warm for `cold_after` go cold. Sandboxes busy with another
-    /// lifecycle operation are skipped until the next tick.
-    pub async fn thermal_tick(&self) {
-        let policy = self.inner.config.thermal;
-        for entry in self.entries() {
-            let (state, thermal, keep_hot, since) = {
-                let r = entry.record();
-                (r.state, r.thermal, r.keep_hot, r.thermal_since_unix_ms)
-            };
-            if state != SandboxState::Running || keep_hot {
-                continue;
-            }
-            let now = now_unix_ms();
-            let idle = now.saturating_sub(entry.last_activity_ms.load(Ordering::Relaxed));
-            let due = match thermal {
-                ThermalState::Hot => idle >= policy.warm_after.as_millis() as u64,
-                ThermalState::Warm => {
-                    now.saturating_sub(since) >= policy.cold_after.as_millis() as u64
+    /// Sandboxes the ticker should move down now.
+    fn due(&self) -> Vec<Arc<Entry>> {
+        let policy = *self.policy();
+        let now = now_unix_ms();
+        self.entries()
+            .into_iter()
+            .filter(|entry| {
+                let (state, thermal, keep_hot, since) =
+                    entry.read(|r| (r.state, r.thermal, r.keep_hot, r.thermal_since_unix_ms));
+                if state != SandboxState::Running || keep_hot {
+                    return false;
                 }
-                ThermalState::Cold => false,
-            };
-            if !due {
-                continue;
-            }
-            let Ok(_life) = entry.lifecycle.try_lock() else {
-                continue;
-            };
-            let now_thermal = entry.record().thermal;
-            let r = match now_thermal {
-                ThermalState::Hot => self.cool_if_idle(&entry).await,
-                ThermalState::Warm => self.freeze_locked(&entry).await,
-                ThermalState::Cold => Ok(()),
-            };
+                match thermal {
+                    ThermalState::Hot => entry.idle_ms() >= policy.warm_after.as_millis() as u64,
+                    ThermalState::Warm => {
+                        now.saturating_sub(since) >= policy.cold_after.as_millis() as u64
+                    }
+                    ThermalState::Cold => false,
+                }
+            })
+            .collect()
+    }
+
+    fn start_due(&self, tasks: &mut JoinSet<()>) {
+        for entry in self.due() {
+            let mgr = self.clone();
+            tasks.spawn(async move { mgr.tick_one(&entry).await });
+        }
+    }
+
+    /// One sandbox's transition, bounded by `transition_timeout`. Skipped
+    /// when another lifecycle operation (or an earlier tick's transition)
+    /// holds the sandbox.
+    async fn tick_one(&self, entry: &Entry) {
+        let Some(_life) = entry.try_lock() else {
+            return;
+        };
+        let (state, thermal, keep_hot) = entry.read(|r| (r.state, r.thermal, r.keep_hot));
+        if state != SandboxState::Running || keep_hot {
+            return;
+        }
+        let limit = self.policy().transition_timeout;
+        let (operation, result) = match thermal {
+            ThermalState::Hot => (
+                "go warm",
+                tokio::time::timeout(limit, self.cool_if_idle(entry)).await,
+            ),
+            ThermalState::Warm => (
+                "go cold",
+                tokio::time::timeout(limit, self.freeze_locked(entry)).await,
+            ),
+            ThermalState::Cold => return,
+        };
+        let err = match result {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e,
+            Err(_) => CoreError::TimedOut {
+                id: entry.id.clone(),
+                operation,
+                after: limit,
+            },
+        };
+        tracing::warn!(sandbox = %entry.id, operation, error = %error_chain(&err), "thermal manager");
+    }
+
+    /// One pass of the thermal manager: idle hot sandboxes are paused, and
+    /// sandboxes warm for `cold_after` go cold, all at once, each within
+    /// `transition_timeout`. Returns when every transition it started has
+    /// ended. Sandboxes busy with another lifecycle operation are skipped.
+    pub async fn thermal_tick(&self) {
+        let mut tasks = JoinSet::new();
+        self.start_due(&mut tasks);
+        while let Some(r) = tasks.join_next().await {
             if let Err(e) = r {
-                tracing::warn!(sandbox = %entry.id, error = %error_chain(&e), "thermal manager");
+                tracing::error!(error = %e, "a thermal transition task failed");
             }
         }
     }
 
     /// Pauses a hot sandbox unless its agent reports an attached session
-    /// or a running command (then it counts as active now).
+    /// or a running command (then it counts as active now). An agent that
+    /// does not answer within `agent_timeout` cannot tell: the sandbox
+    /// stays hot and counts as active now (asked again after `warm_after`).
     async fn cool_if_idle(&self, entry: &Entry) -> Result<()> {
-        let idle = now_unix_ms().saturating_sub(entry.last_activity_ms.load(Ordering::Relaxed));
-        if idle < self.inner.config.thermal.warm_after.as_millis() as u64 {
+        if entry.idle_ms() < self.policy().warm_after.as_millis() as u64 {
             // Touched while we waited for the lock.
             return Ok(());
         }
         let vm = self.vm_of(entry, "pause")?;
-        let activity = vm
+        let activity = match vm
             .client
-            .deadline(Duration::from_secs(2))
+            .deadline(self.policy().agent_timeout)
             .activity()
             .await
-            .map_err(|source| CoreError::Agent {
-                id: entry.id.clone(),
-                source,
-            })?;
+        {
+            Ok(a) => a,
+            Err(source) => {
+                // Cannot tell: counts as active, asked again after
+                // `warm_after`.
+                entry.touch();
+                return Err(CoreError::Agent {
+                    id: entry.id.clone(),
+                    source,
+                });
+            }
+        };
         if activity.attached > 0 || activity.running_execs > 0 {
             entry.touch();
             return Ok(());
@@ -634,154 +813,26 @@ impl SandboxManager {
         self.pause_locked(entry).await
     }
 
-    /// Runs [`SandboxManager::thermal_tick`] every `policy.tick` until the
-    /// returned task is aborted.
+    /// Runs the thermal manager every `policy.tick` until the returned task
+    /// is aborted. Each tick starts the due sandboxes' transitions in tasks
+    /// of their own and does not wait for them; aborting the returned task
+    /// aborts the transitions in flight too (each settles as the module
+    /// docs say).
     pub fn spawn_thermal(&self) -> tokio::task::JoinHandle<()> {
         let mgr = self.clone();
         tokio::spawn(async move {
-            let mut every = tokio::time::interval(mgr.inner.config.thermal.tick);
+            let mut every = tokio::time::interval(mgr.policy().tick);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut in_flight = JoinSet::new();
             loop {
                 every.tick().await;
-                mgr.thermal_tick().await;
-            }
-        })
-    }
-
-    /// Daemon shutdown: every running sandbox goes cold (then its TAP is
-    /// removed and it is forgotten, directory kept — see
-    /// [`SandboxManager::adopt_cold`]). A sandbox that cannot be
-    /// snapshotted is left running. Returns the records of those released
-    /// and the errors of the others.
-    pub async fn stop_all(&self) -> (Vec<SandboxRecord>, Vec<(SandboxId, CoreError)>) {
-        let mut released = Vec::new();
-        let mut failed = Vec::new();
-        for entry in self.entries() {
-            if entry.record().state != SandboxState::Running {
-                continue;
-            }
-            let id = entry.id.clone();
-            match self.stop(&id).await {
-                Ok(()) => match self.release(&id).await {
-                    Ok(r) => released.push(r),
-                    Err(e) => failed.push((id, e)),
-                },
-                Err(e) => failed.push((id, e)),
-            }
-        }
-        (released, failed)
-    }
-
-    /// Startup recovery of a sandbox whose VMM outlived an earlier daemon
-    /// (killed with SIGKILL while the sandbox was hot or warm): that VMM
-    /// (`record.vmm_pid`, only if its command line names the sandbox
-    /// directory) is snapshotted through its QMP socket and ends, and the
-    /// sandbox is adopted cold — its processes and memory intact.
-    pub async fn adopt_orphan(&self, record: SandboxRecord) -> Result<SandboxRecord> {
-        let id = record.id.clone();
-        let fail = |reason: String| CoreError::Restore {
-            id: id.clone(),
-            reason,
-            stderr_tail: String::new(),
-        };
-        let pid = record
-            .vmm_pid
-            .ok_or_else(|| fail("no VMM pid recorded".into()))?;
-        let proc_dir = PathBuf::from(format!("/proc/{pid}"));
-        let cmdline = std::fs::read(proc_dir.join("cmdline"))
-            .map_err(|e| fail(format!("VMM {pid} is gone: {e}")))?;
-        if !String::from_utf8_lossy(&cmdline).contains(&record.dir.display().to_string()) {
-            return Err(fail(format!("pid {pid} is not this sandbox's VMM")));
-        }
-        let image = self.inner.images.resolve(&record.spec.image)?;
-        let att = record
-            .network
-            .clone()
-            .ok_or_else(|| fail("the record has no network attachment".into()))?;
-        let spec = vm_spec(&record.spec, &image, &record.dir, &att);
-        let dir = record.dir.join(SNAPSHOT_DIR);
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir)
-                .map_err(|e| fail(format!("removing the old snapshot: {e}")))?;
-        }
-        let info = vmm::snapshot_orphan(&self.inner.engine, spec, &dir)
-            .await
-            .map_err(|e| {
-                fail(format!(
-                    "snapshotting the orphaned VMM {pid}: {}",
-                    error_chain(&e)
-                ))
-            })?;
-        // It holds the disk's lock and the old TAP: wait until it has exited.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        // (A zombie, exited but not yet reaped, has an empty command line.)
-        while std::fs::read(proc_dir.join("cmdline")).is_ok_and(|c| !c.is_empty()) {
-            if Instant::now() >= deadline {
-                // SAFETY: kill(2) with a plain pid and signal; no memory is involved.
-                if unsafe { libc::kill(pid as i32, libc::SIGKILL) } != 0 {
-                    tracing::warn!(pid, error = %std::io::Error::last_os_error(), "killing the orphaned VMM");
+                while let Some(r) = in_flight.try_join_next() {
+                    if let Err(e) = r {
+                        tracing::error!(error = %e, "a thermal transition task failed");
+                    }
                 }
-                break;
+                mgr.start_due(&mut in_flight);
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        tracing::info!(sandbox = %id, pid, state_bytes = info.state_bytes, "orphaned VMM snapshotted");
-        self.adopt_cold(SandboxRecord {
-            vmm_pid: None,
-            ..record
         })
-        .await
-    }
-
-    /// Startup recovery of a sandbox that went cold under an earlier
-    /// daemon: its snapshot is checked and its address and TAP taken again;
-    /// it stays cold (no VMM) until something wakes it.
-    pub async fn adopt_cold(&self, record: SandboxRecord) -> Result<SandboxRecord> {
-        let id = record.id.clone();
-        let image = self.inner.images.resolve(&record.spec.image)?;
-        let ip = record
-            .network
-            .as_ref()
-            .map(|a| a.ip)
-            .ok_or_else(|| CoreError::Restore {
-                id: id.clone(),
-                reason: "the record has no network attachment".into(),
-                stderr_tail: String::new(),
-            })?;
-        let att = self
-            .attach(
-                &id,
-                &record.spec.network_group,
-                crate::networks::Placement::Exactly(ip),
-            )
-            .await?;
-        let spec = vm_spec(&record.spec, &image, &record.dir, &att);
-        let (dir, engine) = (record.dir.join(SNAPSHOT_DIR), self.inner.engine.kind);
-        let checked =
-            tokio::task::spawn_blocking(move || verify_snapshot(&dir, engine, &spec)).await?;
-        if let Err(reason) = checked {
-            if let Err(e) = self.detach(att.clone()).await {
-                tracing::warn!(sandbox = %id, error = %e, "detaching after a bad snapshot");
-            }
-            return Err(CoreError::Restore {
-                id,
-                reason: format!("no usable snapshot: {reason}"),
-                stderr_tail: String::new(),
-            });
-        }
-        let record = SandboxRecord {
-            state: SandboxState::Running,
-            failure: None,
-            network: Some(att),
-            vmm_pid: None,
-            engine: self.inner.engine.kind,
-            kernel_release: image.kernel_release.clone(),
-            thermal: ThermalState::Cold,
-            cold_wakes: 0,
-            ..record
-        };
-        self.insert_adopted(record.clone())?;
-        tracing::info!(sandbox = %id, "adopted cold");
-        Ok(record)
     }
 }

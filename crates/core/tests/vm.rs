@@ -422,3 +422,73 @@ fn bad_input_starts_nothing_in_a_real_namespace() {
         assert!(!tiny.kernel_release.is_empty());
     });
 }
+
+#[test]
+fn a_destroy_during_create_wins_and_leaves_nothing() {
+    assert!(!skip(), "this test needs root and {}", common::QEMU);
+    images(Tier::Tiny);
+    let _ns = Netns::enter("core-cancel");
+    let data = tempfile::tempdir().unwrap();
+    runtime().block_on(async {
+        let mgr = manager(data.path(), "bhvm0", "10.217.0.0/24", "bt");
+        let id = SandboxId::generate().unwrap();
+        let create = tokio::spawn({
+            let (mgr, id) = (mgr.clone(), id.clone());
+            async move { mgr.create_as(id, spec("doomed", Tier::Tiny)).await }
+        });
+        // Wait until its VMM runs and its agent has not answered yet.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let rec = loop {
+            match mgr.get(&id) {
+                Ok(r) if r.vmm_pid.is_some() => break r,
+                Ok(r) => assert_eq!(r.state, SandboxState::Creating),
+                Err(CoreError::NotFound(_)) => {}
+                Err(e) => panic!("{e:?}"),
+            }
+            assert!(Instant::now() < deadline, "the VMM never started");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        assert_eq!(
+            rec.state,
+            SandboxState::Creating,
+            "the agent answered before the destroy could race the boot"
+        );
+        let pid = rec.vmm_pid.unwrap();
+        let att = rec.network.clone().expect("attached");
+        // The control: the VMM, its TAP and its directory exist.
+        assert!(
+            common::processes_mentioning(&rec.dir)
+                .iter()
+                .any(|p| p.starts_with(&format!("{pid}:"))),
+            "VMM {pid} not found"
+        );
+        assert_eq!(taps("bt"), vec![att.tap.clone()]);
+        assert!(rec.dir.exists());
+
+        mgr.destroy(&id).await.expect("the destroy wins");
+        let created = create.await.expect("create task");
+        assert!(
+            matches!(created, Err(CoreError::Cancelled { ref id }) if *id == rec.id),
+            "{created:?}"
+        );
+        assert!(
+            common::processes_mentioning(&rec.dir).is_empty(),
+            "processes left: {:?}",
+            common::processes_mentioning(&rec.dir)
+        );
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "VMM {pid} still exists"
+        );
+        assert!(taps("bt").is_empty());
+        assert!(!rec.dir.exists(), "{} left", rec.dir.display());
+        assert!(matches!(mgr.get(&id), Err(CoreError::NotFound(_))));
+        assert!(mgr.list().is_empty());
+        assert!(mgr.networks()[0].pool().is_empty());
+        // A second destroy finds nothing.
+        assert!(matches!(
+            mgr.destroy(&id).await,
+            Err(CoreError::NotFound(_))
+        ));
+    });
+}

@@ -4,6 +4,7 @@
 //!   the calling test thread enters; everything the thread then starts
 //!   (QEMU, `ip`, sockets) lives in it. Removed on drop.
 //! * [`static_lohar`]: the statically linked agent that goes into the initramfs.
+//! * [`host_lohar`]: the host build of the agent, the fake engine's guest.
 //! * [`images`]: guest images built once per machine into a shared cache.
 //! * [`wait_until`]: poll a condition with a deadline; a hang becomes a named failure.
 
@@ -104,6 +105,59 @@ pub fn static_lohar() -> PathBuf {
         p.display()
     );
     p
+}
+
+/// The host build of lohar (`target/debug/lohar` beside the running test
+/// binary), which the fake engine runs as its guest: `$BHATTI_LOHAR`, or
+/// that file when it is newer than every source of lohar and proto. Panics
+/// with the command to run when it is missing or stale (`cargo test -p X`
+/// builds only X's binaries; `scripts/test.sh` builds the workspace first).
+pub fn host_lohar() -> PathBuf {
+    if let Some(p) = std::env::var_os("BHATTI_LOHAR") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    // <target>/debug/deps/<test>-<hash> → <target>/debug/lohar
+    let p = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("lohar"))
+        .expect("the test binary is in <target>/<profile>/deps");
+    let built = std::fs::metadata(&p)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|e| {
+            panic!(
+                "no host lohar at {} ({e}): run `cargo build -p lohar` first",
+                p.display()
+            )
+        });
+    let root = workspace_root();
+    for src in ["crates/lohar/src", "crates/proto/src"] {
+        if let Some(newer) = newer_than(&root.join(src), built) {
+            panic!(
+                "{} is older than {}: run `cargo build -p lohar` first",
+                p.display(),
+                newer.display()
+            );
+        }
+    }
+    p
+}
+
+/// A file under `dir` modified after `t`, if any.
+fn newer_than(dir: &Path, t: std::time::SystemTime) -> Option<PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let meta = entry.metadata().ok()?;
+        if meta.is_dir() {
+            if let Some(p) = newer_than(&path, t) {
+                return Some(p);
+            }
+        } else if meta.modified().is_ok_and(|m| m > t) {
+            return Some(path);
+        }
+    }
+    None
 }
 
 /// Where test images are cached across test binaries and runs.

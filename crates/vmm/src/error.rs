@@ -141,6 +141,16 @@ pub enum VmmError {
         reason: String,
     },
 
+    /// The fake engine failed: an injected fault, or no orphan to take over.
+    #[cfg(feature = "fake")]
+    #[error("fake engine: {operation} failed: {reason}")]
+    Fake {
+        /// `boot`, `snapshot`, `restore`, `take over`.
+        operation: &'static str,
+        /// Why (`injected fault` for a test's fault).
+        reason: String,
+    },
+
     /// The engine was chosen but this build leaves its backend out.
     #[error("the {engine} backend is not compiled into this build")]
     EngineNotBuilt {

@@ -11,8 +11,16 @@
 //!   Unix socket; production).
 //! * [`select`] — picks an engine for this host from a preference and a
 //!   [`select::HostProbe`], always with a human-readable reason.
-//! * [`new_vmm`] — the factory: an [`select::EngineChoice`] plus a spec gives a
-//!   `Box<dyn Vmm>`, so `core` never names a concrete engine.
+//! * [`Engine`] — what makes VMs: [`select::EngineChoice`] is one (through
+//!   [`new_vmm`]), the test engine `fake::FakeEngine` another, so `core`
+//!   holds an `Arc<dyn Engine>` and never names a concrete engine.
+//! * `fake` (cargo feature `fake`, for tests) — a `Vmm` whose "guest" is a
+//!   real `lohar serve` on the host: the orchestrator's lifecycle, thermal
+//!   and recovery paths run in milliseconds, without root or a hypervisor.
+//!
+//! The process plumbing every backend shares (supervising the VMM process,
+//! its state, start-up, the shutdown escalation, the serial log) lives in
+//! one private module; a backend says only what is engine-specific.
 //!
 //! A capability an engine lacks is a typed [`VmmError::Unsupported`], never a
 //! silent no-op.
@@ -26,6 +34,8 @@ pub mod select;
 pub mod snapshot;
 pub mod tsc;
 
+#[cfg(feature = "fake")]
+pub mod fake;
 #[cfg(feature = "firecracker")]
 pub mod firecracker;
 #[cfg(feature = "qemu")]
@@ -36,11 +46,15 @@ pub use process::{ExitStatusKind, VmmExit};
 pub use select::{select_engine, EngineChoice, EngineKind, EnginePreference};
 pub use snapshot::{SnapshotInfo, SnapshotKind};
 pub use spec::{DriveSpec, MacAddr, MemoryBacking, NetSpec, VmSpec};
-pub use vmm::{Capabilities, ShutdownPath, ShutdownReport, VmState, Vmm};
+pub use vmm::{Capabilities, Engine, ShutdownPath, ShutdownReport, VmState, Vmm};
 
 /// Builds the VM object for `spec` on the engine chosen by
 /// [`select_engine`]. Validates the spec (and the engine's own limits) but
 /// starts nothing: call [`Vmm::boot`] or [`Vmm::restore`] next.
+///
+/// [`EngineKind::Fake`] is refused here: a fake VM needs its
+/// `fake::FakeEngine` (fault plan, counters), which is an [`Engine`] of its
+/// own.
 pub fn new_vmm(choice: &EngineChoice, spec: VmSpec) -> Result<Box<dyn Vmm>> {
     match choice.kind {
         #[cfg(feature = "qemu")]
@@ -58,34 +72,11 @@ pub fn new_vmm(choice: &EngineChoice, spec: VmSpec) -> Result<Box<dyn Vmm>> {
             let config = firecracker::FirecrackerConfig::new(choice.binary.clone());
             Ok(Box::new(firecracker::FirecrackerVmm::new(config, spec)?))
         }
+        EngineKind::Fake => Err(VmmError::Unsupported {
+            engine: EngineKind::Fake,
+            operation: "a VM from an engine choice (build it with fake::FakeEngine)",
+        }),
         #[allow(unreachable_patterns)]
         other => Err(VmmError::EngineNotBuilt { engine: other }),
-    }
-}
-
-/// Snapshots into `dir` a VM that an earlier process started with `spec`
-/// and lost (see [`qemu::QemuVmm::snapshot_orphan`]), and ends it.
-/// Firecracker: [`VmmError::Unsupported`].
-pub async fn snapshot_orphan(
-    choice: &EngineChoice,
-    spec: VmSpec,
-    dir: &std::path::Path,
-) -> Result<SnapshotInfo> {
-    match choice.kind {
-        #[cfg(feature = "qemu")]
-        EngineKind::QemuKvm | EngineKind::QemuTcg => {
-            let accel = if choice.kind == EngineKind::QemuKvm {
-                qemu::Accel::Kvm
-            } else {
-                qemu::Accel::Tcg
-            };
-            let config = qemu::QemuConfig::new(choice.binary.clone(), accel);
-            qemu::QemuVmm::new(config, spec)?.snapshot_orphan(dir).await
-        }
-        #[allow(unreachable_patterns)]
-        other => Err(VmmError::Unsupported {
-            engine: other,
-            operation: "take over an orphaned VMM",
-        }),
     }
 }

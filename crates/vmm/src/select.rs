@@ -34,6 +34,9 @@ pub enum EngineKind {
     QemuKvm,
     /// QEMU with `-accel tcg` (software emulation).
     QemuTcg,
+    /// The test engine (`vmm::fake`, feature `fake`): the "guest" is a `lohar serve`
+    /// process on the host. Never chosen by [`select_engine`].
+    Fake,
 }
 
 impl fmt::Display for EngineKind {
@@ -42,6 +45,7 @@ impl fmt::Display for EngineKind {
             EngineKind::Firecracker => "firecracker",
             EngineKind::QemuKvm => "qemu-kvm",
             EngineKind::QemuTcg => "qemu-tcg",
+            EngineKind::Fake => "fake",
         })
     }
 }
@@ -477,6 +481,7 @@ mod tests {
                         assert!(matches!(kvm, KvmSupport::Hardware(_)))
                     }
                     EngineKind::QemuTcg => assert!(!matches!(kvm, KvmSupport::Hardware(_))),
+                    EngineKind::Fake => panic!("selection chose the fake engine"),
                 }
                 if matches!(kvm, KvmSupport::PvmOnly) {
                     assert_eq!(c.kind, EngineKind::QemuTcg);

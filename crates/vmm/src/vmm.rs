@@ -1,14 +1,14 @@
 //! The engine-neutral VM interface.
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
 
 use crate::error::{Result, VmmError};
 use crate::process::VmmExit;
-use crate::select::EngineKind;
+use crate::select::{EngineChoice, EngineKind};
 use crate::snapshot::{SnapshotInfo, SnapshotKind};
 use crate::spec::VmSpec;
 
@@ -178,6 +178,46 @@ pub trait Vmm: Send + Sync + fmt::Debug {
     /// What the VMM has written to stderr (and its log) lately, for
     /// diagnostics while it still runs.
     fn stderr_tail(&self) -> Option<String>;
+
+    /// Takes over a VMM that an earlier process started with this same
+    /// spec and then lost (a daemon killed with SIGKILL leaves its VMMs
+    /// running), saves a full snapshot of it into `dir` and ends it. The VM
+    /// must not have been started by this value; afterwards it counts as
+    /// exited. An engine that cannot answers [`VmmError::Unsupported`].
+    async fn snapshot_orphan(&self, dir: &Path) -> Result<SnapshotInfo>;
+
+    /// A Unix socket on the host where the guest's agent listens, for an
+    /// engine whose guest is not behind the VM's network interface (the
+    /// fake engine's `lohar serve`). `None` (every real engine): reach the
+    /// agent at the guest's address.
+    fn agent_socket(&self) -> Option<PathBuf> {
+        None
+    }
+}
+
+/// Something that makes VMs: an engine chosen for this host, or a test's
+/// fake. The orchestrator holds one and never names a backend.
+pub trait Engine: Send + Sync + fmt::Debug {
+    /// Which engine, its binary, and why it was chosen.
+    fn choice(&self) -> &EngineChoice;
+
+    /// Builds the VM object for `spec`; validates, starts nothing.
+    fn new_vmm(&self, spec: VmSpec) -> Result<Box<dyn Vmm>>;
+
+    /// The engine's kind (as in [`Engine::choice`]).
+    fn kind(&self) -> EngineKind {
+        self.choice().kind
+    }
+}
+
+impl Engine for EngineChoice {
+    fn choice(&self) -> &EngineChoice {
+        self
+    }
+
+    fn new_vmm(&self, spec: VmSpec) -> Result<Box<dyn Vmm>> {
+        crate::new_vmm(self, spec)
+    }
 }
 
 #[cfg(test)]

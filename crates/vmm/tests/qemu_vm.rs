@@ -371,3 +371,65 @@ async fn restore_refuses_a_mismatched_spec_before_starting_qemu() -> Result<()> 
     assert_eq!(r.pid(), None);
     Ok(())
 }
+
+/// A QEMU an earlier process started and lost (a daemon killed with
+/// SIGKILL): `Vmm::snapshot_orphan` on a fresh VM object with the same spec
+/// snapshots it through its QMP socket and makes it quit, and the snapshot
+/// restores.
+#[tokio::test]
+async fn an_orphaned_qemu_is_snapshotted_and_ended() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut s = spec(dir.path(), &common::vmlinux(), "rootdelay=5 panic=-1");
+    s.memory = MemoryBacking::File {
+        path: dir.path().join("guest.mem"),
+    };
+    let config = qemu_config();
+    // The earlier process's QEMU: the same command line, not supervised
+    // by any VM object here.
+    let earlier = QemuVmm::new(config.clone(), s.clone())?;
+    std::fs::create_dir_all(&s.work_dir)?;
+    std::fs::File::create(&s.serial_log)?;
+    let mut orphan = std::process::Command::new(&config.binary)
+        .args(earlier.command_line(vmm::qemu::cmdline::Launch::Boot))
+        .current_dir(&s.work_dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    drop(earlier);
+    let log = s.serial_log.clone();
+    wait_until("the orphan's guest waits for root", BOOT_LIMIT, || {
+        read(&log).contains("Waiting 5 sec")
+    })
+    .await?;
+
+    let vm: Box<dyn Vmm> = Box::new(QemuVmm::new(config.clone(), s.clone())?);
+    let snap = dir.path().join("snap");
+    let info = vm.snapshot_orphan(&snap).await?;
+    assert_eq!(vm.state(), VmState::Exited);
+    assert!(info.state_bytes > 0);
+    wait_until("the orphan quits", Duration::from_secs(20), || {
+        matches!(orphan.try_wait(), Ok(Some(_)))
+    })
+    .await?;
+    // Nothing left to take over.
+    let again = QemuVmm::new(config.clone(), s.clone())?;
+    assert!(again
+        .snapshot_orphan(&dir.path().join("again"))
+        .await
+        .is_err());
+
+    let mut s2 = s.clone();
+    s2.serial_log = dir.path().join("restored-serial.log");
+    let restored = QemuVmm::new(config, s2)?;
+    restored.restore(&snap).await?;
+    let exit = tokio::time::timeout(BOOT_LIMIT, restored.wait_exit()).await??;
+    let log = read(&restored.spec().serial_log);
+    assert!(
+        log.contains(NO_ROOT),
+        "restored guest did not continue:\n{log}"
+    );
+    assert!(!log.contains(BANNER), "restored guest booted again:\n{log}");
+    assert_eq!(exit.status, ExitStatusKind::Code(0));
+    Ok(())
+}

@@ -72,7 +72,7 @@ pub fn run(args: BootBenchArgs) -> anyhow::Result<()> {
         .context("tokio runtime")?;
     let result = rt.block_on(measure(&mgr, &tiers, args.iterations));
     // Cleanup whatever happened above.
-    for e in rt.block_on(mgr.destroy_all()) {
+    for e in rt.block_on(super::destroy_every_sandbox(&mgr)) {
         eprintln!("warning: {e:#}");
     }
     if let Err(e) = mgr.teardown_networks() {

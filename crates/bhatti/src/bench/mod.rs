@@ -74,6 +74,7 @@ pub fn scratch_manager(
             vmm::EngineKind::QemuTcg =>
                 "tcg (software emulation: absolute times are not KVM times)",
             vmm::EngineKind::QemuKvm | vmm::EngineKind::Firecracker => "kvm",
+            vmm::EngineKind::Fake => "none (fake engine: no VM)",
         }
     );
     for n in mgr.networks() {
@@ -84,6 +85,20 @@ pub fn scratch_manager(
         );
     }
     Ok((scratch, mgr))
+}
+
+/// Destroys every sandbox of a scratch manager (a bench's cleanup, also on
+/// failure) through the one destroy there is; returns the errors.
+pub async fn destroy_every_sandbox(
+    mgr: &bhatti_core::SandboxManager,
+) -> Vec<bhatti_core::CoreError> {
+    let mut errors = Vec::new();
+    for record in mgr.list() {
+        if let Err(e) = mgr.destroy(&record.id).await {
+            errors.push(e);
+        }
+    }
+    errors
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {

@@ -101,7 +101,7 @@ pub fn run(args: ThermalBenchArgs) -> anyhow::Result<()> {
         .build()
         .context("tokio runtime")?;
     let result = rt.block_on(measure(&mgr, &args));
-    for e in rt.block_on(mgr.destroy_all()) {
+    for e in rt.block_on(super::destroy_every_sandbox(&mgr)) {
         eprintln!("warning: {e:#}");
     }
     if let Err(e) = mgr.teardown_networks() {

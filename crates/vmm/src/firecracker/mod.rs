@@ -14,21 +14,24 @@ pub mod model;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::process::Command;
 
 use crate::error::{Result, VmmError};
-use crate::process::{self, VmmExit, VmmProcess};
+use crate::process::slot::{
+    open_serial_log, remove_stale, wait_ready, Attempt, ProcessSlot, Shutdown,
+};
+use crate::process::{VmmExit, VmmProcess};
 use crate::select::EngineKind;
 use crate::snapshot::{
     SnapshotInfo, SnapshotKind, SnapshotManifest, SnapshotMemory, FORMAT_VERSION, MEMORY_FILE,
     STATE_FILE,
 };
 use crate::spec::VmSpec;
-use crate::vmm::{transition, Capabilities, Op, ShutdownPath, ShutdownReport, VmState, Vmm};
+use crate::vmm::{Capabilities, Op, ShutdownPath, ShutdownReport, VmState, Vmm};
 use api::{ApiClient, ApiError};
 use model::*;
 
@@ -187,13 +190,7 @@ pub struct FirecrackerVmm {
     spec: VmSpec,
     api: ApiClient,
     ops: tokio::sync::Mutex<()>,
-    shared: Mutex<Shared>,
-}
-
-#[derive(Debug)]
-struct Shared {
-    state: VmState,
-    process: Option<Arc<VmmProcess>>,
+    slot: ProcessSlot,
 }
 
 impl FirecrackerVmm {
@@ -206,45 +203,13 @@ impl FirecrackerVmm {
             spec,
             api,
             ops: tokio::sync::Mutex::new(()),
-            shared: Mutex::new(Shared {
-                state: VmState::Created,
-                process: None,
-            }),
+            slot: ProcessSlot::new("Firecracker"),
         })
     }
 
     /// The API client (for calls this crate does not wrap).
     pub fn api(&self) -> &ApiClient {
         &self.api
-    }
-
-    fn shared(&self) -> std::sync::MutexGuard<'_, Shared> {
-        self.shared.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn process(&self) -> Option<Arc<VmmProcess>> {
-        self.shared().process.clone()
-    }
-
-    fn set_state(&self, s: VmState) {
-        self.shared().state = s;
-    }
-
-    /// The state `op` leads to; a dead VMM answers with its exit.
-    fn next_state(&self, op: Op) -> Result<VmState> {
-        if let Some(exit) = self.process().and_then(|p| p.exit()) {
-            return Err(exit.to_error());
-        }
-        transition(self.current_state(), op)
-    }
-
-    /// The state, with a dead VMM read as `Exited`.
-    fn current_state(&self) -> VmState {
-        let s = self.shared();
-        match &s.process {
-            Some(p) if p.exit().is_some() => VmState::Exited,
-            _ => s.state,
-        }
     }
 
     /// Maps an API failure; an unreachable API of a dead VMM becomes its
@@ -259,10 +224,8 @@ impl FirecrackerVmm {
             Ok(v) => Ok(v),
             Err(e) => {
                 if e.is_unreachable() {
-                    if let Some(err) = self.process().as_deref().map(VmmProcess::exited_error) {
-                        if let Some(err) = err.await {
-                            return Err(err);
-                        }
+                    if let Some(err) = self.slot.exited_error().await {
+                        return Err(err);
                     }
                 }
                 Err(VmmError::FirecrackerApi {
@@ -283,27 +246,15 @@ impl FirecrackerVmm {
     async fn launch(&self, fresh_console: bool) -> Result<Arc<VmmProcess>> {
         self.spec.prepare_dirs()?;
         let sock = self.api.socket().to_path_buf();
-        match std::fs::remove_file(&sock) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(VmmError::Prepare { path: sock, source }),
-        }
+        remove_stale(&sock)?;
         let log = self.spec.work_dir.join(LOG_FILE);
         // Firecracker opens the log path without creating it.
         std::fs::File::create(&log).map_err(|source| VmmError::Prepare {
             path: log.clone(),
             source,
         })?;
-        let console = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .append(!fresh_console)
-            .truncate(fresh_console)
-            .open(&self.spec.serial_log)
-            .map_err(|source| VmmError::Prepare {
-                path: self.spec.serial_log.clone(),
-                source,
-            })?;
+        // Firecracker writes the guest console to its stdout.
+        let console = open_serial_log(&self.spec.serial_log, fresh_console)?;
         let mut cmd = Command::new(&self.config.binary);
         cmd.arg("--api-sock")
             .arg(&sock)
@@ -312,52 +263,33 @@ impl FirecrackerVmm {
             .arg("--level")
             .arg("Warning")
             .current_dir(&self.spec.work_dir);
-        let proc = Arc::new(VmmProcess::spawn(
+        let proc = self.slot.spawn(
             cmd,
             &self.config.binary,
             Some(Stdio::from(console)),
             Some(log),
-        )?);
-        self.shared().process = Some(proc.clone());
-        if let Err(e) = self.wait_api(&proc).await {
+        )?;
+        let api = &self.api;
+        let ready = wait_ready(&proc, API_READY_TIMEOUT, "Firecracker's API socket", || async {
+            match api.get::<InstanceInfo>("/").await {
+                Ok(info) => {
+                    tracing::debug!(version = %info.vmm_version, state = %info.state, "Firecracker API up");
+                    Attempt::Ready(())
+                }
+                Err(e) if e.is_unreachable() => Attempt::NotYet,
+                Err(e) => Attempt::Failed(VmmError::FirecrackerApi {
+                    method: "GET",
+                    path: "/".into(),
+                    source: e,
+                }),
+            }
+        })
+        .await;
+        if let Err(e) = ready {
             proc.signal(libc::SIGKILL);
             return Err(e);
         }
         Ok(proc)
-    }
-
-    async fn wait_api(&self, proc: &VmmProcess) -> Result<()> {
-        let deadline = Instant::now() + API_READY_TIMEOUT;
-        let mut exit = proc.exit_watch();
-        loop {
-            if let Some(e) = proc.exit() {
-                return Err(e.to_error());
-            }
-            match self.api.get::<InstanceInfo>("/").await {
-                Ok(info) => {
-                    tracing::debug!(version = %info.vmm_version, state = %info.state, "Firecracker API up");
-                    return Ok(());
-                }
-                Err(e) if e.is_unreachable() => {}
-                Err(e) => {
-                    return Err(VmmError::FirecrackerApi {
-                        method: "GET",
-                        path: "/".into(),
-                        source: e,
-                    })
-                }
-            }
-            if Instant::now() > deadline {
-                return Err(VmmError::Timeout {
-                    what: "Firecracker's API socket",
-                    after: API_READY_TIMEOUT,
-                });
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(2)) => {}
-                _ = exit.changed() => {}
-            }
-        }
     }
 }
 
@@ -383,18 +315,16 @@ impl Vmm for FirecrackerVmm {
     }
 
     fn state(&self) -> VmState {
-        self.current_state()
+        self.slot.state()
     }
 
     fn pid(&self) -> Option<u32> {
-        self.process()
-            .filter(|p| p.exit().is_none())
-            .map(|p| p.pid())
+        self.slot.pid()
     }
 
     async fn boot(&self) -> Result<()> {
         let _op = self.ops.lock().await;
-        let next = self.next_state(Op::Boot)?;
+        let next = self.slot.next_state(Op::Boot)?;
         let proc = self.launch(true).await?;
         for call in boot_plan(&self.spec, &self.config) {
             let r = call.send(&self.api).await;
@@ -403,23 +333,23 @@ impl Vmm for FirecrackerVmm {
                 return Err(e);
             }
         }
-        self.set_state(next);
+        self.slot.set_state(next);
         Ok(())
     }
 
     async fn pause(&self) -> Result<()> {
         let _op = self.ops.lock().await;
-        let next = self.next_state(Op::Pause)?;
+        let next = self.slot.next_state(Op::Pause)?;
         self.patch_vm(VmRunState::Paused).await?;
-        self.set_state(next);
+        self.slot.set_state(next);
         Ok(())
     }
 
     async fn resume(&self) -> Result<()> {
         let _op = self.ops.lock().await;
-        let next = self.next_state(Op::Resume)?;
+        let next = self.slot.next_state(Op::Resume)?;
         self.patch_vm(VmRunState::Resumed).await?;
-        self.set_state(next);
+        self.slot.set_state(next);
         Ok(())
     }
 
@@ -431,12 +361,12 @@ impl Vmm for FirecrackerVmm {
             });
         }
         let _op = self.ops.lock().await;
-        let from = self.current_state();
-        let next = self.next_state(Op::Snapshot)?;
+        let from = self.slot.state();
+        let next = self.slot.next_state(Op::Snapshot)?;
         let started = std::time::Instant::now();
         if from == VmState::Running {
             self.patch_vm(VmRunState::Paused).await?;
-            self.set_state(VmState::Paused);
+            self.slot.set_state(VmState::Paused);
         }
         std::fs::create_dir_all(dir).map_err(|source| VmmError::SnapshotIo {
             path: dir.to_path_buf(),
@@ -488,7 +418,7 @@ impl Vmm for FirecrackerVmm {
             state_bytes,
         };
         manifest.write(dir)?;
-        self.set_state(next);
+        self.slot.set_state(next);
         Ok(SnapshotInfo {
             dir: dir.to_path_buf(),
             manifest,
@@ -499,7 +429,7 @@ impl Vmm for FirecrackerVmm {
 
     async fn restore(&self, dir: &Path) -> Result<()> {
         let _op = self.ops.lock().await;
-        let next = self.next_state(Op::Restore)?;
+        let next = self.slot.next_state(Op::Restore)?;
         let manifest = SnapshotManifest::read_for(dir, EngineKind::Firecracker, &self.spec)?;
         let params = load_params(dir, &manifest, &self.spec, &self.config)?;
         let proc = self.launch(false).await?;
@@ -508,90 +438,56 @@ impl Vmm for FirecrackerVmm {
             proc.signal(libc::SIGKILL);
             return Err(e);
         }
-        self.set_state(next);
+        self.slot.set_state(next);
         Ok(())
     }
 
     async fn shutdown(&self, grace: Duration) -> Result<ShutdownReport> {
         let _op = self.ops.lock().await;
-        let Some(proc) = self.process() else {
-            return Err(VmmError::InvalidState {
-                operation: "shut down",
-                state: VmState::Created,
-            });
+        let esc = match self.slot.begin_shutdown(grace)? {
+            Shutdown::Done(report) => return Ok(report),
+            Shutdown::Running(esc) => esc,
         };
-        if let Some(exit) = proc.exit() {
-            return Ok(ShutdownReport {
-                path: ShutdownPath::Guest,
-                exit,
-            });
-        }
         let ctrl_alt_del = InstanceActionInfo {
             action_type: ActionType::SendCtrlAltDel,
         };
         if let Err(e) = self.api.put("/actions", &ctrl_alt_del).await {
             tracing::debug!(error = %e, "SendCtrlAltDel");
         }
-        if let Some(exit) = proc.wait_timeout(grace).await {
-            return Ok(ShutdownReport {
-                path: ShutdownPath::Guest,
-                exit,
-            });
+        if let Some(report) = esc.wait(ShutdownPath::Guest).await {
+            return Ok(report);
         }
-        proc.signal(libc::SIGTERM);
-        if let Some(exit) = proc.wait_timeout(grace).await {
-            return Ok(ShutdownReport {
-                path: ShutdownPath::Vmm,
-                exit,
-            });
+        esc.process().signal(libc::SIGTERM);
+        if let Some(report) = esc.wait(ShutdownPath::Vmm).await {
+            return Ok(report);
         }
-        proc.signal(libc::SIGKILL);
-        let exit = proc
-            .wait_timeout(grace.max(Duration::from_secs(5)))
-            .await
-            .ok_or(VmmError::Timeout {
-                what: "Firecracker to die after SIGKILL",
-                after: grace,
-            })?;
-        Ok(ShutdownReport {
-            path: ShutdownPath::Killed,
-            exit,
-        })
+        esc.kill().await
     }
 
     async fn kill(&self) -> Result<VmmExit> {
-        let Some(proc) = self.process() else {
-            return Err(VmmError::InvalidState {
-                operation: "kill",
-                state: VmState::Created,
-            });
-        };
-        proc.signal(libc::SIGKILL);
-        let limit = Duration::from_secs(10);
-        proc.wait_timeout(limit).await.ok_or(VmmError::Timeout {
-            what: "Firecracker to die after SIGKILL",
-            after: limit,
-        })
+        self.slot.kill().await
     }
 
     async fn wait_exit(&self) -> Result<VmmExit> {
-        let Some(proc) = self.process() else {
-            return Err(VmmError::InvalidState {
-                operation: "wait for",
-                state: VmState::Created,
-            });
-        };
-        let watch = proc.exit_watch();
-        drop(proc);
-        Ok(process::wait_exit(watch).await)
+        self.slot.wait_exit().await
     }
 
     fn exit(&self) -> Option<VmmExit> {
-        self.process().and_then(|p| p.exit())
+        self.slot.exit()
     }
 
     fn stderr_tail(&self) -> Option<String> {
-        self.process().map(|p| p.stderr_tail())
+        self.slot.stderr_tail()
+    }
+
+    /// Not wired for Firecracker yet (its API socket would allow it; the
+    /// memory file has to be written, unlike QEMU's shared one). The daemon
+    /// then kills the orphan and the sandbox boots again from its disk.
+    async fn snapshot_orphan(&self, _dir: &Path) -> Result<SnapshotInfo> {
+        Err(VmmError::Unsupported {
+            engine: EngineKind::Firecracker,
+            operation: "take over an orphaned VMM",
+        })
     }
 }
 

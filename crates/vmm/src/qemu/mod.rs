@@ -12,20 +12,23 @@ pub mod qmp;
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio::process::Command;
 
 use crate::error::{Result, VmmError};
-use crate::process::{self, VmmExit, VmmProcess};
+use crate::process::slot::{
+    open_serial_log, remove_stale, wait_ready, Attempt, ProcessSlot, Shutdown,
+};
+use crate::process::{VmmExit, VmmProcess};
 use crate::select::EngineKind;
 use crate::snapshot::{
     SnapshotInfo, SnapshotKind, SnapshotManifest, SnapshotMemory, FORMAT_VERSION, STATE_FILE,
 };
 use crate::spec::{MemoryBacking, VmSpec};
-use crate::vmm::{transition, Capabilities, Op, ShutdownPath, ShutdownReport, VmState, Vmm};
+use crate::vmm::{Capabilities, Op, ShutdownPath, ShutdownReport, VmState, Vmm};
 use cmdline::{Launch, QMP_SOCKET};
 use qmp::{
     MigrateUri, MigrationCapability, QmpClient, QmpError, SetCapabilities, SetParameters,
@@ -89,13 +92,7 @@ pub struct QemuVmm {
     /// Serialises lifecycle operations; holds the QMP session.
     ops: tokio::sync::Mutex<Option<QmpClient>>,
     /// State and process, readable without waiting for an operation.
-    shared: Mutex<Shared>,
-}
-
-#[derive(Debug)]
-struct Shared {
-    state: VmState,
-    process: Option<Arc<VmmProcess>>,
+    slot: ProcessSlot,
 }
 
 impl QemuVmm {
@@ -106,10 +103,7 @@ impl QemuVmm {
             config,
             spec,
             ops: tokio::sync::Mutex::new(None),
-            shared: Mutex::new(Shared {
-                state: VmState::Created,
-                process: None,
-            }),
+            slot: ProcessSlot::new("QEMU"),
         })
     }
 
@@ -118,16 +112,12 @@ impl QemuVmm {
         cmdline::build(&self.spec, &self.config, launch)
     }
 
-    /// Takes over a QEMU that an earlier process started with this same
-    /// spec and then lost (a daemon killed with SIGKILL leaves its VMMs
-    /// running): connects to the QMP socket in the work directory, saves a
-    /// full snapshot into `dir` (guest memory stays in the shared memory
-    /// file) and tells that QEMU to quit. The VM must not have been started
-    /// by this value; afterwards it counts as exited.
-    pub async fn snapshot_orphan(&self, dir: &Path) -> Result<SnapshotInfo> {
+    /// [`Vmm::snapshot_orphan`]: the VM must not have been started by this
+    /// value; afterwards it counts as exited.
+    async fn take_over_and_snapshot(&self, dir: &Path) -> Result<SnapshotInfo> {
         {
             let mut qmp = self.ops.lock().await;
-            let state = self.current_state();
+            let state = self.slot.state();
             if state != VmState::Created || qmp.is_some() {
                 return Err(VmmError::InvalidState {
                     operation: "take over",
@@ -142,7 +132,7 @@ impl QemuVmm {
                     source,
                 })?;
             *qmp = Some(c);
-            self.set_state(VmState::Running);
+            self.slot.set_state(VmState::Running);
         }
         let result = self.snapshot(dir, SnapshotKind::Full).await;
         let mut qmp = self.ops.lock().await;
@@ -152,7 +142,7 @@ impl QemuVmm {
                 tracing::debug!(error = %e, "quit after taking over");
             }
         }
-        self.set_state(VmState::Exited);
+        self.slot.set_state(VmState::Exited);
         result
     }
 
@@ -164,46 +154,17 @@ impl QemuVmm {
         self.qmp_result("query-status", r).await
     }
 
-    fn shared(&self) -> std::sync::MutexGuard<'_, Shared> {
-        self.shared.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn process(&self) -> Option<Arc<VmmProcess>> {
-        self.shared().process.clone()
-    }
-
-    fn set_state(&self, state: VmState) {
-        self.shared().state = state;
-    }
-
-    /// The state `op` leads to; a dead VMM answers with its exit.
-    fn next_state(&self, op: Op) -> Result<VmState> {
-        if let Some(exit) = self.process().and_then(|p| p.exit()) {
-            return Err(exit.to_error());
-        }
-        transition(self.current_state(), op)
-    }
-
-    /// The state, with a dead VMM read as `Exited`.
-    fn current_state(&self) -> VmState {
-        let s = self.shared();
-        match &s.process {
-            Some(p) if p.exit().is_some() => VmState::Exited,
-            _ => s.state,
-        }
-    }
-
     fn session<'a>(
         &self,
         qmp: &'a mut Option<QmpClient>,
         operation: &'static str,
     ) -> Result<&'a mut QmpClient> {
-        let state = self.current_state();
+        let state = self.slot.state();
         match qmp.as_mut() {
             Some(c) if state != VmState::Exited => Ok(c),
             _ => Err(self
-                .process()
-                .and_then(|p| p.exit())
+                .slot
+                .exit()
                 .map(|e| e.to_error())
                 .unwrap_or(VmmError::InvalidState { operation, state })),
         }
@@ -216,10 +177,8 @@ impl QemuVmm {
             Ok(v) => Ok(v),
             Err(e) => {
                 if e.is_disconnect() {
-                    if let Some(p) = self.process() {
-                        if let Some(err) = p.exited_error().await {
-                            return Err(err);
-                        }
+                    if let Some(err) = self.slot.exited_error().await {
+                        return Err(err);
                     }
                 }
                 Err(VmmError::Qmp {
@@ -251,19 +210,13 @@ impl QemuVmm {
         self.spec.prepare_dirs()?;
         let sock = self.spec.work_dir.join(QMP_SOCKET);
         remove_stale(&sock)?;
-        if launch == Launch::Boot {
-            // A fresh boot starts a fresh console log; a restore appends.
-            std::fs::File::create(&self.spec.serial_log).map_err(|source| VmmError::Prepare {
-                path: self.spec.serial_log.clone(),
-                source,
-            })?;
-        }
+        // QEMU writes the console itself (`append=on`): a fresh boot starts
+        // the log empty, a restore continues it.
+        open_serial_log(&self.spec.serial_log, launch == Launch::Boot)?;
         let mut cmd = Command::new(&self.config.binary);
         cmd.args(cmdline::build(&self.spec, &self.config, launch));
         cmd.current_dir(&self.spec.work_dir);
-        let proc = Arc::new(VmmProcess::spawn(cmd, &self.config.binary, None, None)?);
-        tracing::debug!(pid = proc.pid(), binary = %proc.binary().display(), ?launch, "QEMU started");
-        self.shared().process = Some(proc.clone());
+        let proc = self.slot.spawn(cmd, &self.config.binary, None, None)?;
         match connect_qmp(&sock, &proc).await {
             Ok(c) => Ok((proc, c)),
             Err(e) => {
@@ -313,56 +266,27 @@ impl QemuVmm {
     }
 }
 
-fn remove_stale(sock: &Path) -> Result<()> {
-    match std::fs::remove_file(sock) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(VmmError::Prepare {
-            path: sock.to_path_buf(),
-            source,
-        }),
-    }
-}
-
 /// Connects to QEMU's QMP socket as soon as it accepts, or reports the
 /// VMM's exit if it dies first.
 async fn connect_qmp(sock: &Path, proc: &VmmProcess) -> Result<QmpClient> {
-    let deadline = Instant::now() + QMP_READY_TIMEOUT;
-    let mut exit = proc.exit_watch();
-    loop {
-        if let Some(e) = proc.exit() {
-            return Err(e.to_error());
-        }
+    wait_ready(proc, QMP_READY_TIMEOUT, "QEMU's QMP socket", || async {
         match QmpClient::connect(sock).await {
-            Ok(c) => return Ok(c),
+            Ok(c) => Attempt::Ready(c),
             Err(QmpError::Connect { source, .. })
                 if matches!(
                     source.kind(),
                     std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-                ) => {}
-            Err(e) => {
-                if let Some(err) = proc.exited_error().await {
-                    return Err(err);
-                }
-                return Err(VmmError::Qmp {
-                    command: "connect".into(),
-                    source: e,
-                });
+                ) =>
+            {
+                Attempt::NotYet
             }
+            Err(e) => Attempt::Failed(VmmError::Qmp {
+                command: "connect".into(),
+                source: e,
+            }),
         }
-        if Instant::now() > deadline {
-            return Err(VmmError::Timeout {
-                what: "QEMU's QMP socket",
-                after: QMP_READY_TIMEOUT,
-            });
-        }
-        // The socket appears within milliseconds of exec; wake early if the
-        // process dies instead.
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(2)) => {}
-            _ = exit.changed() => {}
-        }
-    }
+    })
+    .await
 }
 
 #[async_trait]
@@ -388,39 +312,37 @@ impl Vmm for QemuVmm {
     }
 
     fn state(&self) -> VmState {
-        self.current_state()
+        self.slot.state()
     }
 
     fn pid(&self) -> Option<u32> {
-        self.process()
-            .filter(|p| p.exit().is_none())
-            .map(|p| p.pid())
+        self.slot.pid()
     }
 
     async fn boot(&self) -> Result<()> {
         let mut qmp = self.ops.lock().await;
-        let next = self.next_state(Op::Boot)?;
+        let next = self.slot.next_state(Op::Boot)?;
         let (_proc, client) = self.launch(Launch::Boot).await?;
         *qmp = Some(client);
-        self.set_state(next);
+        self.slot.set_state(next);
         Ok(())
     }
 
     async fn pause(&self) -> Result<()> {
         let mut qmp = self.ops.lock().await;
-        let next = self.next_state(Op::Pause)?;
+        let next = self.slot.next_state(Op::Pause)?;
         let c = self.session(&mut qmp, "pause")?;
         self.cmd(c, "stop").await?;
-        self.set_state(next);
+        self.slot.set_state(next);
         Ok(())
     }
 
     async fn resume(&self) -> Result<()> {
         let mut qmp = self.ops.lock().await;
-        let next = self.next_state(Op::Resume)?;
+        let next = self.slot.next_state(Op::Resume)?;
         let c = self.session(&mut qmp, "resume")?;
         self.cmd(c, "cont").await?;
-        self.set_state(next);
+        self.slot.set_state(next);
         Ok(())
     }
 
@@ -432,13 +354,13 @@ impl Vmm for QemuVmm {
             });
         }
         let mut qmp = self.ops.lock().await;
-        let from = self.current_state();
-        let next = self.next_state(Op::Snapshot)?;
+        let from = self.slot.state();
+        let next = self.slot.next_state(Op::Snapshot)?;
         let c = self.session(&mut qmp, "snapshot")?;
         let started = std::time::Instant::now();
         if from == VmState::Running {
             self.cmd(c, "stop").await?;
-            self.set_state(VmState::Paused);
+            self.slot.set_state(VmState::Paused);
         }
         std::fs::create_dir_all(dir).map_err(|source| VmmError::SnapshotIo {
             path: dir.to_path_buf(),
@@ -494,7 +416,7 @@ impl Vmm for QemuVmm {
             state_bytes,
         };
         manifest.write(dir)?;
-        self.set_state(next);
+        self.slot.set_state(next);
         Ok(SnapshotInfo {
             dir: dir.to_path_buf(),
             manifest,
@@ -505,7 +427,7 @@ impl Vmm for QemuVmm {
 
     async fn restore(&self, dir: &Path) -> Result<()> {
         let mut qmp = self.ops.lock().await;
-        let next = self.next_state(Op::Restore)?;
+        let next = self.slot.next_state(Op::Restore)?;
         let manifest = SnapshotManifest::read_for(dir, self.engine(), &self.spec)?;
         let mismatch = |reason: String| VmmError::SnapshotMismatch {
             dir: dir.to_path_buf(),
@@ -563,7 +485,7 @@ impl Vmm for QemuVmm {
         match result {
             Ok(()) => {
                 *qmp = Some(client);
-                self.set_state(next);
+                self.slot.set_state(next);
                 Ok(())
             }
             Err(e) => {
@@ -575,88 +497,53 @@ impl Vmm for QemuVmm {
 
     async fn shutdown(&self, grace: Duration) -> Result<ShutdownReport> {
         let mut qmp = self.ops.lock().await;
-        let Some(proc) = self.process() else {
-            return Err(VmmError::InvalidState {
-                operation: "shut down",
-                state: VmState::Created,
-            });
+        let esc = match self.slot.begin_shutdown(grace)? {
+            Shutdown::Done(report) => return Ok(report),
+            Shutdown::Running(esc) => esc,
         };
-        if let Some(exit) = proc.exit() {
-            return Ok(ShutdownReport {
-                path: ShutdownPath::Guest,
-                exit,
-            });
-        }
-        // Each step may fail because QEMU is already going; the exit is
+        // Each request may fail because QEMU is already going; the exit is
         // what counts, so failures are logged and the next step decides.
         if let Some(c) = qmp.as_mut() {
             if let Err(e) = c.run::<()>("system_powerdown", None).await {
                 tracing::debug!(error = %e, "system_powerdown");
             }
         }
-        if let Some(exit) = proc.wait_timeout(grace).await {
-            return Ok(ShutdownReport {
-                path: ShutdownPath::Guest,
-                exit,
-            });
+        if let Some(report) = esc.wait(ShutdownPath::Guest).await {
+            return Ok(report);
         }
         if let Some(c) = qmp.as_mut() {
             if let Err(e) = c.run::<()>("quit", None).await {
                 tracing::debug!(error = %e, "quit");
             }
         }
-        if let Some(exit) = proc.wait_timeout(grace).await {
-            return Ok(ShutdownReport {
-                path: ShutdownPath::Vmm,
-                exit,
-            });
+        if let Some(report) = esc.wait(ShutdownPath::Vmm).await {
+            return Ok(report);
         }
-        proc.signal(libc::SIGKILL);
-        let exit = proc
-            .wait_timeout(grace.max(Duration::from_secs(5)))
-            .await
-            .ok_or(VmmError::Timeout {
-                what: "QEMU to die after SIGKILL",
-                after: grace,
-            })?;
-        Ok(ShutdownReport {
-            path: ShutdownPath::Killed,
-            exit,
-        })
+        esc.kill().await
     }
 
     async fn kill(&self) -> Result<VmmExit> {
-        let Some(proc) = self.process() else {
-            return Err(VmmError::InvalidState {
-                operation: "kill",
-                state: VmState::Created,
-            });
-        };
-        proc.signal(libc::SIGKILL);
-        let limit = Duration::from_secs(10);
-        proc.wait_timeout(limit).await.ok_or(VmmError::Timeout {
-            what: "QEMU to die after SIGKILL",
-            after: limit,
-        })
+        self.slot.kill().await
     }
 
     async fn wait_exit(&self) -> Result<VmmExit> {
-        let Some(proc) = self.process() else {
-            return Err(VmmError::InvalidState {
-                operation: "wait for",
-                state: VmState::Created,
-            });
-        };
-        let watch = proc.exit_watch();
-        drop(proc);
-        Ok(process::wait_exit(watch).await)
+        self.slot.wait_exit().await
     }
 
     fn exit(&self) -> Option<VmmExit> {
-        self.process().and_then(|p| p.exit())
+        self.slot.exit()
     }
 
     fn stderr_tail(&self) -> Option<String> {
-        self.process().map(|p| p.stderr_tail())
+        self.slot.stderr_tail()
+    }
+
+    /// Takes over a QEMU that an earlier process started with this same
+    /// spec and then lost (a daemon killed with SIGKILL leaves its VMMs
+    /// running): connects to the QMP socket in the work directory, saves a
+    /// full snapshot into `dir` (guest memory stays in the shared memory
+    /// file) and tells that QEMU to quit.
+    async fn snapshot_orphan(&self, dir: &Path) -> Result<SnapshotInfo> {
+        self.take_over_and_snapshot(dir).await
     }
 }

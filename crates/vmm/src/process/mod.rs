@@ -4,6 +4,12 @@
 //! The child is owned by a single supervisor task, so signals are only ever
 //! sent to a pid that has not been reaped yet (no pid-reuse race), and the
 //! exit status is observed exactly once and then broadcast through a `watch`.
+//!
+//! What every backend does around its process — the VM's state and the
+//! process of the moment, start-up until the control socket answers, the
+//! shutdown escalation, the serial log — is in [`slot`].
+
+pub(crate) mod slot;
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -99,13 +105,40 @@ impl Tail {
     }
 }
 
+/// What the supervisor task is asked to do.
+#[derive(Debug, Clone, Copy)]
+enum Control {
+    /// Send this signal (SIGKILL included) unless the process is reaped.
+    Signal(i32),
+    /// Stop supervising without killing: the process runs on unwatched, as
+    /// the VMMs of a daemon killed with SIGKILL do (the fake engine's
+    /// simulated crash).
+    #[cfg(feature = "fake")]
+    Disown,
+}
+
+/// Kills the child when dropped (the supervisor task ending with the
+/// runtime), unless it was disowned first. Tokio reaps a dropped child
+/// that has not exited in the background.
+struct KillOnDrop(Option<tokio::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            // Already reaped or already dead: nothing to do.
+            if let Err(e) = child.start_kill() {
+                tracing::debug!(error = %e, "SIGKILL to a dropped VMM");
+            }
+        }
+    }
+}
+
 /// A running (or ended) VMM process.
 #[derive(Debug)]
 pub(crate) struct VmmProcess {
     pid: u32,
-    binary: PathBuf,
     exit_rx: watch::Receiver<Option<VmmExit>>,
-    signal_tx: mpsc::UnboundedSender<i32>,
+    control_tx: mpsc::UnboundedSender<Control>,
     tail: Arc<Mutex<Tail>>,
     /// Extra log file whose tail is appended to error reports.
     log_file: Option<PathBuf>,
@@ -127,8 +160,8 @@ impl VmmProcess {
             // the daemon decides how its VMs end.
             .process_group(0)
             // If the supervisor task is dropped with the runtime, the VMM
-            // dies with it rather than leaking.
-            .kill_on_drop(true);
+            // dies with it rather than leaking (see `KillOnDrop`).
+            .kill_on_drop(false);
         let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
             binary: binary.to_path_buf(),
             source,
@@ -142,22 +175,26 @@ impl VmmProcess {
         let reader = tokio::spawn(drain_into(stderr, tail.clone()));
 
         let (exit_tx, exit_rx) = watch::channel(None);
-        let (signal_tx, mut signal_rx) = mpsc::unbounded_channel::<i32>();
+        let (control_tx, mut control_rx) = mpsc::unbounded_channel::<Control>();
         let tail2 = tail.clone();
         let log2 = log_file.clone();
         tokio::spawn(async move {
+            let mut owned = KillOnDrop(Some(child));
             let status = loop {
+                let Some(child) = owned.0.as_mut() else {
+                    break None;
+                };
                 tokio::select! {
-                    status = child.wait() => break status,
-                    sig = signal_rx.recv() => match sig {
-                        Some(libc::SIGKILL) | None => {
+                    status = child.wait() => break Some(status),
+                    ctl = control_rx.recv() => match ctl {
+                        Some(Control::Signal(libc::SIGKILL)) | None => {
                             // `start_kill` only signals a child that has not
                             // been reaped, so this cannot hit a reused pid.
                             if let Err(e) = child.start_kill() {
                                 tracing::warn!(pid, error = %e, "SIGKILL to VMM failed");
                             }
                         }
-                        Some(sig) => {
+                        Some(Control::Signal(sig)) => {
                             if let Ok(None) = child.try_wait() {
                                 // SAFETY: plain kill(2); the child is not yet
                                 // reaped (checked just above, and only this task
@@ -168,8 +205,20 @@ impl VmmProcess {
                                 }
                             }
                         }
+                        #[cfg(feature = "fake")]
+                        Some(Control::Disown) => {
+                            // Dropped without a kill; tokio reaps it if it
+                            // ever exits while we run.
+                            drop(owned.0.take());
+                        }
                     },
                 }
+            };
+            let Some(status) = status else {
+                tracing::debug!(pid, "VMM disowned");
+                // No exit to publish: the sender goes, and waiters learn
+                // that supervision ended.
+                return;
             };
             // Let stderr drain so the tail has the VMM's last words. A
             // grandchild holding the pipe open must not keep us waiting.
@@ -195,9 +244,8 @@ impl VmmProcess {
         });
         Ok(VmmProcess {
             pid,
-            binary: binary.to_path_buf(),
             exit_rx,
-            signal_tx,
+            control_tx,
             tail,
             log_file,
         })
@@ -205,10 +253,6 @@ impl VmmProcess {
 
     pub(crate) fn pid(&self) -> u32 {
         self.pid
-    }
-
-    pub(crate) fn binary(&self) -> &Path {
-        &self.binary
     }
 
     /// How the process ended, if it has.
@@ -234,8 +278,17 @@ impl VmmProcess {
     /// Sends `sig` (SIGKILL included) unless the process is already gone.
     pub(crate) fn signal(&self, sig: i32) {
         // A closed channel means the supervisor finished: nothing to signal.
-        if self.signal_tx.send(sig).is_err() {
+        if self.control_tx.send(Control::Signal(sig)).is_err() {
             tracing::debug!(pid = self.pid, sig, "VMM already reaped");
+        }
+    }
+
+    /// Stops supervising the process and leaves it running (see
+    /// [`Control::Disown`]).
+    #[cfg(feature = "fake")]
+    pub(crate) fn disown(&self) {
+        if self.control_tx.send(Control::Disown).is_err() {
+            tracing::debug!(pid = self.pid, "VMM already reaped");
         }
     }
 
