@@ -22,9 +22,12 @@
 //! the host stays, across a snapshot, a restore and a boot. What it loses:
 //! every process, their memory, PTY sessions and tunnels — a restore starts
 //! a fresh agent, where a real restore resumes the same one. The guest sees
-//! the host's filesystem and network and runs as the test's user; its
-//! drives other than the config drive, its NIC and its memory backing are
-//! accepted and ignored (reach the agent through [`Vmm::agent_socket`]).
+//! the host's filesystem and network and runs as the test's user. From the
+//! config drive it takes the token, the env and the init command (run in
+//! `root/`); its files and hostname are not applied (`lohar serve` writes
+//! no files and sets no hostname). The other drives, the NIC and the memory
+//! backing are accepted and ignored (reach the agent through
+//! [`Vmm::agent_socket`]).
 //!
 //! Faults are injected through the engine a test holds
 //! ([`FakeEngine::inject`]), never through globals: each test has its own

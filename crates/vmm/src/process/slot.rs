@@ -331,8 +331,21 @@ mod tests {
     #[tokio::test]
     async fn escalation_stops_at_the_step_that_worked() {
         let slot = ProcessSlot::new("test");
-        // Ignores SIGTERM: only the kill ends it.
-        let p = sleeper(&slot, "trap '' TERM; while :; do sleep 0.05; done");
+        // Ignores SIGTERM (once it says so): only the kill ends it.
+        let d = tempfile::tempdir().unwrap();
+        let ready = d.path().join("ready");
+        let p = sleeper(
+            &slot,
+            &format!(
+                "trap '' TERM; touch {}; while :; do sleep 0.05; done",
+                ready.display()
+            ),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ready.exists() {
+            assert!(Instant::now() < deadline, "the script never started");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let Shutdown::Running(esc) = slot.begin_shutdown(Duration::from_millis(50)).unwrap() else {
             panic!("running process reported as done");
         };
