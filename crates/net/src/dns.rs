@@ -560,6 +560,28 @@ pub(crate) mod tests {
         assert!(parse_query(&pointer).is_none());
     }
 
+    #[tokio::test]
+    async fn each_client_gets_its_burst_then_its_rate() {
+        let limits = RelayLimits {
+            per_client_rate: 1,
+            per_client_burst: 5,
+            ..RelayLimits::default()
+        };
+        let relay = Relay::bind("127.0.0.1:9".parse().unwrap(), limits)
+            .await
+            .unwrap();
+        let a: IpAddr = "10.0.0.2".parse().unwrap();
+        let b: IpAddr = "10.0.0.3".parse().unwrap();
+        let admitted = (0..20).filter(|_| relay.admit(a)).count();
+        assert!((5..=6).contains(&admitted), "{admitted} of a burst of 20");
+        assert!(relay.admit(b), "another client has its own bucket");
+        // At least one more second: at least one more token, never more
+        // than the burst.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let later = (0..20).filter(|_| relay.admit(a)).count();
+        assert!((1..=5).contains(&later), "{later} after a second at 1/s");
+    }
+
     #[test]
     fn reads_the_upstream_from_resolv_conf() {
         let text = "# comment\nsearch example\nnameserver 192.0.2.53\nnameserver 192.0.2.54\n";
