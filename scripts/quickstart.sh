@@ -28,6 +28,7 @@ packages=(
   mmdebstrap        # the `minimal` guest rootfs
   cpio e2fsprogs zstd xz-utils lz4 gzip  # initramfs, ext4 images, kernel payloads
   iproute2 iptables # bridges, TAPs and firewall rules
+  nftables          # TAP guards (anti-spoofing): an nftables bridge table
   tmux              # not needed to run; the CLI tests drive `bhatti shell` with it
   libsqlite3-dev pkg-config  # the daemon's embedded SQLite store
   ca-certificates

@@ -10,6 +10,7 @@ packages=(
   mmdebstrap        # the `minimal` guest rootfs
   cpio e2fsprogs zstd xz-utils lz4 gzip  # initramfs, ext4 images, kernel payloads
   iproute2 iptables # bridges, TAPs, namespaces and firewall rules in tests
+  nftables          # TAP guards (anti-spoofing): an nftables bridge table
   iputils-ping      # ICMP checks of the firewall tests
   tmux              # drives the interactive shell in CLI tests
   libsqlite3-dev pkg-config  # the daemon's embedded SQLite store

@@ -73,15 +73,38 @@ pub struct NetworkConfig {
     /// start like the bridges.
     pub tap_prefix: String,
     /// Apply bhatti's firewall (no traffic between users' bridges, no new
-    /// connections from sandboxes to the host but DNS, NAT out); off only
-    /// for hosts that manage it elsewhere.
+    /// connections from sandboxes to the host but DNS and ping to their
+    /// gateway, no private, link-local, CGNAT, loopback, multicast or
+    /// reserved destinations, no DNAT'd host ports, NAT out); off only for
+    /// hosts that manage it elsewhere.
     pub firewall: bool,
+    /// Destinations sandboxes may reach although the default denies them
+    /// (`"192.168.1.10"`, `"10.1.2.0/24"`: a LAN registry). Allow beats deny.
+    pub allow_cidrs: Vec<String>,
+    /// Destinations denied on top of the default.
+    pub deny_cidrs: Vec<String>,
     /// Where the gateways' DNS responders relay names they do not know
     /// (default: the host's first `nameserver`).
     pub dns_upstream: Option<String>,
 }
 
 impl NetworkConfig {
+    /// `allow_cidrs` and `deny_cidrs`, parsed.
+    pub fn egress_cidrs(&self) -> Result<(Vec<net::Cidr>, Vec<net::Cidr>), String> {
+        let parse = |key: &str, list: &[String]| {
+            list.iter()
+                .map(|c| {
+                    c.parse::<net::Cidr>()
+                        .map_err(|e| format!("network.{key}: {e}"))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        Ok((
+            parse("allow_cidrs", &self.allow_cidrs)?,
+            parse("deny_cidrs", &self.deny_cidrs)?,
+        ))
+    }
+
     /// The core's plan for users' networks, checked.
     pub fn group_networks(&self) -> Result<bhatti_core::GroupNetworkConfig, String> {
         let range: net::Subnet = self
@@ -177,6 +200,8 @@ impl Default for NetworkConfig {
             bridge_prefix: "bhu".into(),
             tap_prefix: "tu".into(),
             firewall: true,
+            allow_cidrs: Vec::new(),
+            deny_cidrs: Vec::new(),
             dns_upstream: None,
         }
     }
@@ -243,6 +268,7 @@ impl DaemonConfig {
         self.network
             .group_networks()
             .map_err(ConfigError::Invalid)?;
+        self.network.egress_cidrs().map_err(ConfigError::Invalid)?;
         self.publish.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
@@ -267,6 +293,8 @@ mod tests {
             ("bridge_prefix = \"b\"", "too short"),
             ("tap_prefix = \"bh\"", "prefix each other"),
             ("tap_prefix = \"t u\"", "tap_prefix"),
+            ("allow_cidrs = [\"192.168.1.0/33\"]", "network.allow_cidrs"),
+            ("deny_cidrs = [\"10.0.0.1/8\"]", "network.deny_cidrs"),
         ] {
             let c = DaemonConfig::parse(&format!("[network]\n{bad}\n")).unwrap();
             let err = c.validate().unwrap_err().to_string();
@@ -274,6 +302,17 @@ mod tests {
         }
         let plan = DaemonConfig::default().network.group_networks().unwrap();
         assert_eq!(plan.range.to_string(), "10.210.0.0/16");
+        let c = DaemonConfig::parse(
+            "[network]\nallow_cidrs = [\"192.168.77.1\", \"10.1.2.0/24\"]\ndeny_cidrs = [\"203.0.113.0/24\"]\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let (allow, deny) = c.network.egress_cidrs().unwrap();
+        assert_eq!(
+            allow.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["192.168.77.1/32", "10.1.2.0/24"]
+        );
+        assert_eq!(deny[0].to_string(), "203.0.113.0/24");
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! The daemon's network services around the users' bridges: the firewall
-//! (and NAT out), and a DNS responder on each user's gateway, which
-//! answers each guest with the addresses of its own user's sandboxes and
-//! relays every other name upstream. Bridges come and go with users'
-//! sandboxes; core reports them ([`bhatti_core::NetworkEvent`]) and the
-//! responders follow.
+//! (egress policy and NAT out), and a DNS responder on each user's
+//! gateway, which answers only its own network's guests, with the
+//! addresses of their own user's sandboxes, and relays every other name
+//! upstream through the daemon's one bounded relay. Bridges come and go
+//! with users' sandboxes; core reports them ([`bhatti_core::NetworkEvent`])
+//! and the responders follow. (Each TAP's guard — anti-spoofing — is put
+//! in place by `net::Network` as the TAP is made.)
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, RwLock};
@@ -62,15 +64,19 @@ fn firewall_config(config: &DaemonConfig) -> Result<net::FirewallConfig, StartEr
         .network
         .group_networks()
         .map_err(StartError::Config)?;
+    let (allow, deny) = config.network.egress_cidrs().map_err(StartError::Config)?;
     Ok(net::FirewallConfig {
         bridge_prefix: plan.bridge_prefix,
         subnets: vec![plan.range],
+        allow,
+        deny,
     })
 }
 
-/// Removes bhatti's firewall rules (`bhatti serve --cleanup`).
+/// Removes bhatti's firewall rules and TAP guards (`bhatti serve --cleanup`).
 pub fn cleanup() -> Result<(), net::NetError> {
-    net::Firewall::new(Arc::new(net::IptablesCommand::default())).remove()
+    net::Firewall::new(Arc::new(net::IptablesCommand::default())).remove()?;
+    net::remove_guards().map(drop)
 }
 
 /// Applies the firewall (when enabled), turns on forwarding for NAT, and
@@ -112,13 +118,17 @@ pub async fn start(
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 53], 53))),
     };
     tracing::info!(%upstream, "DNS responders relay unknown names here");
+    let relay = net::dns::Relay::bind(upstream, net::dns::RelayLimits::default())
+        .await
+        .map_err(|e| StartError::Config(format!("DNS relay to {upstream}: {e}")))?;
+    let relaying = tokio::spawn(relay.clone().run());
     names.refresh(&store).await;
     let lookup_names = names.clone();
     let lookup: net::dns::NameLookup =
         Arc::new(move |n: &str, from: IpAddr| lookup_names.lookup(n, from));
     let (tx, events) = tokio::sync::mpsc::unbounded_channel();
     core.subscribe_networks(tx);
-    let responders = tokio::spawn(keep_responders(events, lookup, upstream));
+    let responders = tokio::spawn(keep_responders(events, lookup, relay));
     let refresher = tokio::spawn(async move {
         let mut every = tokio::time::interval(REFRESH);
         loop {
@@ -126,7 +136,7 @@ pub async fn start(
             names.refresh(&store).await;
         }
     });
-    Ok(vec![responders, refresher])
+    Ok(vec![responders, refresher, relaying])
 }
 
 /// The responders by bridge; dropping this stops them all.
@@ -162,7 +172,7 @@ async fn bind_gateway(gateway: SocketAddr) -> std::io::Result<tokio::net::UdpSoc
 async fn keep_responders(
     mut events: tokio::sync::mpsc::UnboundedReceiver<bhatti_core::NetworkEvent>,
     lookup: net::dns::NameLookup,
-    upstream: SocketAddr,
+    relay: Arc<net::dns::Relay>,
 ) {
     let mut running = Responders::default();
     while let Some(event) = events.recv().await {
@@ -178,8 +188,12 @@ async fn keep_responders(
                 };
                 tracing::info!(%gateway, bridge = %net.bridge, "DNS responder up");
                 let lookup = lookup.clone();
+                let relay = relay.clone();
+                // Only this network's guests are answered.
+                let clients = net::Cidr::from(net.subnet);
                 let task = tokio::spawn(async move {
-                    if let Err(e) = net::dns::serve(socket, lookup, "bhatti".into(), upstream).await
+                    if let Err(e) =
+                        net::dns::serve(socket, lookup, "bhatti".into(), relay, clients).await
                     {
                         tracing::error!(%gateway, error = %e, "a DNS responder stopped");
                     }

@@ -55,9 +55,12 @@ impl Daemon {
         config
             .validate()
             .map_err(|e| ServeError::Vms(e.to_string()))?;
-        std::fs::create_dir_all(&config.data_dir).map_err(|source| ServeError::DataDir {
+        // The data dir is the daemon's alone (0700, even if it existed):
+        // disks, memory files, console logs and the database are nobody
+        // else's business (docs/security.md).
+        image::private_dir(&config.data_dir).map_err(|e| ServeError::DataDir {
             path: config.data_dir.display().to_string(),
-            source,
+            source: std::io::Error::other(e),
         })?;
         let store = Arc::new(store::Store::open(&config.db_path())?);
         let secrets = Arc::new(SecretBox::open(&config.data_dir.join("secrets.key"))?);

@@ -5,7 +5,14 @@
 //!
 //! The writable disk's root holds `upper/` and `work/` (overlayfs upperdir
 //! and workdir); lohar mounts `overlay` with the base image as lowerdir.
+//!
+//! Everything here is private to the daemon's user: the sandboxes root and
+//! each sandbox directory are 0700, the disk 0600 (it holds the guest's
+//! files; the config drive, with the agent token, is 0600 too). A guest's
+//! disk is another tenant's data, and other local users have no business
+//! reading it.
 
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::{io, Error, Result};
@@ -31,12 +38,20 @@ pub fn create_sandbox_disk(dir: &Path, size: u64) -> Result<PathBuf> {
             max: MAX_DISK_BYTES,
         });
     }
-    std::fs::create_dir_all(dir).map_err(io("create directory", dir))?;
+    if let Some(root) = dir.parent() {
+        private_dir(root)?;
+    }
+    private_dir(dir)?;
     let staging = Staging::new(dir, ".disk")?;
     let root = staging.path().join("root");
-    for d in ["upper", "work"] {
+    // The disk's root and `upper/` become the guest's `/` through the
+    // overlay: 0755 whatever the daemon's umask (0700 would lock every
+    // user but root out of the guest's root directory).
+    for d in ["", "upper", "work"] {
         let p = root.join(d);
         std::fs::create_dir_all(&p).map_err(io("create directory", &p))?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))
+            .map_err(io("chmod", &p))?;
     }
     let path = dir.join(SANDBOX_DISK);
     make_ext4(
@@ -49,7 +64,29 @@ pub fn create_sandbox_disk(dir: &Path, size: u64) -> Result<PathBuf> {
             source_dir: Some(root),
         },
     )?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io("chmod", &path))?;
     Ok(path)
+}
+
+/// Makes `dir` (and any missing parents, 0700 too) a directory only its
+/// owner may enter: created 0700, or set to 0700 when it exists with more.
+/// For the data directory, the sandboxes root and each sandbox directory.
+pub fn private_dir(dir: &Path) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io("create directory", dir))?;
+    let mode = std::fs::metadata(dir)
+        .map_err(io("stat", dir))?
+        .permissions()
+        .mode();
+    if mode & 0o777 != 0o700 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io("chmod", dir))?;
+    }
+    Ok(())
 }
 
 /// Checks that a sandbox id is a plain name: 1..=64 of `[A-Za-z0-9_-]`.
@@ -105,6 +142,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn private_dirs_are_made_0700_and_existing_ones_tightened() {
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let root = dir.path().join("sandboxes");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let sb = root.join("sb1");
+        create_sandbox_disk(&sb, MIN_DISK_BYTES).unwrap();
+        assert_eq!(
+            mode(&root),
+            0o700,
+            "an existing sandboxes root is tightened"
+        );
+        private_dir(&dir.path().join("a/b")).unwrap();
+        assert_eq!(mode(&dir.path().join("a")), 0o700);
+        assert_eq!(mode(&dir.path().join("a/b")), 0o700);
+        // Nothing under the root is open to others.
+        let out = std::process::Command::new("find")
+            .args([root.as_os_str(), "-perm".as_ref(), "/o+rwx".as_ref()])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "");
+    }
+
+    #[test]
     fn disk_is_sparse_ext4_with_overlay_dirs() {
         let dir = tempfile::tempdir().unwrap();
         let sb = dir.path().join("sb1");
@@ -132,6 +195,9 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from(SANDBOX_DISK)]);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&sb), 0o700, "sandbox directory");
+        assert_eq!(mode(&disk), 0o600, "disk");
         assert!(matches!(
             create_sandbox_disk(&sb, 1 << 20),
             Err(Error::DiskSize { .. })

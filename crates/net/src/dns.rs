@@ -1,16 +1,31 @@
 //! A small DNS responder for a sandbox network's gateway: it answers the
 //! names of that network's sandboxes (A records) and forwards every other
-//! query to an upstream resolver, relaying its answer unchanged.
+//! query to an upstream resolver through the daemon's one [`Relay`],
+//! relaying its answer unchanged but for the id.
 //!
 //! Only what guests need: one question per query, class IN; A answered from
 //! the table; AAAA for a known name answered empty (no IPv6 in guests);
 //! anything malformed is dropped (a resolver retries or gives up).
+//!
+//! A guest is hostile until shown otherwise, so the responder is bounded:
+//! it answers only addresses of its own network (its sandboxes; the TAP
+//! guard makes a source address trustworthy), each of them at most
+//! [`RelayLimits::per_client_rate`] queries a second (a token bucket;
+//! beyond it queries are dropped, as DNS rate limiting does, so a flood is
+//! not turned into replies); and relaying uses one upstream socket for the
+//! whole daemon with at most [`RelayLimits::max_in_flight`] queries
+//! waiting ([`RelayLimits::max_in_flight_per_client`] per sandbox) —
+//! beyond that a SERVFAIL at once. A flood costs a bounded amount of memory
+//! and no file descriptors.
 
-use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
+
+use crate::cidr::Cidr;
 
 /// Looks a (lower-case) sandbox name up for the guest asking (by its
 /// address), so each user's sandboxes see only their own names.
@@ -21,7 +36,6 @@ const TYPE_AAAA: u16 = 28;
 const CLASS_IN: u16 = 1;
 /// Answers for sandbox names are short-lived: a name may move on recreate.
 const TTL_SECS: u32 = 5;
-const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The one question of a query.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,81 +128,362 @@ pub fn servfail(msg: &[u8], q: &Question) -> Vec<u8> {
     out
 }
 
-/// Serves DNS on `socket` until it fails: sandbox names from `lookup`
-/// (with or without the `suffix` domain), everything else via `upstream`.
-pub async fn serve(
-    socket: Arc<UdpSocket>,
-    lookup: NameLookup,
-    suffix: String,
+/// How much a [`Relay`] and the responders using it take on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayLimits {
+    /// Queries waiting for the upstream at once, all sandboxes together.
+    pub max_in_flight: usize,
+    /// Of those, at most this many from one sandbox.
+    pub max_in_flight_per_client: usize,
+    /// Queries a second one sandbox may ask, sustained (every query
+    /// counts, sandbox names included).
+    pub per_client_rate: u32,
+    /// …and in a burst.
+    pub per_client_burst: u32,
+    /// How long the upstream has to answer before the guest gets SERVFAIL.
+    pub timeout: Duration,
+}
+
+impl Default for RelayLimits {
+    /// Generous for a build resolving hundreds of hosts (guests have no
+    /// resolver cache), small enough that a flood is a rounding error.
+    fn default() -> Self {
+        RelayLimits {
+            max_in_flight: 1024,
+            max_in_flight_per_client: 64,
+            per_client_rate: 100,
+            per_client_burst: 200,
+            timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// A query waiting for the upstream, under the relay's own id.
+#[derive(Debug)]
+struct Pending {
+    /// The guest's id, restored in the answer.
+    id: u16,
+    /// The question section, to check the answer is for this query.
+    question: Vec<u8>,
+    /// The query as the guest sent it (for a SERVFAIL).
+    query: Vec<u8>,
+    client: SocketAddr,
+    /// The responder socket the guest asked (answers come from it).
+    via: Arc<UdpSocket>,
+    sent: Instant,
+}
+
+/// A client's token bucket and its queries in flight.
+#[derive(Debug)]
+struct Client {
+    tokens: f64,
+    refilled: Instant,
+    in_flight: usize,
+}
+
+#[derive(Debug)]
+struct State {
+    pending: HashMap<u16, Pending>,
+    clients: HashMap<IpAddr, Client>,
+    /// xorshift64 state for the relay's query ids.
+    rng: u64,
+}
+
+/// What happened to a query offered to the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Relayed {
+    /// Sent upstream; the answer will follow.
+    Sent,
+    /// Too many queries waiting (for everyone, or for this client):
+    /// answered SERVFAIL.
+    Busy,
+    /// The upstream could not be sent to: answered SERVFAIL.
+    Failed,
+}
+
+/// The daemon's relay to the upstream resolver: one socket, a table of
+/// queries in flight, and each client's rate. Shared by every gateway's
+/// responder; [`Relay::run`] reads answers and expires queries.
+#[derive(Debug)]
+pub struct Relay {
     upstream: SocketAddr,
-) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 1500];
-    loop {
-        let (n, from) = socket.recv_from(&mut buf).await?;
-        let msg = buf[..n].to_vec();
-        let Some(q) = parse_query(&msg) else {
-            tracing::debug!(%from, "dropping a malformed DNS query");
-            continue;
+    socket: UdpSocket,
+    limits: RelayLimits,
+    state: Mutex<State>,
+}
+
+impl Relay {
+    /// Binds the relay's one socket, connected to `upstream` (so only the
+    /// upstream's datagrams arrive, and an unreachable upstream is an
+    /// error at once rather than a timeout).
+    pub async fn bind(upstream: SocketAddr, limits: RelayLimits) -> std::io::Result<Arc<Relay>> {
+        let bind: SocketAddr = if upstream.is_ipv4() {
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        } else {
+            SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
         };
-        let local = q
-            .name
-            .strip_suffix(&format!(".{suffix}"))
-            .unwrap_or(&q.name)
-            .to_string();
-        let known = (q.qclass == CLASS_IN && matches!(q.qtype, TYPE_A | TYPE_AAAA))
-            .then(|| lookup(&local, from.ip()))
-            .flatten();
-        match known {
-            Some(ip) => {
-                if let Err(e) = socket.send_to(&answer(&msg, &q, ip), from).await {
-                    tracing::debug!(%from, error = %e, "cannot answer a DNS query");
+        let socket = UdpSocket::bind(bind).await?;
+        socket.connect(upstream).await?;
+        let seed = {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u128(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0),
+            );
+            h.finish() | 1
+        };
+        Ok(Arc::new(Relay {
+            upstream,
+            socket,
+            limits,
+            state: Mutex::new(State {
+                pending: HashMap::new(),
+                clients: HashMap::new(),
+                rng: seed,
+            }),
+        }))
+    }
+
+    /// The limits.
+    pub fn limits(&self) -> &RelayLimits {
+        &self.limits
+    }
+
+    /// Queries waiting for the upstream now.
+    pub fn in_flight(&self) -> usize {
+        self.state().pending.len()
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes one token from `client`'s bucket; `false` when it is empty
+    /// (the query is to be dropped).
+    pub fn admit(&self, client: IpAddr) -> bool {
+        let now = Instant::now();
+        let (rate, burst) = (
+            f64::from(self.limits.per_client_rate),
+            f64::from(self.limits.per_client_burst.max(1)),
+        );
+        let mut st = self.state();
+        let c = st.clients.entry(client).or_insert(Client {
+            tokens: burst,
+            refilled: now,
+            in_flight: 0,
+        });
+        let elapsed = now.duration_since(c.refilled).as_secs_f64();
+        c.tokens = (c.tokens + elapsed * rate).min(burst);
+        c.refilled = now;
+        if c.tokens >= 1.0 {
+            c.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Sends the query `msg` (question `q`) from `client` upstream under a
+    /// fresh id; its answer goes back through `via`. When the relay is
+    /// full or the send fails, the client gets SERVFAIL at once.
+    pub async fn forward(
+        &self,
+        msg: &[u8],
+        q: &Question,
+        client: SocketAddr,
+        via: &Arc<UdpSocket>,
+    ) -> Relayed {
+        let id = {
+            let mut st = self.state();
+            let busy = st.pending.len() >= self.limits.max_in_flight
+                || st
+                    .clients
+                    .get(&client.ip())
+                    .is_some_and(|c| c.in_flight >= self.limits.max_in_flight_per_client);
+            if busy {
+                None
+            } else {
+                let id = loop {
+                    st.rng ^= st.rng << 13;
+                    st.rng ^= st.rng >> 7;
+                    st.rng ^= st.rng << 17;
+                    let id = (st.rng >> 24) as u16;
+                    if !st.pending.contains_key(&id) {
+                        break id;
+                    }
+                };
+                st.pending.insert(
+                    id,
+                    Pending {
+                        id: q.id,
+                        question: msg[12..q.end].to_vec(),
+                        query: msg.to_vec(),
+                        client,
+                        via: via.clone(),
+                        sent: Instant::now(),
+                    },
+                );
+                if let Some(c) = st.clients.get_mut(&client.ip()) {
+                    c.in_flight += 1;
+                }
+                Some(id)
+            }
+        };
+        let Some(id) = id else {
+            reply(via, &servfail(msg, q), client).await;
+            return Relayed::Busy;
+        };
+        let mut out = msg.to_vec();
+        out[..2].copy_from_slice(&id.to_be_bytes());
+        match self.socket.send(&out).await {
+            Ok(_) => Relayed::Sent,
+            Err(e) => {
+                tracing::debug!(upstream = %self.upstream, error = %e, "DNS upstream failed");
+                if self.take(id).is_some() {
+                    reply(via, &servfail(msg, q), client).await;
+                }
+                Relayed::Failed
+            }
+        }
+    }
+
+    /// Removes a pending query, giving its client's slot back.
+    fn take(&self, id: u16) -> Option<Pending> {
+        let mut st = self.state();
+        let p = st.pending.remove(&id)?;
+        if let Some(c) = st.clients.get_mut(&p.client.ip()) {
+            c.in_flight = c.in_flight.saturating_sub(1);
+        }
+        Some(p)
+    }
+
+    /// Removes every pending query `expired` says is done.
+    fn take_all(&self, expired: impl Fn(&Pending) -> bool) -> Vec<Pending> {
+        let ids: Vec<u16> = self
+            .state()
+            .pending
+            .iter()
+            .filter(|(_, p)| expired(p))
+            .map(|(id, _)| *id)
+            .collect();
+        ids.into_iter().filter_map(|id| self.take(id)).collect()
+    }
+
+    /// Relays answers to the clients that asked and answers SERVFAIL for
+    /// queries the upstream did not answer in time (or at all: an ICMP
+    /// error on the socket fails everything waiting). Runs until its task
+    /// is dropped; never fails.
+    pub async fn run(self: Arc<Self>) {
+        let mut buf = vec![0u8; 4096];
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                got = self.socket.recv(&mut buf) => match got {
+                    Ok(n) => self.answer(&buf[..n]).await,
+                    Err(e) => {
+                        // A connected UDP socket reports the upstream's ICMP
+                        // errors here; everything waiting went to it.
+                        tracing::debug!(upstream = %self.upstream, error = %e, "DNS upstream failed");
+                        self.fail(self.take_all(|_| true)).await;
+                    }
+                },
+                _ = tick.tick() => {
+                    let timeout = self.limits.timeout;
+                    let late = self.take_all(|p| p.sent.elapsed() >= timeout);
+                    self.fail(late).await;
+                    // Forget clients idle long enough to have a full bucket.
+                    let idle = Duration::from_secs(60);
+                    self.state()
+                        .clients
+                        .retain(|_, c| c.in_flight > 0 || c.refilled.elapsed() < idle);
                 }
             }
-            None => {
-                let socket = socket.clone();
-                tokio::spawn(async move {
-                    match forward(&msg, upstream).await {
-                        Ok(reply) => {
-                            if let Err(e) = socket.send_to(&reply, from).await {
-                                tracing::debug!(%from, error = %e, "cannot relay a DNS answer");
-                            }
-                        }
-                        Err(e) => {
-                            // Fail fast rather than let the guest's resolver time out.
-                            tracing::debug!(%upstream, error = %e, "DNS upstream failed");
-                            let _ = socket.send_to(&servfail(&msg, &q), from).await;
-                        }
-                    }
-                });
+        }
+    }
+
+    async fn answer(&self, reply_msg: &[u8]) {
+        if reply_msg.len() < 12 {
+            return;
+        }
+        let id = u16::from_be_bytes([reply_msg[0], reply_msg[1]]);
+        let matches = {
+            let st = self.state();
+            st.pending.get(&id).is_some_and(|p| {
+                reply_msg
+                    .get(12..12 + p.question.len())
+                    .is_some_and(|q| q.eq_ignore_ascii_case(&p.question))
+            })
+        };
+        if !matches {
+            return;
+        }
+        let Some(p) = self.take(id) else { return };
+        let mut out = reply_msg.to_vec();
+        out[..2].copy_from_slice(&p.id.to_be_bytes());
+        reply(&p.via, &out, p.client).await;
+    }
+
+    async fn fail(&self, done: Vec<Pending>) {
+        for p in done {
+            if let Some(q) = parse_query(&p.query) {
+                reply(&p.via, &servfail(&p.query, &q), p.client).await;
             }
         }
     }
 }
 
-/// Sends `msg` upstream from a fresh port and returns the reply with the same id.
-async fn forward(msg: &[u8], upstream: SocketAddr) -> std::io::Result<Vec<u8>> {
-    let bind: SocketAddr = if upstream.is_ipv4() {
-        "0.0.0.0:0".parse().expect("literal")
-    } else {
-        "[::]:0".parse().expect("literal")
-    };
-    let s = UdpSocket::bind(bind).await?;
-    // Connected, so an unreachable upstream is an error at once (ICMP)
-    // rather than a timeout, and only the upstream's datagrams arrive.
-    s.connect(upstream).await?;
-    s.send(msg).await?;
-    let mut buf = vec![0u8; 4096];
-    let read = async {
-        loop {
-            let n = s.recv(&mut buf).await?;
-            if n >= 2 && buf[..2] == msg[..2] {
-                return Ok::<_, std::io::Error>(buf[..n].to_vec());
+async fn reply(via: &UdpSocket, msg: &[u8], to: SocketAddr) {
+    if let Err(e) = via.send_to(msg, to).await {
+        tracing::debug!(%to, error = %e, "cannot answer a DNS query");
+    }
+}
+
+/// Serves DNS on `socket` until it fails: sandbox names from `lookup`
+/// (with or without the `suffix` domain), everything else through
+/// `relay`. Only addresses in `clients` (the network's subnet) get an
+/// answer, and only as often as the relay's rate allows.
+pub async fn serve(
+    socket: Arc<UdpSocket>,
+    lookup: NameLookup,
+    suffix: String,
+    relay: Arc<Relay>,
+    clients: Cidr,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 1500];
+    let suffix = format!(".{suffix}");
+    loop {
+        let (n, from) = socket.recv_from(&mut buf).await?;
+        let ours = match from.ip() {
+            IpAddr::V4(ip) => clients.contains(ip),
+            IpAddr::V6(_) => false,
+        };
+        if !ours {
+            tracing::debug!(%from, "dropping a DNS query from outside the network");
+            continue;
+        }
+        if !relay.admit(from.ip()) {
+            continue;
+        }
+        let msg = &buf[..n];
+        let Some(q) = parse_query(msg) else {
+            tracing::debug!(%from, "dropping a malformed DNS query");
+            continue;
+        };
+        let local = q.name.strip_suffix(&suffix).unwrap_or(&q.name);
+        let known = (q.qclass == CLASS_IN && matches!(q.qtype, TYPE_A | TYPE_AAAA))
+            .then(|| lookup(local, from.ip()))
+            .flatten();
+        match known {
+            Some(ip) => reply(&socket, &answer(msg, &q, ip), from).await,
+            None => {
+                relay.forward(msg, &q, from, &socket).await;
             }
         }
-    };
-    tokio::time::timeout(UPSTREAM_TIMEOUT, read)
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "DNS upstream timed out"))?
+    }
 }
 
 /// The first `nameserver` of a resolv.conf text, if any.
@@ -263,6 +558,28 @@ pub(crate) mod tests {
         let mut pointer = query(1, "abc", TYPE_A);
         pointer[12] = 0xc0;
         assert!(parse_query(&pointer).is_none());
+    }
+
+    #[tokio::test]
+    async fn each_client_gets_its_burst_then_its_rate() {
+        let limits = RelayLimits {
+            per_client_rate: 1,
+            per_client_burst: 5,
+            ..RelayLimits::default()
+        };
+        let relay = Relay::bind("127.0.0.1:9".parse().unwrap(), limits)
+            .await
+            .unwrap();
+        let a: IpAddr = "10.0.0.2".parse().unwrap();
+        let b: IpAddr = "10.0.0.3".parse().unwrap();
+        let admitted = (0..20).filter(|_| relay.admit(a)).count();
+        assert!((5..=6).contains(&admitted), "{admitted} of a burst of 20");
+        assert!(relay.admit(b), "another client has its own bucket");
+        // At least one more second: at least one more token, never more
+        // than the burst.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let later = (0..20).filter(|_| relay.admit(a)).count();
+        assert!((1..=5).contains(&later), "{later} after a second at 1/s");
     }
 
     #[test]

@@ -39,6 +39,15 @@ pub enum NetError {
         /// What it printed on stderr.
         stderr: String,
     },
+    /// A per-link kernel setting could not be written.
+    #[error("Cannot set {path}")]
+    Sysctl {
+        /// The `/proc/sys` file.
+        path: PathBuf,
+        /// Underlying error.
+        #[source]
+        source: std::io::Error,
+    },
     /// A tool's output could not be understood.
     #[error("Cannot parse the output of `{command}`")]
     Parse {

@@ -9,6 +9,7 @@ use std::net::Ipv4Addr;
 use std::sync::{Mutex, MutexGuard};
 
 use crate::error::{NetError, Result};
+use crate::guard::TapGuard;
 use crate::names::check_ifname;
 use crate::ops::NetOps;
 use crate::subnet::Mac;
@@ -44,6 +45,7 @@ pub struct FakeLink {
 struct State {
     links: BTreeMap<String, FakeLink>,
     neighbours: BTreeMap<(String, Ipv4Addr), Mac>,
+    guards: BTreeMap<String, TapGuard>,
     fail: Option<&'static str>,
     calls: Vec<String>,
 }
@@ -77,6 +79,11 @@ impl FakeNetOps {
     /// The neighbour entry for `ip` on `dev`.
     pub fn neighbour(&self, dev: &str, ip: Ipv4Addr) -> Option<Mac> {
         self.state().neighbours.get(&(dev.to_owned(), ip)).copied()
+    }
+
+    /// The guard installed on `tap`.
+    pub fn guard(&self, tap: &str) -> Option<TapGuard> {
+        self.state().guards.get(tap).cloned()
     }
 
     /// Every call so far (`create_tap bt0a070002`, …), in order.
@@ -197,5 +204,18 @@ impl NetOps for FakeNetOps {
     fn delete_neighbour(&self, dev: &str, ip: Ipv4Addr) -> Result<bool> {
         let mut s = self.enter("delete_neighbour", dev)?;
         Ok(s.neighbours.remove(&(dev.to_owned(), ip)).is_some())
+    }
+
+    fn guard_tap(&self, guard: &TapGuard) -> Result<()> {
+        check_ifname(&guard.tap)?;
+        let mut s = self.enter("guard_tap", &guard.tap)?;
+        s.guards.insert(guard.tap.clone(), guard.clone());
+        Ok(())
+    }
+
+    fn unguard_tap(&self, tap: &str) -> Result<()> {
+        let mut s = self.enter("unguard_tap", tap)?;
+        s.guards.remove(tap);
+        Ok(())
     }
 }

@@ -18,35 +18,62 @@
 //! copy of each rule, and rules bhatti did not create are never touched.
 //! [`Firewall::remove`] deletes the jumps and the chains.
 //!
-//! Policy: traffic between two sandbox bridges is dropped (a user's
-//! sandboxes share one bridge, where frames are switched without
-//! reaching these chains; an accept for bridged frames — `physdev
-//! --physdev-is-bridged`, which only ever matches frames that stay on one
-//! bridge — keeps that true on hosts that send bridged frames through
-//! iptables with `br_netfilter`, without a rule per bridge, so bridges can
-//! come and go with users without touching the rules); sandboxes may not open
-//! connections to the host except DNS (and pings) to their gateway; replies to
-//! connections the host opened (the agent, proxies) pass; sandboxes reach
-//! the outside through NAT.
+//! Policy, for packets a sandbox sends (its source address is its own: the
+//! TAP guard in [`crate::guard`] drops anything else before it reaches
+//! these chains):
+//!
+//! * **Its own user's sandboxes**: they share one bridge, where frames are
+//!   switched without reaching these chains; on hosts that send bridged
+//!   frames through iptables (`br_netfilter`), `physdev
+//!   --physdev-is-bridged` — which only matches frames that stay on one
+//!   bridge — accepts them, without a rule per bridge, so bridges come and
+//!   go with users without touching the rules.
+//! * **Other users' sandboxes, and anything else opening a connection into
+//!   a sandbox bridge**: dropped (`-o bh+`); replies pass.
+//! * **A port the host publishes through DNAT** (Docker's `-p`): the host's
+//!   `nat PREROUTING` rewrites the destination *before* these filter
+//!   chains see the packet, so a destination check alone would judge the
+//!   rewritten address. `--ctstate DNAT` matches every connection whose
+//!   destination was rewritten, wherever to, and drops it (FORWARD and INPUT).
+//! * **The host itself**: only DNS and pings, and only to the gateway of
+//!   the bridge the packet came in on (`addrtype --dst-type LOCAL
+//!   --limit-iface-in`): not the host's other addresses, not another
+//!   user's gateway. Replies to connections the host opened (the agent,
+//!   the proxies) pass.
+//! * **Everything else** goes through [`CHAIN_EGRESS`]: the operator's
+//!   `allow` prefixes are accepted, [`crate::DEFAULT_DENY`] (private,
+//!   link-local/metadata, CGNAT, loopback, multicast, reserved) and the
+//!   operator's `deny` prefixes are rejected (an ICMP error, so a guest's
+//!   `npm install` fails at once instead of hanging), and the rest — the
+//!   public internet — is accepted and masqueraded.
 
 use std::process::Command;
 use std::sync::Arc;
 
+use crate::cidr::{default_deny, Cidr};
 use crate::error::{NetError, Result};
 use crate::subnet::Subnet;
 
 pub const CHAIN_FORWARD: &str = "BHATTI-FWD";
 pub const CHAIN_INPUT: &str = "BHATTI-IN";
 pub const CHAIN_NAT: &str = "BHATTI-NAT";
+/// Where a sandbox's packets to the world are judged by destination.
+pub const CHAIN_EGRESS: &str = "BHATTI-EGRESS";
 
 /// What the rules cover.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct FirewallConfig {
     /// Prefix every sandbox bridge name starts with (`bh` matches `bhatti0`,
     /// `bhu1`, …); rules use it as an iptables wildcard (`bh+`).
     pub bridge_prefix: String,
     /// Sandbox subnets to masquerade (the whole per-user range will do).
     pub subnets: Vec<Subnet>,
+    /// Destinations sandboxes may reach although the default denies them
+    /// (`[network] allow_cidrs`: a LAN registry). Allow beats deny.
+    pub allow: Vec<Cidr>,
+    /// Destinations denied on top of [`crate::DEFAULT_DENY`]
+    /// (`[network] deny_cidrs`).
+    pub deny: Vec<Cidr>,
 }
 
 /// One rule: table, chain and the arguments after `-A <chain>`.
@@ -65,51 +92,51 @@ fn rule(table: &'static str, chain: &'static str, args: &str) -> Rule {
     }
 }
 
+/// How a denied destination is refused: at once, so the guest's client
+/// fails fast rather than timing out.
+const REJECT: &str = "-j REJECT --reject-with icmp-admin-prohibited";
+
 /// The contents of bhatti's chains for `cfg`, in order. Pure.
 pub fn plan(cfg: &FirewallConfig) -> Vec<Rule> {
     let any = format!("{}+", cfg.bridge_prefix);
-    let mut rules = vec![rule(
-        "filter",
-        CHAIN_FORWARD,
-        "-m physdev --physdev-is-bridged -j ACCEPT",
-    )];
-    rules.extend([
-        rule(
-            "filter",
-            CHAIN_FORWARD,
-            &format!("-i {any} -o {any} -j DROP"),
-        ),
-        rule(
-            "filter",
-            CHAIN_FORWARD,
-            &format!("-o {any} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"),
-        ),
-        rule("filter", CHAIN_FORWARD, &format!("-o {any} -j DROP")),
-        rule("filter", CHAIN_FORWARD, &format!("-i {any} -j ACCEPT")),
-        rule(
-            "filter",
-            CHAIN_INPUT,
-            &format!("-i {any} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"),
-        ),
-        rule(
-            "filter",
-            CHAIN_INPUT,
-            &format!("-i {any} -p udp --dport 53 -j ACCEPT"),
-        ),
-        rule(
-            "filter",
-            CHAIN_INPUT,
-            &format!("-i {any} -p tcp --dport 53 -j ACCEPT"),
-        ),
+    let fwd = |args: &str| rule("filter", CHAIN_FORWARD, args);
+    let input = |args: &str| rule("filter", CHAIN_INPUT, args);
+    let egress = |args: &str| rule("filter", CHAIN_EGRESS, args);
+    // The gateway of the bridge the packet came in on, and no other
+    // address of the host.
+    let own_gateway = "-m addrtype --dst-type LOCAL --limit-iface-in";
+    let mut rules = vec![
+        fwd("-m physdev --physdev-is-bridged -j ACCEPT"),
+        fwd(&format!(
+            "-o {any} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
+        )),
+        fwd(&format!("-o {any} -j DROP")),
+        fwd(&format!("-i {any} -m conntrack --ctstate DNAT -j DROP")),
+        fwd(&format!("-i {any} -j {CHAIN_EGRESS}")),
+        input(&format!(
+            "-i {any} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
+        )),
+        input(&format!("-i {any} -m conntrack --ctstate DNAT -j DROP")),
+        input(&format!(
+            "-i {any} -p udp --dport 53 {own_gateway} -j ACCEPT"
+        )),
+        input(&format!(
+            "-i {any} -p tcp --dport 53 {own_gateway} -j ACCEPT"
+        )),
         // Pinging the gateway is how anyone first checks a network; an
         // echo request opens nothing.
-        rule(
-            "filter",
-            CHAIN_INPUT,
-            &format!("-i {any} -p icmp --icmp-type echo-request -j ACCEPT"),
-        ),
-        rule("filter", CHAIN_INPUT, &format!("-i {any} -j DROP")),
-    ]);
+        input(&format!(
+            "-i {any} -p icmp --icmp-type echo-request {own_gateway} -j ACCEPT"
+        )),
+        input(&format!("-i {any} -j DROP")),
+    ];
+    for c in &cfg.allow {
+        rules.push(egress(&format!("-d {c} -j ACCEPT")));
+    }
+    for c in default_deny().iter().chain(&cfg.deny) {
+        rules.push(egress(&format!("-d {c} {REJECT}")));
+    }
+    rules.push(egress("-j ACCEPT"));
     for s in &cfg.subnets {
         rules.push(rule(
             "nat",
@@ -119,6 +146,14 @@ pub fn plan(cfg: &FirewallConfig) -> Vec<Rule> {
     }
     rules
 }
+
+/// Every chain bhatti owns: (table, chain).
+pub const CHAINS: [(&str, &str); 4] = [
+    ("filter", CHAIN_FORWARD),
+    ("filter", CHAIN_INPUT),
+    ("filter", CHAIN_EGRESS),
+    ("nat", CHAIN_NAT),
+];
 
 /// The jumps from built-in chains into bhatti's: (table, built-in, ours).
 pub const JUMPS: [(&str, &str, &str); 3] = [
@@ -187,7 +222,7 @@ impl Firewall {
 
     /// Makes the rules exactly [`plan`]`(cfg)`. Idempotent.
     pub fn apply(&self, cfg: &FirewallConfig) -> Result<()> {
-        for (table, _, chain) in JUMPS {
+        for (table, chain) in CHAINS {
             // -N fails when the chain exists; -L tells which.
             if !self.ipt.run(table, &["-L", chain, "-n"])? {
                 self.must(table, &["-N", chain], &format!("create chain {chain}"))?;
@@ -222,8 +257,15 @@ impl Firewall {
                     &format!("unhook {chain}"),
                 )?;
             }
+        }
+        // Flush them all before deleting any: BHATTI-FWD jumps to BHATTI-EGRESS.
+        for (table, chain) in CHAINS {
             if self.ipt.run(table, &["-L", chain, "-n"])? {
                 self.must(table, &["-F", chain], &format!("flush chain {chain}"))?;
+            }
+        }
+        for (table, chain) in CHAINS {
+            if self.ipt.run(table, &["-L", chain, "-n"])? {
                 self.must(table, &["-X", chain], &format!("delete chain {chain}"))?;
             }
         }
@@ -235,31 +277,108 @@ impl Firewall {
 mod tests {
     use super::*;
 
-    #[test]
-    fn plan_isolates_bridges_guards_the_host_and_masquerades() {
-        let cfg = FirewallConfig {
-            bridge_prefix: "bh".into(),
-            subnets: vec!["10.210.1.0/24".parse().unwrap()],
-        };
-        let text: Vec<String> = plan(&cfg)
+    fn text(cfg: &FirewallConfig) -> Vec<String> {
+        plan(cfg)
             .iter()
             .map(|r| format!("{} {} {}", r.table, r.chain, r.args.join(" ")))
+            .collect()
+    }
+
+    fn cfg() -> FirewallConfig {
+        FirewallConfig {
+            bridge_prefix: "bh".into(),
+            subnets: vec!["10.210.1.0/24".parse().unwrap()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn plan_isolates_bridges_guards_the_host_denies_private_ranges_and_masquerades() {
+        let deny = |c: &str| {
+            format!("filter BHATTI-EGRESS -d {c} -j REJECT --reject-with icmp-admin-prohibited")
+        };
+        let mut want: Vec<String> = [
+            "filter BHATTI-FWD -m physdev --physdev-is-bridged -j ACCEPT",
+            "filter BHATTI-FWD -o bh+ -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
+            "filter BHATTI-FWD -o bh+ -j DROP",
+            "filter BHATTI-FWD -i bh+ -m conntrack --ctstate DNAT -j DROP",
+            "filter BHATTI-FWD -i bh+ -j BHATTI-EGRESS",
+            "filter BHATTI-IN -i bh+ -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
+            "filter BHATTI-IN -i bh+ -m conntrack --ctstate DNAT -j DROP",
+            "filter BHATTI-IN -i bh+ -p udp --dport 53 -m addrtype --dst-type LOCAL --limit-iface-in -j ACCEPT",
+            "filter BHATTI-IN -i bh+ -p tcp --dport 53 -m addrtype --dst-type LOCAL --limit-iface-in -j ACCEPT",
+            "filter BHATTI-IN -i bh+ -p icmp --icmp-type echo-request -m addrtype --dst-type LOCAL --limit-iface-in -j ACCEPT",
+            "filter BHATTI-IN -i bh+ -j DROP",
+        ]
+        .map(String::from)
+        .to_vec();
+        for c in [
+            "0.0.0.0/8",
+            "10.0.0.0/8",
+            "100.64.0.0/10",
+            "127.0.0.0/8",
+            "169.254.0.0/16",
+            "172.16.0.0/12",
+            "192.0.0.0/24",
+            "192.168.0.0/16",
+            "198.18.0.0/15",
+            "224.0.0.0/4",
+            "240.0.0.0/4",
+        ] {
+            want.push(deny(c));
+        }
+        want.push("filter BHATTI-EGRESS -j ACCEPT".into());
+        want.push("nat BHATTI-NAT -s 10.210.1.0/24 ! -o bh+ -j MASQUERADE".into());
+        assert_eq!(text(&cfg()), want);
+    }
+
+    #[test]
+    fn operator_allows_come_first_and_denies_add_to_the_default() {
+        let c = FirewallConfig {
+            allow: vec!["192.168.77.0/24".parse().unwrap()],
+            deny: vec!["203.0.113.66".parse().unwrap()],
+            ..cfg()
+        };
+        let rules = text(&c);
+        let egress: Vec<&String> = rules
+            .iter()
+            .filter(|r| r.contains("BHATTI-EGRESS -"))
             .collect();
         assert_eq!(
-            text,
+            egress.first().map(|s| s.as_str()),
+            Some("filter BHATTI-EGRESS -d 192.168.77.0/24 -j ACCEPT"),
+            "allow beats the default deny"
+        );
+        let last_two: Vec<&str> = egress[egress.len() - 2..]
+            .iter()
+            .map(|s| s.as_str())
+            .collect();
+        assert_eq!(
+            last_two,
             [
-                "filter BHATTI-FWD -m physdev --physdev-is-bridged -j ACCEPT",
-                "filter BHATTI-FWD -i bh+ -o bh+ -j DROP",
-                "filter BHATTI-FWD -o bh+ -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
-                "filter BHATTI-FWD -o bh+ -j DROP",
-                "filter BHATTI-FWD -i bh+ -j ACCEPT",
-                "filter BHATTI-IN -i bh+ -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
-                "filter BHATTI-IN -i bh+ -p udp --dport 53 -j ACCEPT",
-                "filter BHATTI-IN -i bh+ -p tcp --dport 53 -j ACCEPT",
-                "filter BHATTI-IN -i bh+ -p icmp --icmp-type echo-request -j ACCEPT",
-                "filter BHATTI-IN -i bh+ -j DROP",
-                "nat BHATTI-NAT -s 10.210.1.0/24 ! -o bh+ -j MASQUERADE",
+                "filter BHATTI-EGRESS -d 203.0.113.66/32 -j REJECT --reject-with icmp-admin-prohibited",
+                "filter BHATTI-EGRESS -j ACCEPT",
             ]
         );
+        // Everything else is the default plan.
+        let without: Vec<String> = rules
+            .iter()
+            .filter(|r| !r.contains("192.168.77.0/24 -j ACCEPT") && !r.contains("203.0.113.66"))
+            .cloned()
+            .collect();
+        assert_eq!(without, text(&cfg()));
+    }
+
+    #[test]
+    fn every_chain_a_rule_names_is_one_bhatti_owns() {
+        for r in plan(&cfg()) {
+            assert!(CHAINS.contains(&(r.table, r.chain)), "{r:?}");
+            if let Some(i) = r.args.iter().position(|a| a == "-j") {
+                let target = &r.args[i + 1];
+                if target.starts_with("BHATTI") {
+                    assert!(CHAINS.iter().any(|(_, c)| c == target), "{target}");
+                }
+            }
+        }
     }
 }

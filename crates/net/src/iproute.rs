@@ -8,21 +8,25 @@
 //! Revisit when per-VM setup shows up in a profile (snapshot restores at
 //! tens of milliseconds).
 
+use std::io::Write as _;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use serde::Deserialize;
 
 use crate::error::{NetError, Result};
+use crate::guard::{guard_script, unguard_script, TapGuard};
 use crate::names::check_ifname;
 use crate::ops::NetOps;
 use crate::subnet::Mac;
 
-/// [`NetOps`] by running `ip` (iproute2, with JSON output: 4.13 or later).
+/// [`NetOps`] by running `ip` (iproute2, with JSON output: 4.13 or later)
+/// and, for TAP guards, `nft` (nftables).
 #[derive(Debug, Clone)]
 pub struct IpRoute {
     program: PathBuf,
+    nft: PathBuf,
 }
 
 impl Default for IpRoute {
@@ -56,7 +60,37 @@ impl IpRoute {
     pub fn new(program: impl Into<PathBuf>) -> IpRoute {
         IpRoute {
             program: program.into(),
+            nft: PathBuf::from("nft"),
         }
+    }
+
+    /// Runs `nft -f -` with `script` on its standard input (one transaction).
+    fn nft(&self, op: &str, script: &str) -> Result<()> {
+        tracing::debug!(%script, "nft");
+        let spawn = |source| NetError::Spawn {
+            program: self.nft.clone(),
+            source,
+        };
+        let mut child = Command::new(&self.nft)
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(spawn)?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(script.as_bytes()).map_err(spawn)?;
+        }
+        let out = child.wait_with_output().map_err(spawn)?;
+        if !out.status.success() {
+            return Err(NetError::Command {
+                op: op.to_owned(),
+                command: format!("{} -f -", self.nft.display()),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+        Ok(())
     }
 
     fn run_raw(&self, op: &str, args: &[&str]) -> std::result::Result<String, Failure> {
@@ -109,6 +143,23 @@ impl IpRoute {
     }
 }
 
+/// Writes a `/proc/sys` file (of the calling thread's network namespace).
+fn sysctl(path: &str, value: &str) -> Result<()> {
+    std::fs::write(path, value).map_err(|source| NetError::Sysctl {
+        path: path.into(),
+        source,
+    })
+}
+
+/// Disables IPv6 on a link; a kernel without IPv6 has nothing to disable.
+fn disable_ipv6(name: &str) -> Result<()> {
+    let path = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
+    if !std::path::Path::new("/proc/sys/net/ipv6").exists() {
+        return Ok(());
+    }
+    sysctl(&path, "1")
+}
+
 impl NetOps for IpRoute {
     fn create_bridge(&self, name: &str, mac: Mac, addr: Ipv4Addr, prefix: u8) -> Result<()> {
         check_ifname(name)?;
@@ -133,6 +184,14 @@ impl NetOps for IpRoute {
                 }
             }
         }
+        // Before it comes up: no IPv6 (so no link-local address a guest
+        // could reach host services on `[::]` through), strict reverse-path
+        // filtering (a packet from a guest must come from an address routed
+        // back through this bridge), ARP answered only for the bridge's own
+        // address (not the host's others).
+        disable_ipv6(name)?;
+        sysctl(&format!("/proc/sys/net/ipv4/conf/{name}/rp_filter"), "1")?;
+        sysctl(&format!("/proc/sys/net/ipv4/conf/{name}/arp_ignore"), "1")?;
         let cidr = format!("{addr}/{prefix}");
         self.run(
             &format!("address bridge {name}"),
@@ -149,10 +208,13 @@ impl NetOps for IpRoute {
             &format!("create TAP {name}"),
             &["tuntap", "add", "dev", name, "mode", "tap", "user", &uid],
         )?;
-        let attached = self.run(
-            &format!("attach TAP {name} to {bridge}"),
-            &["link", "set", "dev", name, "master", bridge, "up"],
-        );
+        let attached = disable_ipv6(name).and_then(|()| {
+            self.run(
+                &format!("attach TAP {name} to {bridge}"),
+                &["link", "set", "dev", name, "master", bridge, "up"],
+            )
+            .map(drop)
+        });
         if let Err(e) = attached {
             // Do not leave a half-made TAP behind; the attach error is the
             // one worth reporting.
@@ -242,4 +304,41 @@ impl NetOps for IpRoute {
             Err(f) => Err(f.error),
         }
     }
+
+    fn guard_tap(&self, guard: &TapGuard) -> Result<()> {
+        check_ifname(&guard.tap)?;
+        self.nft(&format!("guard TAP {}", guard.tap), &guard_script(guard))
+    }
+
+    fn unguard_tap(&self, tap: &str) -> Result<()> {
+        check_ifname(tap)?;
+        self.nft(&format!("unguard TAP {tap}"), &unguard_script(tap))
+    }
+}
+
+/// Removes every TAP guard (the `bridge bhatti` table): `bhatti serve
+/// --cleanup`. `Ok(false)` when there was none.
+pub fn remove_guards() -> Result<bool> {
+    let t = crate::guard::GUARD_TABLE;
+    let ip = IpRoute::default();
+    // Declared first, so the delete cannot fail for its absence.
+    let existed = Command::new(&ip.nft)
+        .args(["list", "table", "bridge", t])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map_err(|source| NetError::Spawn {
+            program: ip.nft.clone(),
+            source,
+        })?
+        .success();
+    ip.nft(
+        "remove the TAP guards",
+        &format!(
+            "add table bridge {t}
+delete table bridge {t}
+"
+        ),
+    )?;
+    Ok(existed)
 }

@@ -16,8 +16,14 @@
 //!   `attach` (address, TAP, neighbour; undone on failure), `detach`.
 //!
 //! * [`Firewall`] — bhatti's iptables chains: no traffic between users'
-//!   bridges, no new connections from sandboxes to the host but DNS, NAT
-//!   out; idempotent, never touching rules bhatti did not create.
+//!   bridges, no new connections from sandboxes to the host but DNS and
+//!   ping to their own gateway, no private/link-local/reserved
+//!   destinations ([`DEFAULT_DENY`], adjusted by [`FirewallConfig`]'s
+//!   allow and deny), no DNAT'd host ports, NAT out; idempotent, never
+//!   touching rules bhatti did not create.
+//! * [`guard`] — per-TAP anti-spoofing (own MAC and IPv4, ARP included;
+//!   nothing but IPv4 and ARP) and the per-sandbox [`Egress`] policy, in an
+//!   nftables bridge table.
 //!
 //! * [`dns`] — the gateway's DNS responder: sandbox names answered, the rest
 //!   relayed upstream.
@@ -25,10 +31,12 @@
 //! Everything acts in the calling thread's network namespace. Per-user
 //! networks come later (docs/networking.md says what exists).
 
+mod cidr;
 pub mod dns;
 mod error;
 pub mod fake;
 mod firewall;
+pub mod guard;
 mod iproute;
 mod names;
 mod network;
@@ -37,12 +45,14 @@ mod pool;
 mod subnet;
 mod user_nets;
 
+pub use cidr::{default_deny, Cidr, CidrError, DEFAULT_DENY};
 pub use error::{NetError, Result};
 pub use firewall::{
-    plan as firewall_plan, Firewall, FirewallConfig, Iptables, IptablesCommand, Rule,
-    CHAIN_FORWARD, CHAIN_INPUT, CHAIN_NAT,
+    plan as firewall_plan, Firewall, FirewallConfig, Iptables, IptablesCommand, Rule, CHAINS,
+    CHAIN_EGRESS, CHAIN_FORWARD, CHAIN_INPUT, CHAIN_NAT,
 };
-pub use iproute::IpRoute;
+pub use guard::{Egress, TapGuard};
+pub use iproute::{remove_guards, IpRoute};
 pub use names::{check_ifname, TapNamer, MAX_IFNAME, MAX_TAP_PREFIX};
 pub use network::{
     Attachment, Network, NetworkConfig, DEFAULT_BRIDGE, DEFAULT_SUBNET, DEFAULT_TAP_PREFIX,

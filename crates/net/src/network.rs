@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{NetError, Result};
+use crate::guard::{Egress, TapGuard};
 use crate::names::{check_ifname, TapNamer};
 use crate::ops::NetOps;
 use crate::pool::IpPool;
@@ -144,6 +145,7 @@ impl Network {
             if !owned {
                 tracing::info!(%tap, bridge = %config.bridge, "removing orphan TAP");
                 ops.delete_link(&tap)?;
+                ops.unguard_tap(&tap)?;
             }
         }
         tracing::info!(bridge = %config.bridge, subnet = %config.subnet, "network ready");
@@ -202,9 +204,11 @@ impl Network {
             gateway: self.config.subnet.gateway(),
             dns: self.config.dns,
         };
+        // The guard is in place before the VM can send its first frame.
         let made = self
             .ops
             .create_tap(&a.tap, owner_uid, &a.bridge)
+            .and_then(|()| self.ops.guard_tap(&guard(&a, Egress::Public)))
             .and_then(|()| self.ops.set_neighbour(&a.bridge, a.ip, a.mac));
         if let Err(e) = made {
             if let Err(cleanup) = self.detach(&a) {
@@ -216,19 +220,26 @@ impl Network {
         Ok(a)
     }
 
-    /// Removes the neighbour entry and the TAP and releases the address.
-    /// Every step is attempted; the first failure is returned. Detaching
-    /// twice is harmless.
+    /// Replaces where the VM on `a` may send ([`Egress`]); takes effect
+    /// for its next packet, established connections included.
+    pub fn set_egress(&self, a: &Attachment, egress: Egress) -> Result<()> {
+        self.ops.guard_tap(&guard(a, egress))
+    }
+
+    /// Removes the neighbour entry, the TAP and its guard, and releases
+    /// the address. Every step is attempted; the first failure is
+    /// returned. Detaching twice is harmless.
     pub fn detach(&self, a: &Attachment) -> Result<()> {
         let neigh = self.ops.delete_neighbour(&a.bridge, a.ip).map(drop);
         let tap = self.ops.delete_link(&a.tap).map(drop);
+        let unguard = self.ops.unguard_tap(&a.tap);
         let mut pool = self.lock_pool();
         let release = if pool.is_allocated(a.ip) {
             pool.release(a.ip).map_err(NetError::from)
         } else {
             Ok(())
         };
-        neigh.and(tap).and(release)
+        neigh.and(tap).and(unguard).and(release)
     }
 
     /// Deletes every TAP of this network and the bridge (a user's last
@@ -247,6 +258,9 @@ impl Network {
                     if let Err(e) = self.ops.delete_link(&tap) {
                         first_err.get_or_insert(e);
                     }
+                    if let Err(e) = self.ops.unguard_tap(&tap) {
+                        first_err.get_or_insert(e);
+                    }
                 }
             }
             Err(e) => {
@@ -258,6 +272,17 @@ impl Network {
         }
         *self.lock_pool() = IpPool::new(self.config.subnet);
         first_err.map_or(Ok(()), Err)
+    }
+}
+
+/// The guard for the VM on `a`.
+fn guard(a: &Attachment, egress: Egress) -> TapGuard {
+    TapGuard {
+        tap: a.tap.clone(),
+        mac: a.mac,
+        ip: a.ip,
+        gateway: a.gateway,
+        egress,
     }
 }
 
@@ -313,11 +338,22 @@ mod tests {
         assert_eq!(tap.master.as_deref(), Some("br-test"));
         assert!(tap.up);
         assert_eq!(ops.neighbour("br-test", a.ip), Some(a.mac));
+        let g = ops.guard(&a.tap).expect("guarded from the start");
+        assert_eq!(
+            (g.mac, g.ip, g.gateway, &g.egress),
+            (a.mac, a.ip, a.gateway, &Egress::Public)
+        );
+        let calls = ops.calls();
+        let pos = |c: &str| calls.iter().position(|x| x == c).unwrap();
+        assert!(pos(&format!("create_tap {}", a.tap)) < pos(&format!("guard_tap {}", a.tap)));
+        net.set_egress(&a, Egress::None).unwrap();
+        assert_eq!(ops.guard(&a.tap).unwrap().egress, Egress::None);
 
         let b = net.attach(1000).unwrap();
         assert_eq!(b.ip, "10.7.0.3".parse::<Ipv4Addr>().unwrap());
         net.detach(&a).unwrap();
         assert!(ops.link(&a.tap).is_none());
+        assert!(ops.guard(&a.tap).is_none());
         assert_eq!(ops.neighbour("br-test", a.ip), None);
         assert!(!net.pool().is_allocated(a.ip));
         net.detach(&a).unwrap(); // twice is harmless
@@ -351,6 +387,10 @@ mod tests {
         assert!(net.pool().is_empty());
         ops.fail_next("create_tap");
         assert!(net.attach(0).is_err());
+        assert!(net.pool().is_empty());
+        ops.fail_next("guard_tap");
+        assert!(net.attach(0).is_err(), "no guard, no TAP");
+        assert_eq!(ops.links(), vec!["br-test".to_string()]);
         assert!(net.pool().is_empty());
     }
 

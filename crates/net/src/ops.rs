@@ -11,6 +11,7 @@ use std::fmt;
 use std::net::Ipv4Addr;
 
 use crate::error::Result;
+use crate::guard::TapGuard;
 use crate::subnet::Mac;
 
 /// Privileged network operations, all in the caller's network namespace.
@@ -18,11 +19,14 @@ pub trait NetOps: Send + Sync + fmt::Debug {
     /// Creates bridge `name` (or adopts an existing bridge of that name),
     /// gives it the fixed `mac` (so it never changes as ports come and go,
     /// which would leave stale neighbour entries in guests), the address
-    /// `addr/prefix`, and sets it up.
+    /// `addr/prefix`, and sets it up. The bridge has no IPv6 (disabled
+    /// before it comes up, so it never gets a link-local address), strict
+    /// reverse-path filtering, and answers ARP only for its own address.
     fn create_bridge(&self, name: &str, mac: Mac, addr: Ipv4Addr, prefix: u8) -> Result<()>;
 
     /// Creates a persistent TAP `name` that user `owner_uid` (the VMM) may
-    /// open, attaches it to `bridge`, and sets it up.
+    /// open, attaches it to `bridge`, and sets it up, with IPv6 disabled
+    /// before it comes up.
     fn create_tap(&self, name: &str, owner_uid: u32, bridge: &str) -> Result<()>;
 
     /// Sets a link's MAC (when given) and brings it up.
@@ -41,4 +45,11 @@ pub trait NetOps: Send + Sync + fmt::Debug {
     /// Removes the neighbour entry for `ip` on `dev`. `Ok(false)` when
     /// there was none.
     fn delete_neighbour(&self, dev: &str, ip: Ipv4Addr) -> Result<bool>;
+
+    /// Installs or replaces the guard of a TAP ([`crate::guard`]): the
+    /// frames it may send. Atomic: the old rules hold until the new ones do.
+    fn guard_tap(&self, guard: &TapGuard) -> Result<()>;
+
+    /// Removes a TAP's guard (harmless when there is none).
+    fn unguard_tap(&self, tap: &str) -> Result<()>;
 }

@@ -1,5 +1,7 @@
 //! The DNS responder on loopback: sandbox names answered, the rest relayed
-//! from an upstream that is itself a test server on loopback.
+//! from an upstream that is itself a test server on loopback; strangers
+//! ignored; a flood from one client bounded (in flight, rate, descriptors)
+//! while another client is still answered.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -51,11 +53,16 @@ async fn answers_sandbox_names_and_relays_the_rest() {
     });
     let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
     let server = socket.local_addr().unwrap();
+    let relay = net::dns::Relay::bind(upstream_addr, Default::default())
+        .await
+        .unwrap();
+    tokio::spawn(relay.clone().run());
     tokio::spawn(net::dns::serve(
         socket,
         lookup,
         "bhatti".into(),
-        upstream_addr,
+        relay,
+        "127.0.0.0/8".parse().unwrap(),
     ));
 
     for name in ["dev", "DEV", "dev.bhatti"] {
@@ -71,4 +78,129 @@ async fn answers_sandbox_names_and_relays_the_rest() {
     // A malformed query gets nothing, and the server goes on.
     assert_eq!(ask(server, b"\x00\x01garbage").await, None);
     assert!(ask(server, &query(11, "dev", 1)).await.is_some());
+}
+
+/// An upstream that answers every name but those under `slow.` (which it
+/// never answers, so they stay in flight until the relay gives up).
+async fn upstream() -> SocketAddr {
+    let upstream = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = upstream.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 1500];
+        while let Ok((n, from)) = upstream.recv_from(&mut buf).await {
+            if String::from_utf8_lossy(&buf[..n]).contains("slow") {
+                continue;
+            }
+            let mut reply = buf[..n].to_vec();
+            reply[2] |= 0x80;
+            let _ = upstream.send_to(&reply, from).await;
+        }
+    });
+    addr
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+async fn ask_from(from: &str, server: SocketAddr, msg: &[u8]) -> Option<Vec<u8>> {
+    let s = UdpSocket::bind(format!("{from}:0")).await.unwrap();
+    s.send_to(msg, server).await.unwrap();
+    let mut buf = vec![0u8; 1500];
+    match tokio::time::timeout(Duration::from_millis(1500), s.recv_from(&mut buf)).await {
+        Ok(Ok((n, _))) => Some(buf[..n].to_vec()),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_get_nothing_and_a_flood_stays_bounded() {
+    let limits = net::dns::RelayLimits {
+        max_in_flight: 100,
+        max_in_flight_per_client: 20,
+        per_client_rate: 200,
+        per_client_burst: 50,
+        timeout: Duration::from_secs(2),
+    };
+    let relay = net::dns::Relay::bind(upstream().await, limits)
+        .await
+        .unwrap();
+    tokio::spawn(relay.clone().run());
+    let lookup: net::dns::NameLookup =
+        Arc::new(|n: &str, _| (n == "dev").then_some(Ipv4Addr::new(10, 210, 0, 7)));
+    let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let server = socket.local_addr().unwrap();
+    tokio::spawn(net::dns::serve(
+        socket,
+        lookup,
+        "bhatti".into(),
+        relay.clone(),
+        // The network: 127.0.0.0/30 — 127.0.0.2 and .3 are "sandboxes".
+        "127.0.0.0/30".parse().unwrap(),
+    ));
+
+    // A stranger (outside the network) is not answered, a sandbox is.
+    assert_eq!(
+        ask_from("127.0.0.9", server, &query(1, "dev", 1)).await,
+        None
+    );
+    assert!(ask_from("127.0.0.2", server, &query(1, "dev", 1))
+        .await
+        .is_some());
+    assert!(ask_from("127.0.0.3", server, &query(2, "example.org", 1))
+        .await
+        .is_some());
+
+    // 127.0.0.2 floods: 10,000 queries for names the upstream never answers.
+    let before = open_fds();
+    let flooder = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    let mut peak_fds = 0;
+    let mut peak_in_flight = 0;
+    for i in 0..10_000u32 {
+        let q = query(i as u16, &format!("n{i}.slow.test"), 1);
+        flooder.send_to(&q, server).await.unwrap();
+        if i % 500 == 0 {
+            peak_fds = peak_fds.max(open_fds());
+            peak_in_flight = peak_in_flight.max(relay.in_flight());
+            tokio::task::yield_now().await;
+        }
+    }
+    // Meanwhile the other sandbox is answered, by name and through the relay.
+    let a = ask_from("127.0.0.3", server, &query(3, "dev", 1))
+        .await
+        .expect("a name");
+    assert_eq!(&a[a.len() - 4..], &[10, 210, 0, 7]);
+    let r = ask_from("127.0.0.3", server, &query(4, "example.org", 1))
+        .await
+        .expect("relayed during the flood");
+    assert_eq!(&r[..2], &[0, 4], "the client's id is restored");
+    peak_in_flight = peak_in_flight.max(relay.in_flight());
+    assert!(
+        peak_in_flight <= 20,
+        "one client held {peak_in_flight} queries"
+    );
+    assert!(
+        peak_fds <= before + 2,
+        "descriptors grew from {before} to {peak_fds} under a flood"
+    );
+    // What the flooder got back: SERVFAILs for its in-flight overflow,
+    // nothing for queries over its rate, far fewer than it sent.
+    let mut answered = 0;
+    let mut buf = vec![0u8; 1500];
+    while let Ok(Ok(_)) =
+        tokio::time::timeout(Duration::from_millis(300), flooder.recv_from(&mut buf)).await
+    {
+        answered += 1;
+    }
+    assert!(answered < 2_000, "{answered} answers to a flood of 10,000");
+    // The slow queries expire; the relay is empty again.
+    testkit_wait(|| relay.in_flight() == 0).await;
+}
+
+async fn testkit_wait(mut cond: impl FnMut() -> bool) {
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(std::time::Instant::now() < end, "timed out");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

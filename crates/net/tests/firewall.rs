@@ -140,6 +140,7 @@ fn isolates_users_guards_the_host_and_is_idempotent() {
             "10.91.1.0/24".parse().unwrap(),
             "10.91.2.0/24".parse().unwrap(),
         ],
+        ..Default::default()
     };
     fw.apply(&cfg).unwrap();
     let once = save();

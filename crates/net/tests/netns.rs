@@ -83,6 +83,14 @@ fn bridge_taps_and_neighbours_for_real() {
     assert_eq!(tap["linkinfo"]["info_data"]["type"], "tap");
     assert_eq!(tap["linkinfo"]["info_data"]["user"], 4242);
     assert_eq!(tap["master"], "bhtest0");
+    // No IPv6 on the TAP or the bridge (disabled before they came up, so
+    // not even a link-local address), and the TAP is guarded from the start.
+    for dev in [a.tap.as_str(), "bhtest0"] {
+        let v6 = testkit::run("ip", &["-6", "addr", "show", "dev", dev]);
+        assert!(v6.trim().is_empty(), "{dev}: {v6}");
+    }
+    let map = testkit::run("nft", &["list", "map", "bridge", "bhatti", "taps"]);
+    assert!(map.contains(&format!("\"{}\"", a.tap)), "{map}");
     assert_eq!(
         ops.list_links("bx").unwrap(),
         vec![a.tap.clone(), b.tap.clone()]
@@ -118,6 +126,12 @@ fn bridge_taps_and_neighbours_for_real() {
 
     net.detach(&a).unwrap();
     assert!(link(&a.tap).is_none());
+    let map = testkit::run("nft", &["list", "map", "bridge", "bhatti", "taps"]);
+    assert!(
+        !map.contains(&format!("\"{}\"", a.tap)),
+        "guard outlived its TAP: {map}"
+    );
+    assert!(map.contains(&format!("\"{}\"", b.tap)), "{map}");
     let neigh = ip_json(&["neigh", "show", "dev", "bhtest0"]);
     assert!(!neigh
         .as_array()
