@@ -205,7 +205,13 @@ fn a_stopped_agent_and_an_endless_stream_stall_nobody_else() {
             || streamed.load(std::sync::atomic::Ordering::Relaxed) > before,
         )
         .await;
-        assert!(flows, "the endless stream stopped flowing");
+        if !flows {
+            let (_, v) = c.json(Method::GET, "/sandboxes/streamer", None).await;
+            panic!(
+                "the endless stream stopped flowing after {before} bytes (reader ended: {}); streamer: {v}",
+                reader.is_finished()
+            );
+        }
         assert!(before > 0);
 
         // Shutdown completes within its bound, stream and stuck guest notwithstanding.

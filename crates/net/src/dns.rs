@@ -213,9 +213,10 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Binds the relay's one socket, connected to `upstream` (so only the
-    /// upstream's datagrams arrive, and an unreachable upstream is an
-    /// error at once rather than a timeout).
+    /// Binds the relay's one socket. It is not connected: an upstream the
+    /// host cannot reach yet (no route at start) must not stop the daemon;
+    /// queries then get SERVFAIL until it can. Datagrams from anyone but
+    /// the upstream are dropped.
     pub async fn bind(upstream: SocketAddr, limits: RelayLimits) -> std::io::Result<Arc<Relay>> {
         let bind: SocketAddr = if upstream.is_ipv4() {
             SocketAddr::from(([0, 0, 0, 0], 0))
@@ -223,7 +224,6 @@ impl Relay {
             SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
         };
         let socket = UdpSocket::bind(bind).await?;
-        socket.connect(upstream).await?;
         let seed = {
             use std::hash::{BuildHasher, Hasher};
             let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -338,7 +338,7 @@ impl Relay {
         };
         let mut out = msg.to_vec();
         out[..2].copy_from_slice(&id.to_be_bytes());
-        match self.socket.send(&out).await {
+        match self.socket.send_to(&out, self.upstream).await {
             Ok(_) => Relayed::Sent,
             Err(e) => {
                 tracing::debug!(upstream = %self.upstream, error = %e, "DNS upstream failed");
@@ -382,8 +382,11 @@ impl Relay {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                got = self.socket.recv(&mut buf) => match got {
-                    Ok(n) => self.answer(&buf[..n]).await,
+                got = self.socket.recv_from(&mut buf) => match got {
+                    Ok((n, from)) if from == self.upstream => self.answer(&buf[..n]).await,
+                    Ok((_, from)) => {
+                        tracing::debug!(%from, "DNS datagram not from the upstream; dropped");
+                    }
                     Err(e) => {
                         // A connected UDP socket reports the upstream's ICMP
                         // errors here; everything waiting went to it.
