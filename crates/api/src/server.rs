@@ -1,6 +1,7 @@
 //! Starting the daemon: store, secrets, engine, recovery, listener, and a
 //! graceful shutdown.
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -48,6 +49,11 @@ pub struct Daemon {
 /// How long requests in flight on the public proxy (event streams,
 /// WebSockets) may take to finish after shutdown begins.
 const PUBLIC_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long API requests in flight (streamed execs, shells, downloads)
+/// may take to finish after shutdown begins; then the VM layer shuts
+/// down under them and their streams end.
+const API_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Daemon {
     /// Opens everything and binds the listener; nothing is served yet.
@@ -117,10 +123,12 @@ impl Daemon {
             let state = crate::publish::public::PublicState::new(&self.state);
             tokio::spawn(crate::publish::public::serve(listener, state, stopped))
         });
+        let (began, mut beginning) = tokio::sync::watch::channel(false);
         let shutdown = async move {
             shutdown.await;
             // send fails only when the public proxy is off or gone.
             let _ = stop_public.send(true);
+            let _ = began.send(true);
         };
         let app = crate::routes::router(self.state);
         // Peer addresses for the proxy's X-Forwarded-For.
@@ -133,10 +141,21 @@ impl Daemon {
                 tracing::debug!(error = %e, "cannot set TCP_NODELAY");
             }
         });
-        axum::serve(listener, app)
+        let serving = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(ServeError::Serve)?;
+            .into_future();
+        // Requests in flight get API_DRAIN to finish; an endless stream
+        // (exec of `yes`, a shell left open) must not hold shutdown up.
+        let drained = async move {
+            let _ = beginning.wait_for(|began| *began).await;
+            tokio::time::sleep(API_DRAIN).await;
+        };
+        tokio::select! {
+            served = serving => served.map_err(ServeError::Serve)?,
+            () = drained => tracing::warn!(
+                "API requests still open after {API_DRAIN:?}; shutting down under them"
+            ),
+        }
         if let Some(mut task) = public {
             match tokio::time::timeout(PUBLIC_DRAIN, &mut task).await {
                 Ok(Ok(Ok(()))) => {}
