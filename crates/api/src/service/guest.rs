@@ -388,3 +388,51 @@ impl Drop for KeepHot {
         self.0.abort();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::StatusCode;
+
+    fn agent(source: ClientError) -> CoreError {
+        CoreError::Agent {
+            id: "sb-0123456789ab".parse().unwrap(),
+            source,
+        }
+    }
+
+    #[test]
+    fn deadlines_are_504_dead_vms_502_and_agent_refusals_keep_their_meaning() {
+        let timeout = agent(ClientError::Timeout {
+            operation: "exec",
+            after: Duration::from_secs(30),
+        });
+        assert_eq!(guest_error(timeout).status(), StatusCode::GATEWAY_TIMEOUT);
+        let dead = CoreError::VmmExited {
+            id: "sb-0123456789ab".parse().unwrap(),
+            reason: "killed by signal 9".into(),
+            serial_tail: String::new(),
+        };
+        let e = guest_error(dead);
+        assert_eq!(e.status(), StatusCode::BAD_GATEWAY);
+        assert!(e.to_string().contains("is dead"), "{e}");
+        let closed = agent(ClientError::Closed { operation: "exec" });
+        assert_eq!(guest_error(closed).status(), StatusCode::BAD_GATEWAY);
+        for (code, status) in [
+            (proto::ErrorCode::NotFound, StatusCode::NOT_FOUND),
+            (proto::ErrorCode::PermissionDenied, StatusCode::FORBIDDEN),
+            (proto::ErrorCode::FileTooLarge, StatusCode::BAD_REQUEST),
+            (proto::ErrorCode::SessionAttached, StatusCode::CONFLICT),
+            (
+                proto::ErrorCode::TooManyConnections,
+                StatusCode::TOO_MANY_REQUESTS,
+            ),
+        ] {
+            let e = agent(ClientError::Agent {
+                code,
+                message: "m".into(),
+            });
+            assert_eq!(guest_error(e).status(), status, "{code:?}");
+        }
+    }
+}
