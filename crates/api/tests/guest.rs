@@ -104,7 +104,8 @@ async fn drain(resp: reqwest::Response) -> (u64, String, Vec<u8>) {
 fn guest_calls_stay_bounded_under_pressure() {
     in_netns("api-guest", || async {
         let data = data_dir();
-        let d = TestDaemon::start(config(data.path(), "")).await;
+        // The progress polls below are execs too: room for them.
+        let d = TestDaemon::start(config(data.path(), "[limits]\nexecs_per_min = 1000\n")).await;
         let c = d.client(&d.user("mallory", 4));
         let creates = ["g0", "g1", "g2", "g3"].map(|n| {
             let c = c.clone();
@@ -114,6 +115,7 @@ fn guest_calls_stay_bounded_under_pressure() {
 
         exec_output_is_capped(&c).await;
         a_4gib_file_downloads_whole(&c).await;
+        a_slow_reader_stalls_the_command(&c).await;
         many_calls_at_once_never_5xx(&c).await;
         a_vm_killed_under_a_call_is_a_502(&c, &created[3]).await;
 
@@ -252,6 +254,62 @@ async fn a_4gib_file_downloads_whole(c: &Client) {
     assert_eq!(resp.status(), 404);
     let (s, v) = c.exec("g0", &["rm", "/tmp/big"]).await;
     assert_eq!(s, 200, "{v}");
+}
+
+/// A streamed exec whose client stops reading: the command's writes block
+/// (its progress counter stops moving) instead of its output piling up
+/// in the daemon.
+async fn a_slow_reader_stalls_the_command(c: &Client) {
+    let script =
+        "i=0; while true; do head -c 65536 /dev/zero; i=$((i+1)); echo $i > /tmp/progress; done";
+    let watch = RssWatch::start();
+    let resp = c
+        .req(Method::POST, "/sandboxes/g2/exec")
+        .header("accept", "application/x-ndjson")
+        .json(&json!({"cmd": ["sh", "-c", script], "timeout_sec": 120}))
+        .send()
+        .await
+        .expect("streamed exec");
+    assert_eq!(resp.status(), 200);
+    let progress = || async {
+        let out = sh(c, "g2", "cat /tmp/progress 2>/dev/null || echo 0").await;
+        out.trim().parse::<u64>().unwrap_or(0)
+    };
+    // Not reading: the buffers between the guest and this client fill up.
+    let mut last = progress().await;
+    let end = Instant::now() + Duration::from_secs(90);
+    let stalled = loop {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let now = progress().await;
+        if now == last && now > 0 {
+            break true;
+        }
+        last = now;
+        if Instant::now() > end {
+            break false;
+        }
+    };
+    let rise = watch.peak_rise();
+    println!(
+        "streamed exec with a client not reading: stalled ({stalled}) after {last} chunks of 64 KiB, daemon RSS rose {} MiB at most",
+        mib(rise)
+    );
+    assert!(stalled, "the command kept writing: {last} chunks");
+    assert!(last < 1024, "{last} chunks (64 MiB) went out unread");
+    assert!(rise < RSS_BUDGET, "RSS rose {} MiB", mib(rise));
+    // Reading again lets it go on; dropping the stream kills it.
+    let reader = tokio::spawn(async move {
+        let mut body = resp.bytes_stream();
+        while let Some(Ok(_)) = body.next().await {}
+    });
+    let end = Instant::now() + Duration::from_secs(60);
+    let mut moved = last;
+    while moved <= last && Instant::now() < end {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        moved = progress().await;
+    }
+    reader.abort();
+    assert!(moved > last, "reading again did not let it go on");
 }
 
 async fn many_calls_at_once_never_5xx(c: &Client) {
