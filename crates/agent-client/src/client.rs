@@ -94,6 +94,17 @@ pub struct ExecOutput {
     pub exit: Exit,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
+    /// Output past the cap of [`AgentClient::exec_capped`] was left out.
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+}
+
+/// Appends `d` to `buf` up to `cap` bytes in all; says whether anything
+/// was left out.
+fn keep_capped(buf: &mut Vec<u8>, d: &[u8], cap: usize) -> bool {
+    let room = cap.saturating_sub(buf.len());
+    buf.extend_from_slice(&d[..d.len().min(room)]);
+    d.len() > room
 }
 
 /// What a streamed command produces.
@@ -210,6 +221,17 @@ impl AgentClient {
 
     /// Runs a command to completion and collects its output.
     pub async fn exec(&self, req: ExecRequest) -> Result<ExecOutput, ClientError> {
+        self.exec_capped(req, usize::MAX).await
+    }
+
+    /// Runs a command to completion and keeps at most `max_per_stream`
+    /// bytes of each of stdout and stderr; the rest is read and dropped
+    /// (the command runs to its end) and the output says it was truncated.
+    pub async fn exec_capped(
+        &self,
+        req: ExecRequest,
+        max_per_stream: usize,
+    ) -> Result<ExecOutput, ClientError> {
         if req.tty || req.detach {
             return Err(ClientError::InvalidRequest(
                 "exec collects piped commands; use open_session or spawn".into(),
@@ -218,16 +240,19 @@ impl AgentClient {
         let run = async {
             let mut stream = self.exec_stream(req).await?;
             let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+            let (mut out_cut, mut err_cut) = (false, false);
             loop {
                 match stream.next().await? {
-                    ExecEvent::Stdout(d) => stdout.extend_from_slice(&d),
-                    ExecEvent::Stderr(d) => stderr.extend_from_slice(&d),
+                    ExecEvent::Stdout(d) => out_cut |= keep_capped(&mut stdout, &d, max_per_stream),
+                    ExecEvent::Stderr(d) => err_cut |= keep_capped(&mut stderr, &d, max_per_stream),
                     ExecEvent::Exit(exit) => {
                         return Ok(ExecOutput {
                             pid: stream.pid,
                             exit,
                             stdout,
                             stderr,
+                            stdout_truncated: out_cut,
+                            stderr_truncated: err_cut,
                         })
                     }
                 }

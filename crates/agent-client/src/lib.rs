@@ -21,6 +21,6 @@ mod stream;
 
 pub use client::{AgentClient, ExecEvent, ExecInputHalf, ExecOutput, ExecOutputHalf, ExecStream};
 pub use error::ClientError;
-pub use files::{FileContent, Listing, WriteOptions};
+pub use files::{FileContent, FileReader, Listing, WriteOptions};
 pub use session::{SessionEvent, SessionInput, SessionOutput, SessionStream};
 pub use stream::{Endpoint, Tunnel};

@@ -149,6 +149,13 @@ pub struct ExecResult {
     pub stderr: String,
     #[serde(default)]
     pub timed_out: bool,
+    /// Stdout went past the daemon's `limits.max_exec_output` and the rest
+    /// was left out (the command still ran to its end).
+    #[serde(default)]
+    pub stdout_truncated: bool,
+    /// As `stdout_truncated`, for stderr.
+    #[serde(default)]
+    pub stderr_truncated: bool,
 }
 
 /// The answer to a detached exec.

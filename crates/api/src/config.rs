@@ -47,6 +47,10 @@ pub struct LimitsConfig {
     pub reads_per_min: u32,
     /// Largest JSON body, bytes.
     pub max_json_body: usize,
+    /// Output a collected (non-streaming) exec keeps per stream, bytes;
+    /// the rest is dropped and the answer says `stdout_truncated` /
+    /// `stderr_truncated`. Streaming exec is not capped.
+    pub max_exec_output: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -179,6 +183,7 @@ impl Default for LimitsConfig {
             execs_per_min: 120,
             reads_per_min: 600,
             max_json_body: api_types::limits::MAX_JSON_BODY,
+            max_exec_output: 16 * 1024 * 1024,
         }
     }
 }
@@ -246,6 +251,11 @@ impl DaemonConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
+        if l.max_exec_output == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.max_exec_output must be at least 1 byte".into(),
+            ));
+        }
         if l.creates_per_min == 0 || l.execs_per_min == 0 || l.reads_per_min == 0 {
             return Err(ConfigError::Invalid(
                 "rate limits must be at least 1 per minute".into(),

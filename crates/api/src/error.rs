@@ -19,13 +19,19 @@ pub enum ApiError {
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
+    LengthRequired(String),
+    #[error("{0}")]
     PayloadTooLarge(String),
     #[error("rate limit exceeded; retry in {}s", retry_after.as_secs().max(1))]
     RateLimited { retry_after: Duration },
     #[error("{0}")]
     Unavailable(String),
+    /// The sandbox's VM died or its agent broke the exchange.
     #[error("{0}")]
     BadGateway(String),
+    /// A call into the guest passed its deadline.
+    #[error("{0}")]
+    GatewayTimeout(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -38,10 +44,12 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::LengthRequired(_) => StatusCode::LENGTH_REQUIRED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            ApiError::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -82,6 +90,9 @@ impl From<store::StoreError> for ApiError {
 impl From<agent_client::ClientError> for ApiError {
     fn from(e: agent_client::ClientError) -> Self {
         use proto::ErrorCode as C;
+        if let agent_client::ClientError::Timeout { .. } = e {
+            return ApiError::GatewayTimeout(format!("sandbox agent: {e}"));
+        }
         match e.agent_code() {
             Some(C::NotFound) => ApiError::NotFound(e.to_string()),
             Some(C::BadRequest | C::SpawnFailed | C::SessionExists | C::FileTooLarge) => {

@@ -1,18 +1,22 @@
 //! The reverse proxy into a guest: one HTTP request (WebSocket and other
 //! upgrades included) forwarded to a TCP port in the sandbox over a fresh
-//! agent tunnel. Bodies stream both ways without buffering, so server-sent
+//! agent tunnel (opened by core's guest surface, see
+//! [`crate::service::Service::proxy`]). Bodies stream both ways without buffering, so server-sent
 //! events arrive one by one. Used by the authenticated
 //! `/sandboxes/:id/proxy/:port/…` route and by published aliases.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use agent_client::{AgentClient, ClientError};
+use std::future::Future;
+
+use agent_client::ClientError;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request};
 use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use axum::http::{StatusCode, Uri, Version};
 use axum::response::{IntoResponse, Response};
+use bhatti_core::{CoreError, GuestTunnel};
 use hyper_util::rt::TokioIo;
 
 /// How long the guest server may take to send a response's head (status
@@ -22,43 +26,33 @@ pub const RESPONSE_HEAD_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Forwards one HTTP request (any method; WebSocket/Upgrade requests
 /// included; bodies streamed both ways, unbuffered, so SSE arrives event by
-/// event) to 127.0.0.1:`port` in the guest over a fresh agent tunnel.
-/// `path_and_query` is what the guest server sees as the request target
-/// (e.g. "/a/b?x=1").
+/// event) to 127.0.0.1:`port` in the guest over the tunnel `open` opens
+/// (awaited once the request is checked). `path_and_query` is what the
+/// guest server sees as the request target (e.g. "/a/b?x=1"). `held` is
+/// kept alive for as long as the exchange lasts: until the response body
+/// has been sent (or dropped), or, after a `101`, until the upgraded
+/// connection closes — for what must last as long as the traffic does (the
+/// keep-hot mark, a concurrency slot).
 ///
 /// Never panics; failures become a JSON error response: 502 with a reason
-/// when nothing listens on the port (the tunnel is refused) or the guest
-/// server breaks the HTTP exchange, 504 on a timeout.
-pub async fn forward(
-    agent: AgentClient,
-    port: u16,
-    sandbox_name: &str,
-    req: Request,
-    path_and_query: &str,
-) -> Response {
-    forward_holding(agent, port, sandbox_name, req, path_and_query, ()).await
-}
-
-/// [`forward`], keeping `held` alive for as long as the exchange lasts:
-/// until the response body has been sent (or dropped), or, after a `101`,
-/// until the upgraded connection closes. For whatever must last as long
-/// as the traffic does: a task keeping the sandbox hot, a concurrency slot.
+/// when nothing listens on the port (the tunnel is refused), the VM died or
+/// the guest server breaks the HTTP exchange, 504 on a timeout.
 pub async fn forward_holding<H: Send + Sync + Unpin + 'static>(
-    agent: AgentClient,
+    open: impl Future<Output = Result<GuestTunnel, CoreError>>,
     port: u16,
     sandbox_name: &str,
     req: Request,
     path_and_query: &str,
     held: H,
 ) -> Response {
-    match forward_inner(agent, port, sandbox_name, req, path_and_query, held).await {
+    match forward_inner(open, port, sandbox_name, req, path_and_query, held).await {
         Ok(resp) => resp,
         Err(e) => e.into_response(),
     }
 }
 
 /// Why a request could not be forwarded.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ProxyError {
     #[error("invalid request target {target:?}")]
     BadTarget { target: String },
@@ -87,12 +81,21 @@ pub enum ProxyError {
 impl ProxyError {
     /// The HTTP status the caller sees.
     pub fn status(&self) -> StatusCode {
-        match self {
-            ProxyError::BadTarget { .. } => StatusCode::BAD_REQUEST,
+        crate::error::ApiError::from(self.clone()).status()
+    }
+}
+
+/// The API's one status mapping: a bad target is a 400, a timeout a 504,
+/// anything else a 502.
+impl From<ProxyError> for crate::error::ApiError {
+    fn from(e: ProxyError) -> Self {
+        use crate::error::ApiError;
+        match e {
+            ProxyError::BadTarget { .. } => ApiError::BadRequest(e.to_string()),
             ProxyError::NotListening { .. }
             | ProxyError::TunnelFailed { .. }
-            | ProxyError::Exchange { .. } => StatusCode::BAD_GATEWAY,
-            ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            | ProxyError::Exchange { .. } => ApiError::BadGateway(e.to_string()),
+            ProxyError::Timeout { .. } => ApiError::GatewayTimeout(e.to_string()),
         }
     }
 }
@@ -100,15 +103,12 @@ impl ProxyError {
 impl IntoResponse for ProxyError {
     fn into_response(self) -> Response {
         tracing::debug!(error = %self, "proxy request failed");
-        let body = axum::Json(api_types::ErrorBody {
-            error: self.to_string(),
-        });
-        (self.status(), body).into_response()
+        crate::error::ApiError::from(self).into_response()
     }
 }
 
 async fn forward_inner<H: Send + Sync + Unpin + 'static>(
-    agent: AgentClient,
+    open: impl Future<Output = Result<GuestTunnel, CoreError>>,
     port: u16,
     sandbox: &str,
     mut req: Request,
@@ -136,10 +136,7 @@ async fn forward_inner<H: Send + Sync + Unpin + 'static>(
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
 
-    let tunnel = agent
-        .tunnel(port)
-        .await
-        .map_err(|e| tunnel_error(e, port, sandbox))?;
+    let tunnel = open.await.map_err(|e| tunnel_error(e, port, sandbox))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tunnel))
         .await
         .map_err(|e| exchange_error(&e, port, sandbox))?;
@@ -221,10 +218,10 @@ async fn forward_inner<H: Send + Sync + Unpin + 'static>(
     Ok(back)
 }
 
-/// The JSON error response for a tunnel that could not be opened (502, or
-/// 504 on a timeout), as [`forward`] renders it.
-pub fn tunnel_failure(e: ClientError, port: u16, sandbox_name: &str) -> Response {
-    tunnel_error(e, port, sandbox_name).into_response()
+/// Why a tunnel could not be opened, as [`forward_holding`] reports it
+/// (502 with a reason, 504 on a timeout).
+pub fn tunnel_failure(e: CoreError, port: u16, sandbox_name: &str) -> ProxyError {
+    tunnel_error(e, port, sandbox_name)
 }
 
 /// A response body that keeps something alive until it is dropped.
@@ -257,8 +254,16 @@ where
     }
 }
 
-fn tunnel_error(e: ClientError, port: u16, sandbox: &str) -> ProxyError {
+fn tunnel_error(e: CoreError, port: u16, sandbox: &str) -> ProxyError {
     let sandbox = sandbox.to_string();
+    let CoreError::Agent { source: e, .. } = e else {
+        // The VM died, or the sandbox cannot be reached at all.
+        return ProxyError::TunnelFailed {
+            port,
+            sandbox,
+            reason: crate::error::error_chain(&e),
+        };
+    };
     match &e {
         ClientError::Agent {
             code: proto::ErrorCode::ConnectFailed,
@@ -513,11 +518,20 @@ mod tests {
         assert_eq!(switched["sec-websocket-accept"], "x");
     }
 
+    fn core(source: ClientError) -> CoreError {
+        CoreError::Agent {
+            id: "sb-0123456789ab".parse().unwrap(),
+            source,
+        }
+    }
+
     #[test]
     fn tunnel_failures_map_to_502_or_504_with_a_reason() {
-        let agent = |message: &str| ClientError::Agent {
-            code: proto::ErrorCode::ConnectFailed,
-            message: message.into(),
+        let agent = |message: &str| {
+            core(ClientError::Agent {
+                code: proto::ErrorCode::ConnectFailed,
+                message: message.into(),
+            })
         };
         let e = tunnel_error(
             agent(
@@ -538,19 +552,19 @@ mod tests {
         );
         assert_eq!(e.status(), StatusCode::GATEWAY_TIMEOUT);
         let e = tunnel_error(
-            ClientError::Timeout {
+            core(ClientError::Timeout {
                 operation: "tunnel",
                 after: Duration::from_secs(30),
-            },
+            }),
             3000,
             "dev",
         );
         assert_eq!(e.status(), StatusCode::GATEWAY_TIMEOUT);
         assert!(e.to_string().contains("did not answer within 30s"), "{e}");
         let e = tunnel_error(
-            ClientError::Closed {
+            core(ClientError::Closed {
                 operation: "tunnel",
-            },
+            }),
             3000,
             "dev",
         );
@@ -560,6 +574,14 @@ mod tests {
                 .starts_with("cannot reach port 3000 in sandbox 'dev'"),
             "{e}"
         );
+        let dead = CoreError::VmmExited {
+            id: "sb-0123456789ab".parse().unwrap(),
+            reason: "killed by signal 9".into(),
+            serial_tail: String::new(),
+        };
+        let e = tunnel_error(dead, 3000, "dev");
+        assert_eq!(e.status(), StatusCode::BAD_GATEWAY);
+        assert!(e.to_string().contains("is dead"), "{e}");
         let e = ProxyError::BadTarget { target: "x".into() };
         assert_eq!(e.status(), StatusCode::BAD_REQUEST);
     }

@@ -10,7 +10,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
-use agent_client::AgentClient;
 use api_types::{CreateSandbox, PatchSandbox, Sandbox};
 use bhatti_core::{
     CoreConfig, CoreError, SandboxId, SandboxManager, SandboxRecord, SandboxSpec, Stopped,
@@ -25,7 +24,10 @@ use crate::keys::random_hex;
 use crate::secrets::SecretBox;
 use crate::state::blocking;
 
+mod guest;
 mod publish;
+
+pub use guest::{guest_error, KeepHot, ShellRequest};
 
 /// Statuses the API shows.
 pub mod status {
@@ -589,11 +591,16 @@ impl Service {
         }
     }
 
-    /// The agent of a sandbox of `user`, booting it again first if it is
-    /// stopped.
-    pub async fn agent(&self, user: &UserRecord, id: &str) -> Result<AgentClient, ApiError> {
+    /// Finds a sandbox of `user` by id or name, boots it again first if it
+    /// is stopped, wakes it and checks its VM: core's id of a running,
+    /// hot sandbox (what [`guest`]'s operations call into).
+    pub(crate) async fn guest_id(
+        &self,
+        user: &UserRecord,
+        id: &str,
+    ) -> Result<SandboxId, ApiError> {
         if let Some((sid, live)) = self.live_lookup(&user.id, id) {
-            return self.live_agent(user, &sid, &live).await;
+            return self.live_guest(user, &sid, &live).await;
         }
         let mut row = self.row(user, id).await?;
         if row.status == status::STOPPED {
@@ -618,15 +625,15 @@ impl Service {
         let live = self.live().get(&row.id).cloned().ok_or_else(|| {
             ApiError::Unavailable(format!("sandbox '{}' has no running VM", row.name))
         })?;
-        self.live_agent(user, &row.id, &live).await
+        self.live_guest(user, &row.id, &live).await
     }
 
-    async fn live_agent(
+    async fn live_guest(
         &self,
         user: &UserRecord,
         sid: &str,
         live: &Live,
-    ) -> Result<AgentClient, ApiError> {
+    ) -> Result<SandboxId, ApiError> {
         // Warm: resumed; cold: restored (concurrent callers share one
         // wake). This is also the host-side activity mark.
         self.core.ensure_hot(&live.core).await.map_err(core_error)?;
@@ -646,7 +653,7 @@ impl Service {
             }
             Err(e) => return Err(core_error(e)),
         }
-        self.core.agent(&live.core).map_err(core_error)
+        Ok(live.core.clone())
     }
 
     /// Boots a stopped sandbox from its disk; concurrent callers share one boot.

@@ -43,6 +43,10 @@ mod thermal;
 
 pub use config::CoreConfig;
 pub use error::{CoreError, Result};
+pub use guest::{
+    GuestExec, GuestFile, GuestSession, GuestSessionInput, GuestSessionOutput, GuestTunnel,
+    CALL_DEADLINE, EXEC_GRACE,
+};
 pub use id::{BadSandboxId, SandboxId, Token};
 pub use machine::{AGENT_PORT, BASE_CMDLINE, MEMORY_FILE, SERIAL_LOG, SNAPSHOT_DIR};
 pub use manager::SandboxManager;

@@ -1,10 +1,11 @@
 //! The public proxy: its own socket, no API key. A request is routed to a
 //! publication (by host or path, see [`super::route`]), admitted (per
 //! client IP rate limit, a cap on sandboxes waking at once, a cap on
-//! requests in flight per publication), its sandbox woken through the
-//! service's ensure-hot path, and forwarded with [`crate::proxy::forward`]
-//! to the published port — never to any other port: the port comes from
-//! the publication, not from the request.
+//! requests in flight per publication), its sandbox woken and the request
+//! forwarded by [`Service::public_proxy`] (the same path, and the same
+//! keep-hot mark, as the authenticated proxy) to the published port —
+//! never to any other port: the port comes from the publication, not from
+//! the request.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -181,25 +182,19 @@ async fn handle(State(s): State<PublicState>, req: Request) -> Response {
     let Some(slot) = s.inflight.enter(&publication.id) else {
         return unavailable(format!("'{alias}' has too many requests in flight"));
     };
-    let agent = {
-        // Requests that must wake the sandbox take a wake permit (shared
-        // by all requests waking the same one) for as long as it takes.
-        let _waking = if s.service.needs_wake(&publication.sandbox_id) {
-            match s.wakes.enter(&publication.sandbox_id) {
-                Some(p) => Some(p),
-                None => {
-                    return unavailable(format!(
-                        "too many sandboxes are waking; retry '{alias}' shortly"
-                    ))
-                }
+    // Requests that must wake the sandbox take a wake permit (shared by
+    // all requests waking the same one) for as long as the wake takes.
+    let waking = if s.service.needs_wake(&publication.sandbox_id) {
+        match s.wakes.enter(&publication.sandbox_id) {
+            Some(p) => Some(p),
+            None => {
+                return unavailable(format!(
+                    "too many sandboxes are waking; retry '{alias}' shortly"
+                ))
             }
-        } else {
-            None
-        };
-        match s.service.public_agent(&publication).await {
-            Ok(a) => a,
-            Err(e) => return wake_error(&alias, e),
         }
+    } else {
+        None
     };
     // Where the guest's paths are for the caller; never the caller's word.
     let mut req = req;
@@ -208,43 +203,15 @@ async fn handle(State(s): State<PublicState>, req: Request) -> Response {
     if let Some(v) = prefix.and_then(|p| HeaderValue::from_str(&p).ok()) {
         req.headers_mut().insert(forwarded_prefix, v);
     }
-    // The alias, not the sandbox's name, goes into error messages.
-    // The slot and the keep-hot task last as long as the exchange: until
-    // the body has been sent, or an upgraded connection closes.
-    let keep_hot = KeepHot::start(&s.service, &publication.sandbox_id);
-    crate::proxy::forward_holding(
-        agent,
-        publication.port,
-        &alias,
-        req,
-        &target,
-        (slot, keep_hot),
-    )
-    .await
-}
-
-/// Marks a sandbox in use at a steady pace while it lives, so one that
-/// streams a response (server-sent events, a download) or holds a
-/// WebSocket is not paused under it for lack of new requests.
-#[derive(Debug)]
-struct KeepHot(tokio::task::JoinHandle<()>);
-
-impl KeepHot {
-    fn start(service: &Arc<Service>, sid: &str) -> KeepHot {
-        let service = service.clone();
-        let sid = sid.to_string();
-        KeepHot(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(service.keep_hot_every());
-            loop {
-                tick.tick().await;
-                service.touch(&sid);
-            }
-        }))
-    }
-}
-
-impl Drop for KeepHot {
-    fn drop(&mut self) {
-        self.0.abort();
+    // The alias, not the sandbox's name, goes into error messages. The
+    // slot lasts as long as the exchange: until the body has been sent,
+    // or an upgraded connection closes.
+    match s
+        .service
+        .public_proxy(&publication, waking, req, &target, &alias, slot)
+        .await
+    {
+        Ok(resp) => resp,
+        Err(e) => wake_error(&alias, e),
     }
 }

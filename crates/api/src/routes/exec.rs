@@ -1,7 +1,6 @@
 //! `POST /sandboxes/:id/exec`: collected JSON, NDJSON stream, or detached.
 
 use std::convert::Infallible;
-use std::time::Duration;
 
 use agent_client::ExecEvent;
 use api_types::limits::{DEFAULT_EXEC_TIMEOUT_SEC, MAX_EXEC_TIMEOUT_SEC};
@@ -55,9 +54,8 @@ pub async fn exec(
 ) -> Result<Response, ApiError> {
     state.limit(&user, Class::Exec)?;
     let req = to_request(&body)?;
-    let agent = state.service.agent(&user, &id).await?;
     if body.detach {
-        let started = agent.spawn(req).await?;
+        let started = state.service.spawn(&user, &id, req).await?;
         let out = api_types::Detached {
             pid: started.pid,
             log_path: started.log_path.unwrap_or_default(),
@@ -68,20 +66,25 @@ pub async fn exec(
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains(NDJSON));
-    // The agent kills the command at its timeout; the client-side deadline
-    // only catches an agent that stopped answering.
-    let deadline = Duration::from_millis(req.timeout_ms.unwrap_or(0)) + Duration::from_secs(30);
     if wants_stream {
-        return stream(agent, req).await;
+        let exec = state.service.exec_stream(&user, &id, req).await?;
+        return Ok(stream(exec));
     }
-    let out = agent.deadline(deadline).exec(req).await?;
+    let out = state.service.exec(&user, &id, req).await?;
     Ok(Json(api_types::ExecResult {
         exit_code: out.exit.code,
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        stdout: text(out.stdout),
+        stderr: text(out.stderr),
         timed_out: out.exit.timed_out,
+        stdout_truncated: out.stdout_truncated,
+        stderr_truncated: out.stderr_truncated,
     })
     .into_response())
+}
+
+/// Output as text, without a copy when it is UTF-8 already.
+fn text(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 fn line(l: &ExecLine) -> Bytes {
@@ -90,58 +93,53 @@ fn line(l: &ExecLine) -> Bytes {
     Bytes::from(v)
 }
 
-/// Streams output as NDJSON lines, each flushed as it is produced. If the
-/// client goes away, the stream (and with it the agent connection) is
-/// dropped, and the agent kills the command's process group.
-async fn stream(
-    agent: agent_client::AgentClient,
-    req: proto::ExecRequest,
-) -> Result<Response, ApiError> {
-    let mut exec = agent.exec_stream(req).await?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
-    tokio::spawn(async move {
-        loop {
-            let l = match exec.next().await {
-                Ok(ExecEvent::Stdout(d)) => ExecLine::Stdout {
+/// Streams output as NDJSON lines, each flushed as it is produced. The
+/// body pulls from the guest: a line is read from the agent only when the
+/// client has taken the one before, so a slow client slows the command's
+/// pipe and nothing piles up here. If the client goes away, the stream (and
+/// with it the agent connection) is dropped, and the agent kills the
+/// command's process group.
+fn stream(exec: bhatti_core::GuestExec) -> Response {
+    // `Some` while the command runs; `None` after its last line.
+    let body = futures_util::stream::unfold(Some(exec), |exec| async move {
+        let mut exec = exec?;
+        let (l, more) = match exec.next().await {
+            Ok(ExecEvent::Stdout(d)) => (
+                ExecLine::Stdout {
                     data: String::from_utf8_lossy(&d).into_owned(),
                 },
-                Ok(ExecEvent::Stderr(d)) => ExecLine::Stderr {
+                true,
+            ),
+            Ok(ExecEvent::Stderr(d)) => (
+                ExecLine::Stderr {
                     data: String::from_utf8_lossy(&d).into_owned(),
                 },
-                Ok(ExecEvent::Exit(e)) => {
-                    let _ = tx
-                        .send(line(&ExecLine::Exit {
-                            exit_code: e.code,
-                            timed_out: e.timed_out,
-                        }))
-                        .await;
-                    return;
-                }
-                Err(e) => {
-                    let _ = tx
-                        .send(line(&ExecLine::Error {
-                            error: crate::error::error_chain(&e),
-                        }))
-                        .await;
-                    return;
-                }
-            };
-            if tx.send(line(&l)).await.is_err() {
-                return;
-            }
-        }
+                true,
+            ),
+            Ok(ExecEvent::Exit(e)) => (
+                ExecLine::Exit {
+                    exit_code: e.code,
+                    timed_out: e.timed_out,
+                },
+                false,
+            ),
+            Err(e) => (
+                ExecLine::Error {
+                    error: crate::error::error_chain(&e),
+                },
+                false,
+            ),
+        };
+        Some((Ok::<_, Infallible>(line(&l)), more.then_some(exec)))
     });
-    let body = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
-    });
-    Ok((
+    (
         [
             (header::CONTENT_TYPE, NDJSON),
             (header::CACHE_CONTROL, "no-cache"),
         ],
         Body::from_stream(body),
     )
-        .into_response())
+        .into_response()
 }
 
 #[cfg(test)]

@@ -1,9 +1,15 @@
-//! `GET/HEAD/PUT /sandboxes/:id/files?path=…`.
+//! `GET/HEAD/PUT /sandboxes/:id/files?path=…`. Downloads and uploads
+//! stream through the daemon chunk by chunk, pulled by the receiving side:
+//! a file of any size passes through a bounded amount of memory, and a
+//! slow client slows the guest rather than filling the daemon.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use api_types::headers;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
@@ -57,6 +63,11 @@ fn hv(s: String) -> HeaderValue {
     HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static("?"))
 }
 
+/// With `offset` or `limit`, whether the result was cut is known only at
+/// its end: results up to this size are read first so that `X-Truncated`
+/// can say; a larger one streams without the header.
+const TRUNCATION_LOOKAHEAD: usize = 1024 * 1024;
+
 pub async fn read(
     State(state): State<AppState>,
     User(user): User,
@@ -65,9 +76,8 @@ pub async fn read(
 ) -> Result<Response, ApiError> {
     state.limit(&user, Class::Read)?;
     validate::guest_path(&q.path)?;
-    let agent = state.service.agent(&user, &id).await?;
     if q.ls.unwrap_or(false) {
-        let l = agent.ls(&q.path).await?;
+        let l = state.service.ls(&user, &id, &q.path).await?;
         let entries = l
             .entries
             .into_iter()
@@ -88,27 +98,71 @@ pub async fn read(
         })
         .into_response());
     }
-    let content = agent
-        .read_file(proto::FileRead {
-            path: q.path,
-            offset: q.offset,
-            limit: q.limit,
-            max_bytes: q.max_bytes,
-        })
+    let by_lines = q.offset.is_some() || q.limit.is_some();
+    let mut file = state
+        .service
+        .read_file(
+            &user,
+            &id,
+            proto::FileRead {
+                path: q.path,
+                offset: q.offset,
+                limit: q.limit,
+                max_bytes: q.max_bytes,
+            },
+        )
         .await?;
-    let mut resp = Body::from(Bytes::from(content.data)).into_response();
+    let (total, mode) = (file.total_size(), file.mode());
+    let mut ahead = Vec::new();
+    let truncated = if by_lines {
+        while ahead.iter().map(Vec::len).sum::<usize>() <= TRUNCATION_LOOKAHEAD {
+            match file
+                .next_chunk()
+                .await
+                .map_err(crate::service::guest_error)?
+            {
+                Some(c) => ahead.push(c),
+                None => break,
+            }
+        }
+        file.truncated()
+    } else {
+        Some(q.max_bytes.is_some_and(|m| total > m))
+    };
+    let mut resp = Body::from_stream(download(ahead, file)).into_response();
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
-    h.insert(headers::FILE_SIZE, hv(content.total_size.to_string()));
-    h.insert(headers::TRUNCATED, hv(content.truncated.to_string()));
-    h.insert(
-        headers::FILE_MODE,
-        hv(format!("{:o}", content.mode & 0o7777)),
-    );
+    h.insert(headers::FILE_SIZE, hv(total.to_string()));
+    if let Some(t) = truncated {
+        h.insert(headers::TRUNCATED, hv(t.to_string()));
+    }
+    h.insert(headers::FILE_MODE, hv(format!("{:o}", mode & 0o7777)));
     Ok(resp)
+}
+
+/// The body of a download: chunks read ahead, then the rest as the client
+/// takes it. A failure mid-way aborts the response (the client sees a
+/// short body, not a complete-looking one).
+fn download(
+    ahead: Vec<Vec<u8>>,
+    file: bhatti_core::GuestFile,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
+    let ahead = futures_util::stream::iter(ahead.into_iter().map(|c| Ok(Bytes::from(c))));
+    let rest = futures_util::stream::unfold(Some(file), |file| async move {
+        let mut file = file?;
+        match file.next_chunk().await {
+            Ok(Some(c)) => Some((Ok(Bytes::from(c)), Some(file))),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::debug!(error = %crate::error::error_chain(&e), "download ended early");
+                Some((Err(std::io::Error::other(e.to_string())), None))
+            }
+        }
+    });
+    futures_util::StreamExt::chain(ahead, rest)
 }
 
 pub async fn head(
@@ -119,8 +173,7 @@ pub async fn head(
 ) -> Result<Response, ApiError> {
     state.limit(&user, Class::Read)?;
     validate::guest_path(&q.path)?;
-    let agent = state.service.agent(&user, &id).await?;
-    let st = agent.stat(&q.path).await?;
+    let st = state.service.stat(&user, &id, &q.path).await?;
     let mut resp = StatusCode::OK.into_response();
     let h = resp.headers_mut();
     h.insert(headers::FILE_SIZE, hv(st.size.to_string()));
@@ -129,11 +182,31 @@ pub async fn head(
     Ok(resp)
 }
 
+/// The upload's size from `Content-Length`: required (the agent writes a
+/// file of a stated size), at most [`api_types::limits::MAX_FILE_BODY`].
+pub fn upload_size(h: &HeaderMap) -> Result<u64, ApiError> {
+    let limit = api_types::limits::MAX_FILE_BODY;
+    let size = h
+        .get(header::CONTENT_LENGTH)
+        .ok_or_else(|| ApiError::LengthRequired("a file upload needs a Content-Length".into()))?
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .ok_or_else(|| ApiError::BadRequest("invalid Content-Length".into()))?;
+    if size > limit {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "a file may be at most {limit} bytes"
+        )));
+    }
+    Ok(size)
+}
+
 pub async fn write(
     State(state): State<AppState>,
     User(user): User,
     Path(id): Path<String>,
     QueryParams(q): QueryParams<WriteQuery>,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<Json<api_types::Written>, ApiError> {
     state.limit(&user, Class::Exec)?;
@@ -149,18 +222,101 @@ pub async fn write(
                 })?,
         ),
     };
-    let limit = api_types::limits::MAX_FILE_BODY as usize;
-    let data = axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| ApiError::PayloadTooLarge(format!("a file may be at most {limit} bytes")))?;
-    let agent = state.service.agent(&user, &id).await?;
+    let size = upload_size(&headers)?;
     let opts = agent_client::WriteOptions {
         mode,
         ..Default::default()
     };
-    let bytes = agent.write_file(&q.path, &data, opts).await?;
+    let bytes = state
+        .service
+        .write_file(&user, &id, &q.path, size, BodyReader::new(body), opts)
+        .await?;
     Ok(Json(api_types::Written {
         path: q.path,
         bytes,
     }))
+}
+
+/// A request body as an `AsyncRead`, frame by frame: nothing is read from
+/// the client before the agent asks for it.
+struct BodyReader {
+    body: Body,
+    pending: Bytes,
+}
+
+impl BodyReader {
+    fn new(body: Body) -> BodyReader {
+        BodyReader {
+            body,
+            pending: Bytes::new(),
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for BodyReader {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        use hyper::body::Body as _;
+        let this = self.get_mut();
+        loop {
+            if !this.pending.is_empty() {
+                let n = this.pending.len().min(buf.remaining());
+                buf.put_slice(&this.pending.split_to(n));
+                return Poll::Ready(Ok(()));
+            }
+            match Pin::new(&mut this.body).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                // End of the body: EOF.
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Ready(Some(Err(e))) => {
+                    return Poll::Ready(Err(std::io::Error::other(e.to_string())))
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        this.pending = data;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uploads_need_a_length_within_the_limit() {
+        let mut h = HeaderMap::new();
+        assert!(matches!(upload_size(&h), Err(ApiError::LengthRequired(_))));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("12"));
+        assert_eq!(upload_size(&h).unwrap(), 12);
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("x"));
+        assert!(matches!(upload_size(&h), Err(ApiError::BadRequest(_))));
+        let over = (api_types::limits::MAX_FILE_BODY + 1).to_string();
+        h.insert(
+            header::CONTENT_LENGTH,
+            HeaderValue::from_str(&over).unwrap(),
+        );
+        assert!(matches!(upload_size(&h), Err(ApiError::PayloadTooLarge(_))));
+    }
+
+    #[tokio::test]
+    async fn a_body_reads_as_a_stream() {
+        use tokio::io::AsyncReadExt;
+        let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
+            Ok(Bytes::from_static(b"ab")),
+            Ok(Bytes::from_static(b"cde")),
+        ];
+        let body = Body::from_stream(futures_util::stream::iter(chunks));
+        let mut out = String::new();
+        BodyReader::new(body)
+            .read_to_string(&mut out)
+            .await
+            .unwrap();
+        assert_eq!(out, "abcde");
+    }
 }

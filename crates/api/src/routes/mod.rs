@@ -9,10 +9,30 @@ pub mod sandboxes;
 pub mod secrets;
 pub mod shell;
 
+use axum::extract::ws::WebSocketUpgrade;
 use axum::routing::{any, get, post};
 use axum::Router;
 
 use crate::state::AppState;
+
+/// Largest WebSocket message the shell and tunnel routes accept: 1 MiB —
+/// a terminal sends keystrokes and pastes, `bhatti forward` sends 64 KiB
+/// chunks, so anything larger is a client misbehaving, and a message is
+/// buffered whole before it is handled.
+pub const WS_MAX_MESSAGE: usize = 1024 * 1024;
+/// Largest WebSocket frame: the same as a message (no fragmentation needed).
+pub const WS_MAX_FRAME: usize = WS_MAX_MESSAGE;
+/// Bytes queued towards a WebSocket client before a send waits for the
+/// socket (guest output is then held back in the guest).
+pub const WS_WRITE_BUFFER: usize = 128 * 1024;
+
+/// The daemon's WebSocket limits on an upgrade.
+pub fn ws_limits(ws: WebSocketUpgrade) -> WebSocketUpgrade {
+    ws.max_message_size(WS_MAX_MESSAGE)
+        .max_frame_size(WS_MAX_FRAME)
+        .write_buffer_size(WS_WRITE_BUFFER)
+        .max_write_buffer_size(WS_WRITE_BUFFER + WS_MAX_MESSAGE + 1024)
+}
 
 pub fn router(state: AppState) -> Router {
     let json_limit = state.config.limits.max_json_body;

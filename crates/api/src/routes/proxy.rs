@@ -4,12 +4,12 @@
 //! tunnel carried in WebSocket binary frames (what `bhatti forward` uses).
 //! All wake a warm or cold sandbox first.
 
-use agent_client::Tunnel;
 use axum::extract::rejection::PathRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Request, State};
 use axum::response::Response;
+use bhatti_core::GuestTunnel;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -53,8 +53,7 @@ pub async fn ports(
 ) -> Result<axum::Json<api_types::PortList>, ApiError> {
     let Path(id) = id.map_err(bad_path)?;
     state.limit(&user, Class::Read)?;
-    let agent = state.service.agent(&user, &id).await?;
-    let ports = agent.ports().await?;
+    let ports = state.service.ports(&user, &id).await?;
     Ok(axum::Json(api_types::PortList {
         ports: ports
             .into_iter()
@@ -79,50 +78,13 @@ pub async fn proxy(
     let id = param(&params, "id")?;
     let port = parse_port(param(&params, "port")?)?;
     state.limit(&user, Class::Read)?;
-    let agent = state.service.agent(&user, id).await?;
     let target = guest_target(req.uri().path(), req.uri().query());
     // The key authenticated this request; the guest never sees it.
     req.headers_mut().remove(axum::http::header::AUTHORIZATION);
-    let keep_hot = KeepHot::start(&state, user, id);
-    Ok(crate::proxy::forward_holding(agent, port, id, req, &target, keep_hot).await)
-}
-
-/// Marks a sandbox in use at a steady pace while it lives, so one that
-/// streams a response, holds a WebSocket or carries a forwarded connection
-/// is not paused under the traffic for lack of API requests (a paused
-/// guest would leave the connection hanging: bytes on an open tunnel do
-/// not wake it). Quick requests end before the first mark and cost no
-/// lookup.
-#[derive(Debug)]
-struct KeepHot(tokio::task::JoinHandle<()>);
-
-impl KeepHot {
-    fn start(state: &AppState, user: std::sync::Arc<store::UserRecord>, key: &str) -> KeepHot {
-        let service = state.service.clone();
-        let key = key.to_string();
-        KeepHot(tokio::spawn(async move {
-            let every = service.keep_hot_every();
-            tokio::time::sleep(every).await;
-            let sid = match service.get(&user, &key).await {
-                Ok(sb) => sb.id,
-                Err(e) => {
-                    tracing::debug!(error = %e, sandbox = %key, "not kept hot");
-                    return;
-                }
-            };
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                service.touch(&sid);
-            }
-        }))
-    }
-}
-
-impl Drop for KeepHot {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+    state
+        .service
+        .proxy(&user, id, port, req, &target, id, ())
+        .await
 }
 
 fn bad_path(e: PathRejection) -> ApiError {
@@ -151,13 +113,8 @@ pub async fn tunnel(
     })?;
     let port = parse_port(&port)?;
     state.limit(&user, Class::Read)?;
-    let agent = state.service.agent(&user, &id).await?;
-    let tunnel = match agent.tunnel(port).await {
-        Ok(t) => t,
-        Err(e) => return Ok(crate::proxy::tunnel_failure(e, port, &id)),
-    };
-    let keep_hot = KeepHot::start(&state, user, &id);
-    Ok(ws.on_upgrade(move |socket| async move {
+    let (tunnel, keep_hot) = state.service.tunnel(&user, &id, port).await?;
+    Ok(super::ws_limits(ws).on_upgrade(move |socket| async move {
         relay(socket, tunnel).await;
         drop(keep_hot);
     }))
@@ -165,7 +122,7 @@ pub async fn tunnel(
 
 /// Binary frames carry the bytes; an empty binary frame says its sender
 /// has finished writing (a TCP half-close); a close frame ends both ways.
-async fn relay(socket: WebSocket, tunnel: Tunnel) {
+async fn relay(socket: WebSocket, tunnel: GuestTunnel) {
     let (mut ws_tx, mut ws_rx) = socket.split();
     let (mut t_rx, mut t_tx) = tokio::io::split(tunnel);
     let up = async move {

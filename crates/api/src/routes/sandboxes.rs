@@ -100,8 +100,7 @@ pub async fn sessions(
     Path(id): Path<String>,
 ) -> Result<Json<Vec<api_types::SessionSummary>>, ApiError> {
     state.limit(&user, Class::Read)?;
-    let agent = state.service.agent(&user, &id).await?;
-    let sessions = agent.sessions().await?;
+    let sessions = state.service.sessions(&user, &id).await?;
     Ok(Json(
         sessions
             .into_iter()

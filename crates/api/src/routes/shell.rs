@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use agent_client::{AgentClient, SessionEvent};
+use agent_client::SessionEvent;
 use api_types::{ShellControl, ShellOpen};
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
@@ -14,6 +14,7 @@ use futures_util::{SinkExt, StreamExt};
 use crate::auth::User;
 use crate::error::ApiError;
 use crate::ratelimit::Class;
+use crate::service::ShellRequest;
 use crate::state::AppState;
 
 pub async fn shell(
@@ -23,9 +24,10 @@ pub async fn shell(
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     state.limit(&user, Class::Exec)?;
-    let agent = state.service.agent(&user, &id).await?;
-    Ok(ws.on_upgrade(move |socket| async move {
-        if let Err(e) = serve(socket, agent).await {
+    // A missing or failed sandbox is an HTTP answer, before the upgrade.
+    state.service.wake(&user, &id).await?;
+    Ok(super::ws_limits(ws).on_upgrade(move |socket| async move {
+        if let Err(e) = serve(socket, &state, &user, &id).await {
             tracing::debug!(error = %e, "shell websocket ended");
         }
     }))
@@ -35,44 +37,28 @@ fn control(c: &ShellControl) -> WsMessage {
     WsMessage::Text(serde_json::to_string(c).unwrap_or_default().into())
 }
 
-async fn open(agent: &AgentClient, o: &ShellOpen) -> Result<agent_client::SessionStream, String> {
+/// The service's request for an open message.
+fn shell_request(o: &ShellOpen) -> Result<ShellRequest, String> {
     let size = match (o.rows, o.cols) {
         (Some(rows), Some(cols)) if rows > 0 && cols > 0 => Some(proto::WindowSize { rows, cols }),
         (None, None) => None,
         _ => return Err("rows and cols must both be given and positive".into()),
     };
-    if let (Some(name), false) = (&o.session, o.new) {
-        match agent.attach(name, o.steal, size).await {
-            Ok(s) => return Ok(s),
-            Err(e) if e.agent_code() == Some(proto::ErrorCode::NotFound) => {}
-            Err(e) => return Err(crate::error::error_chain(&e)),
-        }
-    }
-    let argv = o
-        .cmd
-        .clone()
-        .unwrap_or_else(|| vec!["/bin/bash".into(), "-l".into()]);
-    let mut req = proto::ExecRequest {
-        argv,
+    Ok(ShellRequest {
         session: o.session.clone(),
+        new: o.new,
+        steal: o.steal,
         size,
-        ..Default::default()
-    };
-    match agent.open_session(req.clone()).await {
-        Ok(s) => Ok(s),
-        // Images without bash (tiny) fall back to sh.
-        Err(e) if o.cmd.is_none() && e.agent_code() == Some(proto::ErrorCode::SpawnFailed) => {
-            req.argv = vec!["/bin/sh".into(), "-l".into()];
-            agent
-                .open_session(req)
-                .await
-                .map_err(|e| crate::error::error_chain(&e))
-        }
-        Err(e) => Err(crate::error::error_chain(&e)),
-    }
+        cmd: o.cmd.clone(),
+    })
 }
 
-async fn serve(socket: WebSocket, agent: AgentClient) -> Result<(), String> {
+async fn serve(
+    socket: WebSocket,
+    state: &AppState,
+    user: &store::UserRecord,
+    id: &str,
+) -> Result<(), String> {
     let (mut tx, mut rx) = socket.split();
     let first = tokio::time::timeout(Duration::from_secs(10), rx.next())
         .await
@@ -91,7 +77,15 @@ async fn serve(socket: WebSocket, agent: AgentClient) -> Result<(), String> {
         },
         _ => return Err("expected a JSON open message".into()),
     };
-    let session = match open(&agent, &opened).await {
+    let opened = match shell_request(&opened) {
+        Ok(r) => state
+            .service
+            .shell(user, id, r)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e),
+    };
+    let session = match opened {
         Ok(s) => s,
         Err(e) => {
             let _ = tx
@@ -102,8 +96,8 @@ async fn serve(socket: WebSocket, agent: AgentClient) -> Result<(), String> {
         }
     };
     tx.send(control(&ShellControl::Attached {
-        session: session.name.clone(),
-        pid: session.pid,
+        session: session.name().to_string(),
+        pid: session.pid(),
     }))
     .await
     .map_err(|e| e.to_string())?;
@@ -142,7 +136,7 @@ async fn serve(socket: WebSocket, agent: AgentClient) -> Result<(), String> {
                 Err(e) => {
                     let _ = tx
                         .send(control(&ShellControl::Error {
-                            error: e.to_string(),
+                            error: crate::error::error_chain(&e),
                         }))
                         .await;
                     return;

@@ -1,11 +1,10 @@
 //! Publishing on the service: a sandbox port under a public alias (the
 //! store's publications), the `published` list of inspect and list, and
-//! the public proxy's way in — the same ensure-hot path as
-//! [`Service::agent`], found through the publication instead of an API key.
+//! whether a publication's sandbox must be woken (the public proxy's way
+//! in is [`Service::public_proxy`]).
 
 use std::collections::HashMap;
 
-use agent_client::AgentClient;
 use api_types::{PublishPort, Published, Sandbox};
 use bhatti_core::ThermalState;
 use store::{NewPublication, PublicationRecord, StoreError, UserRecord};
@@ -133,11 +132,9 @@ impl Service {
     ) -> Published {
         let mut view = self.published_view(p);
         if !self.needs_wake(sid) {
-            if let Ok(agent) = self.agent(user, sid).await {
-                match agent.ports().await {
-                    Ok(ports) => view.listening = Some(ports.iter().any(|l| l.port == port)),
-                    Err(e) => tracing::debug!(sandbox = %sid, error = %e, "listing ports"),
-                }
+            match self.ports(user, sid).await {
+                Ok(ports) => view.listening = Some(ports.iter().any(|l| l.port == port)),
+                Err(e) => tracing::debug!(sandbox = %sid, error = %e, "listing ports"),
             }
         }
         view
@@ -209,32 +206,5 @@ impl Service {
             return true;
         };
         !matches!(self.core.get(&core), Ok(r) if r.thermal == ThermalState::Hot)
-    }
-
-    /// Marks a sandbox (store id) as in use now, so the thermal manager
-    /// does not pause it under a response still streaming.
-    pub fn touch(&self, sid: &str) {
-        if let Some(core) = self.live().get(sid).map(|l| l.core.clone()) {
-            self.core.touch(&core);
-        }
-    }
-
-    /// How often a sandbox with a response streaming out of it is marked
-    /// in use: well within the idle time after which it is paused.
-    pub fn keep_hot_every(&self) -> std::time::Duration {
-        (std::time::Duration::from_secs(self.config.thermal.warm_after_secs.max(1)) / 3)
-            .max(std::time::Duration::from_millis(100))
-    }
-
-    /// The agent behind a publication, for the public proxy: its owner's
-    /// [`Service::agent`] (warm resumed, cold restored, stopped booted;
-    /// concurrent callers share one wake), without an API key.
-    pub async fn public_agent(&self, p: &PublicationRecord) -> Result<AgentClient, ApiError> {
-        let store = self.store.clone();
-        let uid = p.user_id.clone();
-        let user = blocking(move || store.user_by_id(&uid))
-            .await?
-            .ok_or_else(|| ApiError::NotFound(format!("no publication '{}'", p.alias)))?;
-        self.agent(&user, &p.sandbox_id).await
     }
 }

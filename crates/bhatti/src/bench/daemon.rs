@@ -146,7 +146,7 @@ impl BenchDaemon {
             bail!("create failed: {}", created.text().await?);
         }
         self.service
-            .agent(&self.user, "bench")
+            .bench_agent_client(&self.user, "bench")
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))
     }
