@@ -25,6 +25,7 @@ mod guest;
 mod id;
 mod manager;
 mod networks;
+mod orphans;
 mod record;
 mod spec;
 mod state;
@@ -37,6 +38,7 @@ pub use manager::{
     SandboxManager, AGENT_PORT, BASE_CMDLINE, MEMORY_FILE, SERIAL_LOG, SNAPSHOT_DIR,
 };
 pub use networks::{GroupNetworkConfig, NetworkEvent};
+pub use orphans::{vmm_processes, OrphanError, Reaped};
 pub use record::{BootTimings, SandboxRecord};
 pub use spec::{Limits, SandboxSpec, SpecError, DEFAULT_CPUS, DEFAULT_IMAGE, DEFAULT_MEMORY_MB};
 pub use state::{

@@ -205,17 +205,17 @@ impl Service {
     /// it is warm or cold, or its VM is not running in this process
     /// (stopped after a restart).
     pub fn needs_wake(&self, sid: &str) -> bool {
-        let Some(core) = self.live().get(sid).map(|l| l.core.clone()) else {
+        let Some(id) = self.running_id(sid) else {
             return true;
         };
-        !matches!(self.core.get(&core), Ok(r) if r.thermal == ThermalState::Hot)
+        !matches!(self.core.get(&id), Ok(r) if r.thermal == ThermalState::Hot)
     }
 
     /// Marks a sandbox (store id) as in use now, so the thermal manager
     /// does not pause it under a response still streaming.
     pub fn touch(&self, sid: &str) {
-        if let Some(core) = self.live().get(sid).map(|l| l.core.clone()) {
-            self.core.touch(&core);
+        if let Some(id) = self.running_id(sid) {
+            self.core.touch(&id);
         }
     }
 
