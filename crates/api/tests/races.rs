@@ -38,6 +38,10 @@ fn sandbox_dirs(data: &Path) -> Vec<String> {
     }
 }
 
+/// Rate limits out of the way: the races are the point.
+const UNLIMITED: &str =
+    "[limits]\ncreates_per_min = 10000\nexecs_per_min = 10000\nreads_per_min = 10000\n";
+
 /// A user whose CPU and memory quotas leave room for 20 small sandboxes.
 fn roomy_user(d: &TestDaemon) -> String {
     let store = store::Store::open(&d.data.join("bhatti.db")).unwrap();
@@ -53,7 +57,7 @@ fn roomy_user(d: &TestDaemon) -> String {
 fn destroys_racing_creates_leave_nothing_behind() {
     in_netns("api-race-destroy", || async {
         let data = data_dir();
-        let d = TestDaemon::start(config(data.path(), "")).await;
+        let d = TestDaemon::start(config(data.path(), UNLIMITED)).await;
         let c = d.client(&roomy_user(&d));
         let pairs = 20;
         let mut tasks = Vec::new();
@@ -81,14 +85,17 @@ fn destroys_racing_creates_leave_nothing_behind() {
             }));
         }
         let mut late = Vec::new();
+        let mut outcomes = std::collections::BTreeMap::new();
         for t in tasks {
             let (name, ds, cs) = t.await.unwrap();
+            *outcomes.entry((ds, cs)).or_insert(0) += 1;
             // The destroy came before the row existed: the create won
             // and its sandbox must be destroyable now.
             if ds == 404 {
                 late.push((name, cs));
             }
         }
+        eprintln!("(destroy, create) answers: {outcomes:?}");
         // Whatever is listed still owns its VM; nothing else runs.
         let (_, list) = c.json(Method::GET, "/sandboxes", None).await;
         let listed = list.as_array().unwrap().len();
@@ -126,7 +133,7 @@ fn destroys_racing_creates_leave_nothing_behind() {
 fn parallel_creates_respect_the_quota() {
     in_netns("api-race-quota", || async {
         let data = data_dir();
-        let d = TestDaemon::start(config(data.path(), "")).await;
+        let d = TestDaemon::start(config(data.path(), UNLIMITED)).await;
         let c = d.client(&d.user("alice", 3));
         let tasks: Vec<_> = (0..10)
             .map(|i| {

@@ -328,7 +328,8 @@ fn sigkill_at_random_moments_leaves_nothing_behind() {
         format!(
             "data_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\nengine = \"qemu-tcg\"\n\
              [defaults]\nimage = \"tiny\"\nmemory_mb = 128\n\
-             [thermal]\nwarm_after_secs = 2\ncold_after_secs = 6\n",
+             [thermal]\nwarm_after_secs = 2\ncold_after_secs = 6\n\
+             [limits]\ncreates_per_min = 10000\nexecs_per_min = 10000\nreads_per_min = 10000\n",
             data.display()
         ),
     )
@@ -370,7 +371,52 @@ fn sigkill_at_random_moments_leaves_nothing_behind() {
                     model.created.insert(n, BTreeMap::new());
                 }
             }
-            let kill_after = Duration::from_millis(300 + rng.below(4000));
+            // A failed sandbox (a create or destroy cut short, or its disk
+            // gone) must be destroyable; the workload then has room again.
+            for sb in &listed {
+                if sb["status"] == "failed" {
+                    let name = sb["name"].as_str().unwrap().to_string();
+                    let (s, v) = api
+                        .call(
+                            reqwest::Method::DELETE,
+                            &format!("/sandboxes/{name}"),
+                            None,
+                            None,
+                        )
+                        .await
+                        .expect("destroy a failed sandbox");
+                    assert_eq!(s, 204, "round {round}: destroy failed {name}: {v}");
+                    model.created.remove(&name);
+                    model.destroyed.insert(name);
+                    model.count("destroy failed", true);
+                }
+            }
+            // Acknowledged files survived the kill (and the recovery).
+            for sb in &listed {
+                let name = sb["name"].as_str().unwrap();
+                if sb["status"] != "running" {
+                    continue;
+                }
+                let files = model.created.get(name).cloned().unwrap_or_default();
+                for (path, content) in &files {
+                    let (s, v) = api
+                        .call(
+                            reqwest::Method::POST,
+                            &format!("/sandboxes/{name}/exec"),
+                            Some(json!({"cmd": ["cat", path]})),
+                            None,
+                        )
+                        .await
+                        .expect("read an acknowledged file");
+                    assert_eq!(
+                        (s, v["stdout"].as_str()),
+                        (200, Some(content.as_str())),
+                        "round {round}: {name}:{path} was acknowledged: {v}"
+                    );
+                    model.count("file checked", true);
+                }
+            }
+            let kill_after = Duration::from_millis(500 + rng.below(7500));
             let deadline = tokio::time::Instant::now() + kill_after;
             // The workload runs until the kill; the step in flight then
             // loses its daemon, as a client would.
@@ -415,6 +461,11 @@ fn sigkill_at_random_moments_leaves_nothing_behind() {
             );
         }
         let mut working = 0;
+        let statuses: Vec<_> = listed
+            .iter()
+            .map(|s| format!("{}={}/{}", s["name"], s["status"], s["thermal"]))
+            .collect();
+        eprintln!("at the end: {statuses:?}");
         for sb in &listed {
             let name = sb["name"].as_str().unwrap();
             assert!(

@@ -236,7 +236,26 @@ impl Service {
                 id
             }
         };
-        self.core.ensure_hot(&id).await?;
+        match self.core.ensure_hot(&id).await {
+            Ok(()) => {
+                self.adopted_set().remove(&id);
+            }
+            Err(e @ (CoreError::Restore { .. } | CoreError::BreakerOpen { .. }))
+                if self.adopted_set().remove(&id) =>
+            {
+                // The snapshot recovery took of a VMM that outlived its
+                // daemon does not restore: the disk still has every
+                // acknowledged write (the agent syncs them), so boot from it.
+                tracing::warn!(
+                    sandbox = %id,
+                    error = %error_chain(&e),
+                    "the snapshot of an orphaned VMM does not restore; booting from the disk"
+                );
+                self.back_to_disk(user, &id).await?;
+                self.core.ensure_hot(&id).await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
         // A VMM that died is noticed here and the sandbox marked failed.
         let rec = self.core.get(&id)?;
         if rec.state != SandboxState::Running {
@@ -250,6 +269,36 @@ impl Service {
             )));
         }
         Ok(id)
+    }
+
+    /// Forgets the cold VM of a sandbox recovery adopted from an orphaned
+    /// VMM and boots it again from its disk (the sandbox turns `stopped`
+    /// first, so a failure leaves it consistent).
+    async fn back_to_disk(
+        &self,
+        user: &UserRecord,
+        id: &SandboxId,
+    ) -> Result<SandboxRow, ApiError> {
+        let _lock = self.locks.lock(id).await;
+        match self.core.release(id).await {
+            Ok(_) | Err(CoreError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.index().remove(id);
+        let row = self
+            .save(
+                id.as_str(),
+                not_running(
+                    SandboxStatus::Stopped,
+                    "its snapshot did not restore; it boots again from its disk",
+                ),
+            )
+            .await?;
+        self.boot_locked(user, row).await
+    }
+
+    fn adopted_set(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<SandboxId>> {
+        self.adopted.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The agent of a sandbox of `user`, booting or waking it first

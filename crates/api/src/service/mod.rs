@@ -65,6 +65,10 @@ pub struct Service {
     /// Sandboxes whose VM core is creating now: a destroy asks core to
     /// stop that create rather than wait for it.
     creating: Mutex<HashSet<SandboxId>>,
+    /// Sandboxes recovery adopted by snapshotting a VMM that outlived its
+    /// daemon, not yet woken since: if that snapshot does not restore,
+    /// they boot from their disk instead.
+    adopted: Mutex<HashSet<SandboxId>>,
     /// The thermal ticker and the task recording its events.
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Sandbox names by user and address, for the gateway's DNS responder.

@@ -78,11 +78,14 @@ impl Service {
     /// Adopts a row that was running; false when it cannot be (it is then
     /// settled like the rest).
     async fn adopt(&self, row: &SandboxRow, rt: &Runtime) -> bool {
-        let adopted = match row.thermal {
-            api_types::Thermal::Cold => self.core.adopt_cold(rt.core.clone()).await,
-            api_types::Thermal::Hot | api_types::Thermal::Warm => {
-                self.core.adopt_orphan(rt.core.clone()).await
-            }
+        let orphan = match row.thermal {
+            api_types::Thermal::Cold => false,
+            api_types::Thermal::Hot | api_types::Thermal::Warm => true,
+        };
+        let adopted = if orphan {
+            self.core.adopt_orphan(rt.core.clone()).await
+        } else {
+            self.core.adopt_cold(rt.core.clone()).await
         };
         let record = match adopted {
             Ok(record) => record,
@@ -105,6 +108,12 @@ impl Service {
             secret_names: rt.secret_names.clone(),
         };
         self.index().insert(record.id.clone(), running.clone());
+        if orphan {
+            self.adopted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(record.id.clone());
+        }
         if let Err(e) = self.persist_record(&running, &record).await {
             tracing::error!(sandbox = %row.id, error = %e, "recording a recovered sandbox");
         }

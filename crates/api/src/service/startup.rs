@@ -75,6 +75,7 @@ impl Service {
             running: Arc::default(),
             locks: Default::default(),
             creating: Mutex::default(),
+            adopted: Mutex::default(),
             tasks: Mutex::new(Vec::new()),
             names: Arc::default(),
         };
