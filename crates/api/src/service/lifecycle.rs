@@ -50,8 +50,18 @@ impl Locks {
 
 impl Service {
     /// Creates a sandbox, or returns the user's existing one of that name
-    /// (`Ok((false, …))`).
+    /// (`Ok((false, …))`). Runs to the end even if the caller goes away
+    /// (a client that disconnects must not leave a half-made sandbox).
     pub async fn create(
+        self: &Arc<Self>,
+        user: &UserRecord,
+        body: CreateSandbox,
+    ) -> Result<(bool, Sandbox), ApiError> {
+        let (this, user) = (self.clone(), user.clone());
+        detached(async move { this.create_inner(&user, body).await }).await
+    }
+
+    async fn create_inner(
         &self,
         user: &UserRecord,
         body: CreateSandbox,
@@ -396,8 +406,18 @@ impl Service {
         }
     }
 
-    /// Destroys a sandbox: its VM, TAP and directory, then its row.
-    pub async fn destroy(&self, user: &UserRecord, reference: &str) -> Result<(), ApiError> {
+    /// Destroys a sandbox: its VM, TAP and directory, then its row. Runs to
+    /// the end even if the caller goes away.
+    pub async fn destroy(
+        self: &Arc<Self>,
+        user: &UserRecord,
+        reference: &str,
+    ) -> Result<(), ApiError> {
+        let (this, user, r) = (self.clone(), user.clone(), reference.to_string());
+        detached(async move { this.destroy_inner(&user, &r).await }).await
+    }
+
+    async fn destroy_inner(&self, user: &UserRecord, reference: &str) -> Result<(), ApiError> {
         let row = self.row(user, reference).await?;
         let id = sandbox_id(&row)?;
         if self.creating_set().contains(&id) {
@@ -443,8 +463,18 @@ impl Service {
         Ok(())
     }
 
-    /// Takes a sandbox to cold (`POST /sandboxes/:id/stop`).
-    pub async fn stop(&self, user: &UserRecord, reference: &str) -> Result<Sandbox, ApiError> {
+    /// Takes a sandbox to cold (`POST /sandboxes/:id/stop`), to the end
+    /// even if the caller goes away.
+    pub async fn stop(
+        self: &Arc<Self>,
+        user: &UserRecord,
+        reference: &str,
+    ) -> Result<Sandbox, ApiError> {
+        let (this, user, r) = (self.clone(), user.clone(), reference.to_string());
+        detached(async move { this.stop_inner(&user, &r).await }).await
+    }
+
+    async fn stop_inner(&self, user: &UserRecord, reference: &str) -> Result<Sandbox, ApiError> {
         let row = self.row(user, reference).await?;
         let id = sandbox_id(&row)?;
         let _lock = self.locks.lock(&id).await;
@@ -461,7 +491,18 @@ impl Service {
 
     /// Wakes a warm or cold sandbox, or boots a stopped one
     /// (`POST /sandboxes/:id/start`); `force` first closes an open breaker.
+    /// Runs to the end even if the caller goes away.
     pub async fn start_sandbox(
+        self: &Arc<Self>,
+        user: &UserRecord,
+        reference: &str,
+        force: bool,
+    ) -> Result<Sandbox, ApiError> {
+        let (this, user, r) = (self.clone(), user.clone(), reference.to_string());
+        detached(async move { this.start_inner(&user, &r, force).await }).await
+    }
+
+    async fn start_inner(
         &self,
         user: &UserRecord,
         reference: &str,
@@ -485,6 +526,16 @@ impl Service {
             }
         }
     }
+}
+
+/// Runs a lifecycle operation on its own task: dropping the request's
+/// future (the client went away) does not cut it short half-way.
+async fn detached<T: Send + 'static>(
+    op: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(op)
+        .await
+        .map_err(|e| ApiError::Internal(format!("lifecycle task failed: {e}")))?
 }
 
 /// What a row shows while its VM is not running.
