@@ -72,6 +72,97 @@ pub struct PatchSandbox {
     pub labels: Option<BTreeMap<String, String>>,
 }
 
+/// Where a sandbox is in its life, as the API shows it (and the store
+/// keeps it). Serialised lowercase: `creating`, `running`, `stopped`,
+/// `failed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxStatus {
+    /// Its VM is being set up.
+    Creating,
+    /// Its VM runs (hot, warm) or is snapshotted (cold).
+    Running,
+    /// Its VM is not running and no snapshot is kept; its disk is, and the
+    /// next operation that needs the guest boots it again.
+    Stopped,
+    /// It cannot run; `status_reason` says why. Only destroy helps.
+    Failed,
+}
+
+/// How warm a running sandbox is: `hot` (vCPUs run), `warm` (paused),
+/// `cold` (snapshotted, no VMM).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Thermal {
+    Hot,
+    Warm,
+    Cold,
+}
+
+/// A string that names no value of a status enum.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownState(pub String);
+
+impl std::fmt::Display for UnknownState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "unknown state '{}'", self.0)
+    }
+}
+
+impl std::error::Error for UnknownState {}
+
+/// `as_str`, `Display`, `FromStr` and comparison with text for a
+/// lowercase-serialised enum.
+macro_rules! text_enum {
+    ($t:ty { $($v:ident => $s:literal),+ $(,)? }) => {
+        impl $t {
+            /// The wire form.
+            pub fn as_str(&self) -> &'static str {
+                match self {
+                    $(<$t>::$v => $s,)+
+                }
+            }
+        }
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+        impl std::str::FromStr for $t {
+            type Err = UnknownState;
+            fn from_str(s: &str) -> Result<Self, UnknownState> {
+                match s {
+                    $($s => Ok(<$t>::$v),)+
+                    other => Err(UnknownState(other.to_string())),
+                }
+            }
+        }
+        impl PartialEq<str> for $t {
+            fn eq(&self, other: &str) -> bool {
+                self.as_str() == other
+            }
+        }
+        impl PartialEq<&str> for $t {
+            fn eq(&self, other: &&str) -> bool {
+                self.as_str() == *other
+            }
+        }
+    };
+}
+
+text_enum!(SandboxStatus {
+    Creating => "creating",
+    Running => "running",
+    Stopped => "stopped",
+    Failed => "failed",
+});
+
+text_enum!(Thermal {
+    Hot => "hot",
+    Warm => "warm",
+    Cold => "cold",
+});
+
 /// A sandbox as the API shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sandbox {
@@ -80,12 +171,10 @@ pub struct Sandbox {
     pub image: String,
     pub cpus: u32,
     pub memory_mb: u64,
-    /// `creating`, `running`, `stopped`, `failed`, `destroying`.
-    pub status: String,
+    pub status: SandboxStatus,
     #[serde(default)]
     pub status_reason: Option<String>,
-    /// `hot`, `warm` or `cold`.
-    pub thermal: String,
+    pub thermal: Thermal,
     /// When the thermal state last changed (Unix ms).
     pub thermal_since: i64,
     pub ip: Option<String>,
@@ -356,5 +445,29 @@ mod tests {
         let c: ShellControl =
             serde_json::from_str(r#"{"type":"resize","rows":10,"cols":20}"#).unwrap();
         assert_eq!(c, ShellControl::Resize { rows: 10, cols: 20 });
+    }
+
+    #[test]
+    fn states_keep_their_lowercase_wire_form() {
+        for (st, text) in [
+            (SandboxStatus::Creating, "creating"),
+            (SandboxStatus::Running, "running"),
+            (SandboxStatus::Stopped, "stopped"),
+            (SandboxStatus::Failed, "failed"),
+        ] {
+            assert_eq!(serde_json::to_string(&st).unwrap(), format!("\"{text}\""));
+            assert_eq!(text.parse::<SandboxStatus>().unwrap(), st);
+            assert_eq!(st, text);
+        }
+        for (t, text) in [
+            (Thermal::Hot, "hot"),
+            (Thermal::Warm, "warm"),
+            (Thermal::Cold, "cold"),
+        ] {
+            assert_eq!(serde_json::to_string(&t).unwrap(), format!("\"{text}\""));
+            assert_eq!(text.parse::<Thermal>().unwrap(), t);
+        }
+        assert!("Running".parse::<SandboxStatus>().is_err());
+        assert!(serde_json::from_str::<Thermal>("\"tepid\"").is_err());
     }
 }

@@ -82,7 +82,36 @@ impl From<store::StoreError> for ApiError {
             | store::StoreError::AliasTaken { .. }
             | store::StoreError::PortPublished { .. } => ApiError::Conflict(e.to_string()),
             store::StoreError::NotFound { .. } => ApiError::NotFound(e.to_string()),
+            store::StoreError::SandboxQuota { .. }
+            | store::StoreError::CpuQuota { .. }
+            | store::StoreError::MemoryQuota { .. } => ApiError::Forbidden(e.to_string()),
             other => ApiError::Internal(error_chain(&other)),
+        }
+    }
+}
+
+/// Core's errors: what the caller asked for wrong is a 400, a sandbox
+/// whose VM is not there (or whose breaker is open) a 503, one in no state
+/// for the operation a 409, a bound that ran out a 504, the agent's own
+/// errors as the agent said, anything else from the VM a 502.
+impl From<bhatti_core::CoreError> for ApiError {
+    fn from(e: bhatti_core::CoreError) -> Self {
+        use bhatti_core::CoreError as E;
+        match e {
+            E::Agent { source, .. } => ApiError::from(source),
+            E::InvalidSpec(_) | E::Image(_) => ApiError::BadRequest(error_chain(&e)),
+            E::NotFound(_) => ApiError::Unavailable(format!(
+                "the sandbox's VM is not running: {}",
+                error_chain(&e)
+            )),
+            E::BreakerOpen { .. } => ApiError::Unavailable(error_chain(&e)),
+            // The sandbox is in no state for it (being destroyed, not
+            // running): the caller's request conflicts with what happens.
+            E::Cancelled { .. } | E::InvalidState { .. } | E::NameTaken(_) | E::IdTaken(_) => {
+                ApiError::Conflict(error_chain(&e))
+            }
+            E::TimedOut { .. } => ApiError::GatewayTimeout(error_chain(&e)),
+            _ => ApiError::BadGateway(error_chain(&e)),
         }
     }
 }

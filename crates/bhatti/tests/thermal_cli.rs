@@ -153,10 +153,14 @@ fn stop_start_edit_and_a_killed_daemon_with_cold_and_warm_sandboxes() {
     });
     let list = cli.ok(&["list", "--json"]);
     let list: Vec<Sandbox> = serde_json::from_str(&list).unwrap();
-    let by = |n: &str| list.iter().find(|s| s.name == n).unwrap().thermal.clone();
+    let by = |n: &str| list.iter().find(|s| s.name == n).unwrap().thermal;
     assert_eq!(
         (by("frozen"), by("dozing"), by("pinned")),
-        ("cold".into(), "warm".into(), "hot".into())
+        (
+            api_types::Thermal::Cold,
+            api_types::Thermal::Warm,
+            api_types::Thermal::Hot
+        )
     );
 
     // SIGKILL: no shutdown at all.

@@ -140,8 +140,8 @@ pub fn sandboxes_table(list: &[Sandbox], now_ms: i64) -> String {
     for s in list {
         t.row(vec![
             s.name.clone(),
-            s.status.clone(),
-            s.thermal.clone(),
+            s.status.to_string(),
+            s.thermal.to_string(),
             s.image.clone(),
             s.cpus.to_string(),
             memory(s.memory_mb),
@@ -153,7 +153,7 @@ pub fn sandboxes_table(list: &[Sandbox], now_ms: i64) -> String {
 }
 
 pub fn sandbox_details(s: &Sandbox, now_ms: i64) -> String {
-    let mut status = s.status.clone();
+    let mut status = s.status.to_string();
     if let Some(r) = s.status_reason.as_deref().filter(|r| !r.is_empty()) {
         status.push_str(&format!(" ({r})"));
     }
@@ -305,9 +305,9 @@ mod tests {
             image: "minimal".into(),
             cpus: 2,
             memory_mb: 1024,
-            status: "failed".into(),
+            status: api_types::SandboxStatus::Failed,
             status_reason: Some("agent did not answer".into()),
-            thermal: "cold".into(),
+            thermal: api_types::Thermal::Cold,
             thermal_since: 0,
             ip: None,
             keep_hot: false,

@@ -33,6 +33,7 @@ mod lifecycle;
 mod machine;
 mod manager;
 mod networks;
+mod orphans;
 mod record;
 mod recovery;
 mod registry;
@@ -51,8 +52,9 @@ pub use id::{BadSandboxId, SandboxId, Token};
 pub use machine::{AGENT_PORT, BASE_CMDLINE, MEMORY_FILE, SERIAL_LOG, SNAPSHOT_DIR};
 pub use manager::SandboxManager;
 pub use networks::{GroupNetworkConfig, NetworkEvent};
+pub use orphans::{vmm_processes, OrphanError, Reaped};
 pub use record::{BootTimings, SandboxRecord};
-pub use recovery::{kill_orphan_vmm, Swept};
+pub use recovery::kill_orphan_vmm;
 pub use shutdown::{Stopped, KILL_GRACE};
 pub use spec::{Limits, SandboxSpec, SpecError, DEFAULT_CPUS, DEFAULT_IMAGE, DEFAULT_MEMORY_MB};
 pub use state::{

@@ -363,6 +363,43 @@ impl SandboxManager {
         detached(async move { mgr.destroy_entry(&entry).await }.instrument(span)).await
     }
 
+    /// Stops a sandbox's VM (if it has one), removes its TAP and forgets
+    /// it, but keeps its directory, so [`SandboxManager::boot_existing`]
+    /// can bring it back from its disk (the daemon uses it for a sandbox
+    /// whose snapshot will not restore). Returns its last record.
+    pub async fn release(&self, id: &SandboxId) -> Result<SandboxRecord> {
+        let entry = self.entry(id)?;
+        entry.cancel();
+        let mgr = self.clone();
+        let span = tracing::info_span!("release", sandbox = %id);
+        detached(
+            async move {
+                let _life = entry.lock().await;
+                if let Some(vm) = entry.take_vm() {
+                    if vm.vmm.exit().is_none() {
+                        vm.vmm
+                            .shutdown(mgr.inner.config.destroy_grace)
+                            .await
+                            .map_err(|source| CoreError::Vmm {
+                                id: entry.id.clone(),
+                                source,
+                            })?;
+                    }
+                }
+                if let Some(att) = entry.read(|r| r.network.clone()) {
+                    mgr.detach(att).await?;
+                    entry.set_network(None);
+                }
+                entry.set_vmm_pid(None);
+                mgr.inner.registry.remove(&entry);
+                tracing::info!("released (directory kept)");
+                Ok(entry.record())
+            }
+            .instrument(span),
+        )
+        .await
+    }
+
     async fn destroy_entry(&self, entry: &Entry) -> Result<()> {
         let _life = entry.lock().await;
         if entry.state() == SandboxState::Destroyed {

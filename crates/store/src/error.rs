@@ -20,6 +20,12 @@ pub enum StoreError {
     AliasTaken { alias: String },
     #[error("port {port} is already published as '{alias}'")]
     PortPublished { port: u16, alias: String },
+    #[error("sandbox quota reached: {used} of {limit} sandboxes in use; destroy one first")]
+    SandboxQuota { used: u64, limit: u64 },
+    #[error("CPU quota reached: {used} of {limit} CPUs in use, {asked} more asked")]
+    CpuQuota { used: u64, limit: u64, asked: u64 },
+    #[error("memory quota reached: {used} of {limit} MiB in use, {asked} more asked")]
+    MemoryQuota { used: u64, limit: u64, asked: u64 },
     #[error("the database is at schema version {found}, newer than this binary knows ({known})")]
     TooNew { found: i64, known: i64 },
 }

@@ -16,10 +16,11 @@ mod users;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
+pub use api_types::{SandboxStatus, Thermal};
 pub use error::StoreError;
 pub use events::EventRecord;
 pub use publications::{NewPublication, PublicationRecord};
-pub use sandboxes::{NewSandbox, SandboxRecord, SandboxUpdate};
+pub use sandboxes::{NewSandbox, SandboxRow, SandboxUpdate};
 pub use secrets::SecretRecord;
 pub use users::{NewUser, UserRecord};
 

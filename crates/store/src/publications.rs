@@ -203,8 +203,6 @@ mod tests {
                 image: "tiny".into(),
                 cpus: 1,
                 memory_mb: 256,
-                status: "running".into(),
-                thermal: "hot".into(),
                 keep_hot: false,
                 labels: Default::default(),
             })

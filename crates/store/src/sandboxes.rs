@@ -1,36 +1,47 @@
 //! Sandbox rows. The store keeps what the API shows (name, image, size,
 //! status, thermal state, ip, labels) in columns, and the orchestrator's
-//! runtime state (paths, TAP, MAC, token, …) as an opaque JSON document it
-//! does not interpret.
+//! runtime record (paths, network attachment, token, …) as one JSON
+//! document it does not interpret: the daemon serialises its typed record
+//! whole and reads it back whole.
+//!
+//! A row is created inside one transaction with its user's quota check, so
+//! parallel creates cannot overshoot a quota; every update names the row by
+//! id and is one statement.
 
 use std::collections::BTreeMap;
 
-use rusqlite::{params, OptionalExtension, Row};
+use api_types::{SandboxStatus, Thermal};
+use rusqlite::types::{ToSql, Type};
+use rusqlite::{params, OptionalExtension, Row, TransactionBehavior};
 use serde::Serialize;
 
 use crate::{now_ms, Result, Store, StoreError};
 
+/// One row of the `sandboxes` table.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct SandboxRecord {
+pub struct SandboxRow {
     pub id: String,
     pub user_id: String,
     pub name: String,
     pub image: String,
     pub cpus: u32,
     pub memory_mb: u64,
-    pub status: String,
+    pub status: SandboxStatus,
     pub status_reason: Option<String>,
-    pub thermal: String,
+    pub thermal: Thermal,
     pub thermal_since: i64,
     pub ip: Option<String>,
     pub keep_hot: bool,
     pub labels: BTreeMap<String, String>,
+    /// The daemon's runtime record (JSON), once its VM was created.
     #[serde(skip)]
-    pub runtime: serde_json::Value,
+    pub runtime: Option<serde_json::Value>,
     pub created_at: i64,
     pub updated_at: i64,
 }
 
+/// A row to insert: it starts `creating` and `hot`, without a runtime
+/// record.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewSandbox {
     pub id: String,
@@ -39,8 +50,6 @@ pub struct NewSandbox {
     pub image: String,
     pub cpus: u32,
     pub memory_mb: u64,
-    pub status: String,
-    pub thermal: String,
     pub keep_hot: bool,
     pub labels: BTreeMap<String, String>,
 }
@@ -48,54 +57,120 @@ pub struct NewSandbox {
 /// Fields to change; `None` leaves a field as it is.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SandboxUpdate {
-    pub status: Option<String>,
+    pub status: Option<SandboxStatus>,
     /// `Some(None)` clears the reason.
     pub status_reason: Option<Option<String>>,
-    pub thermal: Option<String>,
+    /// A change also sets `thermal_since` (an unchanged value keeps it).
+    pub thermal: Option<Thermal>,
     pub ip: Option<Option<String>>,
     pub keep_hot: Option<bool>,
     pub labels: Option<BTreeMap<String, String>>,
+    /// The whole runtime record (`serde_json::Value::Null` clears it).
     pub runtime: Option<serde_json::Value>,
 }
 
 const COLS: &str = "id, user_id, name, image, cpus, memory_mb, status, status_reason, thermal, \
                     thermal_since, ip, keep_hot, labels, runtime, created_at, updated_at";
 
-fn sandbox(r: &Row<'_>) -> rusqlite::Result<SandboxRecord> {
+fn bad_text(i: usize, e: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(i, Type::Text, Box::new(e))
+}
+
+fn sandbox(r: &Row<'_>) -> rusqlite::Result<SandboxRow> {
+    let status: String = r.get(6)?;
+    let thermal: String = r.get(8)?;
     let labels: String = r.get(12)?;
     let runtime: String = r.get(13)?;
-    let bad_json = |i, e: serde_json::Error| {
-        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
-    };
-    Ok(SandboxRecord {
+    let runtime: serde_json::Value = serde_json::from_str(&runtime).map_err(|e| bad_text(13, e))?;
+    Ok(SandboxRow {
         id: r.get(0)?,
         user_id: r.get(1)?,
         name: r.get(2)?,
         image: r.get(3)?,
         cpus: r.get(4)?,
         memory_mb: r.get(5)?,
-        status: r.get(6)?,
+        status: status.parse().map_err(|e| bad_text(6, e))?,
         status_reason: r.get(7)?,
-        thermal: r.get(8)?,
+        thermal: thermal.parse().map_err(|e| bad_text(8, e))?,
         thermal_since: r.get(9)?,
         ip: r.get(10)?,
         keep_hot: r.get(11)?,
-        labels: serde_json::from_str(&labels).map_err(|e| bad_json(12, e))?,
-        runtime: serde_json::from_str(&runtime).map_err(|e| bad_json(13, e))?,
+        labels: serde_json::from_str(&labels).map_err(|e| bad_text(12, e))?,
+        runtime: (!runtime.is_null()).then_some(runtime),
         created_at: r.get(14)?,
         updated_at: r.get(15)?,
     })
 }
 
+fn not_found(id: &str) -> StoreError {
+    StoreError::NotFound {
+        kind: "sandbox",
+        id: id.to_string(),
+    }
+}
+
 impl Store {
-    pub fn insert_sandbox(&self, s: &NewSandbox) -> Result<SandboxRecord> {
+    /// Inserts a sandbox row if its user's quotas (sandboxes, CPUs, memory,
+    /// read from the users table) allow it — check and insert in one
+    /// transaction, so concurrent creates cannot overshoot. A name the
+    /// user already has is [`StoreError::Duplicate`], whatever the quota.
+    pub fn insert_sandbox(&self, s: &NewSandbox) -> Result<SandboxRow> {
         let now = now_ms();
         let labels = serde_json::to_string(&s.labels)?;
-        self.conn()
-            .execute(
-                "INSERT INTO sandboxes (id, user_id, name, image, cpus, memory_mb, status, thermal,
-                                        thermal_since, keep_hot, labels, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?9, ?9)",
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let taken: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM sandboxes WHERE user_id = ?1 AND name = ?2)",
+            params![s.user_id, s.name],
+            |r| r.get(0),
+        )?;
+        if taken {
+            return Err(StoreError::Duplicate {
+                kind: "sandbox",
+                name: s.name.clone(),
+            });
+        }
+        let (max_sandboxes, max_cpus, max_memory_mb): (u64, u64, u64) = tx
+            .query_row(
+                "SELECT max_sandboxes, max_cpus, max_memory_mb FROM users WHERE id = ?1",
+                [&s.user_id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound {
+                kind: "user",
+                id: s.user_id.clone(),
+            })?;
+        let (count, cpus, memory_mb) = usage(&tx, &s.user_id)?;
+        if count >= max_sandboxes {
+            return Err(StoreError::SandboxQuota {
+                used: count,
+                limit: max_sandboxes,
+            });
+        }
+        if cpus + u64::from(s.cpus) > max_cpus {
+            return Err(StoreError::CpuQuota {
+                used: cpus,
+                limit: max_cpus,
+                asked: s.cpus.into(),
+            });
+        }
+        if memory_mb + s.memory_mb > max_memory_mb {
+            return Err(StoreError::MemoryQuota {
+                used: memory_mb,
+                limit: max_memory_mb,
+                asked: s.memory_mb,
+            });
+        }
+        let row = tx
+            .query_row(
+                &format!(
+                    "INSERT INTO sandboxes (id, user_id, name, image, cpus, memory_mb, status,
+                                            thermal, thermal_since, keep_hot, labels,
+                                            created_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?9, ?9)
+                     RETURNING {COLS}"
+                ),
                 params![
                     s.id,
                     s.user_id,
@@ -103,21 +178,22 @@ impl Store {
                     s.image,
                     s.cpus,
                     s.memory_mb,
-                    s.status,
-                    s.thermal,
+                    SandboxStatus::Creating.as_str(),
+                    Thermal::Hot.as_str(),
                     now,
                     s.keep_hot,
                     labels
                 ],
+                sandbox,
             )
             .map_err(|e| StoreError::unique(e, "sandbox", &s.name))?;
-        self.sandbox_by_id(&s.id)?.ok_or(StoreError::NotFound {
-            kind: "sandbox",
-            id: s.id.clone(),
-        })
+        tx.commit()?;
+        Ok(row)
     }
 
-    fn sandbox_by_id(&self, id: &str) -> Result<Option<SandboxRecord>> {
+    /// A sandbox row by id, whoever owns it (the daemon's own bookkeeping;
+    /// requests go through [`Store::sandbox`]).
+    pub fn sandbox_row(&self, id: &str) -> Result<Option<SandboxRow>> {
         Ok(self
             .conn()
             .query_row(
@@ -129,7 +205,7 @@ impl Store {
     }
 
     /// A user's sandbox by id or name.
-    pub fn sandbox(&self, user_id: &str, id_or_name: &str) -> Result<Option<SandboxRecord>> {
+    pub fn sandbox(&self, user_id: &str, id_or_name: &str) -> Result<Option<SandboxRow>> {
         Ok(self
             .conn()
             .query_row(
@@ -143,7 +219,7 @@ impl Store {
             .optional()?)
     }
 
-    pub fn sandboxes_of(&self, user_id: &str) -> Result<Vec<SandboxRecord>> {
+    pub fn sandboxes_of(&self, user_id: &str) -> Result<Vec<SandboxRow>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!(
             "SELECT {COLS} FROM sandboxes WHERE user_id = ?1 ORDER BY created_at, id"
@@ -152,8 +228,8 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    /// Every sandbox of every user (startup recovery, thermal manager).
-    pub fn all_sandboxes(&self) -> Result<Vec<SandboxRecord>> {
+    /// Every sandbox of every user (startup recovery, the DNS table).
+    pub fn all_sandboxes(&self) -> Result<Vec<SandboxRow>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!(
             "SELECT {COLS} FROM sandboxes ORDER BY created_at, id"
@@ -163,71 +239,59 @@ impl Store {
     }
 
     /// (sandboxes, cpus, memory_mb) a user holds, for quotas.
-    pub fn usage_of(&self, user_id: &str) -> Result<(u32, u32, u64)> {
-        Ok(self.conn().query_row(
-            "SELECT COUNT(*), COALESCE(SUM(cpus), 0), COALESCE(SUM(memory_mb), 0)
-             FROM sandboxes WHERE user_id = ?1",
-            [user_id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )?)
+    pub fn usage_of(&self, user_id: &str) -> Result<(u64, u64, u64)> {
+        usage(&self.conn(), user_id)
     }
 
-    pub fn update_sandbox(&self, id: &str, u: &SandboxUpdate) -> Result<SandboxRecord> {
+    /// Changes the named fields of row `id` in one statement; the row as
+    /// it is after.
+    pub fn update_sandbox(&self, id: &str, u: &SandboxUpdate) -> Result<SandboxRow> {
         let now = now_ms();
-        {
-            let mut conn = self.conn();
-            let tx = conn.transaction()?;
-            let touch = |tx: &rusqlite::Transaction<'_>, sql: &str, v: &dyn rusqlite::ToSql| {
-                tx.execute(sql, params![v, id])
-            };
-            if let Some(v) = &u.status {
-                touch(&tx, "UPDATE sandboxes SET status = ?1 WHERE id = ?2", v)?;
+        // ?1 is the id, ?2 the time; each field adds its own parameter.
+        let mut sets = vec!["updated_at = ?2".to_string()];
+        let mut values: Vec<Box<dyn ToSql>> = vec![Box::new(id.to_string()), Box::new(now)];
+        let mut set = |sets: &mut Vec<String>, col: &str, v: Box<dyn ToSql>| {
+            values.push(v);
+            let n = values.len();
+            if col == "thermal" {
+                sets.push(format!(
+                    "thermal = ?{n}, \
+                     thermal_since = CASE WHEN thermal = ?{n} THEN thermal_since ELSE ?2 END"
+                ));
+            } else {
+                sets.push(format!("{col} = ?{n}"));
             }
-            if let Some(v) = &u.status_reason {
-                touch(
-                    &tx,
-                    "UPDATE sandboxes SET status_reason = ?1 WHERE id = ?2",
-                    v,
-                )?;
-            }
-            if let Some(v) = &u.thermal {
-                tx.execute(
-                    "UPDATE sandboxes SET thermal = ?1,
-                        thermal_since = CASE WHEN thermal = ?1 THEN thermal_since ELSE ?3 END
-                     WHERE id = ?2",
-                    params![v, id, now],
-                )?;
-            }
-            if let Some(v) = &u.ip {
-                touch(&tx, "UPDATE sandboxes SET ip = ?1 WHERE id = ?2", v)?;
-            }
-            if let Some(v) = &u.keep_hot {
-                touch(&tx, "UPDATE sandboxes SET keep_hot = ?1 WHERE id = ?2", v)?;
-            }
-            if let Some(v) = &u.labels {
-                let j = serde_json::to_string(v)?;
-                touch(&tx, "UPDATE sandboxes SET labels = ?1 WHERE id = ?2", &j)?;
-            }
-            if let Some(v) = &u.runtime {
-                let j = serde_json::to_string(v)?;
-                touch(&tx, "UPDATE sandboxes SET runtime = ?1 WHERE id = ?2", &j)?;
-            }
-            let n = tx.execute(
-                "UPDATE sandboxes SET updated_at = ?1 WHERE id = ?2",
-                params![now, id],
-            )?;
-            if n == 0 {
-                return Err(StoreError::NotFound {
-                    kind: "sandbox",
-                    id: id.to_string(),
-                });
-            }
-            tx.commit()?;
+        };
+        if let Some(v) = u.status {
+            set(&mut sets, "status", Box::new(v.as_str()));
         }
-        self.sandbox_by_id(id)?.ok_or(StoreError::NotFound {
-            kind: "sandbox",
-            id: id.to_string(),
-        })
+        if let Some(v) = &u.status_reason {
+            set(&mut sets, "status_reason", Box::new(v.clone()));
+        }
+        if let Some(v) = u.thermal {
+            set(&mut sets, "thermal", Box::new(v.as_str()));
+        }
+        if let Some(v) = &u.ip {
+            set(&mut sets, "ip", Box::new(v.clone()));
+        }
+        if let Some(v) = u.keep_hot {
+            set(&mut sets, "keep_hot", Box::new(v));
+        }
+        if let Some(v) = &u.labels {
+            set(&mut sets, "labels", Box::new(serde_json::to_string(v)?));
+        }
+        if let Some(v) = &u.runtime {
+            set(&mut sets, "runtime", Box::new(serde_json::to_string(v)?));
+        }
+        let sql = format!(
+            "UPDATE sandboxes SET {} WHERE id = ?1 RETURNING {COLS}",
+            sets.join(", ")
+        );
+        let params: Vec<&dyn ToSql> = values.iter().map(|v| v.as_ref()).collect();
+        self.conn()
+            .query_row(&sql, params.as_slice(), sandbox)
+            .optional()?
+            .ok_or_else(|| not_found(id))
     }
 
     pub fn delete_sandbox(&self, id: &str) -> Result<()> {
@@ -235,13 +299,19 @@ impl Store {
             .conn()
             .execute("DELETE FROM sandboxes WHERE id = ?1", [id])?;
         if n == 0 {
-            return Err(StoreError::NotFound {
-                kind: "sandbox",
-                id: id.to_string(),
-            });
+            return Err(not_found(id));
         }
         Ok(())
     }
+}
+
+fn usage(conn: &rusqlite::Connection, user_id: &str) -> Result<(u64, u64, u64)> {
+    Ok(conn.query_row(
+        "SELECT COUNT(*), COALESCE(SUM(cpus), 0), COALESCE(SUM(memory_mb), 0)
+         FROM sandboxes WHERE user_id = ?1",
+        [user_id],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?)
 }
 
 #[cfg(test)]
@@ -273,8 +343,6 @@ mod tests {
             image: "minimal".into(),
             cpus: 2,
             memory_mb: 1024,
-            status: "creating".into(),
-            thermal: "hot".into(),
             keep_hot: false,
             labels: BTreeMap::from([("team".into(), "a".into())]),
         }
@@ -283,7 +351,11 @@ mod tests {
     #[test]
     fn sandboxes_are_scoped_to_their_user() {
         let s = store_with(&["alice", "bob"]);
-        s.insert_sandbox(&new("sb-1", "alice", "dev")).unwrap();
+        let row = s.insert_sandbox(&new("sb-1", "alice", "dev")).unwrap();
+        assert_eq!(
+            (row.status, row.thermal, row.runtime),
+            (SandboxStatus::Creating, Thermal::Hot, None)
+        );
         // Names are unique per user, not globally.
         s.insert_sandbox(&new("sb-2", "bob", "dev")).unwrap();
         assert!(matches!(
@@ -296,6 +368,7 @@ mod tests {
             s.sandbox("u-alice", "sb-2").unwrap().is_none(),
             "bob's sandbox is invisible to alice"
         );
+        assert_eq!(s.sandbox_row("sb-2").unwrap().unwrap().user_id, "u-bob");
         assert_eq!(s.sandboxes_of("u-bob").unwrap().len(), 1);
         assert_eq!(s.usage_of("u-alice").unwrap(), (1, 2, 1024));
         assert_eq!(s.all_sandboxes().unwrap().len(), 2);
@@ -309,38 +382,142 @@ mod tests {
             .update_sandbox(
                 "sb-1",
                 &SandboxUpdate {
-                    status: Some("running".into()),
+                    status: Some(SandboxStatus::Running),
                     ip: Some(Some("10.0.0.2".into())),
                     runtime: Some(serde_json::json!({"tap": "bt1"})),
+                    thermal: Some(Thermal::Hot),
                     ..Default::default()
                 },
             )
             .unwrap();
-        assert_eq!(after.status, "running");
+        assert_eq!(after.status, SandboxStatus::Running);
         assert_eq!(after.ip.as_deref(), Some("10.0.0.2"));
-        assert_eq!(after.runtime["tap"], "bt1");
+        assert_eq!(after.runtime.as_ref().unwrap()["tap"], "bt1");
         assert_eq!(after.labels, before.labels);
         assert_eq!(
             after.thermal_since, before.thermal_since,
             "thermal unchanged keeps its timestamp"
         );
+        std::thread::sleep(std::time::Duration::from_millis(2));
         let warm = s
             .update_sandbox(
                 "sb-1",
                 &SandboxUpdate {
-                    thermal: Some("warm".into()),
+                    thermal: Some(Thermal::Warm),
+                    status_reason: Some(Some("why".into())),
                     ..Default::default()
                 },
             )
             .unwrap();
-        assert_eq!(warm.thermal, "warm");
-        assert!(warm.thermal_since >= before.thermal_since);
+        assert_eq!(warm.thermal, Thermal::Warm);
+        assert!(warm.thermal_since > before.thermal_since);
+        assert_eq!(warm.status_reason.as_deref(), Some("why"));
+        assert_eq!(warm.status, SandboxStatus::Running, "untouched");
+        let cleared = s
+            .update_sandbox(
+                "sb-1",
+                &SandboxUpdate {
+                    status_reason: Some(None),
+                    ip: Some(None),
+                    runtime: Some(serde_json::Value::Null),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            (cleared.status_reason, cleared.ip, cleared.runtime),
+            (None, None, None)
+        );
         assert!(matches!(
             s.update_sandbox("nope", &SandboxUpdate::default()),
             Err(StoreError::NotFound { .. })
         ));
         s.delete_sandbox("sb-1").unwrap();
         assert!(s.sandbox("u-alice", "dev").unwrap().is_none());
+    }
+
+    #[test]
+    fn quota_is_checked_in_the_insert() {
+        let s = store_with(&["alice"]);
+        // 5 sandboxes, 8 CPUs, 8192 MiB.
+        for i in 0..4 {
+            s.insert_sandbox(&new(&format!("sb-{i}"), "alice", &format!("n{i}")))
+                .unwrap();
+        }
+        // 8 of 8 CPUs in use.
+        let mut small = new("sb-x", "alice", "x");
+        small.cpus = 1;
+        assert_eq!(
+            s.insert_sandbox(&small).unwrap_err().to_string(),
+            "CPU quota reached: 8 of 8 CPUs in use, 1 more asked"
+        );
+        s.delete_sandbox("sb-0").unwrap();
+        let mut big = new("sb-y", "alice", "y");
+        big.memory_mb = 6000;
+        assert!(matches!(
+            s.insert_sandbox(&big),
+            Err(StoreError::MemoryQuota {
+                used: 3072,
+                limit: 8192,
+                asked: 6000
+            })
+        ));
+        s.insert_sandbox(&new("sb-4", "alice", "n4")).unwrap();
+        // A taken name is a duplicate before it is a quota question.
+        assert!(matches!(
+            s.insert_sandbox(&new("sb-z", "alice", "n4")),
+            Err(StoreError::Duplicate { .. })
+        ));
+        assert!(matches!(
+            s.insert_sandbox(&new("sb-u", "nobody", "n")),
+            Err(StoreError::NotFound { kind: "user", .. })
+        ));
+    }
+
+    #[test]
+    fn parallel_inserts_never_overshoot_the_quota() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let s = std::sync::Arc::new(Store::open(&path).unwrap());
+        s.create_user(&NewUser {
+            id: "u-alice".into(),
+            name: "alice".into(),
+            key_hash: "h".into(),
+            max_sandboxes: 3,
+            max_cpus: 64,
+            max_memory_mb: 1 << 20,
+        })
+        .unwrap();
+        // Half the writers on their own connection to the same file, as a
+        // second process would be: the transaction, not the in-process
+        // mutex, must hold the line.
+        let other = std::sync::Arc::new(Store::open(&path).unwrap());
+        let handles: Vec<_> = (0..16)
+            .map(|i| {
+                let s = if i % 2 == 0 { s.clone() } else { other.clone() };
+                std::thread::spawn(move || {
+                    s.insert_sandbox(&new(&format!("sb-{i}"), "alice", &format!("n{i}")))
+                })
+            })
+            .collect();
+        let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let ok = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(ok, 3, "{results:?}");
+        assert!(results
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .all(|e| matches!(e, StoreError::SandboxQuota { used: 3, limit: 3 })));
+        assert_eq!(s.usage_of("u-alice").unwrap().0, 3);
+    }
+
+    #[test]
+    fn a_bad_status_in_the_table_is_an_error_not_a_panic() {
+        let s = store_with(&["alice"]);
+        s.insert_sandbox(&new("sb-1", "alice", "dev")).unwrap();
+        s.conn()
+            .execute("UPDATE sandboxes SET status = 'melted'", [])
+            .unwrap();
+        assert!(s.sandbox("u-alice", "dev").is_err());
     }
 
     #[test]

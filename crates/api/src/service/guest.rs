@@ -21,7 +21,7 @@ use proto::{ExecRequest, FileRead, FileStat, ListeningPort, SessionInfo, Started
 use store::{PublicationRecord, UserRecord};
 use tokio::io::AsyncRead;
 
-use super::{core_error, Service};
+use super::Service;
 use crate::error::{error_chain, ApiError};
 use crate::state::blocking;
 
@@ -51,7 +51,7 @@ pub fn guest_error(e: CoreError) -> ApiError {
             other => ApiError::from(other),
         },
         e @ CoreError::VmmExited { .. } => ApiError::BadGateway(error_chain(&e)),
-        other => core_error(other),
+        other => ApiError::from(other),
     }
 }
 
@@ -61,7 +61,7 @@ impl Service {
     async fn after_failure(&self, user: &UserRecord, key: &str, e: CoreError) -> ApiError {
         if e.is_dead() {
             // The lookup notices the dead VM and records it.
-            if let Err(now) = self.guest_id(user, key).await {
+            if let Err(now) = self.find_awake(user, key).await {
                 tracing::debug!(sandbox = %key, error = %now, "recorded a dead VM");
             }
         }
@@ -72,7 +72,7 @@ impl Service {
     /// checks this before its WebSocket upgrade, so a missing sandbox is
     /// an HTTP answer).
     pub async fn wake(&self, user: &UserRecord, key: &str) -> Result<(), ApiError> {
-        self.guest_id(user, key).await.map(|_| ())
+        self.find_awake(user, key).await.map(|_| ())
     }
 
     /// Runs a command to completion. Each output stream keeps at most
@@ -84,7 +84,7 @@ impl Service {
         key: &str,
         req: ExecRequest,
     ) -> Result<ExecOutput, ApiError> {
-        let id = self.guest_id(user, key).await?;
+        let id = self.find_awake(user, key).await?;
         let cap = self.config.limits.max_exec_output;
         match self.core.exec_capped(&id, req, cap).await {
             Ok(out) => Ok(out),
@@ -100,7 +100,7 @@ impl Service {
         key: &str,
         req: ExecRequest,
     ) -> Result<GuestExec, ApiError> {
-        let id = self.guest_id(user, key).await?;
+        let id = self.find_awake(user, key).await?;
         match self.core.exec_stream(&id, req).await {
             Ok(s) => Ok(s),
             Err(e) => Err(self.after_failure(user, key, e).await),
@@ -114,7 +114,7 @@ impl Service {
         key: &str,
         req: ExecRequest,
     ) -> Result<Started, ApiError> {
-        let id = self.guest_id(user, key).await?;
+        let id = self.find_awake(user, key).await?;
         match self.core.spawn(&id, req).await {
             Ok(s) => Ok(s),
             Err(e) => Err(self.after_failure(user, key, e).await),
@@ -129,7 +129,7 @@ impl Service {
         key: &str,
         req: FileRead,
     ) -> Result<GuestFile, ApiError> {
-        let id = self.guest_id(user, key).await?;
+        let id = self.find_awake(user, key).await?;
         match self.core.read_file_stream(&id, req).await {
             Ok(f) => Ok(f),
             Err(e) => Err(self.after_failure(user, key, e).await),
@@ -148,7 +148,7 @@ impl Service {
         source: R,
         opts: WriteOptions,
     ) -> Result<u64, ApiError> {
-        let id = self.guest_id(user, key).await?;
+        let id = self.find_awake(user, key).await?;
         match self
             .core
             .write_file_stream(&id, path, size, source, opts)
@@ -166,7 +166,7 @@ impl Service {
         key: &str,
         path: &str,
     ) -> Result<FileStat, ApiError> {
-        let id = self.guest_id(user, key).await?;
+        let id = self.find_awake(user, key).await?;
         match self.core.stat(&id, path).await {
             Ok(s) => Ok(s),
             Err(e) => Err(self.after_failure(user, key, e).await),
@@ -175,7 +175,7 @@ impl Service {
 
     /// Lists a guest directory.
     pub async fn ls(&self, user: &UserRecord, key: &str, path: &str) -> Result<Listing, ApiError> {
-        let id = self.guest_id(user, key).await?;
+        let id = self.find_awake(user, key).await?;
         match self.core.ls(&id, path).await {
             Ok(l) => Ok(l),
             Err(e) => Err(self.after_failure(user, key, e).await),
@@ -188,7 +188,7 @@ impl Service {
         user: &UserRecord,
         key: &str,
     ) -> Result<Vec<SessionInfo>, ApiError> {
-        let id = self.guest_id(user, key).await?;
+        let id = self.find_awake(user, key).await?;
         match self.core.sessions(&id).await {
             Ok(s) => Ok(s),
             Err(e) => Err(self.after_failure(user, key, e).await),
@@ -201,7 +201,7 @@ impl Service {
         user: &UserRecord,
         key: &str,
     ) -> Result<Vec<ListeningPort>, ApiError> {
-        let id = self.guest_id(user, key).await?;
+        let id = self.find_awake(user, key).await?;
         match self.core.ports(&id).await {
             Ok(p) => Ok(p),
             Err(e) => Err(self.after_failure(user, key, e).await),
@@ -217,7 +217,7 @@ impl Service {
         key: &str,
         r: ShellRequest,
     ) -> Result<GuestSession, ApiError> {
-        let id = self.guest_id(user, key).await?;
+        let id = self.find_awake(user, key).await?;
         match self.open_shell(&id, r).await {
             Ok(s) => Ok(s),
             Err(e) => Err(self.after_failure(user, key, e).await),
@@ -260,7 +260,7 @@ impl Service {
         key: &str,
         port: u16,
     ) -> Result<(GuestTunnel, KeepHot), ApiError> {
-        let id = self.guest_id(user, key).await?;
+        let id = self.find_awake(user, key).await?;
         match self.core.tunnel(&id, port).await {
             Ok(t) => Ok((t, self.keep_hot(&id))),
             Err(e) if e.is_dead() => Err(self.after_failure(user, key, e).await),
@@ -284,7 +284,7 @@ impl Service {
         label: &str,
         held: H,
     ) -> Result<Response, ApiError> {
-        let id = self.guest_id(user, key).await?;
+        let id = self.find_awake(user, key).await?;
         let keep_hot = self.keep_hot(&id);
         Ok(crate::proxy::forward_holding(
             self.core.tunnel(&id, port),
@@ -314,7 +314,7 @@ impl Service {
         let user = blocking(move || store.user_by_id(&uid))
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("no publication '{}'", p.alias)))?;
-        self.guest_id(&user, &p.sandbox_id).await?;
+        self.find_awake(&user, &p.sandbox_id).await?;
         drop(waking);
         self.proxy(&user, &p.sandbox_id, p.port, req, target, alias, held)
             .await
@@ -329,7 +329,7 @@ impl Service {
         user: &UserRecord,
         key: &str,
     ) -> Result<agent_client::AgentClient, ApiError> {
-        let id = self.guest_id(user, key).await?;
+        let id = self.find_awake(user, key).await?;
         let record = self.core.get(&id).map_err(guest_error)?;
         let ip = record.network.as_ref().map(|a| a.ip).ok_or_else(|| {
             ApiError::Unavailable(format!("sandbox '{key}' has no network attachment"))

@@ -202,9 +202,9 @@ impl Service {
     /// it is warm or cold, or its VM is not running in this process
     /// (stopped after a restart).
     pub fn needs_wake(&self, sid: &str) -> bool {
-        let Some(core) = self.live().get(sid).map(|l| l.core.clone()) else {
+        let Some(id) = self.running_id(sid) else {
             return true;
         };
-        !matches!(self.core.get(&core), Ok(r) if r.thermal == ThermalState::Hot)
+        !matches!(self.core.get(&id), Ok(r) if r.thermal == ThermalState::Hot)
     }
 }

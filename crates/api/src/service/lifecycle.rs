@@ -1,0 +1,538 @@
+//! Create, destroy, stop, start, booting a stopped sandbox again, and the
+//! lookup every guest operation starts with.
+//!
+//! One sandbox id names a sandbox from the API to the VMM: the service
+//! picks it, inserts the row (quota checked in the same transaction) and
+//! has core create the VM under it. Lifecycle operations on one sandbox
+//! are serialised by its lock here; core serialises its own steps (and
+//! thermal transitions) per sandbox too. A destroy during a create first
+//! asks core to destroy the sandbox — which ends the boot, or waits for it
+//! and then destroys the VM — and then, under the lock, removes whatever
+//! is left and the row: no VM outlives its row.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use api_types::{CreateSandbox, Sandbox, SandboxStatus, Thermal};
+use bhatti_core::{CoreError, SandboxId, SandboxSpec, SandboxState};
+use store::{NewSandbox, SandboxRow, SandboxUpdate, StoreError, UserRecord};
+use tracing::Instrument;
+
+use super::persistence::{record_update, Runtime};
+use super::{check_labels, internal, sandbox_id, view, Running, Service};
+use crate::error::{error_chain, ApiError};
+use crate::keys::random_hex;
+use crate::state::blocking;
+
+/// One lock per sandbox, made on first use.
+#[derive(Debug, Default)]
+pub(super) struct Locks(Mutex<HashMap<SandboxId, Arc<tokio::sync::Mutex<()>>>>);
+
+impl Locks {
+    /// Waits for sandbox `id`'s lock.
+    pub(super) async fn lock(&self, id: &SandboxId) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id.clone())
+            .or_default()
+            .clone();
+        lock.lock_owned().await
+    }
+
+    /// Drops a destroyed sandbox's lock (waiters keep theirs, and find the
+    /// row gone).
+    fn forget(&self, id: &SandboxId) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+    }
+}
+
+impl Service {
+    /// Creates a sandbox, or returns the user's existing one of that name
+    /// (`Ok((false, …))`). Runs to the end even if the caller goes away
+    /// (a client that disconnects must not leave a half-made sandbox).
+    pub async fn create(
+        self: &Arc<Self>,
+        user: &UserRecord,
+        body: CreateSandbox,
+    ) -> Result<(bool, Sandbox), ApiError> {
+        let (this, user) = (self.clone(), user.clone());
+        detached(async move { this.create_inner(&user, body).await }).await
+    }
+
+    async fn create_inner(
+        &self,
+        user: &UserRecord,
+        body: CreateSandbox,
+    ) -> Result<(bool, Sandbox), ApiError> {
+        let defaults = &self.config.defaults;
+        let name = match body.name.clone() {
+            Some(n) => n,
+            None => format!("sb-{}", random_hex(3).map_err(internal)?),
+        };
+        let mut spec = SandboxSpec::new(
+            &name,
+            body.image.clone().unwrap_or_else(|| defaults.image.clone()),
+        );
+        spec.cpus = body.cpus.unwrap_or(defaults.cpus);
+        // Each user's sandboxes share a bridge of their own.
+        spec.network_group = user.id.clone();
+        let memory = body.memory_mb.unwrap_or(defaults.memory_mb);
+        spec.memory_mb = u32::try_from(memory)
+            .map_err(|_| ApiError::BadRequest(format!("memory_mb {memory} is absurd")))?;
+        spec.env = body.env.clone();
+        spec.files = body
+            .files
+            .iter()
+            .map(|f| {
+                crate::validate::guest_path(&f.path)?;
+                Ok(proto::config_drive::ConfigFile {
+                    path: f.path.clone(),
+                    content: f.content.clone(),
+                    mode: f.mode.unwrap_or(0o644),
+                    owner: 1000,
+                })
+            })
+            .collect::<Result<_, ApiError>>()?;
+        check_labels(&body.labels)?;
+        for k in body.env.keys() {
+            crate::validate::env_name(k)?;
+        }
+        spec.validate(&self.core.config().limits)
+            .map_err(|e| ApiError::BadRequest(error_chain(&e)))?;
+        for secret in &body.secrets {
+            let value = self.secret_value(user, secret).await?;
+            spec.env.insert(secret.clone(), value);
+        }
+
+        let id = SandboxId::generate().map_err(internal)?;
+        // Taken before the row exists: a destroy by name that finds the
+        // row waits for this create to settle.
+        let _lock = self.locks.lock(&id).await;
+        let new = NewSandbox {
+            id: id.to_string(),
+            user_id: user.id.clone(),
+            name: name.clone(),
+            image: spec.image.clone(),
+            cpus: spec.cpus,
+            memory_mb: memory,
+            keep_hot: body.keep_hot,
+            labels: body.labels.clone(),
+        };
+        let store = self.store.clone();
+        let inserted = tokio::task::spawn_blocking(move || store.insert_sandbox(&new))
+            .await
+            .map_err(|e| ApiError::Internal(format!("store task failed: {e}")))?;
+        match inserted {
+            Ok(_) => {}
+            // The same name again (or a concurrent create of it won): the
+            // existing sandbox.
+            Err(StoreError::Duplicate { .. }) => {
+                return Ok((false, view(&self.row(user, &name).await?)));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.event(
+            user,
+            id.as_str(),
+            "creating",
+            serde_json::json!({"image": spec.image}),
+        )
+        .await;
+
+        self.creating_set().insert(id.clone());
+        let created = self.core.create_as(id.clone(), spec).await;
+        self.creating_set().remove(&id);
+        match created {
+            Ok(record) => {
+                if let Err(e) = self.core.set_keep_hot(&id, body.keep_hot) {
+                    tracing::warn!(sandbox = %id, error = %e, "keep_hot");
+                }
+                let running = Running {
+                    user_id: user.id.clone(),
+                    name: name.clone(),
+                    secret_names: body.secrets.clone(),
+                };
+                let update = SandboxUpdate {
+                    status: Some(SandboxStatus::Running),
+                    ..record_update(&running, &record)?
+                };
+                self.index().insert(id.clone(), running);
+                let row = self.save(id.as_str(), update).await?;
+                self.event(
+                    user,
+                    &row.id,
+                    "running",
+                    serde_json::json!({
+                        "boot_ms": record.boot.map(|b| b.total().as_millis() as u64),
+                    }),
+                )
+                .await;
+                self.names.refresh(&self.store).await;
+                Ok((true, view(&row)))
+            }
+            Err(e @ (CoreError::InvalidSpec(_) | CoreError::Image(_))) => {
+                // Nothing was started: forget the row.
+                let store = self.store.clone();
+                let rid = id.to_string();
+                blocking(move || store.delete_sandbox(&rid)).await?;
+                self.locks.forget(&id);
+                Err(ApiError::BadRequest(error_chain(&e)))
+            }
+            Err(e) => {
+                let reason = error_chain(&e);
+                tracing::warn!(sandbox = %id, error = %reason, "create failed");
+                self.mark_failed(user, id.as_str(), &reason).await;
+                Err(ApiError::BadGateway(format!(
+                    "sandbox '{name}' failed to start: {reason}"
+                )))
+            }
+        }
+    }
+
+    fn creating_set(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<SandboxId>> {
+        self.creating.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn secret_value(&self, user: &UserRecord, name: &str) -> Result<String, ApiError> {
+        let store = self.store.clone();
+        let (uid, n) = (user.id.clone(), name.to_string());
+        let rec = blocking(move || store.secret(&uid, &n))
+            .await?
+            .ok_or_else(|| ApiError::BadRequest(format!("no secret named '{name}'")))?;
+        self.secrets.decrypt(&rec.ciphertext).map_err(internal)
+    }
+
+    /// The sandbox of `user` named by `reference` (id or name), ready for
+    /// a guest operation: booted again if it was stopped, woken if warm or
+    /// cold (concurrent callers share one wake; this is also the host-side
+    /// activity mark), and checked to be running. Its core id.
+    pub(crate) async fn find_awake(
+        &self,
+        user: &UserRecord,
+        reference: &str,
+    ) -> Result<SandboxId, ApiError> {
+        let id = match self.running_lookup(&user.id, reference) {
+            Some(id) => id,
+            None => {
+                let mut row = self.row(user, reference).await?;
+                if row.status == SandboxStatus::Stopped {
+                    row = self.boot_stopped(user, &row).await?;
+                }
+                match row.status {
+                    SandboxStatus::Running => {}
+                    SandboxStatus::Failed => {
+                        return Err(ApiError::Unavailable(format!(
+                            "sandbox '{}' has failed: {}",
+                            row.name,
+                            row.status_reason.unwrap_or_default()
+                        )))
+                    }
+                    SandboxStatus::Creating | SandboxStatus::Stopped => {
+                        return Err(ApiError::Unavailable(format!(
+                            "sandbox '{}' is {}",
+                            row.name, row.status
+                        )))
+                    }
+                }
+                let id = sandbox_id(&row)?;
+                if !self.index().contains_key(&id) {
+                    return Err(ApiError::Unavailable(format!(
+                        "sandbox '{}' has no running VM",
+                        row.name
+                    )));
+                }
+                id
+            }
+        };
+        match self.core.ensure_hot(&id).await {
+            Ok(()) => {
+                self.adopted_set().remove(&id);
+            }
+            Err(e @ (CoreError::Restore { .. } | CoreError::BreakerOpen { .. }))
+                if self.adopted_set().remove(&id) =>
+            {
+                // The snapshot recovery took of a VMM that outlived its
+                // daemon does not restore: the disk still has every
+                // acknowledged write (the agent syncs them), so boot from it.
+                tracing::warn!(
+                    sandbox = %id,
+                    error = %error_chain(&e),
+                    "the snapshot of an orphaned VMM does not restore; booting from the disk"
+                );
+                self.back_to_disk(user, &id).await?;
+                self.core.ensure_hot(&id).await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        // A VMM that died is noticed here and the sandbox marked failed.
+        let rec = self.core.get(&id)?;
+        if rec.state != SandboxState::Running {
+            let reason = rec
+                .failure
+                .unwrap_or_else(|| format!("VM is {}", rec.state));
+            self.mark_failed(user, id.as_str(), &reason).await;
+            return Err(ApiError::BadGateway(format!(
+                "sandbox '{}' failed: {reason}",
+                rec.spec.name
+            )));
+        }
+        Ok(id)
+    }
+
+    /// Forgets the cold VM of a sandbox recovery adopted from an orphaned
+    /// VMM and boots it again from its disk (the sandbox turns `stopped`
+    /// first, so a failure leaves it consistent).
+    async fn back_to_disk(
+        &self,
+        user: &UserRecord,
+        id: &SandboxId,
+    ) -> Result<SandboxRow, ApiError> {
+        let _lock = self.locks.lock(id).await;
+        match self.core.release(id).await {
+            Ok(_) | Err(CoreError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.index().remove(id);
+        let row = self
+            .save(
+                id.as_str(),
+                not_running(
+                    SandboxStatus::Stopped,
+                    "its snapshot did not restore; it boots again from its disk",
+                ),
+            )
+            .await?;
+        self.boot_locked(user, row).await
+    }
+
+    fn adopted_set(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<SandboxId>> {
+        self.adopted.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Boots a stopped sandbox from its disk; concurrent callers wait for
+    /// one boot. The row after.
+    async fn boot_stopped(
+        &self,
+        user: &UserRecord,
+        row: &SandboxRow,
+    ) -> Result<SandboxRow, ApiError> {
+        let id = sandbox_id(row)?;
+        let _lock = self.locks.lock(&id).await;
+        // Someone else may have booted (or destroyed) it while this waited.
+        let row = self.row(user, &row.id).await?;
+        if row.status != SandboxStatus::Stopped {
+            return Ok(row);
+        }
+        self.boot_locked(user, row).await
+    }
+
+    /// [`Service::boot_stopped`] with the sandbox's lock held.
+    async fn boot_locked(
+        &self,
+        user: &UserRecord,
+        row: SandboxRow,
+    ) -> Result<SandboxRow, ApiError> {
+        let id = sandbox_id(&row)?;
+        let rt = match Runtime::of(&row) {
+            Ok(Some(rt)) => rt,
+            Ok(None) => {
+                let reason = "it has no VM record to boot from";
+                self.mark_failed(user, &row.id, reason).await;
+                return Err(ApiError::BadGateway(format!(
+                    "sandbox '{}': {reason}",
+                    row.name
+                )));
+            }
+            Err(e) => {
+                return Err(ApiError::Internal(format!(
+                    "stored runtime of {}: {e}",
+                    row.id
+                )))
+            }
+        };
+        let span = tracing::info_span!("boot_stopped", sandbox = %id);
+        let booted = self
+            .core
+            .boot_existing(rt.core.clone())
+            .instrument(span)
+            .await;
+        match booted {
+            Ok(record) => {
+                if let Err(e) = self.core.set_keep_hot(&id, row.keep_hot) {
+                    tracing::warn!(sandbox = %id, error = %e, "keep_hot");
+                }
+                let running = Running {
+                    user_id: user.id.clone(),
+                    name: row.name.clone(),
+                    secret_names: rt.secret_names,
+                };
+                let update = SandboxUpdate {
+                    status: Some(SandboxStatus::Running),
+                    status_reason: Some(None),
+                    ..record_update(&running, &record)?
+                };
+                self.index().insert(id.clone(), running);
+                let row = self.save(&row.id, update).await?;
+                self.event(
+                    user,
+                    &row.id,
+                    "running",
+                    serde_json::json!({"booted_again": true}),
+                )
+                .await;
+                Ok(row)
+            }
+            Err(e) => {
+                let reason = format!("booting again failed: {}", error_chain(&e));
+                self.mark_failed(user, &row.id, &reason).await;
+                Err(ApiError::BadGateway(format!(
+                    "sandbox '{}' {reason}",
+                    row.name
+                )))
+            }
+        }
+    }
+
+    /// Destroys a sandbox: its VM, TAP and directory, then its row. Runs to
+    /// the end even if the caller goes away.
+    pub async fn destroy(
+        self: &Arc<Self>,
+        user: &UserRecord,
+        reference: &str,
+    ) -> Result<(), ApiError> {
+        let (this, user, r) = (self.clone(), user.clone(), reference.to_string());
+        detached(async move { this.destroy_inner(&user, &r).await }).await
+    }
+
+    async fn destroy_inner(&self, user: &UserRecord, reference: &str) -> Result<(), ApiError> {
+        let row = self.row(user, reference).await?;
+        let id = sandbox_id(&row)?;
+        if self.creating_set().contains(&id) {
+            // Core ends the boot (or waits for it) and destroys the VM; the
+            // create then settles and releases the lock below.
+            match self.core.destroy(&id).await {
+                Ok(()) | Err(CoreError::NotFound(_)) => {}
+                Err(e) => {
+                    tracing::warn!(sandbox = %id, error = %error_chain(&e), "destroy during create")
+                }
+            }
+        }
+        let _lock = self.locks.lock(&id).await;
+        let store = self.store.clone();
+        let rid = row.id.clone();
+        if blocking(move || store.sandbox_row(&rid)).await?.is_none() {
+            // A concurrent destroy won.
+            return Err(ApiError::NotFound(format!("no sandbox '{reference}'")));
+        }
+        match self.core.destroy(&id).await {
+            Ok(()) | Err(CoreError::NotFound(_)) => {}
+            Err(e) => {
+                return Err(ApiError::BadGateway(format!(
+                    "destroying: {}",
+                    error_chain(&e)
+                )))
+            }
+        }
+        // Not run by this process (stopped, failed, or created by a daemon
+        // that died): whatever its directory still holds.
+        self.core
+            .purge(&id)
+            .await
+            .map_err(|e| ApiError::Internal(error_chain(&e)))?;
+        self.index().remove(&id);
+        let store = self.store.clone();
+        let rid = row.id.clone();
+        blocking(move || store.delete_sandbox(&rid)).await?;
+        self.locks.forget(&id);
+        self.event(user, &row.id, "destroyed", serde_json::json!({}))
+            .await;
+        self.names.refresh(&self.store).await;
+        Ok(())
+    }
+
+    /// Takes a sandbox to cold (`POST /sandboxes/:id/stop`), to the end
+    /// even if the caller goes away.
+    pub async fn stop(
+        self: &Arc<Self>,
+        user: &UserRecord,
+        reference: &str,
+    ) -> Result<Sandbox, ApiError> {
+        let (this, user, r) = (self.clone(), user.clone(), reference.to_string());
+        detached(async move { this.stop_inner(&user, &r).await }).await
+    }
+
+    async fn stop_inner(&self, user: &UserRecord, reference: &str) -> Result<Sandbox, ApiError> {
+        let row = self.row(user, reference).await?;
+        let id = sandbox_id(&row)?;
+        let _lock = self.locks.lock(&id).await;
+        let row = self.row(user, &row.id).await?;
+        if !self.index().contains_key(&id) {
+            return Err(ApiError::Conflict(format!(
+                "sandbox '{}' is {}; nothing to stop",
+                row.name, row.status
+            )));
+        }
+        self.core.stop(&id).await?;
+        Ok(view(&self.persist(&id).await?))
+    }
+
+    /// Wakes a warm or cold sandbox, or boots a stopped one
+    /// (`POST /sandboxes/:id/start`); `force` first closes an open breaker.
+    /// Runs to the end even if the caller goes away.
+    pub async fn start_sandbox(
+        self: &Arc<Self>,
+        user: &UserRecord,
+        reference: &str,
+        force: bool,
+    ) -> Result<Sandbox, ApiError> {
+        let (this, user, r) = (self.clone(), user.clone(), reference.to_string());
+        detached(async move { this.start_inner(&user, &r, force).await }).await
+    }
+
+    async fn start_inner(
+        &self,
+        user: &UserRecord,
+        reference: &str,
+        force: bool,
+    ) -> Result<Sandbox, ApiError> {
+        let row = self.row(user, reference).await?;
+        let id = sandbox_id(&row)?;
+        let _lock = self.locks.lock(&id).await;
+        let row = self.row(user, &row.id).await?;
+        if self.index().contains_key(&id) {
+            self.core.start(&id, force).await?;
+            return Ok(view(&self.persist(&id).await?));
+        }
+        match row.status {
+            SandboxStatus::Stopped => Ok(view(&self.boot_locked(user, row).await?)),
+            SandboxStatus::Creating | SandboxStatus::Running | SandboxStatus::Failed => {
+                Err(ApiError::Conflict(format!(
+                    "sandbox '{}' is {}; cannot start it",
+                    row.name, row.status
+                )))
+            }
+        }
+    }
+}
+
+/// Runs a lifecycle operation on its own task: dropping the request's
+/// future (the client went away) does not cut it short half-way.
+async fn detached<T: Send + 'static>(
+    op: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(op)
+        .await
+        .map_err(|e| ApiError::Internal(format!("lifecycle task failed: {e}")))?
+}
+
+/// What a row shows while its VM is not running.
+pub(super) fn not_running(status: SandboxStatus, reason: &str) -> SandboxUpdate {
+    SandboxUpdate {
+        status: Some(status),
+        status_reason: Some(Some(reason.to_string())),
+        thermal: Some(Thermal::Cold),
+        ..Default::default()
+    }
+}

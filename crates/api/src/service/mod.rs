@@ -1,0 +1,193 @@
+//! The sandbox service: the store's rows (per user, persistent) over
+//! core's sandboxes (per daemon process), under one id from the API to the
+//! VMM. Handlers call this; it never sees HTTP.
+//!
+//! * [`startup`] — starting (engine, network, recovery, thermal tasks),
+//!   `/health` and shutdown.
+//! * [`recovery`] — what an earlier daemon process left: adopted, or made
+//!   consistent, and its orphans removed.
+//! * [`lifecycle`] — create, destroy, stop, start, booting a stopped
+//!   sandbox again, and [`Service::find_awake`], the one lookup every
+//!   guest operation starts with; each serialised per sandbox.
+//! * [`persistence`] — the typed runtime record, status changes, events,
+//!   and the recorder of thermal transitions.
+//! * `publish` — ports under public aliases.
+//!
+//! What is persisted: the API's view of each sandbox (name, size, status,
+//! ip, labels) and core's record of its VM (directory, network attachment,
+//! agent token), minus secret values — those are stored only encrypted, in
+//! the secrets table, and looked up again by name when needed.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use api_types::{PatchSandbox, Sandbox};
+use bhatti_core::{SandboxId, SandboxManager};
+use store::{SandboxRow, SandboxUpdate, Store, UserRecord};
+
+use crate::config::DaemonConfig;
+use crate::error::ApiError;
+use crate::secrets::SecretBox;
+use crate::state::blocking;
+
+mod guest;
+mod lifecycle;
+mod persistence;
+mod publish;
+mod recovery;
+mod startup;
+
+pub use guest::{guest_error, KeepHot, ShellRequest};
+pub use startup::StartError;
+
+/// A sandbox whose VM (hot, warm or cold) this process runs: the hot path
+/// (exec, files) finds it here without a database read, and thermal
+/// events find whose it is. Keyed by the sandbox's one id.
+#[derive(Debug, Clone)]
+struct Running {
+    user_id: String,
+    name: String,
+    /// Secrets (by name) its env was given: kept out of the stored record.
+    secret_names: Vec<String>,
+}
+
+/// The sandboxes this process runs, by id.
+type Index = Arc<Mutex<HashMap<SandboxId, Running>>>;
+
+#[derive(Debug)]
+pub struct Service {
+    config: Arc<DaemonConfig>,
+    store: Arc<Store>,
+    secrets: Arc<SecretBox>,
+    core: SandboxManager,
+    running: Index,
+    /// One lock per sandbox: create, boot, stop, start and destroy of one
+    /// sandbox run one at a time.
+    locks: lifecycle::Locks,
+    /// Sandboxes whose VM core is creating now: a destroy asks core to
+    /// stop that create rather than wait for it.
+    creating: Mutex<HashSet<SandboxId>>,
+    /// Sandboxes recovery adopted by snapshotting a VMM that outlived its
+    /// daemon, not yet woken since: if that snapshot does not restore,
+    /// they boot from their disk instead.
+    adopted: Mutex<HashSet<SandboxId>>,
+    /// The thermal ticker and the task recording its events.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Sandbox names by user and address, for the gateway's DNS responder.
+    names: Arc<crate::network::GuestNames>,
+}
+
+/// Builds the API's view of a stored sandbox.
+pub fn view(r: &SandboxRow) -> Sandbox {
+    Sandbox {
+        id: r.id.clone(),
+        name: r.name.clone(),
+        image: r.image.clone(),
+        cpus: r.cpus,
+        memory_mb: r.memory_mb,
+        status: r.status,
+        status_reason: r.status_reason.clone(),
+        thermal: r.thermal,
+        thermal_since: r.thermal_since,
+        ip: r.ip.clone(),
+        keep_hot: r.keep_hot,
+        labels: r.labels.clone(),
+        created_at: r.created_at,
+        // Filled in by the calls that show them (get, list).
+        published: Vec::new(),
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError::Internal(e.to_string())
+}
+
+/// The core id of a stored row (rows and core share one id).
+fn sandbox_id(row: &SandboxRow) -> Result<SandboxId, ApiError> {
+    row.id
+        .parse()
+        .map_err(|e| ApiError::Internal(format!("stored sandbox id: {e}")))
+}
+
+impl Service {
+    fn index(&self) -> std::sync::MutexGuard<'_, HashMap<SandboxId, Running>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A sandbox of `user` this process runs, by id or name.
+    fn running_lookup(&self, user_id: &str, key: &str) -> Option<SandboxId> {
+        let index = self.index();
+        if let Ok(id) = key.parse::<SandboxId>() {
+            if index.get(&id).is_some_and(|r| r.user_id == user_id) {
+                return Some(id);
+            }
+        }
+        index
+            .iter()
+            .find(|(_, r)| r.user_id == user_id && r.name == key)
+            .map(|(id, _)| id.clone())
+    }
+
+    /// The id of a sandbox this process runs, by its stored id.
+    fn running_id(&self, sid: &str) -> Option<SandboxId> {
+        let id = sid.parse::<SandboxId>().ok()?;
+        self.index().contains_key(&id).then_some(id)
+    }
+
+    pub async fn list(&self, user: &UserRecord) -> Result<Vec<Sandbox>, ApiError> {
+        let store = self.store.clone();
+        let uid = user.id.clone();
+        let rows = blocking(move || store.sandboxes_of(&uid)).await?;
+        self.all_with_published(user, rows.iter().map(view).collect())
+            .await
+    }
+
+    /// A sandbox row of `user` by id or name.
+    async fn row(&self, user: &UserRecord, id: &str) -> Result<SandboxRow, ApiError> {
+        let store = self.store.clone();
+        let (uid, key) = (user.id.clone(), id.to_string());
+        blocking(move || store.sandbox(&uid, &key))
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("no sandbox '{id}'")))
+    }
+
+    pub async fn get(&self, user: &UserRecord, id: &str) -> Result<Sandbox, ApiError> {
+        self.with_published(view(&self.row(user, id).await?)).await
+    }
+
+    pub async fn patch(
+        &self,
+        user: &UserRecord,
+        id: &str,
+        p: PatchSandbox,
+    ) -> Result<Sandbox, ApiError> {
+        if let Some(labels) = &p.labels {
+            check_labels(labels)?;
+        }
+        let row = self.row(user, id).await?;
+        if let (Some(keep_hot), Some(id)) = (p.keep_hot, self.running_id(&row.id)) {
+            self.core.set_keep_hot(&id, keep_hot)?;
+        }
+        let update = SandboxUpdate {
+            keep_hot: p.keep_hot,
+            labels: p.labels,
+            ..Default::default()
+        };
+        let updated = self.save(&row.id, update).await?;
+        Ok(view(&updated))
+    }
+}
+
+fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    if labels.len() > 64 {
+        return Err(ApiError::BadRequest("at most 64 labels".into()));
+    }
+    for (k, v) in labels {
+        if k.is_empty() || k.len() > 63 || v.len() > 256 {
+            return Err(ApiError::BadRequest(format!(
+                "label '{k}': keys are 1-63 bytes, values at most 256"
+            )));
+        }
+    }
+    Ok(())
+}
