@@ -12,8 +12,8 @@ use vmm::{DriveSpec, MacAddr, MemoryBacking, NetSpec, VmSpec, Vmm};
 
 use crate::spec::SandboxSpec;
 
-/// The TCP port lohar listens on in the guest (control and tunnels).
-pub const AGENT_PORT: u16 = 1024;
+/// The TCP port lohar listens on in the guest (defined by the protocol).
+pub use proto::AGENT_PORT;
 /// File name of the guest console log in a sandbox directory.
 pub const SERIAL_LOG: &str = "serial.log";
 /// The kernel command line before the network arguments: serial console,

@@ -32,3 +32,8 @@ pub use message::*;
 /// Version of this protocol; sent in [`Auth`] and [`AuthOk`]. Bumped on any
 /// incompatible change to a frame type or payload.
 pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The TCP port lohar listens on at the guest's IP, for control
+/// connections and tunnels alike (a connection becomes a byte pipe after
+/// `Tunnel`/`TunnelOk`). Host and guest both take it from here.
+pub const AGENT_PORT: u16 = 1024;

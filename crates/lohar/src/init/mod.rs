@@ -37,9 +37,8 @@ use nix::unistd::{fork, ForkResult, Pid};
 use crate::config::{AgentConfig, RunAs};
 pub use error::BootError;
 
-/// The agent's TCP port on the guest IP. Tunnels use the same port: a
-/// connection becomes a byte pipe after `Tunnel`/`TunnelOk`.
-pub const AGENT_PORT: u16 = 1024;
+/// The agent's TCP port on the guest IP (defined by the protocol).
+pub use proto::AGENT_PORT;
 /// Default working directory of commands.
 pub const WORKSPACE: &str = "/workspace";
 /// How long the boot waits for devices (disks, `eth0`) to appear.
