@@ -57,7 +57,25 @@ const API_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Daemon {
     /// Opens everything and binds the listener; nothing is served yet.
-    pub async fn start(mut config: DaemonConfig) -> Result<Daemon, ServeError> {
+    pub async fn start(config: DaemonConfig) -> Result<Daemon, ServeError> {
+        Daemon::open(config, None).await
+    }
+
+    /// [`Daemon::start`] with the VM engine given rather than chosen from
+    /// `config.engine`: for tests, which hand in `vmm::fake::FakeEngine`
+    /// (its guests are `lohar serve` processes on the host). The daemon
+    /// itself never uses it.
+    pub async fn start_with_engine(
+        config: DaemonConfig,
+        engine: impl vmm::Engine + 'static,
+    ) -> Result<Daemon, ServeError> {
+        Daemon::open(config, Some(Box::new(engine))).await
+    }
+
+    async fn open(
+        mut config: DaemonConfig,
+        engine: Option<Box<dyn vmm::Engine>>,
+    ) -> Result<Daemon, ServeError> {
         config
             .validate()
             .map_err(|e| ServeError::Vms(e.to_string()))?;
@@ -77,7 +95,7 @@ impl Daemon {
         ));
         let public = bind_public(&mut config).await?;
         let config = Arc::new(config);
-        let service = Service::start(config.clone(), store.clone(), secrets.clone())
+        let service = Service::start(config.clone(), store.clone(), secrets.clone(), engine)
             .await
             .map_err(|e| ServeError::Vms(crate::error::error_chain(&e)))?;
         let health = service.health();

@@ -44,13 +44,30 @@ fn thermal_policy(c: &crate::config::ThermalConfig) -> ThermalPolicy {
     }
 }
 
+/// An engine handed to [`Service::start`] by its caller (a test's
+/// `vmm::fake::FakeEngine`), as core takes it.
+#[derive(Debug)]
+struct Given(Box<dyn vmm::Engine>);
+
+impl vmm::Engine for Given {
+    fn choice(&self) -> &vmm::EngineChoice {
+        self.0.choice()
+    }
+
+    fn new_vmm(&self, spec: vmm::VmSpec) -> vmm::Result<Box<dyn vmm::Vmm>> {
+        self.0.new_vmm(spec)
+    }
+}
+
 impl Service {
-    /// Picks the engine, sets up the network and recovers what the store
-    /// says existed before this process.
+    /// Picks the engine (`config.engine`, or `engine` when given: tests
+    /// hand in the fake one), sets up the network and recovers what the
+    /// store says existed before this process.
     pub async fn start(
         config: Arc<DaemonConfig>,
         store: Arc<store::Store>,
         secrets: Arc<SecretBox>,
+        engine: Option<Box<dyn vmm::Engine>>,
     ) -> Result<Service, StartError> {
         let mut core_config = CoreConfig::new(&config.data_dir);
         core_config.engine = engine_preference(&config.engine);
@@ -63,7 +80,11 @@ impl Service {
                 .map_err(StartError::Config)?,
         );
         let core = tokio::task::spawn_blocking(move || {
-            SandboxManager::new(core_config, Arc::new(net::IpRoute::new("ip")))
+            let net_ops = Arc::new(net::IpRoute::new("ip"));
+            match engine {
+                Some(engine) => SandboxManager::with_engine(core_config, Given(engine), net_ops),
+                None => SandboxManager::new(core_config, net_ops),
+            }
         })
         .await
         .map_err(|e| StartError::Config(format!("setting up the VM layer: {e}")))??;

@@ -77,6 +77,24 @@ impl TestDaemon {
         logs();
         let data = config.data_dir.clone();
         let daemon = api::Daemon::start(config).await.expect("daemon starts");
+        TestDaemon::serve(daemon, data)
+    }
+
+    /// A daemon whose VMs are the fake engine's (`lohar serve` processes
+    /// on the host): for the service's own paths, in seconds.
+    pub async fn start_with_engine(
+        config: api::DaemonConfig,
+        engine: vmm::fake::FakeEngine,
+    ) -> TestDaemon {
+        logs();
+        let data = config.data_dir.clone();
+        let daemon = api::Daemon::start_with_engine(config, engine)
+            .await
+            .expect("daemon starts");
+        TestDaemon::serve(daemon, data)
+    }
+
+    fn serve(daemon: api::Daemon, data: PathBuf) -> TestDaemon {
         let addr = daemon.local_addr().unwrap();
         let public = daemon.public_addr();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -105,6 +123,18 @@ impl TestDaemon {
         if let Some(t) = self.task.take() {
             t.await.expect("daemon task");
         }
+    }
+
+    /// The daemon "dies with SIGKILL": it stops serving at once, with no
+    /// shutdown (its VMs are left as they are; pair with
+    /// `FakeEngine::crash` so that they outlive it).
+    pub async fn crash(mut self) {
+        // Aborted before its stop signal could be seen.
+        if let Some(t) = self.task.take() {
+            t.abort();
+            let _ = t.await;
+        }
+        self.stop.take();
     }
 
     /// Creates a user straight in the database; returns their key.

@@ -1,0 +1,547 @@
+//! The service's status changes on the fake engine (`vmm::fake`): a real
+//! daemon (HTTP, store, service, core, real network in a namespace the
+//! test made) whose "VMs" are `lohar serve` processes on the host and
+//! whose images are placeholders. Seconds, no QEMU.
+//!
+//! Shown through the API's JSON (status, thermal, status_reason) and the
+//! host's processes: create and its failed boots (`failed` with a reason,
+//! destroyable, a retry works); exec and files; stop, start and a wake by
+//! exec; a restore that fails and `start?force=true`; a destroy during a
+//! create; a graceful restart and a crash (orphans adopted or reaped).
+//!
+//! Needs root (namespaces, TAPs) and the host build of lohar (`cargo
+//! build -p lohar`; see `testkit::host_lohar`).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{Client, TestDaemon};
+use reqwest::Method;
+use serde_json::Value;
+use vmm::fake::{FakeEngine, Fault};
+
+/// The image files the image store resolves for `tiny`, as placeholders:
+/// the fake engine reads none of them.
+fn placeholder_images(data: &Path) {
+    for rel in [
+        "images/kernel/vmlinux",
+        "images/kernel/vmlinuz",
+        "images/kernel/manifest.json",
+        "images/initramfs/initramfs.cpio",
+        "images/initramfs/manifest.json",
+        "images/tiny/rootfs.ext4",
+        "images/tiny/manifest.json",
+    ] {
+        let to = data.join(rel);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::write(&to, b"placeholder").unwrap();
+    }
+    std::fs::write(data.join("images/kernel/release"), "6.1.0-test\n").unwrap();
+}
+
+/// A daemon configuration over `data` whose thermal timers never fire
+/// during a test (the tests move sandboxes themselves).
+fn fake_config(data: &Path) -> api::DaemonConfig {
+    common::config(
+        data,
+        "[thermal]\nwarm_after_secs = 3600\ncold_after_secs = 7200\n[limits]\ncreates_per_min = 1000\n",
+    )
+}
+
+fn engine() -> FakeEngine {
+    FakeEngine::new(testkit::host_lohar())
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    data: PathBuf,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_path_buf();
+    placeholder_images(&data);
+    Setup { _dir: dir, data }
+}
+
+/// Processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &Path) -> Vec<String> {
+    let needle = needle.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmdline.contains(&needle) {
+            found.push(format!("{}: {cmdline}", name.to_string_lossy()));
+        }
+    }
+    found
+}
+
+/// The lohar processes (fake VMMs) of sandbox `id`.
+fn lohars_of(data: &Path, id: &str) -> Vec<String> {
+    processes_mentioning(&data.join("sandboxes").join(id).join("agent.sock"))
+}
+
+/// Every lohar under the data directory.
+fn lohars(data: &Path) -> Vec<String> {
+    processes_mentioning(&data.join("sandboxes"))
+}
+
+fn sandbox_dirs(data: &Path) -> Vec<String> {
+    match std::fs::read_dir(data.join("sandboxes")) {
+        Ok(rd) => rd
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+async fn wait_for<F, Fut>(what: &str, deadline: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = Instant::now() + deadline;
+    while !cond().await {
+        assert!(
+            Instant::now() < end,
+            "timed out after {deadline:?} waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn get(c: &Client, id: &str) -> (u16, Value) {
+    c.json(Method::GET, &format!("/sandboxes/{id}"), None).await
+}
+
+async fn show(c: &Client, id: &str) -> Value {
+    let (s, v) = get(c, id).await;
+    assert_eq!(s, 200, "GET {id}: {v}");
+    v
+}
+
+async fn post(c: &Client, path: &str, body: Option<Value>) -> (u16, Value) {
+    c.json(Method::POST, path, body).await
+}
+
+async fn delete(c: &Client, id: &str) -> u16 {
+    let (s, v) = c
+        .json(Method::DELETE, &format!("/sandboxes/{id}"), None)
+        .await;
+    assert!(s == 204 || s >= 400, "DELETE {id}: {s} {v}");
+    s
+}
+
+fn assert_state(v: &Value, status: &str, thermal: &str) {
+    assert_eq!(v["status"], status, "{v}");
+    assert_eq!(v["thermal"], thermal, "{v}");
+}
+
+async fn write_file(c: &Client, id: &str, path: &str, body: &'static [u8]) {
+    let resp = c
+        .req(Method::PUT, &format!("/sandboxes/{id}/files?path={path}"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    assert_eq!(status, 200, "PUT {path}: {text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["bytes"], body.len(), "{v}");
+}
+
+async fn read_file(c: &Client, id: &str, path: &str) -> (u16, Vec<u8>) {
+    let resp = c
+        .req(Method::GET, &format!("/sandboxes/{id}/files?path={path}"))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.bytes().await.unwrap().to_vec())
+}
+
+/// The guest's working directory (the fake's `root/`): where its files go.
+async fn home(c: &Client, id: &str) -> String {
+    common::sh(c, id, "pwd").await.trim().to_string()
+}
+
+#[test]
+fn create_exec_files_stop_start_and_wake() {
+    common::in_netns("svcf-life", || async {
+        let s = setup();
+        let d = TestDaemon::start_with_engine(fake_config(&s.data), engine()).await;
+        let (hs, health) = d.client("nobody").json(Method::GET, "/health", None).await;
+        assert_eq!(hs, 200, "{health}");
+        assert_eq!(health["engine"], "fake", "{health}");
+        let key = d.user("alice", 5);
+        let c = d.client(&key);
+
+        let v = c.create("box").await;
+        assert_state(&v, "running", "hot");
+        assert!(v["status_reason"].is_null(), "{v}");
+        let id = v["id"].as_str().unwrap().to_string();
+        assert_eq!(lohars_of(&s.data, &id).len(), 1, "one VMM");
+
+        // Exec, by id and by name.
+        assert_eq!(common::sh(&c, &id, "echo hi").await, "hi\n");
+        let (st, out) = c.exec("box", &["sh", "-c", "echo oops >&2; exit 3"]).await;
+        assert_eq!(st, 200, "{out}");
+        assert_eq!(out["exit_code"], 3, "{out}");
+        assert_eq!(out["stderr"], "oops\n", "{out}");
+
+        // Files through the API, seen by exec.
+        let root = home(&c, &id).await;
+        let path = format!("{root}/note.txt");
+        write_file(&c, &id, &path, b"kept across cold\n").await;
+        assert_eq!(
+            common::sh(&c, "box", &format!("cat {path}")).await,
+            "kept across cold\n"
+        );
+        let (rs, body) = read_file(&c, &id, &path).await;
+        assert_eq!(rs, 200);
+        assert_eq!(body, b"kept across cold\n");
+
+        // Stop: cold, still `running` (wakes when used), no VMM.
+        let (st, v) = post(&c, &format!("/sandboxes/{id}/stop"), None).await;
+        assert_eq!(st, 200, "{v}");
+        assert_state(&v, "running", "cold");
+        assert_state(&show(&c, &id).await, "running", "cold");
+        assert!(
+            lohars_of(&s.data, &id).is_empty(),
+            "a cold sandbox runs no VMM"
+        );
+        // Stopping a cold one again is no error.
+        let (st, v) = post(&c, &format!("/sandboxes/{id}/stop"), None).await;
+        assert_eq!(st, 200, "{v}");
+        assert_state(&v, "running", "cold");
+
+        // Start: hot again, its files there.
+        let (st, v) = post(&c, &format!("/sandboxes/{id}/start"), None).await;
+        assert_eq!(st, 200, "{v}");
+        assert_state(&v, "running", "hot");
+        let (rs, body) = read_file(&c, &id, &path).await;
+        assert_eq!((rs, body.as_slice()), (200, &b"kept across cold\n"[..]));
+
+        // An exec wakes a cold sandbox.
+        let (st, v) = post(&c, &format!("/sandboxes/{id}/stop"), None).await;
+        assert_eq!(st, 200, "{v}");
+        assert_state(&v, "running", "cold");
+        assert_eq!(common::sh(&c, &id, "echo awake").await, "awake\n");
+        assert_state(&show(&c, &id).await, "running", "hot");
+
+        // Destroy: no row, no VMM, no directory.
+        assert_eq!(delete(&c, &id).await, 204);
+        assert_eq!(get(&c, &id).await.0, 404);
+        assert!(lohars(&s.data).is_empty(), "{:?}", lohars(&s.data));
+        assert!(
+            sandbox_dirs(&s.data).is_empty(),
+            "{:?}",
+            sandbox_dirs(&s.data)
+        );
+        d.stop().await;
+    });
+}
+
+#[test]
+fn a_create_whose_boot_fails_is_failed_destroyable_and_retried() {
+    common::in_netns("svcf-boot", || async {
+        let s = setup();
+        let eng = engine();
+        let d = TestDaemon::start_with_engine(fake_config(&s.data), eng.clone()).await;
+        let key = d.user("bob", 1);
+        let c = d.client(&key);
+
+        for (fault, words) in [
+            (Fault::BootFails, "injected fault"),
+            (Fault::ExitDuringBoot, "exit"),
+        ] {
+            eng.inject(fault);
+            let (st, v) = post(&c, "/sandboxes", Some(serde_json::json!({"name": "box"}))).await;
+            assert_eq!(st, 502, "{fault:?}: {v}");
+            assert!(
+                v["error"].as_str().unwrap().contains("failed to start"),
+                "{v}"
+            );
+            assert!(eng.pending().is_empty(), "the fault was used");
+
+            let row = show(&c, "box").await;
+            assert_state(&row, "failed", "cold");
+            let reason = row["status_reason"].as_str().unwrap_or_default();
+            assert!(
+                reason.to_lowercase().contains(words),
+                "{fault:?}: reason {reason:?}"
+            );
+            let id = row["id"].as_str().unwrap().to_string();
+            assert!(
+                lohars_of(&s.data, &id).is_empty(),
+                "{fault:?}: a VMM is left"
+            );
+
+            // The failed row counts against the quota (it exists) ...
+            let (st, v) = post(&c, "/sandboxes", Some(serde_json::json!({"name": "other"}))).await;
+            assert_eq!(st, 403, "{v}");
+            // ... cannot be started or used ...
+            let (st, v) = post(&c, "/sandboxes/box/start", None).await;
+            assert_eq!(st, 409, "{v}");
+            let (st, v) = c.exec("box", &["true"]).await;
+            assert_eq!(st, 503, "{v}");
+            assert!(v["error"].as_str().unwrap().contains("failed"), "{v}");
+            // ... and is destroyable, which frees the quota.
+            assert_eq!(delete(&c, "box").await, 204);
+            assert_eq!(get(&c, "box").await.0, 404);
+            assert!(
+                sandbox_dirs(&s.data).is_empty(),
+                "{:?}",
+                sandbox_dirs(&s.data)
+            );
+
+            // A retry works.
+            let v = c.create("box").await;
+            assert_state(&v, "running", "hot");
+            assert_eq!(common::sh(&c, "box", "echo ok").await, "ok\n");
+            assert_eq!(delete(&c, "box").await, 204);
+        }
+        assert!(lohars(&s.data).is_empty(), "{:?}", lohars(&s.data));
+        d.stop().await;
+    });
+}
+
+#[test]
+fn a_restore_that_fails_answers_502_and_start_force_recovers() {
+    common::in_netns("svcf-rest", || async {
+        let s = setup();
+        let eng = engine();
+        let d = TestDaemon::start_with_engine(fake_config(&s.data), eng.clone()).await;
+        let key = d.user("carol", 5);
+        let c = d.client(&key);
+        let id = c.create("box").await["id"].as_str().unwrap().to_string();
+        let root = home(&c, &id).await;
+        let path = format!("{root}/f");
+        write_file(&c, &id, &path, b"before\n").await;
+        let (st, v) = post(&c, &format!("/sandboxes/{id}/stop"), None).await;
+        assert_eq!(st, 200, "{v}");
+
+        eng.inject(Fault::RestoreFails);
+        let (st, v) = post(&c, &format!("/sandboxes/{id}/start"), None).await;
+        assert_eq!(st, 502, "{v}");
+        assert!(
+            v["error"].as_str().unwrap().contains("injected fault"),
+            "{v}"
+        );
+        // Still cold, still the user's: a failed wake is not a failed sandbox.
+        let row = show(&c, &id).await;
+        assert_state(&row, "running", "cold");
+        assert!(
+            lohars_of(&s.data, &id).is_empty(),
+            "the failed restore's VMM is gone"
+        );
+
+        let (st, v) = post(&c, &format!("/sandboxes/{id}/start?force=true"), None).await;
+        assert_eq!(st, 200, "{v}");
+        assert_state(&v, "running", "hot");
+        assert_eq!(
+            common::sh(&c, &id, &format!("cat {path}")).await,
+            "before\n"
+        );
+        assert_eq!(eng.stats().restores, 2, "{:?}", eng.stats());
+        assert_eq!(delete(&c, &id).await, 204);
+        assert!(lohars(&s.data).is_empty(), "{:?}", lohars(&s.data));
+        d.stop().await;
+    });
+}
+
+#[test]
+fn delete_during_a_create_leaves_no_row_and_no_vmm() {
+    common::in_netns("svcf-dcre", || async {
+        let s = setup();
+        let eng = engine();
+        let d = TestDaemon::start_with_engine(fake_config(&s.data), eng.clone()).await;
+        let key = d.user("dave", 5);
+        let c = d.client(&key);
+
+        eng.inject(Fault::AgentLate(Duration::from_secs(30)));
+        let creator = {
+            let c = c.clone();
+            tokio::spawn(async move {
+                post(&c, "/sandboxes", Some(serde_json::json!({"name": "slow"}))).await
+            })
+        };
+        // The row is there, `creating`, and its VMM runs (its agent late).
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (st, v) = get(&c, "slow").await;
+            if st == 200 {
+                assert_eq!(v["status"], "creating", "{v}");
+                let id = v["id"].as_str().unwrap();
+                if !lohars_of(&s.data, id).is_empty() {
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < end,
+                "no row and VMM for the create: {st} {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        let started = Instant::now();
+        assert_eq!(delete(&c, "slow").await, 204);
+        assert!(
+            started.elapsed() < Duration::from_secs(25),
+            "the destroy ended the boot rather than waiting out the late agent"
+        );
+        let (st, v) = creator.await.unwrap();
+        assert!(
+            st == 409 || st == 502,
+            "the create lost to the destroy: {st} {v}"
+        );
+        assert_eq!(get(&c, "slow").await.0, 404);
+        let (st, list) = c.json(Method::GET, "/sandboxes", None).await;
+        assert_eq!(st, 200);
+        assert_eq!(list.as_array().unwrap().len(), 0, "{list}");
+        assert!(lohars(&s.data).is_empty(), "{:?}", lohars(&s.data));
+        assert!(
+            sandbox_dirs(&s.data).is_empty(),
+            "{:?}",
+            sandbox_dirs(&s.data)
+        );
+        d.stop().await;
+    });
+}
+
+#[test]
+fn a_graceful_restart_adopts_cold_sandboxes_that_work() {
+    common::in_netns("svcf-grst", || async {
+        let s = setup();
+        let d = TestDaemon::start_with_engine(fake_config(&s.data), engine()).await;
+        let key = d.user("erin", 5);
+        let c = d.client(&key);
+        let mut boxes = Vec::new();
+        for name in ["one", "two"] {
+            let id = c.create(name).await["id"].as_str().unwrap().to_string();
+            let path = format!("{}/{name}.txt", home(&c, &id).await);
+            write_file(&c, &id, &path, b"acknowledged\n").await;
+            boxes.push((id, path));
+        }
+        // One is cold already; shutdown takes the other cold.
+        let (st, v) = post(&c, &format!("/sandboxes/{}/stop", boxes[0].0), None).await;
+        assert_eq!(st, 200, "{v}");
+        d.stop().await;
+        assert!(
+            lohars(&s.data).is_empty(),
+            "shutdown left {:?}",
+            lohars(&s.data)
+        );
+
+        let eng = engine();
+        let d = TestDaemon::start_with_engine(fake_config(&s.data), eng.clone()).await;
+        let c = d.client(&key);
+        for (id, _) in &boxes {
+            assert_state(&show(&c, id).await, "running", "cold");
+        }
+        assert_eq!(eng.stats().boots, 0, "adoption boots nothing");
+        for (id, path) in &boxes {
+            assert_eq!(
+                common::sh(&c, id, &format!("cat {path}")).await,
+                "acknowledged\n"
+            );
+            assert_state(&show(&c, id).await, "running", "hot");
+        }
+        assert_eq!(eng.stats().restores, 2, "{:?}", eng.stats());
+        for (id, _) in &boxes {
+            assert_eq!(delete(&c, id).await, 204);
+        }
+        assert!(lohars(&s.data).is_empty(), "{:?}", lohars(&s.data));
+        d.stop().await;
+    });
+}
+
+#[test]
+fn after_a_crash_orphans_are_adopted_or_reaped() {
+    common::in_netns("svcf-crsh", || async {
+        let s = setup();
+        let eng = engine();
+        let d = TestDaemon::start_with_engine(fake_config(&s.data), eng.clone()).await;
+        let key = d.user("frank", 5);
+        let c = d.client(&key);
+        let hot = c.create("hot").await["id"].as_str().unwrap().to_string();
+        let path = format!("{}/kept.txt", home(&c, &hot).await);
+        write_file(&c, &hot, &path, b"synced before the crash\n").await;
+        let cold = c.create("cold").await["id"].as_str().unwrap().to_string();
+        let (st, v) = post(&c, &format!("/sandboxes/{cold}/stop"), None).await;
+        assert_eq!(st, 200, "{v}");
+        let rowless = c.create("rowless").await["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+
+        // The daemon dies with SIGKILL: its VMMs run on, and one of them
+        // has no row (as a create cut short between VM and row would).
+        eng.crash();
+        d.crash().await;
+        store::Store::open(&s.data.join("bhatti.db"))
+            .unwrap()
+            .delete_sandbox(&rowless)
+            .unwrap();
+        assert_eq!(
+            lohars_of(&s.data, &hot).len(),
+            1,
+            "the hot VMM outlives its daemon"
+        );
+        assert_eq!(lohars_of(&s.data, &rowless).len(), 1);
+
+        let eng = engine();
+        let d = TestDaemon::start_with_engine(fake_config(&s.data), eng.clone()).await;
+        let c = d.client(&key);
+        // The hot one's VMM was snapshotted and ended: adopted cold.
+        assert_eq!(eng.stats().orphans_taken, 1, "{:?}", eng.stats());
+        assert_state(&show(&c, &hot).await, "running", "cold");
+        assert_state(&show(&c, &cold).await, "running", "cold");
+        // The row-less one is gone: VMM and directory.
+        wait_for("no VMM runs", Duration::from_secs(10), || async {
+            lohars(&s.data).is_empty()
+        })
+        .await;
+        assert!(
+            !sandbox_dirs(&s.data).contains(&rowless),
+            "{:?}",
+            sandbox_dirs(&s.data)
+        );
+        let (st, list) = c.json(Method::GET, "/sandboxes", None).await;
+        assert_eq!(st, 200);
+        assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+
+        // Both work; the acknowledged file is there.
+        assert_eq!(
+            common::sh(&c, &hot, &format!("cat {path}")).await,
+            "synced before the crash\n"
+        );
+        assert_eq!(common::sh(&c, &cold, "echo up").await, "up\n");
+        for id in [&hot, &cold] {
+            assert_state(&show(&c, id).await, "running", "hot");
+            assert_eq!(lohars_of(&s.data, id).len(), 1);
+        }
+        for id in [&hot, &cold] {
+            assert_eq!(delete(&c, id).await, 204);
+        }
+        assert!(lohars(&s.data).is_empty(), "{:?}", lohars(&s.data));
+        assert!(
+            sandbox_dirs(&s.data).is_empty(),
+            "{:?}",
+            sandbox_dirs(&s.data)
+        );
+        d.stop().await;
+    });
+}
