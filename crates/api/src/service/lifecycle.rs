@@ -503,7 +503,16 @@ impl Service {
         let row = self.row(user, &row.id).await?;
         if self.index().contains_key(&id) {
             self.core.start(&id, force).await?;
-            return Ok(view(&self.persist(&id).await?));
+            let row = self.persist(&id).await?;
+            if row.status_reason.is_none() {
+                return Ok(view(&row));
+            }
+            // Hot, so its breaker is closed: the reason it showed is gone.
+            let update = SandboxUpdate {
+                status_reason: Some(None),
+                ..Default::default()
+            };
+            return Ok(view(&self.save(&row.id, update).await?));
         }
         match row.status {
             SandboxStatus::Stopped => Ok(view(&self.boot_locked(user, row).await?)),

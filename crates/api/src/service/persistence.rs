@@ -63,6 +63,14 @@ pub(super) fn record_update(
     record: &SandboxRecord,
 ) -> Result<SandboxUpdate, ApiError> {
     Ok(SandboxUpdate {
+        // An open breaker is why the sandbox answers 503: the row says so
+        // (a start that succeeds clears it; see `Service::start_sandbox`).
+        status_reason: record.breaker.as_ref().map(|b| {
+            Some(format!(
+                "waking it failed ({b}); POST /sandboxes/{}/start?force=true tries again",
+                record.id
+            ))
+        }),
         thermal: Some(thermal(record.thermal)),
         ip: Some(record.network.as_ref().map(|a| a.ip.to_string())),
         runtime: Some(Runtime::new(record, &running.secret_names).to_value()?),
