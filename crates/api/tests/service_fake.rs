@@ -619,3 +619,57 @@ fn after_a_crash_orphans_are_adopted_or_reaped_and_rows_settled() {
         d.stop().await;
     });
 }
+
+#[test]
+fn the_ticker_takes_an_idle_sandbox_warm_then_cold_and_the_row_follows() {
+    common::in_netns("svcf-tick", || async {
+        let s = setup();
+        let eng = engine();
+        let config = common::config(
+            &s.data,
+            "[thermal]\nwarm_after_secs = 1\ncold_after_secs = 1\n[limits]\ncreates_per_min = 1000\n",
+        );
+        let d = TestDaemon::start_with_engine(config, eng.clone()).await;
+        let key = d.user("gina", 5);
+        let c = d.client(&key);
+        let id = c.create("idle").await["id"].as_str().unwrap().to_string();
+        let mut seen: Vec<String> = Vec::new();
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let row = show(&c, &id).await;
+            assert_eq!(row["status"], "running", "{row}");
+            let t = row["thermal"].as_str().unwrap().to_string();
+            if seen.last() != Some(&t) {
+                seen.push(t.clone());
+            }
+            if t == "cold" {
+                break;
+            }
+            assert!(Instant::now() < end, "never cold: {seen:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let stats = eng.stats();
+        assert!(
+            stats.pauses >= 1 && stats.snapshots >= 1,
+            "{stats:?} {seen:?}"
+        );
+        assert!(
+            lohars_of(&s.data, &id).is_empty(),
+            "a cold sandbox runs no VMM"
+        );
+        // Kept hot and used again, it wakes; the row says hot.
+        let (st, v) = c
+            .json(
+                Method::PATCH,
+                &format!("/sandboxes/{id}"),
+                Some(serde_json::json!({"keep_hot": true})),
+            )
+            .await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(common::sh(&c, &id, "echo back").await, "back\n");
+        assert_eq!(show(&c, &id).await["thermal"], "hot");
+        assert_eq!(delete(&c, &id).await, 204);
+        assert!(lohars(&s.data).is_empty(), "{:?}", lohars(&s.data));
+        d.stop().await;
+    });
+}

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use api_types::{CreateSandbox, Sandbox, SandboxStatus, Thermal};
-use bhatti_core::{CoreError, SandboxId, SandboxSpec, SandboxState};
+use bhatti_core::{CoreError, SandboxId, SandboxSpec, SandboxState, ThermalState};
 use store::{NewSandbox, SandboxRow, SandboxUpdate, StoreError, UserRecord};
 use tracing::Instrument;
 
@@ -246,6 +246,12 @@ impl Service {
                 id
             }
         };
+        // Whether this call wakes it: then the row says hot before the
+        // answer (the recorder of thermal events would only catch up later).
+        let asleep = self
+            .core
+            .get(&id)
+            .is_ok_and(|r| r.thermal != ThermalState::Hot);
         match self.core.ensure_hot(&id).await {
             Ok(()) => {
                 self.adopted_set().remove(&id);
@@ -277,6 +283,11 @@ impl Service {
                 "sandbox '{}' failed: {reason}",
                 rec.spec.name
             )));
+        }
+        if asleep {
+            if let Err(e) = self.persist(&id).await {
+                tracing::warn!(sandbox = %id, error = %e, "recording a wake");
+            }
         }
         Ok(id)
     }
