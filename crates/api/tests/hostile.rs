@@ -24,29 +24,6 @@ const STOP_AGENT: &str = "sleep 1; pid=$(pgrep -x lohar-agent); kill -STOP $pid;
 /// its sandboxes (docs/thermal.md, "Shutdown").
 const SHUTDOWN_BOUND: Duration = Duration::from_secs(90);
 
-async fn thermal_of(c: &Client, name: &str) -> String {
-    let (s, v) = c
-        .json(Method::GET, &format!("/sandboxes/{name}"), None)
-        .await;
-    assert_eq!(s, 200, "{v}");
-    v["thermal"].as_str().unwrap_or_default().to_string()
-}
-
-async fn wait_thermal(c: &Client, name: &str, want: &str, within: Duration) {
-    let end = Instant::now() + within;
-    loop {
-        let t = thermal_of(c, name).await;
-        if t == want {
-            return;
-        }
-        assert!(
-            Instant::now() < end,
-            "{name} is {t}, not {want}, after {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Polls `cond` without blocking the runtime, until it holds (`true`) or
 /// `within` has passed (`false`, logged naming `what`).
 async fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) -> bool {
@@ -168,16 +145,11 @@ fn a_stopped_agent_and_an_endless_stream_stall_nobody_else() {
 
         // The calm sandbox cools on schedule and wakes normally meanwhile.
         wait_thermal(&c, "calm", "cold", Duration::from_secs(120)).await;
-        let kinds: Vec<String> = {
+        let user_id = {
             let store = store::Store::open(&d.data.join("bhatti.db")).unwrap();
-            let user = store.user_by_name("mallory").unwrap().unwrap();
-            store
-                .events_of(&user.id, calm["id"].as_str().unwrap())
-                .unwrap()
-                .into_iter()
-                .map(|e| e.kind)
-                .collect()
+            store.user_by_name("mallory").unwrap().unwrap().id
         };
+        let kinds = event_kinds(&d.data, &user_id, calm["id"].as_str().unwrap());
         assert!(
             kinds.ends_with(&["warm".into(), "cold".into()]),
             "calm went warm, then cold: {kinds:?}"

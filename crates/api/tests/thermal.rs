@@ -6,44 +6,11 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use reqwest::Method;
 use serde_json::json;
-
-async fn thermal_of(c: &Client, name: &str) -> String {
-    let (s, v) = c
-        .json(Method::GET, &format!("/sandboxes/{name}"), None)
-        .await;
-    assert_eq!(s, 200, "{v}");
-    v["thermal"].as_str().unwrap().to_string()
-}
-
-async fn wait_thermal(c: &Client, name: &str, want: &str, within: Duration) {
-    let end = Instant::now() + within;
-    loop {
-        let t = thermal_of(c, name).await;
-        if t == want {
-            return;
-        }
-        assert!(
-            Instant::now() < end,
-            "{name} is {t}, not {want}, after {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn event_kinds(data: &std::path::Path, user: &str, sandbox: &str) -> Vec<String> {
-    let store = store::Store::open(&data.join("bhatti.db")).unwrap();
-    store
-        .events_of(user, sandbox)
-        .unwrap()
-        .into_iter()
-        .map(|e| e.kind)
-        .collect()
-}
 
 async fn out(c: &Client, name: &str, script: &str) -> String {
     let (s, v) = c.exec(name, &["sh", "-c", script]).await;

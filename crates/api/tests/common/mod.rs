@@ -264,3 +264,39 @@ where
     rt.block_on(f());
     rt.shutdown_timeout(Duration::from_secs(10));
 }
+
+/// A sandbox's thermal tier as the API shows it (never wakes it).
+pub async fn thermal_of(c: &Client, name: &str) -> String {
+    let (s, v) = c
+        .json(reqwest::Method::GET, &format!("/sandboxes/{name}"), None)
+        .await;
+    assert_eq!(s, 200, "{v}");
+    v["thermal"].as_str().unwrap_or_default().to_string()
+}
+
+/// Polls until `name` is in tier `want`; panics after `within`.
+pub async fn wait_thermal(c: &Client, name: &str, want: &str, within: Duration) {
+    let end = std::time::Instant::now() + within;
+    loop {
+        let t = thermal_of(c, name).await;
+        if t == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "{name} is {t}, not {want}, after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The kinds of a sandbox's recorded events, oldest first.
+pub fn event_kinds(data: &Path, user: &str, sandbox: &str) -> Vec<String> {
+    let store = store::Store::open(&data.join("bhatti.db")).unwrap();
+    store
+        .events_of(user, sandbox)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect()
+}
