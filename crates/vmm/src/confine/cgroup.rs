@@ -30,6 +30,9 @@ fn err(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
     }
 }
 
+/// How old an empty cgroup must be for [`CgroupHost::sweep`] to remove it.
+pub const SWEEP_MIN_AGE: Duration = Duration::from_secs(60);
+
 /// The CFS period every quota is expressed in (100 ms, the kernel default).
 pub const CPU_PERIOD_US: u64 = 100_000;
 
@@ -179,8 +182,10 @@ impl CgroupHost {
     }
 
     /// Removes every empty cgroup under `parent` (those of VMMs that died
-    /// with an earlier daemon). A cgroup with a live VMM stays (the kernel
-    /// refuses with EBUSY). Returns how many were removed.
+    /// with an earlier daemon) older than [`SWEEP_MIN_AGE`] (a younger one
+    /// may be another manager's, made for a VMM about to join it). A
+    /// cgroup with a live VMM stays (the kernel refuses with EBUSY).
+    /// Returns how many were removed.
     pub fn sweep(&self, parent: &str) -> usize {
         let roots: Vec<PathBuf> = match self {
             CgroupHost::V2 { root } => vec![root.join(parent)],
@@ -194,7 +199,14 @@ impl CgroupHost {
                 continue;
             };
             for e in entries.flatten() {
-                if e.file_type().map(|t| t.is_dir()).unwrap_or(false)
+                let old = e
+                    .metadata()
+                    .ok()
+                    .and_then(|m| m.modified().ok())
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age >= SWEEP_MIN_AGE);
+                if old
+                    && e.file_type().map(|t| t.is_dir()).unwrap_or(false)
                     && std::fs::remove_dir(e.path()).is_ok()
                 {
                     n += 1;
@@ -455,10 +467,17 @@ mod tests {
         assert_eq!(read(&cpu.join("bhatti/vm1/cpu.cfs_quota_us")), "200000");
         assert_eq!(read(&cpu.join("bhatti/vm1/cpu.cfs_period_us")), "100000");
         assert_eq!(read(&pids.join("bhatti/vm1/pids.max")), "130");
-        // Sweep removes empty cgroups only.
-        std::fs::create_dir(pids.join("bhatti/empty")).unwrap();
+        // Sweep removes old empty cgroups only (a temp dir with files
+        // stands for a busy one).
+        let empty = pids.join("bhatti/empty");
+        std::fs::create_dir(&empty).unwrap();
+        assert_eq!(host.sweep("bhatti"), 0, "too young");
+        let old = std::time::SystemTime::now() - 2 * SWEEP_MIN_AGE;
+        for d in [&empty, &pids.join("bhatti/vm1")] {
+            std::fs::File::open(d).unwrap().set_modified(old).unwrap();
+        }
         assert_eq!(host.sweep("bhatti"), 1);
-        assert!(!pids.join("bhatti/empty").exists());
+        assert!(!empty.exists());
         assert!(pids.join("bhatti/vm1").exists());
     }
 

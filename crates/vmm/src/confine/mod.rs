@@ -273,6 +273,23 @@ impl Confinement {
         })))
     }
 
+    /// A confinement that was never prepared (unit tests of what it
+    /// changes in a command line).
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> Confinement {
+        Confinement {
+            user: "bhatti-vmm".into(),
+            uid: 999,
+            gid: 999,
+            cgroups: CgroupHost::V2 {
+                root: "/nonexistent".into(),
+            },
+            parent: "bhatti".into(),
+            overhead_mib: 320,
+            jail_dir: "/nonexistent".into(),
+        }
+    }
+
     /// Where the controllers are.
     pub fn cgroups(&self) -> &CgroupHost {
         &self.cgroups

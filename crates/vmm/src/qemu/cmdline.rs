@@ -310,6 +310,34 @@ mod tests {
     }
 
     #[test]
+    fn a_confined_line_adds_seccomp_and_a_bounded_translation_cache_only() {
+        let spec = VmSpec::new("/k/vmlinux", "/run/vm1");
+        let mut confined = config(Accel::Tcg);
+        confined.confinement = Some(std::sync::Arc::new(crate::confine::Confinement::for_tests()));
+        let plain = text(&build(
+            &spec,
+            &config(Accel::Tcg),
+            Launch::Boot,
+            Passed::default(),
+        ));
+        let line = text(&build(&spec, &confined, Launch::Boot, Passed::default()));
+        assert_eq!(
+            line,
+            format!(
+                "{} -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+                plain.replace("-accel tcg ", "-accel tcg,tb-size=128 ")
+            )
+        );
+        let incoming = text(&build(
+            &spec,
+            &confined,
+            Launch::Incoming,
+            Passed::default(),
+        ));
+        assert_eq!(incoming, format!("{line} -incoming defer"));
+    }
+
+    #[test]
     fn tsc_is_appended_once() {
         let mut spec = VmSpec::new("/k", "/w");
         spec.cmdline = "console=ttyS0".into();
