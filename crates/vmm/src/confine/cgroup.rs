@@ -414,7 +414,7 @@ mod tests {
         );
         let cg = host.create("bhatti", "vm1", LIMITS).unwrap();
         let vm = root.join("bhatti/vm1");
-        assert_eq!(cg.dirs(), [vm.clone()]);
+        assert_eq!(cg.dirs(), std::slice::from_ref(&vm));
         assert_eq!(read(&vm.join("memory.max")), (512u64 << 20).to_string());
         assert_eq!(read(&vm.join("pids.max")), "130");
         assert_eq!(read(&vm.join("cpu.max")), "20000 10000");
