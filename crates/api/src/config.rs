@@ -34,6 +34,49 @@ pub struct DaemonConfig {
     pub defaults: SandboxDefaults,
     /// The public proxy for published ports.
     pub publish: crate::publish::PublishConfig,
+    /// How VMM processes are confined.
+    pub confinement: ConfinementConfig,
+}
+
+/// `[confinement]`: VMMs run as an unprivileged user, in their own mount
+/// namespace, under seccomp, in a cgroup per sandbox (docs/security.md).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConfinementConfig {
+    /// On by default; off only where it cannot work (no mount namespaces,
+    /// no cgroup controllers). The engine line says which.
+    pub enabled: bool,
+    /// The VMM user (created with `useradd --system` if missing).
+    pub user: String,
+    /// The cgroup under which each sandbox's VMM gets its own.
+    pub cgroup_parent: String,
+    /// Memory a VMM may use beyond guest RAM, MiB.
+    pub memory_overhead_mib: u32,
+}
+
+impl Default for ConfinementConfig {
+    fn default() -> Self {
+        let d = vmm::ConfineConfig::default();
+        ConfinementConfig {
+            enabled: d.enabled,
+            user: d.user,
+            cgroup_parent: d.cgroup_parent,
+            memory_overhead_mib: d.memory_overhead_mib,
+        }
+    }
+}
+
+impl ConfinementConfig {
+    /// The engine layer's settings.
+    pub fn to_vmm(&self) -> vmm::ConfineConfig {
+        vmm::ConfineConfig {
+            enabled: self.enabled,
+            user: self.user.clone(),
+            cgroup_parent: self.cgroup_parent.clone(),
+            memory_overhead_mib: self.memory_overhead_mib,
+            ..vmm::ConfineConfig::default()
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -172,6 +215,7 @@ impl Default for DaemonConfig {
             network: NetworkConfig::default(),
             defaults: SandboxDefaults::default(),
             publish: Default::default(),
+            confinement: ConfinementConfig::default(),
         }
     }
 }
@@ -347,5 +391,21 @@ mod tests {
             ..Default::default()
         };
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn confinement_is_on_by_default_and_can_be_turned_off() {
+        let d = DaemonConfig::default().confinement.to_vmm();
+        assert!(d.enabled);
+        assert_eq!(d.user, "bhatti-vmm");
+        let c = DaemonConfig::parse(
+            "[confinement]\nenabled = false\nuser = \"vmmz\"\nmemory_overhead_mib = 64\n",
+        )
+        .unwrap()
+        .confinement
+        .to_vmm();
+        assert!(!c.enabled);
+        assert_eq!((c.user.as_str(), c.memory_overhead_mib), ("vmmz", 64));
+        assert!(DaemonConfig::parse("[confinement]\nenable = false").is_err());
     }
 }

@@ -36,8 +36,14 @@ pub struct CoreConfig {
     /// after, so the guest has nothing worth flushing, and lohar does not
     /// act on the ACPI power button yet, so this is mostly waited out.
     pub destroy_grace: Duration,
-    /// The user the VMM runs as (TAP owner); the daemon's own by default.
+    /// The owner of new TAPs; the daemon's own by default. A confined VMM
+    /// does not open its TAP (the daemon passes it), so this need not be
+    /// the VMM user.
     pub vmm_uid: Option<u32>,
+    /// How VMMs are confined (on by default; see `vmm::confine`). Applies
+    /// to the engine [`crate::SandboxManager::new`] picks; an engine passed
+    /// to `with_engine` brings its own.
+    pub confinement: vmm::ConfineConfig,
     /// Refuse a name a live sandbox already has. The multi-user daemon
     /// turns this off: names are unique per user there (its store enforces
     /// that), and two users' sandboxes may share a hostname.
@@ -68,6 +74,7 @@ impl CoreConfig {
             boot_timeout: Duration::from_secs(60),
             destroy_grace: Duration::from_millis(300),
             vmm_uid: None,
+            confinement: vmm::ConfineConfig::default(),
             unique_names: true,
             thermal: crate::thermal::ThermalPolicy::default(),
             shutdown_timeout: Duration::from_secs(30),

@@ -55,12 +55,16 @@ fn own_uid() -> u32 {
 }
 
 impl SandboxManager {
-    /// Picks the engine (`config.engine`, logged with its reason) and sets
-    /// up the network (bridge, orphan TAPs removed). Blocks for a few
-    /// milliseconds of `ip` commands.
+    /// Picks the engine (`config.engine`, logged with its reason), sets up
+    /// VMM confinement (`config.confinement`: the VMM user, cgroups; the
+    /// engine's reason says whether it is on) and the network (bridge,
+    /// orphan TAPs removed). Blocks for a few milliseconds of `ip`
+    /// commands.
     pub fn new(config: CoreConfig, net_ops: Arc<dyn NetOps>) -> Result<SandboxManager> {
         let engine = vmm::select_engine(config.engine).map_err(CoreError::Engine)?;
-        SandboxManager::with_engine(config, engine, net_ops)
+        let confine = vmm::confine::Confinement::prepare(&config.confinement, engine.kind)
+            .map_err(CoreError::Engine)?;
+        SandboxManager::with_engine(config, vmm::ConfinedEngine::new(engine, confine), net_ops)
     }
 
     /// Like [`SandboxManager::new`] with an engine chosen by the caller: an

@@ -34,6 +34,17 @@ pub enum VmmError {
         source: std::io::Error,
     },
 
+    /// Confining the VMM (its user, cgroup, jail or a resource the daemon
+    /// opens for it) failed.
+    #[error("VMM confinement: {what}")]
+    Confine {
+        /// What was being done.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
     /// The VMM binary could not be started.
     #[error("spawning {binary}")]
     Spawn {

@@ -327,7 +327,7 @@ impl FakeVmm {
         }
         let proc = self
             .slot
-            .spawn(cmd, self.lohar(), Some(Stdio::from(console)), None)?;
+            .spawn(cmd, self.lohar(), Some(Stdio::from(console)), None, None)?;
         {
             let mut procs = lock(&self.engine.processes);
             procs.retain(|p| p.strong_count() > 0);

@@ -388,12 +388,13 @@ async fn an_orphaned_qemu_is_snapshotted_and_ended() -> Result<()> {
     // by any VM object here.
     let earlier = QemuVmm::new(config.clone(), s.clone())?;
     std::fs::create_dir_all(&s.work_dir)?;
-    std::fs::File::create(&s.serial_log)?;
     let mut orphan = std::process::Command::new(&config.binary)
         .args(earlier.command_line(vmm::qemu::cmdline::Launch::Boot))
         .current_dir(&s.work_dir)
         .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
+        // The console is QEMU's stdout: the earlier daemon copied it into
+        // the serial log.
+        .stdout(std::fs::File::create(&s.serial_log)?)
         .stderr(std::process::Stdio::null())
         .spawn()?;
     drop(earlier);
@@ -431,5 +432,173 @@ async fn an_orphaned_qemu_is_snapshotted_and_ended() -> Result<()> {
     );
     assert!(!log.contains(BANNER), "restored guest booted again:\n{log}");
     assert_eq!(exit.status, ExitStatusKind::Code(0));
+    Ok(())
+}
+
+/// The confinement these tests run under: the default user, a cgroup
+/// parent of their own, the default jail mount point.
+fn confinement() -> std::sync::Arc<vmm::confine::Confinement> {
+    let config = vmm::ConfineConfig {
+        cgroup_parent: "bhatti-test-vmm".into(),
+        ..Default::default()
+    };
+    let kind = match qemu_config().accel {
+        Accel::Kvm => vmm::EngineKind::QemuKvm,
+        Accel::Tcg => vmm::EngineKind::QemuTcg,
+    };
+    match vmm::confine::Confinement::prepare(&config, kind)
+        .expect("confinement needs root, mount namespaces and cgroups")
+    {
+        vmm::ConfineState::On(c) => c,
+        other => panic!("confinement is not on: {other}"),
+    }
+}
+
+/// `(st_dev, st_ino)` of a path.
+fn dev_ino(p: &str) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(p).unwrap_or_else(|e| panic!("{p}: {e}"));
+    (m.dev(), m.ino())
+}
+
+/// What every confined VMM must show: not root, QEMU's seccomp filter, a
+/// root that is not the host's, a mount namespace of its own, and a memory
+/// cgroup with the VM's limit.
+fn assert_confined(pid: u32, conf: &vmm::confine::Confinement, spec: &VmSpec) {
+    let status = read(Path::new(&format!("/proc/{pid}/status")));
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {status}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let uids = field("Uid:");
+    assert!(uids.iter().all(|u| u != "0"), "a uid is 0: {uids:?}");
+    assert_eq!(uids[0], conf.uid.to_string());
+    assert!(field("Gid:").iter().all(|g| g != "0"));
+    assert_eq!(field("Seccomp:"), ["2"], "seccomp filter mode");
+    assert_ne!(
+        dev_ino(&format!("/proc/{pid}/root/")),
+        dev_ino("/"),
+        "the VMM's root is the host's"
+    );
+    assert_ne!(
+        std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap(),
+        std::fs::read_link("/proc/self/ns/mnt").unwrap(),
+        "the VMM shares the host's mount namespace"
+    );
+    // Only its own files: the host's /etc and /tmp are not there.
+    assert!(!Path::new(&format!("/proc/{pid}/root/etc/passwd")).exists());
+    let limits = conf.limits(spec);
+    let cgroups = read(Path::new(&format!("/proc/{pid}/cgroup")));
+    let name = vmm::confine::Confinement::cgroup_name(&spec.work_dir);
+    match conf.cgroups() {
+        vmm::confine::cgroup::CgroupHost::V1 { memory, .. } => {
+            let line = cgroups
+                .lines()
+                .find(|l| {
+                    l.split(':')
+                        .nth(1)
+                        .is_some_and(|c| c.split(',').any(|c| c == "memory"))
+                })
+                .unwrap_or_else(|| panic!("no memory cgroup in {cgroups}"));
+            let path = line.splitn(3, ':').nth(2).unwrap().trim_start_matches('/');
+            assert!(path.ends_with(&name), "{path} is not {name}");
+            let limit = read(&memory.join(path).join("memory.limit_in_bytes"));
+            assert_eq!(limit.trim(), limits.memory_bytes.to_string());
+        }
+        vmm::confine::cgroup::CgroupHost::V2 { root } => {
+            let path = cgroups
+                .lines()
+                .find_map(|l| l.strip_prefix("0::/"))
+                .unwrap_or_else(|| panic!("no v2 cgroup in {cgroups}"));
+            assert!(path.ends_with(&name), "{path} is not {name}");
+            let limit = read(&root.join(path).join("memory.max"));
+            assert_eq!(limit.trim(), limits.memory_bytes.to_string());
+        }
+    }
+}
+
+/// A confined QEMU (unprivileged user, own mount namespace and root,
+/// seccomp, cgroup limits) boots, snapshots, is killed (its cgroup goes),
+/// restores confined into a new QEMU and continues; an orphaned confined
+/// QEMU is taken over through its QMP socket.
+#[tokio::test]
+async fn a_confined_qemu_boots_snapshots_and_restores() -> Result<()> {
+    let conf = confinement();
+    let dir = tempfile::tempdir()?;
+    let mut s = spec(dir.path(), &common::vmlinux(), "rootdelay=3 panic=-1");
+    s.memory = MemoryBacking::File {
+        path: s.work_dir.join("guest.mem"),
+    };
+    let config = qemu_config().confined(Some(conf.clone()));
+    let vm = QemuVmm::new(config.clone(), s.clone())?;
+    boot_until(&vm, "Waiting 3 sec before mounting root device").await?;
+    let pid = vm.pid().unwrap();
+    assert_confined(pid, &conf, &s);
+    let cg = conf.cgroup_of(&s.work_dir);
+    assert!(cg.dirs().iter().all(|d| d.exists()));
+
+    let snap = dir.path().join("snap");
+    vm.snapshot(&snap, SnapshotKind::Full).await?;
+    vm.kill().await?;
+    assert!(
+        cg.dirs().iter().all(|d| !d.exists()),
+        "the cgroup outlived its VMM: {:?}",
+        cg.dirs()
+    );
+
+    let mut s2 = s.clone();
+    s2.serial_log = dir.path().join("restored-serial.log");
+    let restored = QemuVmm::new(config.clone(), s2)?;
+    restored.restore(&snap).await?;
+    assert_confined(restored.pid().unwrap(), &conf, &s);
+    let exit = tokio::time::timeout(BOOT_LIMIT, restored.wait_exit()).await??;
+    let log = read(&restored.spec().serial_log);
+    assert!(
+        log.contains(NO_ROOT),
+        "restored guest did not continue:\n{log}"
+    );
+    assert!(!log.contains(BANNER), "restored guest booted again:\n{log}");
+    assert_eq!(exit.status, ExitStatusKind::Code(0));
+    wait_until(
+        "the cgroup goes with the VMM",
+        Duration::from_secs(10),
+        || cg.dirs().iter().all(|d| !d.exists()),
+    )
+    .await?;
+    Ok(())
+}
+
+/// A confined QEMU whose daemon is gone (simulated: its VM object is
+/// forgotten, so nothing supervises it) is snapshotted through its QMP
+/// socket by a new VM object, quits, and its cgroup is removed.
+#[tokio::test]
+async fn an_orphaned_confined_qemu_is_taken_over() -> Result<()> {
+    let conf = confinement();
+    let dir = tempfile::tempdir()?;
+    let mut s = spec(dir.path(), &common::vmlinux(), "rootdelay=600 panic=-1");
+    s.memory = MemoryBacking::File {
+        path: s.work_dir.join("guest.mem"),
+    };
+    let config = qemu_config().confined(Some(conf.clone()));
+    let earlier = QemuVmm::new(config.clone(), s.clone())?;
+    boot_until(&earlier, "Waiting 600 sec").await?;
+    let pid = earlier.pid().unwrap();
+    // Its daemon dies: the QMP connection closes, nothing supervises it.
+    earlier.simulate_daemon_crash().await;
+    let vm = QemuVmm::new(config.clone(), s.clone())?;
+    let info = vm.snapshot_orphan(&dir.path().join("snap")).await?;
+    assert!(info.state_bytes > 0);
+    wait_until("the orphan quits", Duration::from_secs(20), || {
+        !Path::new(&format!("/proc/{pid}")).exists()
+            || read(Path::new(&format!("/proc/{pid}/status"))).contains("State:\tZ")
+    })
+    .await?;
+    let cg = conf.cgroup_of(&s.work_dir);
+    assert!(cg.dirs().iter().all(|d| !d.exists()), "{:?}", cg.dirs());
     Ok(())
 }

@@ -72,6 +72,7 @@ impl Service {
         let mut core_config = CoreConfig::new(&config.data_dir);
         core_config.engine = engine_preference(&config.engine);
         core_config.unique_names = false;
+        core_config.confinement = config.confinement.to_vmm();
         core_config.thermal = thermal_policy(&config.thermal);
         core_config.group_networks = Some(
             config

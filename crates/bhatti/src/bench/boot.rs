@@ -35,6 +35,9 @@ pub struct BootBenchArgs {
     /// Engine: auto, qemu-tcg, qemu-kvm, firecracker.
     #[arg(long, default_value = "auto")]
     engine: EnginePreference,
+    /// Run the VMMs unconfined (to compare with the default, confined).
+    #[arg(long)]
+    no_confine: bool,
 }
 
 /// One create → first exec, split into phases.
@@ -63,8 +66,14 @@ pub fn run(args: BootBenchArgs) -> anyhow::Result<()> {
             .resolve(t.name())
             .with_context(|| format!("image '{t}' in {}", args.data_dir.display()))?;
     }
-    let (_scratch, mgr) =
-        super::scratch_manager("boot", 'b', &args.data_dir, args.engine, &args.subnet)?;
+    let (_scratch, mgr) = super::scratch_manager(
+        "boot",
+        'b',
+        &args.data_dir,
+        args.engine,
+        &args.subnet,
+        !args.no_confine,
+    )?;
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

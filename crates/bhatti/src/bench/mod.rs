@@ -46,6 +46,7 @@ pub fn scratch_manager(
     data_dir: &std::path::Path,
     engine: vmm::EnginePreference,
     subnet: &str,
+    confine: bool,
 ) -> anyhow::Result<(tempfile::TempDir, bhatti_core::SandboxManager)> {
     use anyhow::Context;
     let scratch = tempfile::Builder::new()
@@ -56,6 +57,7 @@ pub fn scratch_manager(
     let mut config = bhatti_core::CoreConfig::new(scratch.path());
     config.image_dir = data_dir.to_path_buf();
     config.engine = engine;
+    config.confinement.enabled = confine;
     config.disk_bytes = 1 << 30;
     config.network = net::NetworkConfig {
         bridge: format!("bh{}{tag}", &label[..label.len().min(5)]),

@@ -41,6 +41,9 @@ pub struct ThermalBenchArgs {
     /// Engine: auto, qemu-tcg, qemu-kvm, firecracker.
     #[arg(long, default_value = "auto")]
     engine: EnginePreference,
+    /// Run the VMMs unconfined (to compare with the default, confined).
+    #[arg(long)]
+    no_confine: bool,
 }
 
 #[derive(Debug, Default)]
@@ -93,8 +96,14 @@ pub fn run(args: ThermalBenchArgs) -> anyhow::Result<()> {
     ImageStore::new(Layout::new(&args.data_dir))
         .resolve(&args.image)
         .with_context(|| format!("image '{}' in {}", args.image, args.data_dir.display()))?;
-    let (_scratch, mgr) =
-        super::scratch_manager("therm", 'q', &args.data_dir, args.engine, &args.subnet)?;
+    let (_scratch, mgr) = super::scratch_manager(
+        "therm",
+        'q',
+        &args.data_dir,
+        args.engine,
+        &args.subnet,
+        !args.no_confine,
+    )?;
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

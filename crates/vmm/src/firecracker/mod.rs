@@ -13,7 +13,6 @@ pub mod api;
 pub mod model;
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,9 +20,8 @@ use async_trait::async_trait;
 use tokio::process::Command;
 
 use crate::error::{Result, VmmError};
-use crate::process::slot::{
-    open_serial_log, remove_stale, wait_ready, Attempt, ProcessSlot, Shutdown,
-};
+use crate::process::console::{capped_console, CONSOLE_CAP};
+use crate::process::slot::{remove_stale, wait_ready, Attempt, ProcessSlot, Shutdown};
 use crate::process::{VmmExit, VmmProcess};
 use crate::select::EngineKind;
 use crate::snapshot::{
@@ -253,8 +251,14 @@ impl FirecrackerVmm {
             path: log.clone(),
             source,
         })?;
-        // Firecracker writes the guest console to its stdout.
-        let console = open_serial_log(&self.spec.serial_log, fresh_console)?;
+        // Firecracker writes the guest console to its stdout: a pipe the
+        // daemon copies into the capped serial log.
+        let console = capped_console(
+            &self.spec.serial_log,
+            fresh_console,
+            CONSOLE_CAP,
+            Default::default(),
+        )?;
         let mut cmd = Command::new(&self.config.binary);
         cmd.arg("--api-sock")
             .arg(&sock)
@@ -263,12 +267,9 @@ impl FirecrackerVmm {
             .arg("--level")
             .arg("Warning")
             .current_dir(&self.spec.work_dir);
-        let proc = self.slot.spawn(
-            cmd,
-            &self.config.binary,
-            Some(Stdio::from(console)),
-            Some(log),
-        )?;
+        let proc = self
+            .slot
+            .spawn(cmd, &self.config.binary, Some(console), Some(log), None)?;
         let api = &self.api;
         let ready = wait_ready(&proc, API_READY_TIMEOUT, "Firecracker's API socket", || async {
             match api.get::<InstanceInfo>("/").await {

@@ -9,6 +9,7 @@
 //! process of the moment, start-up until the control socket answers, the
 //! shutdown escalation, the serial log — is in [`slot`].
 
+pub(crate) mod console;
 pub(crate) mod slot;
 
 use std::collections::VecDeque;
@@ -133,6 +134,10 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Work to do once the process has been reaped, before its exit is
+/// published (removing its cgroup). Runs on a blocking thread.
+pub(crate) type ExitHook = Box<dyn FnOnce() + Send + 'static>;
+
 /// A running (or ended) VMM process.
 #[derive(Debug)]
 pub(crate) struct VmmProcess {
@@ -152,6 +157,7 @@ impl VmmProcess {
         binary: &Path,
         stdout: Option<Stdio>,
         log_file: Option<PathBuf>,
+        on_exit: Option<ExitHook>,
     ) -> Result<Self> {
         cmd.stdin(Stdio::null())
             .stdout(stdout.unwrap_or_else(Stdio::null))
@@ -216,6 +222,8 @@ impl VmmProcess {
             };
             let Some(status) = status else {
                 tracing::debug!(pid, "VMM disowned");
+                // A disowned VMM keeps running: its hook does not apply.
+                drop(on_exit);
                 // No exit to publish: the sender goes, and waiters learn
                 // that supervision ended.
                 return;
@@ -238,6 +246,11 @@ impl VmmProcess {
                     stderr_tail: format!("waiting for the VMM failed: {e}"),
                 },
             };
+            if let Some(hook) = on_exit {
+                if let Err(e) = tokio::task::spawn_blocking(hook).await {
+                    tracing::warn!(pid, error = %e, "VMM exit hook");
+                }
+            }
             tracing::debug!(pid, status = %exit.status, "VMM exited");
             // Nobody listening is fine: the VM object was dropped.
             exit_tx.send_replace(Some(exit));
@@ -412,7 +425,7 @@ mod tests {
     async fn reaps_and_reports_exit_code_and_stderr() {
         let mut cmd = Command::new("/bin/sh");
         cmd.args(["-c", "echo oops >&2; exit 3"]);
-        let p = VmmProcess::spawn(cmd, Path::new("/bin/sh"), None, None).unwrap();
+        let p = VmmProcess::spawn(cmd, Path::new("/bin/sh"), None, None, None).unwrap();
         let exit = p.wait_timeout(Duration::from_secs(10)).await.unwrap();
         assert_eq!(exit.status, ExitStatusKind::Code(3));
         assert_eq!(exit.stderr_tail, "oops");
@@ -422,7 +435,7 @@ mod tests {
     async fn kill_is_reported_as_signal_9() {
         let mut cmd = Command::new("/bin/sleep");
         cmd.arg("1000");
-        let p = VmmProcess::spawn(cmd, Path::new("/bin/sleep"), None, None).unwrap();
+        let p = VmmProcess::spawn(cmd, Path::new("/bin/sleep"), None, None, None).unwrap();
         assert!(p.exit().is_none());
         p.signal(libc::SIGKILL);
         let exit = p.wait_timeout(Duration::from_secs(10)).await.unwrap();
@@ -433,7 +446,7 @@ mod tests {
     async fn dropping_the_handle_kills_the_process() {
         let mut cmd = Command::new("/bin/sleep");
         cmd.arg("1000");
-        let p = VmmProcess::spawn(cmd, Path::new("/bin/sleep"), None, None).unwrap();
+        let p = VmmProcess::spawn(cmd, Path::new("/bin/sleep"), None, None, None).unwrap();
         let watch = p.exit_watch();
         drop(p);
         let exit = tokio::time::timeout(Duration::from_secs(10), wait_exit(watch))

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use tokio::process::Command;
 
-use super::{VmmExit, VmmProcess};
+use super::{ExitHook, VmmExit, VmmProcess};
 use crate::error::{Result, VmmError};
 use crate::vmm::{transition, Op, ShutdownPath, ShutdownReport, VmState};
 
@@ -149,8 +149,9 @@ impl ProcessSlot {
         binary: &Path,
         stdout: Option<Stdio>,
         log_file: Option<PathBuf>,
+        on_exit: Option<ExitHook>,
     ) -> Result<Arc<VmmProcess>> {
-        let proc = Arc::new(VmmProcess::spawn(cmd, binary, stdout, log_file)?);
+        let proc = Arc::new(VmmProcess::spawn(cmd, binary, stdout, log_file, on_exit)?);
         tracing::debug!(engine = self.name, pid = proc.pid(), binary = %binary.display(), "VMM started");
         self.shared().process = Some(proc.clone());
         Ok(proc)
@@ -289,6 +290,7 @@ pub(crate) fn remove_stale(path: &Path) -> Result<()> {
 /// Opens the serial log for a VMM that writes the guest console to it (or
 /// to its stdout): a fresh boot starts it empty, a restore appends, so the
 /// log of one sandbox reads as one story.
+#[cfg_attr(not(feature = "fake"), allow(dead_code))]
 pub(crate) fn open_serial_log(path: &Path, fresh: bool) -> Result<File> {
     std::fs::OpenOptions::new()
         .create(true)
@@ -309,7 +311,8 @@ mod tests {
     fn sleeper(slot: &ProcessSlot, script: &str) -> Arc<VmmProcess> {
         let mut cmd = Command::new("/bin/sh");
         cmd.args(["-c", script]);
-        slot.spawn(cmd, Path::new("/bin/sh"), None, None).unwrap()
+        slot.spawn(cmd, Path::new("/bin/sh"), None, None, None)
+            .unwrap()
     }
 
     #[tokio::test]

@@ -3,9 +3,11 @@
 //! A snapshot restores only into a QEMU whose devices are configured
 //! identically, so the same function builds the line for boot and restore;
 //! a restore adds `-incoming defer` and nothing else. Host-side paths that
-//! the guest never sees (serial log, QMP socket) may differ between the two.
+//! the guest never sees (QMP socket, TAP) may differ between the two, or
+//! be descriptors the daemon passes ([`Passed`], confined VMMs).
 
 use std::ffi::{OsStr, OsString};
+use std::os::fd::RawFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
 
@@ -26,6 +28,20 @@ pub enum Launch {
     /// Wait for `migrate-incoming`.
     Incoming,
 }
+
+/// Descriptors the daemon opened for a confined QEMU, which cannot open
+/// them itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Passed {
+    /// The QMP socket, bound and listening (`-chardev socket,fd=N`).
+    pub qmp: Option<RawFd>,
+    /// The TAP (`-netdev tap,fd=N`).
+    pub tap: Option<RawFd>,
+}
+
+/// QEMU's seccomp filter for confined VMMs: no obsolete system calls, no
+/// set*id, no fork/exec, no scheduler or resource changes.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// Escapes a value for QEMU's `key=value,…` option syntax (a comma is
 /// written twice).
@@ -66,7 +82,8 @@ pub fn kernel_cmdline(spec: &VmSpec, tsc_khz: Option<u64>) -> String {
 }
 
 /// The argument vector (without the binary).
-pub fn build(spec: &VmSpec, config: &QemuConfig, launch: Launch) -> Vec<OsString> {
+pub fn build(spec: &VmSpec, config: &QemuConfig, launch: Launch, passed: Passed) -> Vec<OsString> {
+    let confined = config.confinement.is_some();
     let mut a: Vec<OsString> = Vec::new();
     let mut push = |parts: &[&str]| a.extend(parts.iter().map(OsString::from));
 
@@ -79,6 +96,12 @@ pub fn build(spec: &VmSpec, config: &QemuConfig, launch: Launch) -> Vec<OsString
     push(&["-nodefaults", "-no-user-config", "-display", "none"]);
     match config.accel {
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+        // Confined: a bounded translation cache (QEMU's default is 1 GiB
+        // of anonymous memory) that fits the cgroup's overhead.
+        Accel::Tcg if confined => push(&[
+            "-accel",
+            &format!("tcg,tb-size={}", crate::confine::TCG_TB_MIB),
+        ]),
         Accel::Tcg => push(&["-accel", "tcg"]),
     }
     push(&[
@@ -109,21 +132,27 @@ pub fn build(spec: &VmSpec, config: &QemuConfig, launch: Launch) -> Vec<OsString
     a.push("-append".into());
     a.push(kernel_cmdline(spec, config.tsc_khz).into());
 
-    // Serial console to a file, appended so a restore continues the log.
-    a.push("-chardev".into());
-    a.push(opt_path(
-        "file,id=serial0,append=on,path=",
-        &spec.serial_log,
-    ));
-    a.push("-serial".into());
-    a.push("chardev:serial0".into());
+    // Serial console to stdout: a pipe the daemon copies into the capped
+    // serial log (process::console).
+    for w in [
+        "-chardev",
+        "stdio,id=serial0,signal=off",
+        "-serial",
+        "chardev:serial0",
+    ] {
+        a.push(w.into());
+    }
 
-    // QMP: a server socket that does not wait for us to connect.
+    // QMP: a server socket that does not wait for us to connect (passed
+    // already listening when confined).
     a.push("-chardev".into());
-    a.push(opt_path(
-        "socket,id=qmp,server=on,wait=off,path=",
-        &spec.work_dir.join(QMP_SOCKET),
-    ));
+    match passed.qmp {
+        Some(fd) => a.push(format!("socket,id=qmp,fd={fd},server=on,wait=off").into()),
+        None => a.push(opt_path(
+            "socket,id=qmp,server=on,wait=off,path=",
+            &spec.work_dir.join(QMP_SOCKET),
+        )),
+    }
     a.push("-mon".into());
     a.push("chardev=qmp,mode=control".into());
 
@@ -141,9 +170,18 @@ pub fn build(spec: &VmSpec, config: &QemuConfig, launch: Launch) -> Vec<OsString
     }
     if let Some(net) = &spec.net {
         a.push("-netdev".into());
-        a.push(format!("tap,id=net0,ifname={},script=no,downscript=no", net.tap).into());
+        match passed.tap {
+            Some(fd) => a.push(format!("tap,id=net0,fd={fd}").into()),
+            None => {
+                a.push(format!("tap,id=net0,ifname={},script=no,downscript=no", net.tap).into())
+            }
+        }
         a.push("-device".into());
         a.push(format!("virtio-net-device,netdev=net0,mac={}", net.mac).into());
+    }
+    if confined {
+        a.push("-sandbox".into());
+        a.push(SANDBOX.into());
     }
     if launch == Launch::Incoming {
         a.push("-incoming".into());
@@ -163,6 +201,7 @@ mod tests {
             binary: "qemu-system-x86_64".into(),
             accel,
             tsc_khz: Some(2_596_092),
+            confinement: None,
         }
     }
 
@@ -199,14 +238,19 @@ mod tests {
             tap: "tap7".into(),
             mac: "02:00:0a:00:00:07".parse().unwrap(),
         });
-        let line = text(&build(&spec, &config(Accel::Kvm), Launch::Boot));
+        let line = text(&build(
+            &spec,
+            &config(Accel::Kvm),
+            Launch::Boot,
+            Passed::default(),
+        ));
         assert_eq!(
             line,
             "-M microvm,acpi=on,memory-backend=mem -nodefaults -no-user-config -display none \
              -accel kvm -cpu host -smp 2 -m 512M \
              -object memory-backend-file,id=mem,size=512M,share=on,mem-path=/run/vm1/mem -no-reboot \
              -kernel /k/vmlinux -initrd /k/initrd -append console=ttyS0 quiet tsc_early_khz=2596092 \
-             -chardev file,id=serial0,append=on,path=/run/vm1/serial.log -serial chardev:serial0 \
+             -chardev stdio,id=serial0,signal=off -serial chardev:serial0 \
              -chardev socket,id=qmp,server=on,wait=off,path=/run/vm1/qmp.sock -mon chardev=qmp,mode=control \
              -drive id=base,if=none,format=raw,readonly=on,file=/img/base.ext4 -device virtio-blk-device,drive=base \
              -drive id=rw,if=none,format=raw,readonly=off,file=/run/vm1/a,,b.img -device virtio-blk-device,drive=rw \
@@ -218,8 +262,13 @@ mod tests {
     #[test]
     fn restore_line_is_the_boot_line_plus_incoming() {
         let spec = VmSpec::new("/k/vmlinux", "/run/vm1");
-        let boot = build(&spec, &config(Accel::Tcg), Launch::Boot);
-        let incoming = build(&spec, &config(Accel::Tcg), Launch::Incoming);
+        let boot = build(&spec, &config(Accel::Tcg), Launch::Boot, Passed::default());
+        let incoming = build(
+            &spec,
+            &config(Accel::Tcg),
+            Launch::Incoming,
+            Passed::default(),
+        );
         assert_eq!(&incoming[..boot.len()], &boot[..]);
         assert_eq!(text(&incoming[boot.len()..]), "-incoming defer");
         let line = text(&boot);
@@ -230,6 +279,62 @@ mod tests {
         assert!(!line.contains("-cpu"), "{line}");
         assert!(!line.contains("memory-backend"), "{line}");
         assert!(!line.contains("-daemonize"));
+    }
+
+    #[test]
+    fn passed_descriptors_replace_the_socket_path_and_the_tap_name() {
+        let mut spec = VmSpec::new("/k/vmlinux", "/run/vm1");
+        spec.net = Some(NetSpec {
+            tap: "tap7".into(),
+            mac: "02:00:0a:00:00:07".parse().unwrap(),
+        });
+        let passed = Passed {
+            qmp: Some(5),
+            tap: Some(6),
+        };
+        let line = text(&build(&spec, &config(Accel::Tcg), Launch::Boot, passed));
+        assert!(
+            line.contains("-chardev socket,id=qmp,fd=5,server=on,wait=off -mon"),
+            "{line}"
+        );
+        assert!(line.contains("-netdev tap,id=net0,fd=6 -device"), "{line}");
+        assert!(
+            !line.contains("qmp.sock") && !line.contains("tap7"),
+            "{line}"
+        );
+        // Unconfined: no seccomp flag, QEMU's own translation cache.
+        assert!(
+            !line.contains("-sandbox") && line.contains("-accel tcg -smp"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn a_confined_line_adds_seccomp_and_a_bounded_translation_cache_only() {
+        let spec = VmSpec::new("/k/vmlinux", "/run/vm1");
+        let mut confined = config(Accel::Tcg);
+        confined.confinement = Some(std::sync::Arc::new(crate::confine::Confinement::for_tests()));
+        let plain = text(&build(
+            &spec,
+            &config(Accel::Tcg),
+            Launch::Boot,
+            Passed::default(),
+        ));
+        let line = text(&build(&spec, &confined, Launch::Boot, Passed::default()));
+        assert_eq!(
+            line,
+            format!(
+                "{} -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+                plain.replace("-accel tcg ", "-accel tcg,tb-size=128 ")
+            )
+        );
+        let incoming = text(&build(
+            &spec,
+            &confined,
+            Launch::Incoming,
+            Passed::default(),
+        ));
+        assert_eq!(incoming, format!("{line} -incoming defer"));
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod cmdline;
 pub mod qmp;
 
 use std::fs::OpenOptions;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,18 +19,19 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tokio::process::Command;
 
+use crate::confine::jail::Bind;
+use crate::confine::{open_tap, Confinement, CGROUP_REMOVE_WITHIN};
 use crate::error::{Result, VmmError};
-use crate::process::slot::{
-    open_serial_log, remove_stale, wait_ready, Attempt, ProcessSlot, Shutdown,
-};
-use crate::process::{VmmExit, VmmProcess};
+use crate::process::console::{capped_console, ConsoleCounter, CONSOLE_CAP};
+use crate::process::slot::{remove_stale, wait_ready, Attempt, ProcessSlot, Shutdown};
+use crate::process::{ExitHook, VmmExit, VmmProcess};
 use crate::select::EngineKind;
 use crate::snapshot::{
     SnapshotInfo, SnapshotKind, SnapshotManifest, SnapshotMemory, FORMAT_VERSION, STATE_FILE,
 };
 use crate::spec::{MemoryBacking, VmSpec};
 use crate::vmm::{Capabilities, Op, ShutdownPath, ShutdownReport, VmState, Vmm};
-use cmdline::{Launch, QMP_SOCKET};
+use cmdline::{Launch, Passed, QMP_SOCKET};
 use qmp::{
     MigrateUri, MigrationCapability, QmpClient, QmpError, SetCapabilities, SetParameters,
     StatusInfo,
@@ -55,7 +57,7 @@ pub enum Accel {
 }
 
 /// How to run QEMU.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct QemuConfig {
     /// `qemu-system-x86_64`.
     pub binary: PathBuf,
@@ -64,16 +66,27 @@ pub struct QemuConfig {
     /// Host TSC in kHz, appended to the guest command line as
     /// `tsc_early_khz=` (without it ~30% of microvm boots hang).
     pub tsc_khz: Option<u64>,
+    /// Run confined (see [`crate::confine`]); `None`: as the daemon's
+    /// user, in its namespace.
+    pub confinement: Option<Arc<Confinement>>,
 }
 
 impl QemuConfig {
-    /// A config for `binary` and `accel` with the host's TSC frequency.
+    /// A config for `binary` and `accel` with the host's TSC frequency,
+    /// unconfined.
     pub fn new(binary: PathBuf, accel: Accel) -> Self {
         QemuConfig {
             binary,
             accel,
             tsc_khz: crate::tsc::host_tsc_khz(),
+            confinement: None,
         }
+    }
+
+    /// The same, confined by `confinement`.
+    pub fn confined(mut self, confinement: Option<Arc<Confinement>>) -> Self {
+        self.confinement = confinement;
+        self
     }
 
     fn engine(&self) -> EngineKind {
@@ -93,6 +106,8 @@ pub struct QemuVmm {
     ops: tokio::sync::Mutex<Option<QmpClient>>,
     /// State and process, readable without waiting for an operation.
     slot: ProcessSlot,
+    /// Console bytes the guest has written (kept or not).
+    console: Arc<ConsoleCounter>,
 }
 
 impl QemuVmm {
@@ -104,12 +119,34 @@ impl QemuVmm {
             spec,
             ops: tokio::sync::Mutex::new(None),
             slot: ProcessSlot::new("QEMU"),
+            console: Arc::default(),
         })
     }
 
-    /// The full argument vector QEMU is (or would be) started with.
+    /// The full argument vector QEMU is (or would be) started with
+    /// (unconfined: a confined QEMU gets descriptors instead of the QMP
+    /// path and the TAP name).
     pub fn command_line(&self, launch: Launch) -> Vec<std::ffi::OsString> {
-        cmdline::build(&self.spec, &self.config, launch)
+        cmdline::build(&self.spec, &self.config, launch, Passed::default())
+    }
+
+    /// Tests (feature `fake`): what a daemon killed with SIGKILL leaves —
+    /// the QMP connection closed, the QEMU running on, unsupervised (and its
+    /// console pipe's reader still here, as a restarted daemon's would not
+    /// be: harmless).
+    #[cfg(feature = "fake")]
+    #[doc(hidden)]
+    pub async fn simulate_daemon_crash(self) {
+        drop(self.ops.lock().await.take());
+        if let Some(p) = self.slot.process() {
+            p.disown();
+        }
+    }
+
+    /// Bytes of guest console output so far, including those the capped
+    /// serial log no longer holds.
+    pub fn console_bytes(&self) -> u64 {
+        self.console.bytes()
     }
 
     /// [`Vmm::snapshot_orphan`]: the VM must not have been started by this
@@ -143,6 +180,15 @@ impl QemuVmm {
             }
         }
         self.slot.set_state(VmState::Exited);
+        if let Some(conf) = &self.config.confinement {
+            // That QEMU was not our child: its cgroup goes once it is empty.
+            let cg = conf.cgroup_of(&self.spec.work_dir);
+            match tokio::task::spawn_blocking(move || cg.remove(CGROUP_REMOVE_WITHIN)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "removing an adopted VMM's cgroup"),
+                Err(e) => tracing::warn!(error = %e, "removing an adopted VMM's cgroup"),
+            }
+        }
         result
     }
 
@@ -210,13 +256,33 @@ impl QemuVmm {
         self.spec.prepare_dirs()?;
         let sock = self.spec.work_dir.join(QMP_SOCKET);
         remove_stale(&sock)?;
-        // QEMU writes the console itself (`append=on`): a fresh boot starts
-        // the log empty, a restore continues it.
-        open_serial_log(&self.spec.serial_log, launch == Launch::Boot)?;
+        // The console goes through the daemon into the capped log: a fresh
+        // boot starts it empty, a restore continues it.
+        let console = capped_console(
+            &self.spec.serial_log,
+            launch == Launch::Boot,
+            CONSOLE_CAP,
+            self.console.clone(),
+        )?;
         let mut cmd = Command::new(&self.config.binary);
-        cmd.args(cmdline::build(&self.spec, &self.config, launch));
         cmd.current_dir(&self.spec.work_dir);
-        let proc = self.slot.spawn(cmd, &self.config.binary, None, None)?;
+        let (passed, held, on_exit) = match &self.config.confinement {
+            Some(conf) => self.confine(conf, &sock, &mut cmd)?,
+            None => (Passed::default(), Vec::new(), None),
+        };
+        cmd.args(cmdline::build(&self.spec, &self.config, launch, passed));
+        let proc = self
+            .slot
+            .spawn(cmd, &self.config.binary, Some(console), None, on_exit)
+            .inspect_err(|_| {
+                if let Some(conf) = &self.config.confinement {
+                    if let Err(e) = conf.cgroup_of(&self.spec.work_dir).remove(Duration::ZERO) {
+                        tracing::warn!(error = %e, "removing the cgroup of a VMM that did not start");
+                    }
+                }
+            })?;
+        // The child has its copies.
+        drop(held);
         match connect_qmp(&sock, &proc).await {
             Ok(c) => Ok((proc, c)),
             Err(e) => {
@@ -224,6 +290,75 @@ impl QemuVmm {
                 Err(e)
             }
         }
+    }
+
+    /// Prepares a confined launch: the VM's files for the VMM user, its
+    /// cgroup, the QMP socket and the TAP opened here and passed, and the
+    /// child's jail and privilege drop. Returns the descriptors (to keep
+    /// open until the spawn) and the hook removing the cgroup.
+    fn confine(
+        &self,
+        conf: &Confinement,
+        sock: &Path,
+        cmd: &mut Command,
+    ) -> Result<(Passed, Vec<OwnedFd>, Option<ExitHook>)> {
+        let mut extra: Vec<Bind> = ["/dev/null", "/dev/zero", "/dev/random", "/dev/urandom"]
+            .iter()
+            .map(|d| Bind {
+                path: d.into(),
+                dir: false,
+                read_only: false,
+            })
+            .collect();
+        if self.config.accel == Accel::Kvm {
+            extra.push(Bind {
+                path: "/dev/kvm".into(),
+                dir: false,
+                read_only: false,
+            });
+        }
+        let binary = which(&self.config.binary);
+        if !binary.starts_with("/usr/") {
+            extra.push(Bind {
+                path: binary,
+                dir: false,
+                read_only: true,
+            });
+        }
+        let mut vc = conf.for_vm(&self.spec, &extra)?;
+        if self.config.accel == Accel::Kvm {
+            vc.allow_device(Path::new("/dev/kvm"))?;
+        }
+        let listener =
+            std::os::unix::net::UnixListener::bind(sock).map_err(|source| VmmError::Confine {
+                what: format!("binding {}", sock.display()),
+                source,
+            })?;
+        let mut passed = Passed {
+            qmp: Some(listener.as_raw_fd()),
+            tap: None,
+        };
+        vc.keep_fd(listener.as_raw_fd());
+        let mut held: Vec<OwnedFd> = vec![listener.into()];
+        if let Some(net) = &self.spec.net {
+            let tap = open_tap(&net.tap)?;
+            passed.tap = Some(tap.as_raw_fd());
+            vc.keep_fd(tap.as_raw_fd());
+            held.push(tap);
+        }
+        let cg = vc.cgroup.clone();
+        let hook: ExitHook = Box::new(move || {
+            if let Err(e) = cg.remove(CGROUP_REMOVE_WITHIN) {
+                tracing::warn!(error = %e, "removing a VMM's cgroup");
+            }
+        });
+        let vc = Arc::new(vc);
+        // SAFETY: `apply_in_child` makes only async-signal-safe system
+        // calls on data prepared above (no allocation, no locks).
+        unsafe {
+            cmd.pre_exec(move || vc.apply_in_child());
+        }
+        Ok((passed, held, Some(hook)))
     }
 
     /// Polls `query-migrate` until the job ends.
@@ -264,6 +399,19 @@ impl QemuVmm {
             }],
         }
     }
+}
+
+/// `binary` as an absolute path (searched on `PATH` if bare).
+fn which(binary: &Path) -> PathBuf {
+    if binary.is_absolute() {
+        return binary.to_path_buf();
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(binary))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| binary.to_path_buf())
 }
 
 /// Connects to QEMU's QMP socket as soon as it accepts, or reports the
