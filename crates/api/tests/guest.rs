@@ -357,10 +357,11 @@ async fn many_calls_at_once_never_5xx(c: &Client) {
     assert!(limited < 70, "everything was refused");
 }
 
-/// The QEMU process behind a sandbox: its TAP is named after its address.
-fn vmm_pid(ip: &str) -> u32 {
-    let ip: std::net::Ipv4Addr = ip.parse().unwrap();
-    let hex = format!("{:08x}", u32::from(ip));
+/// The QEMU process behind a sandbox: its command line names the
+/// sandbox's directory (`DATA/sandboxes/<id>`; a confined QEMU gets its TAP
+/// as a descriptor, so the TAP's name is not there).
+fn vmm_pid(id: &str) -> u32 {
+    let dir = format!("/sandboxes/{id}/");
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
             continue;
@@ -369,15 +370,15 @@ fn vmm_pid(ip: &str) -> u32 {
             continue;
         };
         let cmd = String::from_utf8_lossy(&cmd);
-        if cmd.contains("qemu") && cmd.contains(&hex) {
+        if cmd.contains("qemu") && cmd.contains(&dir) {
             return pid;
         }
     }
-    panic!("no QEMU with a TAP for {ip} ({hex})");
+    panic!("no QEMU for sandbox {id}");
 }
 
 async fn a_vm_killed_under_a_call_is_a_502(c: &Client, sandbox: &serde_json::Value) {
-    let pid = vmm_pid(sandbox["ip"].as_str().unwrap());
+    let pid = vmm_pid(sandbox["id"].as_str().unwrap());
     let call = {
         let c = c.clone();
         tokio::spawn(async move { c.exec("g3", &["sleep", "600"]).await })
