@@ -479,6 +479,7 @@ where
         writer.send(&Message::Stdout(chunk.to_vec())).await?;
     }
     let mut pending: Vec<u8> = Vec::new();
+    let mut kick_open = true;
     loop {
         tokio::select! {
             ev = events.recv() => {
@@ -500,11 +501,15 @@ where
                 writer.send(&Message::Exit(exit)).await?;
                 return Ok(());
             },
-            // A dropped sender (the session ended) is not a kick; the
-            // pattern disables this branch then.
-            Ok(()) = &mut *kicked => {
-                writer.send(&taken_over(session)).await?;
-                return Ok(());
+            // A dropped sender (the session ended) is not a kick: stop
+            // watching (a finished receiver must not be polled again) and
+            // let the events above deliver the remaining output and exit.
+            kick = &mut *kicked, if kick_open => match kick {
+                Ok(()) => {
+                    writer.send(&taken_over(session)).await?;
+                    return Ok(());
+                }
+                Err(_) => kick_open = false,
             },
             msg = reader.read_message(), if pending.len() < MAX_PENDING_INPUT => match msg {
                 Ok(Some(Message::Stdin(data))) => {

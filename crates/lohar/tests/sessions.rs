@@ -272,3 +272,43 @@ async fn the_init_session_starts_with_the_agent() {
     s.write(b"ping\n").await.unwrap();
     read_until(&mut s, "ping").await;
 }
+
+/// A session that exits while its output is still queued: the relay sees
+/// the session end (its kick sender dropped) with output waiting, and must
+/// keep relaying, then report the exit, without polling the finished kick
+/// channel again (that panicked the agent's connection task).
+#[tokio::test]
+async fn a_session_that_exits_mid_output_reports_all_output_and_its_exit() {
+    let a = TestAgent::start();
+    for round in 0..6u32 {
+        let lines = 12_000 + 3_000 * round;
+        let mut req = argv(&["sh", "-c", &format!("seq 1 {lines}; exit 3")]);
+        req.session = Some(format!("burst{round}"));
+        let mut s = a.client.open_session(req).await.unwrap();
+        // A slow client: wait (bounded) until the session has ended, so its
+        // output is queued in the agent when the relay learns of the end.
+        for _ in 0..50 {
+            if a.client.sessions().await.unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut out = String::new();
+        let exit = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match s.next().await {
+                    Ok(SessionEvent::Output(d)) => out.push_str(&String::from_utf8_lossy(&d)),
+                    Ok(SessionEvent::Exit(e)) => return e,
+                    other => panic!("round {round}: {other:?} after {} bytes", out.len()),
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("round {round}: no exit"));
+        assert_eq!(exit.code, 3, "round {round}");
+        assert!(
+            out.contains(&format!("\n{lines}")),
+            "round {round}: output lost"
+        );
+    }
+}
