@@ -434,11 +434,13 @@ fn delete_during_a_create_leaves_no_row_and_no_vmm() {
         // At once: the boot was ended, not left to its late agent.
         assert!(lohars(&s.data).is_empty(), "{:?}", lohars(&s.data));
         let (st, v) = creator.await.unwrap();
-        // The create lost to the destroy (docs/api.md: "its sandbox
-        // (already gone) or a 502").
-        assert_eq!(st, 502, "{v}");
+        // The create lost to the destroy: a conflict, not a gateway error.
+        assert_eq!(st, 409, "{v}");
         assert!(
-            v["error"].as_str().unwrap().contains("being destroyed"),
+            v["error"]
+                .as_str()
+                .unwrap()
+                .contains("destroyed while it was being created"),
             "{v}"
         );
         assert_eq!(get(&c, "slow").await.0, 404);

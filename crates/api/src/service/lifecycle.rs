@@ -180,6 +180,11 @@ impl Service {
                 self.locks.forget(&id);
                 Err(ApiError::BadRequest(error_chain(&e)))
             }
+            // A destroy arrived while it was being created: the destroy owns
+            // the teardown and the row; the creator is told why it lost.
+            Err(CoreError::Cancelled { .. }) => Err(ApiError::Conflict(format!(
+                "sandbox '{name}' was destroyed while it was being created"
+            ))),
             Err(e) => {
                 let reason = error_chain(&e);
                 tracing::warn!(sandbox = %id, error = %reason, "create failed");
