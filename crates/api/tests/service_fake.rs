@@ -552,6 +552,14 @@ fn after_a_crash_orphans_are_adopted_or_reaped_and_rows_settled() {
         for id in [&hot, &rowless, &mid] {
             assert_eq!(lohars_of(&s.data, id).len(), 1, "{id} outlives its daemon");
         }
+        // An operator's process that names a sandbox directory (here a
+        // shell given a console log path) is no VMM: the reap spares it.
+        let mut bystander = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("sleep 600")
+            .arg(s.data.join("sandboxes").join(&hot).join("console.log"))
+            .spawn()
+            .unwrap();
 
         let eng = engine();
         let d = TestDaemon::start_with_engine(fake_config(&s.data), eng.clone()).await;
@@ -574,6 +582,13 @@ fn after_a_crash_orphans_are_adopted_or_reaped_and_rows_settled() {
         let row = show(&c, "broken").await;
         assert_state(&row, "failed", "cold");
         assert_eq!(row["status_reason"], broken_reason);
+        // The reap (done before the daemon answered) spared the bystander.
+        assert!(
+            bystander.try_wait().unwrap().is_none(),
+            "the reap killed a process that is not a VMM"
+        );
+        bystander.kill().unwrap();
+        bystander.wait().unwrap();
         // No VMM runs; the row-less sandbox's directory is gone.
         wait_for("no VMM runs", Duration::from_secs(10), || async {
             lohars(&s.data).is_empty()

@@ -9,8 +9,11 @@
 //! need no pass of their own: network setup removes every TAP at start
 //! (none is attached then), and adoption makes again those it keeps.
 //!
-//! A VMM is recognised by its command line naming a directory under
-//! `DATA/sandboxes/` (its disk, serial log and QMP socket live there).
+//! A VMM is recognised by its executable being this daemon's engine binary
+//! and its command line naming a directory under `DATA/sandboxes/` (its
+//! disk, serial log and QMP socket live there). Any other process that
+//! names such a directory (an operator's `tail -f` of a console log) is
+//! left alone.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -75,11 +78,12 @@ impl SandboxManager {
     /// Every orphan is attempted; the first failure is returned after.
     pub async fn reap_orphans(&self, owned: &BTreeSet<SandboxId>) -> Result<Reaped, OrphanError> {
         let root = self.config().data_layout().sandboxes_dir();
+        let binary = self.engine().binary.clone();
         let records = self.list();
         let running: BTreeSet<u32> = records.iter().filter_map(|r| r.vmm_pid).collect();
         let mut keep = owned.clone();
         keep.extend(records.into_iter().map(|r| r.id));
-        tokio::task::spawn_blocking(move || reap(&root, &running, &keep)).await?
+        tokio::task::spawn_blocking(move || reap(&root, &binary, &running, &keep)).await?
     }
 
     /// Removes what sandbox `id`, which this process does not run, left
@@ -90,9 +94,10 @@ impl SandboxManager {
             return Err(OrphanError::Live(id.clone()));
         }
         let root = self.config().data_layout().sandboxes_dir();
+        let binary = self.engine().binary.clone();
         let id = id.clone();
         tokio::task::spawn_blocking(move || {
-            let vmms: Vec<_> = vmm_processes(&root)?
+            let vmms: Vec<_> = vmm_processes(&root, &binary)?
                 .into_iter()
                 .filter(|(_, of)| *of == id)
                 .collect();
@@ -105,12 +110,13 @@ impl SandboxManager {
 
 fn reap(
     root: &Path,
+    binary: &Path,
     running: &BTreeSet<u32>,
     keep: &BTreeSet<SandboxId>,
 ) -> Result<Reaped, OrphanError> {
     let mut reaped = Reaped::default();
     let mut first: Option<OrphanError> = None;
-    let orphans: Vec<_> = vmm_processes(root)?
+    let orphans: Vec<_> = vmm_processes(root, binary)?
         .into_iter()
         .filter(|(pid, _)| !running.contains(pid))
         .collect();
@@ -172,10 +178,11 @@ fn remove_dir(root: &Path, id: &SandboxId) -> Result<(), OrphanError> {
     })
 }
 
-/// Every process whose command line names a sandbox directory under
-/// `root`, with that sandbox's id.
-pub fn vmm_processes(root: &Path) -> Result<Vec<(u32, SandboxId)>, OrphanError> {
+/// Every process running `binary` (the engine's VMM) whose command line
+/// names a sandbox directory under `root`, with that sandbox's id.
+pub fn vmm_processes(root: &Path, binary: &Path) -> Result<Vec<(u32, SandboxId)>, OrphanError> {
     let prefix = format!("{}/", root.display());
+    let binary = std::fs::canonicalize(binary).unwrap_or_else(|_| binary.to_path_buf());
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").map_err(OrphanError::ListProcesses)? {
         let Ok(entry) = entry else { continue };
@@ -190,11 +197,27 @@ pub fn vmm_processes(root: &Path) -> Result<Vec<(u32, SandboxId)>, OrphanError> 
         let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
             continue;
         };
-        if let Some(id) = names_sandbox(&cmdline, &prefix) {
+        let Some(id) = names_sandbox(&cmdline, &prefix) else {
+            continue;
+        };
+        if runs(&entry.path(), &binary) {
             found.push((pid, id));
+        } else {
+            tracing::debug!(pid, sandbox = %id, "names a sandbox directory but is no VMM; left alone");
         }
     }
     Ok(found)
+}
+
+/// Whether the process at `/proc/<pid>` runs `binary`. A binary replaced
+/// since the process started (a package upgrade) reads `… (deleted)`.
+fn runs(proc_dir: &Path, binary: &Path) -> bool {
+    let Ok(exe) = std::fs::read_link(proc_dir.join("exe")) else {
+        return false;
+    };
+    let exe = exe.to_string_lossy();
+    let exe = exe.strip_suffix(" (deleted)").unwrap_or(&exe);
+    Path::new(exe) == binary
 }
 
 /// The sandbox a command line (NUL-separated) names under `prefix`.
