@@ -121,7 +121,6 @@ fn hops(headers: &HeaderMap) -> Vec<String> {
         .iter()
         .flat_map(|v| {
             String::from_utf8_lossy(v.as_bytes())
-                .into_owned()
                 .split(',')
                 .map(|h| h.trim().to_string())
                 .collect::<Vec<_>>()
