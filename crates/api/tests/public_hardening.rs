@@ -20,6 +20,7 @@ mod common;
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, HeaderValue};
@@ -28,6 +29,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::Notify;
 use vmm::fake::FakeEngine;
 
 /// The image files the image store resolves for `tiny`, as placeholders:
@@ -170,6 +172,22 @@ fn slow_loris_and_idle_connections_are_cut_while_others_are_served() {
         let s = setup();
         let (d, public) = daemon(&s, "header_read_timeout_secs = 2\n").await;
         let http = public_client("127.0.0.1");
+        // A response that streams for longer than the timeout: only request
+        // heads are timed, never answers.
+        let gate = Arc::new(Notify::new());
+        let port = guest_server(gate.clone()).await;
+        let alice = d.client(&d.user("alice", 2));
+        alice.create("app").await;
+        publish(&alice, "app", port, "myapp").await;
+        let resp = http
+            .get(format!("http://{public}/myapp/stream"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut streamed = resp.bytes_stream();
+        let mut seen = String::new();
+        common::read_until(&mut streamed, &mut seen, "one\n").await;
 
         // A client that never finishes its request head: a header line
         // every 300 ms, forever.
@@ -222,6 +240,11 @@ fn slow_loris_and_idle_connections_are_cut_while_others_are_served() {
         assert!(closed, "a silent connection is closed");
         let (_, closed) = read_until_closed(&mut idle, Duration::from_secs(60)).await;
         assert!(closed, "an idle keep-alive connection is closed");
+        // The timeout has passed (both were cut); the stream goes on.
+        gate.notify_one();
+        common::read_until(&mut streamed, &mut seen, "two\n").await;
+        assert_eq!(seen, "one\ntwo\n");
+        assert!(futures_util::StreamExt::next(&mut streamed).await.is_none());
         // And still serving.
         assert_eq!(
             status_of(&http, format!("http://{public}/nobody-home/")).await,
@@ -436,35 +459,51 @@ fn rate_limits_follow_the_real_client_behind_trusted_proxies_only() {
 }
 
 /// A server standing in for the guest's: answers every request with the
-/// headers it got (JSON) and sets cookies and a service-worker scope.
-async fn guest_server() -> u16 {
+/// headers it got (JSON) and sets cookies and a service-worker scope;
+/// `/stream` sends `one`, waits for `gate`, then sends `two` and ends.
+async fn guest_server(gate: Arc<Notify>) -> u16 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let app = axum::Router::new().fallback(|req: axum::extract::Request| async move {
-        let seen: serde_json::Map<String, Value> = req
-            .headers()
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str().to_string(),
-                    Value::from(v.to_str().unwrap_or_default()),
-                )
-            })
-            .chain([("path".to_string(), Value::from(req.uri().to_string()))])
-            .collect();
-        let mut h = HeaderMap::new();
-        for c in [
-            "sid=1; Path=/; HttpOnly",
-            "pref=dark; Path=/settings; Domain=127.0.0.1",
-            "plain=1",
-            "aware=1; Path=/myapp/x",
-        ] {
-            h.append("set-cookie", HeaderValue::from_static(c));
+    let stream = move || {
+        let gate = gate.clone();
+        async move {
+            let one = futures_util::stream::once(async {
+                Ok::<_, std::io::Error>(axum::body::Bytes::from_static(b"one\n"))
+            });
+            let two = futures_util::stream::once(async move {
+                gate.notified().await;
+                Ok(axum::body::Bytes::from_static(b"two\n"))
+            });
+            axum::body::Body::from_stream(futures_util::StreamExt::chain(one, two))
         }
-        h.insert("service-worker-allowed", HeaderValue::from_static("/"));
-        h.insert("clear-site-data", HeaderValue::from_static("\"cookies\""));
-        (h, axum::Json(Value::Object(seen)))
-    });
+    };
+    let app = axum::Router::new()
+        .route("/stream", axum::routing::get(stream))
+        .fallback(|req: axum::extract::Request| async move {
+            let seen: serde_json::Map<String, Value> = req
+                .headers()
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_string(),
+                        Value::from(v.to_str().unwrap_or_default()),
+                    )
+                })
+                .chain([("path".to_string(), Value::from(req.uri().to_string()))])
+                .collect();
+            let mut h = HeaderMap::new();
+            for c in [
+                "sid=1; Path=/; HttpOnly",
+                "pref=dark; Path=/settings; Domain=127.0.0.1",
+                "plain=1",
+                "aware=1; Path=/myapp/x",
+            ] {
+                h.append("set-cookie", HeaderValue::from_static(c));
+            }
+            h.insert("service-worker-allowed", HeaderValue::from_static("/"));
+            h.insert("clear-site-data", HeaderValue::from_static("\"cookies\""));
+            (h, axum::Json(Value::Object(seen)))
+        });
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     port
 }
@@ -493,7 +532,7 @@ fn path_routes_confine_cookies_and_service_workers() {
     common::in_netns("pubh-path", || async {
         let s = setup();
         let (d, public) = daemon(&s, "trusted_proxies = [\"127.0.0.2\"]\n").await;
-        let port = guest_server().await;
+        let port = guest_server(Arc::default()).await;
         let alice = d.client(&d.user("alice", 2));
         alice.create("app").await;
         publish(&alice, "app", port, "myapp").await;
@@ -552,7 +591,7 @@ fn with_a_domain_only_host_routes_answer() {
     common::in_netns("pubh-host", || async {
         let s = setup();
         let (d, public) = daemon(&s, "domain = \"pv.test\"\n").await;
-        let port = guest_server().await;
+        let port = guest_server(Arc::default()).await;
         let alice = d.client(&d.user("alice", 2));
         alice.create("app").await;
         publish(&alice, "app", port, "myapp").await;
