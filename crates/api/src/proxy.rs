@@ -152,6 +152,10 @@ async fn forward_inner<H: Send + Sync + Unpin + 'static>(
     *out.uri_mut() = uri;
     *out.version_mut() = Version::HTTP_11;
     *out.headers_mut() = request_headers(&parts.headers, upgrade.as_ref(), peer, port);
+    // The public proxy decides X-Forwarded-* itself (trusted proxies).
+    if let Some(f) = parts.extensions.get::<crate::publish::client::Forwarded>() {
+        f.apply(out.headers_mut());
+    }
 
     let sent = tokio::time::timeout(RESPONSE_HEAD_TIMEOUT, sender.send_request(out)).await;
     let mut resp = match sent {

@@ -1,8 +1,11 @@
 //! `[publish]`: the public proxy's socket, routing and limits.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use serde::Deserialize;
+
+use super::client::{IpNet, TrustedProxies};
 
 /// `[publish]` in the daemon's config file.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -12,8 +15,9 @@ pub struct PublishConfig {
     /// `""` or `"none"` turns the public proxy, and publishing, off.
     pub listen: String,
     /// When set (e.g. `preview.example.com`), a request whose Host is
-    /// `<alias>.<domain>` goes to that publication with its path unchanged;
-    /// requests for other hosts use path routes (`/<alias>/…`).
+    /// `<alias>.<domain>` goes to that publication with its path unchanged,
+    /// and path routes (`/<alias>/…`) are off: every publication is its
+    /// own origin. Unset: path routes only.
     pub domain: Option<String>,
     /// The base printed URLs start with (`https://preview.example.com`),
     /// when the proxy is reached through something else (TLS terminator,
@@ -28,6 +32,26 @@ pub struct PublishConfig {
     pub max_concurrent_wakes: usize,
     /// Requests in flight per publication (bodies included); over it, 503.
     pub max_inflight: usize,
+    /// How long a client may take to send a request's head (request line
+    /// and headers), counted from when the connection is ready for it: a
+    /// new connection, or an idle keep-alive one after its last answer.
+    /// Over it, the connection is closed (slow-loris; idle keep-alive).
+    pub header_read_timeout_secs: u64,
+    /// Connections open on the public listener at once (upgraded ones,
+    /// WebSockets, included). Beyond it a new connection gets a short 503
+    /// and is closed at once.
+    pub max_connections: usize,
+    /// Connections open at once from one client address (an IPv6 client
+    /// is its /64), so one client cannot take all of `max_connections`.
+    /// Trusted proxies are exempt (they carry many clients).
+    pub max_connections_per_ip: usize,
+    /// Reverse proxies in front of the public listener (`"10.0.0.0/8"`,
+    /// `"127.0.0.1"`, `"::1/128"`). A request from one of them is limited
+    /// as the right-most address in its `X-Forwarded-For` that is not a
+    /// trusted proxy; any other peer is limited as itself and its
+    /// `X-Forwarded-*` headers are ignored (and replaced towards the
+    /// guest).
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for PublishConfig {
@@ -39,6 +63,10 @@ impl Default for PublishConfig {
             requests_per_min: 600,
             max_concurrent_wakes: 4,
             max_inflight: 64,
+            header_read_timeout_secs: 10,
+            max_connections: 1024,
+            max_connections_per_ip: 128,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -77,7 +105,35 @@ impl PublishConfig {
                 "publish.max_concurrent_wakes and publish.max_inflight must be at least 1".into(),
             );
         }
+        if self.header_read_timeout_secs == 0 {
+            return Err("publish.header_read_timeout_secs must be at least 1".into());
+        }
+        if self.max_connections == 0 || self.max_connections_per_ip == 0 {
+            return Err(
+                "publish.max_connections and publish.max_connections_per_ip must be at least 1"
+                    .into(),
+            );
+        }
+        self.trusted()?;
         Ok(())
+    }
+
+    /// `trusted_proxies`, parsed.
+    pub fn trusted(&self) -> Result<TrustedProxies, String> {
+        let nets = self
+            .trusted_proxies
+            .iter()
+            .map(|s| {
+                s.parse::<IpNet>()
+                    .map_err(|e| format!("publish.trusted_proxies: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(TrustedProxies::new(nets))
+    }
+
+    /// How long a request head may take.
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_read_timeout_secs.max(1))
     }
 
     /// The domain, lowercase, without a trailing dot.
@@ -222,11 +278,31 @@ mod tests {
             (with(|c| c.requests_per_min = 0), "requests_per_min"),
             (with(|c| c.max_concurrent_wakes = 0), "max_concurrent_wakes"),
             (with(|c| c.max_inflight = 0), "max_inflight"),
+            (
+                with(|c| c.header_read_timeout_secs = 0),
+                "header_read_timeout_secs",
+            ),
+            (with(|c| c.max_connections = 0), "max_connections"),
+            (
+                with(|c| c.max_connections_per_ip = 0),
+                "max_connections_per_ip",
+            ),
+            (
+                with(|c| c.trusted_proxies = vec!["10.0.0.1/8".into()]),
+                "trusted_proxies",
+            ),
+            (
+                with(|c| c.trusted_proxies = vec!["proxy.example".into()]),
+                "trusted_proxies",
+            ),
         ] {
             let e = c.validate().unwrap_err();
             assert!(e.contains(says), "{c:?}: {e}");
         }
         with(|c| c.domain = Some("Preview.Example.com.".into()))
+            .validate()
+            .unwrap();
+        with(|c| c.trusted_proxies = vec!["10.0.0.0/8".into(), "::1".into()])
             .validate()
             .unwrap();
     }

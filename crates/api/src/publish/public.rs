@@ -16,7 +16,9 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 
+use super::client::{limit_key, TrustedProxies};
 use super::gate::{Inflight, WakeGate};
+use super::listener::{ConnLimits, ListenConfig};
 use super::route::{route, Route};
 use crate::config::DaemonConfig;
 use crate::error::ApiError;
@@ -38,6 +40,7 @@ pub struct PublicState {
     limiter: Arc<RateLimiter>,
     wakes: Arc<WakeGate>,
     inflight: Arc<Inflight>,
+    trusted: TrustedProxies,
 }
 
 impl PublicState {
@@ -56,6 +59,8 @@ impl PublicState {
             )),
             wakes: Arc::new(WakeGate::new(p.max_concurrent_wakes)),
             inflight: Arc::new(Inflight::new(p.max_inflight)),
+            // Checked with the rest of the configuration at start.
+            trusted: p.trusted().unwrap_or_default(),
         }
     }
 }
@@ -66,11 +71,13 @@ pub fn router(state: PublicState) -> Router {
 }
 
 /// Serves the public proxy on `listener` until `stop` turns true (or its
-/// sender is dropped), then lets requests in flight finish.
+/// sender is dropped), then lets requests in flight finish. Connections
+/// are held to `[publish]`'s header-read timeout and connection caps
+/// ([`super::listener`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: PublicState,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let limiter = state.limiter.clone();
     let pruner = tokio::spawn(async move {
@@ -80,20 +87,16 @@ pub async fn serve(
             limiter.prune();
         }
     });
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    // As on the API socket: without TCP_NODELAY a streamed response's
-    // second small write waits for the client's delayed ACK (40 ms).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            // Err: the daemon dropped the sender; stop as well.
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .await;
+    let p = &state.config.publish;
+    let config = ListenConfig {
+        header_read_timeout: p.header_read_timeout(),
+        limits: ConnLimits::new(
+            p.max_connections,
+            p.max_connections_per_ip,
+            state.trusted.clone(),
+        ),
+    };
+    let served = super::listener::serve(listener, router(state), config, stop).await;
     pruner.abort();
     served
 }
@@ -135,12 +138,18 @@ fn host_of(req: &Request) -> Option<String> {
 }
 
 async fn handle(State(s): State<PublicState>, req: Request) -> Response {
-    let peer = req
+    let Some(peer) = req
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip().to_string())
-        .unwrap_or_default();
-    if let Err(retry_after) = s.limiter.check(&peer, Class::Read) {
+        .map(|c| c.0.ip())
+    else {
+        // The listener always sets it.
+        return ApiError::Internal("no peer address".into()).into_response();
+    };
+    // Limited as the real client: behind a trusted proxy, the one it
+    // forwards for; otherwise the peer, whatever its headers claim.
+    let client = limit_key(s.trusted.client(peer, req.headers()));
+    if let Err(retry_after) = s.limiter.check(&client.to_string(), Class::Read) {
         return ApiError::RateLimited { retry_after }.into_response();
     }
     let host = host_of(&req);
@@ -197,10 +206,16 @@ async fn handle(State(s): State<PublicState>, req: Request) -> Response {
         None
     };
     // Where the guest's paths are for the caller; never the caller's word.
+    // Nor who the caller is: X-Forwarded-* as this proxy vouches for them.
     let mut req = req;
+    let forwarded = s.trusted.forwarded(peer, req.headers());
+    req.extensions_mut().insert(forwarded);
     let forwarded_prefix = header::HeaderName::from_static("x-forwarded-prefix");
     req.headers_mut().remove(&forwarded_prefix);
-    if let Some(v) = prefix.and_then(|p| HeaderValue::from_str(&p).ok()) {
+    if let Some(v) = prefix
+        .as_deref()
+        .and_then(|p| HeaderValue::from_str(p).ok())
+    {
         req.headers_mut().insert(forwarded_prefix, v);
     }
     // The alias, not the sandbox's name, goes into error messages. The
@@ -211,7 +226,12 @@ async fn handle(State(s): State<PublicState>, req: Request) -> Response {
         .public_proxy(&publication, waking, req, &target, &alias, slot)
         .await
     {
-        Ok(resp) => resp,
+        Ok(mut resp) => {
+            // Path routes share one origin: the guest's cookies stay under
+            // its prefix, nothing widens to the origin (super::origin).
+            super::origin::confine(resp.headers_mut(), prefix.as_deref());
+            resp
+        }
         Err(e) => wake_error(&alias, e),
     }
 }

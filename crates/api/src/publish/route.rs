@@ -1,7 +1,7 @@
 //! Which publication a public request is for: by host (`<alias>.<domain>`,
-//! when a domain is configured) or by the first path segment
-//! (`/<alias>/rest…`, the guest sees `/rest…`). Pure, so every case is a
-//! unit test.
+//! when a domain is configured; then only so) or, without a domain, by the
+//! first path segment (`/<alias>/rest…`, the guest sees `/rest…`). Pure,
+//! so every case is a unit test.
 
 use super::alias;
 
@@ -43,26 +43,29 @@ fn host_name(host: &str) -> String {
 /// path and `query` the raw query.
 ///
 /// With a domain, a host `<label>.<domain>` routes to that alias and the
-/// path is kept; a host deeper under the domain is unknown. Any other host
-/// (the domain itself, an IP address) falls back to path routing.
+/// path is kept; anything else (a host deeper under the domain, the domain
+/// itself, an IP address, no host) is unknown: path routes are off, so
+/// that every publication is its own origin. Without a domain, the first
+/// path segment picks the publication, whatever the host.
 pub fn route(host: Option<&str>, domain: Option<&str>, path: &str, query: Option<&str>) -> Route {
     let query = query.map(|q| format!("?{q}")).unwrap_or_default();
-    if let (Some(host), Some(domain)) = (host, domain) {
-        let name = host_name(host);
-        if let Some(label) = name
+    if let Some(domain) = domain {
+        let name = host.map(host_name).unwrap_or_default();
+        let Some(label) = name
             .strip_suffix(domain)
             .and_then(|rest| rest.strip_suffix('.'))
-        {
-            if label.contains('.') || alias::validate(label).is_err() {
-                return Route::Unknown;
-            }
-            let path = if path.is_empty() { "/" } else { path };
-            return Route::Publication {
-                alias: label.to_string(),
-                path_and_query: format!("{path}{query}"),
-                prefix: None,
-            };
+        else {
+            return Route::Unknown;
+        };
+        if label.contains('.') || alias::validate(label).is_err() {
+            return Route::Unknown;
         }
+        let path = if path.is_empty() { "/" } else { path };
+        return Route::Publication {
+            alias: label.to_string(),
+            path_and_query: format!("{path}{query}"),
+            prefix: None,
+        };
     }
     let Some(rest) = path.strip_prefix('/') else {
         return Route::Unknown;
@@ -187,7 +190,7 @@ mod tests {
     }
 
     #[test]
-    fn other_hosts_fall_back_to_paths() {
+    fn with_a_domain_path_routes_are_off() {
         let d = Some("preview.example.com");
         for host in [
             "preview.example.com",
@@ -198,11 +201,17 @@ mod tests {
         ] {
             assert_eq!(
                 route(Some(host), d, "/myapp/x", None),
-                publication("myapp", "/x"),
+                Route::Unknown,
                 "{host}"
             );
         }
-        assert_eq!(route(None, d, "/myapp/x", None), publication("myapp", "/x"));
+        assert_eq!(route(None, d, "/myapp/x", None), Route::Unknown);
+        assert_eq!(route(None, d, "/myapp", None), Route::Unknown);
+        // Without one, any host takes path routes.
+        assert_eq!(
+            route(Some("myapp.preview.example.com"), None, "/myapp/x", None),
+            publication("myapp", "/x")
+        );
     }
 
     proptest::proptest! {
