@@ -1,6 +1,9 @@
 //! One authenticated connection to the agent.
 
-use proto::{Auth, FrameReader, FrameWriter, Message, PROTOCOL_VERSION};
+use std::time::Duration;
+
+use proto::auth::{host_proof, verify_agent_proof};
+use proto::{Auth, FrameReader, FrameWriter, Message, Nonce, AUTH_DEADLINE_SECS, PROTOCOL_VERSION};
 use tokio::io::{ReadHalf, WriteHalf};
 
 use crate::stream::{Endpoint, Stream};
@@ -16,7 +19,8 @@ pub struct Conn {
 }
 
 impl Conn {
-    /// Connects and authenticates.
+    /// Connects and authenticates (both ways: see [`proto::auth`]), the
+    /// handshake bounded by [`AUTH_DEADLINE_SECS`].
     pub async fn open(endpoint: &Endpoint, token: &str) -> Result<Conn, ClientError> {
         let stream = Stream::connect(endpoint).await?;
         let (r, w) = tokio::io::split(stream);
@@ -25,15 +29,46 @@ impl Conn {
             writer: FrameWriter::new(w),
             received: 0,
         };
-        conn.send(&Message::Auth(Auth {
-            token: token.to_string(),
+        let after = Duration::from_secs(AUTH_DEADLINE_SECS);
+        tokio::time::timeout(after, conn.authenticate(endpoint, token.as_bytes()))
+            .await
+            .map_err(|_| ClientError::Timeout {
+                operation: "authentication",
+                after,
+            })??;
+        Ok(conn)
+    }
+
+    /// The host's half of the handshake: answer the agent's challenge
+    /// with a proof and a nonce of our own, then check the agent's proof.
+    async fn authenticate(&mut self, endpoint: &Endpoint, token: &[u8]) -> Result<(), ClientError> {
+        let challenge = match self.recv("authentication").await? {
+            Message::Challenge(c) => c,
+            other => return Err(unexpected("challenge", &other)),
+        };
+        if challenge.version != PROTOCOL_VERSION {
+            return Err(ClientError::VersionMismatch {
+                agent: challenge.version,
+                client: PROTOCOL_VERSION,
+            });
+        }
+        let nonce = Nonce::random()?;
+        self.send(&Message::Auth(Auth {
             version: PROTOCOL_VERSION,
+            nonce,
+            proof: host_proof(token, &challenge.nonce, &nonce),
         }))
         .await?;
-        match conn.recv("auth").await? {
-            Message::AuthOk(_) => Ok(conn),
-            other => Err(unexpected("auth_ok", &other)),
+        let ok = match self.recv("authentication").await? {
+            Message::AuthOk(ok) => ok,
+            other => return Err(unexpected("auth_ok", &other)),
+        };
+        if !verify_agent_proof(token, &challenge.nonce, &nonce, &ok.proof) {
+            return Err(ClientError::AgentProof {
+                endpoint: endpoint.to_string(),
+            });
         }
+        Ok(())
     }
 
     pub async fn send(&mut self, msg: &Message) -> Result<(), ClientError> {

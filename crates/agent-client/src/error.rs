@@ -35,6 +35,16 @@ pub enum ClientError {
     InvalidRequest(String),
     #[error("reading local data failed")]
     LocalIo(#[source] std::io::Error),
+    /// The agent speaks another protocol version (protocol 1 agents never
+    /// send a challenge: they answer `auth_timeout` instead).
+    #[error("the agent speaks protocol {agent}, this client {client}")]
+    VersionMismatch { agent: u32, client: u32 },
+    /// The peer's `auth_ok` did not carry a proof made with the token: it is
+    /// not the sandbox's agent (or holds another token).
+    #[error("the peer at {endpoint} did not prove it holds the sandbox's token; not its agent")]
+    AgentProof { endpoint: String },
+    #[error("cannot make a nonce")]
+    Random(#[from] proto::auth::RandomError),
 }
 
 impl From<ErrorMsg> for ClientError {

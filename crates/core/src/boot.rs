@@ -139,10 +139,15 @@ pub(crate) async fn wait_for_agent(
             }
             match client.deadline(AUTH_TIMEOUT.min(left)).ping().await {
                 Ok(_) => Ok(Ok(())),
-                // The agent answered and said no: waiting will not help.
-                Err(e @ (ClientError::Agent { .. } | ClientError::UnexpectedFrame { .. })) => {
-                    Ok(Err(e))
-                }
+                // The agent answered and said no, or could not prove it
+                // holds the token, or speaks another protocol: waiting
+                // will not help.
+                Err(
+                    e @ (ClientError::Agent { .. }
+                    | ClientError::UnexpectedFrame { .. }
+                    | ClientError::AgentProof { .. }
+                    | ClientError::VersionMismatch { .. }),
+                ) => Ok(Err(e)),
                 Err(e) => Err(e.to_string()),
             }
         };

@@ -7,6 +7,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use proto::Activity;
 
+use crate::auth::Pending;
 use crate::config::AgentConfig;
 use crate::identity::Identity;
 use crate::session::Sessions;
@@ -19,7 +20,10 @@ pub struct Agent {
     token: Vec<u8>,
     started: Instant,
     last_activity_ms: AtomicU64,
+    /// Authenticated connections.
     pub connections: AtomicU32,
+    /// Connections still in the handshake.
+    pub pending: Pending,
     pub running_execs: AtomicU32,
     pub sessions: Sessions,
     /// Starts piped commands as the command user cheaply; `None` when
@@ -31,15 +35,6 @@ pub fn now_unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Compares in time that depends only on the lengths, not the contents.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
-    std::hint::black_box(diff) == 0
 }
 
 impl Agent {
@@ -64,13 +59,15 @@ impl Agent {
             started: Instant::now(),
             last_activity_ms: AtomicU64::new(now_unix_ms()),
             connections: AtomicU32::new(0),
+            pending: Pending::default(),
             running_execs: AtomicU32::new(0),
             sessions: Sessions::default(),
         })
     }
 
-    pub fn token_matches(&self, presented: &str) -> bool {
-        constant_time_eq(presented.as_bytes(), &self.token)
+    /// The sandbox token: the key of both handshake proofs.
+    pub fn token(&self) -> &[u8] {
+        &self.token
     }
 
     /// Records activity now (a request, input or output).
@@ -101,6 +98,13 @@ impl<'a> CountGuard<'a> {
         counter.fetch_add(1, Ordering::Relaxed);
         CountGuard(counter)
     }
+
+    /// Counts one more unless the counter is already at `max`.
+    pub fn try_new(counter: &'a AtomicU32, max: usize) -> Option<Self> {
+        let before = counter.fetch_add(1, Ordering::Relaxed);
+        let guard = CountGuard(counter);
+        ((before as usize) < max).then_some(guard)
+    }
 }
 
 impl Drop for CountGuard<'_> {
@@ -114,10 +118,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn constant_time_eq_compares_contents_and_lengths() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"abcd"));
-        assert!(constant_time_eq(b"", b""));
+    fn a_bounded_count_guard_refuses_past_the_limit_and_undoes_itself() {
+        let n = AtomicU32::new(0);
+        let a = CountGuard::try_new(&n, 2).expect("first");
+        let b = CountGuard::try_new(&n, 2).expect("second");
+        assert!(CountGuard::try_new(&n, 2).is_none());
+        assert_eq!(n.load(Ordering::Relaxed), 2);
+        drop(a);
+        assert!(CountGuard::try_new(&n, 2).is_some());
+        drop(b);
+        assert_eq!(n.load(Ordering::Relaxed), 0);
     }
 }

@@ -1,12 +1,11 @@
-//! One client connection: authentication, then one request at a time.
+//! One client connection: the handshake ([`crate::auth`]), then one
+//! request at a time.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use proto::{
-    AuthOk, CodecError, ErrorCode, FrameReader, FrameWriter, Message, ReadError, Sessions,
-    AUTH_DEADLINE_SECS, PROTOCOL_VERSION,
+    CodecError, ErrorCode, FrameReader, FrameWriter, Message, ReadError, Sessions, MAX_CONNECTIONS,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -19,13 +18,20 @@ pub async fn serve<S>(agent: Arc<Agent>, stream: S)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let _counted = CountGuard::new(&agent.connections);
     let (r, w) = tokio::io::split(stream);
     let mut reader = FrameReader::new(r);
     let mut writer = FrameWriter::new(w);
-    if !authenticate(&agent, &mut reader, &mut writer).await {
+    if !crate::auth::handshake(&agent, &mut reader, &mut writer).await {
         return;
     }
+    // Only authenticated connections count (and can fill the slots).
+    let Some(_counted) = CountGuard::try_new(&agent.connections, MAX_CONNECTIONS) else {
+        let msg = format!("the agent already serves {MAX_CONNECTIONS} connections");
+        let _ = writer
+            .send(&Message::error(ErrorCode::TooManyConnections, msg))
+            .await;
+        return;
+    };
     loop {
         let msg = match reader.read_message().await {
             Ok(Some(m)) => m,
@@ -76,52 +82,6 @@ where
             }
         }
     }
-}
-
-async fn authenticate<R, W>(
-    agent: &Agent,
-    reader: &mut FrameReader<R>,
-    writer: &mut FrameWriter<W>,
-) -> bool
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let deadline = Duration::from_secs(AUTH_DEADLINE_SECS);
-    let refusal = match tokio::time::timeout(deadline, reader.read_message()).await {
-        Err(_) => Message::error(
-            ErrorCode::AuthTimeout,
-            format!("no auth frame within {AUTH_DEADLINE_SECS}s"),
-        ),
-        Ok(Ok(Some(Message::Auth(auth)))) => {
-            if auth.version != PROTOCOL_VERSION {
-                Message::error(
-                    ErrorCode::VersionMismatch,
-                    format!(
-                        "client speaks protocol {}, agent speaks {PROTOCOL_VERSION}",
-                        auth.version
-                    ),
-                )
-            } else if !agent.token_matches(&auth.token) {
-                Message::error(ErrorCode::AuthFailed, "invalid token")
-            } else {
-                let ok = Message::AuthOk(AuthOk {
-                    version: PROTOCOL_VERSION,
-                    agent_version: env!("CARGO_PKG_VERSION").to_string(),
-                });
-                return writer.send(&ok).await.is_ok();
-            }
-        }
-        Ok(Ok(Some(other))) => Message::error(
-            ErrorCode::AuthFailed,
-            format!("the first frame must be auth, got {}", other.name()),
-        ),
-        Ok(Ok(None)) => return false,
-        Ok(Err(e)) => Message::error(ErrorCode::AuthFailed, format!("bad auth frame: {e}")),
-    };
-    tracing::info!(?refusal, "refusing connection");
-    let _ = writer.send(&refusal).await;
-    false
 }
 
 async fn handle<R, W>(
@@ -187,7 +147,7 @@ where
             Ok(writer.send(&reply).await?)
         }
         Message::Ls(l) => crate::files::ls(agent, writer, &l.path).await,
-        Message::Auth(_) => Err(Failure::new(
+        Message::Auth(_) | Message::LegacyAuth(_) => Err(Failure::new(
             ErrorCode::UnexpectedFrame,
             "already authenticated",
         )),

@@ -6,6 +6,7 @@
 //! tests and benchmarks.
 
 mod agent;
+mod auth;
 mod cli;
 mod clock;
 mod config;

@@ -84,6 +84,8 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let agent = agent.clone();
+    // Authenticated connections only: ones still in the handshake are
+    // bounded apart (`crate::auth`). Checked again after the handshake.
     if agent.connections.load(Ordering::Relaxed) as usize >= MAX_CONNECTIONS {
         tokio::spawn(async move {
             let mut w = FrameWriter::new(stream);

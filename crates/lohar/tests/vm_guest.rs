@@ -318,6 +318,21 @@ async fn common_checks(g: &Guest, tier: Tier) {
         "{routes}"
     );
 
+    // IPv6 is off on every interface, as on the host side: set before the
+    // links came up, so there is no IPv6 address at all, not even `eth0`'s
+    // link-local one (the minimal test shows this probe sees one when
+    // IPv6 is on).
+    assert_eq!(
+        g.ok("cd /proc/sys/net/ipv6/conf && cat all/disable_ipv6 default/disable_ipv6 lo/disable_ipv6 eth0/disable_ipv6")
+            .await,
+        "1\n1\n1\n1"
+    );
+    assert_eq!(
+        g.ok("cat /proc/net/if_inet6").await,
+        "",
+        "IPv6 addresses in the guest"
+    );
+
     // A file written through the agent survives a guest sync, on the sandbox disk.
     g.client
         .write_file(
@@ -405,6 +420,20 @@ fn minimal_guest_boots_and_powers_off_cleanly() {
         let g = boot(Tier::Minimal, netns).await;
         common_checks(&g, Tier::Minimal).await;
         assert_eq!(g.ok("sudo -n true && echo yes").await, "yes");
+        // The positive control of the IPv6 probe in `common_checks`: IPv6
+        // turned back on for `lo` (root, through sudo) shows its address
+        // in /proc/net/if_inet6; off again, it is gone.
+        g.ok("echo 0 | sudo -n tee /proc/sys/net/ipv6/conf/lo/disable_ipv6")
+            .await;
+        let inet6 = g.ok("cat /proc/net/if_inet6").await;
+        assert!(
+            inet6.starts_with("00000000000000000000000000000001 ") && inet6.ends_with(" lo"),
+            "no ::1 on lo with IPv6 on: {inet6:?}"
+        );
+        assert!(!inet6.contains("eth0"), "{inet6}");
+        g.ok("echo 1 | sudo -n tee /proc/sys/net/ipv6/conf/lo/disable_ipv6")
+            .await;
+        assert_eq!(g.ok("cat /proc/net/if_inet6").await, "");
         assert_eq!(g.ok("python3 -c 'print(6*7)'").await, "42");
         assert_eq!(g.ok("bash -c 'cat <(echo procsubst)'").await, "procsubst");
         // An interactive session gets a PTY from the new root's devpts.

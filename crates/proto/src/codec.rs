@@ -102,6 +102,8 @@ fn write_payload(msg: &Message, out: &mut Vec<u8>) -> Result<(), CodecError> {
         | Message::DataEnd
         | Message::TunnelOk
         | Message::ListPorts => Ok(()),
+        Message::LegacyAuth(v) => json_into(name, v, out),
+        Message::Challenge(v) => json_into(name, v, out),
         Message::Auth(v) => json_into(name, v, out),
         Message::AuthOk(v) => json_into(name, v, out),
         Message::Error(v) => json_into(name, v, out),
@@ -201,6 +203,8 @@ impl Message {
     pub fn from_frame(frame: RawFrame<'_>) -> Result<Option<Message>, CodecError> {
         let p = frame.payload;
         let msg = match frame.frame_type {
+            t::LEGACY_AUTH => Message::LegacyAuth(json("legacy_auth", p)?),
+            t::CHALLENGE => Message::Challenge(json("challenge", p)?),
             t::AUTH => Message::Auth(json("auth", p)?),
             t::AUTH_OK => Message::AuthOk(json("auth_ok", p)?),
             t::ERROR => Message::Error(json("error", p)?),

@@ -7,13 +7,16 @@
 //! [`MAX_FRAME_PAYLOAD`] bytes, checked when encoding and before allocating
 //! when decoding. Readers skip frame types they do not know.
 //!
-//! The first frame on every connection is [`Message::Auth`]. After that a
-//! connection serves one request at a time (see `docs/wire-protocol.md` for
-//! the exchange of each request).
+//! Every connection starts with a challenge-response handshake in both
+//! directions ([`auth`]): the agent's [`Message::Challenge`], the host's
+//! [`Message::Auth`], the agent's [`Message::AuthOk`]; the token itself never
+//! crosses the wire. After that a connection serves one request at a time
+//! (see `docs/wire-protocol.md` for the exchange of each request).
 //!
 //! [`config_drive`] holds the per-boot config drive's types and raw encoding,
 //! shared by the image pipeline (writer) and lohar (reader).
 
+pub mod auth;
 mod codec;
 pub mod config_drive;
 #[cfg(feature = "tokio")]
@@ -21,6 +24,7 @@ mod io;
 mod limits;
 mod message;
 
+pub use auth::{Nonce, Proof};
 pub use codec::{
     decode_frame, encode, encode_into, write_header, CodecError, Decoded, RawFrame, HEADER_LEN,
 };
@@ -29,9 +33,10 @@ pub use io::{FrameReader, FrameWriter, ReadError, WriteError};
 pub use limits::*;
 pub use message::*;
 
-/// Version of this protocol; sent in [`Auth`] and [`AuthOk`]. Bumped on any
-/// incompatible change to a frame type or payload.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version of this protocol; sent in [`Challenge`], [`Auth`] and [`AuthOk`].
+/// Bumped on any incompatible change to a frame type or payload. 2:
+/// challenge-response authentication replaced protocol 1's token frame.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The TCP port lohar listens on at the guest's IP, for control
 /// connections and tunnels alike (a connection becomes a byte pipe after

@@ -24,8 +24,15 @@ pub const MAX_LS_ENTRIES: usize = 10_000;
 /// Scrollback kept per PTY session, in bytes.
 pub const SCROLLBACK_BYTES: usize = 64 * 1024;
 
-/// Seconds a connection has to authenticate before the agent closes it.
+/// Seconds a connection has to authenticate before the agent closes it
+/// (the host bounds its side of the handshake by the same).
 pub const AUTH_DEADLINE_SECS: u64 = 5;
+
+/// Connections an agent lets wait in the handshake at once. A new one past
+/// this pushes out the longest waiting (`too_many_connections`), so
+/// connections that never answer cannot keep the host out; they do not
+/// count towards [`MAX_CONNECTIONS`], which counts authenticated ones.
+pub const MAX_PENDING_AUTH: usize = 16;
 
 /// Longest accepted session name, in bytes.
 pub const MAX_SESSION_NAME: usize = 64;

@@ -8,22 +8,46 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// First frame on every connection, from the host.
+use crate::auth::{Nonce, Proof};
+
+/// First frame on every connection, from the agent: a fresh nonce the host
+/// proves knowledge of the token on (see [`crate::auth`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Auth {
-    /// The per-sandbox token.
-    pub token: String,
-    /// The sender's [`crate::PROTOCOL_VERSION`].
+pub struct Challenge {
+    /// The agent's [`crate::PROTOCOL_VERSION`].
     pub version: u32,
+    /// Random, new for every connection.
+    pub nonce: Nonce,
 }
 
-/// The agent's answer to a good [`Auth`].
+/// The host's answer to [`Challenge`]: its own nonce and
+/// [`crate::auth::host_proof`] over both nonces.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Auth {
+    /// The sender's [`crate::PROTOCOL_VERSION`].
+    pub version: u32,
+    /// Random, new for every connection; the agent proves itself on it.
+    pub nonce: Nonce,
+    pub proof: Proof,
+}
+
+/// The agent's answer to a good [`Auth`]: [`crate::auth::agent_proof`]
+/// shows the host it talks to the holder of the token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuthOk {
     /// The agent's protocol version.
     pub version: u32,
     /// The agent's build version, for diagnostics.
     pub agent_version: String,
+    pub proof: Proof,
+}
+
+/// Protocol 1's first frame, which carried the token itself. Decoded only
+/// to refuse it with a clear error; its token is not even parsed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LegacyAuth {
+    #[serde(default)]
+    pub version: u32,
 }
 
 /// Why a request failed. Stable across versions; a code a reader does not
@@ -31,9 +55,9 @@ pub struct AuthOk {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
-    /// The token did not match.
+    /// The host's proof did not match, or the handshake was malformed.
     AuthFailed,
-    /// No [`Auth`] frame arrived within the deadline.
+    /// The handshake did not finish within [`crate::AUTH_DEADLINE_SECS`].
     AuthTimeout,
     /// The peers speak different protocol versions.
     VersionMismatch,
@@ -354,6 +378,9 @@ pub struct PortList {
 /// Every message, with its frame type in [`Message::frame_type`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
+    /// Protocol 1's token frame; refused.
+    LegacyAuth(LegacyAuth),
+    Challenge(Challenge),
     Auth(Auth),
     AuthOk(AuthOk),
     Error(ErrorMsg),
@@ -400,10 +427,13 @@ pub enum Message {
 
 /// Frame type bytes. Grouped by area; gaps leave room for additions.
 pub mod frame_type {
-    pub const AUTH: u8 = 0x01;
+    /// Protocol 1's token frame, kept to refuse it clearly.
+    pub const LEGACY_AUTH: u8 = 0x01;
     pub const AUTH_OK: u8 = 0x02;
     pub const ERROR: u8 = 0x03;
     pub const OK: u8 = 0x04;
+    pub const CHALLENGE: u8 = 0x05;
+    pub const AUTH: u8 = 0x06;
     pub const EXEC: u8 = 0x10;
     pub const STARTED: u8 = 0x11;
     pub const STDIN: u8 = 0x12;
@@ -446,6 +476,8 @@ impl Message {
     pub fn frame_type(&self) -> u8 {
         use frame_type as t;
         match self {
+            Message::LegacyAuth(_) => t::LEGACY_AUTH,
+            Message::Challenge(_) => t::CHALLENGE,
             Message::Auth(_) => t::AUTH,
             Message::AuthOk(_) => t::AUTH_OK,
             Message::Error(_) => t::ERROR,
@@ -491,6 +523,8 @@ impl Message {
     /// A short name for logs and errors.
     pub fn name(&self) -> &'static str {
         match self {
+            Message::LegacyAuth(_) => "legacy_auth",
+            Message::Challenge(_) => "challenge",
             Message::Auth(_) => "auth",
             Message::AuthOk(_) => "auth_ok",
             Message::Error(_) => "error",

@@ -33,13 +33,20 @@ fn samples() -> Vec<Message> {
         symlink_target: None,
     };
     vec![
+        Message::LegacyAuth(LegacyAuth { version: 1 }),
+        Message::Challenge(Challenge {
+            version: 2,
+            nonce: Nonce([0xa1; auth::NONCE_LEN]),
+        }),
         Message::Auth(Auth {
-            token: "0123456789abcdef0123456789abcdef".into(),
-            version: 1,
+            version: 2,
+            nonce: Nonce([0xb2; auth::NONCE_LEN]),
+            proof: Proof([0xc3; auth::PROOF_LEN]),
         }),
         Message::AuthOk(AuthOk {
-            version: 1,
+            version: 2,
             agent_version: "0.1.0".into(),
+            proof: Proof([0xd4; auth::PROOF_LEN]),
         }),
         Message::error(ErrorCode::NotFound, "no such file: /nope"),
         Message::Ok,
@@ -164,6 +171,8 @@ fn samples() -> Vec<Message> {
 
 fn variant(m: &Message) -> usize {
     match m {
+        Message::LegacyAuth(_) => 39,
+        Message::Challenge(_) => 40,
         Message::Auth(_) => 0,
         Message::AuthOk(_) => 1,
         Message::Error(_) => 2,
@@ -232,7 +241,7 @@ fn every_message_has_a_sample() {
     let mut seen: Vec<usize> = samples().iter().map(variant).collect();
     seen.sort();
     seen.dedup();
-    assert_eq!(seen, (0..39).collect::<Vec<_>>());
+    assert_eq!(seen, (0..41).collect::<Vec<_>>());
 }
 
 #[test]
@@ -264,4 +273,22 @@ fn golden_frames_decode_to_their_samples() {
         assert_eq!(consumed, bytes.len(), "{name}");
         assert_eq!(Message::from_frame(frame).unwrap(), Some(sample), "{name}");
     }
+}
+
+#[test]
+fn a_protocol_1_token_frame_decodes_as_legacy_auth() {
+    // Protocol 1's first frame, `{"token": …, "version": 1}` at 0x01, as
+    // clients of that version sent it: recognised (to refuse it clearly),
+    // its token dropped unparsed.
+    let bytes = unhex(
+        "00000038017b22746f6b656e223a2230313233343536373839616263646566303132\
+         33343536373839616263646566222c2276657273696f6e223a317d",
+    );
+    let Decoded::Frame { frame, .. } = decode_frame(&bytes).unwrap() else {
+        panic!("incomplete frame");
+    };
+    assert_eq!(
+        Message::from_frame(frame).unwrap(),
+        Some(Message::LegacyAuth(LegacyAuth { version: 1 }))
+    );
 }

@@ -5,6 +5,7 @@
 use std::ffi::CString;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::cmdline::NetConfig;
@@ -140,10 +141,34 @@ impl Ctl {
     }
 }
 
+/// Where the kernel keeps IPv6 settings; absent when it has no IPv6.
+const IPV6_CONF: &str = "/proc/sys/net/ipv6/conf";
+
+/// Turns IPv6 off on each of `ifaces` (`all`, `default` or a device) under
+/// `conf` (normally [`IPV6_CONF`]), as the host does on bridges and TAPs:
+/// set before an interface comes up, it never gets an IPv6 address, not
+/// even a link-local one. A kernel without IPv6 (no `conf` directory) has
+/// nothing to turn off; any other failure fails the boot rather than leave
+/// IPv6 on.
+fn disable_ipv6(conf: &Path, ifaces: &[&str]) -> Result<(), BootError> {
+    if !conf.is_dir() {
+        return Ok(());
+    }
+    for iface in ifaces {
+        let path = conf.join(iface).join("disable_ipv6");
+        std::fs::write(&path, "1").map_err(BootError::io("disable IPv6 in", &path))?;
+    }
+    Ok(())
+}
+
 /// Brings up `lo` (the kernel gives it 127.0.0.1/8) and `eth0` with the
-/// static address, then the default route through the gateway. Waits
-/// (bounded) for `eth0` to exist: virtio_net registers it at probe time.
+/// static address, then the default route through the gateway, IPv6 off
+/// on both before they come up. Waits (bounded) for `eth0` to exist:
+/// virtio_net registers it at probe time.
 pub fn configure(cfg: &NetConfig, timeout: Duration) -> Result<(), BootError> {
+    // `all` covers the interfaces that exist (`lo`, and `eth0` if already
+    // probed), `default` the ones that appear later.
+    disable_ipv6(Path::new(IPV6_CONF), &["default", "all"])?;
     let ctl = Ctl::open()?;
     ctl.up("lo")?;
     let end = Instant::now() + timeout;
@@ -158,6 +183,7 @@ pub fn configure(cfg: &NetConfig, timeout: Duration) -> Result<(), BootError> {
         }
         std::thread::sleep(Duration::from_millis(2));
     }
+    disable_ipv6(Path::new(IPV6_CONF), &[IFACE])?;
     ctl.set_addr(IFACE, libc::SIOCSIFADDR, "set the address", cfg.ip)?;
     ctl.set_addr(
         IFACE,
@@ -190,6 +216,27 @@ mod tests {
         assert_eq!(std::mem::size_of::<RtEntry>(), 120);
         assert_eq!(std::mem::offset_of!(RtEntry, rt_flags), 56);
         assert_eq!(std::mem::offset_of!(RtEntry, rt_dev), 88);
+    }
+
+    #[test]
+    fn ipv6_is_turned_off_per_interface_and_a_kernel_without_it_is_fine() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("conf");
+        // No IPv6 in the kernel: nothing to do.
+        disable_ipv6(&conf, &["all", "eth0"]).expect("no IPv6 is fine");
+        for iface in ["all", "default", "eth0"] {
+            std::fs::create_dir_all(conf.join(iface)).unwrap();
+            std::fs::write(conf.join(iface).join("disable_ipv6"), "0").unwrap();
+        }
+        disable_ipv6(&conf, &["default", "all"]).unwrap();
+        disable_ipv6(&conf, &["eth0"]).unwrap();
+        for iface in ["all", "default", "eth0"] {
+            let v = std::fs::read_to_string(conf.join(iface).join("disable_ipv6")).unwrap();
+            assert_eq!(v, "1", "{iface}");
+        }
+        // With IPv6 present, a setting that cannot be written fails the boot.
+        let err = disable_ipv6(&conf, &["nosuch"]).unwrap_err();
+        assert!(err.chain().contains("disable IPv6 in"), "{}", err.chain());
     }
 
     #[test]

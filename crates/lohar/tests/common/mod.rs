@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use agent_client::{AgentClient, Endpoint};
-use proto::{ExecRequest, FrameReader, FrameWriter, Message};
+use proto::{Auth, Challenge, ExecRequest, FrameReader, FrameWriter, Message, Nonce};
 use tokio::net::UnixStream;
 
 pub const TOKEN: &str = "test-token-0123456789abcdef";
@@ -84,16 +84,24 @@ impl TestAgent {
         }
     }
 
-    /// A raw connection that has authenticated.
+    /// A raw connection that has authenticated (and checked the agent's proof).
     pub async fn raw_authed(&self) -> Raw {
         let mut raw = self.raw().await;
-        raw.send(Message::Auth(proto::Auth {
-            token: TOKEN.into(),
-            version: proto::PROTOCOL_VERSION,
-        }))
-        .await;
+        let challenge = raw.challenge().await;
+        let auth = raw.answer(&challenge, TOKEN).await;
         match raw.recv().await {
-            Some(Message::AuthOk(_)) => raw,
+            Some(Message::AuthOk(ok)) => {
+                assert!(
+                    proto::auth::verify_agent_proof(
+                        TOKEN.as_bytes(),
+                        &challenge.nonce,
+                        &auth.nonce,
+                        &ok.proof
+                    ),
+                    "the agent's proof does not check"
+                );
+                raw
+            }
             other => panic!("auth failed: {other:?}"),
         }
     }
@@ -118,6 +126,26 @@ impl Raw {
 
     pub async fn send_bytes(&mut self, b: &[u8]) {
         self.writer.send_encoded(b).await.expect("send bytes");
+    }
+
+    /// The agent's first frame, which must be a challenge.
+    pub async fn challenge(&mut self) -> Challenge {
+        match self.recv().await {
+            Some(Message::Challenge(c)) => c,
+            other => panic!("expected a challenge, got {other:?}"),
+        }
+    }
+
+    /// Answers `challenge` as a host holding `token` would; returns what it sent.
+    pub async fn answer(&mut self, challenge: &Challenge, token: &str) -> Auth {
+        let nonce = Nonce::random().expect("nonce");
+        let auth = Auth {
+            version: proto::PROTOCOL_VERSION,
+            nonce,
+            proof: proto::auth::host_proof(token.as_bytes(), &challenge.nonce, &nonce),
+        };
+        self.send(Message::Auth(auth.clone())).await;
+        auth
     }
 
     /// The next message, `None` once the agent closed the connection.
