@@ -319,7 +319,13 @@ struct Entry {
 #[derive(Debug)]
 pub struct NameSets {
     ops: Arc<dyn NetOps>,
+    /// Held only for lookups and bookkeeping, never across `nft`: the
+    /// relay's [`NameSets::wants`] runs on the async runtime.
     entries: Mutex<HashMap<Ipv4Addr, Entry>>,
+    /// Held across every `nft` write (guards and learned addresses), so an
+    /// address learned while a guard is replaced is neither lost nor kept
+    /// past a narrowing.
+    writes: Mutex<()>,
 }
 
 impl NameSets {
@@ -328,6 +334,7 @@ impl NameSets {
         NameSets {
             ops,
             entries: Mutex::new(HashMap::new()),
+            writes: Mutex::new(()),
         }
     }
 
@@ -346,9 +353,7 @@ impl NameSets {
     /// Installs (through `guard`, given the addresses still learned for
     /// names the new policy keeps, with their remaining time) the guard of
     /// the sandbox at `ip` on `tap` with `egress`, and records its names.
-    /// Holds the registry while the guard is replaced, so an address
-    /// learned meanwhile is neither lost nor kept past a narrowing.
-    /// Blocks.
+    /// No address is learned while the guard is replaced. Blocks.
     pub(crate) fn apply(
         &self,
         ip: Ipv4Addr,
@@ -356,10 +361,10 @@ impl NameSets {
         egress: &Egress,
         guard: impl FnOnce(Vec<(Ipv4Addr, Duration)>) -> Result<()>,
     ) -> Result<()> {
-        let mut entries = self.lock();
+        let _writing = self.writes.lock().unwrap_or_else(|p| p.into_inner());
         let names = egress.names();
         let now = Instant::now();
-        let kept: HashMap<Ipv4Addr, (String, Instant)> = match entries.get(&ip) {
+        let kept: HashMap<Ipv4Addr, (String, Instant)> = match self.lock().get(&ip) {
             Some(e) if e.tap == tap => e
                 .learned
                 .iter()
@@ -375,6 +380,7 @@ impl NameSets {
             .map(|(a, (_, until))| (*a, until.saturating_duration_since(now)))
             .collect();
         guard(learned)?;
+        let mut entries = self.lock();
         if names.is_empty() {
             entries.remove(&ip);
         } else {
@@ -401,36 +407,29 @@ impl NameSets {
     /// least half the new time are not written again. Returns how many
     /// addresses were written. Blocks (runs `nft`).
     pub fn learn(&self, client: Ipv4Addr, name: &str, addrs: &[(Ipv4Addr, u32)]) -> Result<usize> {
-        let mut entries = self.lock();
-        let Some(e) = entries.get_mut(&client) else {
-            return Ok(0);
-        };
-        if !e.names.iter().any(|n| n.matches(name)) {
-            return Ok(0);
-        }
+        let _writing = self.writes.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        e.learned.retain(|_, (_, until)| *until > now);
-        let mut fresh: Vec<(Ipv4Addr, Duration)> = Vec::new();
-        for (addr, ttl) in addrs {
-            let ttl = clamp_ttl(*ttl);
-            let known = e.learned.get(addr).map(|(_, until)| *until);
-            if known.is_some_and(|until| until >= now + ttl / 2) {
-                continue;
+        let (tap, fresh) = {
+            let mut entries = self.lock();
+            let Some(e) = entries.get_mut(&client) else {
+                return Ok(0);
+            };
+            if !e.names.iter().any(|n| n.matches(name)) {
+                return Ok(0);
             }
-            if known.is_none() && e.learned.len() + fresh.len() >= MAX_LEARNED {
-                tracing::warn!(%client, %addr, "too many learned addresses; not allowing more");
-                continue;
-            }
-            if !fresh.iter().any(|(a, _)| a == addr) {
-                fresh.push((*addr, ttl));
-            }
-        }
+            e.learned.retain(|_, (_, until)| *until > now);
+            (e.tap.clone(), to_write(e, &client, addrs, now))
+        };
         if fresh.is_empty() {
             return Ok(0);
         }
-        self.ops.allow_learned(&e.tap, &fresh)?;
-        for (addr, ttl) in &fresh {
-            e.learned.insert(*addr, (name.to_owned(), now + *ttl));
+        self.ops.allow_learned(&tap, &fresh)?;
+        // Not changed meanwhile (a change writes too), or forgotten (its
+        // TAP is gone).
+        if let Some(e) = self.lock().get_mut(&client) {
+            for (addr, ttl) in &fresh {
+                e.learned.insert(*addr, (name.to_owned(), now + *ttl));
+            }
         }
         Ok(fresh.len())
     }
@@ -452,6 +451,32 @@ impl NameSets {
         v.sort();
         v
     }
+}
+
+/// The addresses of `addrs` to write for `e`: not known for at least half
+/// their new time, within [`MAX_LEARNED`], each once, with clamped TTLs.
+fn to_write(
+    e: &Entry,
+    client: &Ipv4Addr,
+    addrs: &[(Ipv4Addr, u32)],
+    now: Instant,
+) -> Vec<(Ipv4Addr, Duration)> {
+    let mut fresh: Vec<(Ipv4Addr, Duration)> = Vec::new();
+    for (addr, ttl) in addrs {
+        let ttl = clamp_ttl(*ttl);
+        let known = e.learned.get(addr).map(|(_, until)| *until);
+        if known.is_some_and(|until| until >= now + ttl / 2) {
+            continue;
+        }
+        if known.is_none() && e.learned.len() + fresh.len() >= MAX_LEARNED {
+            tracing::warn!(%client, %addr, "too many learned addresses; not allowing more");
+            continue;
+        }
+        if !fresh.iter().any(|(a, _)| a == addr) {
+            fresh.push((*addr, ttl));
+        }
+    }
+    fresh
 }
 
 #[cfg(test)]
