@@ -60,6 +60,23 @@ pub struct CreateSandbox {
     pub keep_hot: bool,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Where it may send (`public` when absent).
+    #[serde(default)]
+    pub egress: Option<Egress>,
+}
+
+/// Where a sandbox may send, on top of the daemon's firewall: `"public"`
+/// (the default: the internet, its siblings, its gateway's DNS), `"none"`
+/// (only its gateway's DNS and ping) or `{"allow": [...]}` (its gateway
+/// and the listed IPv4 prefixes, addresses, host names and `*.domain`
+/// wildcards; at most 64 entries). See `docs/networking.md`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Egress {
+    #[default]
+    Public,
+    None,
+    Allow(Vec<String>),
 }
 
 /// `PATCH /sandboxes/:id`.
@@ -70,6 +87,9 @@ pub struct PatchSandbox {
     pub keep_hot: Option<bool>,
     #[serde(default)]
     pub labels: Option<BTreeMap<String, String>>,
+    /// A new egress policy, in force at once.
+    #[serde(default)]
+    pub egress: Option<Egress>,
 }
 
 /// Where a sandbox is in its life, as the API shows it (and the store
@@ -185,6 +205,9 @@ pub struct Sandbox {
     /// Its ports reachable through the public proxy.
     #[serde(default)]
     pub published: Vec<Published>,
+    /// Where it may send.
+    #[serde(default)]
+    pub egress: Egress,
 }
 
 /// `POST /sandboxes/:id/publish`.

@@ -121,6 +121,9 @@ pub async fn start(
     let relay = net::dns::Relay::bind(upstream, net::dns::RelayLimits::default())
         .await
         .map_err(|e| StartError::Config(format!("DNS relay to {upstream}: {e}")))?;
+    // Answers for names on a sandbox's egress allow-list open their
+    // addresses in its TAP's guard.
+    relay.learn_into(core.name_sets());
     let relaying = tokio::spawn(relay.clone().run());
     names.refresh(&store).await;
     let lookup_names = names.clone();

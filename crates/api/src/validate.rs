@@ -2,6 +2,29 @@
 
 use crate::error::ApiError;
 
+/// An egress policy as a user wrote it, checked and parsed (entries
+/// normalised: lower-case names, no duplicates).
+pub fn egress(e: &api_types::Egress) -> Result<net::Egress, ApiError> {
+    match e {
+        api_types::Egress::Public => Ok(net::Egress::Public),
+        api_types::Egress::None => Ok(net::Egress::None),
+        api_types::Egress::Allow(list) => {
+            net::Egress::allow(list).map_err(|e| ApiError::BadRequest(format!("egress: {e}")))
+        }
+    }
+}
+
+/// How the API shows a policy.
+pub fn egress_view(e: &net::Egress) -> api_types::Egress {
+    match e {
+        net::Egress::Public => api_types::Egress::Public,
+        net::Egress::None => api_types::Egress::None,
+        net::Egress::Allow(list) => {
+            api_types::Egress::Allow(list.iter().map(ToString::to_string).collect())
+        }
+    }
+}
+
 /// Sandbox and secret names: 1–63 of `a-z A-Z 0-9 - _ .`, starting alphanumeric.
 pub fn name(kind: &str, s: &str) -> Result<(), ApiError> {
     let ok = !s.is_empty()

@@ -20,6 +20,8 @@ use reqwest::Method;
 const METADATA: &str = "169.254.169.254";
 const LAN: &str = "192.168.77.1";
 const PUBLIC: &str = "203.0.113.10";
+/// A second public host: what an allow-list holding a name must not reach.
+const PUBLIC2: &str = "203.0.113.20";
 /// The host's own (non-bridge) address, on its uplink.
 const UPLINK: &str = "198.51.100.1";
 /// The world's end of the uplink: router and DNS upstream.
@@ -92,6 +94,19 @@ def dns(server, name, src=None):
     except OSError: print('no answer'); return 1
     n = struct.unpack('!H', data[6:8])[0]
     print('answer' if n else 'empty', socket.inet_ntoa(data[-4:]) if n else data[3] & 15); return 0
+def hold(host, port, out):
+    s = socket.create_connection((host, int(port)), timeout=3)
+    n = 0
+    def say(text):
+        open(out + '.tmp', 'w').write(text); os.rename(out + '.tmp', out)
+    while True:
+        try:
+            s.sendall(b'x')
+            if s.recv(1) != b'x': raise OSError('closed')
+            n += 1; say('ok %d' % n)
+        except OSError as e:
+            say('cut %d %r' % (n, e)); return 0
+        time.sleep(0.2)
 def flood(server, count, secs):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.setblocking(False)
     start = time.time(); sent = 0
@@ -169,8 +184,22 @@ fn serve_tcp(addr: &str) {
     std::thread::spawn(move || while l.accept().is_ok() {});
 }
 
-/// The world's DNS: `*.test` names answer with the public host, except
-/// those under `slow.test`, which are never answered.
+/// Echoes every byte back, a thread per connection.
+fn serve_echo(addr: &str) {
+    let l = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    std::thread::spawn(move || {
+        while let Ok((mut c, _)) = l.accept() {
+            std::thread::spawn(move || {
+                let mut r = c.try_clone().unwrap();
+                let _ = std::io::copy(&mut r, &mut c);
+            });
+        }
+    });
+}
+
+/// The world's DNS: `*.test` names answer with the public host — those
+/// holding `twenty` with the second one — except those under
+/// `slow.test`, which are never answered.
 fn serve_dns(addr: &str) {
     let s = UdpSocket::bind(addr).unwrap();
     std::thread::spawn(move || {
@@ -184,7 +213,12 @@ fn serve_dns(addr: &str) {
             r[2] |= 0x80;
             r[3] = 0x80;
             r[6..8].copy_from_slice(&1u16.to_be_bytes());
-            r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 203, 0, 113, 10]);
+            let host = if String::from_utf8_lossy(q).contains("twenty") {
+                20
+            } else {
+                10
+            };
+            r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 203, 0, 113, host]);
             let _ = s.send_to(&r, from);
         }
     });
@@ -280,11 +314,12 @@ fn build_world() -> World {
         v.extend(args);
         ip(&v);
     }
-    for a in [METADATA, LAN, PUBLIC] {
+    for a in [METADATA, LAN, PUBLIC, PUBLIC2] {
         ip(&["-n", &w.0, "addr", "add", &format!("{a}/32"), "dev", "lo"]);
     }
     inside(&w.0, || {
         serve_tcp("0.0.0.0:80");
+        serve_echo("0.0.0.0:7");
         serve_dns(&format!("{WORLD}:53"));
     });
     serve_tcp(&format!("{UPLINK}:8700"));
@@ -617,6 +652,9 @@ fn a_hostile_guest_reaches_the_internet_and_its_siblings_and_nothing_else() {
             "descriptors went from {before} to {peak}"
         );
 
+        // Per-sandbox egress, on a2, PATCHed between policies while it runs.
+        egress_policies(&alice, &a1_ip, &a2_ip, gw).await;
+
         // Permissions: nothing under DATA is open to other users.
         check_permissions(data.path());
 
@@ -635,7 +673,151 @@ fn a_hostile_guest_reaches_the_internet_and_its_siblings_and_nothing_else() {
         );
         assert!(!probe(&alice, "a1", false, &format!("tcp {METADATA} 80")).await);
         assert!(probe(&alice, "a1", false, &format!("tcp {PUBLIC} 80")).await);
+        // a2's allow-list came back with it (adopted, then woken): its
+        // name's address once resolved, and not the other public host.
+        let (_, v) = alice.json(Method::GET, "/sandboxes/a2", None).await;
+        assert_eq!(
+            v["egress"],
+            serde_json::json!({"allow": ["api.test"]}),
+            "{v}"
+        );
+        assert!(!probe(&alice, "a2", false, &format!("tcp {PUBLIC2} 80")).await);
+        assert_eq!(
+            probe_says(&alice, "a2", &format!("dns {gw} api.test")).await,
+            format!("answer {PUBLIC}")
+        );
+        assert!(probe(&alice, "a2", false, &format!("tcp {PUBLIC} 80")).await);
         check_permissions(data.path());
         d.stop().await;
     });
+}
+
+/// The TAP guard's set of addresses learned from DNS for the sandbox at
+/// `ip` (`nft list set`).
+fn learned_set(ip: &str) -> String {
+    let ip: std::net::Ipv4Addr = ip.parse().unwrap();
+    let tap = format!("tu{:08x}", u32::from(ip));
+    let hex: String = tap.bytes().map(|b| format!("{b:02x}")).collect();
+    testkit::run(
+        "nft",
+        &["list", "set", "bridge", "bhatti", &format!("d_{hex}")],
+    )
+}
+
+/// What `/tmp/hold` in `sandbox` says (the `hold` probe's state).
+async fn held(c: &Client, sandbox: &str) -> String {
+    let (_, v) = c
+        .exec(sandbox, &["sh", "-c", "cat /tmp/hold 2>/dev/null; true"])
+        .await;
+    v["stdout"].as_str().unwrap_or_default().trim().to_string()
+}
+
+async fn set_egress(c: &Client, sandbox: &str, egress: serde_json::Value) {
+    let (s, v) = c
+        .json(
+            Method::PATCH,
+            &format!("/sandboxes/{sandbox}"),
+            Some(serde_json::json!({ "egress": egress })),
+        )
+        .await;
+    assert_eq!((s, &v["egress"]), (200, &egress), "{v}");
+}
+
+/// `egress: "none"` cuts an established connection at once and leaves
+/// only the gateway's DNS and ping; an allow-list holding a name reaches
+/// that name's address once the gateway resolved it, and not another
+/// public host — not even one the guest resolved for another name.
+async fn egress_policies(alice: &Client, a1_ip: &str, a2_ip: &str, gw: &str) {
+    // Positive controls under "public": both public hosts, the sibling, a
+    // connection held open (a byte echoed every 0.2 s).
+    assert!(probe(alice, "a2", false, &format!("tcp {PUBLIC} 80")).await);
+    assert!(probe(alice, "a2", false, &format!("tcp {PUBLIC2} 80")).await);
+    assert!(probe(alice, "a2", true, &format!("ping {a1_ip}")).await);
+    let (s, v) = alice
+        .exec(
+            "a2",
+            &[
+                "sh",
+                "-c",
+                &format!("(python3 /tmp/probe.py hold {PUBLIC} 7 /tmp/hold >/dev/null 2>&1 &)"),
+            ],
+        )
+        .await;
+    assert_eq!((s, v["exit_code"].as_i64()), (200, Some(0)), "{v}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let h = held(alice, "a2").await;
+        assert!(
+            !h.starts_with("cut"),
+            "the held connection broke early: {h}"
+        );
+        if h.strip_prefix("ok ").and_then(|n| n.parse::<u32>().ok()) >= Some(3) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never held: {h:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // "none": the held connection is cut; nothing but the gateway.
+    set_egress(alice, "a2", serde_json::json!("none")).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let h = held(alice, "a2").await;
+        if h.starts_with("cut") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "egress none left an established connection up: {h}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (what, root, args) in [
+        ("public host", false, format!("tcp {PUBLIC} 80")),
+        ("second public host", false, format!("tcp {PUBLIC2} 80")),
+        ("sibling ping", true, format!("ping {a1_ip}")),
+    ] {
+        assert!(
+            !probe(alice, "a2", root, &args).await,
+            "{what} reachable with egress none"
+        );
+    }
+    assert_eq!(
+        probe_says(alice, "a2", &format!("dns {gw} public.test")).await,
+        format!("answer {PUBLIC}"),
+        "the gateway's DNS with egress none"
+    );
+    assert!(probe(alice, "a2", true, &format!("ping {gw}")).await);
+
+    // An allow-list holding a name: closed until the gateway's DNS gives
+    // the name's address, then open to it — and only to it.
+    set_egress(alice, "a2", serde_json::json!({"allow": ["api.test"]})).await;
+    assert!(
+        !probe(alice, "a2", false, &format!("tcp {PUBLIC} 80")).await,
+        "reachable before its name was resolved"
+    );
+    assert_eq!(
+        probe_says(alice, "a2", &format!("dns {gw} api.test")).await,
+        format!("answer {PUBLIC}")
+    );
+    let set = learned_set(a2_ip);
+    assert!(set.contains(PUBLIC) && set.contains("expires"), "{set}");
+    assert!(
+        probe(alice, "a2", false, &format!("tcp {PUBLIC} 80")).await,
+        "the listed name's address"
+    );
+    assert!(
+        !probe(alice, "a2", false, &format!("tcp {PUBLIC2} 80")).await,
+        "another public host"
+    );
+    assert_eq!(
+        probe_says(alice, "a2", &format!("dns {gw} twenty.test")).await,
+        format!("answer {PUBLIC2}"),
+        "a name not on the list still resolves"
+    );
+    assert!(
+        !probe(alice, "a2", false, &format!("tcp {PUBLIC2} 80")).await,
+        "the address of a name not on the list"
+    );
+    assert!(!learned_set(a2_ip).contains(PUBLIC2));
 }

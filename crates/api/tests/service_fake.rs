@@ -690,3 +690,152 @@ fn the_ticker_takes_an_idle_sandbox_warm_then_cold_and_the_row_follows() {
         d.stop().await;
     });
 }
+
+/// A sandbox's TAP guard as nftables holds it: (its chain, its allow-list
+/// set) — TAPs are `tu` and the guest address in hex, guard objects that
+/// name in hex.
+fn guard_of(ip: &str) -> (String, String) {
+    let ip: std::net::Ipv4Addr = ip.parse().unwrap();
+    let tap = format!("tu{:08x}", u32::from(ip));
+    let hex: String = tap.bytes().map(|b| format!("{b:02x}")).collect();
+    let chain = testkit::run(
+        "nft",
+        &["list", "chain", "bridge", "bhatti", &format!("t_{hex}")],
+    );
+    let set = testkit::run(
+        "nft",
+        &["list", "set", "bridge", "bhatti", &format!("e_{hex}")],
+    );
+    (chain, set)
+}
+
+async fn patch(c: &Client, id: &str, body: Value) -> (u16, Value) {
+    c.json(Method::PATCH, &format!("/sandboxes/{id}"), Some(body))
+        .await
+}
+
+#[test]
+fn egress_policies_are_checked_stored_shown_and_guard_the_tap_across_cold_and_restarts() {
+    common::in_netns("svcf-egr", || async {
+        let s = setup();
+        let d = TestDaemon::start_with_engine(fake_config(&s.data), engine()).await;
+        let key = d.user("gina", 5);
+        let c = d.client(&key);
+
+        // Bad policies: 400 with a reason, nothing created.
+        let many: Vec<String> = (0..65).map(|i| format!("10.0.{i}.0/24")).collect();
+        for (egress, says) in [
+            (serde_json::json!("sometimes"), "unknown variant"),
+            (serde_json::json!({"allow": ["10.1.2.5/24"]}), "host bits"),
+            (
+                serde_json::json!({"allow": ["a.*.example.org"]}),
+                "wildcard",
+            ),
+            (serde_json::json!({"allow": ["2001:db8::1"]}), "IPv6"),
+            (serde_json::json!({"allow": ["localhost"]}), "two labels"),
+            (serde_json::json!({"allow": many}), "at most 64"),
+            (
+                serde_json::json!({"allow": "api.example.com"}),
+                "invalid type",
+            ),
+        ] {
+            let (st, v) = post(
+                &c,
+                "/sandboxes",
+                Some(serde_json::json!({"name": "bad", "egress": egress})),
+            )
+            .await;
+            assert_eq!(st, 400, "{egress}: {v}");
+            let e = v["error"].as_str().unwrap();
+            assert!(e.contains(says), "{egress}: {e}");
+        }
+        let (_, list) = c.json(Method::GET, "/sandboxes", None).await;
+        assert_eq!(list.as_array().unwrap().len(), 0, "{list}");
+
+        // An allow-list on create: normalised, shown, and the TAP's guard.
+        let (st, v) = post(
+            &c,
+            "/sandboxes",
+            Some(serde_json::json!({
+                "name": "box",
+                "egress": {"allow": ["API.example.com", "10.1.2.0/24", "203.0.113.7"]},
+            })),
+        )
+        .await;
+        assert_eq!(st, 201, "{v}");
+        let allow = serde_json::json!({"allow": ["api.example.com", "10.1.2.0/24", "203.0.113.7"]});
+        assert_eq!(v["egress"], allow, "{v}");
+        let (id, ip) = (
+            v["id"].as_str().unwrap().to_string(),
+            v["ip"].as_str().unwrap().to_string(),
+        );
+        let (chain, set) = guard_of(&ip);
+        assert!(
+            chain.contains("ip daddr != @e_") && chain.contains("ip daddr != @d_"),
+            "{chain}"
+        );
+        assert!(
+            set.contains("10.1.2.0/24") && set.contains("203.0.113.7"),
+            "{set}"
+        );
+        let (_, list) = c.json(Method::GET, "/sandboxes", None).await;
+        assert_eq!(list[0]["egress"], allow, "{list}");
+
+        // PATCH: none, at once; a bad PATCH changes nothing.
+        let (st, v) = patch(&c, "box", serde_json::json!({"egress": "none"})).await;
+        assert_eq!((st, &v["egress"]), (200, &serde_json::json!("none")), "{v}");
+        let (chain, set) = guard_of(&ip);
+        assert!(
+            chain.contains("ip daddr != @e_") && !chain.contains("@d_"),
+            "{chain}"
+        );
+        assert!(!set.contains("203.0.113.7"), "{set}");
+        let (st, v) = patch(&c, "box", serde_json::json!({"egress": {"allow": ["*"]}})).await;
+        assert_eq!(st, 400, "{v}");
+        assert_eq!(show(&c, &id).await["egress"], "none");
+
+        // Cold: the TAP stays, a PATCH reaches it; a wake keeps it.
+        let (st, v) = post(&c, &format!("/sandboxes/{id}/stop"), None).await;
+        assert_eq!(st, 200, "{v}");
+        assert_state(&v, "running", "cold");
+        let (st, v) = patch(
+            &c,
+            &id,
+            serde_json::json!({"egress": {"allow": ["203.0.113.9"]}}),
+        )
+        .await;
+        assert_eq!(st, 200, "{v}");
+        assert!(guard_of(&ip).1.contains("203.0.113.9"));
+        assert_eq!(common::sh(&c, &id, "echo awake").await, "awake\n");
+        assert!(guard_of(&ip).1.contains("203.0.113.9"), "after a wake");
+
+        // A restart: the adopted sandbox's new TAP is guarded with it.
+        d.stop().await;
+        let d = TestDaemon::start_with_engine(fake_config(&s.data), engine()).await;
+        let c = d.client(&key);
+        let v = show(&c, &id).await;
+        assert_eq!(
+            v["egress"],
+            serde_json::json!({"allow": ["203.0.113.9"]}),
+            "{v}"
+        );
+        let (chain, set) = guard_of(&ip);
+        assert!(
+            set.contains("203.0.113.9") && chain.contains("ip daddr != @e_"),
+            "{chain}{set}"
+        );
+        assert_eq!(common::sh(&c, &id, "echo back").await, "back\n");
+
+        // Public again: no destination rule at all.
+        let (st, v) = patch(&c, &id, serde_json::json!({"egress": "public"})).await;
+        assert_eq!(
+            (st, &v["egress"]),
+            (200, &serde_json::json!("public")),
+            "{v}"
+        );
+        let (chain, _) = guard_of(&ip);
+        assert!(!chain.contains("daddr"), "{chain}");
+        assert_eq!(delete(&c, &id).await, 204);
+        d.stop().await;
+    });
+}

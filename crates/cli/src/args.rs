@@ -61,13 +61,15 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Change a sandbox's settings.
+    /// Change a sandbox's settings (an egress change is in force at once).
     Edit {
         /// Sandbox name or id.
         name: String,
         /// Never pause or snapshot it when idle.
         #[arg(long, value_name = "true|false")]
         keep_hot: Option<bool>,
+        #[command(flatten)]
+        egress: EgressArgs,
     },
     /// List the TCP ports listening in a sandbox (wakes it).
     Ports {
@@ -130,6 +132,42 @@ pub struct CreateArgs {
     /// A label (repeatable).
     #[arg(long = "label", value_name = "K=V", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
+    #[command(flatten)]
+    pub egress: EgressArgs,
+}
+
+/// Where a sandbox may send: `--egress public|none`, or an allow-list
+/// with `--allow` (repeatable).
+#[derive(Debug, Clone, Default, Args)]
+pub struct EgressArgs {
+    /// Where it may send: public (the internet; the default) or none (only
+    /// its gateway's DNS).
+    #[arg(long, value_enum, value_name = "public|none")]
+    pub egress: Option<EgressKind>,
+    /// Allow only its gateway and this IPv4 prefix, address or host name
+    /// (`*.example.org` for every name under a domain); repeatable, at most
+    /// 64.
+    #[arg(long = "allow", value_name = "CIDR|IP|NAME", conflicts_with = "egress")]
+    pub allow: Vec<String>,
+}
+
+/// `--egress` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EgressKind {
+    Public,
+    None,
+}
+
+impl EgressArgs {
+    /// The policy these flags ask for; `None` when they ask for nothing.
+    pub fn policy(&self) -> Option<api_types::Egress> {
+        match (self.egress, self.allow.is_empty()) {
+            (_, false) => Some(api_types::Egress::Allow(self.allow.clone())),
+            (Some(EgressKind::Public), true) => Some(api_types::Egress::Public),
+            (Some(EgressKind::None), true) => Some(api_types::Egress::None),
+            (None, true) => None,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -357,6 +395,47 @@ mod tests {
     #[test]
     fn clap_definition_is_consistent() {
         TestCli::command().debug_assert();
+    }
+
+    #[test]
+    fn egress_flags() {
+        let policy = |args: &[&str]| match parse(args).unwrap().command {
+            Command::Create(a) => a.egress.policy(),
+            Command::Edit { egress, .. } => egress.policy(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(policy(&["create"]), None);
+        assert_eq!(
+            policy(&["create", "--egress", "none"]),
+            Some(api_types::Egress::None)
+        );
+        assert_eq!(
+            policy(&["edit", "x", "--egress", "public"]),
+            Some(api_types::Egress::Public)
+        );
+        assert_eq!(
+            policy(&[
+                "edit",
+                "x",
+                "--allow",
+                "api.example.com",
+                "--allow",
+                "10.1.2.0/24"
+            ]),
+            Some(api_types::Egress::Allow(vec![
+                "api.example.com".into(),
+                "10.1.2.0/24".into()
+            ]))
+        );
+        assert_eq!(policy(&["edit", "x", "--keep-hot", "true"]), None);
+        let e = parse(&["create", "--egress", "sometimes"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("invalid value 'sometimes'"), "{e}");
+        let e = parse(&["create", "--egress", "none", "--allow", "10.0.0.0/8"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot be used with"), "{e}");
     }
 
     #[test]

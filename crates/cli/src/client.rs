@@ -204,10 +204,16 @@ impl Client {
     }
 
     /// `PATCH /sandboxes/:id`.
-    pub async fn patch(&self, name: &str, keep_hot: Option<bool>) -> Result<Sandbox> {
+    pub async fn patch(
+        &self,
+        name: &str,
+        keep_hot: Option<bool>,
+        egress: Option<api_types::Egress>,
+    ) -> Result<Sandbox> {
         let body = api_types::PatchSandbox {
             keep_hot,
             labels: None,
+            egress,
         };
         let rb = self
             .request(Method::PATCH, self.url(&["sandboxes", name]), true)?

@@ -140,8 +140,12 @@ impl Ctx {
                 let sb = c.lifecycle(&name, "start", force).await?;
                 eprintln!("{name} is {}", sb.thermal);
             }
-            Command::Edit { name, keep_hot } => {
-                let sb = c.patch(&name, keep_hot).await?;
+            Command::Edit {
+                name,
+                keep_hot,
+                egress,
+            } => {
+                let sb = c.patch(&name, keep_hot, egress.policy()).await?;
                 if self.json {
                     print_json(&sb)?
                 } else {
@@ -243,6 +247,7 @@ impl Ctx {
             files,
             keep_hot: a.keep_hot,
             labels: a.labels.into_iter().collect::<BTreeMap<_, _>>(),
+            egress: a.egress.policy(),
         };
         let (sb, created) = self.client.create(&body).await?;
         if !created {

@@ -152,6 +152,15 @@ pub fn sandboxes_table(list: &[Sandbox], now_ms: i64) -> String {
     t.render()
 }
 
+fn egress(e: &api_types::Egress) -> String {
+    match e {
+        api_types::Egress::Public => "public".into(),
+        api_types::Egress::None => "none".into(),
+        api_types::Egress::Allow(list) if list.is_empty() => "allow (nothing but DNS)".into(),
+        api_types::Egress::Allow(list) => format!("allow {}", list.join(",")),
+    }
+}
+
 pub fn sandbox_details(s: &Sandbox, now_ms: i64) -> String {
     let mut status = s.status.to_string();
     if let Some(r) = s.status_reason.as_deref().filter(|r| !r.is_empty()) {
@@ -171,6 +180,7 @@ pub fn sandbox_details(s: &Sandbox, now_ms: i64) -> String {
         ("ip", or_dash(s.ip.as_deref())),
         ("keep_hot", s.keep_hot.to_string()),
         ("labels", labels(&s.labels)),
+        ("egress", egress(&s.egress)),
         ("created", ago(now_ms, s.created_at)),
     ];
     if !s.published.is_empty() {
@@ -314,6 +324,7 @@ mod tests {
             labels: BTreeMap::from([("a".into(), "1".into()), ("b".into(), "2".into())]),
             created_at: 0,
             published: vec![],
+            egress: api_types::Egress::Allow(vec!["api.example.com".into(), "10.1.2.0/24".into()]),
         }
     }
 
@@ -331,6 +342,10 @@ mod tests {
             "{d}"
         );
         assert!(d.contains("labels:    a=1,b=2\n"), "{d}");
+        assert!(
+            d.contains("egress:    allow api.example.com,10.1.2.0/24\n"),
+            "{d}"
+        );
         assert!(d.contains("thermal:   cold (since 1m ago)\n"), "{d}");
         assert!(!d.contains("published"), "{d}");
         let mut sb = sandbox();

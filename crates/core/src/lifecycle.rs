@@ -267,7 +267,9 @@ impl SandboxManager {
         check()?;
 
         // Network: an address, a TAP on the group's bridge, a neighbour entry.
-        let att = self.attach(&id, &spec.network_group, placement).await?;
+        let att = self
+            .attach(&id, &spec.network_group, placement, &spec.egress)
+            .await?;
         undo.attachment = Some(att.clone());
         entry.set_network(Some(att.clone()));
         check()?;

@@ -123,6 +123,34 @@ impl SandboxManager {
         self.inner.networks.subscribe(tx);
     }
 
+    /// Every sandbox's allow-listed names and the addresses learned for
+    /// them: the daemon's DNS relay learns into it
+    /// ([`net::dns::Relay::learn_into`]).
+    pub fn name_sets(&self) -> Arc<net::NameSets> {
+        self.inner.networks.name_sets()
+    }
+
+    /// Changes where a sandbox may send: its TAP's guard is replaced now
+    /// (established connections included, whatever its thermal state), and
+    /// its record keeps the policy for every later attach. Waits for a
+    /// lifecycle step of the sandbox in progress.
+    pub async fn set_egress(&self, id: &SandboxId, egress: net::Egress) -> Result<()> {
+        let entry = self.entry(id)?;
+        let _life = entry.lock().await;
+        if let Some(att) = entry.read(|r| r.network.clone()) {
+            let inner = self.inner.clone();
+            let e = egress.clone();
+            tokio::task::spawn_blocking(move || inner.networks.set_egress(&att, &e))
+                .await?
+                .map_err(|source| CoreError::Network {
+                    id: id.clone(),
+                    source,
+                })?;
+        }
+        entry.set_egress(egress);
+        Ok(())
+    }
+
     /// Removes every bridge and TAP (benches and tests, after their
     /// sandboxes are gone).
     pub fn teardown_networks(&self) -> std::result::Result<(), net::NetError> {
@@ -194,10 +222,11 @@ impl SandboxManager {
         id: &SandboxId,
         group: &str,
         placement: crate::networks::Placement,
+        egress: &net::Egress,
     ) -> Result<Attachment> {
         let inner = self.inner.clone();
-        let (group, uid) = (group.to_string(), self.inner.vmm_uid);
-        tokio::task::spawn_blocking(move || inner.networks.attach(&group, uid, placement))
+        let (group, uid, egress) = (group.to_string(), self.inner.vmm_uid, egress.clone());
+        tokio::task::spawn_blocking(move || inner.networks.attach(&group, uid, placement, &egress))
             .await?
             .map_err(|source| CoreError::Network {
                 id: id.clone(),

@@ -13,7 +13,9 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use net::{Attachment, NetError, NetOps, Network, NetworkConfig, Subnet, UserNetworks};
+use net::{
+    Attachment, Egress, NameSets, NetError, NetOps, Network, NetworkConfig, Subnet, UserNetworks,
+};
 use tokio::sync::mpsc::UnboundedSender;
 
 /// How per-group networks are carved.
@@ -80,6 +82,8 @@ pub(crate) struct Networks {
     shared: Option<Arc<Network>>,
     groups: Option<Mutex<Groups>>,
     events: Mutex<Option<UnboundedSender<NetworkEvent>>>,
+    /// Every sandbox's allow-listed names, for the DNS relay.
+    names: Arc<NameSets>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -96,13 +100,16 @@ impl Networks {
         groups: Option<&GroupNetworkConfig>,
         ops: Arc<dyn NetOps>,
     ) -> Result<Networks, NetError> {
+        let names = Arc::new(NameSets::new(ops.clone()));
         let Some(plan) = groups else {
-            let network = Network::setup(shared.clone(), ops.clone(), [])?;
+            let network =
+                Network::setup(shared.clone(), ops.clone(), [])?.with_name_sets(names.clone());
             return Ok(Networks {
                 ops,
                 shared: Some(Arc::new(network)),
                 groups: None,
                 events: Mutex::new(None),
+                names,
             });
         };
         let user_nets = UserNetworks::new(
@@ -132,7 +139,28 @@ impl Networks {
                 live: BTreeMap::new(),
             })),
             events: Mutex::new(None),
+            names,
         })
+    }
+
+    /// Every sandbox's allow-listed names and what was learned for them.
+    pub(crate) fn name_sets(&self) -> Arc<NameSets> {
+        self.names.clone()
+    }
+
+    /// The network `att` is on, if it exists.
+    fn network_of(&self, att: &Attachment) -> Option<Arc<Network>> {
+        self.all()
+            .into_iter()
+            .find(|n| n.config().bridge == att.bridge)
+    }
+
+    /// Replaces the egress policy of the VM on `att`. Blocks on `nft`.
+    pub(crate) fn set_egress(&self, att: &Attachment, egress: &Egress) -> Result<(), NetError> {
+        let network = self.network_of(att).ok_or_else(|| {
+            NetError::InvalidConfig(format!("the bridge {} of {} is gone", att.bridge, att.tap))
+        })?;
+        network.set_egress(att, egress)
     }
 
     /// Where bridges coming and going are reported.
@@ -174,14 +202,15 @@ impl Networks {
         group: &str,
         owner_uid: u32,
         placement: Placement,
+        egress: &Egress,
     ) -> Result<Attachment, NetError> {
         let attach = |network: &Network| {
             match placement {
-            Placement::Any => network.attach(owner_uid),
-            Placement::Exactly(ip) => network.attach_at(owner_uid, ip),
-            Placement::Prefer(ip) => network.attach_at(owner_uid, ip).or_else(|e| {
+            Placement::Any => network.attach(owner_uid, egress),
+            Placement::Exactly(ip) => network.attach_at(owner_uid, ip, egress),
+            Placement::Prefer(ip) => network.attach_at(owner_uid, ip, egress).or_else(|e| {
                 tracing::info!(%ip, reason = %e, "the old address is not available; taking another");
-                network.attach(owner_uid)
+                network.attach(owner_uid, egress)
             }),
         }
         };
@@ -200,7 +229,7 @@ impl Networks {
             }
             .map_err(|e| NetError::InvalidConfig(e.to_string()))?;
             let network = match Network::setup(config.clone(), self.ops.clone(), []) {
-                Ok(n) => n,
+                Ok(n) => n.with_name_sets(self.names.clone()),
                 Err(e) => {
                     groups.plan.release(group);
                     return Err(e);
@@ -317,9 +346,15 @@ mod tests {
         let nets = Networks::new(&NetworkConfig::default(), Some(&plan()), ops.clone()).unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         nets.subscribe(tx);
-        let a1 = nets.attach("alice", 0, Placement::Any).unwrap();
-        let a2 = nets.attach("alice", 0, Placement::Any).unwrap();
-        let b1 = nets.attach("bob", 0, Placement::Any).unwrap();
+        let a1 = nets
+            .attach("alice", 0, Placement::Any, &Egress::Public)
+            .unwrap();
+        let a2 = nets
+            .attach("alice", 0, Placement::Any, &Egress::Public)
+            .unwrap();
+        let b1 = nets
+            .attach("bob", 0, Placement::Any, &Egress::Public)
+            .unwrap();
         assert_eq!(a1.bridge, a2.bridge);
         assert_ne!(a1.bridge, b1.bridge);
         assert_eq!(
@@ -345,9 +380,13 @@ mod tests {
         // Bob's sandbox comes back at its address after alice's network
         // was reused by carol.
         nets.detach(&b1).unwrap();
-        let c = nets.attach("carol", 0, Placement::Any).unwrap();
+        let c = nets
+            .attach("carol", 0, Placement::Any, &Egress::Public)
+            .unwrap();
         assert_eq!(c.bridge, a1.bridge);
-        let b = nets.attach("bob", 0, Placement::Exactly(b1.ip)).unwrap();
+        let b = nets
+            .attach("bob", 0, Placement::Exactly(b1.ip), &Egress::Public)
+            .unwrap();
         assert_eq!(
             (b.ip, b.mac, b.tap.clone()),
             (b1.ip, b1.mac, b1.tap.clone())
@@ -358,16 +397,24 @@ mod tests {
     fn an_address_whose_network_went_to_another_group_is_preferred_not_required() {
         let ops = Arc::new(FakeNetOps::default());
         let nets = Networks::new(&NetworkConfig::default(), Some(&plan()), ops).unwrap();
-        let old = nets.attach("bob", 0, Placement::Any).unwrap();
+        let old = nets
+            .attach("bob", 0, Placement::Any, &Egress::Public)
+            .unwrap();
         nets.detach(&old).unwrap();
         // Carol's first sandbox takes the /24 bob's network had.
-        let c = nets.attach("carol", 0, Placement::Any).unwrap();
+        let c = nets
+            .attach("carol", 0, Placement::Any, &Egress::Public)
+            .unwrap();
         assert_eq!(c.bridge, old.bridge);
         // A snapshot cannot move: refused, and nothing is left behind.
-        assert!(nets.attach("bob", 0, Placement::Exactly(old.ip)).is_err());
+        assert!(nets
+            .attach("bob", 0, Placement::Exactly(old.ip), &Egress::Public)
+            .is_err());
         assert_eq!(nets.all().len(), 1);
         // A fresh boot can: another /24.
-        let b = nets.attach("bob", 0, Placement::Prefer(old.ip)).unwrap();
+        let b = nets
+            .attach("bob", 0, Placement::Prefer(old.ip), &Egress::Public)
+            .unwrap();
         assert_ne!(b.bridge, old.bridge);
         assert_eq!(b.ip.to_string(), "10.210.1.2");
     }
@@ -378,7 +425,8 @@ mod tests {
         {
             let nets =
                 Networks::new(&NetworkConfig::default(), Some(&plan()), ops.clone()).unwrap();
-            nets.attach("alice", 0, Placement::Any).unwrap();
+            nets.attach("alice", 0, Placement::Any, &Egress::Public)
+                .unwrap();
         }
         assert!(!ops.list_links("tu").unwrap().is_empty());
         let _again = Networks::new(&NetworkConfig::default(), Some(&plan()), ops.clone()).unwrap();
@@ -390,8 +438,12 @@ mod tests {
     fn without_a_plan_everyone_shares_one_network() {
         let ops = Arc::new(FakeNetOps::default());
         let nets = Networks::new(&NetworkConfig::default(), None, ops).unwrap();
-        let a = nets.attach("alice", 0, Placement::Any).unwrap();
-        let b = nets.attach("bob", 0, Placement::Any).unwrap();
+        let a = nets
+            .attach("alice", 0, Placement::Any, &Egress::Public)
+            .unwrap();
+        let b = nets
+            .attach("bob", 0, Placement::Any, &Egress::Public)
+            .unwrap();
         assert_eq!(a.bridge, b.bridge);
         nets.detach(&a).unwrap();
         assert_eq!(nets.all().len(), 1);

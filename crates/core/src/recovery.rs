@@ -135,6 +135,7 @@ impl SandboxManager {
                 &id,
                 &record.spec.network_group,
                 crate::networks::Placement::Exactly(ip),
+                &record.spec.egress,
             )
             .await?;
         let undo_attach = |att: net::Attachment| async move {

@@ -205,6 +205,10 @@ impl Entry {
         lock(&self.record).keep_hot = keep_hot;
     }
 
+    pub(crate) fn set_egress(&self, egress: net::Egress) {
+        lock(&self.record).spec.egress = egress;
+    }
+
     // The VM.
 
     pub(crate) fn vm(&self) -> Option<Vm> {

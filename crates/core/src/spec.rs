@@ -44,6 +44,12 @@ pub struct SandboxSpec {
     /// the manager runs one shared network.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub network_group: String,
+    /// Where it may send, on top of the daemon's firewall (its TAP's
+    /// guard; [`net::Egress`]). Applied at every attach (create, boot
+    /// again, adoption after a daemon restart) and changed on a running
+    /// sandbox with [`crate::SandboxManager::set_egress`].
+    #[serde(default, skip_serializing_if = "net::Egress::is_public")]
+    pub egress: net::Egress,
 }
 
 fn default_image() -> String {
@@ -68,6 +74,7 @@ impl SandboxSpec {
             files: Vec::new(),
             init: None,
             network_group: String::new(),
+            egress: net::Egress::Public,
         }
     }
 }
@@ -238,6 +245,18 @@ mod tests {
         assert_eq!((s.cpus, s.memory_mb), (DEFAULT_CPUS, DEFAULT_MEMORY_MB));
         assert!(serde_json::from_str::<SandboxSpec>(r#"{"name":"a","gpu":1}"#).is_err());
         s.validate(&Limits::default()).unwrap();
+        // A spec stored before egress policies existed is public; a
+        // public one is stored as before.
+        assert_eq!(s.egress, net::Egress::Public);
+        assert!(!serde_json::to_string(&s).unwrap().contains("egress"));
+        let mut e = s.clone();
+        e.egress = net::Egress::allow(&["api.example.com", "10.1.2.0/24"]).unwrap();
+        let json = serde_json::to_string(&e).unwrap();
+        assert!(
+            json.contains(r#""egress":{"allow":["api.example.com","10.1.2.0/24"]}"#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<SandboxSpec>(&json).unwrap(), e);
     }
 
     #[test]

@@ -17,15 +17,21 @@
 //! waiting ([`RelayLimits::max_in_flight_per_client`] per sandbox) —
 //! beyond that a SERVFAIL at once. A flood costs a bounded amount of memory
 //! and no file descriptors.
+//!
+//! For a sandbox whose egress allow-list holds names ([`crate::egress`]),
+//! the answer to its A query for a listed name has its addresses added to
+//! the sandbox's guard (for the records' TTL, clamped) before the guest
+//! gets it; that query keeps its in-flight slot until then.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
 
 use crate::cidr::Cidr;
+use crate::egress::NameSets;
 
 /// Looks a (lower-case) sandbox name up for the guest asking (by its
 /// address), so each user's sandboxes see only their own names.
@@ -116,6 +122,62 @@ pub fn answer(msg: &[u8], q: &Question, ip: Ipv4Addr) -> Vec<u8> {
     out
 }
 
+/// Skips a (possibly compressed) name starting at `pos`; the offset past it.
+fn skip_name(msg: &[u8], mut pos: usize) -> Option<usize> {
+    for _ in 0..128 {
+        let len = *msg.get(pos)?;
+        match len {
+            0 => return Some(pos + 1),
+            // A pointer ends the name.
+            l if l & 0xc0 == 0xc0 => {
+                msg.get(pos + 1)?;
+                return Some(pos + 2);
+            }
+            l if l > 63 => return None,
+            l => pos += 1 + usize::from(l),
+        }
+    }
+    None
+}
+
+/// The A records (address, TTL in seconds) in the answer section of a
+/// response; nothing for anything malformed or not a NOERROR response.
+pub fn answer_addresses(msg: &[u8]) -> Vec<(Ipv4Addr, u32)> {
+    let mut out = Vec::new();
+    if msg.len() < 12 || msg[2] & 0x80 == 0 || msg[3] & 0x0f != 0 {
+        return out;
+    }
+    let qd = u16::from_be_bytes([msg[4], msg[5]]);
+    let an = u16::from_be_bytes([msg[6], msg[7]]);
+    let mut pos = 12;
+    for _ in 0..qd {
+        match skip_name(msg, pos) {
+            Some(p) if p + 4 <= msg.len() => pos = p + 4,
+            _ => return Vec::new(),
+        }
+    }
+    for _ in 0..an {
+        let Some(p) = skip_name(msg, pos) else {
+            return out;
+        };
+        let Some(fixed) = msg.get(p..p + 10) else {
+            return out;
+        };
+        let rtype = u16::from_be_bytes([fixed[0], fixed[1]]);
+        let class = u16::from_be_bytes([fixed[2], fixed[3]]);
+        let ttl = u32::from_be_bytes([fixed[4], fixed[5], fixed[6], fixed[7]]);
+        let rdlen = usize::from(u16::from_be_bytes([fixed[8], fixed[9]]));
+        let Some(rdata) = msg.get(p + 10..p + 10 + rdlen) else {
+            return out;
+        };
+        if rtype == TYPE_A && class == CLASS_IN && rdlen == 4 {
+            out.push((Ipv4Addr::new(rdata[0], rdata[1], rdata[2], rdata[3]), ttl));
+        }
+        pos = p + 10 + rdlen;
+    }
+    out
+}
+
 /// A SERVFAIL answer to `q` (the upstream could not be asked).
 pub fn servfail(msg: &[u8], q: &Question) -> Vec<u8> {
     let mut out = Vec::with_capacity(q.end);
@@ -171,6 +233,11 @@ struct Pending {
     /// The responder socket the guest asked (answers come from it).
     via: Arc<UdpSocket>,
     sent: Instant,
+    /// The name asked, when the answer's addresses are to be allowed for
+    /// the client ([`NameSets`]) before it gets the answer.
+    learn: Option<String>,
+    /// The answer arrived and is being learned: later copies are ignored.
+    answered: bool,
 }
 
 /// A client's token bucket and its queries in flight.
@@ -210,6 +277,8 @@ pub struct Relay {
     socket: UdpSocket,
     limits: RelayLimits,
     state: Mutex<State>,
+    /// Sandboxes' allow-listed names, learned from answers.
+    names: OnceLock<Arc<NameSets>>,
 }
 
 impl Relay {
@@ -244,7 +313,15 @@ impl Relay {
                 clients: HashMap::new(),
                 rng: seed,
             }),
+            names: OnceLock::new(),
         }))
+    }
+
+    /// From now on, answers to a sandbox's A queries for names its egress
+    /// allow-list holds open the answers' addresses for it in `names`
+    /// before the guest gets them. Set once; later calls are ignored.
+    pub fn learn_into(&self, names: Arc<NameSets>) {
+        let _ = self.names.set(names);
     }
 
     /// The limits.
@@ -296,6 +373,14 @@ impl Relay {
         client: SocketAddr,
         via: &Arc<UdpSocket>,
     ) -> Relayed {
+        let learn = match (self.names.get(), client.ip()) {
+            (Some(names), IpAddr::V4(ip))
+                if q.qtype == TYPE_A && q.qclass == CLASS_IN && names.wants(ip, &q.name) =>
+            {
+                Some(q.name.clone())
+            }
+            _ => None,
+        };
         let id = {
             let mut st = self.state();
             let busy = st.pending.len() >= self.limits.max_in_flight
@@ -324,6 +409,8 @@ impl Relay {
                         client,
                         via: via.clone(),
                         sent: Instant::now(),
+                        learn,
+                        answered: false,
                     },
                 );
                 if let Some(c) = st.clients.get_mut(&client.ip()) {
@@ -383,7 +470,7 @@ impl Relay {
         loop {
             tokio::select! {
                 got = self.socket.recv_from(&mut buf) => match got {
-                    Ok((n, from)) if from == self.upstream => self.answer(&buf[..n]).await,
+                    Ok((n, from)) if from == self.upstream => self.clone().answer(&buf[..n]).await,
                     Ok((_, from)) => {
                         tracing::debug!(%from, "DNS datagram not from the upstream; dropped");
                     }
@@ -408,26 +495,67 @@ impl Relay {
         }
     }
 
-    async fn answer(&self, reply_msg: &[u8]) {
+    async fn answer(self: Arc<Self>, reply_msg: &[u8]) {
         if reply_msg.len() < 12 {
             return;
         }
         let id = u16::from_be_bytes([reply_msg[0], reply_msg[1]]);
-        let matches = {
-            let st = self.state();
-            st.pending.get(&id).is_some_and(|p| {
-                reply_msg
+        // The name to learn, when the answer's addresses are to be allowed
+        // first; the query stays pending (and counted) until they are.
+        let learn = {
+            let mut st = self.state();
+            let Some(p) = st.pending.get_mut(&id) else {
+                return;
+            };
+            let ours = !p.answered
+                && reply_msg
                     .get(12..12 + p.question.len())
-                    .is_some_and(|q| q.eq_ignore_ascii_case(&p.question))
-            })
+                    .is_some_and(|q| q.eq_ignore_ascii_case(&p.question));
+            if !ours {
+                return;
+            }
+            p.answered = true;
+            match (&p.learn, p.client.ip()) {
+                (Some(name), IpAddr::V4(ip)) => Some((name.clone(), ip)),
+                _ => None,
+            }
         };
-        if !matches {
-            return;
-        }
-        let Some(p) = self.take(id) else { return };
         let mut out = reply_msg.to_vec();
-        out[..2].copy_from_slice(&p.id.to_be_bytes());
-        reply(&p.via, &out, p.client).await;
+        let (Some((name, client)), Some(names)) = (learn, self.names.get().cloned()) else {
+            if let Some(p) = self.take(id) {
+                out[..2].copy_from_slice(&p.id.to_be_bytes());
+                reply(&p.via, &out, p.client).await;
+            }
+            return;
+        };
+        // Learning runs `nft`: off the relay's loop, which goes on reading
+        // answers meanwhile. At most `max_in_flight` of these at once:
+        // each holds its query's slot.
+        tokio::spawn(async move {
+            let addrs = answer_addresses(&out);
+            let learned = if addrs.is_empty() {
+                Ok(0)
+            } else {
+                tokio::task::spawn_blocking(move || names.learn(client, &name, &addrs))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+            };
+            // Timed out meanwhile: the client had its SERVFAIL.
+            let Some(p) = self.take(id) else { return };
+            match learned {
+                Ok(_) => {
+                    out[..2].copy_from_slice(&p.id.to_be_bytes());
+                    reply(&p.via, &out, p.client).await;
+                }
+                Err(e) => {
+                    tracing::warn!(%client, error = %e, "cannot allow the addresses of an allow-listed name");
+                    if let Some(q) = parse_query(&p.query) {
+                        reply(&p.via, &servfail(&p.query, &q), p.client).await;
+                    }
+                }
+            }
+        });
     }
 
     async fn fail(&self, done: Vec<Pending>) {
@@ -538,6 +666,46 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn reads_a_records_from_answers_with_compressed_names_and_cnames() {
+        let q = query(7, "api.example.com", TYPE_A);
+        let mut r = q.clone();
+        r[2] |= 0x80;
+        r[3] = 0x80;
+        r[6..8].copy_from_slice(&3u16.to_be_bytes());
+        // CNAME api.example.com -> x.cdn.net (compressed owner), then two A
+        // records owned by a pointer into the CNAME's data.
+        let cname_at = r.len() + 12;
+        r.extend_from_slice(&[0xc0, 0x0c, 0, 5, 0, 1, 0, 0, 0, 30, 0, 11]);
+        r.extend_from_slice(&[1, b'x', 3, b'c', b'd', b'n', 3, b'n', b'e', b't', 0]);
+        for (ip, ttl) in [([203, 0, 113, 10], 300u32), ([203, 0, 113, 11], 5)] {
+            r.extend_from_slice(&[0xc0, cname_at as u8, 0, 1, 0, 1]);
+            r.extend_from_slice(&ttl.to_be_bytes());
+            r.extend_from_slice(&[0, 4]);
+            r.extend_from_slice(&ip);
+        }
+        assert_eq!(
+            answer_addresses(&r),
+            vec![
+                (Ipv4Addr::new(203, 0, 113, 10), 300),
+                (Ipv4Addr::new(203, 0, 113, 11), 5)
+            ]
+        );
+        // Not a response, an error response, a cut one: nothing (or what
+        // was whole).
+        assert!(answer_addresses(&q).is_empty());
+        let mut nx = r.clone();
+        nx[3] = 0x83;
+        assert!(answer_addresses(&nx).is_empty());
+        assert_eq!(answer_addresses(&r[..r.len() - 2]).len(), 1);
+        // The answer to a sandbox name is read back too.
+        let p = parse_query(&q).unwrap();
+        assert_eq!(
+            answer_addresses(&answer(&q, &p, Ipv4Addr::new(10, 0, 0, 7))),
+            vec![(Ipv4Addr::new(10, 0, 0, 7), TTL_SECS)]
+        );
+    }
+
+    #[test]
     fn servfail_echoes_the_question_with_rcode_2() {
         let q = query(5, "example.org", TYPE_A);
         let p = parse_query(&q).unwrap();
@@ -608,6 +776,7 @@ mod fuzz {
                 prop_assert!(q.end <= msg.len());
                 let _ = super::answer(&msg, &q, std::net::Ipv4Addr::LOCALHOST);
             }
+            prop_assert!(super::answer_addresses(&msg).len() <= msg.len() / 14);
         }
     }
 }

@@ -46,6 +46,7 @@ struct State {
     links: BTreeMap<String, FakeLink>,
     neighbours: BTreeMap<(String, Ipv4Addr), Mac>,
     guards: BTreeMap<String, TapGuard>,
+    learned: BTreeMap<String, Vec<(Ipv4Addr, std::time::Duration)>>,
     fail: Option<&'static str>,
     calls: Vec<String>,
 }
@@ -84,6 +85,12 @@ impl FakeNetOps {
     /// The guard installed on `tap`.
     pub fn guard(&self, tap: &str) -> Option<TapGuard> {
         self.state().guards.get(tap).cloned()
+    }
+
+    /// What [`NetOps::allow_learned`] added to `tap`'s guard since it was
+    /// last installed, in order.
+    pub fn learned(&self, tap: &str) -> Vec<(Ipv4Addr, std::time::Duration)> {
+        self.state().learned.get(tap).cloned().unwrap_or_default()
     }
 
     /// Every call so far (`create_tap bt0a070002`, …), in order.
@@ -210,12 +217,30 @@ impl NetOps for FakeNetOps {
         check_ifname(&guard.tap)?;
         let mut s = self.enter("guard_tap", &guard.tap)?;
         s.guards.insert(guard.tap.clone(), guard.clone());
+        s.learned.remove(&guard.tap);
+        Ok(())
+    }
+
+    fn allow_learned(&self, tap: &str, addrs: &[(Ipv4Addr, std::time::Duration)]) -> Result<()> {
+        let mut s = self.enter("allow_learned", tap)?;
+        if !s.guards.contains_key(tap) {
+            return Err(command_error(
+                "allow_learned",
+                tap,
+                "No such file or directory",
+            ));
+        }
+        s.learned
+            .entry(tap.to_owned())
+            .or_default()
+            .extend_from_slice(addrs);
         Ok(())
     }
 
     fn unguard_tap(&self, tap: &str) -> Result<()> {
         let mut s = self.enter("unguard_tap", tap)?;
         s.guards.remove(tap);
+        s.learned.remove(tap);
         Ok(())
     }
 }

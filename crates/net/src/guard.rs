@@ -27,37 +27,30 @@
 //!   map taps { type ifname : verdict }          "tu0ad20002" : jump t_7475…
 //!   chain prerouting { hook prerouting priority -300; iifname vmap @taps }
 //!   set e_7475… { type ipv4_addr; flags interval }   egress allow-list
+//!   set d_7475… { type ipv4_addr; flags timeout }    learned from DNS
 //!   chain t_7475… { ether saddr != MAC drop; arp …; ip saddr != IP drop; [egress]; ether type ip accept; drop }
 //! }
 //! ```
 //!
 //! The per-sandbox egress policy ([`Egress`]) lives in the same chain:
 //! `None` lets IPv4 go only to the gateway (its DNS and ping), `Allow`
-//! only to the gateway and the listed prefixes. It narrows what the
-//! firewall allows and never widens it: a listed private prefix is still
-//! denied unless the operator allows it too.
+//! only to the gateway, the listed prefixes and — when the list holds
+//! names — the addresses in the `d_` set, which the DNS relay fills from
+//! its answers for those names, each with the record's TTL
+//! ([`crate::egress::NameSets`]). It narrows what the firewall allows and
+//! never widens it: a listed private prefix (or a name answered with a
+//! private address) is still denied unless the operator allows it too.
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
+use std::time::Duration;
 
 use crate::cidr::Cidr;
+pub use crate::egress::Egress;
 use crate::subnet::Mac;
 
 /// The nftables table bhatti's TAP guards live in.
 pub const GUARD_TABLE: &str = "bhatti";
-
-/// Where a sandbox may send IPv4, on top of the daemon's firewall.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum Egress {
-    /// Whatever the firewall allows (the public internet, its siblings,
-    /// DNS and ping to its gateway).
-    #[default]
-    Public,
-    /// Only its gateway (DNS, ping).
-    None,
-    /// Only its gateway and these prefixes (still subject to the firewall).
-    Allow(Vec<Cidr>),
-}
 
 /// Everything a TAP's guard needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,13 +65,50 @@ pub struct TapGuard {
     pub gateway: Ipv4Addr,
     /// Where it may send.
     pub egress: Egress,
+    /// Addresses the DNS relay learned for names on its allow-list, with
+    /// the time they have left (kept when a guard is replaced).
+    pub learned: Vec<(Ipv4Addr, Duration)>,
 }
 
 /// nftables names for a TAP: `t_`/`e_` and the name in hex (interface
 /// names may hold `-` and `.`, which nftables identifiers may not).
 fn names(tap: &str) -> (String, String) {
-    let hex: String = tap.bytes().map(|b| format!("{b:02x}")).collect();
+    let hex = hex(tap);
     (format!("t_{hex}"), format!("e_{hex}"))
+}
+
+fn hex(tap: &str) -> String {
+    tap.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The set of addresses learned from DNS answers for a TAP (`d_` and the
+/// name in hex): IPv4 elements with timeouts.
+pub fn learned_set(tap: &str) -> String {
+    format!("d_{}", hex(tap))
+}
+
+/// `1.2.3.4 timeout 60s` (whole seconds, at least one).
+fn timed(addr: Ipv4Addr, left: Duration) -> String {
+    format!("{addr} timeout {}s", left.as_secs().max(1))
+}
+
+/// The `nft -f` script that allows a TAP's guest to reach `addrs` for the
+/// time given with each (learned from DNS answers), restarting the timeout
+/// of an address already there: each is declared (a no-op when present),
+/// deleted and added again, in one transaction. Pure.
+pub fn learn_script(tap: &str, addrs: &[(Ipv4Addr, Duration)]) -> String {
+    let (t, set) = (GUARD_TABLE, learned_set(tap));
+    let mut s = String::new();
+    for (addr, left) in addrs {
+        let _ = write!(
+            s,
+            "add element bridge {t} {set} {{ {addr} }}\n\
+             delete element bridge {t} {set} {{ {addr} }}\n\
+             add element bridge {t} {set} {{ {} }}\n",
+            timed(*addr, *left)
+        );
+    }
+    s
 }
 
 /// The table, the map and the base chain with its one rule: declared
@@ -98,6 +128,7 @@ fn base() -> String {
 /// The `nft -f` script that installs (or replaces) `g`. Pure.
 pub fn guard_script(g: &TapGuard) -> String {
     let (chain, set) = names(&g.tap);
+    let dset = learned_set(&g.tap);
     let t = GUARD_TABLE;
     let (tap, mac, ip, gw) = (&g.tap, g.mac, g.ip, g.gateway);
     let mut s = base();
@@ -106,15 +137,26 @@ pub fn guard_script(g: &TapGuard) -> String {
         "add chain bridge {t} {chain}\n\
          flush chain bridge {t} {chain}\n\
          add set bridge {t} {set} {{ type ipv4_addr; flags interval; }}\n\
-         flush set bridge {t} {set}\n"
+         flush set bridge {t} {set}\n\
+         add set bridge {t} {dset} {{ type ipv4_addr; flags timeout; }}\n\
+         flush set bridge {t} {dset}\n"
     );
+    let names = !g.egress.names().is_empty();
+    if names && !g.learned.is_empty() {
+        let elems: Vec<String> = g.learned.iter().map(|(a, l)| timed(*a, *l)).collect();
+        let _ = writeln!(
+            s,
+            "add element bridge {t} {dset} {{ {} }}",
+            elems.join(", ")
+        );
+    }
     let mut allowed: Vec<String> = Vec::new();
     match &g.egress {
         Egress::Public => {}
         Egress::None => allowed.push(gw.to_string()),
-        Egress::Allow(cidrs) => {
+        Egress::Allow(_) => {
             allowed.push(gw.to_string());
-            allowed.extend(cidrs.iter().map(Cidr::to_string));
+            allowed.extend(g.egress.cidrs().iter().map(Cidr::to_string));
         }
     }
     if !allowed.is_empty() {
@@ -136,7 +178,13 @@ pub fn guard_script(g: &TapGuard) -> String {
     rule(&mut s, &format!("arp saddr ip != {ip} drop"));
     rule(&mut s, "ether type arp accept");
     rule(&mut s, &format!("ip saddr != {ip} drop"));
-    if g.egress != Egress::Public {
+    if names {
+        // Listed prefixes, or addresses the gateway's DNS gave for listed names.
+        rule(
+            &mut s,
+            &format!("ip daddr != @{set} ip daddr != @{dset} drop"),
+        );
+    } else if g.egress != Egress::Public {
         rule(&mut s, &format!("ip daddr != @{set} drop"));
     }
     rule(&mut s, "ether type ip accept");
@@ -153,17 +201,20 @@ pub fn guard_script(g: &TapGuard) -> String {
 /// deleted, in one transaction. Pure.
 pub fn unguard_script(tap: &str) -> String {
     let (chain, set) = names(tap);
+    let dset = learned_set(tap);
     let t = GUARD_TABLE;
     let mut s = base();
     let _ = write!(
         s,
         "add chain bridge {t} {chain}\n\
          add set bridge {t} {set} {{ type ipv4_addr; flags interval; }}\n\
+         add set bridge {t} {dset} {{ type ipv4_addr; flags timeout; }}\n\
          add element bridge {t} taps {{ \"{tap}\" : jump {chain} }}\n\
          delete element bridge {t} taps {{ \"{tap}\" }}\n\
          flush chain bridge {t} {chain}\n\
          delete chain bridge {t} {chain}\n\
-         delete set bridge {t} {set}\n"
+         delete set bridge {t} {set}\n\
+         delete set bridge {t} {dset}\n"
     );
     s
 }
@@ -179,6 +230,7 @@ mod tests {
             ip: Ipv4Addr::new(10, 210, 0, 2),
             gateway: Ipv4Addr::new(10, 210, 0, 1),
             egress,
+            learned: Vec::new(),
         }
     }
 
@@ -230,10 +282,9 @@ mod tests {
         let none = guard_script(&guard(Egress::None));
         assert!(none.contains("add element bridge bhatti e_74753061643230303032 { 10.210.0.1 }\n"));
         assert!(none.contains("ip daddr != @e_74753061643230303032 drop\n"));
-        let allow = guard_script(&guard(Egress::Allow(vec![
-            "203.0.113.10".parse().unwrap(),
-            "10.1.2.0/24".parse().unwrap(),
-        ])));
+        let allow = guard_script(&guard(
+            Egress::allow(&["203.0.113.10", "10.1.2.0/24"]).unwrap(),
+        ));
         assert!(allow.contains(
             "add element bridge bhatti e_74753061643230303032 { 10.210.0.1, 203.0.113.10/32, 10.1.2.0/24 }\n"
         ));

@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use serde::Deserialize;
 
 use crate::error::{NetError, Result};
-use crate::guard::{guard_script, unguard_script, TapGuard};
+use crate::guard::{guard_script, learn_script, unguard_script, TapGuard};
 use crate::names::check_ifname;
 use crate::ops::NetOps;
 use crate::subnet::Mac;
@@ -308,6 +308,17 @@ impl NetOps for IpRoute {
     fn guard_tap(&self, guard: &TapGuard) -> Result<()> {
         check_ifname(&guard.tap)?;
         self.nft(&format!("guard TAP {}", guard.tap), &guard_script(guard))
+    }
+
+    fn allow_learned(&self, tap: &str, addrs: &[(Ipv4Addr, std::time::Duration)]) -> Result<()> {
+        check_ifname(tap)?;
+        if addrs.is_empty() {
+            return Ok(());
+        }
+        self.nft(
+            &format!("allow learned addresses on TAP {tap}"),
+            &learn_script(tap, addrs),
+        )
     }
 
     fn unguard_tap(&self, tap: &str) -> Result<()> {

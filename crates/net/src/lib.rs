@@ -26,13 +26,15 @@
 //!   nftables bridge table.
 //!
 //! * [`dns`] — the gateway's DNS responder: sandbox names answered, the rest
-//!   relayed upstream.
+//!   relayed upstream; answers for names on a sandbox's allow-list open
+//!   their addresses in its guard ([`egress`]).
 //!
 //! Everything acts in the calling thread's network namespace. Per-user
 //! networks come later (docs/networking.md says what exists).
 
 mod cidr;
 pub mod dns;
+pub mod egress;
 mod error;
 pub mod fake;
 mod firewall;
@@ -46,12 +48,13 @@ mod subnet;
 mod user_nets;
 
 pub use cidr::{default_deny, Cidr, CidrError, DEFAULT_DENY};
+pub use egress::{AllowEntry, Egress, EgressError, NamePattern, NameSets};
 pub use error::{NetError, Result};
 pub use firewall::{
     plan as firewall_plan, Firewall, FirewallConfig, Iptables, IptablesCommand, Rule, CHAINS,
     CHAIN_EGRESS, CHAIN_FORWARD, CHAIN_INPUT, CHAIN_NAT,
 };
-pub use guard::{Egress, TapGuard};
+pub use guard::TapGuard;
 pub use iproute::{remove_guards, IpRoute};
 pub use names::{check_ifname, TapNamer, MAX_IFNAME, MAX_TAP_PREFIX};
 pub use network::{

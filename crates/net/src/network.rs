@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
+use crate::egress::NameSets;
 use crate::error::{NetError, Result};
 use crate::guard::{Egress, TapGuard};
 use crate::names::{check_ifname, TapNamer};
@@ -112,6 +113,9 @@ pub struct Network {
     namer: TapNamer,
     ops: Arc<dyn NetOps>,
     pool: Mutex<IpPool>,
+    /// Where allow-listed names of its sandboxes are registered for the
+    /// DNS relay (none: names in a policy are never learned).
+    names: Option<Arc<NameSets>>,
 }
 
 impl Network {
@@ -154,7 +158,15 @@ impl Network {
             namer,
             ops,
             pool: Mutex::new(pool),
+            names: None,
         })
+    }
+
+    /// Registers its sandboxes' allow-listed names in `names` (the
+    /// registry the DNS relay learns into).
+    pub fn with_name_sets(mut self, names: Arc<NameSets>) -> Network {
+        self.names = Some(names);
+        self
     }
 
     /// The configuration.
@@ -177,24 +189,25 @@ impl Network {
     }
 
     /// Allocates an address and creates its TAP (owned by `owner_uid`, the
-    /// user the VMM runs as) on the bridge, with a pre-seeded neighbour
-    /// entry. On failure everything done so far is undone.
-    pub fn attach(&self, owner_uid: u32) -> Result<Attachment> {
+    /// user the VMM runs as) on the bridge, guarded with `egress` from the
+    /// start, with a pre-seeded neighbour entry. On failure everything done
+    /// so far is undone.
+    pub fn attach(&self, owner_uid: u32, egress: &Egress) -> Result<Attachment> {
         let ip = self.lock_pool().allocate()?;
-        self.attach_ip(owner_uid, ip)
+        self.attach_ip(owner_uid, ip, egress)
     }
 
     /// Like [`Network::attach`], at a given address (a sandbox booted
     /// again keeps its address, MAC and TAP name). Fails if the address is
     /// taken or outside the subnet.
-    pub fn attach_at(&self, owner_uid: u32, ip: Ipv4Addr) -> Result<Attachment> {
+    pub fn attach_at(&self, owner_uid: u32, ip: Ipv4Addr, egress: &Egress) -> Result<Attachment> {
         self.lock_pool().reserve(ip)?;
-        self.attach_ip(owner_uid, ip)
+        self.attach_ip(owner_uid, ip, egress)
     }
 
     /// Creates the TAP and neighbour entry of an address already taken
     /// from the pool.
-    fn attach_ip(&self, owner_uid: u32, ip: Ipv4Addr) -> Result<Attachment> {
+    fn attach_ip(&self, owner_uid: u32, ip: Ipv4Addr, egress: &Egress) -> Result<Attachment> {
         let a = Attachment {
             bridge: self.config.bridge.clone(),
             tap: self.namer.name_for(ip),
@@ -208,7 +221,7 @@ impl Network {
         let made = self
             .ops
             .create_tap(&a.tap, owner_uid, &a.bridge)
-            .and_then(|()| self.ops.guard_tap(&guard(&a, Egress::Public)))
+            .and_then(|()| self.install_guard(&a, egress))
             .and_then(|()| self.ops.set_neighbour(&a.bridge, a.ip, a.mac));
         if let Err(e) = made {
             if let Err(cleanup) = self.detach(&a) {
@@ -222,8 +235,19 @@ impl Network {
 
     /// Replaces where the VM on `a` may send ([`Egress`]); takes effect
     /// for its next packet, established connections included.
-    pub fn set_egress(&self, a: &Attachment, egress: Egress) -> Result<()> {
-        self.ops.guard_tap(&guard(a, egress))
+    pub fn set_egress(&self, a: &Attachment, egress: &Egress) -> Result<()> {
+        self.install_guard(a, egress)
+    }
+
+    /// Installs `a`'s guard with `egress`, registering its names (and
+    /// keeping the addresses learned for names it still lists).
+    fn install_guard(&self, a: &Attachment, egress: &Egress) -> Result<()> {
+        match &self.names {
+            Some(names) => names.apply(a.ip, &a.tap, egress, |learned| {
+                self.ops.guard_tap(&guard(a, egress.clone(), learned))
+            }),
+            None => self.ops.guard_tap(&guard(a, egress.clone(), Vec::new())),
+        }
     }
 
     /// Removes the neighbour entry, the TAP and its guard, and releases
@@ -233,6 +257,9 @@ impl Network {
         let neigh = self.ops.delete_neighbour(&a.bridge, a.ip).map(drop);
         let tap = self.ops.delete_link(&a.tap).map(drop);
         let unguard = self.ops.unguard_tap(&a.tap);
+        if let Some(names) = &self.names {
+            names.forget(a.ip);
+        }
         let mut pool = self.lock_pool();
         let release = if pool.is_allocated(a.ip) {
             pool.release(a.ip).map_err(NetError::from)
@@ -255,6 +282,9 @@ impl Network {
                         .is_none_or(|ip| self.config.subnet.contains(ip))
                 };
                 for tap in taps.into_iter().filter(ours) {
+                    if let (Some(names), Some(ip)) = (&self.names, self.namer.parse(&tap)) {
+                        names.forget(ip);
+                    }
                     if let Err(e) = self.ops.delete_link(&tap) {
                         first_err.get_or_insert(e);
                     }
@@ -276,13 +306,18 @@ impl Network {
 }
 
 /// The guard for the VM on `a`.
-fn guard(a: &Attachment, egress: Egress) -> TapGuard {
+fn guard(
+    a: &Attachment,
+    egress: Egress,
+    learned: Vec<(Ipv4Addr, std::time::Duration)>,
+) -> TapGuard {
     TapGuard {
         tap: a.tap.clone(),
         mac: a.mac,
         ip: a.ip,
         gateway: a.gateway,
         egress,
+        learned,
     }
 }
 
@@ -328,7 +363,7 @@ mod tests {
         assert_eq!(br.mac, Some(Mac::for_ip("10.7.0.1".parse().unwrap())));
         assert!(br.up);
 
-        let a = net.attach(0).unwrap();
+        let a = net.attach(0, &Egress::Public).unwrap();
         assert_eq!(a.ip, "10.7.0.2".parse::<Ipv4Addr>().unwrap());
         assert_eq!(a.tap, "tt0a070002");
         assert_eq!(a.mac, Mac::for_ip(a.ip));
@@ -346,10 +381,10 @@ mod tests {
         let calls = ops.calls();
         let pos = |c: &str| calls.iter().position(|x| x == c).unwrap();
         assert!(pos(&format!("create_tap {}", a.tap)) < pos(&format!("guard_tap {}", a.tap)));
-        net.set_egress(&a, Egress::None).unwrap();
+        net.set_egress(&a, &Egress::None).unwrap();
         assert_eq!(ops.guard(&a.tap).unwrap().egress, Egress::None);
 
-        let b = net.attach(1000).unwrap();
+        let b = net.attach(1000, &Egress::Public).unwrap();
         assert_eq!(b.ip, "10.7.0.3".parse::<Ipv4Addr>().unwrap());
         net.detach(&a).unwrap();
         assert!(ops.link(&a.tap).is_none());
@@ -357,7 +392,7 @@ mod tests {
         assert_eq!(ops.neighbour("br-test", a.ip), None);
         assert!(!net.pool().is_allocated(a.ip));
         net.detach(&a).unwrap(); // twice is harmless
-        assert_eq!(net.attach(0).unwrap().ip, a.ip);
+        assert_eq!(net.attach(0, &Egress::Public).unwrap().ip, a.ip);
     }
 
     #[test]
@@ -366,11 +401,11 @@ mod tests {
         let net = Network::setup(config(), ops.clone(), []).unwrap();
         // /29: .2 ..= .6
         for _ in 0..5 {
-            net.attach(0).unwrap();
+            net.attach(0, &Egress::Public).unwrap();
         }
         let before = ops.links().len();
         assert!(matches!(
-            net.attach(0),
+            net.attach(0, &Egress::Public),
             Err(NetError::Pool(crate::PoolError::Exhausted { .. }))
         ));
         assert_eq!(ops.links().len(), before);
@@ -381,15 +416,15 @@ mod tests {
         let ops = Arc::new(FakeNetOps::default());
         let net = Network::setup(config(), ops.clone(), []).unwrap();
         ops.fail_next("set_neighbour");
-        let e = net.attach(0).unwrap_err();
+        let e = net.attach(0, &Egress::Public).unwrap_err();
         assert!(e.to_string().contains("injected"), "{e}");
         assert_eq!(ops.links(), vec!["br-test".to_string()]);
         assert!(net.pool().is_empty());
         ops.fail_next("create_tap");
-        assert!(net.attach(0).is_err());
+        assert!(net.attach(0, &Egress::Public).is_err());
         assert!(net.pool().is_empty());
         ops.fail_next("guard_tap");
-        assert!(net.attach(0).is_err(), "no guard, no TAP");
+        assert!(net.attach(0, &Egress::Public).is_err(), "no guard, no TAP");
         assert_eq!(ops.links(), vec!["br-test".to_string()]);
         assert!(net.pool().is_empty());
     }
@@ -398,8 +433,8 @@ mod tests {
     fn setup_removes_orphans_and_keeps_taps_in_use() {
         let ops = Arc::new(FakeNetOps::default());
         let net = Network::setup(config(), ops.clone(), []).unwrap();
-        let a = net.attach(0).unwrap();
-        let b = net.attach(0).unwrap();
+        let a = net.attach(0, &Egress::Public).unwrap();
+        let b = net.attach(0, &Egress::Public).unwrap();
         ops.create_tap("other0", 0, "br-test").unwrap();
         drop(net);
         // Restart: only `a` survived.
@@ -408,7 +443,7 @@ mod tests {
         assert!(ops.link(&b.tap).is_none());
         assert!(ops.link("other0").is_some(), "not ours: left alone");
         assert!(net.pool().is_allocated(a.ip));
-        assert_eq!(net.attach(0).unwrap().ip, b.ip);
+        assert_eq!(net.attach(0, &Egress::Public).unwrap().ip, b.ip);
         // A stored address outside the subnet is refused.
         assert!(Network::setup(config(), ops.clone(), ["10.8.0.2".parse().unwrap()]).is_err());
         net.teardown().unwrap();
@@ -424,10 +459,10 @@ mod tests {
             ..config()
         };
         let mine = Network::setup(config(), ops.clone(), []).unwrap();
-        let a = mine.attach(0).unwrap();
+        let a = mine.attach(0, &Egress::Public).unwrap();
         // Another network with the same prefix comes up: a's TAP stays.
         let theirs = Network::setup(other, ops.clone(), []).unwrap();
-        let b = theirs.attach(0).unwrap();
+        let b = theirs.attach(0, &Egress::Public).unwrap();
         assert!(ops.link(&a.tap).is_some());
         // ...and goes: a's TAP still stays.
         theirs.teardown().unwrap();

@@ -9,6 +9,7 @@
 
 use std::fmt;
 use std::net::Ipv4Addr;
+use std::time::Duration;
 
 use crate::error::Result;
 use crate::guard::TapGuard;
@@ -49,6 +50,11 @@ pub trait NetOps: Send + Sync + fmt::Debug {
     /// Installs or replaces the guard of a TAP ([`crate::guard`]): the
     /// frames it may send. Atomic: the old rules hold until the new ones do.
     fn guard_tap(&self, guard: &TapGuard) -> Result<()>;
+
+    /// Lets a TAP's guest reach `addrs` for the time given with each (the
+    /// `d_` set of its guard, [`crate::guard::learn_script`]); an address
+    /// already there gets the new time. The TAP must be guarded.
+    fn allow_learned(&self, tap: &str, addrs: &[(Ipv4Addr, Duration)]) -> Result<()>;
 
     /// Removes a TAP's guard (harmless when there is none).
     fn unguard_tap(&self, tap: &str) -> Result<()>;

@@ -204,3 +204,108 @@ async fn testkit_wait(mut cond: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// An upstream that answers every A query with one record: `ip` (TTL 60).
+async fn answering_upstream(ip: [u8; 4]) -> SocketAddr {
+    let upstream = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = upstream.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 1500];
+        while let Ok((n, from)) = upstream.recv_from(&mut buf).await {
+            let mut r = buf[..n].to_vec();
+            r[2] |= 0x80;
+            r[3] = 0x80;
+            r[6..8].copy_from_slice(&1u16.to_be_bytes());
+            r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+            r.extend_from_slice(&ip);
+            let _ = upstream.send_to(&r, from).await;
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn answers_for_allow_listed_names_are_allowed_before_the_guest_gets_them() {
+    use net::fake::FakeNetOps;
+    use net::{Egress, NameSets, Network, NetworkConfig};
+
+    let upstream = answering_upstream([203, 0, 113, 10]).await;
+    let ops = Arc::new(FakeNetOps::default());
+    let names = Arc::new(NameSets::new(ops.clone()));
+    // A network on loopback, so a test socket can be its sandbox.
+    let config = NetworkConfig {
+        bridge: "br-dns".into(),
+        subnet: "127.77.0.0/24".parse().unwrap(),
+        tap_prefix: "td".into(),
+        dns: None,
+    };
+    let network = Network::setup(config, ops.clone(), [])
+        .unwrap()
+        .with_name_sets(names.clone());
+    let guest: Ipv4Addr = "127.77.0.2".parse().unwrap();
+    let list = Egress::allow(&["api.test", "*.cdn.test"]).unwrap();
+    let att = network.attach_at(0, guest, &list).unwrap();
+
+    let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let server = socket.local_addr().unwrap();
+    let relay = net::dns::Relay::bind(upstream, Default::default())
+        .await
+        .unwrap();
+    relay.learn_into(names.clone());
+    tokio::spawn(relay.clone().run());
+    let lookup: net::dns::NameLookup = Arc::new(|_: &str, _: std::net::IpAddr| None);
+    tokio::spawn(net::dns::serve(
+        socket,
+        lookup,
+        "bhatti".into(),
+        relay,
+        "127.0.0.0/8".parse().unwrap(),
+    ));
+    let ask_from = |name: &'static str| async move {
+        let s = UdpSocket::bind((guest, 0)).await.unwrap();
+        s.send_to(&query(3, name, 1), server).await.unwrap();
+        let mut buf = vec![0u8; 1500];
+        let n = tokio::time::timeout(Duration::from_secs(3), s.recv(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        buf[..n].to_vec()
+    };
+    let pub1: Ipv4Addr = "203.0.113.10".parse().unwrap();
+
+    // A name not on the list: answered, nothing learned.
+    let a = ask_from("other.test").await;
+    assert_eq!(&a[a.len() - 4..], &[203, 0, 113, 10]);
+    assert!(ops.learned(&att.tap).is_empty());
+    // A listed name: learned by the time the answer arrives, for its TTL.
+    ask_from("api.test").await;
+    assert_eq!(ops.learned(&att.tap), vec![(pub1, Duration::from_secs(60))]);
+    assert_eq!(names.learned(guest), vec![pub1]);
+    // A name under a listed wildcard; known already, so not written again.
+    ask_from("x.cdn.test").await;
+    assert_eq!(ops.learned(&att.tap).len(), 1);
+    // Another address from the same sandbox's un-listed neighbour: nothing.
+    let s = UdpSocket::bind(("127.77.0.3", 0)).await.unwrap();
+    s.send_to(&query(4, "api.test", 1), server).await.unwrap();
+    let mut buf = [0u8; 512];
+    tokio::time::timeout(Duration::from_secs(3), s.recv(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    assert_eq!(ops.learned(&att.tap).len(), 1);
+
+    // Re-guarded with the names kept: the learned address goes along.
+    network.set_egress(&att, &list).unwrap();
+    let g = ops.guard(&att.tap).unwrap();
+    assert_eq!(
+        g.learned.iter().map(|(a, _)| *a).collect::<Vec<_>>(),
+        vec![pub1]
+    );
+    // Narrowed to none: nothing learned is kept, nothing more learned.
+    network.set_egress(&att, &Egress::None).unwrap();
+    assert!(ops.guard(&att.tap).unwrap().learned.is_empty());
+    ask_from("api.test").await;
+    assert!(ops.learned(&att.tap).is_empty());
+    network.detach(&att).unwrap();
+    assert!(names.learned(guest).is_empty());
+}

@@ -116,6 +116,7 @@ impl Guest {
             ip: self.ip.parse().unwrap(),
             gateway: self.gw.parse().unwrap(),
             egress,
+            learned: Vec::new(),
         }
     }
 
@@ -466,10 +467,7 @@ fn guests_reach_the_internet_and_siblings_and_nothing_else_and_cannot_spoof() {
     );
     // An allow-list reaches what it lists — and the firewall still decides:
     // a listed LAN host stays denied unless the operator allows it.
-    let list = Egress::Allow(vec![
-        Cidr::host(PUBLIC.parse().unwrap()),
-        Cidr::host(LAN.parse().unwrap()),
-    ]);
+    let list = Egress::allow(&[PUBLIC, LAN]).unwrap();
     ops.guard_tap(&a1.guard(list)).unwrap();
     assert!(a1.connects(&public, None), "listed public host");
     assert!(!a1.connects("10.92.1.3:9000", None), "unlisted sibling");
@@ -477,6 +475,42 @@ fn guests_reach_the_internet_and_siblings_and_nothing_else_and_cannot_spoof() {
         !a1.connects(&format!("{LAN}:80"), None),
         "listed but denied by the host"
     );
+    // A list holding a name: nothing but the gateway until an address is
+    // learned for it (what the DNS relay does with its answers), then that
+    // address until its timeout runs out; a guard replaced with what was
+    // learned keeps it, one replaced without does not.
+    let named = Egress::allow(&["api.test"]).unwrap();
+    ops.guard_tap(&a1.guard(named.clone())).unwrap();
+    assert!(a1.asks("10.92.1.1:53"), "gateway DNS with a name list");
+    assert!(
+        !a1.connects(&public, None),
+        "public before its name is learned"
+    );
+    let pub_ip: std::net::Ipv4Addr = PUBLIC.parse().unwrap();
+    ops.allow_learned(&a1.port, &[(pub_ip, Duration::from_secs(600))])
+        .unwrap();
+    assert!(a1.connects(&public, None), "learned address");
+    assert!(!a1.connects("10.92.1.3:9000", None), "unlisted sibling");
+    let mut kept = a1.guard(named.clone());
+    kept.learned = vec![(pub_ip, Duration::from_secs(600))];
+    ops.guard_tap(&kept).unwrap();
+    assert!(a1.connects(&public, None), "kept across a new guard");
+    ops.guard_tap(&a1.guard(named)).unwrap();
+    assert!(!a1.connects(&public, None), "dropped with a new guard");
+    // Learned again for 2 s (re-adding restarts the timeout): open, then closed.
+    ops.allow_learned(&a1.port, &[(pub_ip, Duration::from_secs(600))])
+        .unwrap();
+    ops.allow_learned(&a1.port, &[(pub_ip, Duration::from_secs(2))])
+        .unwrap();
+    assert!(a1.connects(&public, None), "learned for 2 s");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while a1.connects(&public, None) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a learned address never expired"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     ops.guard_tap(&a1.guard(Egress::Public)).unwrap();
     assert!(a1.connects("10.92.1.3:9000", None));
 

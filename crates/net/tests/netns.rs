@@ -70,8 +70,8 @@ fn bridge_taps_and_neighbours_for_real() {
         .collect();
     assert_eq!(inet, vec!["10.201.0.1/24"]);
 
-    let a = net.attach(4242).unwrap();
-    let b = net.attach(0).unwrap();
+    let a = net.attach(4242, &net::Egress::Public).unwrap();
+    let b = net.attach(0, &net::Egress::Public).unwrap();
     assert_eq!(a.ip, Ipv4Addr::new(10, 201, 0, 2));
     assert_eq!(b.ip, Ipv4Addr::new(10, 201, 0, 3));
     assert_eq!(

@@ -60,6 +60,8 @@ const MIGRATIONS: &[&str] = &[
         UNIQUE (sandbox_id, port)
     );
     CREATE INDEX publications_by_user ON publications (user_id);",
+    // 3: each sandbox's egress policy (JSON, as the API shows it).
+    "ALTER TABLE sandboxes ADD COLUMN egress TEXT NOT NULL DEFAULT '\"public\"';",
 ];
 
 pub fn migrate(conn: &mut rusqlite::Connection) -> Result<()> {
@@ -79,4 +81,34 @@ pub fn migrate(conn: &mut rusqlite::Connection) -> Result<()> {
         tracing::info!(version = i + 1, "applied store migration");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_from_before_egress_policies_are_public() {
+        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+        // The schema as version 2 left it, with a sandbox in it.
+        for sql in &MIGRATIONS[..2] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 2).unwrap();
+        conn.execute_batch(
+            "INSERT INTO users VALUES ('u', 'alice', 'h', 5, 8, 8192, 0);
+             INSERT INTO sandboxes (id, user_id, name, image, cpus, memory_mb, status, thermal,
+                                    thermal_since, created_at, updated_at)
+             VALUES ('sb-1', 'u', 'dev', 'minimal', 1, 512, 'running', 'hot', 0, 0, 0);",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let egress: String = conn
+            .query_row("SELECT egress FROM sandboxes", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(
+            serde_json::from_str::<api_types::Egress>(&egress).unwrap(),
+            api_types::Egress::Public
+        );
+    }
 }

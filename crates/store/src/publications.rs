@@ -205,6 +205,7 @@ mod tests {
                 memory_mb: 256,
                 keep_hot: false,
                 labels: Default::default(),
+                egress: Default::default(),
             })
             .unwrap();
         }

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 
-use api_types::{SandboxStatus, Thermal};
+use api_types::{Egress, SandboxStatus, Thermal};
 use rusqlite::types::{ToSql, Type};
 use rusqlite::{params, OptionalExtension, Row, TransactionBehavior};
 use serde::Serialize;
@@ -33,6 +33,8 @@ pub struct SandboxRow {
     pub ip: Option<String>,
     pub keep_hot: bool,
     pub labels: BTreeMap<String, String>,
+    /// Where it may send.
+    pub egress: Egress,
     /// The daemon's runtime record (JSON), once its VM was created.
     #[serde(skip)]
     pub runtime: Option<serde_json::Value>,
@@ -52,6 +54,7 @@ pub struct NewSandbox {
     pub memory_mb: u64,
     pub keep_hot: bool,
     pub labels: BTreeMap<String, String>,
+    pub egress: Egress,
 }
 
 /// Fields to change; `None` leaves a field as it is.
@@ -65,12 +68,13 @@ pub struct SandboxUpdate {
     pub ip: Option<Option<String>>,
     pub keep_hot: Option<bool>,
     pub labels: Option<BTreeMap<String, String>>,
+    pub egress: Option<Egress>,
     /// The whole runtime record (`serde_json::Value::Null` clears it).
     pub runtime: Option<serde_json::Value>,
 }
 
 const COLS: &str = "id, user_id, name, image, cpus, memory_mb, status, status_reason, thermal, \
-                    thermal_since, ip, keep_hot, labels, runtime, created_at, updated_at";
+                    thermal_since, ip, keep_hot, labels, runtime, created_at, updated_at, egress";
 
 fn bad_text(i: usize, e: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(i, Type::Text, Box::new(e))
@@ -82,6 +86,7 @@ fn sandbox(r: &Row<'_>) -> rusqlite::Result<SandboxRow> {
     let labels: String = r.get(12)?;
     let runtime: String = r.get(13)?;
     let runtime: serde_json::Value = serde_json::from_str(&runtime).map_err(|e| bad_text(13, e))?;
+    let egress: String = r.get(16)?;
     Ok(SandboxRow {
         id: r.get(0)?,
         user_id: r.get(1)?,
@@ -96,6 +101,7 @@ fn sandbox(r: &Row<'_>) -> rusqlite::Result<SandboxRow> {
         ip: r.get(10)?,
         keep_hot: r.get(11)?,
         labels: serde_json::from_str(&labels).map_err(|e| bad_text(12, e))?,
+        egress: serde_json::from_str(&egress).map_err(|e| bad_text(16, e))?,
         runtime: (!runtime.is_null()).then_some(runtime),
         created_at: r.get(14)?,
         updated_at: r.get(15)?,
@@ -117,6 +123,7 @@ impl Store {
     pub fn insert_sandbox(&self, s: &NewSandbox) -> Result<SandboxRow> {
         let now = now_ms();
         let labels = serde_json::to_string(&s.labels)?;
+        let egress = serde_json::to_string(&s.egress)?;
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let taken: bool = tx.query_row(
@@ -167,8 +174,8 @@ impl Store {
                 &format!(
                     "INSERT INTO sandboxes (id, user_id, name, image, cpus, memory_mb, status,
                                             thermal, thermal_since, keep_hot, labels,
-                                            created_at, updated_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?9, ?9)
+                                            created_at, updated_at, egress)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?9, ?9, ?12)
                      RETURNING {COLS}"
                 ),
                 params![
@@ -182,7 +189,8 @@ impl Store {
                     Thermal::Hot.as_str(),
                     now,
                     s.keep_hot,
-                    labels
+                    labels,
+                    egress
                 ],
                 sandbox,
             )
@@ -280,6 +288,9 @@ impl Store {
         if let Some(v) = &u.labels {
             set(&mut sets, "labels", Box::new(serde_json::to_string(v)?));
         }
+        if let Some(v) = &u.egress {
+            set(&mut sets, "egress", Box::new(serde_json::to_string(v)?));
+        }
         if let Some(v) = &u.runtime {
             set(&mut sets, "runtime", Box::new(serde_json::to_string(v)?));
         }
@@ -345,6 +356,7 @@ mod tests {
             memory_mb: 1024,
             keep_hot: false,
             labels: BTreeMap::from([("team".into(), "a".into())]),
+            egress: Egress::Public,
         }
     }
 
@@ -394,6 +406,19 @@ mod tests {
         assert_eq!(after.ip.as_deref(), Some("10.0.0.2"));
         assert_eq!(after.runtime.as_ref().unwrap()["tap"], "bt1");
         assert_eq!(after.labels, before.labels);
+        assert_eq!(after.egress, Egress::Public, "the default");
+        let allow = Egress::Allow(vec!["api.example.com".into(), "10.1.2.0/24".into()]);
+        let patched = s
+            .update_sandbox(
+                "sb-1",
+                &SandboxUpdate {
+                    egress: Some(allow.clone()),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(patched.egress, allow);
+        assert_eq!(s.sandbox("u-alice", "dev").unwrap().unwrap().egress, allow);
         assert_eq!(
             after.thermal_since, before.thermal_since,
             "thermal unchanged keeps its timestamp"

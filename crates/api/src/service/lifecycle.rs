@@ -96,6 +96,9 @@ impl Service {
             })
             .collect::<Result<_, ApiError>>()?;
         check_labels(&body.labels)?;
+        if let Some(e) = &body.egress {
+            spec.egress = crate::validate::egress(e)?;
+        }
         for k in body.env.keys() {
             crate::validate::env_name(k)?;
         }
@@ -119,6 +122,7 @@ impl Service {
             memory_mb: memory,
             keep_hot: body.keep_hot,
             labels: body.labels.clone(),
+            egress: crate::validate::egress_view(&spec.egress),
         };
         let store = self.store.clone();
         let inserted = tokio::task::spawn_blocking(move || store.insert_sandbox(&new))

@@ -95,6 +95,7 @@ pub fn view(r: &SandboxRow) -> Sandbox {
         created_at: r.created_at,
         // Filled in by the calls that show them (get, list).
         published: Vec::new(),
+        egress: r.egress.clone(),
     }
 }
 
@@ -164,7 +165,11 @@ impl Service {
         if let Some(labels) = &p.labels {
             check_labels(labels)?;
         }
-        let row = self.row(user, id).await?;
+        let egress = p.egress.as_ref().map(crate::validate::egress).transpose()?;
+        let mut row = self.row(user, id).await?;
+        if let Some(egress) = egress {
+            row = self.set_egress(user, &row, egress).await?;
+        }
         if let (Some(keep_hot), Some(id)) = (p.keep_hot, self.running_id(&row.id)) {
             self.core.set_keep_hot(&id, keep_hot)?;
         }
@@ -175,6 +180,64 @@ impl Service {
         };
         let updated = self.save(&row.id, update).await?;
         Ok(view(&updated))
+    }
+}
+
+impl Service {
+    /// Gives a sandbox a new egress policy: in force at once when its VM
+    /// runs here (its TAP's guard is replaced), and in its stored record
+    /// for every later boot either way. Under the sandbox's lock, so no
+    /// create, boot or destroy is half-way.
+    async fn set_egress(
+        &self,
+        user: &UserRecord,
+        row: &SandboxRow,
+        egress: net::Egress,
+    ) -> Result<SandboxRow, ApiError> {
+        let sid = sandbox_id(row)?;
+        let _lock = self.locks.lock(&sid).await;
+        let row = self.row(user, &row.id).await?;
+        let shown = Some(crate::validate::egress_view(&egress));
+        let running = self.index().get(&sid).cloned();
+        let update = match running {
+            Some(running) => {
+                self.core.set_egress(&sid, egress).await?;
+                let record = self.core.get(&sid)?;
+                SandboxUpdate {
+                    egress: shown,
+                    ..persistence::record_update(&running, &record)?
+                }
+            }
+            None => {
+                let runtime = match persistence::Runtime::of(&row) {
+                    Ok(Some(mut rt)) => {
+                        rt.core.spec.egress = egress;
+                        Some(rt.to_value()?)
+                    }
+                    Ok(None) => None,
+                    Err(e) => {
+                        return Err(ApiError::Internal(format!(
+                            "stored runtime of {}: {e}",
+                            row.id
+                        )))
+                    }
+                };
+                SandboxUpdate {
+                    egress: shown,
+                    runtime,
+                    ..Default::default()
+                }
+            }
+        };
+        let row = self.save(&row.id, update).await?;
+        self.event(
+            user,
+            &row.id,
+            "egress",
+            serde_json::json!({ "egress": row.egress }),
+        )
+        .await;
+        Ok(row)
     }
 }
 
