@@ -7,12 +7,14 @@ use serde::{Deserialize, Serialize};
 
 /// `{"error": "..."}`, the body of every failed request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     pub error: String,
 }
 
 /// `GET /health`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Health {
     pub status: String,
     pub version: String,
@@ -26,6 +28,7 @@ pub struct Health {
 
 /// A file placed in a new sandbox at boot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NewFile {
     pub path: String,
@@ -37,6 +40,7 @@ pub struct NewFile {
 
 /// `POST /sandboxes`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateSandbox {
     /// Unique per user; generated when absent.
@@ -64,6 +68,7 @@ pub struct CreateSandbox {
 
 /// `PATCH /sandboxes/:id`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PatchSandbox {
     #[serde(default)]
@@ -76,6 +81,7 @@ pub struct PatchSandbox {
 /// keeps it). Serialised lowercase: `creating`, `running`, `stopped`,
 /// `failed`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum SandboxStatus {
     /// Its VM is being set up.
@@ -92,6 +98,7 @@ pub enum SandboxStatus {
 /// How warm a running sandbox is: `hot` (vCPUs run), `warm` (paused),
 /// `cold` (snapshotted, no VMM).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Thermal {
     Hot,
@@ -165,6 +172,7 @@ text_enum!(Thermal {
 
 /// A sandbox as the API shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Sandbox {
     pub id: String,
     pub name: String,
@@ -189,6 +197,7 @@ pub struct Sandbox {
 
 /// `POST /sandboxes/:id/publish`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PublishPort {
     /// 1-65535.
@@ -201,6 +210,7 @@ pub struct PublishPort {
 
 /// A port published through the public proxy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Published {
     pub port: u16,
     pub alias: String,
@@ -215,6 +225,7 @@ pub struct Published {
 
 /// `POST /sandboxes/:id/exec`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ExecBody {
     pub cmd: Vec<String>,
@@ -232,6 +243,7 @@ pub struct ExecBody {
 /// The answer to a collected exec. Output that is not UTF-8 is converted
 /// lossily; use NDJSON streaming or files for binary output.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ExecResult {
     pub exit_code: i32,
     pub stdout: String,
@@ -249,6 +261,7 @@ pub struct ExecResult {
 
 /// The answer to a detached exec.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Detached {
     pub pid: u32,
     pub log_path: String,
@@ -256,6 +269,7 @@ pub struct Detached {
 
 /// One line of an NDJSON exec stream (`Accept: application/x-ndjson`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ExecLine {
     Stdout {
@@ -276,6 +290,7 @@ pub enum ExecLine {
 
 /// First text message on `WS /sandboxes/:id/ws`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ShellOpen {
     /// Attach to this session (created when absent and `new` or not found).
@@ -299,6 +314,7 @@ pub struct ShellOpen {
 /// Control messages over the shell WebSocket (text frames; terminal bytes
 /// travel as binary frames).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ShellControl {
     /// Server → client: attached to this session.
@@ -328,6 +344,7 @@ pub enum ShellControl {
 
 /// One entry of `GET /sandboxes/:id/files?ls=true`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FileEntry {
     pub name: String,
     /// `file`, `dir`, `symlink`, `other`.
@@ -341,6 +358,7 @@ pub struct FileEntry {
 
 /// `GET /sandboxes/:id/files?ls=true`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Listing {
     pub path: String,
     pub entries: Vec<FileEntry>,
@@ -350,6 +368,7 @@ pub struct Listing {
 
 /// `PUT /sandboxes/:id/files`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Written {
     pub path: String,
     pub bytes: u64,
@@ -357,6 +376,7 @@ pub struct Written {
 
 /// One PTY session of `GET /sandboxes/:id/sessions`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SessionSummary {
     pub session: String,
     pub pid: u32,
@@ -368,6 +388,7 @@ pub struct SessionSummary {
 
 /// `POST /secrets`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NewSecret {
     pub name: String,
@@ -376,6 +397,7 @@ pub struct NewSecret {
 
 /// A secret as listed: never its value.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SecretSummary {
     pub name: String,
     pub created_at: i64,
@@ -384,6 +406,7 @@ pub struct SecretSummary {
 
 /// A TCP port listening in a sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Port {
     pub port: u16,
     /// The address it is bound to: `0.0.0.0`, `127.0.0.1`, `::`, …
@@ -394,6 +417,7 @@ pub struct Port {
 
 /// `GET /sandboxes/:id/ports`: sorted by port, the agent's own left out.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PortList {
     pub ports: Vec<Port>,
 }
