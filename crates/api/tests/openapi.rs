@@ -10,7 +10,8 @@
 //!   engine) serves the document without a key; the validator accepts
 //!   it and rejects two broken copies (positive controls); every
 //!   documented operation answers 401 without a key (200 for the public
-//!   ones) and every undocumented method on a documented path 405.
+//!   ones) and every undocumented method on a documented path 405; a
+//!   shell request that is no upgrade is the documented JSON 400.
 //!
 //! The validator is `$BHATTI_OPENAPI_VALIDATOR` (scripts/test.sh installs
 //! it into a venv and sets it) or `openapi-spec-validator` on the PATH;
@@ -246,6 +247,24 @@ fn served_document_validates_and_matches_the_routes() {
             }
         }
         assert_eq!(checked, ops.len());
+
+        // The shell route answers a plain GET (no upgrade) with the
+        // document's 400 `{"error"}`, not axum's plain-text rejection.
+        let key = d.user("alice", 1);
+        let resp = http
+            .get(format!("{}/sandboxes/nosuch/ws", d.url))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400);
+        let v: Value = resp.json().await.unwrap();
+        assert!(
+            v["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("WebSocket upgrade")),
+            "{v}"
+        );
         d.stop().await;
     });
 }

@@ -91,7 +91,7 @@ macro_rules! proxy_route {
             tag = "ports",
             params(
                 ("id" = String, Path, description = "The sandbox's id or name."),
-                ("port" = u16, Path, description = "The guest port, 1-65535."),
+                ("port" = u16, Path, minimum = 1, maximum = 65535, description = "The guest port, 1-65535."),
                 $($rest)?
             ),
             description = concat!(
@@ -193,7 +193,7 @@ fn param<'a>(params: &'a [(String, String)], name: &str) -> Result<&'a str, ApiE
         hot while open.",
     params(
         ("id" = String, Path, description = "The sandbox's id or name."),
-        ("port" = u16, Path, description = "The guest port, 1-65535."),
+        ("port" = u16, Path, minimum = 1, maximum = 65535, description = "The guest port, 1-65535."),
         ("Upgrade" = String, Header, description = "`websocket`."),
         ("Connection" = String, Header, description = "`Upgrade`."),
         ("Sec-WebSocket-Key" = String, Header, description = "The WebSocket handshake key."),

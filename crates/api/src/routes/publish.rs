@@ -64,7 +64,7 @@ pub fn parse_port(s: &str) -> Result<u16, ApiError> {
     tag = "ports",
     params(
         ("id" = String, Path, description = "The sandbox's id or name."),
-        ("port" = u16, Path, description = "The published port, 1-65535."),
+        ("port" = u16, Path, minimum = 1, maximum = 65535, description = "The published port, 1-65535."),
     ),
     responses(
         (status = 204, description = "Unpublished."),
