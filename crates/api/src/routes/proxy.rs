@@ -103,11 +103,12 @@ macro_rules! proxy_route {
                  a `101`. Hop-by-hop headers are dropped, `X-Forwarded-*` added, and \
                  the `Authorization` header never reaches the guest. Wakes the sandbox."
             ),
+            // Sets first: a later answer of the same status overrides.
             responses(
+                Authed, Invalid, Missing, Guest,
                 (status = "default", description = "The guest server's answer, as it sent it."),
-                (status = 502, description = "Nothing listens on the port, or the guest server broke the HTTP exchange.", body = api_types::ErrorBody),
+                (status = 502, description = "Nothing listens on the port, the guest server broke the HTTP exchange, or the VM died.", body = api_types::ErrorBody),
                 (status = 504, description = "No response head within 60 s.", body = api_types::ErrorBody),
-                Authed, Invalid, Missing
             )
         )]
         pub async fn $name(
@@ -199,10 +200,11 @@ fn param<'a>(params: &'a [(String, String)], name: &str) -> Result<&'a str, ApiE
         ("Sec-WebSocket-Key" = String, Header, description = "The WebSocket handshake key."),
         ("Sec-WebSocket-Version" = String, Header, description = "`13`."),
     ),
+    // Sets first: a later answer of the same status overrides.
     responses(
+        Authed, Invalid, Missing, Guest,
         (status = 101, description = "Switching Protocols: the tunnel is open."),
-        (status = 502, description = "Nothing listens on the port in the guest (answered before the upgrade).", body = api_types::ErrorBody),
-        Authed, Invalid, Missing, Guest
+        (status = 502, description = "Nothing listens on the port in the guest (answered before the upgrade), or the VM died.", body = api_types::ErrorBody),
     )
 )]
 pub async fn tunnel(
