@@ -15,6 +15,7 @@ packages=(
   tmux              # drives the interactive shell in CLI tests
   libsqlite3-dev pkg-config  # the daemon's embedded SQLite store
   ca-certificates
+  python3-venv      # a venv for openapi-spec-validator (PyPI), below
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -39,6 +40,20 @@ if command -v rustup >/dev/null && ! (cd / && rustup run 1.95.0 rustc --version 
     rustup toolchain link 1.95.0 "$(cd / && rustup run stable rustc --print sysroot)"
   fi
 fi
+
+# The OpenAPI document test (crates/api/tests/openapi.rs) runs this
+# validator and fails without it. A venv kept beside the test images, one
+# per pinned version, so a later run reuses it.
+openapi_validator_version=0.9.0
+venv=/var/cache/bhatti-test/venv-openapi-spec-validator-$openapi_validator_version
+if ! "$venv/bin/openapi-spec-validator" --version >/dev/null 2>&1; then
+  echo "test.sh: installing openapi-spec-validator $openapi_validator_version into $venv"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check \
+    "openapi-spec-validator==$openapi_validator_version"
+fi
+export BHATTI_OPENAPI_VALIDATOR="$venv/bin/openapi-spec-validator"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

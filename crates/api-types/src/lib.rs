@@ -7,12 +7,14 @@ use serde::{Deserialize, Serialize};
 
 /// `{"error": "..."}`, the body of every failed request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     pub error: String,
 }
 
 /// `GET /health`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Health {
     pub status: String,
     pub version: String,
@@ -26,6 +28,7 @@ pub struct Health {
 
 /// A file placed in a new sandbox at boot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NewFile {
     pub path: String,
@@ -37,6 +40,7 @@ pub struct NewFile {
 
 /// `POST /sandboxes`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateSandbox {
     /// Unique per user; generated when absent.
@@ -71,6 +75,7 @@ pub struct CreateSandbox {
 /// and the listed IPv4 prefixes, addresses, host names and `*.domain`
 /// wildcards; at most 64 entries). See `docs/networking.md`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Egress {
     #[default]
@@ -81,6 +86,7 @@ pub enum Egress {
 
 /// `PATCH /sandboxes/:id`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PatchSandbox {
     #[serde(default)]
@@ -96,6 +102,7 @@ pub struct PatchSandbox {
 /// keeps it). Serialised lowercase: `creating`, `running`, `stopped`,
 /// `failed`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum SandboxStatus {
     /// Its VM is being set up.
@@ -112,6 +119,7 @@ pub enum SandboxStatus {
 /// How warm a running sandbox is: `hot` (vCPUs run), `warm` (paused),
 /// `cold` (snapshotted, no VMM).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Thermal {
     Hot,
@@ -185,6 +193,7 @@ text_enum!(Thermal {
 
 /// A sandbox as the API shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Sandbox {
     pub id: String,
     pub name: String,
@@ -212,6 +221,7 @@ pub struct Sandbox {
 
 /// `POST /sandboxes/:id/publish`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PublishPort {
     /// 1-65535.
@@ -224,6 +234,7 @@ pub struct PublishPort {
 
 /// A port published through the public proxy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Published {
     pub port: u16,
     pub alias: String,
@@ -238,6 +249,7 @@ pub struct Published {
 
 /// `POST /sandboxes/:id/exec`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ExecBody {
     pub cmd: Vec<String>,
@@ -255,6 +267,7 @@ pub struct ExecBody {
 /// The answer to a collected exec. Output that is not UTF-8 is converted
 /// lossily; use NDJSON streaming or files for binary output.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ExecResult {
     pub exit_code: i32,
     pub stdout: String,
@@ -272,6 +285,7 @@ pub struct ExecResult {
 
 /// The answer to a detached exec.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Detached {
     pub pid: u32,
     pub log_path: String,
@@ -279,6 +293,7 @@ pub struct Detached {
 
 /// One line of an NDJSON exec stream (`Accept: application/x-ndjson`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ExecLine {
     Stdout {
@@ -299,6 +314,7 @@ pub enum ExecLine {
 
 /// First text message on `WS /sandboxes/:id/ws`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ShellOpen {
     /// Attach to this session (created when absent and `new` or not found).
@@ -322,6 +338,7 @@ pub struct ShellOpen {
 /// Control messages over the shell WebSocket (text frames; terminal bytes
 /// travel as binary frames).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ShellControl {
     /// Server → client: attached to this session.
@@ -351,6 +368,7 @@ pub enum ShellControl {
 
 /// One entry of `GET /sandboxes/:id/files?ls=true`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FileEntry {
     pub name: String,
     /// `file`, `dir`, `symlink`, `other`.
@@ -364,6 +382,7 @@ pub struct FileEntry {
 
 /// `GET /sandboxes/:id/files?ls=true`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Listing {
     pub path: String,
     pub entries: Vec<FileEntry>,
@@ -373,6 +392,7 @@ pub struct Listing {
 
 /// `PUT /sandboxes/:id/files`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Written {
     pub path: String,
     pub bytes: u64,
@@ -380,6 +400,7 @@ pub struct Written {
 
 /// One PTY session of `GET /sandboxes/:id/sessions`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SessionSummary {
     pub session: String,
     pub pid: u32,
@@ -391,6 +412,7 @@ pub struct SessionSummary {
 
 /// `POST /secrets`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NewSecret {
     pub name: String,
@@ -399,6 +421,7 @@ pub struct NewSecret {
 
 /// A secret as listed: never its value.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SecretSummary {
     pub name: String,
     pub created_at: i64,
@@ -407,6 +430,7 @@ pub struct SecretSummary {
 
 /// A TCP port listening in a sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Port {
     pub port: u16,
     /// The address it is bound to: `0.0.0.0`, `127.0.0.1`, `::`, …
@@ -417,6 +441,7 @@ pub struct Port {
 
 /// `GET /sandboxes/:id/ports`: sorted by port, the agent's own left out.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PortList {
     pub ports: Vec<Port>,
 }

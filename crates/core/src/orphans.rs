@@ -330,10 +330,21 @@ mod tests {
         let pid = child.0.id();
         // One the daemon runs is left alone.
         let mut ours = pretend_vmm(&root.join(owned.as_str()));
+        // An operator's `tail` of the orphan's console log is no VMM.
+        let mut bystander = Reap(
+            std::process::Command::new("tail")
+                .arg("-F")
+                .arg(root.join(orphan.as_str()).join("console.log"))
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        // The pretend VMMs run the shell: that is the engine's binary here.
+        let shell = Path::new("/bin/sh");
         let keep = BTreeSet::from([owned.clone()]);
         // Reap from another thread: this one must wait for the child.
         let (r2, k2, running) = (root.clone(), keep.clone(), BTreeSet::from([ours.0.id()]));
-        let reaper = std::thread::spawn(move || reap(&r2, &running, &k2));
+        let reaper = std::thread::spawn(move || reap(&r2, shell, &running, &k2));
         let status = child.0.wait().unwrap();
         let reaped = reaper.join().unwrap().unwrap();
         assert!(!status.success());
@@ -348,9 +359,14 @@ mod tests {
             ours.0.try_wait().unwrap().is_none(),
             "the daemon's own VMM runs on"
         );
+        assert!(
+            bystander.0.try_wait().unwrap().is_none(),
+            "a process that is not a VMM was killed"
+        );
         drop(ours);
+        drop(bystander);
         // Nothing left: a second pass finds nothing.
-        let again = reap(&root, &BTreeSet::new(), &keep).unwrap();
+        let again = reap(&root, shell, &BTreeSet::new(), &keep).unwrap();
         assert_eq!(again, Reaped::default());
     }
 }

@@ -14,6 +14,7 @@ use axum::Json;
 use crate::auth::User;
 use crate::error::ApiError;
 use crate::extract::JsonBody;
+use crate::openapi::{Authed, Guest, Invalid, JsonTooLarge, Missing};
 use crate::ratelimit::Class;
 use crate::state::AppState;
 
@@ -45,6 +46,26 @@ pub fn to_request(body: &ExecBody) -> Result<proto::ExecRequest, ApiError> {
     })
 }
 
+/// Runs a command: its output collected as JSON, streamed as NDJSON
+/// (`Accept: application/x-ndjson`), or detached (`detach: true`).
+#[utoipa::path(
+    post,
+    path = "/sandboxes/{id}/exec",
+    operation_id = "exec",
+    tag = "guest",
+    params(("id" = String, Path, description = "The sandbox's id or name.")),
+    request_body = ExecBody,
+    responses(
+        (status = 200, description = "The command ran: its result, or with `Accept: application/x-ndjson` a stream of `ExecLine`s, one JSON object a line, flushed as produced, ending with `exit` (or `error`).",
+            content(
+                (api_types::ExecResult = "application/json"),
+                (ExecLine = "application/x-ndjson"),
+            )
+        ),
+        (status = 202, description = "Detached (`detach: true`): started in the background.", body = api_types::Detached),
+        Authed, Invalid, JsonTooLarge, Missing, Guest
+    )
+)]
 pub async fn exec(
     State(state): State<AppState>,
     User(user): User,

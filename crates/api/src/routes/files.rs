@@ -13,40 +13,55 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
+use utoipa::IntoParams;
 
 use crate::auth::User;
 use crate::error::ApiError;
 use crate::extract::QueryParams;
+use crate::openapi::{Authed, Guest, Invalid, Missing};
 use crate::ratelimit::Class;
 use crate::state::AppState;
 use crate::validate;
 
-#[derive(Debug, Deserialize)]
+/// The query of `GET …/files` (no other parameter is accepted).
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ReadQuery {
+    /// Absolute path in the guest.
     path: String,
+    /// Bytes to skip from the start.
     #[serde(default)]
     offset: Option<u64>,
+    /// Bytes to read at most, from `offset`.
     #[serde(default)]
     limit: Option<u64>,
+    /// Bytes to answer at most (the rest left out, `X-Truncated: true`).
     #[serde(default)]
     max_bytes: Option<u64>,
+    /// `true`: list the directory (`Listing`) instead of reading a file.
     #[serde(default)]
     ls: Option<bool>,
 }
 
-#[derive(Debug, Deserialize)]
+/// The query of `PUT …/files`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct WriteQuery {
+    /// Absolute path in the guest.
     path: String,
     /// Octal permission bits, e.g. `0755`.
     #[serde(default)]
     mode: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+/// The query of `HEAD …/files`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct PathQuery {
+    /// Absolute path in the guest.
     path: String,
 }
 
@@ -68,6 +83,29 @@ fn hv(s: String) -> HeaderValue {
 /// can say; a larger one streams without the header.
 const TRUNCATION_LOOKAHEAD: usize = 1024 * 1024;
 
+/// Reads a file (streamed, any size) or, with `ls=true`, lists a directory.
+#[utoipa::path(
+    get,
+    path = "/sandboxes/{id}/files",
+    operation_id = "read_file",
+    tag = "guest",
+    params(("id" = String, Path, description = "The sandbox's id or name."), ReadQuery),
+    responses(
+        (status = 200, description = "The file's bytes, or with `ls=true` the directory's listing.",
+            headers(
+                ("X-File-Size" = u64, description = "Size of the whole file (not with `ls`)."),
+                ("X-Truncated" = bool, description = "`true` when `max_bytes`/`limit` left part of the file out; with `offset` or `limit` a result over 1 MiB streams without it."),
+                ("X-File-Mode" = String, description = "Permission bits, octal."),
+            ),
+            content(
+                (inline(crate::openapi::Binary) = "application/octet-stream"),
+                (api_types::Listing = "application/json"),
+            )
+        ),
+        (status = 403, description = "The guest refused access.", body = api_types::ErrorBody),
+        Authed, Invalid, Missing, Guest
+    )
+)]
 pub async fn read(
     State(state): State<AppState>,
     User(user): User,
@@ -165,6 +203,25 @@ fn download(
     futures_util::StreamExt::chain(ahead, rest)
 }
 
+/// A file's size, kind and mode, without its bytes.
+#[utoipa::path(
+    head,
+    path = "/sandboxes/{id}/files",
+    operation_id = "stat_file",
+    tag = "guest",
+    params(("id" = String, Path, description = "The sandbox's id or name."), PathQuery),
+    responses(
+        (status = 200, description = "It exists.",
+            headers(
+                ("X-File-Size" = u64, description = "Size in bytes."),
+                ("X-File-Kind" = String, description = "`file`, `dir`, `symlink` or `other`."),
+                ("X-File-Mode" = String, description = "Permission bits, octal."),
+            )
+        ),
+        (status = 403, description = "The guest refused access (no body: HEAD).", body = api_types::ErrorBody),
+        Authed, Invalid, Missing, Guest
+    )
+)]
 pub async fn head(
     State(state): State<AppState>,
     User(user): User,
@@ -201,6 +258,23 @@ pub fn upload_size(h: &HeaderMap) -> Result<u64, ApiError> {
     Ok(size)
 }
 
+/// Writes a file from the raw body (streamed, atomic).
+#[utoipa::path(
+    put,
+    path = "/sandboxes/{id}/files",
+    operation_id = "write_file",
+    tag = "guest",
+    params(("id" = String, Path, description = "The sandbox's id or name."), WriteQuery),
+    request_body(content = inline(crate::openapi::Binary), content_type = "application/octet-stream",
+        description = "The file's bytes; `Content-Length` is required."),
+    responses(
+        (status = 200, description = "Written.", body = api_types::Written),
+        (status = 403, description = "The guest refused access.", body = api_types::ErrorBody),
+        (status = 411, description = "No `Content-Length`.", body = api_types::ErrorBody),
+        (status = 413, description = "Over 100 MB.", body = api_types::ErrorBody),
+        Authed, Invalid, Missing, Guest
+    )
+)]
 pub async fn write(
     State(state): State<AppState>,
     User(user): User,

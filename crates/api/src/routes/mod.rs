@@ -10,8 +10,10 @@ pub mod secrets;
 pub mod shell;
 
 use axum::extract::ws::WebSocketUpgrade;
-use axum::routing::{any, get, post};
+use axum::routing::any;
 use axum::Router;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
+use utoipa_axum::routes;
 
 use crate::state::AppState;
 
@@ -34,48 +36,71 @@ pub fn ws_limits(ws: WebSocketUpgrade) -> WebSocketUpgrade {
         .max_write_buffer_size(WS_WRITE_BUFFER + WS_MAX_MESSAGE + 1024)
 }
 
-pub fn router(state: AppState) -> Router {
-    let json_limit = state.config.limits.max_json_body;
+/// Every route of the API, registered from its handler's
+/// `#[utoipa::path]`: the path and methods the router serves are the ones
+/// the OpenAPI document shows (`crate::openapi`), from the same
+/// attribute. Add a route here and only here, with `routes!`; the test
+/// `tests/openapi.rs` walks the built router and fails on any route the
+/// document lacks.
+pub fn api() -> OpenApiRouter<AppState> {
     let file_limit = api_types::limits::MAX_FILE_BODY as usize;
-    Router::new()
-        .route("/health", get(health::health))
-        .route("/sandboxes", get(sandboxes::list).post(sandboxes::create))
-        .route(
-            "/sandboxes/{id}",
-            get(sandboxes::inspect)
-                .patch(sandboxes::patch)
-                .delete(sandboxes::destroy),
-        )
-        .route("/sandboxes/{id}/stop", post(sandboxes::stop))
-        .route("/sandboxes/{id}/start", post(sandboxes::start))
-        .route("/sandboxes/{id}/exec", post(exec::exec))
-        .route("/sandboxes/{id}/sessions", get(sandboxes::sessions))
-        .route("/sandboxes/{id}/ws", get(shell::shell))
-        .route(
-            "/sandboxes/{id}/files",
-            get(files::read)
-                .head(files::head)
-                .put(files::write)
+    OpenApiRouter::with_openapi(crate::openapi::base())
+        .routes(routes!(health::health))
+        .routes(routes!(crate::openapi::serve))
+        .routes(routes!(sandboxes::list, sandboxes::create))
+        .routes(routes!(
+            sandboxes::inspect,
+            sandboxes::patch,
+            sandboxes::destroy
+        ))
+        .routes(routes!(sandboxes::stop))
+        .routes(routes!(sandboxes::start))
+        .routes(routes!(exec::exec))
+        .routes(routes!(sandboxes::sessions))
+        .routes(routes!(shell::shell))
+        .routes(
+            routes!(files::read, files::head, files::write)
                 .layer(axum::extract::DefaultBodyLimit::max(file_limit)),
         )
-        // Proxied bodies stream through unbuffered: no JSON limit.
-        .route("/sandboxes/{id}/proxy/{port}", proxied())
-        .route("/sandboxes/{id}/proxy/{port}/", proxied())
-        .route("/sandboxes/{id}/proxy/{port}/{*rest}", proxied())
-        .route("/sandboxes/{id}/ports", get(proxy::ports))
-        .route("/sandboxes/{id}/tunnel/{port}", get(proxy::tunnel))
-        .route("/sandboxes/{id}/publish", post(publish::publish))
-        .route(
-            "/sandboxes/{id}/publish/{port}",
-            axum::routing::delete(publish::unpublish),
-        )
-        .route("/secrets", get(secrets::list).post(secrets::create))
-        .route("/secrets/{name}", axum::routing::delete(secrets::delete))
+        // Any method (the document lists the eight OpenAPI knows); bodies
+        // stream through unbuffered: no JSON limit.
+        .routes(routes!(proxy::proxy_port).map(|_| proxied(proxy::proxy_port)))
+        .routes(routes!(proxy::proxy_port_slash).map(|_| proxied(proxy::proxy_port_slash)))
+        .routes(routes!(proxy::proxy_rest).map(|_| proxied(proxy::proxy_rest)))
+        .routes(routes!(proxy::ports))
+        .routes(routes!(proxy::tunnel))
+        .routes(routes!(publish::publish))
+        .routes(routes!(publish::unpublish))
+        .routes(routes!(secrets::list, secrets::create))
+        .routes(routes!(secrets::delete))
+}
+
+/// The router of [`api`] and its OpenAPI document (paths as OpenAPI
+/// writes them: a catch-all `{*rest}` is `{rest}`).
+pub fn parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    let (router, mut doc) = api().split_for_parts();
+    doc.paths.paths = std::mem::take(&mut doc.paths.paths)
+        .into_iter()
+        .map(|(path, item)| (crate::openapi::document_path(&path), item))
+        .collect();
+    crate::openapi::unique_operation_ids(&mut doc);
+    (router, doc)
+}
+
+pub fn router(state: AppState) -> Router {
+    let json_limit = state.config.limits.max_json_body;
+    parts()
+        .0
         .fallback(|| async { crate::error::ApiError::NotFound("no such endpoint".into()) })
         .layer(axum::extract::DefaultBodyLimit::max(json_limit))
         .with_state(state)
 }
 
-fn proxied() -> axum::routing::MethodRouter<AppState> {
-    any(proxy::proxy).layer(axum::extract::DefaultBodyLimit::disable())
+/// A proxy route: any method, no body limit.
+fn proxied<H, T>(handler: H) -> axum::routing::MethodRouter<AppState>
+where
+    H: axum::handler::Handler<T, AppState>,
+    T: 'static,
+{
+    any(handler).layer(axum::extract::DefaultBodyLimit::disable())
 }

@@ -15,6 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::auth::User;
 use crate::error::ApiError;
+use crate::openapi::{Authed, Guest, Invalid, Missing};
 use crate::ratelimit::Class;
 use crate::state::AppState;
 
@@ -46,6 +47,17 @@ pub fn guest_target(path: &str, query: Option<&str>) -> String {
 }
 
 /// `GET /sandboxes/:id/ports`: the TCP ports listening in the guest.
+#[utoipa::path(
+    get,
+    path = "/sandboxes/{id}/ports",
+    operation_id = "list_ports",
+    tag = "ports",
+    params(("id" = String, Path, description = "The sandbox's id or name.")),
+    responses(
+        (status = 200, description = "The TCP ports listening in the guest, sorted, the agent's own left out (wakes the sandbox).", body = api_types::PortList),
+        Authed, Invalid, Missing, Guest
+    )
+)]
 pub async fn ports(
     State(state): State<AppState>,
     User(user): User,
@@ -65,6 +77,74 @@ pub async fn ports(
             .collect(),
     }))
 }
+
+/// One route of the authenticated proxy: a handler over [`proxy`] and its
+/// operation (any method: the eight OpenAPI knows are listed; the router
+/// takes any).
+macro_rules! proxy_route {
+    ($name:ident, $path:literal, $id:literal, $seen:literal $(, $rest:tt)?) => {
+        #[doc = concat!("`ANY ", $path, "`: the authenticated proxy.")]
+        #[utoipa::path(
+            method(get, put, post, delete, options, head, patch, trace),
+            path = $path,
+            operation_id = $id,
+            tag = "ports",
+            params(
+                ("id" = String, Path, description = "The sandbox's id or name."),
+                ("port" = u16, Path, minimum = 1, maximum = 65535, description = "The guest port, 1-65535."),
+                $($rest)?
+            ),
+            description = concat!(
+                "Forwards the request (any method, any body) to `127.0.0.1:port` in \
+                 the guest, which sees ",
+                $seen,
+                " plus the query. Bodies stream both ways unbuffered and without the \
+                 JSON limit; a WebSocket (any `Upgrade`) is forwarded and spliced on \
+                 a `101`. Hop-by-hop headers are dropped, `X-Forwarded-*` added, and \
+                 the `Authorization` header never reaches the guest. Wakes the sandbox."
+            ),
+            // Sets first: a later answer of the same status overrides.
+            responses(
+                Authed, Invalid, Missing, Guest,
+                (status = "default", description = "The guest server's answer, as it sent it."),
+                (status = 502, description = "Nothing listens on the port, the guest server broke the HTTP exchange, or the VM died.", body = api_types::ErrorBody),
+                (status = 504, description = "No response head within 60 s.", body = api_types::ErrorBody),
+            )
+        )]
+        pub async fn $name(
+            state: State<AppState>,
+            user: User,
+            params: Result<Path<Vec<(String, String)>>, PathRejection>,
+            req: Request,
+        ) -> Result<Response, ApiError> {
+            proxy(state, user, params, req).await
+        }
+    };
+}
+
+proxy_route!(
+    proxy_port,
+    "/sandboxes/{id}/proxy/{port}",
+    "proxy_port",
+    "`/`"
+);
+proxy_route!(
+    proxy_port_slash,
+    "/sandboxes/{id}/proxy/{port}/",
+    "proxy_port_slash",
+    "`/`"
+);
+proxy_route!(
+    proxy_rest,
+    "/sandboxes/{id}/proxy/{port}/{*rest}",
+    "proxy_rest",
+    "`/rest` exactly as sent (still percent-encoded)",
+    (
+        "rest" = String,
+        Path,
+        description = "The rest of the path; may hold `/`."
+    )
+);
 
 /// Proxied requests take a token from the read class: each is one agent
 /// connection and no guest process, and a page load makes dozens.
@@ -101,6 +181,32 @@ fn param<'a>(params: &'a [(String, String)], name: &str) -> Result<&'a str, ApiE
 
 /// The tunnel is opened before the upgrade, so a port nobody listens on
 /// is a 502 the client sees as an HTTP answer.
+#[utoipa::path(
+    get,
+    path = "/sandboxes/{id}/tunnel/{port}",
+    operation_id = "tunnel",
+    tag = "ports",
+    description = "WebSocket (a GET with `Upgrade: websocket`): raw TCP to `127.0.0.1:port` in \
+        the guest. After the upgrade **binary** frames carry the bytes both ways; an \
+        **empty** binary frame means its sender has finished writing (a TCP half-close); \
+        a close frame ends both directions; text frames from the client are sent as their \
+        UTF-8 bytes. Messages and frames of at most 1 MiB. Wakes the sandbox and keeps it \
+        hot while open.",
+    params(
+        ("id" = String, Path, description = "The sandbox's id or name."),
+        ("port" = u16, Path, minimum = 1, maximum = 65535, description = "The guest port, 1-65535."),
+        ("Upgrade" = String, Header, description = "`websocket`."),
+        ("Connection" = String, Header, description = "`Upgrade`."),
+        ("Sec-WebSocket-Key" = String, Header, description = "The WebSocket handshake key."),
+        ("Sec-WebSocket-Version" = String, Header, description = "`13`."),
+    ),
+    // Sets first: a later answer of the same status overrides.
+    responses(
+        Authed, Invalid, Missing, Guest,
+        (status = 101, description = "Switching Protocols: the tunnel is open."),
+        (status = 502, description = "Nothing listens on the port in the guest (answered before the upgrade), or the VM died.", body = api_types::ErrorBody),
+    )
+)]
 pub async fn tunnel(
     State(state): State<AppState>,
     User(user): User,

@@ -9,11 +9,27 @@ use axum::Json;
 use crate::auth::User;
 use crate::error::ApiError;
 use crate::extract::JsonBody;
+use crate::openapi::{Authed, Invalid, JsonTooLarge, Missing};
 use crate::ratelimit::Class;
 use crate::state::AppState;
 
 /// `POST /sandboxes/:id/publish`: 201 with the publication, 200 when the
 /// port already was published (under the alias asked for, if any).
+#[utoipa::path(
+    post,
+    path = "/sandboxes/{id}/publish",
+    operation_id = "publish_port",
+    tag = "ports",
+    params(("id" = String, Path, description = "The sandbox's id or name.")),
+    request_body = api_types::PublishPort,
+    responses(
+        (status = 201, description = "Published.", body = api_types::Published),
+        (status = 200, description = "The port already was published (under the alias asked for, if any).", body = api_types::Published),
+        (status = 403, description = "Publishing is off in this daemon.", body = api_types::ErrorBody),
+        (status = 409, description = "The alias is taken, or the port is published under another alias.", body = api_types::ErrorBody),
+        Authed, Invalid, JsonTooLarge, Missing
+    )
+)]
 pub async fn publish(
     State(state): State<AppState>,
     User(user): User,
@@ -41,6 +57,20 @@ pub fn parse_port(s: &str) -> Result<u16, ApiError> {
 }
 
 /// `DELETE /sandboxes/:id/publish/:port`: 204, or 404 when not published.
+#[utoipa::path(
+    delete,
+    path = "/sandboxes/{id}/publish/{port}",
+    operation_id = "unpublish_port",
+    tag = "ports",
+    params(
+        ("id" = String, Path, description = "The sandbox's id or name."),
+        ("port" = u16, Path, minimum = 1, maximum = 65535, description = "The published port, 1-65535."),
+    ),
+    responses(
+        (status = 204, description = "Unpublished."),
+        Authed, Invalid, Missing
+    )
+)]
 pub async fn unpublish(
     State(state): State<AppState>,
     User(user): User,

@@ -5,9 +5,21 @@ use axum::Json;
 use crate::auth::User;
 use crate::error::ApiError;
 use crate::extract::JsonBody;
+use crate::openapi::{Authed, Guest, Invalid, JsonTooLarge, Missing};
 use crate::ratelimit::Class;
 use crate::state::AppState;
 
+/// The caller's sandboxes (never wakes one).
+#[utoipa::path(
+    get,
+    path = "/sandboxes",
+    operation_id = "list_sandboxes",
+    tag = "sandboxes",
+    responses(
+        (status = 200, description = "The caller's sandboxes.", body = Vec<api_types::Sandbox>),
+        Authed
+    )
+)]
 pub async fn list(
     State(state): State<AppState>,
     User(user): User,
@@ -16,6 +28,21 @@ pub async fn list(
     Ok(Json(state.service.list(&user).await?))
 }
 
+/// Creates a sandbox and boots it; with a name that exists, answers that
+/// sandbox.
+#[utoipa::path(
+    post,
+    path = "/sandboxes",
+    operation_id = "create_sandbox",
+    tag = "sandboxes",
+    request_body = api_types::CreateSandbox,
+    responses(
+        (status = 201, description = "Created and running.", body = api_types::Sandbox),
+        (status = 200, description = "A sandbox of that name exists: it, unchanged.", body = api_types::Sandbox),
+        (status = 403, description = "Past a quota (sandboxes, CPUs, memory).", body = api_types::ErrorBody),
+        Authed, Invalid, JsonTooLarge, Guest
+    )
+)]
 pub async fn create(
     State(state): State<AppState>,
     User(user): User,
@@ -31,6 +58,18 @@ pub async fn create(
     Ok((status, Json(sandbox)))
 }
 
+/// One sandbox (never wakes it).
+#[utoipa::path(
+    get,
+    path = "/sandboxes/{id}",
+    operation_id = "get_sandbox",
+    tag = "sandboxes",
+    params(("id" = String, Path, description = "The sandbox's id or name.")),
+    responses(
+        (status = 200, description = "The sandbox.", body = api_types::Sandbox),
+        Authed, Missing
+    )
+)]
 pub async fn inspect(
     State(state): State<AppState>,
     User(user): User,
@@ -40,6 +79,19 @@ pub async fn inspect(
     Ok(Json(state.service.get(&user, &id).await?))
 }
 
+/// Changes a sandbox's `keep_hot` or labels.
+#[utoipa::path(
+    patch,
+    path = "/sandboxes/{id}",
+    operation_id = "patch_sandbox",
+    tag = "sandboxes",
+    params(("id" = String, Path, description = "The sandbox's id or name.")),
+    request_body = api_types::PatchSandbox,
+    responses(
+        (status = 200, description = "The sandbox as changed.", body = api_types::Sandbox),
+        Authed, Invalid, JsonTooLarge, Missing, Guest
+    )
+)]
 pub async fn patch(
     State(state): State<AppState>,
     User(user): User,
@@ -50,6 +102,19 @@ pub async fn patch(
     Ok(Json(state.service.patch(&user, &id, body).await?))
 }
 
+/// Destroys a sandbox: its VM, disk and publications (a create still
+/// running ends).
+#[utoipa::path(
+    delete,
+    path = "/sandboxes/{id}",
+    operation_id = "destroy_sandbox",
+    tag = "sandboxes",
+    params(("id" = String, Path, description = "The sandbox's id or name.")),
+    responses(
+        (status = 204, description = "Destroyed."),
+        Authed, Missing, Guest
+    )
+)]
 pub async fn destroy(
     State(state): State<AppState>,
     User(user): User,
@@ -61,6 +126,17 @@ pub async fn destroy(
 }
 
 /// `POST /sandboxes/:id/stop`: to cold (snapshot, VMM exits).
+#[utoipa::path(
+    post,
+    path = "/sandboxes/{id}/stop",
+    operation_id = "stop_sandbox",
+    tag = "sandboxes",
+    params(("id" = String, Path, description = "The sandbox's id or name.")),
+    responses(
+        (status = 200, description = "Cold: guest synced, snapshot written and verified, VM exited.", body = api_types::Sandbox),
+        Authed, Missing, Guest
+    )
+)]
 pub async fn stop(
     State(state): State<AppState>,
     User(user): User,
@@ -83,6 +159,20 @@ pub fn parse_start_query(q: Option<&str>) -> Result<bool, ApiError> {
 }
 
 /// `POST /sandboxes/:id/start[?force=true]`: wake (or boot a stopped one).
+#[utoipa::path(
+    post,
+    path = "/sandboxes/{id}/start",
+    operation_id = "start_sandbox",
+    tag = "sandboxes",
+    params(
+        ("id" = String, Path, description = "The sandbox's id or name."),
+        ("force" = Option<bool>, Query, description = "`true` first closes the circuit breaker a failed restore opened. No other query is accepted."),
+    ),
+    responses(
+        (status = 200, description = "Hot.", body = api_types::Sandbox),
+        Authed, Invalid, Missing, Guest
+    )
+)]
 pub async fn start(
     State(state): State<AppState>,
     User(user): User,
@@ -94,6 +184,18 @@ pub async fn start(
     Ok(Json(state.service.start_sandbox(&user, &id, force).await?))
 }
 
+/// The sandbox's PTY sessions (wakes it).
+#[utoipa::path(
+    get,
+    path = "/sandboxes/{id}/sessions",
+    operation_id = "list_sessions",
+    tag = "guest",
+    params(("id" = String, Path, description = "The sandbox's id or name.")),
+    responses(
+        (status = 200, description = "Its sessions.", body = Vec<api_types::SessionSummary>),
+        Authed, Missing, Guest
+    )
+)]
 pub async fn sessions(
     State(state): State<AppState>,
     User(user): User,

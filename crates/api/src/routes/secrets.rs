@@ -5,6 +5,7 @@ use axum::Json;
 use crate::auth::User;
 use crate::error::ApiError;
 use crate::extract::JsonBody;
+use crate::openapi::{Authed, Invalid, Missing};
 use crate::ratelimit::Class;
 use crate::state::{blocking, AppState};
 use crate::validate;
@@ -17,6 +18,17 @@ fn summary(r: &store::SecretRecord) -> api_types::SecretSummary {
     }
 }
 
+/// The caller's secrets: names and times, never values.
+#[utoipa::path(
+    get,
+    path = "/secrets",
+    operation_id = "list_secrets",
+    tag = "secrets",
+    responses(
+        (status = 200, description = "The caller's secrets.", body = Vec<api_types::SecretSummary>),
+        Authed
+    )
+)]
 pub async fn list(
     State(state): State<AppState>,
     User(user): User,
@@ -28,6 +40,19 @@ pub async fn list(
     Ok(Json(rows.iter().map(summary).collect()))
 }
 
+/// Stores a secret, encrypted (replaces one of the same name).
+#[utoipa::path(
+    post,
+    path = "/secrets",
+    operation_id = "create_secret",
+    tag = "secrets",
+    request_body = api_types::NewSecret,
+    responses(
+        (status = 201, description = "Stored.", body = api_types::SecretSummary),
+        (status = 413, description = "A value over 64 KiB, or a body over the JSON limit.", body = api_types::ErrorBody),
+        Authed, Invalid
+    )
+)]
 pub async fn create(
     State(state): State<AppState>,
     User(user): User,
@@ -55,6 +80,18 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(summary(&row))))
 }
 
+/// Deletes a secret.
+#[utoipa::path(
+    delete,
+    path = "/secrets/{name}",
+    operation_id = "delete_secret",
+    tag = "secrets",
+    params(("name" = String, Path, description = "The secret's name.")),
+    responses(
+        (status = 204, description = "Deleted."),
+        Authed, Missing
+    )
+)]
 pub async fn delete(
     State(state): State<AppState>,
     User(user): User,

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use agent_client::SessionEvent;
 use api_types::{ShellControl, ShellOpen};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
 use axum::response::Response;
@@ -13,16 +14,46 @@ use futures_util::{SinkExt, StreamExt};
 
 use crate::auth::User;
 use crate::error::ApiError;
+use crate::openapi::{Authed, Guest, Invalid, Missing};
 use crate::ratelimit::Class;
 use crate::service::ShellRequest;
 use crate::state::AppState;
 
+#[utoipa::path(
+    get,
+    path = "/sandboxes/{id}/ws",
+    operation_id = "shell",
+    tag = "guest",
+    description = "WebSocket (a GET with `Upgrade: websocket`): an interactive PTY session. \
+        The client's first text frame is a `ShellOpen`; the server answers \
+        `{\"type\":\"attached\",…}` (a `ShellControl`), replaying the session's scrollback \
+        when it attached to an existing one. Terminal bytes travel as **binary** frames both \
+        ways; control messages (`ShellControl`: `resize` and `detach` from the client; \
+        `exit`, `detached` and `error` from the server) as JSON text frames. Closing the \
+        socket detaches; the session lives on. Messages and frames of at most 1 MiB. \
+        Wakes the sandbox.",
+    params(
+        ("id" = String, Path, description = "The sandbox's id or name."),
+        ("Upgrade" = String, Header, description = "`websocket`."),
+        ("Connection" = String, Header, description = "`Upgrade`."),
+        ("Sec-WebSocket-Key" = String, Header, description = "The WebSocket handshake key."),
+        ("Sec-WebSocket-Version" = String, Header, description = "`13`."),
+    ),
+    responses(
+        (status = 101, description = "Switching Protocols: the shell protocol begins."),
+        Authed, Invalid, Missing, Guest
+    )
+)]
 pub async fn shell(
     State(state): State<AppState>,
     User(user): User,
     Path(id): Path<String>,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
+    // Not an upgrade: a JSON 400 like every other bad request.
+    let ws = ws.map_err(|e| {
+        ApiError::BadRequest(format!("expected a WebSocket upgrade: {}", e.body_text()))
+    })?;
     state.limit(&user, Class::Exec)?;
     // A missing or failed sandbox is an HTTP answer, before the upgrade.
     state.service.wake(&user, &id).await?;
