@@ -3,7 +3,7 @@
 //! wakes, the circuit breaker, the ticker, and a daemon restart with cold
 //! sandboxes. Each test in a network namespace of its own.
 //!
-//! Needs root and `qemu-system-x86_64`; otherwise prints `SKIP` and passes.
+//! Needs root and `qemu-system-x86_64`; otherwise prints `SKIP` (and fails under `scripts/test.sh`).
 
 mod common;
 

@@ -2,8 +2,8 @@
 //! the Debian cloud kernel, lohar as PID 1, each test in a network
 //! namespace of its own (bridges, TAPs and 10.x addresses live there).
 //!
-//! Needs root and `qemu-system-x86_64`; otherwise prints `SKIP` and
-//! passes. Images come from testkit's shared cache (built on first use).
+//! Needs root and `qemu-system-x86_64`; otherwise prints `SKIP` (and
+//! fails under `scripts/test.sh`). Images come from testkit's shared cache (built on first use).
 
 mod common;
 

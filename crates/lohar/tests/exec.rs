@@ -301,7 +301,7 @@ async fn bad_commands_get_clear_errors_and_the_connection_lives_on() {
 #[tokio::test]
 async fn runs_commands_as_the_configured_user() {
     if !is_root() {
-        println!("SKIP runs_commands_as_the_configured_user: needs root to switch users");
+        testkit::cannot_run("runs_commands_as_the_configured_user: needs root to switch users");
         return;
     }
     let a =

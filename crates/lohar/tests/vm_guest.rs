@@ -7,7 +7,7 @@
 //! client. One VM per tier, several checks each; cleanup (VM killed,
 //! namespace deleted) happens on drop however a check ends.
 //!
-//! Needs root and `qemu-system-x86_64`; without them it prints `SKIP`.
+//! Needs root and `qemu-system-x86_64`; without them it prints `SKIP` (and fails under `scripts/test.sh`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -29,11 +29,11 @@ const BOOT_DEADLINE: Duration = Duration::from_secs(90);
 
 fn skip() -> bool {
     if !is_root() {
-        println!("SKIP the VM tests need root");
+        testkit::cannot_run("the VM tests need root");
         return true;
     }
     if Command::new(QEMU).arg("--version").output().is_err() {
-        println!("SKIP {QEMU} is not installed");
+        testkit::cannot_run(&format!("{QEMU} is not installed"));
         return true;
     }
     false

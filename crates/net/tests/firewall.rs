@@ -93,7 +93,7 @@ fn save() -> String {
 #[test]
 fn isolates_users_guards_the_host_and_is_idempotent() {
     if !testkit::is_root() {
-        println!("SKIP firewall: needs root for namespaces and iptables");
+        testkit::cannot_run("firewall: needs root for namespaces and iptables");
         return;
     }
     let _host = Netns::enter("fw");

@@ -1,6 +1,6 @@
 //! The real [`IpRoute`] implementation, exercised inside a network
 //! namespace made by the test (never the host's). Needs root, as the whole
-//! VM and network suite does (`scripts/test.sh`); without it, prints `SKIP`.
+//! VM and network suite does (`scripts/test.sh`); without it, prints `SKIP` (and fails under `scripts/test.sh`).
 
 use std::net::Ipv4Addr;
 use std::process::Command;
@@ -38,7 +38,7 @@ fn config() -> NetworkConfig {
 /// Like the VM suites: without root there is nothing to test here.
 fn skip() -> bool {
     if !testkit::is_root() {
-        println!("SKIP the network tests need root (scripts/test.sh runs them as root)");
+        testkit::cannot_run("the network tests need root (scripts/test.sh runs them as root)");
         return true;
     }
     false

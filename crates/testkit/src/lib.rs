@@ -255,6 +255,21 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
+/// The variable `scripts/test.sh` sets: there, a test that cannot run its
+/// VM or namespace part fails rather than skips.
+pub const MUST_RUN_VAR: &str = "BHATTI_TESTS_MUST_RUN";
+
+/// Reports that a test cannot run here because of `reason`: under
+/// `scripts/test.sh` (see [`MUST_RUN_VAR`]) this panics, so the suite fails;
+/// elsewhere (a developer's plain `cargo test`) it prints `SKIP …` and the
+/// caller returns. A printed SKIP is never a pass to report.
+pub fn cannot_run(reason: &str) {
+    if std::env::var_os(MUST_RUN_VAR).is_some_and(|v| v == "1") {
+        panic!("{reason} ({MUST_RUN_VAR}=1: a test that cannot run fails here)");
+    }
+    println!("SKIP {reason}");
+}
+
 /// A fresh data directory whose `images/` links to the shared image cache
 /// (built for `tier` first): what a test daemon's `data_dir` needs.
 pub fn data_dir_with_images(tier: Tier) -> tempfile::TempDir {

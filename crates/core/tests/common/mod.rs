@@ -78,7 +78,7 @@ pub const QEMU: &str = "qemu-system-x86_64";
 /// Whether the VM suites cannot run here (printing why).
 pub fn skip() -> bool {
     if !testkit::is_root() {
-        println!("SKIP the VM tests need root");
+        testkit::cannot_run("the VM tests need root");
         return true;
     }
     if std::process::Command::new(QEMU)
@@ -86,7 +86,7 @@ pub fn skip() -> bool {
         .output()
         .is_err()
     {
-        println!("SKIP {QEMU} is not installed");
+        testkit::cannot_run(&format!("{QEMU} is not installed"));
         return true;
     }
     false
