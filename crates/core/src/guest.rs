@@ -26,6 +26,7 @@ use crate::boot::exited;
 use crate::error::{CoreError, Result};
 use crate::id::SandboxId;
 use crate::manager::{Entry, SandboxManager, Vm};
+use crate::registry::CallInFlight;
 
 /// Deadline of one request to the agent (a stat, a listing, one chunk of a
 /// file, opening a session or tunnel).
@@ -53,6 +54,8 @@ struct Watch {
     manager: SandboxManager,
     entry: Arc<Entry>,
     vm: Vm,
+    /// Keeps the thermal manager from pausing the VM under this call.
+    _busy: CallInFlight,
 }
 
 impl Watch {
@@ -103,6 +106,10 @@ impl Watch {
 impl SandboxManager {
     /// Wakes a sandbox and watches its VM for a call into the guest.
     async fn watch(&self, id: &SandboxId, operation: &'static str) -> Result<Watch> {
+        // In flight before the wake check: a tick that pauses after it sees
+        // this call (and a tick that paused just before it is undone at the
+        // next tick, which wakes a warm sandbox with calls in flight).
+        let busy = self.entry(id)?.begin_call();
         self.ensure_hot(id).await?;
         let entry = self.entry(id)?;
         let vm = self.running(&entry, operation)?;
@@ -110,6 +117,7 @@ impl SandboxManager {
             manager: self.clone(),
             entry,
             vm,
+            _busy: busy,
         })
     }
 

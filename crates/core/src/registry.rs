@@ -15,7 +15,7 @@
 //! it and gives up.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -55,6 +55,11 @@ pub(crate) struct Entry {
     vm: Mutex<Option<Vm>>,
     /// Host-side last use (Unix ms): every agent call touches it.
     last_activity_ms: AtomicU64,
+    /// Host-side guest calls in flight (each holds a [`CallInFlight`]): a
+    /// sandbox with one is busy whatever its idle time or its agent says —
+    /// a call can take longer than `warm_after` before the agent counts it
+    /// (connecting, authenticating on a loaded host).
+    calls_in_flight: Arc<AtomicUsize>,
     /// While cold: the agent client of the VM that was snapshotted. Its
     /// idle connections are frozen in the snapshot with the guest and work
     /// again after the restore, which saves the first calls a TCP
@@ -75,6 +80,7 @@ impl Entry {
             record: Mutex::new(record),
             vm: Mutex::new(None),
             last_activity_ms: AtomicU64::new(now_unix_ms()),
+            calls_in_flight: Arc::new(AtomicUsize::new(0)),
             cold_client: Mutex::new(None),
             cancel: watch::Sender::new(false),
         }
@@ -276,6 +282,35 @@ impl Entry {
     /// Milliseconds since the last host-side use.
     pub(crate) fn idle_ms(&self) -> u64 {
         now_unix_ms().saturating_sub(self.last_activity_ms.load(Ordering::Relaxed))
+    }
+
+    /// Marks a guest call in flight until the returned guard drops.
+    pub(crate) fn begin_call(&self) -> CallInFlight {
+        self.calls_in_flight.fetch_add(1, Ordering::SeqCst);
+        self.touch();
+        CallInFlight(self.calls_in_flight.clone())
+    }
+
+    /// Guest calls in flight now.
+    pub(crate) fn calls_in_flight(&self) -> usize {
+        self.calls_in_flight.load(Ordering::SeqCst)
+    }
+}
+
+/// One host-side guest call in flight (see [`Entry::begin_call`]).
+#[derive(Debug)]
+pub(crate) struct CallInFlight(Arc<AtomicUsize>);
+
+impl Clone for CallInFlight {
+    fn clone(&self) -> CallInFlight {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        CallInFlight(self.0.clone())
+    }
+}
+
+impl Drop for CallInFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -715,7 +715,8 @@ impl SandboxManager {
                 match thermal {
                     ThermalState::Hot => entry.idle_ms() >= policy.warm_after.as_millis() as u64,
                     ThermalState::Warm => {
-                        now.saturating_sub(since) >= policy.cold_after.as_millis() as u64
+                        entry.calls_in_flight() > 0
+                            || now.saturating_sub(since) >= policy.cold_after.as_millis() as u64
                     }
                     ThermalState::Cold => false,
                 }
@@ -746,6 +747,11 @@ impl SandboxManager {
             ThermalState::Hot => (
                 "go warm",
                 tokio::time::timeout(limit, self.cool_if_idle(entry)).await,
+            ),
+            // A call began just as the VM was paused: wake it, not freeze.
+            ThermalState::Warm if entry.calls_in_flight() > 0 => (
+                "wake for a call in flight",
+                tokio::time::timeout(limit, self.resume_locked(entry)).await,
             ),
             ThermalState::Warm => (
                 "go cold",
@@ -786,6 +792,11 @@ impl SandboxManager {
     async fn cool_if_idle(&self, entry: &Entry) -> Result<()> {
         if entry.idle_ms() < self.policy().warm_after.as_millis() as u64 {
             // Touched while we waited for the lock.
+            return Ok(());
+        }
+        if entry.calls_in_flight() > 0 {
+            // A host-side call is on its way to the agent (or in it).
+            entry.touch();
             return Ok(());
         }
         let vm = self.vm_of(entry, "pause")?;

@@ -568,6 +568,72 @@ async fn the_tick_cools_idle_sandboxes_and_spares_busy_ones() {
     h.assert_clean("destroyed");
 }
 
+/// A host-side call the agent does not count as activity (a download held
+/// open by a slow reader) keeps its sandbox hot: pausing under it would
+/// stall the stream, and freezing would end it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_in_flight_keeps_its_sandbox_hot() {
+    let h = harness_with(|c| {
+        c.thermal.warm_after = Duration::from_millis(100);
+        c.thermal.cold_after = Duration::from_millis(100);
+    });
+    let idle = h.create("idle").await;
+    let reading = h.create("reading").await;
+    run(&h.mgr, &reading.id, "head -c 8388608 /dev/zero > /tmp/big").await;
+    let mut download = h
+        .mgr
+        .read_file_stream(
+            &reading.id,
+            FileRead {
+                path: "/tmp/big".into(),
+                offset: None,
+                limit: None,
+                max_bytes: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(download.next_chunk().await.unwrap().is_some());
+    // The control goes warm, then cold, over these ticks; the sandbox with
+    // the download held open (its agent reports no command, no session)
+    // stays hot through all of them.
+    wait_for(
+        "the idle sandbox goes cold",
+        Duration::from_secs(10),
+        || async {
+            h.mgr.thermal_tick().await;
+            thermal(&h.mgr, &idle.id) == ThermalState::Cold
+        },
+    )
+    .await;
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        h.mgr.thermal_tick().await;
+    }
+    assert_eq!(thermal(&h.mgr, &reading.id), ThermalState::Hot);
+    // The download finishes whole.
+    let mut got = 0usize;
+    while let Some(chunk) = download.next_chunk().await.unwrap() {
+        got += chunk.len();
+    }
+    assert!(got > 0);
+    drop(download);
+    // Once nothing is in flight it cools like any other.
+    wait_for(
+        "the sandbox goes warm after its download",
+        Duration::from_secs(10),
+        || async {
+            h.mgr.thermal_tick().await;
+            thermal(&h.mgr, &reading.id) != ThermalState::Hot
+        },
+    )
+    .await;
+    for id in [&idle.id, &reading.id] {
+        h.mgr.destroy(id).await.unwrap();
+    }
+    h.assert_clean("destroyed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_after_a_crash_adopts_cold_sandboxes_and_orphaned_vmms() {
     let h = harness();
