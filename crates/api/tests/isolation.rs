@@ -403,20 +403,31 @@ fn a_hostile_guest_reaches_the_internet_and_its_siblings_and_nothing_else() {
             )
             .await;
         assert_eq!((s, v["exit_code"].as_i64()), (200, Some(0)), "{v}");
-        // A dual-stack server in a2 (IPv4 and IPv6 on one socket).
+        // The guest boots without IPv6 (lohar disables it before any link
+        // is up). A hostile root turns it back on — in a2, which then runs a
+        // dual-stack server (IPv4 and IPv6 on one socket), and in a1, which
+        // probes over it below.
+        const V6_ON: &str = "[ -s /proc/net/if_inet6 ] && echo IPV6_AT_BOOT; \
+             sudo sysctl -qw net.ipv6.conf.all.disable_ipv6=0 net.ipv6.conf.default.disable_ipv6=0 \
+               net.ipv6.conf.lo.disable_ipv6=0 net.ipv6.conf.eth0.disable_ipv6=0 && \
+             for i in $(seq 100); do ip -6 addr show dev eth0 scope link | grep -q inet6 && \
+               ! ip -6 addr show dev eth0 | grep -q tentative && break; sleep 0.1; done";
+        let (s, v) = alice.exec("a1", &["sh", "-c", V6_ON]).await;
+        assert_eq!((s, v["exit_code"].as_i64()), (200, Some(0)), "{v}");
+        assert!(
+            !v["stdout"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("IPV6_AT_BOOT"),
+            "a1 booted with IPv6: {v}"
+        );
         let (code, out) = {
-            let (s, v) = alice
-                .exec(
-                    "a2",
-                    &[
-                        "sh",
-                        "-c",
-                        "cd /tmp && (python3 -m http.server --bind :: 9000 >/dev/null 2>&1 &) ; \
-                         for i in $(seq 100); do python3 probe.py tcp ::1 9000 >/dev/null && break; sleep 0.1; done; \
-                         cat /proc/net/if_inet6",
-                    ],
-                )
-                .await;
+            let script = format!(
+                "{V6_ON}; cd /tmp && (python3 -m http.server --bind :: 9000 >/dev/null 2>&1 &) ; \
+                 for i in $(seq 100); do python3 probe.py tcp ::1 9000 >/dev/null && break; sleep 0.1; done; \
+                 cat /proc/net/if_inet6"
+            );
+            let (s, v) = alice.exec("a2", &["sh", "-c", &script]).await;
             assert_eq!(s, 200);
             (
                 v["exit_code"].as_i64().unwrap(),
@@ -424,6 +435,7 @@ fn a_hostile_guest_reaches_the_internet_and_its_siblings_and_nothing_else() {
             )
         };
         assert_eq!(code, 0, "{out}");
+        assert!(!out.contains("IPV6_AT_BOOT"), "a2 booted with IPv6: {out}");
 
         // Positive controls: the public host (NAT), the sibling, the
         // gateway's DNS (a sibling's name, a world name) and ping.
@@ -508,8 +520,8 @@ fn a_hostile_guest_reaches_the_internet_and_its_siblings_and_nothing_else() {
                     .collect::<Vec<_>>()
                     .join(":")
             });
-        // The guests' kernels do have IPv6 (a link-local address on eth0),
-        // so this probe is a real attempt.
+        // Both guests have IPv6 again (root turned it on; link-local on
+        // eth0), so this probe is a real attempt; the TAP guard drops it.
         let ll = a2_ll.unwrap_or_else(|| panic!("no IPv6 link-local in a2: {out}"));
         assert!(
             !probe(&alice, "a1", false, &format!("tcp {ll}%eth0 9000")).await,
