@@ -196,6 +196,10 @@ fn probe(vm: &FakeVm, body: &Value) -> Value {
         .iter()
         .map(|t| outcome(attach_tap(t)))
         .collect();
+    let create: Vec<String> = strings("create")
+        .iter()
+        .map(|p| outcome(std::fs::File::create(p)))
+        .collect();
     let rw = |p: &str| outcome(std::fs::OpenOptions::new().read(true).write(true).open(p));
     // SAFETY: plain system calls returning integers.
     let (uid, euid, gid, seccomp) = unsafe {
@@ -208,7 +212,7 @@ fn probe(vm: &FakeVm, body: &Value) -> Value {
     };
     json!({
         "uid": uid, "euid": euid, "gid": gid, "seccomp": seccomp,
-        "exists": exists, "taps": taps,
+        "exists": exists, "taps": taps, "create": create,
         "kvm": rw("/dev/kvm"), "tun": rw("/dev/net/tun"),
         "holds_tap": vm.tap.is_some(),
     })
@@ -716,7 +720,17 @@ async fn restore_needs_a_fresh_vm_and_a_matching_snapshot() -> Result<()> {
 
 /// Asks the fake what it sees from the inside.
 async fn probe_vm(vm: &FirecrackerVmm, paths: &[&Path], taps: &[&str]) -> Result<Value> {
-    let body = serde_json::to_vec(&json!({"paths": paths, "taps": taps}))?;
+    probe_create(vm, paths, taps, &[]).await
+}
+
+/// [`probe_vm`], also trying to create the files `create`.
+async fn probe_create(
+    vm: &FirecrackerVmm,
+    paths: &[&Path],
+    taps: &[&str],
+    create: &[&Path],
+) -> Result<Value> {
+    let body = serde_json::to_vec(&json!({"paths": paths, "taps": taps, "create": create}))?;
     let r = vm.api().request(Method::Put, "/probe", Some(&body)).await?;
     Ok(serde_json::from_slice(&r.body)?)
 }
@@ -882,6 +896,20 @@ async fn confined_fake_firecracker() -> Result<()> {
     );
     ensure!(p["kvm"] == "ok" && p["tun"] == "ok", "{p}");
     ensure!(p["holds_tap"] == true, "it did not attach its TAP: {p}");
+    // Its API socket cannot be swapped: the run directory is root's now,
+    // and only its out directory is its own.
+    let run = s.work_dir.join(RUN_DIR);
+    let c = probe_create(
+        &vm,
+        &[],
+        &[],
+        &[&run.join("planted"), &run.join("out").join("ok")],
+    )
+    .await?;
+    ensure!(
+        c["create"][0].as_str().unwrap_or("").contains("denied") && c["create"][1] == "ok",
+        "{c}"
+    );
     ensure!(
         p["taps"][0]
             .as_str()

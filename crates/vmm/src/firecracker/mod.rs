@@ -15,10 +15,11 @@
 //! VM's files at their host paths, [`RUN_DIR`] (its own, read-write), its
 //! log, and `/dev/kvm` and `/dev/net/tun` nodes of its own; in its cgroup;
 //! with its built-in seccomp filters (it is never given `--no-seccomp`).
-//! The VM's TAP is made the VMM user's while it runs. A snapshot is
-//! written into [`RUN_DIR`] and then moved by the daemon into the snapshot
-//! directory (which is not in the jail); a restore binds the snapshot's
-//! files read-only.
+//! The VM's TAP is made the VMM user's while it runs. Once its API answers,
+//! [`RUN_DIR`] becomes root's (the socket cannot be swapped) with
+//! [`OUT_DIR`] the VMM user's: a snapshot is written there and then moved
+//! by the daemon into the snapshot directory (which is not in the jail); a
+//! restore binds the snapshot's files read-only.
 
 pub mod api;
 pub mod model;
@@ -55,6 +56,9 @@ const MAX_VCPUS: u32 = 32;
 pub const RUN_DIR: &str = "fc";
 /// Name of the API socket in [`RUN_DIR`].
 pub const API_SOCKET: &str = "api.sock";
+/// Directory of [`RUN_DIR`] a confined Firecracker writes snapshots into
+/// (the VMM user's; [`RUN_DIR`] itself is root's once the API answers).
+pub const OUT_DIR: &str = "out";
 /// Name of Firecracker's log file in the work directory.
 pub const LOG_FILE: &str = "firecracker.log";
 /// The guest NIC's id (one NIC per VM).
@@ -422,11 +426,33 @@ impl FirecrackerVmm {
             }
         })
         .await;
-        if let Err(e) = ready {
+        if let Err(e) = ready.and_then(|()| self.lock_run_dir(&run)) {
             proc.signal(libc::SIGKILL);
             return Err(e);
         }
         Ok(proc)
+    }
+
+    /// Confined, once the API socket exists: [`RUN_DIR`] becomes root's
+    /// (0711), so the VMM user can no longer replace the socket the daemon
+    /// connects to (with a link to another socket), and gets [`OUT_DIR`]
+    /// of its own to write snapshots into.
+    fn lock_run_dir(&self, run: &Path) -> Result<()> {
+        let Some(conf) = &self.config.confinement else {
+            return Ok(());
+        };
+        let err = |source| VmmError::Confine {
+            what: format!("locking {}", run.display()),
+            source,
+        };
+        // SAFETY: geteuid(2)/getegid(2) cannot fail.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        std::os::unix::fs::lchown(run, Some(uid), Some(gid)).map_err(err)?;
+        std::fs::set_permissions(run, std::os::unix::fs::PermissionsExt::from_mode(0o711))
+            .map_err(err)?;
+        let out = run.join(OUT_DIR);
+        std::fs::create_dir(&out).map_err(err)?;
+        conf.own_dir(&out)
     }
 
     /// Prepares a confined launch: the run directory, log and snapshot
@@ -581,7 +607,7 @@ impl Vmm for FirecrackerVmm {
         // A confined Firecracker sees only its jail: it writes into its run
         // directory (the memory file of the spec is in the jail already)
         // and the daemon moves the files out.
-        let run = self.spec.work_dir.join(RUN_DIR);
+        let run = self.spec.work_dir.join(RUN_DIR).join(OUT_DIR);
         let (state_out, mem_out) = match &self.config.confinement {
             Some(_) => (
                 run.join(STATE_FILE),
