@@ -967,6 +967,20 @@ async fn confined_fake_firecracker() -> Result<()> {
     })
     .await?;
 
+    // A diff onto anonymous memory cannot be made in the jail: refused.
+    let diffy = FirecrackerVmm::new(
+        FirecrackerConfig {
+            track_dirty_pages: true,
+            ..config.clone()
+        },
+        s.clone(),
+    )?;
+    let e = diffy
+        .snapshot(&dir.path().join("diff"), SnapshotKind::Diff)
+        .await
+        .unwrap_err();
+    ensure!(e.to_string().contains("confined diff snapshot"), "{e}");
+
     // Positive control: the same probes, unconfined.
     let mut s3 = s.clone();
     s3.work_dir = dir.path().join("w3");

@@ -585,6 +585,17 @@ impl Vmm for FirecrackerVmm {
                 operation: "diff snapshot without dirty page tracking",
             });
         }
+        // Confined, anonymous memory is written to a fresh file in the
+        // jail: a diff onto an earlier memory file cannot be made there.
+        if kind == SnapshotKind::Diff
+            && self.config.confinement.is_some()
+            && self.spec.memory.file().is_none()
+        {
+            return Err(VmmError::Unsupported {
+                engine: EngineKind::Firecracker,
+                operation: "confined diff snapshot without a memory file in the spec",
+            });
+        }
         let _op = self.ops.lock().await;
         let from = self.slot.state();
         let next = self.slot.next_state(Op::Snapshot)?;
