@@ -910,6 +910,26 @@ async fn confined_fake_firecracker() -> Result<()> {
         c["create"][0].as_str().unwrap_or("").contains("denied") && c["create"][1] == "ok",
         "{c}"
     );
+    {
+        // Nothing in it open to others: `find DATA -perm /o+rwx` stays empty.
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let m = std::fs::metadata(&run)?;
+        ensure!(
+            m.uid() == 0 && m.gid() == conf.gid,
+            "{}:{}",
+            m.uid(),
+            m.gid()
+        );
+        ensure!(
+            m.permissions().mode() & 0o777 == 0o710,
+            "run dir mode {:o}",
+            m.mode()
+        );
+        for f in [run.join("api.sock"), run.join("out").join("ok")] {
+            let mode = std::fs::symlink_metadata(&f)?.permissions().mode();
+            ensure!(mode & 0o077 == 0, "{}: mode {mode:o}", f.display());
+        }
+    }
     ensure!(
         p["taps"][0]
             .as_str()

@@ -511,8 +511,8 @@ impl VmConfinement {
         self.keep_fds.push(fd);
     }
 
-    /// In the child: join the cgroup, enter the jail, drop to the VMM user.
-    /// Async-signal-safe.
+    /// In the child: join the cgroup, enter the jail, drop to the VMM user,
+    /// umask 077. Async-signal-safe.
     pub(crate) fn apply_in_child(&self) -> io::Result<()> {
         self.cgroup.join_self()?;
         self.plan.enter()?;
@@ -533,6 +533,9 @@ impl VmConfinement {
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
                 return Err(io::Error::last_os_error());
             }
+            // What the VMM creates itself (Firecracker's API socket and
+            // snapshot files) is its user's alone.
+            libc::umask(0o077);
         }
         Ok(())
     }

@@ -16,7 +16,8 @@
 //! log, and `/dev/kvm` and `/dev/net/tun` nodes of its own; in its cgroup;
 //! with its built-in seccomp filters (it is never given `--no-seccomp`).
 //! The VM's TAP is made the VMM user's while it runs. Once its API answers,
-//! [`RUN_DIR`] becomes root's (the socket cannot be swapped) with
+//! [`RUN_DIR`] becomes root's (the socket cannot be swapped; group the
+//! VMM's, 0710) with
 //! [`OUT_DIR`] the VMM user's: a snapshot is written there and then moved
 //! by the daemon into the snapshot directory (which is not in the jail); a
 //! restore binds the snapshot's files read-only.
@@ -434,9 +435,9 @@ impl FirecrackerVmm {
     }
 
     /// Confined, once the API socket exists: [`RUN_DIR`] becomes root's
-    /// (0711), so the VMM user can no longer replace the socket the daemon
-    /// connects to (with a link to another socket), and gets [`OUT_DIR`]
-    /// of its own to write snapshots into.
+    /// (`root:<VMM group> 0710`), so the VMM user can no longer replace the
+    /// socket the daemon connects to (with a link to another socket), and
+    /// gets [`OUT_DIR`] of its own to write snapshots into.
     fn lock_run_dir(&self, run: &Path) -> Result<()> {
         let Some(conf) = &self.config.confinement else {
             return Ok(());
@@ -445,10 +446,10 @@ impl FirecrackerVmm {
             what: format!("locking {}", run.display()),
             source,
         };
-        // SAFETY: geteuid(2)/getegid(2) cannot fail.
-        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
-        std::os::unix::fs::lchown(run, Some(uid), Some(gid)).map_err(err)?;
-        std::fs::set_permissions(run, std::os::unix::fs::PermissionsExt::from_mode(0o711))
+        // SAFETY: geteuid(2) cannot fail.
+        let uid = unsafe { libc::geteuid() };
+        std::os::unix::fs::lchown(run, Some(uid), Some(conf.gid)).map_err(err)?;
+        std::fs::set_permissions(run, std::os::unix::fs::PermissionsExt::from_mode(0o710))
             .map_err(err)?;
         let out = run.join(OUT_DIR);
         std::fs::create_dir(&out).map_err(err)?;
