@@ -61,7 +61,8 @@ pub fn new_vmm(choice: &EngineChoice, spec: VmSpec) -> Result<Box<dyn Vmm>> {
     new_vmm_confined(choice, None, spec)
 }
 
-/// [`new_vmm`] with the VMM confined (QEMU; `None`: unconfined).
+/// [`new_vmm`] with the VMM confined (QEMU, Firecracker; `None`:
+/// unconfined).
 pub fn new_vmm_confined(
     choice: &EngineChoice,
     confinement: Option<std::sync::Arc<confine::Confinement>>,
@@ -80,10 +81,8 @@ pub fn new_vmm_confined(
         }
         #[cfg(feature = "firecracker")]
         EngineKind::Firecracker => {
-            // Not confined yet (its jailer is not wired): ConfineState
-            // says so.
-            let _ = confinement;
-            let config = firecracker::FirecrackerConfig::new(choice.binary.clone());
+            let config =
+                firecracker::FirecrackerConfig::new(choice.binary.clone()).confined(confinement);
             Ok(Box::new(firecracker::FirecrackerVmm::new(config, spec)?))
         }
         EngineKind::Fake => Err(VmmError::Unsupported {

@@ -5,12 +5,17 @@
 //! it serves the subset of the Firecracker API we use on that Unix socket,
 //! checks every body against the API's field names, records each request
 //! in `requests.jsonl` beside the socket, writes its "guest console" to
-//! stdout and exits on `SendCtrlAltDel`, like Firecracker. Without
-//! `--api-sock` it runs the tests below (custom harness). The real-VM test
-//! is `firecracker_vm.rs`.
+//! stdout and exits on `SendCtrlAltDel`, like Firecracker. Not running as
+//! root (confined), it also attaches to its TAP by name at
+//! `PUT /network-interfaces`, as Firecracker does; and it answers
+//! `PUT /probe` (not Firecracker's) with what it sees from the inside: its
+//! uid, seccomp mode, which paths exist, whether it can open `/dev/kvm`,
+//! `/dev/net/tun` and given TAPs. Without `--api-sock` it runs the tests
+//! below (custom harness). The real-VM test is `firecracker_vm.rs`.
 
 use std::future::Future;
 use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -22,7 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use vmm::firecracker::api::{ApiClient, ApiError, Method};
 use vmm::firecracker::model::*;
-use vmm::firecracker::{boot_plan, FirecrackerConfig, FirecrackerVmm};
+use vmm::firecracker::{boot_plan, FirecrackerConfig, FirecrackerVmm, RUN_DIR};
 use vmm::{
     DriveSpec, ExitStatusKind, NetSpec, ShutdownPath, SnapshotKind, VmSpec, VmState, Vmm, VmmError,
 };
@@ -139,6 +144,78 @@ struct FakeVm {
     paused: bool,
     mem_mib: u32,
     quit: bool,
+    /// The TAP it attached to, held open like Firecracker holds its own.
+    tap: Option<OwnedFd>,
+}
+
+/// Attaches to the persistent TAP `name` as Firecracker does: opens
+/// `/dev/net/tun` and `TUNSETIFF`s the name.
+fn attach_tap(name: &str) -> std::io::Result<OwnedFd> {
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")?;
+    // SAFETY: ifreq is plain data; zeroed is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in ifr.ifr_name.iter_mut().zip(name.bytes().take(15)) {
+        *d = s as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_flags =
+        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+    // SAFETY: TUNSETIFF reads the ifreq we pass; the fd is open.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &ifr) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(tun.into())
+}
+
+fn outcome<T>(r: std::io::Result<T>) -> String {
+    match r {
+        Ok(_) => "ok".into(),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// `PUT /probe`: what the fake sees from where it runs.
+fn probe(vm: &FakeVm, body: &Value) -> Value {
+    let strings = |k: &str| -> Vec<String> {
+        body[k]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let exists: Vec<bool> = strings("paths")
+        .iter()
+        .map(|p| Path::new(p).exists())
+        .collect();
+    let taps: Vec<String> = strings("taps")
+        .iter()
+        .map(|t| outcome(attach_tap(t)))
+        .collect();
+    let create: Vec<String> = strings("create")
+        .iter()
+        .map(|p| outcome(std::fs::File::create(p)))
+        .collect();
+    let rw = |p: &str| outcome(std::fs::OpenOptions::new().read(true).write(true).open(p));
+    // SAFETY: plain system calls returning integers.
+    let (uid, euid, gid, seccomp) = unsafe {
+        (
+            libc::getuid(),
+            libc::geteuid(),
+            libc::getgid(),
+            libc::prctl(libc::PR_GET_SECCOMP, 0, 0, 0, 0),
+        )
+    };
+    json!({
+        "uid": uid, "euid": euid, "gid": gid, "seccomp": seccomp,
+        "exists": exists, "taps": taps, "create": create,
+        "kvm": rw("/dev/kvm"), "tun": rw("/dev/net/tun"),
+        "holds_tap": vm.tap.is_some(),
+    })
 }
 
 /// The Firecracker API subset, with Firecracker's state rules.
@@ -207,6 +284,18 @@ fn fake_route(vm: &mut FakeVm, req: &Req) -> Result<Resp, Resp> {
                     "The id from the path does not match the id from the body!",
                 ));
             }
+            // Firecracker opens its TAP here. As root the fake does not: a
+            // TUNSETIFF of a name that does not exist would make a TAP on
+            // the host.
+            // SAFETY: geteuid(2) cannot fail.
+            if unsafe { libc::geteuid() } != 0 {
+                let tap = attach_tap(&n.host_dev_name).map_err(|e| {
+                    fault(&format!(
+                        "Could not create the network device: Open tap device failed: {e}"
+                    ))
+                })?;
+                vm.tap = Some(tap);
+            }
             vm.configured = true;
             Ok((204, None))
         }
@@ -255,15 +344,20 @@ fn fake_route(vm: &mut FakeVm, req: &Req) -> Result<Resp, Resp> {
             if vm.started || vm.configured {
                 return Err(fault("Loading a microVM snapshot not allowed after configuring boot-specific resources."));
             }
+            // Firecracker opens both (read-only) and reads the state.
             for f in [&l.snapshot_path, &l.mem_backend.backend_path] {
-                if !f.exists() {
-                    return Err(fault(&format!("Cannot open {}", f.display())));
-                }
+                std::fs::File::open(f)
+                    .map_err(|e| fault(&format!("Cannot open {}: {e}", f.display())))?;
             }
+            std::fs::read(&l.snapshot_path).map_err(|e| fault(&e.to_string()))?;
             vm.started = true;
             vm.paused = !l.resume_vm;
             Ok((204, None))
         }
+        ("PUT", "/probe") => Ok((
+            200,
+            Some(probe(vm, req.body.as_ref().unwrap_or(&Value::Null)).to_string()),
+        )),
         _ => Err(fault("Invalid request method and/or path")),
     }
 }
@@ -324,7 +418,7 @@ fn fake_firecracker_main(args: &[String]) -> ! {
 // ---------------------------------------------------------------- tests
 
 fn recorded(work: &Path) -> Vec<Value> {
-    std::fs::read_to_string(work.join("requests.jsonl"))
+    std::fs::read_to_string(work.join(RUN_DIR).join("requests.jsonl"))
         .unwrap_or_default()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -452,7 +546,11 @@ async fn full_lifecycle_against_the_fake_binary() -> Result<()> {
     let vm = FirecrackerVmm::new(fc_config(), s.clone())?;
     vm.boot().await?;
     assert_eq!(vm.state(), VmState::Running);
-    assert!(std::fs::read_to_string(&s.serial_log)?.contains("fake guest: booted"));
+    // The console reaches the log through the daemon's copier.
+    wait_for("the console is in the serial log", || {
+        std::fs::read_to_string(&s.serial_log).is_ok_and(|l| l.contains("fake guest: booted"))
+    })
+    .await?;
     vm.pause().await?;
     vm.resume().await?;
     let snap = dir.path().join("snap");
@@ -618,6 +716,330 @@ async fn restore_needs_a_fresh_vm_and_a_matching_snapshot() -> Result<()> {
     Ok(())
 }
 
+// ---------------------------------------------------------------- confined
+
+/// Asks the fake what it sees from the inside.
+async fn probe_vm(vm: &FirecrackerVmm, paths: &[&Path], taps: &[&str]) -> Result<Value> {
+    probe_create(vm, paths, taps, &[]).await
+}
+
+/// [`probe_vm`], also trying to create the files `create`.
+async fn probe_create(
+    vm: &FirecrackerVmm,
+    paths: &[&Path],
+    taps: &[&str],
+    create: &[&Path],
+) -> Result<Value> {
+    let body = serde_json::to_vec(&json!({"paths": paths, "taps": taps, "create": create}))?;
+    let r = vm.api().request(Method::Put, "/probe", Some(&body)).await?;
+    Ok(serde_json::from_slice(&r.body)?)
+}
+
+fn dev_ino(p: &str) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(p).unwrap_or_else(|e| panic!("{p}: {e}"));
+    (m.dev(), m.ino())
+}
+
+fn status_field(pid: u32, name: &str) -> Vec<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .unwrap_or_else(|| panic!("no {name} in {status}"))
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The memory limit of `pid`'s cgroup, as the confinement's controllers
+/// hold it (v1 `memory.limit_in_bytes` or v2 `memory.max`).
+fn memory_limit(pid: u32, conf: &vmm::confine::Confinement) -> Result<String> {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+    let file = match conf.cgroups() {
+        vmm::confine::cgroup::CgroupHost::V1 { memory, .. } => {
+            let line = cgroups
+                .lines()
+                .find(|l| {
+                    l.split(':')
+                        .nth(1)
+                        .is_some_and(|c| c.split(',').any(|c| c == "memory"))
+                })
+                .context("no memory cgroup")?;
+            let path = line.splitn(3, ':').nth(2).unwrap().trim_start_matches('/');
+            memory.join(path).join("memory.limit_in_bytes")
+        }
+        vmm::confine::cgroup::CgroupHost::V2 { root } => {
+            let path = cgroups
+                .lines()
+                .find_map(|l| l.strip_prefix("0::/"))
+                .context("no v2 cgroup")?;
+            root.join(path).join("memory.max")
+        }
+    };
+    Ok(std::fs::read_to_string(file)?.trim().to_string())
+}
+
+/// The owner `ip -d link` shows for a TAP (`user NAME`).
+fn tap_owner(tap: &str) -> String {
+    let out = testkit::run("ip", &["-d", "link", "show", "dev", tap]);
+    out.split_whitespace()
+        .skip_while(|w| *w != "user")
+        .nth(1)
+        .unwrap_or("none")
+        .to_string()
+}
+
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) -> Result<()> {
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        ensure!(
+            std::time::Instant::now() < end,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// The fake, launched confined exactly as Firecracker would be, from the
+/// outside: not root, a root and mount namespace not the host's, a memory
+/// limit, no `--no-seccomp`; from the inside: its uid, its files there and
+/// another sandbox's absent, `/dev/kvm` and `/dev/net/tun` openable, its
+/// own TAP attached and another sandbox's refused. A snapshot lands in the
+/// snapshot directory as the VMM user's 0600 files the daemon reads; the
+/// restore runs confined and loads them; the cgroup goes and the TAP is
+/// the daemon's again after each exit. Then the same probes unconfined
+/// (positive control) show root and the host's files.
+async fn confined_fake_firecracker() -> Result<()> {
+    let conf = match vmm::confine::Confinement::prepare(
+        &vmm::ConfineConfig {
+            cgroup_parent: "bhatti-test-fc".into(),
+            ..Default::default()
+        },
+        vmm::EngineKind::Firecracker,
+    )? {
+        vmm::ConfineState::On(c) => c,
+        other => anyhow::bail!("confinement is not on: {other}"),
+    };
+    testkit::run(
+        "ip",
+        &["tuntap", "add", "dev", "tfc0", "mode", "tap", "user", "0"],
+    );
+    testkit::run(
+        "ip",
+        &["tuntap", "add", "dev", "tfc1", "mode", "tap", "user", "0"],
+    );
+    let dir = tempfile::tempdir()?;
+    // Another sandbox's directory, as the data dir has them side by side.
+    let other = dir.path().join("other-sandbox");
+    std::fs::create_dir(&other)?;
+    let secret = other.join("disk.ext4");
+    std::fs::write(&secret, b"someone else's disk")?;
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+    let mut s = spec(dir.path());
+    s.net.as_mut().unwrap().tap = "tfc0".into();
+    let config = fc_config().confined(Some(conf.clone()));
+    let vm = FirecrackerVmm::new(config.clone(), s.clone())?;
+    vm.boot().await?;
+    let pid = vm.pid().context("pid")?;
+
+    // From the outside.
+    let uids = status_field(pid, "Uid:");
+    ensure!(
+        uids.iter().all(|u| *u == conf.uid.to_string()),
+        "uids {uids:?}"
+    );
+    ensure!(status_field(pid, "Gid:").iter().all(|g| g != "0"));
+    ensure!(
+        dev_ino(&format!("/proc/{pid}/root/")) != dev_ino("/"),
+        "its root is the host's"
+    );
+    ensure!(
+        std::fs::read_link(format!("/proc/{pid}/ns/mnt"))?
+            != std::fs::read_link("/proc/self/ns/mnt")?,
+        "it shares the host's mount namespace"
+    );
+    let limit = memory_limit(pid, &conf)?;
+    ensure!(
+        limit == conf.limits(&s).memory_bytes.to_string(),
+        "memory limit {limit}"
+    );
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))?;
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    ensure!(
+        cmdline.contains("--api-sock") && !cmdline.contains("seccomp"),
+        "{cmdline}"
+    );
+    ensure!(
+        tap_owner("tfc0") == conf.user,
+        "tfc0 owner {}",
+        tap_owner("tfc0")
+    );
+    ensure!(tap_owner("tfc1") == "root");
+
+    // From the inside.
+    let passwd = Path::new("/etc/passwd");
+    let p = probe_vm(
+        &vm,
+        &[&s.kernel, &s.drives[0].path, &secret, passwd, &s.serial_log],
+        &["tfc1"],
+    )
+    .await?;
+    ensure!(
+        p["uid"] == conf.uid && p["euid"] == conf.uid && p["gid"] == conf.gid,
+        "{p}"
+    );
+    ensure!(
+        p["exists"] == json!([true, true, false, false, false]),
+        "{p}"
+    );
+    ensure!(p["kvm"] == "ok" && p["tun"] == "ok", "{p}");
+    ensure!(p["holds_tap"] == true, "it did not attach its TAP: {p}");
+    // Its API socket cannot be swapped: the run directory is root's now,
+    // and only its out directory is its own.
+    let run = s.work_dir.join(RUN_DIR);
+    let c = probe_create(
+        &vm,
+        &[],
+        &[],
+        &[&run.join("planted"), &run.join("out").join("ok")],
+    )
+    .await?;
+    ensure!(
+        c["create"][0].as_str().unwrap_or("").contains("denied") && c["create"][1] == "ok",
+        "{c}"
+    );
+    {
+        // Nothing in it open to others: `find DATA -perm /o+rwx` stays empty.
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let m = std::fs::metadata(&run)?;
+        ensure!(
+            m.uid() == 0 && m.gid() == conf.gid,
+            "{}:{}",
+            m.uid(),
+            m.gid()
+        );
+        ensure!(
+            m.permissions().mode() & 0o777 == 0o710,
+            "run dir mode {:o}",
+            m.mode()
+        );
+        for f in [run.join("api.sock"), run.join("out").join("ok")] {
+            let mode = std::fs::symlink_metadata(&f)?.permissions().mode();
+            ensure!(mode & 0o077 == 0, "{}: mode {mode:o}", f.display());
+        }
+    }
+    ensure!(
+        p["taps"][0]
+            .as_str()
+            .unwrap_or("")
+            .contains("not permitted"),
+        "{p}"
+    );
+
+    // Snapshot: written inside, moved out by the daemon.
+    vm.pause().await?;
+    let snap = dir.path().join("snap");
+    let info = vm.snapshot(&snap, SnapshotKind::Full).await?;
+    ensure!(info.state_bytes > 0);
+    for f in ["vmstate", "memory"] {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let m = std::fs::symlink_metadata(snap.join(f))?;
+        ensure!(m.is_file() && m.uid() == conf.uid, "{f}: uid {}", m.uid());
+        ensure!(
+            m.permissions().mode() & 0o777 == 0o600,
+            "{f}: mode {:o}",
+            m.mode()
+        );
+    }
+    ensure!(std::fs::read(snap.join("vmstate"))? == b"fake microVM state");
+    let cg = conf.cgroup_of(&s.work_dir);
+    vm.kill().await?;
+    wait_for("the cgroup goes", || cg.dirs().iter().all(|d| !d.exists())).await?;
+    wait_for("the TAP is root's again", || tap_owner("tfc0") == "root").await?;
+
+    // Restore, confined, from the moved files.
+    let mut s2 = s.clone();
+    s2.work_dir = dir.path().join("w2");
+    s2.serial_log = s2.work_dir.join("serial.log");
+    let restored = FirecrackerVmm::new(config.clone(), s2.clone())?;
+    restored.restore(&snap).await?;
+    let rpid = restored.pid().context("pid")?;
+    ensure!(status_field(rpid, "Uid:")[0] == conf.uid.to_string());
+    let p = probe_vm(
+        &restored,
+        &[
+            &snap.join("vmstate"),
+            &snap.join(vmm::snapshot::MANIFEST),
+            &s.work_dir,
+        ],
+        &[],
+    )
+    .await?;
+    ensure!(p["uid"] == conf.uid, "{p}");
+    ensure!(p["exists"] == json!([true, false, false]), "{p}");
+    let report = restored.shutdown(Duration::from_secs(10)).await?;
+    ensure!(report.exit.status == ExitStatusKind::Code(0), "{report:?}");
+    let cg2 = conf.cgroup_of(&s2.work_dir);
+    wait_for("the restored VMM's cgroup goes", || {
+        cg2.dirs().iter().all(|d| !d.exists())
+    })
+    .await?;
+
+    // A diff onto anonymous memory cannot be made in the jail: refused.
+    let diffy = FirecrackerVmm::new(
+        FirecrackerConfig {
+            track_dirty_pages: true,
+            ..config.clone()
+        },
+        s.clone(),
+    )?;
+    let e = diffy
+        .snapshot(&dir.path().join("diff"), SnapshotKind::Diff)
+        .await
+        .unwrap_err();
+    ensure!(e.to_string().contains("confined diff snapshot"), "{e}");
+
+    // Positive control: the same probes, unconfined.
+    let mut s3 = s.clone();
+    s3.work_dir = dir.path().join("w3");
+    s3.serial_log = s3.work_dir.join("serial.log");
+    let free = FirecrackerVmm::new(fc_config(), s3.clone())?;
+    free.boot().await?;
+    let fpid = free.pid().context("pid")?;
+    ensure!(status_field(fpid, "Uid:")[0] == "0");
+    ensure!(dev_ino(&format!("/proc/{fpid}/root/")) == dev_ino("/"));
+    let p = probe_vm(&free, &[&s3.kernel, &secret, passwd], &[]).await?;
+    ensure!(
+        p["uid"] == 0 && p["exists"] == json!([true, true, true]),
+        "{p}"
+    );
+    free.kill().await?;
+    Ok(())
+}
+
+/// Runs [`confined_fake_firecracker`] in a network namespace of its own
+/// (for its TAPs), on a thread that entered it. Needs root.
+async fn a_confined_fake_firecracker_sees_only_its_jail() -> Result<()> {
+    if !testkit::is_root() {
+        testkit::cannot_run("firecracker confinement: needs root");
+        return Ok(());
+    }
+    tokio::task::spawn_blocking(|| {
+        std::thread::spawn(|| {
+            let _ns = testkit::Netns::enter("fcjail");
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(confined_fake_firecracker())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the confined test panicked"))?
+    })
+    .await?
+}
+
 // ---------------------------------------------------------------- harness
 
 type TestFn = fn() -> Pin<Box<dyn Future<Output = Result<()>>>>;
@@ -642,6 +1064,9 @@ fn main() {
         }),
         ("restore_needs_a_fresh_vm_and_a_matching_snapshot", || {
             Box::pin(restore_needs_a_fresh_vm_and_a_matching_snapshot())
+        }),
+        ("a_confined_fake_firecracker_sees_only_its_jail", || {
+            Box::pin(a_confined_fake_firecracker_sees_only_its_jail())
         }),
     ];
     // `cargo test NAME` passes NAME; flags (--nocapture, …) are ignored.

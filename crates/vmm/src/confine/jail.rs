@@ -4,6 +4,12 @@
 //! path it has on the host (so the command line is the same confined or
 //! not). Built between fork and exec from a plan computed before the fork:
 //! [`JailPlan::enter`] makes only system calls, no allocation.
+//!
+//! A VMM that opens device nodes itself (Firecracker opens `/dev/kvm` and
+//! `/dev/net/tun` by path) gets its own nodes made in the jail with
+//! `mknod`, owned by the VMM user, mode 0600 ([`DevNode`]) — what
+//! Firecracker's `jailer` does in its chroot — so the host's nodes keep
+//! their modes.
 
 use std::collections::BTreeSet;
 use std::ffi::CString;
@@ -22,6 +28,31 @@ pub struct Bind {
     pub read_only: bool,
 }
 
+/// A character device node made in the jail (not bound from the host),
+/// owned by the VMM user, mode 0600.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DevNode {
+    /// Path inside the jail (absolute, normal).
+    pub path: &'static str,
+    /// Major number.
+    pub major: u32,
+    /// Minor number.
+    pub minor: u32,
+}
+
+/// `/dev/kvm` (misc device, minor 232, fixed by the kernel).
+pub const KVM_NODE: DevNode = DevNode {
+    path: "/dev/kvm",
+    major: 10,
+    minor: 232,
+};
+/// `/dev/net/tun` (misc device, minor 200, fixed by the kernel).
+pub const TUN_NODE: DevNode = DevNode {
+    path: "/dev/net/tun",
+    major: 10,
+    minor: 200,
+};
+
 /// One step of building the jail.
 #[derive(Debug)]
 enum Step {
@@ -36,6 +67,13 @@ enum Step {
         src: CString,
         dst: CString,
         read_only: bool,
+    },
+    /// `mknod` a character device, then `chown` it.
+    Mknod {
+        at: CString,
+        dev: libc::dev_t,
+        uid: libc::uid_t,
+        gid: libc::gid_t,
     },
 }
 
@@ -74,6 +112,17 @@ impl JailPlan {
     /// symlinks, `/usr` read-only and `binds`. Every bind path must be
     /// absolute and normal (no `..`).
     pub fn new(root: &Path, binds: &[Bind]) -> io::Result<JailPlan> {
+        Self::with_nodes(root, binds, &[], (0, 0))
+    }
+
+    /// [`JailPlan::new`] plus device `nodes` made in the jail, owned by
+    /// `owner` (uid, gid), mode 0600.
+    pub fn with_nodes(
+        root: &Path,
+        binds: &[Bind],
+        nodes: &[DevNode],
+        owner: (u32, u32),
+    ) -> io::Result<JailPlan> {
         let mut all: Vec<Bind> = vec![Bind {
             path: "/usr".into(),
             dir: true,
@@ -117,6 +166,21 @@ impl JailPlan {
                 dirs.insert(p.clone());
             }
         }
+        for n in nodes {
+            let p = Path::new(n.path);
+            if !p.is_absolute() || p.components().any(|c| c == Component::ParentDir) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{}: not an absolute, normal path", p.display()),
+                ));
+            }
+            let mut d = PathBuf::from("/");
+            let comps: Vec<_> = p.components().skip(1).collect();
+            for c in &comps[..comps.len().saturating_sub(1)] {
+                d.push(c);
+                dirs.insert(d.clone());
+            }
+        }
         // BTreeSet order puts a parent before its children.
         let mut mk: Vec<Step> = Vec::new();
         for d in &dirs {
@@ -132,6 +196,14 @@ impl JailPlan {
                 src: cstr(&b.path)?,
                 dst,
                 read_only: b.read_only,
+            });
+        }
+        for n in nodes {
+            binds_out.push(Step::Mknod {
+                at: cstr(&inside(root, Path::new(n.path)))?,
+                dev: libc::makedev(n.major, n.minor),
+                uid: owner.0,
+                gid: owner.1,
             });
         }
         mk.append(&mut steps);
@@ -194,6 +266,10 @@ impl JailPlan {
                             return Err(io::Error::last_os_error());
                         }
                         libc::close(fd);
+                    }
+                    Step::Mknod { at, dev, uid, gid } => {
+                        check(libc::mknod(at.as_ptr(), libc::S_IFCHR | 0o600, *dev))?;
+                        check(libc::chown(at.as_ptr(), *uid, *gid))?;
                     }
                     Step::Symlink { target, at } => {
                         check(libc::symlink(target.as_ptr(), at.as_ptr()))?;
@@ -289,6 +365,35 @@ mod tests {
         assert!(text.contains(
             "Bind { src: \"/data/sandboxes/sb-1/disk.ext4\", dst: \"/run/j/data/sandboxes/sb-1/disk.ext4\", read_only: false }"
         ));
+    }
+
+    #[test]
+    fn device_nodes_are_made_owned_by_the_vmm_user() {
+        let plan =
+            JailPlan::with_nodes(Path::new("/run/j"), &[], &[KVM_NODE, TUN_NODE], (999, 995))
+                .unwrap();
+        let text = format!("{:?}", plan.steps);
+        for d in ["/run/j/dev\"", "/run/j/dev/net\""] {
+            assert_eq!(
+                text.matches(&format!("Mkdir(\"{d})")).count(),
+                1,
+                "{d} in {text}"
+            );
+        }
+        let kvm = format!(
+            "Mknod {{ at: \"/run/j/dev/kvm\", dev: {}, uid: 999, gid: 995 }}",
+            libc::makedev(10, 232)
+        );
+        let tun = format!(
+            "Mknod {{ at: \"/run/j/dev/net/tun\", dev: {}, uid: 999, gid: 995 }}",
+            libc::makedev(10, 200)
+        );
+        assert!(text.contains(&kvm), "{text}");
+        assert!(text.contains(&tun), "{text}");
+        // Parents exist before the node is made.
+        assert!(text.find("Mkdir(\"/run/j/dev/net\")").unwrap() < text.find(&tun).unwrap());
+        // Nothing of the host's /dev is bound.
+        assert!(!text.contains("src: \"/dev"), "{text}");
     }
 
     #[test]

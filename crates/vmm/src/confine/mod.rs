@@ -21,8 +21,14 @@
 //! snapshot state files (QMP `getfd`, as before), and its console goes to
 //! a pipe the daemon reads (see `process::console`).
 //!
-//! Firecracker is not confined yet (its jailer is not wired):
-//! [`ConfineState::Unsupported`] says so in the engine line.
+//! A confined Firecracker gets the same user, namespace and cgroup —
+//! what Firecracker's own `jailer` does (chroot, uid/gid drop, cgroup) —
+//! with Firecracker's built-in seccomp filters (never `--no-seccomp`).
+//! It opens its devices and TAP itself, so its jail has its own
+//! `/dev/kvm` and `/dev/net/tun` nodes owned by the VMM user
+//! ([`jail::DevNode`]) and the daemon makes the VM's TAP the VMM user's
+//! ([`set_tap_owner`]) for as long as the VMM runs; its API socket lives in
+//! a directory of the work dir the VMM user owns (see `firecracker`).
 
 pub mod cgroup;
 pub mod jail;
@@ -39,7 +45,7 @@ use crate::error::{Result, VmmError};
 use crate::select::EngineKind;
 use crate::spec::VmSpec;
 use cgroup::{CgroupHost, Limits, VmCgroup};
-use jail::{Bind, JailPlan};
+use jail::{Bind, DevNode, JailPlan};
 
 /// Tasks a VMM may have besides one per vCPU: QEMU's block thread pool
 /// (up to 64 workers), its main, RCU and I/O threads, with room to spare.
@@ -86,7 +92,8 @@ impl Default for ConfineConfig {
 pub enum ConfineState {
     /// Turned off in the configuration.
     Off,
-    /// Asked for, but this engine cannot be confined yet.
+    /// Asked for, but this engine cannot be confined (the fake engine,
+    /// whose VMs are no processes).
     Unsupported {
         /// The engine.
         engine: EngineKind,
@@ -109,10 +116,9 @@ impl fmt::Display for ConfineState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ConfineState::Off => f.write_str("VMM confinement off (configuration)"),
-            ConfineState::Unsupported { engine } => write!(
-                f,
-                "VMM confinement off: not implemented for {engine} (its jailer is not wired)"
-            ),
+            ConfineState::Unsupported { engine } => {
+                write!(f, "VMM confinement off: not implemented for {engine}")
+            }
             ConfineState::On(c) => write!(
                 f,
                 "VMM confinement on (user {} uid {}, own mount namespace, seccomp, {})",
@@ -225,10 +231,8 @@ impl Confinement {
             return Ok(ConfineState::Off);
         }
         match engine {
-            EngineKind::QemuKvm | EngineKind::QemuTcg => {}
-            EngineKind::Firecracker | EngineKind::Fake => {
-                return Ok(ConfineState::Unsupported { engine })
-            }
+            EngineKind::QemuKvm | EngineKind::QemuTcg | EngineKind::Firecracker => {}
+            EngineKind::Fake => return Ok(ConfineState::Unsupported { engine }),
         }
         if config.cgroup_parent.is_empty()
             || config.cgroup_parent.contains('/')
@@ -341,8 +345,14 @@ impl Confinement {
     /// Everything a confined launch of `spec` needs, made now in the
     /// daemon: the VM's files owned by the VMM user, its cgroup with its
     /// limits, the jail plan. `extra` are host paths the VMM also needs
-    /// (device nodes, a binary outside `/usr`).
-    pub(crate) fn for_vm(&self, spec: &VmSpec, extra: &[Bind]) -> Result<VmConfinement> {
+    /// (device nodes, a binary outside `/usr`); `nodes` are device nodes
+    /// made in the jail for the VMM user.
+    pub(crate) fn for_vm(
+        &self,
+        spec: &VmSpec,
+        extra: &[Bind],
+        nodes: &[DevNode],
+    ) -> Result<VmConfinement> {
         let mut binds: Vec<Bind> = Vec::new();
         let mut file = |path: &Path, read_only: bool, own: bool| -> Result<()> {
             if own {
@@ -388,7 +398,7 @@ impl Confinement {
                 what: "creating the VM's cgroup".into(),
                 source: io::Error::other(e.to_string()),
             })?;
-        let plan = JailPlan::new(&self.jail_dir, &binds)
+        let plan = JailPlan::with_nodes(&self.jail_dir, &binds, nodes, (self.uid, self.gid))
             .map_err(confine_err("planning the VMM's mount namespace"))?;
         Ok(VmConfinement {
             cgroup,
@@ -400,8 +410,25 @@ impl Confinement {
         })
     }
 
+    /// Makes a directory of the sandbox the VMM user's, mode 0700 (a
+    /// directory the VMM creates files in: Firecracker's API socket).
+    pub(crate) fn own_dir(&self, path: &Path) -> Result<()> {
+        std::os::unix::fs::lchown(path, Some(self.uid), Some(self.gid))
+            .map_err(confine_err(format!("chown {}", path.display())))?;
+        let meta = std::fs::symlink_metadata(path)
+            .map_err(confine_err(format!("stat {}", path.display())))?;
+        if !meta.is_dir() {
+            return Err(VmmError::Confine {
+                what: format!("{}", path.display()),
+                source: io::Error::other("is not a directory"),
+            });
+        }
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+            .map_err(confine_err(format!("chmod {}", path.display())))
+    }
+
     /// Makes a file of the sandbox the VMM user's, mode 0600.
-    fn own(&self, path: &Path) -> Result<()> {
+    pub(crate) fn own(&self, path: &Path) -> Result<()> {
         // Never follow a link planted in a sandbox directory.
         std::os::unix::fs::lchown(path, Some(self.uid), Some(self.gid))
             .map_err(confine_err(format!("chown {}", path.display())))?;
@@ -484,8 +511,8 @@ impl VmConfinement {
         self.keep_fds.push(fd);
     }
 
-    /// In the child: join the cgroup, enter the jail, drop to the VMM user.
-    /// Async-signal-safe.
+    /// In the child: join the cgroup, enter the jail, drop to the VMM user,
+    /// umask 077. Async-signal-safe.
     pub(crate) fn apply_in_child(&self) -> io::Result<()> {
         self.cgroup.join_self()?;
         self.plan.enter()?;
@@ -506,9 +533,40 @@ impl VmConfinement {
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
                 return Err(io::Error::last_os_error());
             }
+            // What the VMM creates itself (Firecracker's API socket and
+            // snapshot files) is its user's alone.
+            libc::umask(0o077);
         }
         Ok(())
     }
+}
+
+/// `binary` as an absolute path (searched on `PATH` if bare).
+pub(crate) fn which(binary: &Path) -> PathBuf {
+    if binary.is_absolute() {
+        return binary.to_path_buf();
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(binary))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| binary.to_path_buf())
+}
+
+/// Makes user `uid` the owner of the persistent TAP `name` (`TUNSETOWNER`,
+/// what `ip tuntap add … user UID` sets at creation): a process of that
+/// user may then attach to it by name without `CAP_NET_ADMIN`, as a
+/// confined Firecracker does. Fails (`EBUSY`) while a process is attached.
+pub fn set_tap_owner(name: &str, uid: u32) -> Result<()> {
+    let tap = open_tap(name)?;
+    // SAFETY: TUNSETOWNER takes the uid as the integer argument; fd is open.
+    if unsafe { libc::ioctl(tap.as_raw_fd(), libc::TUNSETOWNER, libc::c_ulong::from(uid)) } < 0 {
+        return Err(confine_err(format!(
+            "making user {uid} the owner of TAP {name}"
+        ))(io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// Opens the persistent TAP `name` for a VMM to inherit (`-netdev
@@ -573,9 +631,9 @@ mod tests {
     fn state_lines_say_on_or_why_not() {
         assert!(ConfineState::Off.to_string().contains("off"));
         let s = ConfineState::Unsupported {
-            engine: EngineKind::Firecracker,
+            engine: EngineKind::Fake,
         }
         .to_string();
-        assert!(s.contains("off") && s.contains("jailer"), "{s}");
+        assert!(s.contains("off") && s.contains("fake"), "{s}");
     }
 }

@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use tokio::process::Command;
 
 use crate::confine::jail::Bind;
-use crate::confine::{open_tap, Confinement, CGROUP_REMOVE_WITHIN};
+use crate::confine::{open_tap, which, Confinement, CGROUP_REMOVE_WITHIN};
 use crate::error::{Result, VmmError};
 use crate::process::console::{capped_console, ConsoleCounter, CONSOLE_CAP};
 use crate::process::slot::{remove_stale, wait_ready, Attempt, ProcessSlot, Shutdown};
@@ -325,7 +325,7 @@ impl QemuVmm {
                 read_only: true,
             });
         }
-        let mut vc = conf.for_vm(&self.spec, &extra)?;
+        let mut vc = conf.for_vm(&self.spec, &extra, &[])?;
         if self.config.accel == Accel::Kvm {
             vc.allow_device(Path::new("/dev/kvm"))?;
         }
@@ -399,19 +399,6 @@ impl QemuVmm {
             }],
         }
     }
-}
-
-/// `binary` as an absolute path (searched on `PATH` if bare).
-fn which(binary: &Path) -> PathBuf {
-    if binary.is_absolute() {
-        return binary.to_path_buf();
-    }
-    std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|d| d.join(binary))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| binary.to_path_buf())
 }
 
 /// Connects to QEMU's QMP socket as soon as it accepts, or reports the
