@@ -92,7 +92,7 @@ static DEFINITIONS: LazyLock<Vec<Value>> = LazyLock::new(|| {
         json!({
             "name": "write_file",
             "title": "Write a file",
-            "description": "Write text to a file in a sandbox (created or replaced atomically; parent directories are created). Returns JSON: path, bytes.",
+            "description": "Write text to a file in a sandbox (created or replaced atomically; its directory must exist). Returns JSON: path, bytes.",
             "inputSchema": {
                 "type": "object",
                 "properties": {
