@@ -7,7 +7,7 @@
 //!   `bhatti mcp` (this build's binary) spawned by the SDK with
 //!   `BHATTI_URL`/`BHATTI_TOKEN`. Over each the SDK negotiates, lists the
 //!   seven tools, creates a sandbox, execs (stdout, stderr, exit code,
-//!   env), writes and reads a file, gets a tool error naming a wrong
+//!   env), writes and reads a file, publishes a port (its URL), gets a tool error naming a wrong
 //!   argument and "not found" for another user's sandbox (which exists),
 //!   and destroys it. Then `/mcp` without a key or with a wrong one is a
 //!   JSON 401, GET is 405, an unsupported protocol version 400, a body
@@ -136,6 +136,14 @@ fn check(seen: &Value, name: &str) {
     assert_eq!(seen["written"]["bytes"], 17, "{seen}");
     assert_eq!(seen["read"], "written over MCP\n", "{seen}");
     assert_eq!(seen["cat"], "written over MCP\n", "{seen}");
+    let published = &seen["published"];
+    assert_eq!(published["port"], 8080, "{seen}");
+    assert_eq!(published["alias"], format!("{name}-8080"), "{seen}");
+    let url = published["url"].as_str().unwrap();
+    assert!(
+        url.starts_with("http") && url.contains(&format!("{name}-8080")),
+        "{seen}"
+    );
     assert_eq!(seen["bad_args"]["is_error"], true, "{seen}");
     let bad = seen["bad_args"]["text"].as_str().unwrap();
     assert!(bad.contains("'timeout_sec'"), "{seen}");
