@@ -7,9 +7,9 @@
 //!   `bhatti mcp` (this build's binary) spawned by the SDK with
 //!   `BHATTI_URL`/`BHATTI_TOKEN`. Over each the SDK negotiates, lists the
 //!   seven tools, creates a sandbox, execs (stdout, stderr, exit code,
-//!   env), writes and reads a file, publishes a port (its URL), gets a tool error naming a wrong
-//!   argument and "not found" for another user's sandbox (which exists),
-//!   and destroys it. Then `/mcp` without a key or with a wrong one is a
+//!   env), writes and reads a file, publishes a port (its URL), gets a
+//!   tool error naming a wrong argument and "not found" for another
+//!   user's sandbox (which exists), and destroys it. Then `/mcp` without a key or with a wrong one is a
 //!   JSON 401, GET is 405, an unsupported protocol version 400, a body
 //!   over the bound 413.
 //!
