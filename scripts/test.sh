@@ -15,7 +15,7 @@ packages=(
   tmux              # drives the interactive shell in CLI tests
   libsqlite3-dev pkg-config  # the daemon's embedded SQLite store
   ca-certificates
-  python3-venv      # a venv for openapi-spec-validator (PyPI), below
+  python3-venv      # venvs for openapi-spec-validator and the mcp SDK (PyPI), below
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -54,6 +54,18 @@ if ! "$venv/bin/openapi-spec-validator" --version >/dev/null 2>&1; then
     "openapi-spec-validator==$openapi_validator_version"
 fi
 export BHATTI_OPENAPI_VALIDATOR="$venv/bin/openapi-spec-validator"
+
+# The MCP test (crates/bhatti/tests/mcp.rs) drives bhatti's MCP server with
+# the official `mcp` Python SDK, over stdio and HTTP; it fails without it.
+mcp_sdk_version=2.3.0
+venv=/var/cache/bhatti-test/venv-mcp-$mcp_sdk_version
+if ! "$venv/bin/python" -c "import mcp" >/dev/null 2>&1; then
+  echo "test.sh: installing the mcp Python SDK $mcp_sdk_version into $venv"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "mcp==$mcp_sdk_version"
+fi
+export BHATTI_MCP_PYTHON="$venv/bin/python"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -38,6 +38,7 @@ pub const API_KEY: &str = "api_key";
         (name = "guest", description = "Commands, files, sessions and the shell inside a sandbox."),
         (name = "ports", description = "Ports in a sandbox: listing, the authenticated proxy, tunnels, publishing."),
         (name = "secrets", description = "The caller's encrypted secrets."),
+        (name = "mcp", description = "The MCP server (streamable HTTP transport): the sandbox tools for MCP clients; see docs/clients.md."),
     )
 )]
 struct Base;

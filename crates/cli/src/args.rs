@@ -97,6 +97,8 @@ pub enum Command {
     },
     /// Print the client's version and, when reachable, the server's.
     Version,
+    /// Serve MCP (Model Context Protocol) on stdin/stdout: the sandbox tools for MCP clients, calling this server with this key.
+    Mcp,
     /// Print a shell completion script.
     Completion {
         #[arg(value_enum)]

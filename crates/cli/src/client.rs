@@ -252,6 +252,15 @@ impl Client {
         self.send(rb).await.map(drop)
     }
 
+    /// `POST /sandboxes/:id/exec`, its output collected.
+    pub async fn exec(&self, name: &str, body: &ExecBody) -> Result<api_types::ExecResult> {
+        let rb = self
+            .request(Method::POST, self.url(&["sandboxes", name, "exec"]), true)?
+            .json(body);
+        let resp = self.send(rb).await?;
+        self.json("POST /sandboxes/:id/exec", resp).await
+    }
+
     /// `POST /sandboxes/:id/exec` asking for an NDJSON stream.
     pub async fn exec_stream(&self, name: &str, body: &ExecBody) -> Result<Response> {
         let rb = self

@@ -113,6 +113,7 @@ impl Ctx {
                 }
             }
             Command::Exec(a) => return self.exec(a).await,
+            Command::Mcp => return crate::mcp::serve(c.clone()).await,
             Command::Shell(a) => {
                 let req = ShellRequest {
                     sandbox: a.name,

@@ -13,6 +13,7 @@ mod config;
 mod error;
 mod exec;
 mod forward;
+mod mcp;
 mod output;
 mod shell;
 mod terminal;

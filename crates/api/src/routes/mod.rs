@@ -3,6 +3,7 @@
 pub mod exec;
 pub mod files;
 pub mod health;
+pub mod mcp;
 pub mod proxy;
 pub mod publish;
 pub mod sandboxes;
@@ -73,6 +74,10 @@ pub fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(publish::unpublish))
         .routes(routes!(secrets::list, secrets::create))
         .routes(routes!(secrets::delete))
+        .routes(
+            routes!(mcp::post, mcp::get, mcp::delete)
+                .layer(axum::extract::DefaultBodyLimit::max(mcp::MAX_BODY)),
+        )
 }
 
 /// The router of [`api`] and its OpenAPI document (paths as OpenAPI
