@@ -1,13 +1,28 @@
 //! The daemon's configuration: one TOML file, every field defaulted, and
 //! command-line flags over it.
+//!
+//! Which file: `--config FILE`, else `$BHATTI_CONFIG`, else
+//! [`DEFAULT_PATH`] — and when that one does not exist, the built-in
+//! defaults. A file named explicitly (flag or variable) must exist.
+//! Unknown keys and invalid values are errors that name the key.
 
+use std::ffi::OsStr;
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+
+/// Where `bhatti serve` looks when neither `--config` nor
+/// `BHATTI_CONFIG` names a file.
+pub const DEFAULT_PATH: &str = "/etc/bhatti/config.toml";
+/// The environment variable naming the config file.
+pub const ENV_VAR: &str = "BHATTI_CONFIG";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error("config file {path} (named by {via}) does not exist")]
+    Missing { path: PathBuf, via: &'static str },
     #[error("cannot read config {path}")]
     Read {
         path: PathBuf,
@@ -20,8 +35,44 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// Where the configuration came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigSource {
+    /// `--config FILE`.
+    Flag(PathBuf),
+    /// `BHATTI_CONFIG=FILE`.
+    Env(PathBuf),
+    /// The default path, which exists.
+    Default(PathBuf),
+    /// The default path does not exist: built-in defaults only.
+    BuiltIn(PathBuf),
+}
+
+impl ConfigSource {
+    /// The file read, if any.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            ConfigSource::Flag(p) | ConfigSource::Env(p) | ConfigSource::Default(p) => Some(p),
+            ConfigSource::BuiltIn(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigSource::Flag(p) => write!(f, "{} (--config)", p.display()),
+            ConfigSource::Env(p) => write!(f, "{} ({ENV_VAR})", p.display()),
+            ConfigSource::Default(p) => write!(f, "{} (default path)", p.display()),
+            ConfigSource::BuiltIn(p) => {
+                write!(f, "built-in defaults ({} does not exist)", p.display())
+            }
+        }
+    }
+}
+
 /// `bhatti serve` settings.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DaemonConfig {
     pub data_dir: PathBuf,
@@ -40,7 +91,7 @@ pub struct DaemonConfig {
 
 /// `[confinement]`: VMMs run as an unprivileged user, in their own mount
 /// namespace, under seccomp, in a cgroup per sandbox (docs/security.md).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ConfinementConfig {
     /// On by default; off only where it cannot work (no mount namespaces,
@@ -79,7 +130,7 @@ impl ConfinementConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
     /// Sandbox creations per user per minute.
@@ -96,14 +147,14 @@ pub struct LimitsConfig {
     pub max_exec_output: usize,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ThermalConfig {
     pub warm_after_secs: u64,
     pub cold_after_secs: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NetworkConfig {
     /// The range users' subnets are cut from: each user gets the next free
@@ -132,6 +183,7 @@ pub struct NetworkConfig {
     pub deny_cidrs: Vec<String>,
     /// Where the gateways' DNS responders relay names they do not know
     /// (default: the host's first `nameserver`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub dns_upstream: Option<String>,
 }
 
@@ -192,7 +244,7 @@ impl NetworkConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SandboxDefaults {
     pub image: String,
@@ -272,63 +324,203 @@ impl Default for SandboxDefaults {
 impl DaemonConfig {
     /// Reads `path` (if given) over the defaults.
     pub fn load(path: Option<&Path>) -> Result<DaemonConfig, ConfigError> {
-        let config = match path {
-            None => DaemonConfig::default(),
-            Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
-                    path: p.to_path_buf(),
-                    source,
-                })?;
-                Self::parse(&text).map_err(|message| ConfigError::Parse {
-                    path: p.to_path_buf(),
-                    message,
-                })?
+        match path {
+            None => {
+                let config = DaemonConfig::default();
+                config.validate()?;
+                Ok(config)
             }
-        };
-        config.validate()?;
+            Some(p) => Self::read(p, Some("--config")),
+        }
+    }
+
+    /// The configuration `bhatti serve` and `bhatti config check` use:
+    /// `flag`, else `BHATTI_CONFIG`, else [`DEFAULT_PATH`] (built-in
+    /// defaults when it does not exist).
+    pub fn resolve(flag: Option<&Path>) -> Result<(DaemonConfig, ConfigSource), ConfigError> {
+        let env = std::env::var_os(ENV_VAR);
+        Self::resolve_with(flag, env.as_deref(), Path::new(DEFAULT_PATH))
+    }
+
+    /// [`DaemonConfig::resolve`] with the variable's value and the
+    /// default path given (tests).
+    pub fn resolve_with(
+        flag: Option<&Path>,
+        env: Option<&OsStr>,
+        default: &Path,
+    ) -> Result<(DaemonConfig, ConfigSource), ConfigError> {
+        if let Some(p) = flag {
+            return Ok((
+                Self::read(p, Some("--config"))?,
+                ConfigSource::Flag(p.into()),
+            ));
+        }
+        if let Some(p) = env.filter(|v| !v.is_empty()) {
+            let p = Path::new(p);
+            return Ok((Self::read(p, Some(ENV_VAR))?, ConfigSource::Env(p.into())));
+        }
+        match std::fs::metadata(default) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let config = DaemonConfig::default();
+                config.validate()?;
+                Ok((config, ConfigSource::BuiltIn(default.into())))
+            }
+            _ => Ok((
+                Self::read(default, None)?,
+                ConfigSource::Default(default.into()),
+            )),
+        }
+    }
+
+    /// Reads, parses and checks one file; `via` says who named it (a
+    /// missing file is then its own error).
+    fn read(path: &Path, via: Option<&'static str>) -> Result<DaemonConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| match via {
+            Some(via) if source.kind() == std::io::ErrorKind::NotFound => ConfigError::Missing {
+                path: path.to_path_buf(),
+                via,
+            },
+            _ => ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            },
+        })?;
+        let config = Self::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        config.validate().map_err(|e| match e {
+            ConfigError::Invalid(message) => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })?;
         Ok(config)
     }
 
+    /// Parses a config over the defaults. Errors name the key, with its
+    /// section (`limits.exec_per_min: unknown field …`).
     pub fn parse(text: &str) -> Result<DaemonConfig, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        let de = toml::Deserializer::new(text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            // toml's message: position, the line, then what is wrong.
+            let what = inner.message().trim();
+            let at = inner
+                .span()
+                .map(|s| {
+                    let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
+                    format!(" (line {line})")
+                })
+                .unwrap_or_default();
+            if path.is_empty() || path == "." {
+                format!("{what}{at}")
+            } else {
+                format!("{path}: {what}{at}")
+            }
+        })
+    }
+
+    /// The effective configuration as TOML (every default filled in),
+    /// values of secret-looking keys replaced by `"<redacted>"`.
+    pub fn to_toml(&self) -> String {
+        let mut value = toml::Value::try_from(self).expect("the config serializes");
+        redact(&mut value);
+        toml::to_string_pretty(&value).expect("a TOML table serializes")
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.data_dir.as_os_str().is_empty() {
+            return bad("data_dir must not be empty".into());
+        }
         let l = &self.limits;
-        if l.max_exec_output == 0 {
-            return Err(ConfigError::Invalid(
-                "limits.max_exec_output must be at least 1 byte".into(),
-            ));
+        for (key, v) in [
+            ("creates_per_min", l.creates_per_min as u64),
+            ("execs_per_min", l.execs_per_min as u64),
+            ("reads_per_min", l.reads_per_min as u64),
+            ("max_json_body", l.max_json_body as u64),
+            ("max_exec_output", l.max_exec_output as u64),
+        ] {
+            if v == 0 {
+                return bad(format!("limits.{key} must be at least 1"));
+            }
         }
-        if l.creates_per_min == 0 || l.execs_per_min == 0 || l.reads_per_min == 0 {
-            return Err(ConfigError::Invalid(
-                "rate limits must be at least 1 per minute".into(),
-            ));
+        for (key, v) in [
+            ("warm_after_secs", self.thermal.warm_after_secs),
+            ("cold_after_secs", self.thermal.cold_after_secs),
+        ] {
+            if v == 0 {
+                return bad(format!("thermal.{key} must be at least 1 second"));
+            }
         }
-        if self.thermal.warm_after_secs == 0 || self.thermal.cold_after_secs == 0 {
-            return Err(ConfigError::Invalid(
-                "thermal timers must be at least 1 second".into(),
-            ));
+        let d = &self.defaults;
+        if d.cpus == 0 || d.memory_mb == 0 {
+            return bad("defaults.cpus and defaults.memory_mb must be at least 1".into());
+        }
+        if d.image.is_empty() {
+            return bad("defaults.image must not be empty".into());
+        }
+        if self.confinement.enabled && self.confinement.user.is_empty() {
+            return bad("confinement.user must not be empty".into());
         }
         if !matches!(
             self.engine.as_str(),
             "auto" | "firecracker" | "qemu-kvm" | "qemu-tcg"
         ) {
-            return Err(ConfigError::Invalid(format!(
+            return bad(format!(
                 "engine '{}' is not one of auto, firecracker, qemu-kvm, qemu-tcg",
                 self.engine
-            )));
+            ));
         }
         self.network
             .group_networks()
             .map_err(ConfigError::Invalid)?;
         self.network.egress_cidrs().map_err(ConfigError::Invalid)?;
+        if let Some(u) = &self.network.dns_upstream {
+            if u.parse::<SocketAddr>().is_err() && u.parse::<std::net::IpAddr>().is_err() {
+                return bad(format!(
+                    "network.dns_upstream '{u}' is not an address (IP or IP:port)"
+                ));
+            }
+        }
         self.publish.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 
     pub fn db_path(&self) -> PathBuf {
         self.data_dir.join("bhatti.db")
+    }
+}
+
+/// Whether a key names a secret (its value is not printed). Paths to
+/// files holding secrets (`*_file`, `*_path`) are printed.
+fn is_secret_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    if k.ends_with("_file") || k.ends_with("_path") || k.ends_with("_dir") {
+        return false;
+    }
+    ["secret", "password", "token", "key", "hmac"]
+        .iter()
+        .any(|w| k.split('_').any(|part| part == *w))
+}
+
+/// Replaces the values of secret keys, at any depth, by `"<redacted>"`.
+fn redact(value: &mut toml::Value) {
+    match value {
+        toml::Value::Table(t) => {
+            for (k, v) in t.iter_mut() {
+                if is_secret_key(k) && !v.is_table() {
+                    *v = toml::Value::String("<redacted>".into());
+                } else {
+                    redact(v);
+                }
+            }
+        }
+        toml::Value::Array(a) => a.iter_mut().for_each(redact),
+        _ => {}
     }
 }
 
@@ -407,5 +599,202 @@ mod tests {
         assert!(!c.enabled);
         assert_eq!((c.user.as_str(), c.memory_overhead_mib), ("vmmz", 64));
         assert!(DaemonConfig::parse("[confinement]\nenable = false").is_err());
+    }
+
+    /// The sections of the config, from the defaults themselves (a new
+    /// section is covered by the tests below without listing it).
+    fn sections() -> Vec<String> {
+        let v = toml::Value::try_from(DaemonConfig::default()).unwrap();
+        v.as_table()
+            .unwrap()
+            .iter()
+            .filter(|(_, v)| v.is_table())
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    #[test]
+    fn every_section_refuses_an_unknown_key_naming_it() {
+        let sections = sections();
+        for known in [
+            "limits",
+            "thermal",
+            "network",
+            "defaults",
+            "publish",
+            "confinement",
+        ] {
+            assert!(
+                sections.iter().any(|s| s == known),
+                "{known} in {sections:?}"
+            );
+        }
+        let err = DaemonConfig::parse("listen = \"127.0.0.1:1\"\nbogus_top = 1\n").unwrap_err();
+        assert!(err.contains("bogus_top"), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+        for section in &sections {
+            let text = format!("[{section}]\nzz_not_a_key = 1\n");
+            let err = DaemonConfig::parse(&text).unwrap_err();
+            assert!(err.contains("zz_not_a_key"), "{section}: {err}");
+            assert!(
+                err.starts_with(&format!("{section}")),
+                "{section}: the error names the section: {err}"
+            );
+            // The same key in the right place of a known key parses.
+        }
+        assert!(DaemonConfig::parse("[nosuchsection]\nx = 1\n")
+            .unwrap_err()
+            .contains("nosuchsection"));
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        for (text, says) in [
+            ("listen = \"nope\"", "listen"),
+            ("listen = \"127.0.0.1\"", "listen"),
+            ("data_dir = \"\"", "data_dir"),
+            ("engine = \"vmware\"", "engine"),
+            ("[network]\nuser_prefix = 300", "network.user_prefix"),
+            ("[network]\nuser_prefix = 33", "network"),
+            ("[network]\nrange = \"10.0.0.0/40\"", "network.range"),
+            (
+                "[network]\ndns_upstream = \"dns.example\"",
+                "network.dns_upstream",
+            ),
+            ("[network]\nfirewall = \"yes\"", "network.firewall"),
+            ("[limits]\nexecs_per_min = -1", "limits.execs_per_min"),
+            ("[limits]\nexecs_per_min = 0", "limits.execs_per_min"),
+            ("[limits]\nmax_exec_output = 0", "limits.max_exec_output"),
+            ("[thermal]\ncold_after_secs = 0", "thermal.cold_after_secs"),
+            (
+                "[thermal]\nwarm_after_secs = \"x\"",
+                "thermal.warm_after_secs",
+            ),
+            ("[defaults]\ncpus = 0", "defaults.cpus"),
+            ("[publish]\nlisten = \"nope:1\"", "publish.listen"),
+            (
+                "[publish]\ntrusted_proxies = [\"10.0.0.0/99\"]",
+                "publish.trusted_proxies",
+            ),
+            (
+                "[confinement]\nmemory_overhead_mib = 1e3",
+                "confinement.memory_overhead_mib",
+            ),
+        ] {
+            let err = match DaemonConfig::parse(text) {
+                Err(e) => e,
+                Ok(c) => c.validate().unwrap_err().to_string(),
+            };
+            assert!(err.contains(says), "{text}: {err}");
+        }
+        let c = DaemonConfig::parse("[network]\ndns_upstream = \"192.0.2.1:5353\"\n").unwrap();
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn effective_config_round_trips_and_hides_secrets() {
+        let c = DaemonConfig::parse("[thermal]\nwarm_after_secs = 7\n").unwrap();
+        let text = c.to_toml();
+        assert!(text.contains("warm_after_secs = 7"), "{text}");
+        assert!(text.contains("cold_after_secs = 1800"), "{text}");
+        assert!(text.contains("[confinement]"), "{text}");
+        assert_eq!(DaemonConfig::parse(&text).unwrap(), c);
+
+        let mut v: toml::Value = toml::from_str(
+            "api_key = \"s1\"\ncert_file = \"/k.pem\"\n[acme]\neab_hmac_key = \"s2\"\ntoken = \"s3\"\nkeys = [\"x\"]\nmonkey = \"ok\"\n",
+        )
+        .unwrap();
+        redact(&mut v);
+        let out = toml::to_string(&v).unwrap();
+        for secret in ["s1", "s2", "s3"] {
+            assert!(!out.contains(secret), "{out}");
+        }
+        assert!(
+            out.contains("/k.pem") && out.contains("monkey = \"ok\""),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn file_precedence_flag_then_env_then_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, warm: u64| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, format!("[thermal]\nwarm_after_secs = {warm}\n")).unwrap();
+            p
+        };
+        let flag = write("flag.toml", 1);
+        let env = write("env.toml", 2);
+        let default = write("default.toml", 3);
+        let missing = dir.path().join("missing.toml");
+        let warm = |r: Result<(DaemonConfig, ConfigSource), ConfigError>| {
+            let (c, s) = r.unwrap();
+            (c.thermal.warm_after_secs, s)
+        };
+        assert_eq!(
+            warm(DaemonConfig::resolve_with(
+                Some(&flag),
+                Some(env.as_os_str()),
+                &default
+            )),
+            (1, ConfigSource::Flag(flag.clone()))
+        );
+        assert_eq!(
+            warm(DaemonConfig::resolve_with(
+                None,
+                Some(env.as_os_str()),
+                &default
+            )),
+            (2, ConfigSource::Env(env.clone()))
+        );
+        assert_eq!(
+            warm(DaemonConfig::resolve_with(None, None, &default)),
+            (3, ConfigSource::Default(default.clone()))
+        );
+        // An empty variable counts as unset.
+        assert_eq!(
+            warm(DaemonConfig::resolve_with(
+                None,
+                Some(OsStr::new("")),
+                &default
+            )),
+            (3, ConfigSource::Default(default.clone()))
+        );
+        // No default file: the built-in defaults.
+        let (c, s) = DaemonConfig::resolve_with(None, None, &missing).unwrap();
+        assert_eq!(c, DaemonConfig::default());
+        assert_eq!(s, ConfigSource::BuiltIn(missing.clone()));
+        assert!(s.to_string().contains("missing.toml does not exist"), "{s}");
+        // A missing file named explicitly is an error naming it and who named it.
+        for (flag, env, via) in [
+            (Some(missing.as_path()), None, "--config"),
+            (None, Some(missing.as_os_str()), "BHATTI_CONFIG"),
+        ] {
+            let err = DaemonConfig::resolve_with(flag, env, &default)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("missing.toml") && err.contains(via), "{err}");
+        }
+        // An existing default that does not parse is an error, not defaults.
+        std::fs::write(&default, "[thermal]\nwarm = 1\n").unwrap();
+        let err = DaemonConfig::resolve_with(None, None, &default)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("default.toml") && err.contains("thermal.warm"),
+            "{err}"
+        );
+        // An unreadable explicit file: named, with the reason.
+        let err = DaemonConfig::resolve_with(Some(dir.path()), None, &default).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }), "{err:?}");
+        // Validation errors name the file too.
+        std::fs::write(&flag, "[limits]\nreads_per_min = 0\n").unwrap();
+        let err = DaemonConfig::resolve_with(Some(&flag), None, &default)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("flag.toml") && err.contains("limits.reads_per_min"),
+            "{err}"
+        );
     }
 }

@@ -3,12 +3,12 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::client::{IpNet, TrustedProxies};
 
 /// `[publish]` in the daemon's config file.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PublishConfig {
     /// The public proxy's socket (no API key; separate from `listen`).
@@ -18,10 +18,12 @@ pub struct PublishConfig {
     /// `<alias>.<domain>` goes to that publication with its path unchanged,
     /// and path routes (`/<alias>/…`) are off: every publication is its
     /// own origin. Unset: path routes only.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub domain: Option<String>,
     /// The base printed URLs start with (`https://preview.example.com`),
     /// when the proxy is reached through something else (TLS terminator,
     /// port mapping). Default: `http://<listen>`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub public_url: Option<String>,
     /// Public requests per minute per client IP address (token bucket,
     /// bursts of up to a minute's worth), separate from the API's limits.
