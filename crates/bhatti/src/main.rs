@@ -3,6 +3,7 @@
 //! same entry point.
 
 mod bench;
+mod config_cmd;
 mod image_cmd;
 mod serve;
 mod user;
@@ -26,6 +27,9 @@ struct Cli {
 enum Command {
     /// Run the daemon.
     Serve(serve::ServeArgs),
+    /// Check the daemon's config file and print the effective configuration.
+    #[command(subcommand)]
+    Config(config_cmd::ConfigCommand),
     /// Manage users and their API keys.
     #[command(subcommand)]
     User(user::UserCommand),
@@ -49,6 +53,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(a) => serve::run(a),
+        Command::Config(c) => config_cmd::run(c),
         Command::User(u) => user::run(u),
         Command::Image(i) => image_cmd::run(i),
         Command::Bench(b) => bench::run(b),

@@ -7,7 +7,8 @@ use anyhow::Context;
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
-    /// TOML config file (every setting has a default).
+    /// TOML config file (every setting has a default). Default:
+    /// $BHATTI_CONFIG, else /etc/bhatti/config.toml if it exists.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Data directory (images, sandboxes, database); overrides the config.
@@ -30,7 +31,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         println!("bhatti: firewall rules removed");
         return Ok(());
     }
-    let mut config = api::DaemonConfig::load(args.config.as_deref())?;
+    let (mut config, source) = api::DaemonConfig::resolve(args.config.as_deref())?;
+    println!("config: {source}");
+    match source {
+        api::config::ConfigSource::BuiltIn(_) => {
+            tracing::warn!(%source, "no config file: running with built-in defaults")
+        }
+        _ => tracing::info!(%source, "config loaded"),
+    }
     if let Some(d) = args.data_dir {
         config.data_dir = d;
     }
