@@ -411,7 +411,8 @@ impl DaemonConfig {
             let at = inner
                 .span()
                 .map(|s| {
-                    let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
+                    let before = &text.as_bytes()[..s.start.min(text.len())];
+                    let line = before.iter().filter(|b| **b == b'\n').count() + 1;
                     format!(" (line {line})")
                 })
                 .unwrap_or_default();
