@@ -322,18 +322,6 @@ impl Default for SandboxDefaults {
 }
 
 impl DaemonConfig {
-    /// Reads `path` (if given) over the defaults.
-    pub fn load(path: Option<&Path>) -> Result<DaemonConfig, ConfigError> {
-        match path {
-            None => {
-                let config = DaemonConfig::default();
-                config.validate()?;
-                Ok(config)
-            }
-            Some(p) => Self::read(p, Some("--config")),
-        }
-    }
-
     /// The configuration `bhatti serve` and `bhatti config check` use:
     /// `flag`, else `BHATTI_CONFIG`, else [`DEFAULT_PATH`] (built-in
     /// defaults when it does not exist).
