@@ -8,13 +8,92 @@ use crate::{now_ms, Result, Store};
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EventRecord {
     pub id: i64,
+    /// Whose sandbox (or account) the event is about.
+    pub user_id: String,
     pub sandbox_id: Option<String>,
     pub kind: String,
     pub detail: serde_json::Value,
     pub at: i64,
 }
 
+/// Which events [`Store::list_events`] returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventFilter {
+    /// Only this user's events (`None`: everyone's).
+    pub user_id: Option<String>,
+    pub sandbox_id: Option<String>,
+    pub kind: Option<String>,
+    /// At or after this time (Unix ms).
+    pub since: Option<i64>,
+    /// At or before this time (Unix ms).
+    pub until: Option<i64>,
+    /// Only events recorded after the one with this id.
+    pub after_id: Option<i64>,
+    /// At most this many (the newest ones, unless `after_id` is set: then
+    /// the oldest after it).
+    pub limit: u32,
+}
+
+fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventRecord> {
+    let detail: String = r.get(4)?;
+    Ok(EventRecord {
+        id: r.get(0)?,
+        user_id: r.get(1)?,
+        sandbox_id: r.get(2)?,
+        kind: r.get(3)?,
+        detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
+        at: r.get(5)?,
+    })
+}
+
 impl Store {
+    /// Events matching `filter`, oldest first.
+    pub fn list_events(&self, filter: &EventFilter) -> Result<Vec<EventRecord>> {
+        let conn = self.conn();
+        // Oldest-first after a cursor (following); otherwise the newest
+        // `limit`, returned oldest first.
+        let order = if filter.after_id.is_some() {
+            "ASC"
+        } else {
+            "DESC"
+        };
+        let sql = format!(
+            "SELECT id, user_id, sandbox_id, kind, detail, at FROM events
+             WHERE (?1 IS NULL OR user_id = ?1)
+               AND (?2 IS NULL OR sandbox_id = ?2)
+               AND (?3 IS NULL OR kind = ?3)
+               AND (?4 IS NULL OR at >= ?4)
+               AND (?5 IS NULL OR at <= ?5)
+               AND (?6 IS NULL OR id > ?6)
+             ORDER BY id {order} LIMIT ?7"
+        );
+        let mut stmt = conn.prepare(&sql)?;
+        let rows = stmt.query_map(
+            params![
+                filter.user_id,
+                filter.sandbox_id,
+                filter.kind,
+                filter.since,
+                filter.until,
+                filter.after_id,
+                filter.limit
+            ],
+            event_row,
+        )?;
+        let mut out = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+        if filter.after_id.is_none() {
+            out.reverse();
+        }
+        Ok(out)
+    }
+
+    /// The id of the newest event (0 when there is none).
+    pub fn last_event_id(&self) -> Result<i64> {
+        Ok(self
+            .conn()
+            .query_row("SELECT COALESCE(MAX(id), 0) FROM events", [], |r| r.get(0))?)
+    }
+
     pub fn record_event(
         &self,
         user_id: &str,
@@ -33,19 +112,10 @@ impl Store {
     pub fn events_of(&self, user_id: &str, sandbox_id: &str) -> Result<Vec<EventRecord>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT id, sandbox_id, kind, detail, at FROM events
+            "SELECT id, user_id, sandbox_id, kind, detail, at FROM events
              WHERE user_id = ?1 AND sandbox_id = ?2 ORDER BY id",
         )?;
-        let rows = stmt.query_map([user_id, sandbox_id], |r| {
-            let detail: String = r.get(3)?;
-            Ok(EventRecord {
-                id: r.get(0)?,
-                sandbox_id: r.get(1)?,
-                kind: r.get(2)?,
-                detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
-                at: r.get(4)?,
-            })
-        })?;
+        let rows = stmt.query_map([user_id, sandbox_id], event_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 }
@@ -75,6 +145,84 @@ mod tests {
         );
         assert_eq!(ev[0].detail["image"], "tiny");
         assert!(s.events_of("someone-else", "sb").unwrap().is_empty());
+    }
+
+    #[test]
+    fn events_are_filtered_by_user_sandbox_kind_time_and_cursor() {
+        let s = Store::open_in_memory().unwrap();
+        for (u, sb, k) in [
+            ("u", "a", "created"),
+            ("u", "a", "running"),
+            ("u", "b", "created"),
+            ("v", "c", "created"),
+            ("u", "a", "stopped"),
+        ] {
+            s.record_event(u, Some(sb), k, &serde_json::json!({})).unwrap();
+        }
+        let kinds = |f: EventFilter| {
+            s.list_events(&EventFilter { limit: 100, ..f })
+                .unwrap()
+                .into_iter()
+                .map(|e| format!("{}/{}/{}", e.user_id, e.sandbox_id.unwrap(), e.kind))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(kinds(EventFilter::default()).len(), 5);
+        assert_eq!(
+            kinds(EventFilter {
+                user_id: Some("u".into()),
+                sandbox_id: Some("a".into()),
+                ..Default::default()
+            }),
+            ["u/a/created", "u/a/running", "u/a/stopped"]
+        );
+        assert_eq!(
+            kinds(EventFilter {
+                user_id: Some("u".into()),
+                kind: Some("created".into()),
+                ..Default::default()
+            }),
+            ["u/a/created", "u/b/created"]
+        );
+        // The newest `limit`, oldest first.
+        let newest = s
+            .list_events(&EventFilter {
+                limit: 2,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(
+            newest.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(),
+            ["created", "stopped"]
+        );
+        assert_eq!(newest[0].user_id, "v");
+        // After a cursor: the oldest ones after it.
+        let after = s
+            .list_events(&EventFilter {
+                after_id: Some(newest[0].id - 2),
+                limit: 2,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(after[0].id, newest[0].id - 1);
+        assert_eq!(after.len(), 2);
+        assert_eq!(s.last_event_id().unwrap(), newest[1].id);
+        // Time bounds.
+        let at = newest[1].at;
+        assert_eq!(
+            kinds(EventFilter {
+                since: Some(at + 1),
+                ..Default::default()
+            }),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            kinds(EventFilter {
+                until: Some(at),
+                ..Default::default()
+            })
+            .len(),
+            5
+        );
     }
 
     #[test]
