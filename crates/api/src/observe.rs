@@ -252,7 +252,11 @@ pub fn new_request_id() -> String {
 /// else a new one) on the response and on every log line of the request
 /// (a span), `X-Bhatti-Version`, and the request counted and timed under
 /// its route template (never the raw path: bounded cardinality).
-pub async fn track(State(metrics): State<std::sync::Arc<Metrics>>, req: Request, next: Next) -> Response {
+pub async fn track(
+    State(metrics): State<std::sync::Arc<Metrics>>,
+    req: Request,
+    next: Next,
+) -> Response {
     let started = Instant::now();
     let id = req
         .headers()
@@ -279,10 +283,8 @@ pub async fn track(State(metrics): State<std::sync::Arc<Metrics>>, req: Request,
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert(REQUEST_ID, v);
     }
-    resp.headers_mut().insert(
-        VERSION,
-        HeaderValue::from_static(env!("CARGO_PKG_VERSION")),
-    );
+    resp.headers_mut()
+        .insert(VERSION, HeaderValue::from_static(env!("CARGO_PKG_VERSION")));
     resp
 }
 
@@ -317,13 +319,18 @@ mod tests {
             labels: vec![],
             value: 2.0,
         }]);
-        assert!(text.contains("# TYPE bhatti_users gauge\nbhatti_users 2\n"), "{text}");
+        assert!(
+            text.contains("# TYPE bhatti_users gauge\nbhatti_users 2\n"),
+            "{text}"
+        );
         assert!(text.contains(
             "bhatti_http_requests_total{method=\"GET\",route=\"/sandboxes/{id}\",status=\"200\"} 2\n"
         ), "{text}");
-        let b = |le: &str| format!(
+        let b = |le: &str| {
+            format!(
             "bhatti_http_request_duration_seconds_bucket{{method=\"GET\",route=\"/sandboxes/{{id}}\",le=\"{le}\"}}"
-        );
+        )
+        };
         assert!(text.contains(&format!("{} 0\n", b("0.001"))), "{text}");
         assert!(text.contains(&format!("{} 1\n", b("0.005"))), "{text}");
         assert!(text.contains(&format!("{} 2\n", b("0.25"))), "{text}");
@@ -332,7 +339,11 @@ mod tests {
         assert!(text.contains("bhatti_http_request_duration_seconds_sum{method=\"GET\",route=\"/sandboxes/{id}\"} 100.203"), "{text}");
         assert!(text.contains("bhatti_http_request_duration_seconds_count{method=\"GET\",route=\"/sandboxes/{id}\"} 3\n"), "{text}");
         // Each family's HELP and TYPE once.
-        assert_eq!(text.matches("# TYPE bhatti_http_requests_total counter").count(), 1);
+        assert_eq!(
+            text.matches("# TYPE bhatti_http_requests_total counter")
+                .count(),
+            1
+        );
     }
 
     #[test]
@@ -340,9 +351,16 @@ mod tests {
         let ok = HeaderValue::from_static("abc-123_XYZ");
         assert_eq!(sane_request_id(&ok), Some("abc-123_XYZ"));
         for bad in ["", "has space", &"x".repeat(MAX_REQUEST_ID + 1)] {
-            assert_eq!(sane_request_id(&HeaderValue::from_str(bad).unwrap()), None, "{bad:?}");
+            assert_eq!(
+                sane_request_id(&HeaderValue::from_str(bad).unwrap()),
+                None,
+                "{bad:?}"
+            );
         }
-        assert_eq!(sane_request_id(&HeaderValue::from_bytes(b"\xff\xfe").unwrap()), None);
+        assert_eq!(
+            sane_request_id(&HeaderValue::from_bytes(b"\xff\xfe").unwrap()),
+            None
+        );
         let a = new_request_id();
         assert_eq!(a.len(), 16);
         assert_ne!(a, new_request_id());

@@ -415,8 +415,8 @@ impl Ctx {
                 match serde_json::from_slice::<api_types::Event>(line) {
                     Ok(e) => print(&output::event_line(&e))?,
                     Err(_) => {
-                        let v: serde_json::Value = serde_json::from_slice(line)
-                            .map_err(|source| CliError::Decode {
+                        let v: serde_json::Value =
+                            serde_json::from_slice(line).map_err(|source| CliError::Decode {
                                 what: "GET /events?follow=true",
                                 source,
                             })?;

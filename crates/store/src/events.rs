@@ -157,7 +157,8 @@ mod tests {
             ("v", "c", "created"),
             ("u", "a", "stopped"),
         ] {
-            s.record_event(u, Some(sb), k, &serde_json::json!({})).unwrap();
+            s.record_event(u, Some(sb), k, &serde_json::json!({}))
+                .unwrap();
         }
         let kinds = |f: EventFilter| {
             s.list_events(&EventFilter { limit: 100, ..f })

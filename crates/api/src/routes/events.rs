@@ -92,7 +92,9 @@ pub async fn list(
     }
     if let Some(k) = &q.kind {
         if k.is_empty() || k.len() > 64 {
-            return Err(ApiError::BadRequest("type must be 1 to 64 characters".into()));
+            return Err(ApiError::BadRequest(
+                "type must be 1 to 64 characters".into(),
+            ));
         }
     }
     let admin = state.is_admin(&user);
@@ -134,7 +136,9 @@ pub async fn list(
         done: false,
     };
     let stream = futures_util::stream::unfold(follower, |mut f| async move {
-        f.next().await.map(|line| (Ok::<_, std::io::Error>(line), f))
+        f.next()
+            .await
+            .map(|line| (Ok::<_, std::io::Error>(line), f))
     });
     Ok((
         [

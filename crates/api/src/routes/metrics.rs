@@ -1,9 +1,9 @@
 //! `GET /metrics`: Prometheus text format, for admin keys.
 
+use api_types::{SandboxStatus, Thermal};
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
-use api_types::{SandboxStatus, Thermal};
 
 use crate::auth::User;
 use crate::error::ApiError;
@@ -29,7 +29,8 @@ pub async fn metrics(
 ) -> Result<impl IntoResponse, ApiError> {
     state.require_admin(&user)?;
     let store = state.store.clone();
-    let (rows, users) = blocking(move || Ok((store.all_sandboxes()?, store.users()?.len()))).await?;
+    let (rows, users) =
+        blocking(move || Ok((store.all_sandboxes()?, store.users()?.len()))).await?;
     let mut gauges = Vec::new();
     for status in [
         SandboxStatus::Creating,
@@ -60,9 +61,13 @@ pub async fn metrics(
         value: users as f64,
     });
     let pids = state.service.vmm_pids();
-    let rss = tokio::task::spawn_blocking(move || pids.iter().filter_map(|p| rss_bytes(*p)).collect::<Vec<_>>())
-        .await
-        .map_err(|e| ApiError::Internal(format!("reading VMM memory: {e}")))?;
+    let rss = tokio::task::spawn_blocking(move || {
+        pids.iter()
+            .filter_map(|p| rss_bytes(*p))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("reading VMM memory: {e}")))?;
     gauges.push(Gauge {
         name: "bhatti_vmm_processes",
         help: "VMM processes this daemon runs.",
@@ -82,7 +87,10 @@ pub async fn metrics(
         value: 1.0,
     });
     Ok((
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.service.metrics().render(&gauges),
     ))
 }
