@@ -25,7 +25,7 @@ pub struct AppState {
 impl AppState {
     /// Whether `user` holds an admin key (`admins` in the config).
     pub fn is_admin(&self, user: &store::UserRecord) -> bool {
-        self.config.admins.iter().any(|a| *a == user.name)
+        self.config.admins.contains(&user.name)
     }
 
     /// `Forbidden` unless `user` is an admin.

@@ -339,7 +339,7 @@ fn metrics_parse_and_move_with_a_create_a_wake_and_an_exec() {
         let wake = r#"bhatti_thermal_transition_duration_seconds_count{from="cold",kind="hot"}"#;
         assert_eq!(get(&after, cold), 1.0);
         assert_eq!(get(&after, wake), 1.0);
-        assert!(before.get(cold).is_none() && before.get(wake).is_none());
+        assert!(!before.contains_key(cold) && !before.contains_key(wake));
         // Agent calls.
         assert_eq!(
             get(
