@@ -467,6 +467,37 @@ pub struct Event {
     pub at: i64,
 }
 
+/// `GET /admin/status`: the daemon at a glance (admin keys only).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AdminStatus {
+    /// Version and VM engine, as `GET /health` says them.
+    pub health: Health,
+    pub users: u64,
+    /// Every sandbox by status (`creating`, `running`, `stopped`, `failed`).
+    pub sandboxes: std::collections::BTreeMap<String, u64>,
+    /// Running sandboxes by thermal tier (`hot`, `warm`, `cold`).
+    pub running_by_tier: std::collections::BTreeMap<String, u64>,
+    pub capacity: Capacity,
+}
+
+/// The host's CPUs and memory, and what the sandboxes holding a VM
+/// (`running`, hot or warm) were given of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Capacity {
+    pub host_cpus: u64,
+    pub host_memory_mb: u64,
+    /// The host's available memory now (`MemAvailable`).
+    pub host_memory_available_mb: u64,
+    /// vCPUs of hot and warm sandboxes.
+    pub cpus_allocated: u64,
+    /// Guest memory of hot and warm sandboxes.
+    pub memory_mb_allocated: u64,
+    /// Resident memory of this daemon's VMM processes together.
+    pub vmm_resident_mb: u64,
+}
+
 /// Response headers of every API answer.
 pub mod response_headers {
     /// The request's id: the client's `X-Request-Id` when sane (1–128

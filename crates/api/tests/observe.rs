@@ -348,6 +348,23 @@ fn metrics_parse_and_move_with_a_create_a_wake_and_an_exec() {
             ),
             2.0
         );
+        // The admin status agrees.
+        let (s, st) = root.json(Method::GET, "/admin/status", None).await;
+        assert_eq!(s, 200, "{st}");
+        assert_eq!(st["health"]["engine"], "fake", "{st}");
+        assert_eq!(st["users"], 2, "{st}");
+        assert_eq!(st["sandboxes"]["running"], 1, "{st}");
+        assert_eq!(st["sandboxes"]["failed"], 0, "{st}");
+        assert_eq!(st["running_by_tier"]["hot"], 1, "{st}");
+        assert_eq!(st["capacity"]["memory_mb_allocated"], 256, "{st}");
+        assert_eq!(st["capacity"]["cpus_allocated"], 1, "{st}");
+        assert!(st["capacity"]["host_cpus"].as_u64().unwrap() > 0, "{st}");
+        assert!(
+            st["capacity"]["host_memory_mb"].as_u64().unwrap() > 0,
+            "{st}"
+        );
+        let (s, v) = alice.json(Method::GET, "/admin/status", None).await;
+        assert_eq!(s, 403, "{v}");
         let build = format!(
             "bhatti_build_info{{version=\"{}\"}}",
             env!("CARGO_PKG_VERSION")

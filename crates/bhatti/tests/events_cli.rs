@@ -38,7 +38,8 @@ fn config(data: &Path) -> api::DaemonConfig {
          [publish]\nlisten = \"127.0.0.1:0\"\n",
         data.display()
     );
-    let c = api::DaemonConfig::parse(&text).expect("test config");
+    let mut c = api::DaemonConfig::parse(&text).expect("test config");
+    c.admins = vec!["root".into()];
     c.validate().expect("valid test config");
     c
 }
@@ -150,6 +151,44 @@ fn events_through_the_cli() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{err}");
         assert!(err.contains("limit must be 1 to 1000"), "{err}");
+
+        // `admin status`: for the admin key, refused for Alice's.
+        let root = user(&data, "root");
+        let (h, u) = (home.clone(), url.clone());
+        let out = tokio::task::spawn_blocking(move || {
+            bhatti(&h, &u, &root)
+                .args(["admin", "status"])
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for want in [
+            "(fake on ",
+            "users:      2\n",
+            "sandboxes:  1 (creating 0, failed 0, running 1, stopped 0)\n",
+            "running:    cold 0, hot 1, warm 0\n",
+            "memory:     256 MiB of ",
+        ] {
+            assert!(text.contains(want), "{want:?} in {text}");
+        }
+        let (h, u, k) = (home.clone(), url.clone(), key.clone());
+        let out = tokio::task::spawn_blocking(move || {
+            bhatti(&h, &u, &k)
+                .args(["admin", "status"])
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("admin key"), "{err}");
 
         // -f: a stop's `cold` appears while it runs.
         let mut child = bhatti(&home, &url, &key)

@@ -19,6 +19,14 @@ pub struct GlobalArgs {
     pub json: bool,
 }
 
+/// `bhatti admin …`.
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum AdminCommand {
+    /// The daemon at a glance: engine, users, sandboxes by status and
+    /// tier, capacity used and free.
+    Status,
+}
+
 /// `bhatti events`.
 #[derive(Debug, Clone, PartialEq, Eq, Args)]
 pub struct EventsArgs {
@@ -68,6 +76,9 @@ pub enum Command {
     /// Show your sandboxes' recorded events (status changes, thermal
     /// transitions, …), oldest first; an admin key sees everyone's.
     Events(EventsArgs),
+    /// Daemon-wide views (admin keys only).
+    #[command(subcommand)]
+    Admin(AdminCommand),
     /// Put a sandbox to sleep now: snapshot to disk, VM exits (cold).
     Stop {
         /// Sandbox name or id.

@@ -285,6 +285,12 @@ impl Client {
         self.send(self.request(Method::GET, url, true)?).await
     }
 
+    /// `GET /admin/status`.
+    pub async fn admin_status(&self) -> Result<api_types::AdminStatus> {
+        self.get_json("GET /admin/status", self.url(&["admin", "status"]))
+            .await
+    }
+
     /// `GET /events` as a list.
     pub async fn event_list(&self, query: &[(&str, String)]) -> Result<Vec<api_types::Event>> {
         let resp = self.events(query, false).await?;

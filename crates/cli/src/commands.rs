@@ -8,7 +8,8 @@ use api_types::{headers, limits, CreateSandbox, ExecBody, Health, NewFile, NewSe
 use serde::Serialize;
 
 use crate::args::{
-    Command, CreateArgs, EventsArgs, ExecArgs, FileCommand, FileSpec, GlobalArgs, SecretCommand,
+    AdminCommand, Command, CreateArgs, EventsArgs, ExecArgs, FileCommand, FileSpec, GlobalArgs,
+    SecretCommand,
 };
 use crate::client::Client;
 use crate::config::{self, Layer};
@@ -134,6 +135,14 @@ impl Ctx {
             Command::File(f) => self.file(f).await?,
             Command::Secret(s) => self.secret(s).await?,
             Command::Events(a) => self.events(a).await?,
+            Command::Admin(AdminCommand::Status) => {
+                let st = c.admin_status().await?;
+                if self.json {
+                    print_json(&st)?
+                } else {
+                    print(&output::admin_status(&st))?
+                }
+            }
             Command::Stop { name } => {
                 let sb = c.lifecycle(&name, "stop", false).await?;
                 eprintln!("{name} is {}", sb.thermal);

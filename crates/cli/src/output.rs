@@ -252,6 +252,39 @@ pub fn secrets_table(list: &[SecretSummary], now_ms: i64) -> String {
     t.render()
 }
 
+/// `bhatti admin status`.
+pub fn admin_status(s: &api_types::AdminStatus) -> String {
+    let counts = |m: &std::collections::BTreeMap<String, u64>| {
+        m.iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let c = &s.capacity;
+    let total: u64 = s.sandboxes.values().sum();
+    format!(
+        "server:     bhatti {} ({} on {}; {})\n\
+         users:      {}\n\
+         sandboxes:  {total} ({})\n\
+         running:    {}\n\
+         cpus:       {} of {} allocated to hot and warm sandboxes\n\
+         memory:     {} MiB of {} MiB allocated to hot and warm sandboxes; {} MiB available; VMMs resident {} MiB\n",
+        s.health.version,
+        s.health.engine,
+        s.health.accelerator,
+        s.health.engine_reason,
+        s.users,
+        counts(&s.sandboxes),
+        counts(&s.running_by_tier),
+        c.cpus_allocated,
+        c.host_cpus,
+        c.memory_mb_allocated,
+        c.host_memory_mb,
+        c.host_memory_available_mb,
+        c.vmm_resident_mb,
+    )
+}
+
 /// An event's time as UTC `YYYY-MM-DD HH:MM:SS.mmm`.
 pub fn event_time(at_ms: i64) -> String {
     let (secs, ms) = (at_ms.div_euclid(1000), at_ms.rem_euclid(1000));

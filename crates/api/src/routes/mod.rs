@@ -78,6 +78,7 @@ pub fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(secrets::delete))
         .routes(routes!(events::list))
         .routes(routes!(metrics::metrics))
+        .routes(routes!(metrics::status))
         .routes(
             routes!(mcp::post, mcp::get, mcp::delete)
                 .layer(axum::extract::DefaultBodyLimit::max(mcp::MAX_BODY)),
