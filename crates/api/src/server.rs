@@ -119,6 +119,7 @@ impl Daemon {
                 service: Arc::new(service),
                 auth_cache: Arc::default(),
                 closing: closing_rx,
+                followers: Arc::default(),
             },
             listener,
             public,

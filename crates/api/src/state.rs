@@ -20,6 +20,8 @@ pub struct AppState {
     /// Becomes `true` when the daemon begins to shut down: endless
     /// streams (`GET /events?follow=true`) end.
     pub closing: tokio::sync::watch::Receiver<bool>,
+    /// Open `GET /events?follow=true` streams by user (a bounded number).
+    pub followers: Arc<crate::routes::events::Followers>,
 }
 
 impl AppState {

@@ -169,6 +169,7 @@ fn events_are_listed_filtered_private_and_followed() {
         common::read_until(&mut stream, &mut seen, "\"type\":\"hot\"").await;
         let lines: Vec<Value> = seen
             .lines()
+            .filter(|l| !l.is_empty()) // keep-alives
             .map(|l| serde_json::from_str(l).expect("one JSON event a line"))
             .collect();
         assert!(lines.len() >= 2, "{seen}");
@@ -179,6 +180,37 @@ fn events_are_listed_filtered_private_and_followed() {
         let hot = lines.iter().find(|e| e["type"] == "hot").unwrap();
         assert_eq!(hot["detail"]["from"], "cold", "{hot}");
 
+        // Open streams are bounded per user: Alice's 8th is her last.
+        let follow = |c: &Client| c.req(Method::GET, "/events?follow=true&limit=1").send();
+        let mut more = Vec::new();
+        for _ in 1..api::routes::events::MAX_FOLLOWERS_PER_USER {
+            let r = follow(&alice).await.unwrap();
+            assert_eq!(r.status(), 200);
+            more.push(r);
+        }
+        let r = follow(&alice).await.unwrap();
+        assert_eq!(r.status(), 429);
+        let r = follow(&bob).await.unwrap();
+        assert_eq!(r.status(), 200, "Bob's are his own");
+        drop(r);
+        // One closed: its place is free again (the daemon notices at its
+        // next line, a keep-alive at the latest).
+        drop(more.pop());
+        let end = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = follow(&alice).await.unwrap();
+            if r.status() == 200 {
+                more.push(r);
+                break;
+            }
+            assert_eq!(r.status(), 429);
+            assert!(
+                std::time::Instant::now() < end,
+                "a closed stream's place stayed taken"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+
         // Shutdown ends the stream (well before the API drain bound).
         let ended = tokio::spawn(async move {
             while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
@@ -188,6 +220,7 @@ fn events_are_listed_filtered_private_and_followed() {
             }
         });
         d.stop().await;
+        drop(more);
         tokio::time::timeout(Duration::from_secs(5), ended)
             .await
             .expect("the follow stream ended at shutdown")

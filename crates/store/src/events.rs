@@ -46,6 +46,50 @@ fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventRecord> {
     })
 }
 
+/// The SQL of [`Store::list_events`] and its arguments.
+fn events_query(filter: &EventFilter, order: &str) -> (String, Vec<rusqlite::types::Value>) {
+    // Only the conditions given, so that SQLite can walk the id
+    // (rowid) range of a cursor rather than the whole table.
+    let mut conds: Vec<&str> = Vec::new();
+    let mut args: Vec<rusqlite::types::Value> = Vec::new();
+    use rusqlite::types::Value as V;
+    if let Some(u) = &filter.user_id {
+        conds.push("user_id = ?");
+        args.push(V::Text(u.clone()));
+    }
+    if let Some(sb) = &filter.sandbox_id {
+        conds.push("sandbox_id = ?");
+        args.push(V::Text(sb.clone()));
+    }
+    if let Some(k) = &filter.kind {
+        conds.push("kind = ?");
+        args.push(V::Text(k.clone()));
+    }
+    if let Some(t) = filter.since {
+        conds.push("at >= ?");
+        args.push(V::Integer(t));
+    }
+    if let Some(t) = filter.until {
+        conds.push("at <= ?");
+        args.push(V::Integer(t));
+    }
+    if let Some(id) = filter.after_id {
+        conds.push("id > ?");
+        args.push(V::Integer(id));
+    }
+    args.push(V::Integer(i64::from(filter.limit)));
+    let cond = if conds.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", conds.join(" AND "))
+    };
+    let sql = format!(
+        "SELECT id, user_id, sandbox_id, kind, detail, at FROM events
+         {cond} ORDER BY id {order} LIMIT ?"
+    );
+    (sql, args)
+}
+
 impl Store {
     /// Events matching `filter`, oldest first.
     pub fn list_events(&self, filter: &EventFilter) -> Result<Vec<EventRecord>> {
@@ -57,29 +101,9 @@ impl Store {
         } else {
             "DESC"
         };
-        let sql = format!(
-            "SELECT id, user_id, sandbox_id, kind, detail, at FROM events
-             WHERE (?1 IS NULL OR user_id = ?1)
-               AND (?2 IS NULL OR sandbox_id = ?2)
-               AND (?3 IS NULL OR kind = ?3)
-               AND (?4 IS NULL OR at >= ?4)
-               AND (?5 IS NULL OR at <= ?5)
-               AND (?6 IS NULL OR id > ?6)
-             ORDER BY id {order} LIMIT ?7"
-        );
+        let (sql, args) = events_query(filter, order);
         let mut stmt = conn.prepare(&sql)?;
-        let rows = stmt.query_map(
-            params![
-                filter.user_id,
-                filter.sandbox_id,
-                filter.kind,
-                filter.since,
-                filter.until,
-                filter.after_id,
-                filter.limit
-            ],
-            event_row,
-        )?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(args), event_row)?;
         let mut out = rows.collect::<rusqlite::Result<Vec<_>>>()?;
         if filter.after_id.is_none() {
             out.reverse();
@@ -223,6 +247,29 @@ mod tests {
             })
             .len(),
             5
+        );
+    }
+
+    #[test]
+    fn a_follower_s_query_walks_the_id_range_not_the_table() {
+        let s = Store::open_in_memory().unwrap();
+        let filter = EventFilter {
+            user_id: Some("u".into()),
+            after_id: Some(41),
+            limit: 1000,
+            ..Default::default()
+        };
+        let (sql, args) = events_query(&filter, "ASC");
+        let conn = s.conn();
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let plan: Vec<String> = stmt
+            .query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert!(
+            plan.iter().any(|p| p.contains("rowid>?")),
+            "a scan: {plan:?}"
         );
     }
 

@@ -23,6 +23,52 @@ use crate::state::{blocking, AppState};
 /// How often a follower looks for new events.
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
 
+/// A follower with nothing to send writes an empty line this often: a
+/// client that went away is noticed (and its stream ended) then.
+const FOLLOW_KEEPALIVE: Duration = Duration::from_secs(10);
+
+/// Event streams one user may hold open at once; one more is a 429.
+pub const MAX_FOLLOWERS_PER_USER: usize = 8;
+
+/// Open event streams by user.
+#[derive(Debug, Default)]
+pub struct Followers(std::sync::Mutex<std::collections::HashMap<String, usize>>);
+
+impl Followers {
+    /// A place for one more of `user`'s streams, held until dropped.
+    fn enter(self: &std::sync::Arc<Self>, user: &str) -> Option<FollowerSlot> {
+        let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(user.to_string()).or_insert(0);
+        if *n >= MAX_FOLLOWERS_PER_USER {
+            return None;
+        }
+        *n += 1;
+        Some(FollowerSlot {
+            followers: self.clone(),
+            user: user.to_string(),
+        })
+    }
+}
+
+/// One open stream's place in [`Followers`].
+#[derive(Debug)]
+struct FollowerSlot {
+    followers: std::sync::Arc<Followers>,
+    user: String,
+}
+
+impl Drop for FollowerSlot {
+    fn drop(&mut self) {
+        let mut open = self.followers.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.user) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.user);
+            }
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EventQuery {
@@ -124,7 +170,14 @@ pub async fn list(
         return Ok(Json(backlog.into_iter().map(view).collect::<Vec<_>>()).into_response());
     }
     let cursor = backlog.iter().map(|e| e.id).max().unwrap_or(0).max(cursor);
+    let slot = state
+        .followers
+        .enter(&user.id)
+        .ok_or(ApiError::RateLimited {
+            retry_after: Duration::from_secs(5),
+        })?;
     let follower = Follower {
+        _slot: slot,
         state: state.clone(),
         filter: EventFilter {
             after_id: Some(cursor),
@@ -134,6 +187,7 @@ pub async fn list(
         pending: backlog.into_iter().collect(),
         closing: state.closing.clone(),
         done: false,
+        quiet_since: tokio::time::Instant::now(),
     };
     let stream = futures_util::stream::unfold(follower, |mut f| async move {
         f.next()
@@ -180,11 +234,14 @@ async fn resolve(
 
 /// One follower's state: what it has yet to send and where it is.
 struct Follower {
+    _slot: FollowerSlot,
     state: AppState,
     filter: EventFilter,
     pending: VecDeque<EventRecord>,
     closing: tokio::sync::watch::Receiver<bool>,
     done: bool,
+    /// When a line was last sent.
+    quiet_since: tokio::time::Instant,
 }
 
 impl Follower {
@@ -198,6 +255,7 @@ impl Follower {
                     serde_json::json!({ "error": format!("cannot render an event: {e}") })
                         .to_string()
                 });
+                self.quiet_since = tokio::time::Instant::now();
                 return Some(line + "\n");
             }
             if self.done || *self.closing.borrow() {
@@ -207,6 +265,10 @@ impl Follower {
             let f = self.filter.clone();
             match blocking(move || store.list_events(&f)).await {
                 Ok(batch) if batch.is_empty() => {
+                    if self.quiet_since.elapsed() >= FOLLOW_KEEPALIVE {
+                        self.quiet_since = tokio::time::Instant::now();
+                        return Some("\n".into());
+                    }
                     tokio::select! {
                         () = tokio::time::sleep(FOLLOW_POLL) => {}
                         changed = self.closing.changed() => {
