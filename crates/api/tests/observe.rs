@@ -211,6 +211,25 @@ fn events_are_listed_filtered_private_and_followed() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
 
+        // A quiet stream sends a keep-alive: an empty line.
+        let r = bob
+            .req(Method::GET, "/events?follow=true&type=none-such")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let mut quiet = r.bytes_stream();
+        let first = tokio::time::timeout(
+            Duration::from_secs(30),
+            futures_util::StreamExt::next(&mut quiet),
+        )
+        .await
+        .expect("a keep-alive within 30 s")
+        .expect("not ended")
+        .unwrap();
+        assert_eq!(&first[..], b"\n");
+        drop(quiet);
+
         // Shutdown ends the stream (well before the API drain bound).
         let ended = tokio::spawn(async move {
             while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
