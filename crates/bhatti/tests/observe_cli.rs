@@ -1,8 +1,17 @@
-//! `bhatti events` (this build's binary) against a daemon on the fake
-//! engine (`vmm::fake`: each sandbox a real `lohar serve` on the host):
-//! the table, `--json` with a type filter, `-f` printing a new event as it
-//! is recorded, and a bad limit refused with the server's message. Needs
-//! root (a network namespace) and the host build of lohar.
+//! Observability through this build's `bhatti` binary:
+//!
+//! - `events_through_the_cli`: `bhatti events` and `bhatti admin status`
+//!   against a daemon on the fake engine (`vmm::fake`: each sandbox a real
+//!   `lohar serve` on the host): the table, `--json` with a type filter,
+//!   `-f` printing a new event as it is recorded and ending with the
+//!   daemon, a bad limit refused with the server's message, the status
+//!   for an admin key and refused for another.
+//! - `serve_logs_json_lines_naming_the_request`: `bhatti serve
+//!   --log-format json` (the real daemon process, no VM started): every
+//!   log line is a JSON object, and a request's lines carry its id.
+//!
+//! Needs root (network namespaces), the host build of lohar and, for the
+//! second, the cached test images (QEMU-TCG engine; nothing boots).
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -254,5 +263,96 @@ fn events_through_the_cli() {
         .unwrap()
         .expect("bhatti events -f ended with the daemon");
         assert!(status.success(), "{status:?}");
+    });
+}
+
+#[test]
+fn serve_logs_json_lines_naming_the_request() {
+    if !testkit::is_root() {
+        return testkit::cannot_run("the serve log test needs root (a network namespace)");
+    }
+    let _ns = testkit::Netns::enter("jsonlog");
+    let data = testkit::data_dir_with_images(image::Tier::Tiny);
+    let config = data.path().join("bhatti.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\nengine = \"qemu-tcg\"\n\
+             [defaults]\nimage = \"tiny\"\nmemory_mb = 256\n",
+            data.path().display()
+        ),
+    )
+    .unwrap();
+    let (out, err) = (data.path().join("serve.out"), data.path().join("serve.err"));
+    let mut child = Command::new(BIN)
+        .args(["serve", "--log-format", "json", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info,api=debug")
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let mut url = String::new();
+    testkit::wait_until(
+        "bhatti serve says where it listens",
+        Duration::from_secs(120),
+        || {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!(
+                    "bhatti serve exited ({st}): {}",
+                    std::fs::read_to_string(&err).unwrap_or_default()
+                );
+            }
+            let text = std::fs::read_to_string(&out).unwrap_or_default();
+            match text.lines().find_map(|l| l.split("serving on ").nth(1)) {
+                Some(u) => {
+                    url = u.trim().to_string();
+                    true
+                }
+                None => false,
+            }
+        },
+    );
+    let id = "json-log-test-5e1d";
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (status, echoed) = rt.block_on(async {
+        let r = reqwest::Client::new()
+            .get(format!("{url}/sandboxes"))
+            .header("x-request-id", id)
+            .send()
+            .await
+            .unwrap();
+        (
+            r.status().as_u16(),
+            r.headers()["x-request-id"].to_str().unwrap().to_string(),
+        )
+    });
+    assert_eq!((status, echoed.as_str()), (401, id));
+    let mut named = Vec::new();
+    testkit::wait_until(
+        "a log line names the request",
+        Duration::from_secs(20),
+        || {
+            let text = std::fs::read_to_string(&err).unwrap_or_default();
+            named = text
+                .lines()
+                .map(|l| {
+                    serde_json::from_str::<Value>(l)
+                        .unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))
+                })
+                .filter(|v| v["span"]["request_id"] == id)
+                .collect();
+            !named.is_empty()
+        },
+    );
+    assert_eq!(named[0]["span"]["route"], "/sandboxes", "{named:?}");
+    assert_eq!(named[0]["fields"]["status"], 401, "{named:?}");
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    testkit::wait_until("bhatti serve exits", Duration::from_secs(60), || {
+        matches!(child.try_wait(), Ok(Some(_)))
     });
 }
