@@ -67,6 +67,20 @@ if ! "$venv/bin/python" -c "import mcp" >/dev/null 2>&1; then
 fi
 export BHATTI_MCP_PYTHON="$venv/bin/python"
 
+# The observability test (crates/api/tests/observe.rs) parses `GET /metrics`
+# with the Prometheus project's own text parser (`prometheus_client`, PyPI);
+# it fails without it.
+prometheus_client_version=0.21.1
+venv=/var/cache/bhatti-test/venv-prometheus-client-$prometheus_client_version
+if ! "$venv/bin/python" -c "import prometheus_client.parser" >/dev/null 2>&1; then
+  echo "test.sh: installing prometheus-client $prometheus_client_version into $venv"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check \
+    "prometheus-client==$prometheus_client_version"
+fi
+export BHATTI_PROMETHEUS_PYTHON="$venv/bin/python"
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

@@ -446,6 +446,68 @@ pub struct PortList {
     pub ports: Vec<Port>,
 }
 
+/// A recorded event (`GET /events`; one per line with `follow=true`):
+/// a sandbox's status change (`running`, `stopped`, `failed`, …), thermal
+/// transition (`warm`, `hot`, `cold`, `restore_failed`, …) or the like.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Event {
+    /// Increases with every event recorded: a cursor.
+    pub id: i64,
+    /// The user whose sandbox it is about.
+    pub user_id: String,
+    pub sandbox_id: Option<String>,
+    /// What happened.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Details by type (a reason, `took_ms`, …).
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub detail: serde_json::Value,
+    /// When, in Unix milliseconds.
+    pub at: i64,
+}
+
+/// `GET /admin/status`: the daemon at a glance (admin keys only).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AdminStatus {
+    /// Version and VM engine, as `GET /health` says them.
+    pub health: Health,
+    pub users: u64,
+    /// Every sandbox by status (`creating`, `running`, `stopped`, `failed`).
+    pub sandboxes: std::collections::BTreeMap<String, u64>,
+    /// Running sandboxes by thermal tier (`hot`, `warm`, `cold`).
+    pub running_by_tier: std::collections::BTreeMap<String, u64>,
+    pub capacity: Capacity,
+}
+
+/// The host's CPUs and memory, and what the sandboxes holding a VM
+/// (`running`, hot or warm) were given of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Capacity {
+    pub host_cpus: u64,
+    pub host_memory_mb: u64,
+    /// The host's available memory now (`MemAvailable`).
+    pub host_memory_available_mb: u64,
+    /// vCPUs of hot and warm sandboxes.
+    pub cpus_allocated: u64,
+    /// Guest memory of hot and warm sandboxes.
+    pub memory_mb_allocated: u64,
+    /// Resident memory of this daemon's VMM processes together.
+    pub vmm_resident_mb: u64,
+}
+
+/// Response headers of every API answer.
+pub mod response_headers {
+    /// The request's id: the client's `X-Request-Id` when sane (1–128
+    /// visible ASCII characters), else a new one. Daemon log lines of the
+    /// request name it.
+    pub const REQUEST_ID: &str = "x-request-id";
+    /// The daemon's version.
+    pub const VERSION: &str = "x-bhatti-version";
+}
+
 /// Response headers of file reads.
 pub mod headers {
     /// Size of the whole file, whatever part the body holds.
@@ -462,6 +524,9 @@ pub mod limits {
     pub const MAX_EXEC_TIMEOUT_SEC: u64 = 86_400;
     /// JSON bodies.
     pub const MAX_JSON_BODY: usize = 1024 * 1024;
+    /// Events one `GET /events` returns by default, and at most.
+    pub const DEFAULT_EVENTS: u32 = 100;
+    pub const MAX_EVENTS: u32 = 1000;
     /// File uploads (the agent's write limit).
     pub const MAX_FILE_BODY: u64 = 100 * 1000 * 1000;
 }

@@ -87,6 +87,9 @@ pub struct DaemonConfig {
     pub publish: crate::publish::PublishConfig,
     /// How VMM processes are confined.
     pub confinement: ConfinementConfig,
+    /// Names of the users whose keys are admin keys: they see every
+    /// user's events and read `GET /metrics`.
+    pub admins: Vec<String>,
 }
 
 /// `[confinement]`: VMMs run as an unprivileged user, in their own mount
@@ -268,6 +271,7 @@ impl Default for DaemonConfig {
             defaults: SandboxDefaults::default(),
             publish: Default::default(),
             confinement: ConfinementConfig::default(),
+            admins: Vec::new(),
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod error;
 pub mod extract;
 pub mod keys;
 pub mod network;
+pub mod observe;
 pub mod openapi;
 pub mod proxy;
 pub mod publish;

@@ -38,6 +38,7 @@ pub const API_KEY: &str = "api_key";
         (name = "guest", description = "Commands, files, sessions and the shell inside a sandbox."),
         (name = "ports", description = "Ports in a sandbox: listing, the authenticated proxy, tunnels, publishing."),
         (name = "secrets", description = "The caller's encrypted secrets."),
+        (name = "observability", description = "Events and metrics (docs/operations.md)."),
         (name = "mcp", description = "The MCP server (streamable HTTP transport): the sandbox tools for MCP clients; see docs/clients.md."),
     )
 )]
@@ -194,6 +195,14 @@ pub enum Authed {
     /// The daemon failed (its store, its secrets); the message says how.
     #[response(status = 500)]
     Internal(ErrorBody),
+}
+
+/// Answers of operations for admin keys only.
+#[derive(Debug, IntoResponses)]
+pub enum AdminOnly {
+    /// The key is not an admin key (`admins` in the daemon's config).
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
 }
 
 /// Answers of operations with a body, query or parameter to check.

@@ -42,6 +42,8 @@ pub enum ServeError {
 pub struct Daemon {
     pub state: AppState,
     listener: tokio::net::TcpListener,
+    /// Tells endless streams the daemon is shutting down.
+    closing: tokio::sync::watch::Sender<bool>,
     /// The public proxy's socket (`[publish] listen`), unless it is off.
     public: Option<tokio::net::TcpListener>,
 }
@@ -105,7 +107,9 @@ impl Daemon {
                 addr: config.listen,
                 source,
             })?;
+        let (closing, closing_rx) = tokio::sync::watch::channel(false);
         Ok(Daemon {
+            closing,
             state: AppState {
                 config,
                 store,
@@ -114,6 +118,8 @@ impl Daemon {
                 health,
                 service: Arc::new(service),
                 auth_cache: Arc::default(),
+                closing: closing_rx,
+                followers: Arc::default(),
             },
             listener,
             public,
@@ -142,8 +148,11 @@ impl Daemon {
             tokio::spawn(crate::publish::public::serve(listener, state, stopped))
         });
         let (began, mut beginning) = tokio::sync::watch::channel(false);
+        let closing = self.closing;
         let shutdown = async move {
             shutdown.await;
+            // Event streams end now, not at the drain's deadline.
+            closing.send_replace(true);
             // send fails only when the public proxy is off or gone.
             let _ = stop_public.send(true);
             let _ = began.send(true);

@@ -17,9 +17,28 @@ pub struct AppState {
     pub health: api_types::Health,
     pub service: Arc<Service>,
     pub auth_cache: Arc<crate::auth::AuthCache>,
+    /// Becomes `true` when the daemon begins to shut down: endless
+    /// streams (`GET /events?follow=true`) end.
+    pub closing: tokio::sync::watch::Receiver<bool>,
+    /// Open `GET /events?follow=true` streams by user (a bounded number).
+    pub followers: Arc<crate::routes::events::Followers>,
 }
 
 impl AppState {
+    /// Whether `user` holds an admin key (`admins` in the config).
+    pub fn is_admin(&self, user: &store::UserRecord) -> bool {
+        self.config.admins.contains(&user.name)
+    }
+
+    /// `Forbidden` unless `user` is an admin.
+    pub fn require_admin(&self, user: &store::UserRecord) -> Result<(), ApiError> {
+        if self.is_admin(user) {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden("this needs an admin key".into()))
+        }
+    }
+
     /// Charges one request of `class` to `user`.
     pub fn limit(&self, user: &store::UserRecord, class: Class) -> Result<(), ApiError> {
         self.limiter

@@ -19,8 +19,18 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(flatten)]
     client: cli::GlobalArgs,
+    /// Log lines as text or as one JSON object each (for log shippers);
+    /// `RUST_LOG` sets the filter
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -44,13 +54,22 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = Cli::parse();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        // Each line one object: fields, the span (a request's
+        // `request_id`) and its parents.
+        LogFormat::Json => logs
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+        LogFormat::Text => logs.init(),
+    }
     let result = match cli.command {
         Command::Serve(a) => serve::run(a),
         Command::Config(c) => config_cmd::run(c),

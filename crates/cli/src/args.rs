@@ -19,6 +19,31 @@ pub struct GlobalArgs {
     pub json: bool,
 }
 
+/// `bhatti admin …`.
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum AdminCommand {
+    /// The daemon at a glance: engine, users, sandboxes by status and
+    /// tier, capacity used and free.
+    Status,
+}
+
+/// `bhatti events`.
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct EventsArgs {
+    /// Keep going: print new events as they are recorded, until Ctrl+C.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Only this sandbox's events (name or id).
+    #[arg(long, value_name = "NAME")]
+    pub sandbox: Option<String>,
+    /// Only events of this type (running, stopped, warm, hot, cold, …).
+    #[arg(long = "type", value_name = "TYPE")]
+    pub kind: Option<String>,
+    /// How many of the newest to show first (1–1000).
+    #[arg(long, default_value_t = 100)]
+    pub limit: u32,
+}
+
 /// The client commands of the `bhatti` binary.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -48,6 +73,12 @@ pub enum Command {
     /// Manage your secrets (values are never shown).
     #[command(subcommand)]
     Secret(SecretCommand),
+    /// Show your sandboxes' recorded events (status changes, thermal
+    /// transitions, …), oldest first; an admin key sees everyone's.
+    Events(EventsArgs),
+    /// Daemon-wide views (admin keys only).
+    #[command(subcommand)]
+    Admin(AdminCommand),
     /// Put a sandbox to sleep now: snapshot to disk, VM exits (cold).
     Stop {
         /// Sandbox name or id.

@@ -270,6 +270,33 @@ impl Client {
         self.send(rb).await
     }
 
+    /// `GET /events[?…]`, with `follow=true` the open NDJSON stream.
+    pub async fn events(&self, query: &[(&str, String)], follow: bool) -> Result<Response> {
+        let mut url = self.url(&["events"]);
+        {
+            let mut q = url.query_pairs_mut();
+            for (k, v) in query {
+                q.append_pair(k, v);
+            }
+            if follow {
+                q.append_pair("follow", "true");
+            }
+        }
+        self.send(self.request(Method::GET, url, true)?).await
+    }
+
+    /// `GET /admin/status`.
+    pub async fn admin_status(&self) -> Result<api_types::AdminStatus> {
+        self.get_json("GET /admin/status", self.url(&["admin", "status"]))
+            .await
+    }
+
+    /// `GET /events` as a list.
+    pub async fn event_list(&self, query: &[(&str, String)]) -> Result<Vec<api_types::Event>> {
+        let resp = self.events(query, false).await?;
+        self.json("GET /events", resp).await
+    }
+
     /// `GET /sandboxes/:id/ports` (wakes the sandbox).
     pub async fn ports(&self, name: &str) -> Result<api_types::PortList> {
         self.get_json(

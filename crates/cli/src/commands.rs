@@ -8,7 +8,8 @@ use api_types::{headers, limits, CreateSandbox, ExecBody, Health, NewFile, NewSe
 use serde::Serialize;
 
 use crate::args::{
-    Command, CreateArgs, ExecArgs, FileCommand, FileSpec, GlobalArgs, SecretCommand,
+    AdminCommand, Command, CreateArgs, EventsArgs, ExecArgs, FileCommand, FileSpec, GlobalArgs,
+    SecretCommand,
 };
 use crate::client::Client;
 use crate::config::{self, Layer};
@@ -133,6 +134,15 @@ impl Ctx {
             }
             Command::File(f) => self.file(f).await?,
             Command::Secret(s) => self.secret(s).await?,
+            Command::Events(a) => self.events(a).await?,
+            Command::Admin(AdminCommand::Status) => {
+                let st = c.admin_status().await?;
+                if self.json {
+                    print_json(&st)?
+                } else {
+                    print(&output::admin_status(&st))?
+                }
+            }
             Command::Stop { name } => {
                 let sb = c.lifecycle(&name, "stop", false).await?;
                 eprintln!("{name} is {}", sb.thermal);
@@ -374,6 +384,57 @@ impl Ctx {
             SecretCommand::Delete { name } => {
                 c.delete_secret(&name).await?;
                 eprintln!("secret {name} deleted");
+            }
+        }
+        Ok(())
+    }
+
+    async fn events(&self, a: EventsArgs) -> Result<()> {
+        let c = &self.client;
+        let mut query = vec![("limit", a.limit.to_string())];
+        if let Some(s) = a.sandbox {
+            query.push(("sandbox", s));
+        }
+        if let Some(t) = a.kind {
+            query.push(("type", t));
+        }
+        if !a.follow {
+            let list = c.event_list(&query).await?;
+            return if self.json {
+                print_json(&list)
+            } else {
+                print(&output::events_table(&list))
+            };
+        }
+        let mut resp = c.events(&query, true).await?;
+        let mut pending: Vec<u8> = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| c.transport_error(e))? {
+            pending.extend_from_slice(&chunk);
+            while let Some(i) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=i).collect();
+                let line = &line[..line.len() - 1];
+                if line.is_empty() {
+                    continue;
+                }
+                if self.json {
+                    print_bytes(line)?;
+                    print("\n")?;
+                    continue;
+                }
+                match serde_json::from_slice::<api_types::Event>(line) {
+                    Ok(e) => print(&output::event_line(&e))?,
+                    Err(_) => {
+                        let v: serde_json::Value =
+                            serde_json::from_slice(line).map_err(|source| CliError::Decode {
+                                what: "GET /events?follow=true",
+                                source,
+                            })?;
+                        return Err(CliError::Api {
+                            status: 200,
+                            message: v["error"].as_str().unwrap_or("bad event line").to_string(),
+                        });
+                    }
+                }
             }
         }
         Ok(())

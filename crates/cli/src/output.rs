@@ -252,11 +252,129 @@ pub fn secrets_table(list: &[SecretSummary], now_ms: i64) -> String {
     t.render()
 }
 
+/// `bhatti admin status`.
+pub fn admin_status(s: &api_types::AdminStatus) -> String {
+    let counts = |m: &std::collections::BTreeMap<String, u64>| {
+        m.iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let c = &s.capacity;
+    let total: u64 = s.sandboxes.values().sum();
+    format!(
+        "server:     bhatti {} ({} on {}; {})\n\
+         users:      {}\n\
+         sandboxes:  {total} ({})\n\
+         running:    {}\n\
+         cpus:       {} of {} allocated to hot and warm sandboxes\n\
+         memory:     {} MiB of {} MiB allocated to hot and warm sandboxes; {} MiB available; VMMs resident {} MiB\n",
+        s.health.version,
+        s.health.engine,
+        s.health.accelerator,
+        s.health.engine_reason,
+        s.users,
+        counts(&s.sandboxes),
+        counts(&s.running_by_tier),
+        c.cpus_allocated,
+        c.host_cpus,
+        c.memory_mb_allocated,
+        c.host_memory_mb,
+        c.host_memory_available_mb,
+        c.vmm_resident_mb,
+    )
+}
+
+/// An event's time as UTC `YYYY-MM-DD HH:MM:SS.mmm`.
+pub fn event_time(at_ms: i64) -> String {
+    let (secs, ms) = (at_ms.div_euclid(1000), at_ms.rem_euclid(1000));
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}.{ms:03}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn event_detail(d: &serde_json::Value) -> String {
+    match d.as_object() {
+        Some(o) => o
+            .iter()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| match v.as_str() {
+                Some(s) => format!("{k}={s}"),
+                None => format!("{k}={v}"),
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        None if d.is_null() => String::new(),
+        None => d.to_string(),
+    }
+}
+
+/// `bhatti events`: time, sandbox, type, details.
+pub fn events_table(list: &[api_types::Event]) -> String {
+    let mut t = Table::new(&["TIME (UTC)", "SANDBOX", "TYPE", "DETAIL"]);
+    for e in list {
+        t.row(vec![
+            event_time(e.at),
+            e.sandbox_id.clone().unwrap_or_else(|| "-".into()),
+            e.kind.clone(),
+            event_detail(&e.detail),
+        ]);
+    }
+    t.render()
+}
+
+/// One followed event (`bhatti events -f`).
+pub fn event_line(e: &api_types::Event) -> String {
+    format!(
+        "{}  {}  {}  {}\n",
+        event_time(e.at),
+        e.sandbox_id.as_deref().unwrap_or("-"),
+        e.kind,
+        event_detail(&e.detail)
+    )
+    .replace("  \n", "\n")
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+
+    #[test]
+    fn events_show_utc_time_sandbox_type_and_details() {
+        assert_eq!(event_time(0), "1970-01-01 00:00:00.000");
+        assert_eq!(event_time(1_709_210_096_789), "2024-02-29 12:34:56.789");
+        let e = api_types::Event {
+            id: 1,
+            user_id: "u".into(),
+            sandbox_id: Some("sb1".into()),
+            kind: "hot".into(),
+            detail: serde_json::json!({"from": "cold", "took_ms": 12, "reason": null}),
+            at: 0,
+        };
+        assert_eq!(
+            event_line(&e),
+            "1970-01-01 00:00:00.000  sb1  hot  from=cold took_ms=12\n"
+        );
+        let t = events_table(&[e]);
+        assert!(t.starts_with("TIME (UTC)"), "{t}");
+        assert!(t.contains("sb1      hot   from=cold took_ms=12\n"), "{t}");
+    }
 
     #[test]
     fn table_columns_align_and_last_is_unpadded() {

@@ -18,7 +18,7 @@ use std::sync::{Mutex, MutexGuard};
 
 pub use api_types::{SandboxStatus, Thermal};
 pub use error::StoreError;
-pub use events::EventRecord;
+pub use events::{EventFilter, EventRecord};
 pub use publications::{NewPublication, PublicationRecord};
 pub use sandboxes::{NewSandbox, SandboxRow, SandboxUpdate};
 pub use secrets::SecretRecord;

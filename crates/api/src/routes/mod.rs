@@ -1,9 +1,11 @@
 //! Handlers: each turns HTTP into a typed call on the service and back.
 
+pub mod events;
 pub mod exec;
 pub mod files;
 pub mod health;
 pub mod mcp;
+pub mod metrics;
 pub mod proxy;
 pub mod publish;
 pub mod sandboxes;
@@ -74,6 +76,9 @@ pub fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(publish::unpublish))
         .routes(routes!(secrets::list, secrets::create))
         .routes(routes!(secrets::delete))
+        .routes(routes!(events::list))
+        .routes(routes!(metrics::metrics))
+        .routes(routes!(metrics::status))
         .routes(
             routes!(mcp::post, mcp::get, mcp::delete)
                 .layer(axum::extract::DefaultBodyLimit::max(mcp::MAX_BODY)),
@@ -94,10 +99,16 @@ pub fn parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
 
 pub fn router(state: AppState) -> Router {
     let json_limit = state.config.limits.max_json_body;
+    let metrics = state.service.metrics().clone();
     parts()
         .0
         .fallback(|| async { crate::error::ApiError::NotFound("no such endpoint".into()) })
         .layer(axum::extract::DefaultBodyLimit::max(json_limit))
+        // Outermost: every answer (a 404, a 413 too) gets its request id.
+        .layer(axum::middleware::from_fn_with_state(
+            metrics,
+            crate::observe::track,
+        ))
         .with_state(state)
 }
 

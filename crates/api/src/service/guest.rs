@@ -71,6 +71,15 @@ impl Service {
     /// Finds, boots or wakes a sandbox without calling into it (a shell
     /// checks this before its WebSocket upgrade, so a missing sandbox is
     /// an HTTP answer).
+    /// Awaits a guest agent call, timing it into the metrics.
+    async fn timed<T>(&self, call: &'static str, f: impl std::future::Future<Output = T>) -> T {
+        let started = std::time::Instant::now();
+        let out = f.await;
+        self.metrics
+            .agent_call(call, started.elapsed().as_secs_f64());
+        out
+    }
+
     pub async fn wake(&self, user: &UserRecord, key: &str) -> Result<(), ApiError> {
         self.find_awake(user, key).await.map(|_| ())
     }
@@ -86,7 +95,10 @@ impl Service {
     ) -> Result<ExecOutput, ApiError> {
         let id = self.find_awake(user, key).await?;
         let cap = self.config.limits.max_exec_output;
-        match self.core.exec_capped(&id, req, cap).await {
+        match self
+            .timed("exec", self.core.exec_capped(&id, req, cap))
+            .await
+        {
             Ok(out) => Ok(out),
             Err(e) => Err(self.after_failure(user, key, e).await),
         }
@@ -115,7 +127,7 @@ impl Service {
         req: ExecRequest,
     ) -> Result<Started, ApiError> {
         let id = self.find_awake(user, key).await?;
-        match self.core.spawn(&id, req).await {
+        match self.timed("spawn", self.core.spawn(&id, req)).await {
             Ok(s) => Ok(s),
             Err(e) => Err(self.after_failure(user, key, e).await),
         }
@@ -167,7 +179,7 @@ impl Service {
         path: &str,
     ) -> Result<FileStat, ApiError> {
         let id = self.find_awake(user, key).await?;
-        match self.core.stat(&id, path).await {
+        match self.timed("stat", self.core.stat(&id, path)).await {
             Ok(s) => Ok(s),
             Err(e) => Err(self.after_failure(user, key, e).await),
         }
@@ -176,7 +188,7 @@ impl Service {
     /// Lists a guest directory.
     pub async fn ls(&self, user: &UserRecord, key: &str, path: &str) -> Result<Listing, ApiError> {
         let id = self.find_awake(user, key).await?;
-        match self.core.ls(&id, path).await {
+        match self.timed("ls", self.core.ls(&id, path)).await {
             Ok(l) => Ok(l),
             Err(e) => Err(self.after_failure(user, key, e).await),
         }
@@ -189,7 +201,7 @@ impl Service {
         key: &str,
     ) -> Result<Vec<SessionInfo>, ApiError> {
         let id = self.find_awake(user, key).await?;
-        match self.core.sessions(&id).await {
+        match self.timed("sessions", self.core.sessions(&id)).await {
             Ok(s) => Ok(s),
             Err(e) => Err(self.after_failure(user, key, e).await),
         }

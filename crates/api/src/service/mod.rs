@@ -75,6 +75,23 @@ pub struct Service {
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Sandbox names by user and address, for the gateway's DNS responder.
     names: Arc<crate::network::GuestNames>,
+    /// The daemon's metrics (`GET /metrics`).
+    metrics: Arc<crate::observe::Metrics>,
+}
+
+impl Service {
+    /// The daemon's metrics.
+    pub fn metrics(&self) -> &Arc<crate::observe::Metrics> {
+        &self.metrics
+    }
+
+    /// The pids of the VMMs this process runs now.
+    pub fn vmm_pids(&self) -> Vec<u32> {
+        let ids: Vec<SandboxId> = self.index().keys().cloned().collect();
+        ids.iter()
+            .filter_map(|id| self.core.get(id).ok()?.vmm_pid)
+            .collect()
+    }
 }
 
 /// Builds the API's view of a stored sandbox.

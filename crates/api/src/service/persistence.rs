@@ -172,8 +172,14 @@ pub(super) async fn record_thermal(
     store: Arc<Store>,
     core: SandboxManager,
     running: Index,
+    metrics: Arc<crate::observe::Metrics>,
 ) {
     while let Some(ev) = events.recv().await {
+        let from = match &ev.kind {
+            ThermalEventKind::Hot { from } => from.to_string(),
+            _ => String::new(),
+        };
+        metrics.thermal(ev.kind.name(), &from, ev.took.as_secs_f64());
         let found = running
             .lock()
             .unwrap_or_else(|p| p.into_inner())

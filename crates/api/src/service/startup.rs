@@ -100,6 +100,7 @@ impl Service {
             adopted: Mutex::default(),
             tasks: Mutex::new(Vec::new()),
             names: Arc::default(),
+            metrics: Arc::default(),
         };
         let events = service.core.subscribe_thermal();
         let net_tasks = crate::network::start(
@@ -115,6 +116,7 @@ impl Service {
             service.store.clone(),
             service.core.clone(),
             service.running.clone(),
+            service.metrics.clone(),
         ));
         let ticker = service.core.spawn_thermal();
         let mut tasks = service.tasks.lock().unwrap_or_else(|p| p.into_inner());
