@@ -41,44 +41,27 @@ if command -v rustup >/dev/null && ! (cd / && rustup run 1.95.0 rustc --version 
   fi
 fi
 
-# The OpenAPI document test (crates/api/tests/openapi.rs) runs this
-# validator and fails without it. A venv kept beside the test images, one
-# per pinned version, so a later run reuses it.
-openapi_validator_version=0.9.0
-venv=/var/cache/bhatti-test/venv-openapi-spec-validator-$openapi_validator_version
-if ! "$venv/bin/openapi-spec-validator" --version >/dev/null 2>&1; then
-  echo "test.sh: installing openapi-spec-validator $openapi_validator_version into $venv"
-  rm -rf "$venv"
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check \
-    "openapi-spec-validator==$openapi_validator_version"
-fi
+# Python tools some tests drive, each from PyPI at a pinned version in a
+# venv kept beside the test images (one per version, reused by later runs).
+# Those tests fail without them. py_tool NAME VERSION CHECK: the venv's path.
+py_tool() {
+  local venv=/var/cache/bhatti-test/venv-$1-$2
+  if ! "$venv/bin/python" -c "$3" >/dev/null 2>&1; then
+    echo "test.sh: installing $1 $2 into $venv" >&2
+    rm -rf "$venv"
+    python3 -m venv "$venv" >&2 || return 1
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "$1==$2" >&2 || return 1
+  fi
+  echo "$venv"
+}
+# crates/api/tests/openapi.rs validates the generated OpenAPI document.
+venv=$(py_tool openapi-spec-validator 0.9.0 "import openapi_spec_validator")
 export BHATTI_OPENAPI_VALIDATOR="$venv/bin/openapi-spec-validator"
-
-# The MCP test (crates/bhatti/tests/mcp.rs) drives bhatti's MCP server with
-# the official `mcp` Python SDK, over stdio and HTTP; it fails without it.
-mcp_sdk_version=2.3.0
-venv=/var/cache/bhatti-test/venv-mcp-$mcp_sdk_version
-if ! "$venv/bin/python" -c "import mcp" >/dev/null 2>&1; then
-  echo "test.sh: installing the mcp Python SDK $mcp_sdk_version into $venv"
-  rm -rf "$venv"
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "mcp==$mcp_sdk_version"
-fi
+# crates/bhatti/tests/mcp.rs drives the MCP server with the official SDK.
+venv=$(py_tool mcp 2.3.0 "import mcp")
 export BHATTI_MCP_PYTHON="$venv/bin/python"
-
-# The observability test (crates/api/tests/observe.rs) parses `GET /metrics`
-# with the Prometheus project's own text parser (`prometheus_client`, PyPI);
-# it fails without it.
-prometheus_client_version=0.21.1
-venv=/var/cache/bhatti-test/venv-prometheus-client-$prometheus_client_version
-if ! "$venv/bin/python" -c "import prometheus_client.parser" >/dev/null 2>&1; then
-  echo "test.sh: installing prometheus-client $prometheus_client_version into $venv"
-  rm -rf "$venv"
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check \
-    "prometheus-client==$prometheus_client_version"
-fi
+# crates/api/tests/observe.rs parses /metrics with Prometheus' own parser.
+venv=$(py_tool prometheus-client 0.21.1 "import prometheus_client.parser")
 export BHATTI_PROMETHEUS_PYTHON="$venv/bin/python"
 
 echo "== cargo fmt --check"

@@ -20,27 +20,10 @@ use reqwest::Method;
 use serde_json::Value;
 use vmm::fake::FakeEngine;
 
-fn placeholder_images(data: &Path) {
-    for rel in [
-        "images/kernel/vmlinux",
-        "images/kernel/vmlinuz",
-        "images/kernel/manifest.json",
-        "images/initramfs/initramfs.cpio",
-        "images/initramfs/manifest.json",
-        "images/tiny/rootfs.ext4",
-        "images/tiny/manifest.json",
-    ] {
-        let to = data.join(rel);
-        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
-        std::fs::write(&to, b"placeholder").unwrap();
-    }
-    std::fs::write(data.join("images/kernel/release"), "6.1.0-test\n").unwrap();
-}
-
 /// A fake-engine daemon config whose thermal timers never fire during a
 /// test; `root` holds the admin key.
 fn start_config(data: &Path) -> api::DaemonConfig {
-    placeholder_images(data);
+    testkit::placeholder_images(data);
     let mut c = common::config(
         data,
         "[thermal]\nwarm_after_secs = 3600\ncold_after_secs = 7200\n[limits]\ncreates_per_min = 1000\nreads_per_min = 10000\n",

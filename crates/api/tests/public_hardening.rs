@@ -19,7 +19,7 @@ mod common;
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,25 +32,6 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Notify;
 use vmm::fake::FakeEngine;
 
-/// The image files the image store resolves for `tiny`, as placeholders:
-/// the fake engine reads none of them.
-fn placeholder_images(data: &Path) {
-    for rel in [
-        "images/kernel/vmlinux",
-        "images/kernel/vmlinuz",
-        "images/kernel/manifest.json",
-        "images/initramfs/initramfs.cpio",
-        "images/initramfs/manifest.json",
-        "images/tiny/rootfs.ext4",
-        "images/tiny/manifest.json",
-    ] {
-        let to = data.join(rel);
-        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
-        std::fs::write(&to, b"placeholder").unwrap();
-    }
-    std::fs::write(data.join("images/kernel/release"), "6.1.0-test\n").unwrap();
-}
-
 struct Setup {
     _dir: tempfile::TempDir,
     data: PathBuf,
@@ -59,7 +40,7 @@ struct Setup {
 fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_path_buf();
-    placeholder_images(&data);
+    testkit::placeholder_images(&data);
     Setup { _dir: dir, data }
 }
 

@@ -22,25 +22,6 @@ use reqwest::Method;
 use serde_json::Value;
 use vmm::fake::{FakeEngine, Fault};
 
-/// The image files the image store resolves for `tiny`, as placeholders:
-/// the fake engine reads none of them.
-fn placeholder_images(data: &Path) {
-    for rel in [
-        "images/kernel/vmlinux",
-        "images/kernel/vmlinuz",
-        "images/kernel/manifest.json",
-        "images/initramfs/initramfs.cpio",
-        "images/initramfs/manifest.json",
-        "images/tiny/rootfs.ext4",
-        "images/tiny/manifest.json",
-    ] {
-        let to = data.join(rel);
-        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
-        std::fs::write(&to, b"placeholder").unwrap();
-    }
-    std::fs::write(data.join("images/kernel/release"), "6.1.0-test\n").unwrap();
-}
-
 /// A daemon configuration over `data` whose thermal timers never fire
 /// during a test (the tests move sandboxes themselves).
 fn fake_config(data: &Path) -> api::DaemonConfig {
@@ -62,7 +43,7 @@ struct Setup {
 fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_path_buf();
-    placeholder_images(&data);
+    testkit::placeholder_images(&data);
     Setup { _dir: dir, data }
 }
 

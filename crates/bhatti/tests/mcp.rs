@@ -25,25 +25,6 @@ use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_bhatti");
 
-/// The image files the image store resolves for `tiny`, as placeholders
-/// (the fake engine boots none of them).
-fn placeholder_images(data: &Path) {
-    for rel in [
-        "images/kernel/vmlinux",
-        "images/kernel/vmlinuz",
-        "images/kernel/manifest.json",
-        "images/initramfs/initramfs.cpio",
-        "images/initramfs/manifest.json",
-        "images/tiny/rootfs.ext4",
-        "images/tiny/manifest.json",
-    ] {
-        let to = data.join(rel);
-        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
-        std::fs::write(&to, b"placeholder").unwrap();
-    }
-    std::fs::write(data.join("images/kernel/release"), "6.1.0-test\n").unwrap();
-}
-
 fn config(data: &Path) -> api::DaemonConfig {
     let text = format!(
         "data_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\nengine = \"qemu-tcg\"\n\
@@ -210,7 +191,7 @@ fn mcp_over_http_and_stdio() {
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().to_path_buf();
-        placeholder_images(&data);
+        testkit::placeholder_images(&data);
         let engine = vmm::fake::FakeEngine::new(testkit::host_lohar());
         let daemon = api::Daemon::start_with_engine(config(&data), engine)
             .await

@@ -22,23 +22,6 @@ use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_bhatti");
 
-fn placeholder_images(data: &Path) {
-    for rel in [
-        "images/kernel/vmlinux",
-        "images/kernel/vmlinuz",
-        "images/kernel/manifest.json",
-        "images/initramfs/initramfs.cpio",
-        "images/initramfs/manifest.json",
-        "images/tiny/rootfs.ext4",
-        "images/tiny/manifest.json",
-    ] {
-        let to = data.join(rel);
-        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
-        std::fs::write(&to, b"placeholder").unwrap();
-    }
-    std::fs::write(data.join("images/kernel/release"), "6.1.0-test\n").unwrap();
-}
-
 fn config(data: &Path) -> api::DaemonConfig {
     let text = format!(
         "data_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\nengine = \"qemu-tcg\"\n\
@@ -90,7 +73,7 @@ fn events_through_the_cli() {
         let home = dir.path().join("home");
         std::fs::create_dir_all(&home).unwrap();
         std::fs::create_dir_all(&data).unwrap();
-        placeholder_images(&data);
+        testkit::placeholder_images(&data);
         let engine = vmm::fake::FakeEngine::new(testkit::host_lohar());
         let daemon = api::Daemon::start_with_engine(config(&data), engine)
             .await

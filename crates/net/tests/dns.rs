@@ -113,6 +113,19 @@ async fn ask_from(from: &str, server: SocketAddr, msg: &[u8]) -> Option<Vec<u8>>
     }
 }
 
+/// Asks like a stub resolver does: up to 5 tries of [`ask_from`] (glibc
+/// retries after its timeout too). A flood's backlog in the server's socket
+/// may drop or delay one try on a loaded machine; "answered" means a
+/// resolver in the other sandbox gets its answer.
+async fn resolve_from(from: &str, server: SocketAddr, msg: &[u8]) -> Option<Vec<u8>> {
+    for _ in 0..5 {
+        if let Some(answer) = ask_from(from, server, msg).await {
+            return Some(answer);
+        }
+    }
+    None
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strangers_get_nothing_and_a_flood_stays_bounded() {
     let limits = net::dns::RelayLimits {
@@ -166,11 +179,11 @@ async fn strangers_get_nothing_and_a_flood_stays_bounded() {
         }
     }
     // Meanwhile the other sandbox is answered, by name and through the relay.
-    let a = ask_from("127.0.0.3", server, &query(3, "dev", 1))
+    let a = resolve_from("127.0.0.3", server, &query(3, "dev", 1))
         .await
         .expect("a name");
     assert_eq!(&a[a.len() - 4..], &[10, 210, 0, 7]);
-    let r = ask_from("127.0.0.3", server, &query(4, "example.org", 1))
+    let r = resolve_from("127.0.0.3", server, &query(4, "example.org", 1))
         .await
         .expect("relayed during the flood");
     assert_eq!(&r[..2], &[0, 4], "the client's id is restored");

@@ -270,6 +270,26 @@ pub fn cannot_run(reason: &str) {
     println!("SKIP {reason}");
 }
 
+/// Placeholder files where the image store looks for the kernel, the
+/// initramfs and the `tiny` rootfs under `data`: enough for a daemon on the
+/// fake engine, which boots none of them.
+pub fn placeholder_images(data: &Path) {
+    for rel in [
+        "images/kernel/vmlinux",
+        "images/kernel/vmlinuz",
+        "images/kernel/manifest.json",
+        "images/initramfs/initramfs.cpio",
+        "images/initramfs/manifest.json",
+        "images/tiny/rootfs.ext4",
+        "images/tiny/manifest.json",
+    ] {
+        let to = data.join(rel);
+        std::fs::create_dir_all(to.parent().expect("a parent")).expect("image dir");
+        std::fs::write(&to, b"placeholder").expect("placeholder image file");
+    }
+    std::fs::write(data.join("images/kernel/release"), "6.1.0-test\n").expect("kernel release");
+}
+
 /// A fresh data directory whose `images/` links to the shared image cache
 /// (built for `tier` first): what a test daemon's `data_dir` needs.
 pub fn data_dir_with_images(tier: Tier) -> tempfile::TempDir {
