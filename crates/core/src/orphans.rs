@@ -303,10 +303,15 @@ mod tests {
         }
     }
 
+    /// A process that names `dir` and never forks (a forked shell child
+    /// would carry the same command line for a moment and be seen too):
+    /// `tail -F` of a file in it. `tail` is the engine's binary here.
     fn pretend_vmm(dir: &Path) -> Reap {
         Reap(
-            std::process::Command::new("sh")
-                .args(["-c", "while :; do sleep 1; done", dir.to_str().unwrap()])
+            std::process::Command::new("tail")
+                .arg("-F")
+                .arg(dir.join("serial.log"))
+                .stderr(std::process::Stdio::null())
                 .spawn()
                 .unwrap(),
         )
@@ -330,21 +335,20 @@ mod tests {
         let pid = child.0.id();
         // One the daemon runs is left alone.
         let mut ours = pretend_vmm(&root.join(owned.as_str()));
-        // An operator's `tail` of the orphan's console log is no VMM.
+        // An operator's shell given the orphan's console log is no VMM.
         let mut bystander = Reap(
-            std::process::Command::new("tail")
-                .arg("-F")
+            std::process::Command::new("sh")
+                .args(["-c", "while :; do sleep 1; done"])
                 .arg(root.join(orphan.as_str()).join("console.log"))
-                .stderr(std::process::Stdio::null())
                 .spawn()
                 .unwrap(),
         );
-        // The pretend VMMs run the shell: that is the engine's binary here.
-        let shell = Path::new("/bin/sh");
+        // The pretend VMMs run `tail`: the engine's binary here.
+        let engine = Path::new("/usr/bin/tail");
         let keep = BTreeSet::from([owned.clone()]);
         // Reap from another thread: this one must wait for the child.
         let (r2, k2, running) = (root.clone(), keep.clone(), BTreeSet::from([ours.0.id()]));
-        let reaper = std::thread::spawn(move || reap(&r2, shell, &running, &k2));
+        let reaper = std::thread::spawn(move || reap(&r2, engine, &running, &k2));
         let status = child.0.wait().unwrap();
         let reaped = reaper.join().unwrap().unwrap();
         assert!(!status.success());
@@ -366,7 +370,7 @@ mod tests {
         drop(ours);
         drop(bystander);
         // Nothing left: a second pass finds nothing.
-        let again = reap(&root, shell, &BTreeSet::new(), &keep).unwrap();
+        let again = reap(&root, engine, &BTreeSet::new(), &keep).unwrap();
         assert_eq!(again, Reaped::default());
     }
 }
