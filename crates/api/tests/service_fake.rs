@@ -378,6 +378,55 @@ fn a_restore_that_fails_answers_502_and_start_force_recovers() {
 }
 
 #[test]
+fn a_restore_that_spends_its_snapshot_boots_from_the_disk() {
+    common::in_netns("svcf-spent", || async {
+        let s = setup();
+        let eng = engine();
+        let d = TestDaemon::start_with_engine(fake_config(&s.data), eng.clone()).await;
+        let key = d.user("erin", 5);
+        let c = d.client(&key);
+        let id = c.create("box").await["id"].as_str().unwrap().to_string();
+        let root = home(&c, &id).await;
+        let path = format!("{root}/f");
+        write_file(&c, &id, &path, b"before\n").await;
+
+        // Woken by a use: the exec answers, from a guest booted afresh.
+        let (st, v) = post(&c, &format!("/sandboxes/{id}/stop"), None).await;
+        assert_eq!(st, 200, "{v}");
+        let boots = eng.stats().boots;
+        eng.inject(Fault::RestoreFailsAfterStart);
+        assert_eq!(
+            common::sh(&c, &id, &format!("cat {path}")).await,
+            "before\n"
+        );
+        assert_eq!(eng.stats().restores, 1, "{:?}", eng.stats());
+        assert_eq!(eng.stats().boots, boots + 1, "{:?}", eng.stats());
+        let row = show(&c, &id).await;
+        assert_state(&row, "running", "hot");
+        assert!(row["status_reason"].is_null(), "{row}");
+
+        // Woken by a start: the same.
+        let (st, v) = post(&c, &format!("/sandboxes/{id}/stop"), None).await;
+        assert_eq!(st, 200, "{v}");
+        eng.inject(Fault::RestoreFailsAfterStart);
+        let (st, v) = post(&c, &format!("/sandboxes/{id}/start"), None).await;
+        assert_eq!(st, 200, "{v}");
+        assert_state(&v, "running", "hot");
+        assert_eq!(eng.stats().restores, 2, "{:?}", eng.stats());
+        assert_eq!(eng.stats().boots, boots + 2, "{:?}", eng.stats());
+        assert_eq!(
+            common::sh(&c, &id, &format!("cat {path}")).await,
+            "before\n"
+        );
+        // Only the failed restores' VMMs went; one runs.
+        assert_eq!(lohars_of(&s.data, &id).len(), 1, "{:?}", lohars(&s.data));
+        assert_eq!(delete(&c, &id).await, 204);
+        assert!(lohars(&s.data).is_empty(), "{:?}", lohars(&s.data));
+        d.stop().await;
+    });
+}
+
+#[test]
 fn delete_during_a_create_leaves_no_row_and_no_vmm() {
     common::in_netns("svcf-dcre", || async {
         let s = setup();

@@ -214,6 +214,22 @@ pub enum CoreError {
         /// What the VMM wrote to stderr.
         stderr_tail: String,
     },
+    /// A restore failed after the restored guest had begun to run, so its
+    /// snapshot is spent (the engine consumed it): there is nothing to try
+    /// again, the breaker stays closed, and the sandbox can only boot again
+    /// from its disk.
+    #[error(
+        "Restoring sandbox {id} failed after its guest ran, so its snapshot is spent: {reason}{}",
+        stderr(stderr_tail)
+    )]
+    SnapshotSpent {
+        /// The sandbox.
+        id: SandboxId,
+        /// The error chain.
+        reason: String,
+        /// What the VMM wrote to stderr.
+        stderr_tail: String,
+    },
     /// An earlier restore failed and the breaker is open: no automatic wake
     /// until a forced start.
     #[error("Sandbox {id} is cold and its last restore failed ({reason}); start it with force to try again")]

@@ -346,13 +346,21 @@ mod tests {
         // The pretend VMMs run `tail`: the engine's binary here.
         let engine = Path::new("/usr/bin/tail");
         let keep = BTreeSet::from([owned.clone()]);
-        // Reap from another thread: this one must wait for the child.
-        let (r2, k2, running) = (root.clone(), keep.clone(), BTreeSet::from([ours.0.id()]));
-        let reaper = std::thread::spawn(move || reap(&r2, engine, &running, &k2));
+        // Reaping waits until the killed VMM is a zombie (an empty command
+        // line), so it can run on this thread; the child is waited for after.
+        // Were the orphan missed, the assertion fails (and `Reap` ends it)
+        // rather than a wait hanging.
+        let reaped = reap(&root, engine, &BTreeSet::from([ours.0.id()]), &keep).unwrap();
+        assert_eq!(
+            reaped.vmms,
+            vec![(pid, orphan.clone())],
+            "orphan {pid}: exe {:?}, cmdline {:?}",
+            std::fs::read_link(format!("/proc/{pid}/exe")),
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).into_owned()),
+        );
         let status = child.0.wait().unwrap();
-        let reaped = reaper.join().unwrap().unwrap();
         assert!(!status.success());
-        assert_eq!(reaped.vmms, vec![(pid, orphan.clone())]);
         assert_eq!(
             reaped.dirs.iter().collect::<BTreeSet<_>>(),
             BTreeSet::from([&root.join(orphan.as_str()), &root.join(stray.as_str())])

@@ -10,8 +10,10 @@
 //! wakes of one sandbox coalesce: the first restores, the others find it
 //! hot. The registry checks each step against the thermal table. A failed
 //! restore opens the sandbox's circuit breaker (no automatic retry) until
-//! a forced [`SandboxManager::start`]. A semaphore caps concurrent
-//! restores.
+//! a forced [`SandboxManager::start`] — unless the attempt spent the
+//! snapshot (the guest had begun to run on it, [`vmm::snapshot::consume`]):
+//! then it answers [`CoreError::SnapshotSpent`] and the caller boots the
+//! sandbox again from its disk. A semaphore caps concurrent restores.
 //!
 //! The ticker ([`SandboxManager::spawn_thermal`]) moves idle sandboxes
 //! down — host-side last activity first, the agent's activity query second
@@ -589,13 +591,31 @@ impl SandboxManager {
             }
             Err(e) => {
                 let reason = error_chain(&e);
-                tracing::error!(sandbox = %entry.id, error = %reason, "restore failed; breaker open");
-                entry.set_breaker(Some(reason.clone()));
                 self.emit(
                     entry,
-                    ThermalEventKind::RestoreFailed { reason },
+                    ThermalEventKind::RestoreFailed {
+                        reason: reason.clone(),
+                    },
                     started.elapsed(),
                 );
+                if !snapshot_dir(entry).join(vmm::snapshot::MANIFEST).exists() {
+                    // Spent by the attempt: a retry cannot restore it.
+                    tracing::error!(sandbox = %entry.id, error = %reason, "restore failed; its snapshot is spent");
+                    return Err(match e {
+                        CoreError::Restore {
+                            id,
+                            reason,
+                            stderr_tail,
+                        } => CoreError::SnapshotSpent {
+                            id,
+                            reason,
+                            stderr_tail,
+                        },
+                        other => other,
+                    });
+                }
+                tracing::error!(sandbox = %entry.id, error = %reason, "restore failed; breaker open");
+                entry.set_breaker(Some(reason));
                 Err(e)
             }
         }

@@ -89,8 +89,12 @@ pub enum Fault {
     /// The next snapshot fails after pausing (the VM stays paused, as a
     /// failed QEMU migration leaves it).
     SnapshotFails,
-    /// The next restore fails: lohar starts and is killed.
+    /// The next restore fails before its guest runs: lohar starts and is
+    /// killed, the snapshot is kept.
     RestoreFails,
+    /// The next restore fails after its guest ran: the snapshot is spent
+    /// (as QEMU's is), lohar is killed.
+    RestoreFailsAfterStart,
     /// The next restore succeeds but its agent never answers.
     RestoreSilent,
 }
@@ -102,7 +106,9 @@ impl Fault {
                 op == Op::Boot
             }
             Fault::SnapshotFails => op == Op::Snapshot,
-            Fault::RestoreFails | Fault::RestoreSilent => op == Op::Restore,
+            Fault::RestoreFails | Fault::RestoreFailsAfterStart | Fault::RestoreSilent => {
+                op == Op::Restore
+            }
         }
     }
 }
@@ -474,7 +480,12 @@ impl Vmm for FakeVmm {
             Some(Fault::AgentSilent) => self.start_stopped(&proc, None).await?,
             Some(Fault::AgentLate(after)) => self.start_stopped(&proc, Some(after)).await?,
             Some(Fault::ExitDuringBoot) | None => {}
-            Some(f @ (Fault::SnapshotFails | Fault::RestoreFails | Fault::RestoreSilent)) => {
+            Some(
+                f @ (Fault::SnapshotFails
+                | Fault::RestoreFails
+                | Fault::RestoreFailsAfterStart
+                | Fault::RestoreSilent),
+            ) => {
                 unreachable!("{f:?} is not a boot fault")
             }
         }
@@ -535,9 +546,13 @@ impl Vmm for FakeVmm {
         SnapshotManifest::read_for(dir, EngineKind::Fake, &self.spec)?;
         self.engine.count(|s| s.restores += 1);
         let fault = self.engine.take_fault(Op::Restore);
+        if fault != Some(Fault::RestoreFails) {
+            // As QEMU's: the guest is about to run on the snapshot's state.
+            crate::snapshot::consume(dir)?;
+        }
         let proc = self.launch(false, false)?;
         match fault {
-            Some(Fault::RestoreFails) => {
+            Some(Fault::RestoreFails | Fault::RestoreFailsAfterStart) => {
                 proc.signal(libc::SIGKILL);
                 return Err(self.fault("restore"));
             }

@@ -84,6 +84,28 @@ pub struct SnapshotInfo {
     pub duration: std::time::Duration,
 }
 
+/// Marks the snapshot in `dir` as spent by removing its manifest (synced,
+/// so a crash after this call never finds it). A restore calls this before
+/// the restored guest may run when the guest's memory is the snapshot's own
+/// memory file (QEMU maps it shared): from then on the file no longer
+/// matches the saved device state, and restoring it again would hand QEMU
+/// queues that disagree with memory ("Failed to load virtio-net"). Without
+/// a manifest the directory is no snapshot. Nothing there is fine.
+pub fn consume(dir: &Path) -> Result<()> {
+    let path = dir.join(MANIFEST);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => return Err(VmmError::SnapshotIo { path, source }),
+    }
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| VmmError::SnapshotIo {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
 impl SnapshotManifest {
     /// Writes the manifest atomically (temp file, fsync, rename).
     pub fn write(&self, dir: &Path) -> Result<()> {

@@ -159,7 +159,10 @@ pub trait Vmm: Send + Sync + fmt::Debug {
     async fn snapshot(&self, dir: &Path, kind: SnapshotKind) -> Result<SnapshotInfo>;
 
     /// Starts a fresh VMM from the snapshot in `dir` and runs it. The VM
-    /// must not have been started.
+    /// must not have been started. An engine whose restored guest runs on
+    /// the snapshot's own memory (QEMU) spends the snapshot
+    /// ([`crate::snapshot::consume`]) before the guest can run: a restore
+    /// that fails after that point leaves no snapshot to try again.
     async fn restore(&self, dir: &Path) -> Result<()>;
 
     /// Asks the guest to power off; after `grace`, asks the VMM to quit;

@@ -224,9 +224,21 @@ async fn snapshot_keeps_files_and_loses_processes() {
     gone(child).await;
 
     // A new VM object restores it; QEMU's snapshot does not restore here.
+    // A mismatched spec is refused and the snapshot kept.
+    let mut other = s.clone();
+    other.memory_mib += 1;
+    let e = engine
+        .new_vmm(other)
+        .unwrap()
+        .restore(&snap)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, VmmError::SnapshotMismatch { .. }), "{e}");
     let vm2 = engine.new_vmm(s.clone()).unwrap();
     vm2.restore(&snap).await.unwrap();
     assert_eq!(vm2.state(), VmState::Running);
+    // The guest runs on it: the snapshot is spent.
+    assert!(!snap.join(vmm::snapshot::MANIFEST).exists());
     let c2 = client(&*vm2);
     ready(&c2).await;
     assert_eq!(run(&c2, "cat note").await, "kept\n");
@@ -237,15 +249,6 @@ async fn snapshot_keeps_files_and_loses_processes() {
     let console = std::fs::read_to_string(&s.serial_log).unwrap();
     assert_eq!(console.matches("LISTENING").count(), 2, "{console:?}");
 
-    let mut other = s.clone();
-    other.memory_mib += 1;
-    let e = engine
-        .new_vmm(other)
-        .unwrap()
-        .restore(&snap)
-        .await
-        .unwrap_err();
-    assert!(matches!(e, VmmError::SnapshotMismatch { .. }), "{e}");
     vm2.kill().await.unwrap();
 }
 
@@ -348,14 +351,34 @@ async fn injected_faults() {
         ExitStatusKind::Signal(9)
     );
 
+    // Failed before the guest ran: the snapshot is kept.
+    assert!(snap.join(vmm::snapshot::MANIFEST).is_file());
+
+    engine.inject(Fault::RestoreFailsAfterStart);
+    let vm = engine.new_vmm(s.clone()).unwrap();
+    let e = vm.restore(&snap).await.unwrap_err();
+    assert!(matches!(e, VmmError::Fake { .. }), "{e}");
+    assert!(!snap.join(vmm::snapshot::MANIFEST).exists(), "spent");
+    vm.wait_exit().await.unwrap();
+
+    vm_of_snapshot(&engine, &s, &snap).await;
     engine.inject(Fault::RestoreSilent);
     let vm = engine.new_vmm(s.clone()).unwrap();
     vm.restore(&snap).await.unwrap();
     assert_eq!(state_letter(vm.pid().unwrap()), Some('T'));
     vm.kill().await.unwrap();
     assert!(engine.pending().is_empty());
-    assert_eq!(engine.stats().boots, 4);
-    assert_eq!(engine.stats().restores, 2);
+    assert_eq!(engine.stats().boots, 5);
+    assert_eq!(engine.stats().restores, 3);
+}
+
+/// Boots a VM of `s`, snapshots it into `snap` and kills it.
+async fn vm_of_snapshot(engine: &FakeEngine, s: &VmSpec, snap: &Path) {
+    let vm = engine.new_vmm(s.clone()).unwrap();
+    vm.boot().await.unwrap();
+    ready(&client(&*vm)).await;
+    vm.snapshot(snap, SnapshotKind::Full).await.unwrap();
+    vm.kill().await.unwrap();
 }
 
 #[tokio::test]

@@ -315,6 +315,10 @@ async fn snapshot_and_restore(memory_file: bool) -> Result<()> {
     restored.restore(&snap).await?;
     let restore_time = t.elapsed();
     assert_eq!(restored.state(), VmState::Running);
+    assert!(
+        !snap.join(vmm::snapshot::MANIFEST).exists(),
+        "a restored guest runs on the snapshot's memory: the snapshot is spent"
+    );
     assert!(restored.query_status().await?.running);
     let exit = tokio::time::timeout(BOOT_LIMIT, restored.wait_exit()).await??;
     let log = read(&restored.spec().serial_log);

@@ -265,6 +265,19 @@ impl Service {
             Ok(()) => {
                 self.adopted_set().remove(&id);
             }
+            Err(e @ CoreError::SnapshotSpent { .. }) => {
+                // Nothing left to restore; the disk has every acknowledged
+                // write (the guest syncs before a snapshot): boot from it,
+                // as a machine whose suspend image is lost boots afresh.
+                self.adopted_set().remove(&id);
+                tracing::warn!(
+                    sandbox = %id,
+                    error = %error_chain(&e),
+                    "the restore spent the snapshot and failed; booting from the disk"
+                );
+                self.back_to_disk(user, &id).await?;
+                self.core.ensure_hot(&id).await?;
+            }
             Err(e @ (CoreError::Restore { .. } | CoreError::BreakerOpen { .. }))
                 if self.adopted_set().remove(&id) =>
             {
@@ -310,6 +323,15 @@ impl Service {
         id: &SandboxId,
     ) -> Result<SandboxRow, ApiError> {
         let _lock = self.locks.lock(id).await;
+        self.back_to_disk_locked(user, id).await
+    }
+
+    /// [`Service::back_to_disk`] with the sandbox's lock held.
+    async fn back_to_disk_locked(
+        &self,
+        user: &UserRecord,
+        id: &SandboxId,
+    ) -> Result<SandboxRow, ApiError> {
         match self.core.release(id).await {
             Ok(_) | Err(CoreError::NotFound(_)) => {}
             Err(e) => return Err(e.into()),
@@ -522,7 +544,19 @@ impl Service {
         let _lock = self.locks.lock(&id).await;
         let row = self.row(user, &row.id).await?;
         if self.index().contains_key(&id) {
-            self.core.start(&id, force).await?;
+            match self.core.start(&id, force).await {
+                Ok(()) => {}
+                Err(e @ CoreError::SnapshotSpent { .. }) => {
+                    tracing::warn!(
+                        sandbox = %id,
+                        error = %error_chain(&e),
+                        "the restore spent the snapshot and failed; booting from the disk"
+                    );
+                    self.adopted_set().remove(&id);
+                    return Ok(view(&self.back_to_disk_locked(user, &id).await?));
+                }
+                Err(e) => return Err(e.into()),
+            }
             let row = self.persist(&id).await?;
             if row.status_reason.is_none() {
                 return Ok(view(&row));

@@ -596,6 +596,9 @@ impl Vmm for QemuVmm {
                 .await?;
             let r = c.send_fd(SNAPSHOT_FD, &file).await;
             self.qmp_result("getfd", r).await?;
+            // The guest writes its memory file once it runs: from here on
+            // the saved device state no longer matches it.
+            crate::snapshot::consume(dir)?;
             let uri = MigrateUri {
                 uri: format!("fd:{SNAPSHOT_FD}"),
             };
