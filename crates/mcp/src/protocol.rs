@@ -501,4 +501,29 @@ pub(crate) mod tests {
         assert_eq!(answers[1]["result"]["protocolVersion"], "2025-06-18");
         assert_eq!(answers[2]["result"]["tools"].as_array().unwrap().len(), 7);
     }
+
+    #[tokio::test]
+    async fn stdio_answers_an_over_long_line_with_a_parse_error_and_goes_on() {
+        let mut input = vec![b' '; crate::stdio::MAX_LINE + 1];
+        input.extend_from_slice(b"\n");
+        input.extend_from_slice(br#"{"jsonrpc":"2.0","id":7,"method":"ping"}"#);
+        input.extend_from_slice(b"\n");
+        let mut out = Vec::new();
+        crate::stdio::serve(std::sync::Arc::new(Server::new(Fake)), &input[..], &mut out)
+            .await
+            .unwrap();
+        let answers: Vec<Value> = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(answers.len(), 2, "{answers:?}");
+        assert_eq!(answers[0]["error"]["code"], PARSE_ERROR, "{answers:?}");
+        assert!(answers[0]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("over"));
+        assert_eq!(answers[1]["id"], 7, "{answers:?}");
+        assert!(answers[1]["result"].is_object(), "{answers:?}");
+    }
 }
