@@ -21,7 +21,10 @@
 //! For a sandbox whose egress allow-list holds names ([`crate::egress`]),
 //! the answer to its A query for a listed name has its addresses added to
 //! the sandbox's guard (for the records' TTL, clamped) before the guest
-//! gets it; that query keeps its in-flight slot until then.
+//! gets it; that query keeps its in-flight slot until then. A sandbox
+//! whose egress is not `public` gets REFUSED for every other name (under
+//! `none`, for every name but its network's sandboxes): the relay is no
+//! channel out of it.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -180,10 +183,21 @@ pub fn answer_addresses(msg: &[u8]) -> Vec<(Ipv4Addr, u32)> {
 
 /// A SERVFAIL answer to `q` (the upstream could not be asked).
 pub fn servfail(msg: &[u8], q: &Question) -> Vec<u8> {
+    error_answer(msg, q, 2)
+}
+
+/// A REFUSED answer to `q` (the sandbox's egress policy does not let it
+/// resolve that name).
+pub fn refused(msg: &[u8], q: &Question) -> Vec<u8> {
+    error_answer(msg, q, 5)
+}
+
+/// An answer to `q` with no records and response code `rcode`.
+fn error_answer(msg: &[u8], q: &Question, rcode: u8) -> Vec<u8> {
     let mut out = Vec::with_capacity(q.end);
     out.extend_from_slice(&q.id.to_be_bytes());
     let rd = msg[2] & 0x01;
-    out.extend_from_slice(&[0x80 | rd, 0x82]);
+    out.extend_from_slice(&[0x80 | rd, 0x80 | rcode]);
     out.extend_from_slice(&1u16.to_be_bytes());
     out.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
     out.extend_from_slice(&msg[12..q.end]);
@@ -266,6 +280,9 @@ pub enum Relayed {
     Busy,
     /// The upstream could not be sent to: answered SERVFAIL.
     Failed,
+    /// The client's egress policy does not let it resolve the name:
+    /// answered REFUSED, nothing sent.
+    Refused,
 }
 
 /// The daemon's relay to the upstream resolver: one socket, a table of
@@ -373,6 +390,13 @@ impl Relay {
         client: SocketAddr,
         via: &Arc<UdpSocket>,
     ) -> Relayed {
+        if let (Some(names), IpAddr::V4(ip)) = (self.names.get(), client.ip()) {
+            if !names.may_resolve(ip, &q.name) {
+                tracing::debug!(%client, name = %q.name, "refusing a name the sandbox's egress does not list");
+                reply(via, &refused(msg, q), client).await;
+                return Relayed::Refused;
+            }
+        }
         let learn = match (self.names.get(), client.ip()) {
             (Some(names), IpAddr::V4(ip))
                 if q.qtype == TYPE_A && q.qclass == CLASS_IN && names.wants(ip, &q.name) =>
@@ -714,6 +738,9 @@ pub(crate) mod tests {
         assert_eq!(f[3] & 0x0f, 2);
         assert_eq!(u16::from_be_bytes([f[6], f[7]]), 0);
         assert_eq!(&f[12..], &q[12..]);
+        let r = refused(&q, &p);
+        assert_eq!(r[3] & 0x0f, 5);
+        assert_eq!(&r[12..], &q[12..]);
     }
 
     #[test]

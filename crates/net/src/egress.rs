@@ -342,6 +342,18 @@ impl NameSets {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether the relay may ask the upstream for `name` on behalf of
+    /// `client`: always under `public` (no entry), never under `none`, and
+    /// under an allow-list only for a name it lists — so the resolver is no
+    /// channel out of a sandbox whose egress is closed (a query's name is
+    /// data that reaches whoever serves its domain).
+    pub fn may_resolve(&self, client: Ipv4Addr, name: &str) -> bool {
+        match self.lock().get(&client) {
+            None => true,
+            Some(e) => e.names.iter().any(|n| n.matches(name)),
+        }
+    }
+
     /// Whether the relay is to learn the answer to `client`'s query for
     /// `name`: the client's policy lists a name matching it.
     pub fn wants(&self, client: Ipv4Addr, name: &str) -> bool {
@@ -381,7 +393,7 @@ impl NameSets {
             .collect();
         guard(learned)?;
         let mut entries = self.lock();
-        if names.is_empty() {
+        if egress.is_public() {
             entries.remove(&ip);
         } else {
             entries.insert(
@@ -607,9 +619,17 @@ mod tests {
         })
         .unwrap();
         assert_eq!(sets.learned(ip), vec![pub1]);
-        // No names left: forgotten.
+        assert!(sets.may_resolve(ip, "api.test") && !sets.may_resolve(ip, "x.cdn.test"));
+        // No names left: nothing learned, nothing resolved.
         sets.apply(ip, "tt0", &Egress::None, |_| Ok(())).unwrap();
         assert!(!sets.wants(ip, "api.test"));
+        assert!(!sets.may_resolve(ip, "api.test"));
         assert_eq!(sets.learn(ip, "api.test", &[(pub1, 60)]).unwrap(), 0);
+        // Public again: every name resolves, none is learned.
+        sets.apply(ip, "tt0", &Egress::Public, |_| Ok(())).unwrap();
+        assert!(sets.may_resolve(ip, "anything.test"));
+        assert!(!sets.wants(ip, "api.test"));
+        // A sandbox never registered is public.
+        assert!(sets.may_resolve("10.7.0.9".parse().unwrap(), "anything.test"));
     }
 }

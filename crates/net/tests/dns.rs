@@ -286,10 +286,20 @@ async fn answers_for_allow_listed_names_are_allowed_before_the_guest_gets_them()
     };
     let pub1: Ipv4Addr = "203.0.113.10".parse().unwrap();
 
-    // A name not on the list: answered, nothing learned.
+    // A name not on the list: REFUSED (not asked upstream), nothing learned.
     let a = ask_from("other.test").await;
-    assert_eq!(&a[a.len() - 4..], &[203, 0, 113, 10]);
+    assert_eq!(a[3] & 0x0f, 5, "{a:?}");
+    assert_eq!(u16::from_be_bytes([a[6], a[7]]), 0);
     assert!(ops.learned(&att.tap).is_empty());
+    // The un-listed neighbour (public): the same name resolves.
+    let s = UdpSocket::bind(("127.77.0.3", 0)).await.unwrap();
+    s.send_to(&query(5, "other.test", 1), server).await.unwrap();
+    let mut buf = [0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(3), s.recv(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    assert_eq!(&buf[n - 4..n], &[203, 0, 113, 10]);
     // A listed name: learned by the time the answer arrives, for its TTL.
     ask_from("api.test").await;
     assert_eq!(ops.learned(&att.tap), vec![(pub1, Duration::from_secs(60))]);
@@ -314,10 +324,12 @@ async fn answers_for_allow_listed_names_are_allowed_before_the_guest_gets_them()
         g.learned.iter().map(|(a, _)| *a).collect::<Vec<_>>(),
         vec![pub1]
     );
-    // Narrowed to none: nothing learned is kept, nothing more learned.
+    // Narrowed to none: nothing learned is kept, nothing more learned,
+    // nothing resolved.
     network.set_egress(&att, &Egress::None).unwrap();
     assert!(ops.guard(&att.tap).unwrap().learned.is_empty());
-    ask_from("api.test").await;
+    let a = ask_from("api.test").await;
+    assert_eq!(a[3] & 0x0f, 5, "{a:?}");
     assert!(ops.learned(&att.tap).is_empty());
     network.detach(&att).unwrap();
     assert!(names.learned(guest).is_empty());
