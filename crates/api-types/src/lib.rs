@@ -506,7 +506,14 @@ pub mod response_headers {
     pub const REQUEST_ID: &str = "x-request-id";
     /// The daemon's version.
     pub const VERSION: &str = "x-bhatti-version";
+    /// The oldest CLI version that speaks this daemon's API
+    /// ([`super::MIN_CLIENT_VERSION`]); an older CLI warns.
+    pub const MIN_CLIENT: &str = "x-bhatti-min-client";
 }
+
+/// The oldest CLI that speaks this API: raise it with a change an older
+/// CLI would misread (a renamed field, a changed route).
+pub const MIN_CLIENT_VERSION: &str = "0.1.0";
 
 /// Response headers of file reads.
 pub mod headers {

@@ -15,6 +15,8 @@ use tracing::Instrument;
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const VERSION: HeaderName = HeaderName::from_static("x-bhatti-version");
+/// The oldest CLI that speaks this API (`api_types::MIN_CLIENT_VERSION`).
+pub const MIN_CLIENT: HeaderName = HeaderName::from_static("x-bhatti-min-client");
 
 /// Longest client-supplied request id kept; longer ones are replaced.
 pub const MAX_REQUEST_ID: usize = 128;
@@ -285,6 +287,10 @@ pub async fn track(
     }
     resp.headers_mut()
         .insert(VERSION, HeaderValue::from_static(env!("CARGO_PKG_VERSION")));
+    resp.headers_mut().insert(
+        MIN_CLIENT,
+        HeaderValue::from_static(api_types::MIN_CLIENT_VERSION),
+    );
     resp
 }
 

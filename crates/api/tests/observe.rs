@@ -427,6 +427,10 @@ fn every_answer_carries_a_request_id_and_the_version() {
             let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
             assert!(is_generated(&id), "{path}: {id}");
             assert_eq!(r.headers()["x-bhatti-version"], env!("CARGO_PKG_VERSION"));
+            assert_eq!(
+                r.headers()["x-bhatti-min-client"],
+                api_types::MIN_CLIENT_VERSION
+            );
             seen.push(id);
         }
         seen.dedup();

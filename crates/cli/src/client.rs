@@ -2,6 +2,7 @@
 //! typed with `api_types`, every failure turned into the server's own
 //! error message.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use api_types::{
@@ -20,6 +21,26 @@ pub struct Client {
     http: reqwest::Client,
     base: Url,
     token: Option<String>,
+    /// The warning given when the server wants a newer CLI (once).
+    too_old: Arc<OnceLock<String>>,
+}
+
+/// Whether this CLI (`mine`) is older than the server's minimum
+/// (`min`, from `X-Bhatti-Min-Client`): the warning to give. Versions are
+/// compared as `MAJOR.MINOR.PATCH` numbers (a pre-release suffix is
+/// ignored); one that does not parse gives no warning.
+pub fn min_version_warning(min: &str, mine: &str) -> Option<String> {
+    fn parse(v: &str) -> Option<(u64, u64, u64)> {
+        let core = v.trim().split(['-', '+']).next()?;
+        let mut parts = core.split('.').map(|p| p.parse::<u64>().ok());
+        let v = (parts.next()??, parts.next()??, parts.next()??);
+        parts.next().is_none().then_some(v)
+    }
+    (parse(mine)? < parse(min)?).then(|| {
+        format!(
+            "warning: this bhatti CLI is {mine}; the server needs {min} or newer — some commands may fail. Upgrade the CLI."
+        )
+    })
 }
 
 /// Parses and checks a server URL: `http://host[:port][/prefix]`.
@@ -82,7 +103,35 @@ impl Client {
                 url: url.to_string(),
                 source,
             })?;
-        Ok(Client { http, base, token })
+        Ok(Client {
+            http,
+            base,
+            token,
+            too_old: Arc::new(OnceLock::new()),
+        })
+    }
+
+    /// The too-old warning, once a server asked for a newer CLI.
+    pub fn too_old(&self) -> Option<&str> {
+        self.too_old.get().map(String::as_str)
+    }
+
+    /// Warns (once, on stderr) when the answer's server wants a newer CLI.
+    fn check_min_version(&self, headers: &HeaderMap) {
+        if self.too_old.get().is_some() {
+            return;
+        }
+        let Some(min) = headers
+            .get(api_types::response_headers::MIN_CLIENT)
+            .and_then(|v| v.to_str().ok())
+        else {
+            return;
+        };
+        if let Some(w) = min_version_warning(min, env!("CARGO_PKG_VERSION")) {
+            if self.too_old.set(w.clone()).is_ok() {
+                eprintln!("{w}");
+            }
+        }
     }
 
     /// The server URL as the user would write it (no trailing slash).
@@ -117,6 +166,7 @@ impl Client {
     /// `CliError`s carrying the server's message.
     pub async fn send(&self, rb: RequestBuilder) -> Result<Response> {
         let resp = rb.send().await.map_err(|e| self.transport_error(e))?;
+        self.check_min_version(resp.headers());
         let status = resp.status();
         if status.is_success() {
             return Ok(resp);
@@ -499,5 +549,68 @@ mod tests {
         );
         assert!(msg.contains("bhatti serve"), "{msg}");
         assert_eq!(e.exit_code(), 1);
+    }
+
+    #[test]
+    fn versions_older_than_the_minimum_warn() {
+        let w = |min, mine| min_version_warning(min, mine);
+        assert!(w("0.2.0", "0.1.9").unwrap().contains("needs 0.2.0"));
+        assert!(w("1.0.0", "0.99.99").is_some());
+        assert!(w("0.10.0", "0.9.0").is_some(), "numeric, not text");
+        for (min, mine) in [
+            ("0.1.0", "0.1.0"),
+            ("0.1.0", "0.2.0"),
+            ("0.9.0", "0.10.0"),
+            ("0.1.0", "0.1.1-dev"),
+            ("garbage", "0.1.0"),
+            ("0.1", "0.0.1"),
+            ("0.1.0.0", "0.0.1"),
+            ("", "0.0.1"),
+        ] {
+            assert_eq!(w(min, mine), None, "{min} vs {mine}");
+        }
+    }
+
+    /// Answers one request on a loopback port with `headers` and a
+    /// `/health` body.
+    async fn one_answer(headers: &'static str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let body = r#"{"status":"ok","version":"9.9.9","engine":"fake","accelerator":"none","engine_reason":"test"}"#;
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n{headers}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            s.write_all(answer.as_bytes()).await.unwrap();
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn a_server_that_needs_a_newer_cli_gets_a_warning_and_an_answer() {
+        let url = one_answer("x-bhatti-min-client: 999.0.0\r\n").await;
+        let c = Client::new(&url, None).unwrap();
+        let h = c.health().await.unwrap();
+        assert_eq!(h.version, "9.9.9");
+        assert!(
+            c.too_old().unwrap().contains("999.0.0"),
+            "{:?}",
+            c.too_old()
+        );
+        // Positive control: a server content with this CLI gives none.
+        let url = one_answer(concat!(
+            "x-bhatti-min-client: ",
+            env!("CARGO_PKG_VERSION"),
+            "\r\n"
+        ))
+        .await;
+        let c = Client::new(&url, None).unwrap();
+        c.health().await.unwrap();
+        assert_eq!(c.too_old(), None);
     }
 }
