@@ -81,8 +81,8 @@ done
 # --- the system ---------------------------------------------------------
 [ "$(uname -s)" = Linux ] || die "bhatti runs on Linux only (this is $(uname -s))"
 case $(uname -m) in
-  x86_64) arch=x86_64; qemu=qemu-system-x86_64 ;;
-  aarch64|arm64) arch=aarch64; qemu=qemu-system-aarch64 ;;
+  x86_64) arch=x86_64; qemu="qemu-system-x86_64" ;;
+  aarch64|arm64) arch=aarch64; qemu="qemu-system-aarch64" ;;
   *) die "unsupported architecture $(uname -m): bhatti has bundles for x86_64 and aarch64" ;;
 esac
 [ "$(id -u)" = 0 ] || die "run as root (sudo): the installer writes /usr/local, /etc and /var/lib"

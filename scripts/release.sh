@@ -121,8 +121,8 @@ install -m 0755 scripts/install.sh scripts/uninstall.sh "$stage/"
 printf '%s\n' "$version" >"$stage/VERSION"
 
 # SHA256SUMS: every file but itself and the manifest; install.sh checks it.
-(cd "$stage" && find . -type f ! -name SHA256SUMS ! -name manifest.json | sed 's|^\./||' | LC_ALL=C sort |
-  xargs sha256sum >SHA256SUMS)
+(cd "$stage" && find . -type f | sed 's|^\./||' | LC_ALL=C sort | xargs sha256sum) >"$work/SHA256SUMS"
+mv "$work/SHA256SUMS" "$stage/SHA256SUMS"
 {
   printf '{\n  "name": "bhatti",\n  "version": "%s",\n  "arch": "%s",\n' "$version" "$arch"
   printf '  "built_at_unix": %s,\n' "$(date +%s)"
