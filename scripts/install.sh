@@ -116,7 +116,7 @@ daemon_pid() {
   local pid
   pid=$(cat "$pidfile" 2>/dev/null) || return 1
   [[ $pid =~ ^[0-9]+$ ]] || return 1
-  tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -qF -- " serve --config $conf" || return 1
+  tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -F -- " serve --config $conf" >/dev/null || return 1
   echo "$pid"
 }
 
@@ -131,7 +131,7 @@ probe_url() {
   echo "http://$host:$port"
 }
 
-answers() { "$lib/bhatti" --url "$1" version 2>/dev/null | grep -q '^server: bhatti'; }
+answers() { "$lib/bhatti" --url "$1" version 2>/dev/null | grep '^server: bhatti' >/dev/null; }
 
 stop_daemon() {
   if [ "$(state_get service)" = systemd ]; then
@@ -425,7 +425,8 @@ else
 fi
 
 if [ -n "$admin" ]; then
-  if "$lib/bhatti" user list --json --data-dir "$data" | grep -q "\"name\": \"$admin\""; then
+  users=$("$lib/bhatti" user list --json --data-dir "$data") || die "cannot list users in $data"
+  if grep -q "\"name\": \"$admin\"" <<<"$users"; then
     echo "user $admin exists; no new key (bhatti user rotate-key $admin --data-dir $data issues one)"
   else
     key=$("$lib/bhatti" user create --name "$admin" --quiet --data-dir "$data") || die "cannot create user $admin"

@@ -74,7 +74,7 @@ if [ -z "$lohar" ]; then
   case $lohar in /*) ;; *) lohar=${CARGO_TARGET_DIR:-$root/target}/${lohar#target/} ;; esac
 fi
 [ -f "$lohar" ] || die "lohar $lohar does not exist"
-if ldd "$lohar" 2>&1 | grep -q "=>"; then die "lohar $lohar is dynamically linked; the guest needs a static one"; fi
+if ldd "$lohar" 2>&1 | grep "=>" >/dev/null; then die "lohar $lohar is dynamically linked; the guest needs a static one"; fi
 
 name=bhatti-$version-linux-$arch
 work=$(mktemp -d)

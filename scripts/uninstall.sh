@@ -78,7 +78,7 @@ if [ "$mode" = server ]; then
   if [ "$service" = systemd ]; then
     systemctl disable --now bhatti.service 2>/dev/null || true
   elif pid=$(cat "$pidfile" 2>/dev/null) && [[ $pid =~ ^[0-9]+$ ]] &&
-    tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -qF -- " serve --config $conf"; then
+    tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -F -- " serve --config $conf" >/dev/null; then
     kill -TERM "$pid"
     for _ in $(seq 1 1500); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -0 "$pid" 2>/dev/null && { warn "the daemon did not stop in 150 s; killing it"; kill -KILL "$pid"; }
@@ -90,7 +90,7 @@ if [ "$mode" = server ]; then
   vmms() {
     local p
     for p in /proc/[0-9]*; do
-      tr '\0' ' ' 2>/dev/null <"$p/cmdline" | grep -qF -- "$data/sandboxes/" && echo "${p#/proc/}"
+      tr '\0' ' ' 2>/dev/null <"$p/cmdline" | grep -F -- "$data/sandboxes/" >/dev/null && echo "${p#/proc/}"
     done
     return 0
   }

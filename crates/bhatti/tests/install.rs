@@ -429,6 +429,9 @@ fn release_install_upgrade_and_uninstall() {
         show(&verify)
     );
 
+    let status = bash_ok(&lib.join("install.sh"), &["status", "--root", &root_s]);
+    assert!(status.starts_with("running (pid "), "{status}");
+
     let cli = Cli {
         bin: root.join("usr/local/bin/bhatti"),
         home: tmp.path().join("home"),
@@ -490,6 +493,32 @@ fn release_install_upgrade_and_uninstall() {
     );
     cli.ok(&["exec", "keep", "--", "kill", "-0", &pid]);
     assert_eq!(cli.inspect("keep").thermal, "hot");
+
+    // Uninstall without --purge: the data and (asked) the config stay,
+    // nothing else; an install over them starts from where they were.
+    bash_ok(
+        &script("uninstall.sh"),
+        &["--root", &root_s, "--keep-config", "--yes"],
+    );
+    let mut left = files_under(&root);
+    left.retain(|p| !p.starts_with(&data) && p != &conf);
+    assert!(left.is_empty(), "left besides data and config: {left:?}");
+    assert!(data.join("bhatti.db").is_file(), "the database went");
+    assert!(conf.is_file(), "the config went");
+    assert!(
+        processes_naming(&root_s).is_empty(),
+        "{:?}",
+        processes_naming(&root_s)
+    );
+    let mut again = server_args(V2);
+    again.push("--no-start".into());
+    let text = bash_ok(&script("install.sh"), &as_str(&again));
+    assert!(
+        text.contains(&format!("installing bhatti {V2} (server)")),
+        "{text}"
+    );
+    assert!(text.contains("config: keeping"), "{text}");
+    assert!(text.contains("not started (--no-start)"), "{text}");
 
     // Uninstall, data included.
     let text = bash_ok(
