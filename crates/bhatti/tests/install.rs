@@ -253,6 +253,12 @@ fn release_install_upgrade_and_uninstall() {
         return;
     }
     testkit::images(Tier::Tiny);
+    // Durations of the phases, printed (never asserted on).
+    let mut clock = std::time::Instant::now();
+    let mut phase = |what: &str| {
+        println!("phase {what}: {:.1} s", clock.elapsed().as_secs_f64());
+        clock = std::time::Instant::now();
+    };
     let images = testkit::image_cache().join("images");
     let lohar = testkit::static_lohar();
     let tmp = tempfile::tempdir().unwrap();
@@ -310,6 +316,7 @@ fn release_install_upgrade_and_uninstall() {
         );
     }
 
+    phase("release.sh x2");
     // Everything from here on lives in the test's namespace: the HTTP
     // server, the daemon, its bridges and firewall rules.
     let _netns = Netns::enter("install");
@@ -468,6 +475,7 @@ fn release_install_upgrade_and_uninstall() {
     );
     assert!(cli.ok(&["version"]).contains("server: bhatti"));
 
+    phase("install v1 + sandbox use");
     // Version 2 over it: the daemon stops (the sandbox goes cold), the
     // files are replaced, the daemon starts and adopts the sandbox.
     let text = bash_ok(&script("install.sh"), &as_str(&server_args(V2)));
@@ -494,6 +502,7 @@ fn release_install_upgrade_and_uninstall() {
     cli.ok(&["exec", "keep", "--", "kill", "-0", &pid]);
     assert_eq!(cli.inspect("keep").thermal, "hot");
 
+    phase("upgrade to v2 + wake");
     // Uninstall without --purge: the data and (asked) the config stay,
     // nothing else; an install over them starts from where they were.
     bash_ok(
@@ -520,6 +529,7 @@ fn release_install_upgrade_and_uninstall() {
     assert!(text.contains("config: keeping"), "{text}");
     assert!(text.contains("not started (--no-start)"), "{text}");
 
+    phase("uninstall --keep-config + reinstall --no-start");
     // Uninstall, data included.
     let text = bash_ok(
         &script("uninstall.sh"),
@@ -549,6 +559,7 @@ fn release_install_upgrade_and_uninstall() {
         "cgroup left"
     );
 
+    phase("uninstall --purge");
     // The CLI only, from a local file.
     let cli_root = tmp.path().join("cli-root");
     std::fs::create_dir(&cli_root).unwrap();
@@ -588,4 +599,5 @@ fn release_install_upgrade_and_uninstall() {
         left.is_empty(),
         "files left after the CLI uninstall: {left:?}"
     );
+    phase("cli-only install + uninstall");
 }
