@@ -461,19 +461,37 @@ fn release_install_upgrade_and_uninstall() {
         .trim()
         .to_string();
     assert!(pid.parse::<u32>().is_ok(), "background pid: {pid}");
-    // SIGHUP (ExecReload) leaves the daemon running.
+    // SIGHUP (ExecReload) re-checks the config and leaves the daemon
+    // running: unchanged, an unknown key (named), a changed value.
     let daemon_pid = std::fs::read_to_string(root.join("run/bhatti/bhatti.pid")).unwrap();
-    testkit::run("kill", &["-HUP", daemon_pid.trim()]);
-    wait_until(
-        "the daemon logs its reload",
-        Duration::from_secs(30),
-        || {
-            std::fs::read_to_string(root.join("var/log/bhatti/bhatti.log"))
-                .unwrap_or_default()
-                .contains("is valid and unchanged")
-        },
-    );
-    assert!(cli.ok(&["version"]).contains("server: bhatti"));
+    let original = std::fs::read_to_string(&conf).unwrap();
+    let log = root.join("var/log/bhatti/bhatti.log");
+    for (config, says) in [
+        (original.clone(), "is valid and unchanged".to_string()),
+        (
+            format!("bogus_key = 1\n{original}"),
+            "unknown field `bogus_key`".to_string(),
+        ),
+        (
+            format!("{original}\n[thermal]\nwarm_after_secs = 31\n"),
+            "is valid and changed; restart to apply it".to_string(),
+        ),
+    ] {
+        std::fs::write(&conf, &config).unwrap();
+        testkit::run("kill", &["-HUP", daemon_pid.trim()]);
+        wait_until(
+            &format!("the daemon logs '{says}' after SIGHUP"),
+            Duration::from_secs(30),
+            || {
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .lines()
+                    .any(|l| l.starts_with("reload: ") && l.contains(&says))
+            },
+        );
+        assert!(cli.ok(&["version"]).contains("server: bhatti"));
+    }
+    std::fs::write(&conf, &original).unwrap();
 
     phase("install v1 + sandbox use");
     // Version 2 over it: the daemon stops (the sandbox goes cold), the
