@@ -16,6 +16,7 @@ packages=(
   libsqlite3-dev pkg-config  # the daemon's embedded SQLite store
   ca-certificates
   python3-venv      # venvs for openapi-spec-validator and the mcp SDK (PyPI), below
+  curl systemd      # the installer test: downloads bundles with curl, checks the unit with systemd-analyze
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -32,6 +32,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let (mut config, source) = api::DaemonConfig::resolve(args.config.as_deref())?;
+    let file_config = config.to_toml();
+    let config_flag = args.config.clone();
     println!("config: {source}");
     match source {
         api::config::ConfigSource::BuiltIn(_) => {
@@ -74,10 +76,48 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             );
         }
         tracing::info!(%addr, engine = %h.engine, accelerator = %h.accelerator, "serving");
+        let reload = tokio::spawn(reload_on_sighup(config_flag, file_config));
         daemon.serve(shutdown_signal()).await?;
+        reload.abort();
         println!("bhatti: stopped");
         anyhow::Ok(())
     })
+}
+
+/// SIGHUP (`systemctl reload bhatti`): reads the config file again the way
+/// the daemon found it and says whether it is valid and whether it differs
+/// from the one running. Nothing is applied while running: a changed file
+/// takes effect at the next start. (Without this handler SIGHUP would end
+/// the daemon abruptly.)
+async fn reload_on_sighup(flag: Option<PathBuf>, running: String) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch SIGHUP");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        let flag = flag.clone();
+        let checked =
+            tokio::task::spawn_blocking(move || api::DaemonConfig::resolve(flag.as_deref())).await;
+        match checked {
+            Ok(Ok((config, source))) if config.to_toml() == running => {
+                println!("reload: config {source} is valid and unchanged");
+                tracing::info!(%source, "SIGHUP: config valid and unchanged");
+            }
+            Ok(Ok((_, source))) => {
+                println!("reload: config {source} is valid and changed; restart to apply it");
+                tracing::warn!(%source, "SIGHUP: config changed; it takes effect at the next start");
+            }
+            Ok(Err(e)) => {
+                println!("reload: {e}");
+                tracing::error!(error = %e, "SIGHUP: config invalid; the running daemon keeps its settings");
+            }
+            Err(e) => tracing::error!(error = %e, "SIGHUP: config check failed"),
+        }
+    }
 }
 
 async fn shutdown_signal() {
