@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 RUSTFLAGS="-C target-feature=+crt-static" \
   cargo build --release --quiet -p lohar --target x86_64-unknown-linux-gnu
 out=target/x86_64-unknown-linux-gnu/release/lohar
-if ldd "$out" 2>&1 | grep -q "=>"; then
+if [[ $(ldd "$out" 2>&1 || true) == *"=>"* ]]; then
   echo "build-lohar.sh: $out is not static" >&2
   exit 1
 fi

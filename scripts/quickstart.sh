@@ -36,7 +36,8 @@ packages=(
 )
 missing=()
 for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  # No `| grep -q` under pipefail: grep may exit before the writer is done.
+  [[ $(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true) == *"install ok installed"* ]] || missing+=("$p")
 done
 if ((${#missing[@]})); then
   echo "installing ${missing[*]}"
@@ -68,7 +69,7 @@ mkdir -p "$data"
 "$bhatti" image build --data-dir "$data" --lohar "$root/$lohar"
 
 say "daemon on $url"
-server_up() { "$bhatti" --url "$url" version 2>/dev/null | grep -q '^server: bhatti'; }
+server_up() { [[ $("$bhatti" --url "$url" version 2>/dev/null || true) == *$'\nserver: bhatti'* ]]; }
 pidfile=$data/bhatti.pid
 if server_up; then
   echo "already running"
@@ -92,7 +93,7 @@ say "admin user and client config"
 if BHATTI_URL=$url "$bhatti" list >/dev/null 2>&1; then
   echo "the saved client config already works"
 else
-  if "$bhatti" user list --json --data-dir "$data" | grep -q '"name": "admin"'; then
+  if [[ $("$bhatti" user list --json --data-dir "$data") == *'"name": "admin"'* ]]; then
     echo "user admin exists; issuing a new key (the old one stops working)"
     key=$("$bhatti" user rotate-key admin --quiet --data-dir "$data")
   else

@@ -20,7 +20,8 @@ packages=(
 )
 missing=()
 for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  # No `| grep -q` under pipefail: grep may exit before the writer is done.
+  [[ $(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true) == *"install ok installed"* ]] || missing+=("$p")
 done
 if ((${#missing[@]})); then
   echo "test.sh: installing ${missing[*]}"
@@ -37,7 +38,7 @@ fi
 # rust-toolchain.toml pins 1.95.0. A machine whose stable toolchain is
 # 1.95.0 but has none under that name gets a link rather than a download.
 if command -v rustup >/dev/null && ! (cd / && rustup run 1.95.0 rustc --version >/dev/null 2>&1); then
-  if (cd / && rustup run stable rustc --version 2>/dev/null | grep -q '^rustc 1\.95\.0'); then
+  if [[ $(cd / && rustup run stable rustc --version 2>/dev/null || true) == "rustc 1.95.0"* ]]; then
     rustup toolchain link 1.95.0 "$(cd / && rustup run stable rustc --print sysroot)"
   fi
 fi
