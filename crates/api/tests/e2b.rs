@@ -256,9 +256,11 @@ async fn run_script(py: &Path, url: &str, key: &str, other: &str) {
 /// ratio (printed, never asserted on: no wall time in tests).
 async fn bench(py: &Path, url: &str, key: &str) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../benches/e2b_vs_native.py");
+    // BHATTI_E2B_BENCH_N: more samples for a figure worth reporting.
+    let n = std::env::var("BHATTI_E2B_BENCH_N").unwrap_or_else(|_| "30".into());
     let out = tokio::process::Command::new(py)
         .arg(&script)
-        .args([url, key, "tiny", "30"])
+        .args([url, key, "tiny", &n])
         .kill_on_drop(true)
         .output()
         .await

@@ -290,8 +290,8 @@ pub struct Call {
 }
 
 async fn call(state: &AppState, headers: HeaderMap, body: Bytes) -> Result<Call, RpcError> {
-    let (codec, stream) = Codec::of(&headers)?;
     let user = super::caller(state, &headers).await?;
+    let (codec, stream) = Codec::of(&headers)?;
     let sandbox = headers
         .get("e2b-sandbox-id")
         .and_then(|v| v.to_str().ok())
@@ -397,13 +397,7 @@ pub async fn filesystem_rpc(
     super::filesystem::dispatch(&state, &method, call).await
 }
 
-/// Decodes the call's message, or answers its error.
-pub fn message<M: prost::Message + Default + DeserializeOwned>(call: &Call) -> Result<M, Response> {
-    call.codec.decode(&call.message).map_err(|e| {
-        if call.stream {
-            stream_error(call.codec, e)
-        } else {
-            e.response()
-        }
-    })
+/// Decodes the call's message.
+pub fn message<M: prost::Message + Default + DeserializeOwned>(call: &Call) -> Result<M, RpcError> {
+    call.codec.decode(&call.message)
 }

@@ -34,10 +34,9 @@ pub async fn dispatch(state: &AppState, method: &str, call: Call) -> Response {
         "MakeDir" => make_dir(state, &call).await,
         "Move" => rename(state, &call).await,
         "Remove" => remove(state, &call).await,
-        "WatchDir" | "CreateWatcher" | "GetWatcherEvents" | "RemoveWatcher" => Err(
+        "WatchDir" | "CreateWatcher" | "GetWatcherEvents" | "RemoveWatcher" => Err(Failure::Rpc(
             RpcError::unsupported("watching directories (files.watch_dir)"),
-        )
-        .map_err(Failure::Rpc),
+        )),
         other => Err(Failure::Rpc(RpcError::new(
             Code::Unimplemented,
             format!("filesystem.Filesystem/{other} does not exist"),
@@ -45,7 +44,6 @@ pub async fn dispatch(state: &AppState, method: &str, call: Call) -> Response {
     };
     match out {
         Ok(resp) => resp,
-        Err(Failure::Response(r)) => r,
         Err(Failure::Rpc(e)) if call.stream => connect::stream_error(call.codec, e),
         Err(Failure::Rpc(e)) => e.response(),
     }
@@ -53,7 +51,6 @@ pub async fn dispatch(state: &AppState, method: &str, call: Call) -> Response {
 
 enum Failure {
     Rpc(RpcError),
-    Response(Response),
 }
 
 impl From<RpcError> for Failure {
@@ -71,7 +68,7 @@ impl From<ApiError> for Failure {
 fn msg<M: prost::Message + Default + serde::de::DeserializeOwned>(
     call: &Call,
 ) -> Result<M, Failure> {
-    connect::message(call).map_err(Failure::Response)
+    connect::message(call).map_err(Failure::Rpc)
 }
 
 fn path_ok(p: &str) -> Result<(), RpcError> {
@@ -281,6 +278,7 @@ fn files_error(e: ApiError) -> Response {
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct FilesQuery {
     /// The file (absolute).
     #[serde(default)]
@@ -512,8 +510,9 @@ fn multipart_error(e: &multer::Error) -> ApiError {
     path = "/e2b/envd/health",
     operation_id = "e2b_envd_health",
     tag = "e2b",
-    responses((status = 204, description = "The daemon answers (the SDK probes it after a failed call)."))
+    security(()),
+    responses((status = 200, description = "The daemon answers (the SDK probes it after a failed call; no key)."))
 )]
 pub async fn health() -> StatusCode {
-    StatusCode::NO_CONTENT
+    StatusCode::OK
 }

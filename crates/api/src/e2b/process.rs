@@ -8,7 +8,10 @@
 //! not until its `Start` stream is dropped (a background command). The
 //! registry here (per user and sandbox) is what `List`, `Connect` and
 //! `SendSignal` see: the processes started through this API by this
-//! daemon process.
+//! daemon process. A `Start` client that stops reading holds the command
+//! back for [`PRIMARY_PATIENCE`] at most; then its output is dropped while
+//! its queue is full (memory stays bounded, the command never stalls on
+//! a handle nobody iterates).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -34,6 +37,9 @@ use crate::state::AppState;
 pub const MAX_PROCESSES: usize = 256;
 /// Chunks queued towards a `Start` stream before the command waits.
 const PRIMARY_QUEUE: usize = 16;
+/// How long output waits for a `Start` client that does not read before
+/// it is dropped instead (until the client reads again).
+const PRIMARY_PATIENCE: Duration = Duration::from_secs(2);
 /// Chunks queued towards each `Connect` stream; past it, it lags.
 const SECONDARY_QUEUE: usize = 64;
 /// Keepalive interval bounds (the SDK asks with `Keepalive-Ping-Interval`).
@@ -157,7 +163,7 @@ fn answer_error(call: &Call, e: RpcError) -> Response {
 async fn start(state: &AppState, call: Call) -> Response {
     let req: StartRequest = match connect::message(&call) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(e) => return answer_error(&call, e),
     };
     match begin(state, &call, req).await {
         Ok((pid, rx)) => {
@@ -247,6 +253,10 @@ async fn pump(
     key: String,
     pid: u32,
 ) {
+    // Set when the Start client stopped reading for PRIMARY_PATIENCE (a
+    // background command's handle nobody iterates): its output is then
+    // dropped while its queue is full, so the command never stalls on it.
+    let mut lagging = false;
     loop {
         let ev = match exec.next().await {
             Ok(ExecEvent::Stdout(d)) => Event::Stdout(Bytes::from(d)),
@@ -261,15 +271,27 @@ async fn pump(
         let last = matches!(ev, Event::End { .. } | Event::Failed(_));
         // No receivers is fine: nobody connected.
         let _ = others.send(ev.clone());
-        if !primary.is_closed() {
-            // Closed meanwhile: the Start client went away; the command runs on.
-            let _ = primary.send(ev).await;
-        }
         if last {
-            break;
+            // Gone from List before the Start client hears of the end.
+            e2b.processes.remove(&key, pid);
+            // Waits while the Start client lives (its stream ends with this).
+            let _ = primary.send(ev).await;
+            return;
+        }
+        // A closed queue: the Start client went away; the command runs on.
+        if lagging {
+            match primary.try_send(ev) {
+                Ok(()) => lagging = false,
+                Err(mpsc::error::TrySendError::Full(_)) => {}
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        } else if let Err(mpsc::error::SendTimeoutError::Timeout(_)) =
+            primary.send_timeout(ev, PRIMARY_PATIENCE).await
+        {
+            tracing::debug!(pid, "an E2B Start stream is not read; dropping its output");
+            lagging = true;
         }
     }
-    e2b.processes.remove(&key, pid);
 }
 
 /// Where a stream's events come from.
@@ -403,7 +425,7 @@ fn event_frame_of(codec: Codec, ev: ProcessEvent, is_start: bool) -> Bytes {
 fn reconnect(state: &AppState, call: Call) -> Response {
     let req: ConnectRequest = match connect::message(&call) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(e) => return answer_error(&call, e),
     };
     if let Err(e) = state.limit(&call.caller.user, Class::Exec) {
         return answer_error(&call, e.into());
@@ -430,8 +452,8 @@ fn reconnect(state: &AppState, call: Call) -> Response {
 }
 
 fn list(state: &AppState, call: Call) -> Response {
-    if let Err(resp) = connect::message::<ListRequest>(&call) {
-        return resp;
+    if let Err(e) = connect::message::<ListRequest>(&call) {
+        return answer_error(&call, e);
     }
     if let Err(e) = state.limit(&call.caller.user, Class::Read) {
         return answer_error(&call, e.into());
@@ -457,7 +479,7 @@ fn list(state: &AppState, call: Call) -> Response {
 async fn signal(state: &AppState, call: Call) -> Response {
     let req: SendSignalRequest = match connect::message(&call) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(e) => return answer_error(&call, e),
     };
     let user = call.caller.user.clone();
     if let Err(e) = state.limit(&user, Class::Exec) {

@@ -59,7 +59,15 @@ pub struct ErrorBody {
 /// A sandbox's deadline (when its timeout passes), by id.
 #[derive(Debug, Default)]
 pub struct Timeouts {
-    deadlines: BySandbox<(SystemTime, u64)>,
+    deadlines: BySandbox<Deadline>,
+    generation: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Debug)]
+struct Deadline {
+    at: SystemTime,
+    generation: u64,
+    task: tokio::task::AbortHandle,
 }
 
 /// A created or connected sandbox (E2B's `Sandbox`).
@@ -141,12 +149,6 @@ pub struct TimeoutBody {
     pub timeout: Option<u64>,
 }
 
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 fn rfc3339(unix_secs: i64) -> String {
     // Civil date from days since the epoch (Howard Hinnant's algorithm).
     let days = unix_secs.div_euclid(86_400);
@@ -173,6 +175,12 @@ fn key_of(headers: &HeaderMap) -> String {
     headers
         .get("x-api-key")
         .and_then(|v| v.to_str().ok())
+        .or_else(|| {
+            headers
+                .get(axum::http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+        })
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
 }
@@ -180,8 +188,8 @@ fn key_of(headers: &HeaderMap) -> String {
 impl Timeouts {
     fn end_at(&self, id: &str, created_at: i64) -> String {
         match lock(&self.deadlines).get(id) {
-            Some((at, _)) => {
-                let secs = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            Some(d) => {
+                let secs = d.at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
                 rfc3339(secs as i64)
             }
             None => rfc3339(created_at.div_euclid(1000) + DEFAULT_TIMEOUT_SECS as i64),
@@ -189,39 +197,54 @@ impl Timeouts {
     }
 
     fn forget(&self, id: &str) {
-        lock(&self.deadlines).remove(id);
+        if let Some(d) = lock(&self.deadlines).remove(id) {
+            d.task.abort();
+        }
     }
 }
 
 /// Sets a sandbox's timeout: when it passes (and was not set again
-/// meanwhile), the sandbox is taken cold.
+/// meanwhile), the sandbox is taken cold. One task per sandbox: setting
+/// it again ends the one before.
 fn arm(state: &AppState, user: &std::sync::Arc<store::UserRecord>, id: &str, secs: u64) {
     let secs = secs.clamp(1, MAX_TIMEOUT_SECS);
     let at = SystemTime::now() + Duration::from_secs(secs);
-    let generation = now_secs().wrapping_mul(1_000_003) ^ u64::from(rand_u32());
-    lock(&state.e2b.timeouts.deadlines).insert(id.to_string(), (at, generation));
-    let (state, user, id) = (state.clone(), user.clone(), id.to_string());
-    tokio::spawn(async move {
+    let timeouts = &state.e2b.timeouts;
+    let generation = timeouts
+        .generation
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (st, user, sid) = (state.clone(), user.clone(), id.to_string());
+    let task = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_secs(secs)).await;
-        let current = lock(&state.e2b.timeouts.deadlines)
-            .get(&id)
-            .is_some_and(|(_, g)| *g == generation);
+        let current = {
+            let mut deadlines = lock(&st.e2b.timeouts.deadlines);
+            let current = deadlines
+                .get(&sid)
+                .is_some_and(|d| d.generation == generation);
+            if current {
+                deadlines.remove(&sid);
+            }
+            current
+        };
         if !current {
             return;
         }
-        state.e2b.timeouts.forget(&id);
-        match state.service.stop(&user, &id).await {
-            Ok(_) => tracing::info!(sandbox = %id, "E2B timeout passed: taken cold"),
-            Err(e) => tracing::debug!(sandbox = %id, error = %e, "E2B timeout passed"),
+        match st.service.stop(&user, &sid).await {
+            Ok(_) => tracing::info!(sandbox = %sid, "E2B timeout passed: taken cold"),
+            Err(e) => tracing::debug!(sandbox = %sid, error = %e, "E2B timeout passed"),
         }
     });
-}
-
-fn rand_u32() -> u32 {
-    let mut b = [0u8; 4];
-    // A failure leaves zeros: the generation then rests on the time.
-    let _ = getrandom::getrandom(&mut b);
-    u32::from_le_bytes(b)
+    let old = lock(&timeouts.deadlines).insert(
+        id.to_string(),
+        Deadline {
+            at,
+            generation,
+            task: task.abort_handle(),
+        },
+    );
+    if let Some(old) = old {
+        old.task.abort();
+    }
 }
 
 fn detail(state: &AppState, s: &api_types::Sandbox, token: Option<String>) -> E2bSandboxDetail {
@@ -374,11 +397,7 @@ async fn list_inner(
         .iter()
         .map(|s| detail(state, s, None))
         .filter(|d| want_meta.iter().all(|(k, v)| d.metadata.get(k) == Some(v)))
-        .filter(|d| {
-            want_state
-                .as_ref()
-                .is_none_or(|w| w.iter().any(|s| *s == d.state))
-        })
+        .filter(|d| want_state.as_ref().is_none_or(|w| w.contains(&d.state)))
         .collect();
     Ok(Json(out))
 }
@@ -687,16 +706,24 @@ pub async fn resume(
 /// logs, forks, network updates…): an E2B error saying bhatti does not
 /// serve it.
 #[utoipa::path(
-    method(get, put, post, delete, patch),
+    method(get, put, post, delete, options, head, patch, trace),
     path = "/e2b/{*rest}",
     operation_id = "e2b_unsupported",
     tag = "e2b",
     params(("rest" = String, Path, description = "Any other path.")),
     responses(
+        (status = 401, description = "No or a wrong `X-API-Key`.", body = ErrorBody),
         (status = 501, description = "Not supported by bhatti's E2B compatibility.", body = ErrorBody),
     )
 )]
-pub async fn unsupported(Path(rest): Path<String>) -> Response {
+pub async fn unsupported(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(rest): Path<String>,
+) -> Response {
+    if let Err(e) = super::caller(&state, &headers).await {
+        return E2bError(e).into_response();
+    }
     let body = ErrorBody {
         code: 501,
         message: format!(
