@@ -29,7 +29,14 @@ from e2b import Sandbox  # noqa: E402
 sbx = Sandbox.create(template=template)
 try:
     native = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"})
-    body = {"cmd": ["/bin/bash", "-l", "-c", "true"]}
+    # The SDK runs `/bin/bash -l -c CMD` (bhatti uses /bin/sh where the
+    # image has no bash): the native side runs the same.
+    probe = native.post(
+        f"/sandboxes/{sbx.sandbox_id}/exec", json={"cmd": ["test", "-x", "/bin/bash"]}
+    )
+    probe.raise_for_status()
+    shell = "/bin/bash" if probe.json()["exit_code"] == 0 else "/bin/sh"
+    body = {"cmd": [shell, "-l", "-c", "true"]}
 
     def e2b_once():
         sbx.commands.run("true")
@@ -53,7 +60,7 @@ try:
     e1, n1 = p50(e2b_once), p50(native_once)
     e2, n2 = p50(e2b_once), p50(native_once)
     e, nat = (e1 + e2) / 2, (n1 + n2) / 2
-    print(f"samples={n} per side per half (both run `bash -l -c true`)")
+    print(f"samples={n} per side per half (both run `{shell} -l -c true`)")
     print(f"e2b_p50_ms={e * 1000:.2f}")
     print(f"native_p50_ms={nat * 1000:.2f}")
     print(f"e2b_vs_native_ratio_p50={e / nat:.3f}")

@@ -205,10 +205,39 @@ fn stock_e2b_sdk_against_the_daemon() {
 }
 
 async fn run_script(py: &Path, url: &str, key: &str, other: &str) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/e2b_sdk.py");
+    let steps = [
+        "create",
+        "get_info",
+        "list",
+        "run output",
+        "exit code",
+        "env",
+        "cwd",
+        "timeout",
+        "callbacks",
+        "background kill",
+        "connect to a command",
+        "unread output",
+        "files",
+        "set_timeout",
+        "pause connect",
+        "timeout expiry",
+        "unknown template",
+        "other user",
+        "kill",
+    ];
+    run_fixture(py, "e2b_sdk.py", url, &[key, other, "tiny"], &steps).await;
+}
+
+/// Runs a fixture script with the SDK configured for the daemon at `url`;
+/// each of `steps` must have printed its `ok` line.
+async fn run_fixture(py: &Path, name: &str, url: &str, args: &[&str], steps: &[&str]) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
     let out = tokio::process::Command::new(py)
         .arg(&script)
-        .args([key, other, "tiny"])
+        .args(args)
         .env("E2B_API_URL", format!("{url}/e2b"))
         .env("E2B_SANDBOX_URL", format!("{url}/e2b/envd"))
         .env("E2B_DOMAIN", "bhatti.invalid")
@@ -227,24 +256,7 @@ async fn run_script(py: &Path, url: &str, key: &str, other: &str) {
         "the e2b SDK script failed\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
     );
     eprintln!("{stdout}");
-    for step in [
-        "create",
-        "get_info",
-        "list",
-        "run output",
-        "exit code",
-        "env",
-        "cwd",
-        "timeout",
-        "callbacks",
-        "background kill",
-        "files",
-        "set_timeout",
-        "pause connect",
-        "unknown template",
-        "other user",
-        "kill",
-    ] {
+    for step in steps {
         assert!(
             stdout.contains(&format!("ok {step}\n")),
             "step {step} missing:\n{stdout}"
@@ -277,4 +289,33 @@ async fn bench(py: &Path, url: &str, key: &str) {
         .strip_prefix("e2b_vs_native_ratio_p50=")
         .and_then(|r| r.parse::<f64>().ok());
     assert!(ratio.is_some_and(|r| r > 0.0), "last line: {last}");
+}
+
+/// pause → connect on a real VM (QEMU-TCG, the `tiny` image: busybox, so
+/// the SDK's `/bin/bash -l -c` runs under `/bin/sh`): the VMM is stopped
+/// (warm) and resumed, and a command started before runs on, its stream
+/// intact. The fake engine's warm (SIGSTOP) shows the same in the test
+/// above; this one shows it for a VMM.
+#[test]
+fn pause_and_connect_keep_a_process_on_a_real_vm() {
+    if !testkit::is_root() {
+        return testkit::cannot_run("the E2B VM test needs root (a network namespace, TAPs)");
+    }
+    let py = match python() {
+        Ok(p) => p,
+        Err(e) => return testkit::cannot_run(&e),
+    };
+    common::in_netns("e2b-vm", || async move {
+        let data = common::data_dir();
+        let config = common::config(
+            data.path(),
+            "[thermal]\nwarm_after_secs = 3600\ncold_after_secs = 7200\n[limits]\nexecs_per_min = 100000\nreads_per_min = 100000\n",
+        );
+        let d = TestDaemon::start(config).await;
+        let key = d.user("vera", 2);
+        let steps = ["run", "files", "pause connect", "kill"];
+        run_fixture(&py, "e2b_pause.py", &d.url, &[&key, "tiny"], &steps).await;
+        bench(&py, &d.url, &key).await;
+        d.stop().await;
+    });
 }

@@ -44,6 +44,8 @@ pub const ENVD_VERSION: &str = "0.5.7";
 pub struct E2bState {
     pub(crate) timeouts: rest::Timeouts,
     pub(crate) processes: process::Registry,
+    /// Sandboxes (`user/sandbox`) found to have no `/bin/bash` (bounded).
+    pub(crate) bashless: Mutex<std::collections::HashSet<String>>,
 }
 
 /// The E2B routes, merged into the daemon's router (and so its OpenAPI

@@ -30,6 +30,7 @@ use tokio::sync::{broadcast, mpsc};
 
 use super::connect::{self, Call, Code, Codec, RpcError};
 use super::{lock, BySandbox, E2bState};
+use crate::error::ApiError;
 use crate::ratelimit::Class;
 use crate::state::AppState;
 
@@ -227,10 +228,33 @@ async fn begin(
         timeout_ms: Some(timeout_ms),
         ..Default::default()
     };
-    let exec = state
+    // The SDKs run every command as `/bin/bash -l -c …`; an image without
+    // bash (bhatti's `tiny`, busybox) runs it under `/bin/sh`, known after
+    // the first try.
+    let bashless = config.cmd == "/bin/bash" && lock(&state.e2b.bashless).contains(&k);
+    let mut exec_req = exec_req;
+    if bashless {
+        exec_req.argv[0] = "/bin/sh".into();
+    }
+    let exec = match state
         .service
-        .exec_stream(user, &call.caller.sandbox, exec_req)
-        .await?;
+        .exec_stream(user, &call.caller.sandbox, exec_req.clone())
+        .await
+    {
+        Err(ApiError::BadRequest(_)) if config.cmd == "/bin/bash" && !bashless => {
+            exec_req.argv[0] = "/bin/sh".into();
+            let exec = state
+                .service
+                .exec_stream(user, &call.caller.sandbox, exec_req)
+                .await?;
+            let mut known = lock(&state.e2b.bashless);
+            if known.len() < 4096 {
+                known.insert(k.clone());
+            }
+            exec
+        }
+        other => other?,
+    };
     let pid = exec.pid();
     let (tx, rx) = mpsc::channel(PRIMARY_QUEUE);
     let (events, _) = broadcast::channel(SECONDARY_QUEUE);
@@ -507,7 +531,12 @@ async fn signal(state: &AppState, call: Call) -> Response {
         }
     };
     // Each command is its own process group (the agent's piped exec).
-    let script = "kill -s \"$1\" -- \"-$2\" 2>/dev/null || kill -s \"$1\" \"$2\"";
+    // Shells' `kill` differ on `--` and negative pids (busybox's kills the
+    // group, then fails on `--`): existence decides the answer, then each
+    // spelling is tried.
+    let script = "kill -0 \"$2\" 2>/dev/null || exit 1; \
+        kill -s \"$1\" -- \"-$2\" 2>/dev/null || kill -s \"$1\" \"-$2\" 2>/dev/null \
+        || kill -s \"$1\" \"$2\" 2>/dev/null; exit 0";
     let exec_req = proto::ExecRequest {
         argv: vec![
             "/bin/sh".into(),
