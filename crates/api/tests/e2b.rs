@@ -134,6 +134,10 @@ fn stock_e2b_sdk_against_the_daemon() {
             "{v}"
         );
 
+        // Binary proto works as well as the SDK's JSON: a unary Stat and a
+        // streamed Start (enveloped frames, then the end of the stream).
+        proto_calls(&http, &d.url, &bob, &bob_id).await;
+
         // What the mapping cannot honour: the SDK's own error shapes.
         let (s, v) = envd(
             &http,
@@ -318,4 +322,87 @@ fn pause_and_connect_keep_a_process_on_a_real_vm() {
         bench(&py, &d.url, &key).await;
         d.stop().await;
     });
+}
+
+async fn proto_calls(http: &reqwest::Client, url: &str, key: &str, sandbox: &str) {
+    use envd_proto::filesystem::{FileType, StatRequest, StatResponse};
+    use envd_proto::process::{process_event, ProcessConfig, StartRequest, StartResponse};
+    use prost::Message;
+
+    let post = |method: &str, ct: &str, body: Vec<u8>| {
+        http.post(format!("{url}/e2b/envd/{method}"))
+            .header("X-Access-Token", key)
+            .header("E2b-Sandbox-Id", sandbox)
+            .header("Content-Type", ct)
+            .body(body)
+            .send()
+    };
+    let req = StatRequest { path: "/".into() };
+    let r = post(
+        "filesystem.Filesystem/Stat",
+        "application/proto",
+        req.encode_to_vec(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/proto");
+    let stat = StatResponse::decode(r.bytes().await.unwrap()).unwrap();
+    assert_eq!(stat.entry.unwrap().r#type, FileType::Directory as i32);
+
+    let req = StartRequest {
+        process: Some(ProcessConfig {
+            cmd: "/bin/sh".into(),
+            args: vec!["-c".into(), "echo proto; exit 4".into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let msg = req.encode_to_vec();
+    let mut body = vec![0u8];
+    body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    body.extend_from_slice(&msg);
+    let r = post("process.Process/Start", "application/connect+proto", body)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let bytes = r.bytes().await.unwrap();
+    let (mut at, mut events, mut end) = (0usize, Vec::new(), None);
+    while at + 5 <= bytes.len() {
+        let flags = bytes[at];
+        let len = u32::from_be_bytes(bytes[at + 1..at + 5].try_into().unwrap()) as usize;
+        let data = &bytes[at + 5..at + 5 + len];
+        if flags & 2 != 0 {
+            end = Some(String::from_utf8_lossy(data).into_owned());
+        } else {
+            events.push(
+                StartResponse::decode(data)
+                    .unwrap()
+                    .event
+                    .unwrap()
+                    .event
+                    .unwrap(),
+            );
+        }
+        at += 5 + len;
+    }
+    assert_eq!(at, bytes.len(), "whole frames");
+    assert_eq!(end.as_deref(), Some("{}"), "a clean end of stream");
+    assert!(matches!(events.first(), Some(process_event::Event::Start(s)) if s.pid > 0));
+    let out: Vec<u8> = events
+        .iter()
+        .filter_map(|e| match e {
+            process_event::Event::Data(d) => match &d.output {
+                Some(process_event::data_event::Output::Stdout(b)) => Some(b.clone()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(out, b"proto\n");
+    assert!(
+        matches!(events.last(), Some(process_event::Event::End(e)) if e.exit_code == 4 && e.exited),
+        "{events:?}"
+    );
 }

@@ -385,10 +385,19 @@ async fn list_inner(
     state.limit(&user, Class::Read)?;
     let mut want_meta: Vec<(String, String)> = Vec::new();
     let mut want_state: Option<Vec<String>> = None;
+    let mut want_template: Option<String> = None;
     for (k, v) in form_pairs(query.unwrap_or("")) {
         match k.as_str() {
             "metadata" => want_meta.extend(form_pairs(&v)),
             "state" => want_state = Some(v.split(',').map(str::to_string).collect()),
+            "template" => want_template = Some(v),
+            "startedAfter" => {
+                return Err(ApiError::BadRequest(
+                    "the startedAfter filter is not supported by bhatti's E2B compatibility".into(),
+                )
+                .into())
+            }
+            // Paging (one page answers all) and order.
             _ => {}
         }
     }
@@ -398,6 +407,7 @@ async fn list_inner(
         .map(|s| detail(state, s, None))
         .filter(|d| want_meta.iter().all(|(k, v)| d.metadata.get(k) == Some(v)))
         .filter(|d| want_state.as_ref().is_none_or(|w| w.contains(&d.state)))
+        .filter(|d| want_template.as_ref().is_none_or(|t| *t == d.template_id))
         .collect();
     Ok(Json(out))
 }
