@@ -23,8 +23,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .extern_path(".google.protobuf", "::pbjson_types");
     config.compile_protos(&files, &["proto"])?;
     let set = std::fs::read(&set_path)?;
+    // Like envd: fields a newer SDK sends are ignored, not refused.
     pbjson_build::Builder::new()
         .register_descriptors(&set)?
+        .ignore_unknown_fields()
         .build(&[".process", ".filesystem"])?;
     Ok(())
 }

@@ -106,6 +106,8 @@ fn stock_e2b_sdk_against_the_daemon() {
         )
         .await;
         assert_eq!((s, v["code"].as_str()), (404, Some("not_found")), "{v}");
+        // A field a newer SDK might send is ignored, as envd does.
+        let start = serde_json::json!({"path": "/", "someFutureField": 1});
         let (s, v) = envd(
             &http,
             &d.url,
