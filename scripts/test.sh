@@ -62,6 +62,9 @@ export BHATTI_OPENAPI_VALIDATOR="$venv/bin/openapi-spec-validator"
 # crates/bhatti/tests/mcp.rs drives the MCP server with the official SDK.
 venv=$(py_tool mcp 2.3.0 "import mcp")
 export BHATTI_MCP_PYTHON="$venv/bin/python"
+# crates/api/tests/e2b.rs drives the daemon's E2B API with the stock SDK.
+venv=$(py_tool e2b 2.63.0 "import e2b")
+export BHATTI_E2B_PYTHON="$venv/bin/python"
 # crates/api/tests/observe.rs parses /metrics with Prometheus' own parser.
 venv=$(py_tool prometheus-client 0.21.1 "import prometheus_client.parser")
 export BHATTI_PROMETHEUS_PYTHON="$venv/bin/python"

@@ -55,18 +55,25 @@ impl FromRequestParts<AppState> for User {
             .map(str::trim)
             .filter(|k| !k.is_empty())
             .ok_or(ApiError::Unauthorized)?;
-        let hash = hash_key(key);
-        if let Some(user) = state.auth_cache.get(&hash) {
-            return Ok(User(user));
-        }
-        let store = state.store.clone();
-        let h = hash.clone();
-        let user = tokio::task::spawn_blocking(move || store.user_by_key_hash(&h))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))??
-            .ok_or(ApiError::Unauthorized)?;
-        let user = Arc::new(user);
-        state.auth_cache.put(hash, user.clone());
-        Ok(User(user))
+        user_of_key(state, key).await.map(User)
     }
+}
+
+/// The user an API key names (through [`AuthCache`]); `Unauthorized` for
+/// an unknown key. The bearer extractor and the E2B API's `X-API-Key` /
+/// `X-Access-Token` share it.
+pub async fn user_of_key(state: &AppState, key: &str) -> Result<Arc<store::UserRecord>, ApiError> {
+    let hash = hash_key(key);
+    if let Some(user) = state.auth_cache.get(&hash) {
+        return Ok(user);
+    }
+    let store = state.store.clone();
+    let h = hash.clone();
+    let user = tokio::task::spawn_blocking(move || store.user_by_key_hash(&h))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??
+        .ok_or(ApiError::Unauthorized)?;
+    let user = Arc::new(user);
+    state.auth_cache.put(hash, user.clone());
+    Ok(user)
 }

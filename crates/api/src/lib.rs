@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod e2b;
 pub mod error;
 pub mod extract;
 pub mod keys;

@@ -39,6 +39,7 @@ pub const API_KEY: &str = "api_key";
         (name = "ports", description = "Ports in a sandbox: listing, the authenticated proxy, tunnels, publishing."),
         (name = "secrets", description = "The caller's encrypted secrets."),
         (name = "observability", description = "Events and metrics (docs/operations.md)."),
+        (name = "e2b", description = "E2B compatibility: the E2B sandbox API and envd's in-sandbox API for the stock `e2b` SDKs (`X-API-Key` / `X-Access-Token` auth, E2B's and Connect's error shapes); see docs/clients.md."),
         (name = "mcp", description = "The MCP server (streamable HTTP transport): the sandbox tools for MCP clients; see docs/clients.md."),
     )
 )]

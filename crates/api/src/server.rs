@@ -120,6 +120,7 @@ impl Daemon {
                 auth_cache: Arc::default(),
                 closing: closing_rx,
                 followers: Arc::default(),
+                e2b: Arc::default(),
             },
             listener,
             public,

@@ -22,6 +22,8 @@ pub struct AppState {
     pub closing: tokio::sync::watch::Receiver<bool>,
     /// Open `GET /events?follow=true` streams by user (a bounded number).
     pub followers: Arc<crate::routes::events::Followers>,
+    /// The E2B compatibility layer's timeouts and processes.
+    pub e2b: Arc<crate::e2b::E2bState>,
 }
 
 impl AppState {

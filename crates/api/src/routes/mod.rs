@@ -83,6 +83,8 @@ pub fn api() -> OpenApiRouter<AppState> {
             routes!(mcp::post, mcp::get, mcp::delete)
                 .layer(axum::extract::DefaultBodyLimit::max(mcp::MAX_BODY)),
         )
+        // E2B compatibility (`crate::e2b`): its sandbox API and envd.
+        .merge(crate::e2b::api())
 }
 
 /// The router of [`api`] and its OpenAPI document (paths as OpenAPI

@@ -520,6 +520,34 @@ impl Service {
         Ok(view(&self.persist(&id).await?))
     }
 
+    /// Stops a sandbox's vCPUs (hot → warm; a warm or cold one is left as
+    /// is): its VMM, memory, processes and open connections stay, and the
+    /// next call into it resumes it. The E2B API's `pause`
+    /// (`crate::e2b`). Runs to the end even if the caller goes away.
+    pub async fn pause(
+        self: &Arc<Self>,
+        user: &UserRecord,
+        reference: &str,
+    ) -> Result<Sandbox, ApiError> {
+        let (this, user, r) = (self.clone(), user.clone(), reference.to_string());
+        detached(async move { this.pause_inner(&user, &r).await }).await
+    }
+
+    async fn pause_inner(&self, user: &UserRecord, reference: &str) -> Result<Sandbox, ApiError> {
+        let row = self.row(user, reference).await?;
+        let id = sandbox_id(&row)?;
+        let _lock = self.locks.lock(&id).await;
+        let row = self.row(user, &row.id).await?;
+        if !self.index().contains_key(&id) {
+            return Err(ApiError::Conflict(format!(
+                "sandbox '{}' is {}; nothing to pause",
+                row.name, row.status
+            )));
+        }
+        self.core.pause(&id).await?;
+        Ok(view(&self.persist(&id).await?))
+    }
+
     /// Wakes a warm or cold sandbox, or boots a stopped one
     /// (`POST /sandboxes/:id/start`); `force` first closes an open breaker.
     /// Runs to the end even if the caller goes away.
