@@ -22,6 +22,8 @@ pub struct AppState {
     pub closing: tokio::sync::watch::Receiver<bool>,
     /// Open `GET /events?follow=true` streams by user (a bounded number).
     pub followers: Arc<crate::routes::events::Followers>,
+    /// The per-client-IP limit on share-token attempts.
+    pub shares: Arc<crate::share::ShareGuard>,
 }
 
 impl AppState {

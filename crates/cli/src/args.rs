@@ -113,6 +113,9 @@ pub enum Command {
     /// Publish a sandbox port at a public URL (no token needed to reach it;
     /// a sleeping sandbox wakes on the first request). Prints the URL.
     Publish(PublishArgs),
+    /// Share a sandbox's terminal: print a link that opens it in a browser
+    /// (no API key needed), list the live links, or revoke them.
+    Share(ShareArgs),
     /// Stop publishing a sandbox port.
     Unpublish {
         /// Sandbox name or id.
@@ -236,6 +239,56 @@ pub struct PublishArgs {
     /// The public name: 3-63 of a-z, 0-9, '-' [default: <sandbox>-<port>].
     #[arg(long)]
     pub alias: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ShareArgs {
+    /// Sandbox name or id.
+    pub name: String,
+    /// How long the link lives: seconds, or a number with s, m, h or d
+    /// (`90s`, `30m`, `1h`, `7d`) [default: the daemon's, 1h].
+    #[arg(long, value_name = "DURATION", value_parser = parse_ttl)]
+    pub ttl: Option<u64>,
+    /// The link shows the terminal but cannot type in it.
+    #[arg(long)]
+    pub read_only: bool,
+    /// List the sandbox's live links.
+    #[arg(long, conflicts_with_all = ["ttl", "read_only", "revoke"])]
+    pub list: bool,
+    /// Revoke the link with this id (`shr-…`), or with --all every link.
+    #[arg(long, value_name = "ID", num_args = 0..=1, default_missing_value = "",
+          conflicts_with_all = ["ttl", "read_only"])]
+    pub revoke: Option<String>,
+    /// With --revoke: every link of the sandbox.
+    #[arg(long, requires = "revoke")]
+    pub all: bool,
+}
+
+/// A link lifetime: `N`, `Ns`, `Nm`, `Nh` or `Nd`, at least a second.
+pub fn parse_ttl(s: &str) -> Result<u64, String> {
+    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 90s, 30m, 1h, 7d"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => {
+            return Err(format!(
+                "invalid duration {s:?}: the unit is one of s, m, h, d"
+            ))
+        }
+    };
+    match n.checked_mul(mult) {
+        Some(0) => Err("the duration must be at least 1s".into()),
+        Some(v) => Ok(v),
+        None => Err(format!("duration {s:?} is too long")),
+    }
 }
 
 #[derive(Debug, Args)]

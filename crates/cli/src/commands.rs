@@ -199,6 +199,7 @@ impl Ctx {
                     }
                 }
             }
+            Command::Share(a) => self.share(a).await?,
             Command::Unpublish { name, port } => {
                 c.unpublish(&name, port).await?;
                 eprintln!("unpublished port {port} of {name}");
@@ -437,6 +438,66 @@ impl Ctx {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// `bhatti share`: make a link (printed on stdout), list, or revoke.
+    async fn share(&self, a: crate::args::ShareArgs) -> Result<()> {
+        let c = &self.client;
+        if a.list {
+            let list = c.shares(&a.name).await?;
+            return if self.json {
+                print_json(&list)
+            } else {
+                print(&output::shares_table(&list, now_ms()))
+            };
+        }
+        if let Some(id) = a.revoke {
+            let ids = match (id.is_empty(), a.all) {
+                (false, false) => vec![id],
+                (true, true) => c.shares(&a.name).await?.into_iter().map(|s| s.id).collect(),
+                (true, false) => {
+                    return Err(CliError::Usage(
+                        "--revoke needs a link id (see --list) or --all".into(),
+                    ))
+                }
+                (false, true) => {
+                    return Err(CliError::Usage(
+                        "--revoke takes either a link id or --all, not both".into(),
+                    ))
+                }
+            };
+            for id in &ids {
+                c.revoke_share(&a.name, id).await?;
+                eprintln!("revoked {id}");
+            }
+            if ids.is_empty() {
+                eprintln!("{} has no live share links", a.name);
+            }
+            return Ok(());
+        }
+        let body = api_types::CreateShare {
+            ttl_secs: a.ttl,
+            read_only: a.read_only,
+        };
+        let created = c.share(&a.name, &body).await?;
+        if self.json {
+            return print_json(&created);
+        }
+        print(&format!("{}\n", c.page_url(&created.path)))?;
+        eprintln!(
+            "{} link {} to {}'s terminal, expires in {}; revoke with: bhatti share {} --revoke {}",
+            if created.share.read_only {
+                "read-only"
+            } else {
+                "read-write"
+            },
+            created.share.id,
+            a.name,
+            output::until(now_ms(), created.share.expires_at),
+            a.name,
+            created.share.id
+        );
         Ok(())
     }
 
