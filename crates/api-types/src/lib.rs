@@ -259,6 +259,11 @@ pub struct CreateShare {
     /// The link shows the terminal but cannot type in it (nor resize it).
     #[serde(default)]
     pub read_only: bool,
+    /// Give the URL on the public proxy (`bhatti publish --shell`), which
+    /// serves the terminal too, rather than on the API listener. 403 when
+    /// publishing is off.
+    #[serde(default)]
+    pub public: bool,
 }
 
 /// A share link as listed (its token is shown only when it is made).
@@ -285,8 +290,9 @@ pub struct ShareCreated {
     /// `bhs_…`: the secret. Shown once; the daemon keeps only its hash.
     pub token: String,
     /// The terminal page with the token in the URL fragment (never sent
-    /// to a server): `<base>/share/#t=<token>`. `<base>` is
-    /// `share.base_url`, else `http://` and the request's `Host`.
+    /// to a server): `<base>/share/#t=<token>`. `<base>` is the public
+    /// proxy's (`public`), else `share.base_url`, else `http://` and the
+    /// request's `Host`.
     pub url: String,
     /// The page's path with the token, to put after another base URL.
     pub path: String,

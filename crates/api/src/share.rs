@@ -72,7 +72,7 @@ impl ShareConfig {
             );
         }
         let b = &self.base_url;
-        if !b.is_empty() && !(b.starts_with("http://") || b.starts_with("https://")) {
+        if !(b.is_empty() || b.starts_with("http://") || b.starts_with("https://")) {
             return Err("share.base_url must be empty or start with http:// or https://".into());
         }
         Ok(())

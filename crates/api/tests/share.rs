@@ -380,6 +380,53 @@ fn share_links_and_the_browser_terminal() {
             "{list}"
         );
 
+        // On the public proxy (`publish --shell`): the same page and
+        // token checks, no key; a publication's path is not the terminal.
+        let public = d.public.expect("the test daemon's public proxy");
+        let pb = make(&alice, "dev", json!({"public": true})).await;
+        let pb_token = pb["token"].as_str().unwrap().to_string();
+        assert_eq!(
+            pb["url"],
+            format!("http://{public}/share/#t={pb_token}"),
+            "{pb}"
+        );
+        let resp = reqwest::get(format!("http://{public}/share/"))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(resp.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("script-src 'self'"));
+        let public_info = |auth: String| {
+            let url = format!("http://{public}/share/info");
+            async move {
+                let resp = reqwest::Client::new()
+                    .get(url)
+                    .header("authorization", auth)
+                    .send()
+                    .await
+                    .unwrap();
+                resp.status().as_u16()
+            }
+        };
+        assert_eq!(public_info(format!("Bearer {pb_token}")).await, 200);
+        assert_eq!(public_info(format!("Bearer {wrong}")).await, 401);
+        let resp = reqwest::Client::new()
+            .post(format!("http://{public}/share/info"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 405);
+        let (s, v) = alice
+            .json(
+                Method::POST,
+                "/sandboxes/dev/publish",
+                Some(json!({"port": 3000, "alias": "share"})),
+            )
+            .await;
+        assert_eq!(s, 400, "the alias 'share' is reserved: {v}");
+
         // The browser.
         match browser() {
             Err(why) => testkit::cannot_run(&why),
@@ -395,6 +442,7 @@ fn share_links_and_the_browser_terminal() {
                         &url(&ro_token),
                         &url(&gone_token),
                         &url(&short_token),
+                        pb["url"].as_str().unwrap(),
                     ])
                     .kill_on_drop(true)
                     .output();
@@ -439,6 +487,7 @@ fn share_links_and_the_browser_terminal() {
                 );
                 assert_eq!(v["ro_badge"], true, "{v}");
                 assert_eq!(v["rw_typed"], json!(["rw122"]), "{v}");
+                assert_eq!(v["public"], json!(["pub25"]), "{v}");
                 assert_eq!(v["ro_typed"], json!([]), "the read-only page typed: {v}");
                 assert_eq!(v["revoked"][0], "failed", "{v}");
                 assert_eq!(v["expired"][0], "failed", "{v}");

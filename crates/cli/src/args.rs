@@ -234,11 +234,22 @@ pub struct PublishArgs {
     /// Sandbox name or id.
     pub name: String,
     /// The port in the sandbox (something may start listening later).
-    #[arg(short, long, value_parser = clap::value_parser!(u16).range(1..))]
-    pub port: u16,
+    #[arg(short, long, value_parser = clap::value_parser!(u16).range(1..),
+          required_unless_present = "shell")]
+    pub port: Option<u16>,
     /// The public name: 3-63 of a-z, 0-9, '-' [default: <sandbox>-<port>].
-    #[arg(long)]
+    #[arg(long, conflicts_with = "shell")]
     pub alias: Option<String>,
+    /// Publish the sandbox's browser terminal instead of a port: a share
+    /// link on the public proxy (see `bhatti share`).
+    #[arg(long, conflicts_with = "port")]
+    pub shell: bool,
+    /// With --shell: how long the link lives (as `bhatti share --ttl`).
+    #[arg(long, value_name = "DURATION", value_parser = parse_ttl, conflicts_with = "port")]
+    pub ttl: Option<u64>,
+    /// With --shell: the link cannot type.
+    #[arg(long, conflicts_with = "port")]
+    pub read_only: bool,
 }
 
 #[derive(Debug, Args)]
@@ -464,6 +475,49 @@ mod tests {
     use clap::{CommandFactory, Parser};
 
     use super::*;
+
+    #[test]
+    fn ttls() {
+        assert_eq!(parse_ttl("90"), Ok(90));
+        assert_eq!(parse_ttl("90s"), Ok(90));
+        assert_eq!(parse_ttl("30m"), Ok(1800));
+        assert_eq!(parse_ttl("1h"), Ok(3600));
+        assert_eq!(parse_ttl("7d"), Ok(604_800));
+        for bad in [
+            "",
+            "0",
+            "0h",
+            "h",
+            "1y",
+            "1.5h",
+            "-1",
+            "1 h",
+            "99999999999999999999d",
+        ] {
+            assert!(parse_ttl(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn share_and_publish_shell_flags() {
+        let parse = |args: &[&str]| {
+            TestCli::try_parse_from(std::iter::once("bhatti").chain(args.iter().copied()))
+        };
+        assert!(parse(&["share", "dev", "--ttl", "1h", "--read-only"]).is_ok());
+        assert!(parse(&["share", "dev", "--revoke"]).is_ok());
+        assert!(parse(&["share", "dev", "--revoke", "--all"]).is_ok());
+        assert!(
+            parse(&["share", "dev", "--all"]).is_err(),
+            "--all needs --revoke"
+        );
+        assert!(parse(&["share", "dev", "--list", "--ttl", "1h"]).is_err());
+        assert!(parse(&["share", "dev", "--revoke", "x", "--read-only"]).is_err());
+        assert!(parse(&["publish", "dev", "--shell", "--ttl", "2h"]).is_ok());
+        assert!(parse(&["publish", "dev", "-p", "3000"]).is_ok());
+        assert!(parse(&["publish", "dev"]).is_err(), "a port or --shell");
+        assert!(parse(&["publish", "dev", "--shell", "-p", "3000"]).is_err());
+        assert!(parse(&["publish", "dev", "-p", "3000", "--read-only"]).is_err());
+    }
 
     #[derive(Debug, Parser)]
     #[command(name = "bhatti")]

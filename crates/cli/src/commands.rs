@@ -180,9 +180,35 @@ impl Ctx {
                 };
                 crate::forward::run(c, &req).await?;
             }
+            Command::Publish(a) if a.shell => {
+                let body = api_types::CreateShare {
+                    ttl_secs: a.ttl,
+                    read_only: a.read_only,
+                    public: true,
+                };
+                let created = c.share(&a.name, &body).await?;
+                if self.json {
+                    print_json(&created)?
+                } else {
+                    print(&format!("{}\n", created.url))?;
+                    eprintln!(
+                        "published the terminal of {} ({} link {}, expires in {}); revoke with: bhatti share {} --revoke {}",
+                        a.name,
+                        if created.share.read_only { "read-only" } else { "read-write" },
+                        created.share.id,
+                        output::until(now_ms(), created.share.expires_at),
+                        a.name,
+                        created.share.id
+                    );
+                }
+            }
             Command::Publish(a) => {
+                // clap requires --port without --shell.
+                let port = a
+                    .port
+                    .ok_or_else(|| CliError::Usage("publish needs --port (or --shell)".into()))?;
                 let body = api_types::PublishPort {
-                    port: a.port,
+                    port,
                     alias: a.alias,
                 };
                 let p = c.publish(&a.name, &body).await?;
@@ -479,6 +505,7 @@ impl Ctx {
         let body = api_types::CreateShare {
             ttl_secs: a.ttl,
             read_only: a.read_only,
+            public: false,
         };
         let created = c.share(&a.name, &body).await?;
         if self.json {

@@ -62,6 +62,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Peer {
     request_body = api_types::CreateShare,
     responses(
         (status = 201, description = "The link, with its token (shown only now).", body = api_types::ShareCreated),
+        (status = 403, description = "`public` asked for, and publishing is off.", body = api_types::ErrorBody),
         (status = 409, description = "The sandbox has `share.max_per_sandbox` live links.", body = api_types::ErrorBody),
         Authed, Invalid, JsonTooLarge, Missing
     )
@@ -74,7 +75,16 @@ pub async fn create(
     JsonBody(body): JsonBody<CreateShare>,
 ) -> Result<(StatusCode, Json<ShareCreated>), ApiError> {
     state.limit(&user, Class::Read)?;
-    let base = state.config.share.base(&headers);
+    let base = if body.public {
+        if !state.config.publish.enabled() {
+            return Err(ApiError::Forbidden(
+                "publishing is off on this daemon ([publish] listen is empty)".into(),
+            ));
+        }
+        state.config.publish.base_url()
+    } else {
+        state.config.share.base(&headers)
+    };
     let created = state.service.create_share(&user, &id, body, &base).await?;
     Ok((StatusCode::CREATED, Json(created)))
 }
@@ -152,6 +162,29 @@ pub async fn page() -> Response {
 )]
 pub async fn file(Path(file): Path<String>) -> Response {
     crate::share::asset(&file)
+}
+
+/// A `/share/…` request on the public proxy (`bhatti publish --shell`):
+/// the same handlers, state and limits as on the API listener.
+pub async fn public(req: axum::extract::Request, state: AppState) -> Response {
+    use axum::handler::Handler;
+    use axum::response::IntoResponse;
+    if req.method() != axum::http::Method::GET && req.method() != axum::http::Method::HEAD {
+        return (
+            StatusCode::METHOD_NOT_ALLOWED,
+            Json(api_types::ErrorBody {
+                error: "the terminal page answers GET only".into(),
+            }),
+        )
+            .into_response();
+    }
+    let path = req.uri().path().to_string();
+    match path.strip_prefix(crate::share::PAGE_PATH).unwrap_or("-") {
+        "" => page().await,
+        "info" => Handler::call(info, req, state).await,
+        "ws" => Handler::call(ws, req, state).await,
+        name => crate::share::asset(name),
+    }
 }
 
 /// The token of an `Authorization: Bearer …` header.
