@@ -3,11 +3,19 @@
 // URL fragment (#t=bhs_…), which the browser never sends to a server.
 "use strict";
 (function () {
-  const params = new URLSearchParams(location.hash.slice(1));
+  // The link's token (and session) are in the fragment. They leave the
+  // address bar and history at once; this tab keeps them (sessionStorage)
+  // so that reloading the page still works.
+  const KEY = "bhatti-share";
+  let params = new URLSearchParams(location.hash.slice(1));
+  if (params.get("t")) {
+    sessionStorage.setItem(KEY, params.toString());
+    history.replaceState(null, "", location.pathname + location.search);
+  } else {
+    params = new URLSearchParams(sessionStorage.getItem(KEY) || "");
+  }
   const token = params.get("t") || "";
   const session = params.get("session") || "web";
-  // Forget the fragment in the address bar and history.
-  history.replaceState(null, "", location.pathname + location.search);
 
   const statusEl = document.getElementById("status");
   const actionEl = document.getElementById("action");
@@ -77,7 +85,14 @@
     const delay = Math.min(500 * 2 ** retries, 10000);
     retries++;
     setStatus("reconnecting", `${why}; reconnecting in ${Math.round(delay / 100) / 10}s…`);
-    offer("reconnect now", () => { clearTimeout(retryTimer); retryTimer = null; connect(false); });
+    // Attached elsewhere (`bhatti shell`, another page): taking it over is
+    // the person's choice, never automatic.
+    const steal = /client attached/.test(why);
+    offer(steal ? "take over" : "reconnect now", () => {
+      clearTimeout(retryTimer);
+      retryTimer = null;
+      connect(steal);
+    });
     retryTimer = setTimeout(() => { retryTimer = null; connect(false); }, delay);
   }
 

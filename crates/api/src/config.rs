@@ -620,6 +620,7 @@ mod tests {
             "defaults",
             "publish",
             "confinement",
+            "share",
         ] {
             assert!(
                 sections.iter().any(|s| s == known),
@@ -676,6 +677,17 @@ mod tests {
                 "[confinement]\nmemory_overhead_mib = 1e3",
                 "confinement.memory_overhead_mib",
             ),
+            (
+                "[share]\nmax_ttl_secs = 0",
+                "share.default_ttl_secs and share.max_ttl_secs",
+            ),
+            (
+                "[share]\ndefault_ttl_secs = 90000\nmax_ttl_secs = 3600",
+                "share.default_ttl_secs",
+            ),
+            ("[share]\nmax_ttl_secs = 99999999", "share.max_ttl_secs"),
+            ("[share]\nattempts_per_min = 0", "share.attempts_per_min"),
+            ("[share]\nbase_url = \"ftp://x\"", "share.base_url"),
         ] {
             let err = match DaemonConfig::parse(text) {
                 Err(e) => e,

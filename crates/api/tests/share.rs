@@ -103,6 +103,10 @@ async fn ws_open(d: &TestDaemon, open: Value) -> (Ws, Message) {
     (ws, first)
 }
 
+async fn send(ws: &mut Ws, m: Message) {
+    ws.send(m).await.unwrap()
+}
+
 fn attached(m: &Message) -> bool {
     matches!(m, Message::Text(t) if t.contains("\"attached\""))
 }
@@ -260,6 +264,13 @@ fn share_links_and_the_browser_terminal() {
             "{first:?}"
         );
         assert_eq!(close_code(&mut ws).await.0, Some(4401));
+        // A malformed open message: refused (1008), the token not echoed.
+        let (mut ws, first) = ws_open(&d, json!({"tokn": rw_token})).await;
+        assert!(
+            matches!(&first, Message::Text(t) if t.contains("bad open message") && !t.contains("bhs_")),
+            "{first:?}"
+        );
+        assert_eq!(close_code(&mut ws).await.0, Some(1008));
         // An API key is no share token, nor a share token an API key.
         let (s, _) = d
             .client(&rw_token)
@@ -287,52 +298,82 @@ fn share_links_and_the_browser_terminal() {
         assert!(metrics.contains("/share/info"), "{metrics}");
         assert!(!metrics.contains("bhs_"), "{metrics}");
 
-        // Read-only, enforced by the daemon: a raw client's keystrokes on a
-        // read-only link never reach the shell; the same on a read-write
-        // link do (the positive control).
+        // Read-only, enforced by the daemon: a raw client's keystrokes,
+        // size and resizes on a read-only link never reach the session;
+        // the same on a read-write link do (the positive control).
         let ro_probe = format!("{root}/ro-probe");
         let rw_probe = format!("{root}/rw-probe");
+        let keys = |s: String| Message::Binary(s.into_bytes().into());
+        let resize = |rows: u16, cols: u16| {
+            Message::Text(
+                json!({"type": "resize", "rows": rows, "cols": cols})
+                    .to_string()
+                    .into(),
+            )
+        };
+        let probe = |want: &'static str| {
+            let (alice, rw_probe) = (alice.clone(), rw_probe.clone());
+            async move {
+                wait_for(&format!("{want:?} in the probe file"), || async {
+                    common::sh(
+                        &alice,
+                        "dev",
+                        &format!("cat {rw_probe} 2>/dev/null || true"),
+                    )
+                    .await
+                    .contains(want)
+                })
+                .await;
+            }
+        };
+        // The session, 24x80, made on the read-write link.
         let (mut ws, first) = ws_open(
             &d,
-            json!({"token": ro_token, "session": "probe", "rows": 24, "cols": 80}),
+            json!({"token": rw_token, "session": "probe", "rows": 24, "cols": 80}),
         )
         .await;
         assert!(attached(&first), "{first:?}");
-        ws.send(Message::Binary(
-            format!("touch {ro_probe}\r").into_bytes().into(),
-        ))
-        .await
-        .unwrap();
-        ws.send(Message::Text(
-            json!({"type": "resize", "rows": 10, "cols": 20})
-                .to_string()
-                .into(),
-        ))
-        .await
-        .unwrap();
+        send(&mut ws, keys(format!("stty size > {rw_probe}\r"))).await;
+        probe("24 80").await;
         ws.close(None).await.unwrap();
         drop(ws);
+        // The read-only link attaches with another size, resizes, types.
         let (mut ws, first) = ws_open(
             &d,
-            json!({"token": rw_token, "session": "probe", "steal": true, "rows": 24, "cols": 80}),
+            json!({"token": ro_token, "session": "probe", "steal": true, "rows": 10, "cols": 20}),
         )
         .await;
         assert!(attached(&first), "{first:?}");
-        ws.send(Message::Binary(
-            format!("stty size > {rw_probe}\r").into_bytes().into(),
-        ))
-        .await
-        .unwrap();
-        wait_for("the read-write keystrokes ran", || async {
-            common::sh(
-                &alice,
-                "dev",
-                &format!("cat {rw_probe} 2>/dev/null || true"),
-            )
-            .await
-            .contains("24 80")
-        })
+        send(&mut ws, resize(12, 30)).await;
+        send(
+            &mut ws,
+            keys(format!("touch {ro_probe}; stty size >> {rw_probe}\r")),
+        )
         .await;
+        ws.close(None).await.unwrap();
+        drop(ws);
+        // Back on the read-write link (no size given): still 24x80; its
+        // own resize and keystrokes work.
+        let (mut ws, first) = ws_open(
+            &d,
+            json!({"token": rw_token, "session": "probe", "steal": true}),
+        )
+        .await;
+        assert!(attached(&first), "{first:?}");
+        send(
+            &mut ws,
+            keys(format!("echo second; stty size >> {rw_probe}\r")),
+        )
+        .await;
+        probe("24 80\n24 80\n").await;
+        send(&mut ws, resize(11, 33)).await;
+        send(&mut ws, keys(format!("stty size >> {rw_probe}\r"))).await;
+        probe("11 33").await;
+        let sizes = common::sh(&alice, "dev", &format!("cat {rw_probe}")).await;
+        assert_eq!(
+            sizes, "24 80\n24 80\n11 33\n",
+            "the read-only link changed the size"
+        );
         let ls = common::sh(&alice, "dev", &format!("ls {root}")).await;
         assert!(!ls.contains("ro-probe"), "a read-only link typed: {ls}");
         ws.close(None).await.unwrap();
@@ -486,6 +527,11 @@ fn share_links_and_the_browser_terminal() {
                     "{v}"
                 );
                 assert_eq!(v["ro_badge"], true, "{v}");
+                assert_eq!(v["reloaded"], json!(["42"]), "{v}");
+                assert_eq!(v["busy"][0], "reconnecting", "{v}");
+                assert_eq!(v["busy_offer"], "take over", "{v}");
+                assert_eq!(v["taken_from"][0], "ended", "{v}");
+                assert_eq!(v["taken_offer"], "take over", "{v}");
                 assert_eq!(v["rw_typed"], json!(["rw122"]), "{v}");
                 assert_eq!(v["public"], json!(["pub25"]), "{v}");
                 assert_eq!(v["ro_typed"], json!([]), "the read-only page typed: {v}");

@@ -564,7 +564,7 @@ fn share_links(d: &Daemon) {
     // publish --shell: the same, on the public proxy.
     let out = d.run(&["publish", "demo", "--shell", "--ttl", "10m"]);
     assert!(out.status.success(), "{}", show(&out));
-    let public = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let public = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert!(
         public.contains("/share/#t=bhs_") && !public.starts_with(&d.url),
         "{public}"
@@ -581,12 +581,24 @@ fn share_links(d: &Daemon) {
     assert_eq!(
         d.json::<Vec<api_types::Share>>(&["share", "demo", "--list"])
             .len(),
-        1
+        2,
+        "the read-write and the public link are left"
     );
     d.ok(&["share", "demo", "--revoke", "--all"]);
     assert!(d
         .json::<Vec<api_types::Share>>(&["share", "demo", "--list"])
         .is_empty());
+    // No token in the daemon's output (its log lines).
+    for (url, name) in [
+        (&rw, "serve.log"),
+        (&public, "serve.log"),
+        (&rw, "serve.err"),
+        (&public, "serve.err"),
+    ] {
+        let token = url.split("#t=").nth(1).unwrap();
+        let log = std::fs::read_to_string(d.data.path().join(name)).unwrap_or_default();
+        assert!(!log.contains(token), "a share token in {name}");
+    }
     assert_eq!(info(&rw), 401, "a revoked link");
     assert_eq!(info(&public), 401, "a revoked link");
 }

@@ -273,9 +273,8 @@ async fn serve(socket: axum::extract::ws::WebSocket, state: AppState) -> Result<
     let opened: ShareOpen = match first {
         Some(Ok(WsMessage::Text(t))) => match serde_json::from_str(&t) {
             Ok(o) => o,
-            Err(e) => {
-                // Not echoed: the message may hold a token.
-                let _ = e;
+            // serde's message is not echoed: it may quote the token.
+            Err(_) => {
                 refuse(
                     &mut tx,
                     "bad open message: expected a ShareOpen".into(),
@@ -305,6 +304,9 @@ async fn serve(socket: axum::extract::ws::WebSocket, state: AppState) -> Result<
         (None, None) => Ok(None),
         _ => Err("rows and cols must both be given and positive".to_string()),
     };
+    // A read-only client's size is not the session's: it attaches
+    // without one.
+    let size = size.map(|s| s.filter(|_| !share.read_only));
     let request = size.map(|size| ShellRequest {
         session: Some(
             opened
