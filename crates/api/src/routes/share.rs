@@ -331,7 +331,8 @@ async fn serve(socket: axum::extract::ws::WebSocket, state: AppState) -> Result<
     let revoked = async move {
         loop {
             let left = expires_at.saturating_sub(store::now_ms()).max(0) as u64;
-            tokio::time::sleep(RECHECK.min(Duration::from_millis(left))).await;
+            // Not before expiry (ms may round down), not later than RECHECK.
+            tokio::time::sleep(RECHECK.min(Duration::from_millis(left.max(50)))).await;
             let (s, h) = (store.clone(), hash.clone());
             match blocking(move || s.share_by_token_hash(&h)).await {
                 Ok(Some(live)) if live.id == share_id => {}
