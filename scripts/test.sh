@@ -17,7 +17,12 @@ packages=(
   ca-certificates
   python3-venv      # venvs for openapi-spec-validator and the mcp SDK (PyPI), below
   curl systemd      # the installer test: downloads bundles with curl, checks the unit with systemd-analyze
+  chromium          # the browser crates/api/tests/share.rs drives (Playwright, below)
+  fonts-dejavu-core # a monospace font for the browser terminal
 )
+# npm checks web/vendor/ against the pinned xterm.js packages (below);
+# Debian's unless a Node.js that brings its own is installed.
+command -v npm >/dev/null || packages+=(npm)
 missing=()
 for p in "${packages[@]}"; do
   # No `| grep -q` under pipefail: grep may exit before the writer is done.
@@ -68,6 +73,16 @@ export BHATTI_E2B_PYTHON="$venv/bin/python"
 # crates/api/tests/observe.rs parses /metrics with Prometheus' own parser.
 venv=$(py_tool prometheus-client 0.21.1 "import prometheus_client.parser")
 export BHATTI_PROMETHEUS_PYTHON="$venv/bin/python"
+# crates/api/tests/share.rs drives Chromium (the system one: Playwright
+# downloads no browser here) through the browser terminal.
+venv=$(py_tool playwright 1.65.2 "import playwright.sync_api")
+export BHATTI_PLAYWRIGHT_PYTHON="$venv/bin/python"
+
+# The browser terminal's xterm.js is built into the daemon from web/vendor/
+# (checked in, so `cargo build` needs no npm); it must be what npm installs
+# from web/package-lock.json.
+echo "== web/vendor against npm"
+(cd web && npm ci --no-audit --no-fund --silent && ./vendor.sh --check)
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -247,6 +247,89 @@ pub struct Published {
     pub listening: Option<bool>,
 }
 
+/// `POST /sandboxes/:id/share`: a link to the sandbox's browser terminal.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CreateShare {
+    /// Seconds the link lives: 1 to the daemon's `share.max_ttl_secs`;
+    /// `share.default_ttl_secs` when absent.
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+    /// The link shows the terminal but cannot type in it (nor resize it).
+    #[serde(default)]
+    pub read_only: bool,
+    /// Give the URL on the public proxy (`bhatti publish --shell`), which
+    /// serves the terminal too, rather than on the API listener. 403 when
+    /// publishing is off.
+    #[serde(default)]
+    pub public: bool,
+}
+
+/// A share link as listed (its token is shown only when it is made).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Share {
+    /// `shr-…`: names the link for `DELETE /sandboxes/:id/shares/:share_id`.
+    pub id: String,
+    /// The sandbox's name.
+    pub sandbox: String,
+    pub read_only: bool,
+    /// Unix ms.
+    pub created_at: i64,
+    /// Unix ms; refused from then on.
+    pub expires_at: i64,
+}
+
+/// The answer to `POST /sandboxes/:id/share`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ShareCreated {
+    #[serde(flatten)]
+    pub share: Share,
+    /// `bhs_…`: the secret. Shown once; the daemon keeps only its hash.
+    pub token: String,
+    /// The terminal page with the token in the URL fragment (never sent
+    /// to a server): `<base>/share/#t=<token>`. `<base>` is the public
+    /// proxy's (`public`), else `share.base_url`, else `http://` and the
+    /// request's `Host`.
+    pub url: String,
+    /// The page's path with the token, to put after another base URL.
+    pub path: String,
+}
+
+/// `GET /share/info` (with `Authorization: Bearer bhs_…`): what a share
+/// token opens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ShareSession {
+    /// The sandbox's name.
+    pub sandbox: String,
+    pub read_only: bool,
+    /// Unix ms.
+    pub expires_at: i64,
+}
+
+/// The first text frame on `GET /share/ws`: the token (a browser cannot
+/// set headers on a WebSocket) and what to attach to.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ShareOpen {
+    /// `bhs_…`.
+    pub token: String,
+    /// The session to attach to (created when absent); default `web`.
+    #[serde(default)]
+    pub session: Option<String>,
+    /// Take the session over from another attached client.
+    #[serde(default)]
+    pub steal: bool,
+    #[serde(default)]
+    pub rows: Option<u16>,
+    #[serde(default)]
+    pub cols: Option<u16>,
+}
+
 /// `POST /sandboxes/:id/exec`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

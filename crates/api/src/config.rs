@@ -90,6 +90,8 @@ pub struct DaemonConfig {
     /// Names of the users whose keys are admin keys: they see every
     /// user's events and read `GET /metrics`.
     pub admins: Vec<String>,
+    /// Share links of sandboxes' browser terminals.
+    pub share: crate::share::ShareConfig,
 }
 
 /// `[confinement]`: VMMs run as an unprivileged user, in their own mount
@@ -272,6 +274,7 @@ impl Default for DaemonConfig {
             publish: Default::default(),
             confinement: ConfinementConfig::default(),
             admins: Vec::new(),
+            share: Default::default(),
         }
     }
 }
@@ -449,6 +452,7 @@ impl DaemonConfig {
                 return bad(format!("thermal.{key} must be at least 1 second"));
             }
         }
+        self.share.validate().map_err(ConfigError::Invalid)?;
         let d = &self.defaults;
         if d.cpus == 0 || d.memory_mb == 0 {
             return bad("defaults.cpus and defaults.memory_mb must be at least 1".into());
@@ -616,6 +620,7 @@ mod tests {
             "defaults",
             "publish",
             "confinement",
+            "share",
         ] {
             assert!(
                 sections.iter().any(|s| s == known),
@@ -672,6 +677,17 @@ mod tests {
                 "[confinement]\nmemory_overhead_mib = 1e3",
                 "confinement.memory_overhead_mib",
             ),
+            (
+                "[share]\nmax_ttl_secs = 0",
+                "share.default_ttl_secs and share.max_ttl_secs",
+            ),
+            (
+                "[share]\ndefault_ttl_secs = 90000\nmax_ttl_secs = 3600",
+                "share.default_ttl_secs",
+            ),
+            ("[share]\nmax_ttl_secs = 99999999", "share.max_ttl_secs"),
+            ("[share]\nattempts_per_min = 0", "share.attempts_per_min"),
+            ("[share]\nbase_url = \"ftp://x\"", "share.base_url"),
         ] {
             let err = match DaemonConfig::parse(text) {
                 Err(e) => e,

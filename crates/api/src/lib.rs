@@ -19,6 +19,7 @@ pub mod routes;
 pub mod secrets;
 pub mod server;
 pub mod service;
+pub mod share;
 pub mod state;
 pub mod users;
 pub mod validate;

@@ -14,6 +14,8 @@ use utoipa::{IntoResponses, Modify, OpenApi};
 
 /// The security scheme every authenticated operation names.
 pub const API_KEY: &str = "api_key";
+/// The security scheme of the share page's token-authenticated calls.
+pub const SHARE_TOKEN: &str = "share_token";
 
 /// What the handlers' paths do not say: title, auth, tags, the schemas of
 /// the WebSocket and NDJSON messages (no body refers to them).
@@ -31,7 +33,7 @@ pub const API_KEY: &str = "api_key";
     ),
     modifiers(&BearerKey),
     security(("api_key" = [])),
-    components(schemas(ErrorBody, api_types::ExecLine, api_types::ShellOpen, api_types::ShellControl)),
+    components(schemas(ErrorBody, api_types::ExecLine, api_types::ShellOpen, api_types::ShellControl, api_types::ShareOpen)),
     tags(
         (name = "meta", description = "Health and this document (no API key)."),
         (name = "sandboxes", description = "Sandboxes and their life cycle."),
@@ -40,6 +42,7 @@ pub const API_KEY: &str = "api_key";
         (name = "secrets", description = "The caller's encrypted secrets."),
         (name = "observability", description = "Events and metrics (docs/operations.md)."),
         (name = "e2b", description = "E2B compatibility: the E2B sandbox API and envd's in-sandbox API for the stock `e2b` SDKs (`X-API-Key` / `X-Access-Token` auth, E2B's and Connect's error shapes); see docs/clients.md."),
+        (name = "share", description = "Share links and the browser terminal; see docs/clients.md. The page and its files need no key; `/share/info` and `/share/ws` take a share token."),
         (name = "mcp", description = "The MCP server (streamable HTTP transport): the sandbox tools for MCP clients; see docs/clients.md."),
     )
 )]
@@ -55,6 +58,15 @@ impl Modify for BearerKey {
         doc.components
             .get_or_insert_with(Default::default)
             .add_security_scheme(API_KEY, SecurityScheme::Http(http));
+        let mut share = Http::new(HttpAuthScheme::Bearer);
+        share.description = Some(
+            "A share token (`bhs_…`) from `POST /sandboxes/{id}/share`; on `/share/ws` it is \
+             the first message's `token` instead (browsers cannot set WebSocket headers)."
+                .into(),
+        );
+        doc.components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(SHARE_TOKEN, SecurityScheme::Http(share));
     }
 }
 

@@ -50,6 +50,15 @@ impl RateLimiter {
         self.prune_at(Instant::now())
     }
 
+    /// [`RateLimiter::prune`] once more than `n` buckets are held: for
+    /// limiters without a pruning task.
+    pub fn prune_over(&self, n: usize) {
+        let held = self.buckets.lock().unwrap_or_else(|p| p.into_inner()).len();
+        if held > n {
+            self.prune();
+        }
+    }
+
     fn prune_at(&self, now: Instant) {
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         buckets.retain(|(_, class), b| {

@@ -111,6 +111,7 @@ impl Daemon {
         Ok(Daemon {
             closing,
             state: AppState {
+                shares: Arc::new(crate::share::ShareGuard::new(&config.share)),
                 config,
                 store,
                 secrets,

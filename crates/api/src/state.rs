@@ -24,6 +24,8 @@ pub struct AppState {
     pub followers: Arc<crate::routes::events::Followers>,
     /// The E2B compatibility layer's timeouts and processes.
     pub e2b: Arc<crate::e2b::E2bState>,
+    /// The per-client-IP limit on share-token attempts.
+    pub shares: Arc<crate::share::ShareGuard>,
 }
 
 impl AppState {

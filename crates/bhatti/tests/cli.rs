@@ -489,12 +489,118 @@ fn sandbox_lifecycle_through_the_cli() {
     assert!(d.json::<Vec<SecretSummary>>(&["secret", "list"]).is_empty());
 
     publish_and_unpublish(&d);
+    share_links(&d);
 
     let out = d.run(&["destroy", "demo"]);
     assert!(out.status.success(), "{}", show(&out));
     let out = d.run(&["inspect", "demo"]);
     assert_eq!(out.status.code(), Some(1), "{}", show(&out));
     assert!(d.json::<Vec<Sandbox>>(&["list"]).is_empty());
+}
+
+/// `bhatti share`: a link printed on stdout (the terminal page with the
+/// token in its fragment) that `/share/info` accepts without an API key;
+/// listed; revoked one by one or all at once (then refused); bad TTLs and
+/// a bare `--revoke` are usage errors.
+fn share_links(d: &Daemon) {
+    // GET /share/info where the link points, with its token: the status.
+    let info = |url: &str| -> u16 {
+        use std::io::{Read, Write};
+        let (page, token) = url
+            .split_once("/share/#t=")
+            .expect("a token in the fragment");
+        let authority = page.strip_prefix("http://").unwrap();
+        let mut s = std::net::TcpStream::connect(authority).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        write!(
+            s,
+            "GET /share/info HTTP/1.0\r\nHost: {authority}\r\nAuthorization: Bearer {token}\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        answer
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .expect(&answer)
+    };
+    let rw = d.ok(&["share", "demo", "--ttl", "1h"]).trim().to_string();
+    assert!(rw.starts_with(&format!("{}/share/#t=bhs_", d.url)), "{rw}");
+    assert_eq!(info(&rw), 200);
+    let ro: api_types::ShareCreated = d.json(&["share", "demo", "--ttl", "90s", "--read-only"]);
+    assert!(ro.share.read_only);
+    assert!(
+        ro.share.expires_at - ro.share.created_at <= 90_000,
+        "{ro:?}"
+    );
+    let list: Vec<api_types::Share> = d.json(&["share", "demo", "--list"]);
+    assert_eq!(list.len(), 2, "{list:?}");
+    let table = d.ok(&["share", "demo", "--list"]);
+    assert!(
+        table.contains(&ro.share.id) && table.contains("read-only"),
+        "{table}"
+    );
+    for (args, code, says) in [
+        (&["share", "demo", "--ttl", "0"][..], 2, "at least 1s"),
+        (&["share", "demo", "--ttl", "5y"], 2, "unit"),
+        (&["share", "demo", "--ttl", "400d"], 1, "max_ttl_secs"),
+        (&["share", "demo", "--revoke"], 2, "--all"),
+        (
+            &["share", "demo", "--revoke", "shr-nosuch"],
+            1,
+            "no share link",
+        ),
+        (&["share", "nosuch"], 1, "nosuch"),
+    ] {
+        let out = d.run(args);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {}", show(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(says),
+            "{args:?}: {}",
+            show(&out)
+        );
+    }
+    // publish --shell: the same, on the public proxy.
+    let out = d.run(&["publish", "demo", "--shell", "--ttl", "10m"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let public = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        public.contains("/share/#t=bhs_") && !public.starts_with(&d.url),
+        "{public}"
+    );
+    assert!(
+        stderr(&out).contains("published the terminal of demo"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(info(&public), 200);
+    let out = d.run(&["publish", "demo", "--read-only"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    d.ok(&["share", "demo", "--revoke", &ro.share.id]);
+    assert_eq!(
+        d.json::<Vec<api_types::Share>>(&["share", "demo", "--list"])
+            .len(),
+        2,
+        "the read-write and the public link are left"
+    );
+    d.ok(&["share", "demo", "--revoke", "--all"]);
+    assert!(d
+        .json::<Vec<api_types::Share>>(&["share", "demo", "--list"])
+        .is_empty());
+    // No token in the daemon's output (its log lines).
+    for (url, name) in [
+        (&rw, "serve.log"),
+        (&public, "serve.log"),
+        (&rw, "serve.err"),
+        (&public, "serve.err"),
+    ] {
+        let token = url.split("#t=").nth(1).unwrap();
+        let log = std::fs::read_to_string(d.data.path().join(name)).unwrap_or_default();
+        assert!(!log.contains(token), "a share token in {name}");
+    }
+    assert_eq!(info(&rw), 401, "a revoked link");
+    assert_eq!(info(&public), 401, "a revoked link");
 }
 
 /// `bhatti publish` prints a URL the public proxy answers on (no token),

@@ -113,6 +113,9 @@ pub enum Command {
     /// Publish a sandbox port at a public URL (no token needed to reach it;
     /// a sleeping sandbox wakes on the first request). Prints the URL.
     Publish(PublishArgs),
+    /// Share a sandbox's terminal: print a link that opens it in a browser
+    /// (no API key needed), list the live links, or revoke them.
+    Share(ShareArgs),
     /// Stop publishing a sandbox port.
     Unpublish {
         /// Sandbox name or id.
@@ -231,11 +234,72 @@ pub struct PublishArgs {
     /// Sandbox name or id.
     pub name: String,
     /// The port in the sandbox (something may start listening later).
-    #[arg(short, long, value_parser = clap::value_parser!(u16).range(1..))]
-    pub port: u16,
+    #[arg(short, long, value_parser = clap::value_parser!(u16).range(1..),
+          required_unless_present = "shell")]
+    pub port: Option<u16>,
     /// The public name: 3-63 of a-z, 0-9, '-' [default: <sandbox>-<port>].
-    #[arg(long)]
+    #[arg(long, conflicts_with = "shell")]
     pub alias: Option<String>,
+    /// Publish the sandbox's browser terminal instead of a port: a share
+    /// link on the public proxy (see `bhatti share`).
+    #[arg(long, conflicts_with = "port")]
+    pub shell: bool,
+    /// With --shell: how long the link lives (as `bhatti share --ttl`).
+    #[arg(long, value_name = "DURATION", value_parser = parse_ttl, conflicts_with = "port")]
+    pub ttl: Option<u64>,
+    /// With --shell: the link cannot type.
+    #[arg(long, conflicts_with = "port")]
+    pub read_only: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ShareArgs {
+    /// Sandbox name or id.
+    pub name: String,
+    /// How long the link lives: seconds, or a number with s, m, h or d
+    /// (`90s`, `30m`, `1h`, `7d`) [default: the daemon's, 1h].
+    #[arg(long, value_name = "DURATION", value_parser = parse_ttl)]
+    pub ttl: Option<u64>,
+    /// The link shows the terminal but cannot type in it.
+    #[arg(long)]
+    pub read_only: bool,
+    /// List the sandbox's live links.
+    #[arg(long, conflicts_with_all = ["ttl", "read_only", "revoke"])]
+    pub list: bool,
+    /// Revoke the link with this id (`shr-…`), or with --all every link.
+    #[arg(long, value_name = "ID", num_args = 0..=1, default_missing_value = "",
+          conflicts_with_all = ["ttl", "read_only"])]
+    pub revoke: Option<String>,
+    /// With --revoke: every link of the sandbox.
+    #[arg(long, requires = "revoke")]
+    pub all: bool,
+}
+
+/// A link lifetime: `N`, `Ns`, `Nm`, `Nh` or `Nd`, at least a second.
+pub fn parse_ttl(s: &str) -> Result<u64, String> {
+    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 90s, 30m, 1h, 7d"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => {
+            return Err(format!(
+                "invalid duration {s:?}: the unit is one of s, m, h, d"
+            ))
+        }
+    };
+    match n.checked_mul(mult) {
+        Some(0) => Err("the duration must be at least 1s".into()),
+        Some(v) => Ok(v),
+        None => Err(format!("duration {s:?} is too long")),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -411,6 +475,49 @@ mod tests {
     use clap::{CommandFactory, Parser};
 
     use super::*;
+
+    #[test]
+    fn ttls() {
+        assert_eq!(parse_ttl("90"), Ok(90));
+        assert_eq!(parse_ttl("90s"), Ok(90));
+        assert_eq!(parse_ttl("30m"), Ok(1800));
+        assert_eq!(parse_ttl("1h"), Ok(3600));
+        assert_eq!(parse_ttl("7d"), Ok(604_800));
+        for bad in [
+            "",
+            "0",
+            "0h",
+            "h",
+            "1y",
+            "1.5h",
+            "-1",
+            "1 h",
+            "99999999999999999999d",
+        ] {
+            assert!(parse_ttl(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn share_and_publish_shell_flags() {
+        let parse = |args: &[&str]| {
+            TestCli::try_parse_from(std::iter::once("bhatti").chain(args.iter().copied()))
+        };
+        assert!(parse(&["share", "dev", "--ttl", "1h", "--read-only"]).is_ok());
+        assert!(parse(&["share", "dev", "--revoke"]).is_ok());
+        assert!(parse(&["share", "dev", "--revoke", "--all"]).is_ok());
+        assert!(
+            parse(&["share", "dev", "--all"]).is_err(),
+            "--all needs --revoke"
+        );
+        assert!(parse(&["share", "dev", "--list", "--ttl", "1h"]).is_err());
+        assert!(parse(&["share", "dev", "--revoke", "x", "--read-only"]).is_err());
+        assert!(parse(&["publish", "dev", "--shell", "--ttl", "2h"]).is_ok());
+        assert!(parse(&["publish", "dev", "-p", "3000"]).is_ok());
+        assert!(parse(&["publish", "dev"]).is_err(), "a port or --shell");
+        assert!(parse(&["publish", "dev", "--shell", "-p", "3000"]).is_err());
+        assert!(parse(&["publish", "dev", "-p", "3000", "--read-only"]).is_err());
+    }
 
     #[derive(Debug, Parser)]
     #[command(name = "bhatti")]

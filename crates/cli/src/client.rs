@@ -289,6 +289,40 @@ impl Client {
         self.json("POST /sandboxes/:id/publish", resp).await
     }
 
+    /// `POST /sandboxes/:id/share`.
+    pub async fn share(
+        &self,
+        name: &str,
+        body: &api_types::CreateShare,
+    ) -> Result<api_types::ShareCreated> {
+        let rb = self
+            .request(Method::POST, self.url(&["sandboxes", name, "share"]), true)?
+            .json(body);
+        let resp = self.send(rb).await?;
+        self.json("POST /sandboxes/:id/share", resp).await
+    }
+
+    /// `GET /sandboxes/:id/shares`.
+    pub async fn shares(&self, name: &str) -> Result<Vec<api_types::Share>> {
+        let rb = self.request(Method::GET, self.url(&["sandboxes", name, "shares"]), true)?;
+        let resp = self.send(rb).await?;
+        self.json("GET /sandboxes/:id/shares", resp).await
+    }
+
+    /// `DELETE /sandboxes/:id/shares/:share_id`.
+    pub async fn revoke_share(&self, name: &str, id: &str) -> Result<()> {
+        let url = self.url(&["sandboxes", name, "shares", id]);
+        self.send(self.request(Method::DELETE, url, true)?)
+            .await
+            .map(drop)
+    }
+
+    /// A page path of the daemon (`/share/#t=…`) under this client's
+    /// server URL (its scheme, host and any prefix).
+    pub fn page_url(&self, path: &str) -> String {
+        format!("{}{path}", self.base.as_str().trim_end_matches('/'))
+    }
+
     /// `DELETE /sandboxes/:id/publish/:port`.
     pub async fn unpublish(&self, name: &str, port: u16) -> Result<()> {
         let url = self.url(&["sandboxes", name, "publish", &port.to_string()]);

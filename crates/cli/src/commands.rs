@@ -180,9 +180,35 @@ impl Ctx {
                 };
                 crate::forward::run(c, &req).await?;
             }
+            Command::Publish(a) if a.shell => {
+                let body = api_types::CreateShare {
+                    ttl_secs: a.ttl,
+                    read_only: a.read_only,
+                    public: true,
+                };
+                let created = c.share(&a.name, &body).await?;
+                if self.json {
+                    print_json(&created)?
+                } else {
+                    print(&format!("{}\n", created.url))?;
+                    eprintln!(
+                        "published the terminal of {} ({} link {}, expires in {}); revoke with: bhatti share {} --revoke {}",
+                        a.name,
+                        if created.share.read_only { "read-only" } else { "read-write" },
+                        created.share.id,
+                        output::until(now_ms(), created.share.expires_at),
+                        a.name,
+                        created.share.id
+                    );
+                }
+            }
             Command::Publish(a) => {
+                // clap requires --port without --shell.
+                let port = a
+                    .port
+                    .ok_or_else(|| CliError::Usage("publish needs --port (or --shell)".into()))?;
                 let body = api_types::PublishPort {
-                    port: a.port,
+                    port,
                     alias: a.alias,
                 };
                 let p = c.publish(&a.name, &body).await?;
@@ -199,6 +225,7 @@ impl Ctx {
                     }
                 }
             }
+            Command::Share(a) => self.share(a).await?,
             Command::Unpublish { name, port } => {
                 c.unpublish(&name, port).await?;
                 eprintln!("unpublished port {port} of {name}");
@@ -437,6 +464,67 @@ impl Ctx {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// `bhatti share`: make a link (printed on stdout), list, or revoke.
+    async fn share(&self, a: crate::args::ShareArgs) -> Result<()> {
+        let c = &self.client;
+        if a.list {
+            let list = c.shares(&a.name).await?;
+            return if self.json {
+                print_json(&list)
+            } else {
+                print(&output::shares_table(&list, now_ms()))
+            };
+        }
+        if let Some(id) = a.revoke {
+            let ids = match (id.is_empty(), a.all) {
+                (false, false) => vec![id],
+                (true, true) => c.shares(&a.name).await?.into_iter().map(|s| s.id).collect(),
+                (true, false) => {
+                    return Err(CliError::Usage(
+                        "--revoke needs a link id (see --list) or --all".into(),
+                    ))
+                }
+                (false, true) => {
+                    return Err(CliError::Usage(
+                        "--revoke takes either a link id or --all, not both".into(),
+                    ))
+                }
+            };
+            for id in &ids {
+                c.revoke_share(&a.name, id).await?;
+                eprintln!("revoked {id}");
+            }
+            if ids.is_empty() {
+                eprintln!("{} has no live share links", a.name);
+            }
+            return Ok(());
+        }
+        let body = api_types::CreateShare {
+            ttl_secs: a.ttl,
+            read_only: a.read_only,
+            public: false,
+        };
+        let created = c.share(&a.name, &body).await?;
+        if self.json {
+            return print_json(&created);
+        }
+        print(&format!("{}\n", c.page_url(&created.path)))?;
+        eprintln!(
+            "{} link {} to {}'s terminal, expires in {}; revoke with: bhatti share {} --revoke {}",
+            if created.share.read_only {
+                "read-only"
+            } else {
+                "read-write"
+            },
+            created.share.id,
+            a.name,
+            output::until(now_ms(), created.share.expires_at),
+            a.name,
+            created.share.id
+        );
         Ok(())
     }
 

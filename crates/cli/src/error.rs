@@ -66,6 +66,9 @@ pub enum CliError {
     Stdin(io::Error),
     #[error("the secret value is empty")]
     EmptySecret,
+    /// Arguments clap cannot check alone.
+    #[error("{0}")]
+    Usage(String),
     #[error("writing output: {0}")]
     Output(io::Error),
     #[error("cannot watch signals: {0}")]
@@ -101,7 +104,8 @@ impl CliError {
             | CliError::ConfigParse { .. }
             | CliError::NotText { .. }
             | CliError::TooLarge { .. }
-            | CliError::EmptySecret => EXIT_USAGE,
+            | CliError::EmptySecret
+            | CliError::Usage(_) => EXIT_USAGE,
             CliError::Output(e) if e.kind() == io::ErrorKind::BrokenPipe => EXIT_BROKEN_PIPE,
             CliError::ConfigRead { .. }
             | CliError::ConfigWrite { .. }

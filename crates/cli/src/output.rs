@@ -70,6 +70,40 @@ pub fn ago(now_ms: i64, then_ms: i64) -> String {
     }
 }
 
+/// How long until `then_ms`, compactly: `59m`, `23h`, `6d`; `expired`.
+pub fn until(now_ms: i64, then_ms: i64) -> String {
+    let s = (then_ms - now_ms) / 1000;
+    match s {
+        ..=0 => "expired".into(),
+        1..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86_400 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
+/// `bhatti share --list`: one live link a line.
+pub fn shares_table(list: &[api_types::Share], now_ms: i64) -> String {
+    let mut out = format!(
+        "{:<16} {:<10} {:<10} {}\n",
+        "ID", "ACCESS", "EXPIRES", "CREATED"
+    );
+    for s in list {
+        out.push_str(&format!(
+            "{:<16} {:<10} {:<10} {}\n",
+            s.id,
+            if s.read_only {
+                "read-only"
+            } else {
+                "read-write"
+            },
+            format!("in {}", until(now_ms, s.expires_at)),
+            ago(now_ms, s.created_at)
+        ));
+    }
+    out
+}
+
 /// A byte count with a binary unit: `512`, `1.5K`, `12M`, `3.0G`.
 pub fn size(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["K", "M", "G", "T", "P"];

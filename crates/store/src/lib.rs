@@ -11,6 +11,7 @@ mod migrations;
 mod publications;
 mod sandboxes;
 mod secrets;
+mod shares;
 mod users;
 
 use std::path::Path;
@@ -22,6 +23,7 @@ pub use events::{EventFilter, EventRecord};
 pub use publications::{NewPublication, PublicationRecord};
 pub use sandboxes::{NewSandbox, SandboxRow, SandboxUpdate};
 pub use secrets::SecretRecord;
+pub use shares::{NewShare, ShareRecord};
 pub use users::{NewUser, UserRecord};
 
 pub type Result<T> = std::result::Result<T, StoreError>;

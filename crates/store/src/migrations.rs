@@ -62,6 +62,18 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX publications_by_user ON publications (user_id);",
     // 3: each sandbox's egress policy (JSON, as the API shows it).
     "ALTER TABLE sandboxes ADD COLUMN egress TEXT NOT NULL DEFAULT '\"public\"';",
+    // 4: share links (a sandbox's browser terminal behind a token; only the
+    // token's SHA-256 is kept).
+    "CREATE TABLE shares (
+        id TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        sandbox_id TEXT NOT NULL REFERENCES sandboxes(id) ON DELETE CASCADE,
+        token_hash TEXT NOT NULL UNIQUE,
+        read_only INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL
+    );
+    CREATE INDEX shares_by_sandbox ON shares (sandbox_id);",
 ];
 
 pub fn migrate(conn: &mut rusqlite::Connection) -> Result<()> {

@@ -29,6 +29,8 @@ pub const RESERVED: &[&str] = &[
     "proxy",
     "gateway",
     "publish",
+    // The browser terminal's path on the public proxy (`publish --shell`).
+    "share",
     // Accounts.
     "auth",
     "oauth",

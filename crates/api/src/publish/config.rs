@@ -150,6 +150,17 @@ impl PublishConfig {
     /// scheme and port taken from `public_url` (or `http` and the listen
     /// port).
     pub fn url_for(&self, alias: &str) -> String {
+        self.url_with(Some(alias))
+    }
+
+    /// The public proxy's own base URL (no trailing slash): where it
+    /// serves the browser terminal (`/share/`) — the domain itself when
+    /// one is set.
+    pub fn base_url(&self) -> String {
+        self.url_with(None).trim_end_matches('/').to_string()
+    }
+
+    fn url_with(&self, alias: Option<&str>) -> String {
         let (scheme, authority, prefix) = match self.public_url.as_deref().map(split_url) {
             Some(Ok(parts)) => parts,
             _ => (
@@ -163,9 +174,15 @@ impl PublishConfig {
                 let port = port_of(&authority)
                     .map(|p| format!(":{p}"))
                     .unwrap_or_default();
-                format!("{scheme}://{alias}.{domain}{port}/")
+                match alias {
+                    Some(alias) => format!("{scheme}://{alias}.{domain}{port}/"),
+                    None => format!("{scheme}://{domain}{port}/"),
+                }
             }
-            None => format!("{scheme}://{authority}{prefix}/{alias}/"),
+            None => match alias {
+                Some(alias) => format!("{scheme}://{authority}{prefix}/{alias}/"),
+                None => format!("{scheme}://{authority}{prefix}/"),
+            },
         }
     }
 }
@@ -332,5 +349,10 @@ mod tests {
             c.public_url = Some("http://[::1]:9000".into());
         });
         assert_eq!(c.url_for("myapp"), "http://myapp.pv.example.com:9000/");
+        assert_eq!(c.base_url(), "http://pv.example.com:9000");
+        let c = with(|c| c.public_url = Some("https://example.com/preview/".into()));
+        assert_eq!(c.base_url(), "https://example.com/preview");
+        let c = with(|c| c.listen = "127.0.0.1:40123".into());
+        assert_eq!(c.base_url(), "http://127.0.0.1:40123");
     }
 }

@@ -41,6 +41,9 @@ pub struct PublicState {
     wakes: Arc<WakeGate>,
     inflight: Arc<Inflight>,
     trusted: TrustedProxies,
+    /// The daemon's state, for the browser terminal (`/share/…`, `bhatti
+    /// publish --shell`).
+    app: AppState,
 }
 
 impl PublicState {
@@ -61,6 +64,7 @@ impl PublicState {
             inflight: Arc::new(Inflight::new(p.max_inflight)),
             // Checked with the rest of the configuration at start.
             trusted: p.trusted().unwrap_or_default(),
+            app: app.clone(),
         }
     }
 }
@@ -154,6 +158,9 @@ async fn handle(State(s): State<PublicState>, req: Request) -> Response {
     }
     let host = host_of(&req);
     let domain = s.config.publish.domain();
+    if super::route::is_share(host.as_deref(), domain.as_deref(), req.uri().path()) {
+        return crate::routes::share::public(req, s.app.clone()).await;
+    }
     let routed = route(
         host.as_deref(),
         domain.as_deref(),

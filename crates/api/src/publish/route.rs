@@ -90,9 +90,36 @@ pub fn route(host: Option<&str>, domain: Option<&str>, path: &str, query: Option
     }
 }
 
+/// Whether a public request is for the browser terminal (`/share/…`,
+/// served by the daemon itself: `bhatti publish --shell`): without a
+/// domain, on any host (the alias `share` is reserved); with one, only on
+/// the domain itself — never on a publication's host, so the terminal is
+/// never on a published app's origin.
+pub fn is_share(host: Option<&str>, domain: Option<&str>, path: &str) -> bool {
+    if !path.starts_with(crate::share::PAGE_PATH) {
+        return false;
+    }
+    match domain {
+        None => true,
+        Some(d) => host.map(host_name).is_some_and(|h| h == d),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_terminal_is_on_the_bare_domain_or_any_host_without_one() {
+        assert!(is_share(Some("1.2.3.4:8081"), None, "/share/"));
+        assert!(is_share(None, None, "/share/ws"));
+        assert!(!is_share(None, None, "/share"));
+        assert!(!is_share(None, None, "/shared/"));
+        let d = Some("p.example.com");
+        assert!(is_share(Some("P.example.com:443"), d, "/share/term.js"));
+        assert!(!is_share(Some("app.p.example.com"), d, "/share/"));
+        assert!(!is_share(None, d, "/share/"));
+    }
 
     /// A path route.
     fn publication(alias: &str, pq: &str) -> Route {

@@ -10,6 +10,7 @@ pub mod proxy;
 pub mod publish;
 pub mod sandboxes;
 pub mod secrets;
+pub mod share;
 pub mod shell;
 
 use axum::extract::ws::WebSocketUpgrade;
@@ -61,6 +62,13 @@ pub fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(exec::exec))
         .routes(routes!(sandboxes::sessions))
         .routes(routes!(shell::shell))
+        .routes(routes!(share::create))
+        .routes(routes!(share::list))
+        .routes(routes!(share::revoke))
+        .routes(routes!(share::page))
+        .routes(routes!(share::info))
+        .routes(routes!(share::ws))
+        .routes(routes!(share::file))
         .routes(
             routes!(files::read, files::head, files::write)
                 .layer(axum::extract::DefaultBodyLimit::max(file_limit)),

@@ -64,12 +64,12 @@ pub async fn shell(
     }))
 }
 
-fn control(c: &ShellControl) -> WsMessage {
+pub(crate) fn control(c: &ShellControl) -> WsMessage {
     WsMessage::Text(serde_json::to_string(c).unwrap_or_default().into())
 }
 
 /// The service's request for an open message.
-fn shell_request(o: &ShellOpen) -> Result<ShellRequest, String> {
+pub(crate) fn shell_request(o: &ShellOpen) -> Result<ShellRequest, String> {
     let size = match (o.rows, o.cols) {
         (Some(rows), Some(cols)) if rows > 0 && cols > 0 => Some(proto::WindowSize { rows, cols }),
         (None, None) => None,
@@ -108,7 +108,61 @@ async fn serve(
         },
         _ => return Err("expected a JSON open message".into()),
     };
-    let opened = match shell_request(&opened) {
+    pump(
+        tx,
+        rx,
+        state,
+        user,
+        id,
+        shell_request(&opened),
+        Access::ReadWrite,
+        std::future::pending(),
+    )
+    .await
+}
+
+/// What a client may do in the session it attached to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Access {
+    ReadWrite,
+    /// Output only: the client's terminal bytes and resizes are dropped
+    /// here, before anything reaches the guest.
+    ReadOnly,
+}
+
+/// A share link's WebSocket is closed with this code when its token is
+/// refused, revoked or expires (the page then stops reconnecting).
+pub(crate) const CLOSE_UNAUTHORIZED: u16 = 4401;
+
+pub(crate) type WsTx = futures_util::stream::SplitSink<WebSocket, WsMessage>;
+pub(crate) type WsRx = futures_util::stream::SplitStream<WebSocket>;
+
+/// Sends an error and closes with `code`.
+pub(crate) async fn refuse(tx: &mut WsTx, error: String, code: u16) {
+    let _ = tx.send(control(&ShellControl::Error { error })).await;
+    let _ = tx
+        .send(WsMessage::Close(Some(axum::extract::ws::CloseFrame {
+            code,
+            reason: "refused".into(),
+        })))
+        .await;
+}
+
+/// Opens or attaches the session `request` asks for, then moves bytes both
+/// ways until either side ends or `revoked` resolves (with the reason the
+/// client is told, and the socket closed with [`CLOSE_UNAUTHORIZED`]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn pump(
+    mut tx: WsTx,
+    mut rx: WsRx,
+    state: &AppState,
+    user: &store::UserRecord,
+    id: &str,
+    request: Result<ShellRequest, String>,
+    access: Access,
+    revoked: impl std::future::Future<Output = String>,
+) -> Result<(), String> {
+    let opened = match request {
         Ok(r) => state
             .service
             .shell(user, id, r)
@@ -136,8 +190,16 @@ async fn serve(
 
     // Guest → browser/CLI.
     let down = async move {
+        tokio::pin!(revoked);
         loop {
-            match output.next().await {
+            let event = tokio::select! {
+                reason = &mut revoked => {
+                    refuse(&mut tx, reason, CLOSE_UNAUTHORIZED).await;
+                    return;
+                }
+                event = output.next() => event,
+            };
+            match event {
                 Ok(Some(SessionEvent::Output(d))) => {
                     if tx.send(WsMessage::Binary(d.into())).await.is_err() {
                         return;
@@ -175,12 +237,17 @@ async fn serve(
             }
         }
     };
+    let read_only = access == Access::ReadOnly;
     // Browser/CLI → guest.
     let up = async move {
         while let Some(Ok(msg)) = rx.next().await {
             let r = match msg {
+                // A read-only client's keystrokes never reach the guest.
+                WsMessage::Binary(_) if read_only => Ok(()),
                 WsMessage::Binary(b) => input.write(&b).await,
                 WsMessage::Text(t) => match serde_json::from_str::<ShellControl>(&t) {
+                    // Nor do its resizes (the terminal is someone else's).
+                    Ok(ShellControl::Resize { .. }) if read_only => Ok(()),
                     Ok(ShellControl::Resize { rows, cols }) if rows > 0 && cols > 0 => {
                         input.resize(proto::WindowSize { rows, cols }).await
                     }

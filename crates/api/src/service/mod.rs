@@ -12,6 +12,7 @@
 //! * [`persistence`] — the typed runtime record, status changes, events,
 //!   and the recorder of thermal transitions.
 //! * `publish` — ports under public aliases.
+//! * `share` — share links of sandboxes' browser terminals.
 //!
 //! What is persisted: the API's view of each sandbox (name, size, status,
 //! ip, labels) and core's record of its VM (directory, network attachment,
@@ -35,6 +36,7 @@ mod lifecycle;
 mod persistence;
 mod publish;
 mod recovery;
+mod share;
 mod startup;
 
 pub use guest::{guest_error, KeepHot, ShellRequest};
