@@ -181,7 +181,7 @@ impl From<ApiError> for RpcError {
     fn from(e: ApiError) -> RpcError {
         let code = match &e {
             ApiError::BadRequest(_) | ApiError::LengthRequired(_) => Code::InvalidArgument,
-            ApiError::Unauthorized => Code::Unauthenticated,
+            ApiError::Unauthorized | ApiError::ShareUnauthorized => Code::Unauthenticated,
             ApiError::Forbidden(_) => Code::PermissionDenied,
             ApiError::NotFound(_) => Code::NotFound,
             ApiError::Conflict(_) => Code::FailedPrecondition,
