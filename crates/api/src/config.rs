@@ -90,6 +90,8 @@ pub struct DaemonConfig {
     /// Names of the users whose keys are admin keys: they see every
     /// user's events and read `GET /metrics`.
     pub admins: Vec<String>,
+    /// HTTPS on the API socket (`listen`): certificate and key files.
+    pub tls: crate::tls::TlsConfig,
 }
 
 /// `[confinement]`: VMMs run as an unprivileged user, in their own mount
@@ -272,6 +274,7 @@ impl Default for DaemonConfig {
             publish: Default::default(),
             confinement: ConfinementConfig::default(),
             admins: Vec::new(),
+            tls: Default::default(),
         }
     }
 }
@@ -480,6 +483,7 @@ impl DaemonConfig {
             }
         }
         self.publish.validate().map_err(ConfigError::Invalid)?;
+        self.tls.files("tls").map_err(ConfigError::Invalid)?;
         Ok(())
     }
 

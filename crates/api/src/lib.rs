@@ -19,6 +19,7 @@ pub mod secrets;
 pub mod server;
 pub mod service;
 pub mod state;
+pub mod tls;
 pub mod users;
 pub mod validate;
 

@@ -57,15 +57,32 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let daemon = api::Daemon::start(config).await?;
         let addr = daemon.local_addr()?;
         let h = &daemon.state.health;
+        let scheme = if daemon.api_tls() { "https" } else { "http" };
         println!(
-            "bhatti {} serving on http://{addr}\nengine: {} ({}) — {}",
+            "bhatti {} serving on {scheme}://{addr}\nengine: {} ({}) — {}",
             h.version,
             h.engine,
             h.accelerator.to_uppercase(),
             h.engine_reason
         );
         if let Some(public) = daemon.public_addr() {
-            println!("public proxy (published ports) on http://{public}");
+            let scheme = if daemon.public_tls() { "https" } else { "http" };
+            println!("public proxy (published ports) on {scheme}://{public}");
+        }
+        if let Some(redirect) = daemon.redirect_addr() {
+            println!("public HTTP on http://{redirect} redirects to HTTPS");
+        }
+        // SIGHUP (systemd's ExecReload) reads the certificates again;
+        // changed files are also picked up at the next handshake.
+        let reloader = daemon.tls_reloader();
+        if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!("SIGHUP: reading the TLS certificates again");
+                    reloader.reload_all();
+                }
+            });
         }
         if h.accelerator == "tcg" {
             println!(
