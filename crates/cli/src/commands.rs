@@ -237,7 +237,11 @@ impl Ctx {
         let layer = Layer {
             url: Some(url.clone()),
             token: c.token().ok().map(String::from),
-            ca_file: c.ca_file().map(|p| p.display().to_string()),
+            // Absolute: the file is read from wherever the CLI runs.
+            ca_file: c
+                .ca_file()
+                .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()))
+                .map(|p| p.display().to_string()),
         };
         config::save(path, &layer)?;
         print(&format!(
