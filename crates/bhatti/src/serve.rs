@@ -55,6 +55,20 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .context("starting the runtime")?;
     rt.block_on(async move {
         let daemon = api::Daemon::start(config).await?;
+        // SIGHUP (systemd's ExecReload) reads the certificates again;
+        // changed files are also picked up at the next handshake.
+        let reloader = daemon.tls_reloader();
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(mut hup) => {
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        tracing::info!("SIGHUP: reading the TLS certificates again");
+                        reloader.reload_all();
+                    }
+                });
+            }
+            Err(e) => tracing::error!(error = %e, "cannot watch SIGHUP"),
+        }
         let addr = daemon.local_addr()?;
         let h = &daemon.state.health;
         let scheme = if daemon.api_tls() { "https" } else { "http" };
@@ -71,18 +85,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         if let Some(redirect) = daemon.redirect_addr() {
             println!("public HTTP on http://{redirect} redirects to HTTPS");
-        }
-        // SIGHUP (systemd's ExecReload) reads the certificates again;
-        // changed files are also picked up at the next handshake.
-        let reloader = daemon.tls_reloader();
-        if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        {
-            tokio::spawn(async move {
-                while hup.recv().await.is_some() {
-                    tracing::info!("SIGHUP: reading the TLS certificates again");
-                    reloader.reload_all();
-                }
-            });
         }
         if h.accelerator == "tcg" {
             println!(

@@ -16,7 +16,13 @@
 //!   certificate, an unreadable one (a directory), or a key of another
 //!   certificate exits non-zero naming the file, before anything else.
 //!
-//! Needs root (a network namespace), tmux, and the host build of lohar.
+//! - `sighup_rereads_certificates`: `bhatti serve` (the binary, QEMU-TCG
+//!   engine, no VM started) survives SIGHUP; a SIGHUP over a half-renewed
+//!   pair logs the error naming the file and keeps serving the old
+//!   certificate; over a complete pair, the new one is served.
+//!
+//! Needs root (a network namespace), tmux, the host build of lohar and
+//! the cached test images (the SIGHUP case).
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -534,4 +540,121 @@ fn serve_refuses_bad_certificate_files() {
         "{}",
         show(&out)
     );
+}
+
+#[test]
+fn sighup_rereads_certificates() {
+    if !testkit::is_root() {
+        return testkit::cannot_run("the SIGHUP test needs root (a network namespace)");
+    }
+    let _ns = testkit::Netns::enter("tls-hup");
+    let data = testkit::data_dir_with_images(image::Tier::Tiny);
+    let pki = tempfile::tempdir().unwrap();
+    let ca = Ca::new("hup CA 1");
+    let ca_file = pki.path().join("ca.pem");
+    ca.write(&ca_file);
+    let (cert, key) = (pki.path().join("api.crt"), pki.path().join("api.key"));
+    let (c, k) = ca.issue(&["127.0.0.1"]);
+    std::fs::write(&cert, c).unwrap();
+    std::fs::write(&key, k).unwrap();
+    let config = pki.path().join("bhatti.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\nengine = \"qemu-tcg\"\n\
+             [defaults]\nimage = \"tiny\"\n[publish]\nlisten = \"none\"\n\
+             [tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            data.path().display(),
+            cert.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    let (log, err) = (pki.path().join("serve.log"), pki.path().join("serve.err"));
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let mut url = String::new();
+    testkit::wait_until(
+        "bhatti serve says where it listens",
+        Duration::from_secs(120),
+        || {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!(
+                    "bhatti serve exited ({st}): {}",
+                    std::fs::read_to_string(&err).unwrap_or_default()
+                );
+            }
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            match text.lines().find_map(|l| l.split("serving on ").nth(1)) {
+                Some(u) => {
+                    url = u.trim().to_string();
+                    true
+                }
+                None => false,
+            }
+        },
+    );
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    let addr: SocketAddr = url.trim_start_matches("https://").parse().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let health = |ca: &Path| {
+        rt.block_on(async {
+            https_client(ca, "127.0.0.1", addr)
+                .get(format!("{url}/health"))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        })
+    };
+    assert_eq!(health(&ca_file).unwrap(), 200);
+
+    // Half-renewed (a new certificate, the old key), then SIGHUP: the
+    // error names the file, the daemon lives on with the old pair.
+    let ca2 = Ca::new("hup CA 2");
+    let ca2_file = pki.path().join("ca2.pem");
+    ca2.write(&ca2_file);
+    let (c2, k2) = ca2.issue(&["127.0.0.1"]);
+    replace(&cert, &c2);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    testkit::wait_until(
+        "the failed reload is logged",
+        Duration::from_secs(30),
+        || {
+            std::fs::read_to_string(&err)
+                .unwrap_or_default()
+                .contains("TLS reload failed")
+        },
+    );
+    let logged = std::fs::read_to_string(&err).unwrap();
+    assert!(
+        logged.contains("api.key") && logged.contains("does not match"),
+        "{logged}"
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP must not stop the daemon"
+    );
+    // Now the key: SIGHUP; the new certificate is served.
+    replace(&key, &k2);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    testkit::wait_until(
+        "the new certificate is served",
+        Duration::from_secs(30),
+        || health(&ca2_file).is_ok_and(|s| s == 200),
+    );
+    assert!(health(&ca_file).is_err());
+    assert!(child.try_wait().unwrap().is_none());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let st = child.wait().unwrap();
+    assert!(st.success(), "{st}");
 }
