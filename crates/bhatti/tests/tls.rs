@@ -9,7 +9,8 @@
 //!   published port answers on `https://<alias>.<domain>` through the
 //!   public socket, whose plain-HTTP twin redirects there (308); plain
 //!   HTTP to either HTTPS port gets a 400 saying to use https://; the CLI
-//!   without the CA fails naming `--ca-file`; the API's certificate
+//!   without the CA fails naming `--ca-file` (a plain request and the
+//!   shell's WebSocket); `bhatti mcp` (stdio) lists over HTTPS; the API's certificate
 //!   files replaced under the running daemon are served to the next
 //!   connection.
 //! - `serve_refuses_bad_certificate_files`: `bhatti serve` with a missing
@@ -360,6 +361,49 @@ fn tls_api_public_proxy_and_cli() {
         tmux.tmux(&["send-keys", "-t", "sh", "exit", "Enter"]);
         let screen = tmux.wait_for("sh", "EXITED=");
         assert!(screen.contains("EXITED=0"), "{screen}");
+
+        // The shell's WebSocket without the CA: the same advice.
+        let out = cli.cmd(None).args(["shell", "web"]).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("--ca-file"),
+            "{}",
+            show(&out)
+        );
+
+        // `bhatti mcp` (stdio) is a client of the API too.
+        let mut mcp = cli
+            .cmd(Some(&ca_file))
+            .arg("mcp")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        {
+            use std::io::Write;
+            let mut stdin = mcp.stdin.take().unwrap();
+            for line in [
+                r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"0"}}}"#,
+                r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+                r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"list_sandboxes","arguments":{}}}"#,
+            ] {
+                writeln!(stdin, "{line}").unwrap();
+            }
+        }
+        let out = tokio::task::spawn_blocking(move || mcp.wait_with_output())
+            .await
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let listed = text
+            .lines()
+            .find(|l| l.contains(r#""id":2"#))
+            .unwrap_or_else(|| panic!("no answer to the tool call: {}", show(&out)));
+        assert!(
+            listed.contains("web") && !listed.contains(r#""isError":true"#),
+            "{listed}"
+        );
 
         // A forwarded port over WSS.
         let port = guest_server("forwarded-hello").await;
