@@ -92,6 +92,8 @@ pub struct DaemonConfig {
     pub admins: Vec<String>,
     /// HTTPS on the API socket (`listen`): certificate and key files.
     pub tls: crate::tls::TlsConfig,
+    /// Certificates from an ACME server for the API and published aliases.
+    pub acme: crate::acme::AcmeConfig,
 }
 
 /// `[confinement]`: VMMs run as an unprivileged user, in their own mount
@@ -275,6 +277,7 @@ impl Default for DaemonConfig {
             confinement: ConfinementConfig::default(),
             admins: Vec::new(),
             tls: Default::default(),
+            acme: Default::default(),
         }
     }
 }
@@ -484,6 +487,31 @@ impl DaemonConfig {
         }
         self.publish.validate().map_err(ConfigError::Invalid)?;
         self.tls.files("tls").map_err(ConfigError::Invalid)?;
+        self.acme.validate().map_err(ConfigError::Invalid)?;
+        if !self.acme.api_names.is_empty() && self.tls.enabled() {
+            return bad("acme.api_names and tls.cert_file both set: choose one for the API".into());
+        }
+        let redirect = self
+            .publish
+            .tls
+            .redirect_addr()
+            .map_err(ConfigError::Invalid)?;
+        if redirect.is_some() && !self.publish.tls.files().enabled() && !self.acme.publish_aliases {
+            return bad(
+                "publish.tls.redirect_listen needs HTTPS on the public socket (publish.tls.cert_file and key_file, or acme.publish_aliases)"
+                    .into(),
+            );
+        }
+        if self.acme.publish_aliases {
+            if self.publish.domain.is_none() {
+                return bad("acme.publish_aliases needs publish.domain (certificates are for <alias>.<domain>)".into());
+            }
+            if self.publish.tls.files().enabled() {
+                return bad(
+                    "acme.publish_aliases and publish.tls.cert_file both set: choose one".into(),
+                );
+            }
+        }
         Ok(())
     }
 

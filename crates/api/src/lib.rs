@@ -3,6 +3,7 @@
 //! sandbox service. Handlers stay thin: they parse, check, call the
 //! service, and render.
 
+pub mod acme;
 pub mod auth;
 pub mod config;
 pub mod error;

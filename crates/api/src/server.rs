@@ -55,6 +55,8 @@ pub struct Daemon {
     public_tls: Option<Arc<CertFiles>>,
     /// `[publish.tls] redirect_listen`: plain HTTP redirected to HTTPS.
     redirect: Option<tokio::net::TcpListener>,
+    /// `[acme]`: certificates ordered for the API and published aliases.
+    acme: Option<Arc<crate::acme::AcmeState>>,
 }
 
 /// How long requests in flight on the public proxy (event streams,
@@ -93,6 +95,8 @@ impl Daemon {
         // Certificates first: a bad file stops the daemon before it
         // touches anything.
         let (api_tls, public_tls) = open_tls(&config)?;
+        config.publish.acme_tls =
+            config.acme.enabled() && config.acme.publish_aliases && config.publish.enabled();
         // The data dir is the daemon's alone (0700, even if it existed):
         // disks, memory files, console logs and the database are nobody
         // else's business (docs/security.md).
@@ -102,6 +106,22 @@ impl Daemon {
         })?;
         let store = Arc::new(store::Store::open(&config.db_path())?);
         let secrets = Arc::new(SecretBox::open(&config.data_dir.join("secrets.key"))?);
+        let acme = if config.acme.enabled() {
+            let aliases = store.clone();
+            let exists: crate::acme::AliasCheck =
+                Arc::new(move |alias| matches!(aliases.publication_by_alias(alias), Ok(Some(_))));
+            Some(
+                crate::acme::AcmeState::open(
+                    &config.acme,
+                    &config.data_dir,
+                    config.publish.domain(),
+                    exists,
+                )
+                .map_err(|e| ServeError::Config(e.to_string()))?,
+            )
+        } else {
+            None
+        };
         let limiter = Arc::new(RateLimiter::new(
             config.limits.creates_per_min,
             config.limits.execs_per_min,
@@ -139,17 +159,22 @@ impl Daemon {
             api_tls,
             public_tls,
             redirect,
+            acme,
         })
     }
 
     /// Whether the API socket speaks HTTPS.
     pub fn api_tls(&self) -> bool {
-        self.api_tls.is_some()
+        self.api_tls.is_some() || self.api_acme()
+    }
+
+    fn api_acme(&self) -> bool {
+        self.acme.is_some() && !self.state.config.acme.api_names.is_empty()
     }
 
     /// Whether the public socket speaks HTTPS.
     pub fn public_tls(&self) -> bool {
-        self.public_tls.is_some()
+        self.public.is_some() && self.state.config.publish.https()
     }
 
     /// The redirecting plain-HTTP socket's address, when it is on.
@@ -185,10 +210,26 @@ impl Daemon {
     ) -> Result<(), ServeError> {
         let service = self.state.service.clone();
         let (stop_public, stopped) = tokio::sync::watch::channel(false);
-        let public_tls = match &self.public_tls {
-            Some(c) => Some(tokio_rustls::TlsAcceptor::from(c.server_config()?)),
-            None => None,
+        let api_acme = self.api_acme();
+        let public_tls = match (&self.public_tls, &self.acme) {
+            (Some(c), _) => Some(tokio_rustls::TlsAcceptor::from(c.server_config()?)),
+            (None, Some(acme)) if self.state.config.publish.acme_tls => {
+                Some(tokio_rustls::TlsAcceptor::from(
+                    acme.server_config(crate::acme::Role::Public)
+                        .map_err(ServeError::Config)?,
+                ))
+            }
+            _ => None,
         };
+        let api_tls = match (&self.api_tls, &self.acme) {
+            (Some(c), _) => Some(c.server_config()?),
+            (None, Some(acme)) if api_acme => Some(
+                acme.server_config(crate::acme::Role::Api)
+                    .map_err(ServeError::Config)?,
+            ),
+            _ => None,
+        };
+        let ordering = self.acme.clone().map(|acme| tokio::spawn(acme.run()));
         let redirect = match (self.redirect, self.public.as_ref()) {
             (Some(listener), Some(public)) => {
                 let bound = public.local_addr().map_err(ServeError::Serve)?.port();
@@ -225,7 +266,7 @@ impl Daemon {
         // delayed ACK (40 ms): every proxied request would pay it.
         let serving: std::pin::Pin<
             Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>,
-        > = match &self.api_tls {
+        > = match api_tls {
             None => {
                 let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
                     if let Err(e) = tcp.set_nodelay(true) {
@@ -238,10 +279,10 @@ impl Daemon {
                         .into_future(),
                 )
             }
-            Some(certs) => {
+            Some(server_config) => {
                 // TCP_NODELAY is set at accept; the no-op tap gives
                 // the listener axum's peer-address plumbing.
-                let listener = crate::tls::TlsListener::new(self.listener, certs.server_config()?)
+                let listener = crate::tls::TlsListener::new(self.listener, server_config)
                     .map_err(ServeError::Serve)?;
                 let listener = axum::serve::ListenerExt::tap_io(listener, |_| {});
                 Box::pin(
@@ -275,6 +316,9 @@ impl Daemon {
                     task.abort();
                 }
             }
+        }
+        if let Some(task) = ordering {
+            task.abort();
         }
         if let Some(task) = redirect {
             if tokio::time::timeout(PUBLIC_DRAIN, task).await.is_err() {
@@ -312,7 +356,7 @@ fn open_tls(config: &DaemonConfig) -> Result<(SocketCerts, SocketCerts), ServeEr
 async fn bind_redirect(
     config: &DaemonConfig,
 ) -> Result<Option<tokio::net::TcpListener>, ServeError> {
-    if !config.publish.enabled() || !config.publish.tls.files().enabled() {
+    if !config.publish.enabled() || !config.publish.https() {
         return Ok(None);
     }
     let Some(addr) = config

@@ -56,6 +56,10 @@ pub struct PublishConfig {
     pub trusted_proxies: Vec<String>,
     /// `[publish.tls]`: HTTPS on the public socket.
     pub tls: PublishTlsConfig,
+    /// Set by the daemon when `[acme] publish_aliases` makes the public
+    /// socket speak HTTPS (not a config key).
+    #[serde(skip)]
+    pub acme_tls: bool,
 }
 
 /// `[publish.tls]`: the public proxy's certificate (one that covers
@@ -111,6 +115,7 @@ impl Default for PublishConfig {
             max_connections_per_ip: 128,
             trusted_proxies: Vec::new(),
             tls: PublishTlsConfig::default(),
+            acme_tls: false,
         }
     }
 }
@@ -125,6 +130,11 @@ impl PublishConfig {
                 .map(Some)
                 .map_err(|e| format!("publish.listen '{s}': {e}")),
         }
+    }
+
+    /// Whether the public socket speaks HTTPS (certificate files or ACME).
+    pub fn https(&self) -> bool {
+        self.tls.files().enabled() || self.acme_tls
     }
 
     /// Whether publishing is on.
@@ -160,13 +170,7 @@ impl PublishConfig {
         }
         self.trusted()?;
         self.tls.files().files("publish.tls")?;
-        let redirect = self.tls.redirect_addr()?;
-        if redirect.is_some() && !self.tls.files().enabled() {
-            return Err(
-                "publish.tls.redirect_listen needs publish.tls.cert_file and key_file (it redirects to HTTPS)"
-                    .into(),
-            );
-        }
+        self.tls.redirect_addr()?;
         Ok(())
     }
 
@@ -203,7 +207,7 @@ impl PublishConfig {
         let (scheme, authority, prefix) = match self.public_url.as_deref().map(split_url) {
             Some(Ok(parts)) => parts,
             _ => (
-                if self.tls.files().enabled() {
+                if self.https() {
                     "https".to_string()
                 } else {
                     "http".to_string()

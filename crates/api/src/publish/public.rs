@@ -210,7 +210,7 @@ async fn handle(State(s): State<PublicState>, req: Request) -> Response {
     // Where the guest's paths are for the caller; never the caller's word.
     // Nor who the caller is: X-Forwarded-* as this proxy vouches for them.
     let mut req = req;
-    let own_proto = if s.config.publish.tls.files().enabled() {
+    let own_proto = if s.config.publish.https() {
         "https"
     } else {
         "http"
