@@ -704,6 +704,24 @@ mod tests {
                 "[confinement]\nmemory_overhead_mib = 1e3",
                 "confinement.memory_overhead_mib",
             ),
+            ("[tls]\ncert_file = \"/c.pem\"", "tls: set both"),
+            (
+                "[publish.tls]\nredirect_listen = \"127.0.0.1:80\"",
+                "publish.tls.redirect_listen",
+            ),
+            (
+                "[publish.tls]\nredirect_listen = \"nope\"",
+                "publish.tls.redirect_listen",
+            ),
+            ("[acme]\napi_names = [\"a.example\"]", "acme.directory_url"),
+            (
+                "[acme]\ndirectory_url = \"https://a/d\"\npublish_aliases = true",
+                "publish.domain",
+            ),
+            (
+                "[tls]\ncert_file = \"/c\"\nkey_file = \"/k\"\n[acme]\ndirectory_url = \"https://a/d\"\napi_names = [\"a.example\"]",
+                "choose one",
+            ),
         ] {
             let err = match DaemonConfig::parse(text) {
                 Err(e) => e,
