@@ -13,6 +13,8 @@ packages=(
   nftables          # TAP guards (anti-spoofing): an nftables bridge table
   iputils-ping      # ICMP checks of the firewall tests
   tmux              # drives the interactive shell in CLI tests
+  pebble            # a test ACME server (and its DNS) for tests/acme.rs
+  util-linux        # unshare: the ACME test's CLI gets its own /etc/hosts
   libsqlite3-dev pkg-config  # the daemon's embedded SQLite store
   ca-certificates
   python3-venv      # venvs for openapi-spec-validator and the mcp SDK (PyPI), below

@@ -92,6 +92,10 @@ pub struct DaemonConfig {
     pub admins: Vec<String>,
     /// Share links of sandboxes' browser terminals.
     pub share: crate::share::ShareConfig,
+    /// HTTPS on the API socket (`listen`): certificate and key files.
+    pub tls: crate::tls::TlsConfig,
+    /// Certificates from an ACME server for the API and published aliases.
+    pub acme: crate::acme::AcmeConfig,
 }
 
 /// `[confinement]`: VMMs run as an unprivileged user, in their own mount
@@ -275,6 +279,8 @@ impl Default for DaemonConfig {
             confinement: ConfinementConfig::default(),
             admins: Vec::new(),
             share: Default::default(),
+            tls: Default::default(),
+            acme: Default::default(),
         }
     }
 }
@@ -484,6 +490,32 @@ impl DaemonConfig {
             }
         }
         self.publish.validate().map_err(ConfigError::Invalid)?;
+        self.tls.files("tls").map_err(ConfigError::Invalid)?;
+        self.acme.validate().map_err(ConfigError::Invalid)?;
+        if !self.acme.api_names.is_empty() && self.tls.enabled() {
+            return bad("acme.api_names and tls.cert_file both set: choose one for the API".into());
+        }
+        let redirect = self
+            .publish
+            .tls
+            .redirect_addr()
+            .map_err(ConfigError::Invalid)?;
+        if redirect.is_some() && !self.publish.tls.files().enabled() && !self.acme.publish_aliases {
+            return bad(
+                "publish.tls.redirect_listen needs HTTPS on the public socket (publish.tls.cert_file and key_file, or acme.publish_aliases)"
+                    .into(),
+            );
+        }
+        if self.acme.publish_aliases {
+            if self.publish.domain.is_none() {
+                return bad("acme.publish_aliases needs publish.domain (certificates are for <alias>.<domain>)".into());
+            }
+            if self.publish.tls.files().enabled() {
+                return bad(
+                    "acme.publish_aliases and publish.tls.cert_file both set: choose one".into(),
+                );
+            }
+        }
         Ok(())
     }
 
@@ -688,6 +720,24 @@ mod tests {
             ("[share]\nmax_ttl_secs = 99999999", "share.max_ttl_secs"),
             ("[share]\nattempts_per_min = 0", "share.attempts_per_min"),
             ("[share]\nbase_url = \"ftp://x\"", "share.base_url"),
+            ("[tls]\ncert_file = \"/c.pem\"", "tls: set both"),
+            (
+                "[publish.tls]\nredirect_listen = \"127.0.0.1:80\"",
+                "publish.tls.redirect_listen",
+            ),
+            (
+                "[publish.tls]\nredirect_listen = \"nope\"",
+                "publish.tls.redirect_listen",
+            ),
+            ("[acme]\napi_names = [\"a.example\"]", "acme.directory_url"),
+            (
+                "[acme]\ndirectory_url = \"https://a/d\"\npublish_aliases = true",
+                "publish.domain",
+            ),
+            (
+                "[tls]\ncert_file = \"/c\"\nkey_file = \"/k\"\n[acme]\ndirectory_url = \"https://a/d\"\napi_names = [\"a.example\"]",
+                "choose one",
+            ),
         ] {
             let err = match DaemonConfig::parse(text) {
                 Err(e) => e,

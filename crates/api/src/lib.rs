@@ -3,6 +3,7 @@
 //! sandbox service. Handlers stay thin: they parse, check, call the
 //! service, and render.
 
+pub mod acme;
 pub mod auth;
 pub mod config;
 pub mod e2b;
@@ -21,6 +22,7 @@ pub mod server;
 pub mod service;
 pub mod share;
 pub mod state;
+pub mod tls;
 pub mod users;
 pub mod validate;
 

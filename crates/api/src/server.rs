@@ -10,6 +10,7 @@ use crate::ratelimit::RateLimiter;
 use crate::secrets::SecretBox;
 use crate::service::Service;
 use crate::state::AppState;
+use crate::tls::{CertFiles, TlsReloader};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -35,6 +36,8 @@ pub enum ServeError {
     Config(String),
     #[error("serving failed")]
     Serve(#[source] std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// A daemon bound to its address, ready to serve.
@@ -46,6 +49,14 @@ pub struct Daemon {
     closing: tokio::sync::watch::Sender<bool>,
     /// The public proxy's socket (`[publish] listen`), unless it is off.
     public: Option<tokio::net::TcpListener>,
+    /// The certificates of the API socket (`[tls]`) and the public one
+    /// (`[publish.tls]`), when they speak HTTPS.
+    api_tls: Option<Arc<CertFiles>>,
+    public_tls: Option<Arc<CertFiles>>,
+    /// `[publish.tls] redirect_listen`: plain HTTP redirected to HTTPS.
+    redirect: Option<tokio::net::TcpListener>,
+    /// `[acme]`: certificates ordered for the API and published aliases.
+    acme: Option<Arc<crate::acme::AcmeState>>,
 }
 
 /// How long requests in flight on the public proxy (event streams,
@@ -81,6 +92,11 @@ impl Daemon {
         config
             .validate()
             .map_err(|e| ServeError::Vms(e.to_string()))?;
+        // Certificates first: a bad file stops the daemon before it
+        // touches anything.
+        let (api_tls, public_tls) = open_tls(&config)?;
+        config.publish.acme_tls =
+            config.acme.enabled() && config.acme.publish_aliases && config.publish.enabled();
         // The data dir is the daemon's alone (0700, even if it existed):
         // disks, memory files, console logs and the database are nobody
         // else's business (docs/security.md).
@@ -90,12 +106,29 @@ impl Daemon {
         })?;
         let store = Arc::new(store::Store::open(&config.db_path())?);
         let secrets = Arc::new(SecretBox::open(&config.data_dir.join("secrets.key"))?);
+        let acme = if config.acme.enabled() {
+            let aliases = store.clone();
+            let exists: crate::acme::AliasCheck =
+                Arc::new(move |alias| matches!(aliases.publication_by_alias(alias), Ok(Some(_))));
+            Some(
+                crate::acme::AcmeState::open(
+                    &config.acme,
+                    &config.data_dir,
+                    config.publish.domain(),
+                    exists,
+                )
+                .map_err(|e| ServeError::Config(e.to_string()))?,
+            )
+        } else {
+            None
+        };
         let limiter = Arc::new(RateLimiter::new(
             config.limits.creates_per_min,
             config.limits.execs_per_min,
             config.limits.reads_per_min,
         ));
         let public = bind_public(&mut config).await?;
+        let redirect = bind_redirect(&config).await?;
         let config = Arc::new(config);
         let service = Service::start(config.clone(), store.clone(), secrets.clone(), engine)
             .await
@@ -125,7 +158,41 @@ impl Daemon {
             },
             listener,
             public,
+            api_tls,
+            public_tls,
+            redirect,
+            acme,
         })
+    }
+
+    /// Whether the API socket speaks HTTPS.
+    pub fn api_tls(&self) -> bool {
+        self.api_tls.is_some() || self.api_acme()
+    }
+
+    fn api_acme(&self) -> bool {
+        self.acme.is_some() && !self.state.config.acme.api_names.is_empty()
+    }
+
+    /// Whether the public socket speaks HTTPS.
+    pub fn public_tls(&self) -> bool {
+        self.public.is_some() && self.state.config.publish.https()
+    }
+
+    /// The redirecting plain-HTTP socket's address, when it is on.
+    pub fn redirect_addr(&self) -> Option<SocketAddr> {
+        self.redirect.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Reads every certificate again when called (SIGHUP).
+    pub fn tls_reloader(&self) -> TlsReloader {
+        TlsReloader(
+            self.api_tls
+                .iter()
+                .chain(self.public_tls.iter())
+                .cloned()
+                .collect(),
+        )
     }
 
     /// The public proxy's address, when it is on.
@@ -145,9 +212,43 @@ impl Daemon {
     ) -> Result<(), ServeError> {
         let service = self.state.service.clone();
         let (stop_public, stopped) = tokio::sync::watch::channel(false);
+        let api_acme = self.api_acme();
+        let public_tls = match (&self.public_tls, &self.acme) {
+            (Some(c), _) => Some(tokio_rustls::TlsAcceptor::from(c.server_config()?)),
+            (None, Some(acme)) if self.state.config.publish.acme_tls => {
+                Some(tokio_rustls::TlsAcceptor::from(
+                    acme.server_config(crate::acme::Role::Public)
+                        .map_err(ServeError::Config)?,
+                ))
+            }
+            _ => None,
+        };
+        let api_tls = match (&self.api_tls, &self.acme) {
+            (Some(c), _) => Some(c.server_config()?),
+            (None, Some(acme)) if api_acme => Some(
+                acme.server_config(crate::acme::Role::Api)
+                    .map_err(ServeError::Config)?,
+            ),
+            _ => None,
+        };
+        let ordering = self.acme.clone().map(|acme| tokio::spawn(acme.run()));
+        let redirect = match (self.redirect, self.public.as_ref()) {
+            (Some(listener), Some(public)) => {
+                let bound = public.local_addr().map_err(ServeError::Serve)?.port();
+                let port = crate::publish::redirect::https_port(&self.state.config.publish, bound);
+                let publish = self.state.config.publish.clone();
+                let stopped = stopped.clone();
+                Some(tokio::spawn(async move {
+                    crate::publish::redirect::serve(listener, &publish, port, stopped).await
+                }))
+            }
+            _ => None,
+        };
         let public = self.public.map(|listener| {
             let state = crate::publish::public::PublicState::new(&self.state);
-            tokio::spawn(crate::publish::public::serve(listener, state, stopped))
+            tokio::spawn(crate::publish::public::serve(
+                listener, state, public_tls, stopped,
+            ))
         });
         let (began, mut beginning) = tokio::sync::watch::channel(false);
         let closing = self.closing;
@@ -165,14 +266,34 @@ impl Daemon {
         // Without TCP_NODELAY a streamed response's head and body go out
         // as two small writes and the second waits for the client's
         // delayed ACK (40 ms): every proxied request would pay it.
-        let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        let serving: std::pin::Pin<
+            Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>,
+        > = match api_tls {
+            None => {
+                let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
+                    if let Err(e) = tcp.set_nodelay(true) {
+                        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+                    }
+                });
+                Box::pin(
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(shutdown)
+                        .into_future(),
+                )
             }
-        });
-        let serving = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .into_future();
+            Some(server_config) => {
+                // TCP_NODELAY is set at accept; the no-op tap gives
+                // the listener axum's peer-address plumbing.
+                let listener = crate::tls::TlsListener::new(self.listener, server_config)
+                    .map_err(ServeError::Serve)?;
+                let listener = axum::serve::ListenerExt::tap_io(listener, |_| {});
+                Box::pin(
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(shutdown)
+                        .into_future(),
+                )
+            }
+        };
         // Requests in flight get API_DRAIN to finish; an endless stream
         // (exec of `yes`, a shell left open) must not hold shutdown up.
         let drained = async move {
@@ -198,9 +319,61 @@ impl Daemon {
                 }
             }
         }
+        if let Some(task) = ordering {
+            task.abort();
+        }
+        if let Some(task) = redirect {
+            if tokio::time::timeout(PUBLIC_DRAIN, task).await.is_err() {
+                tracing::warn!("redirect requests still open after {PUBLIC_DRAIN:?}");
+            }
+        }
         service.shutdown().await;
         Ok(())
     }
+}
+
+/// A socket's certificate, when it speaks HTTPS.
+type SocketCerts = Option<Arc<CertFiles>>;
+
+/// The certificates of `[tls]` and `[publish.tls]`, read and checked.
+fn open_tls(config: &DaemonConfig) -> Result<(SocketCerts, SocketCerts), ServeError> {
+    let open = |name, c: &crate::tls::TlsConfig, section| match c
+        .files(section)
+        .map_err(ServeError::Config)?
+    {
+        Some((cert, key)) => Ok::<_, ServeError>(Some(CertFiles::open(name, cert, key)?)),
+        None => Ok(None),
+    };
+    let api = open("api", &config.tls, "tls")?;
+    let public = if config.publish.enabled() {
+        open("public", &config.publish.tls.files(), "publish.tls")?
+    } else {
+        None
+    };
+    Ok((api, public))
+}
+
+/// Binds `[publish.tls] redirect_listen`, when the public proxy is on and
+/// speaks HTTPS.
+async fn bind_redirect(
+    config: &DaemonConfig,
+) -> Result<Option<tokio::net::TcpListener>, ServeError> {
+    if !config.publish.enabled() || !config.publish.https() {
+        return Ok(None);
+    }
+    let Some(addr) = config
+        .publish
+        .tls
+        .redirect_addr()
+        .map_err(ServeError::Config)?
+    else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "public HTTP → HTTPS redirect listening");
+    Ok(Some(listener))
 }
 
 /// Binds the public proxy's socket, if `[publish]` has one, and writes the

@@ -18,6 +18,15 @@ pub fn run(cmd: ConfigCommand) -> anyhow::Result<()> {
     match cmd {
         ConfigCommand::Check { config } => {
             let (config, source) = api::DaemonConfig::resolve(config.as_deref())?;
+            // The certificate files are read as `bhatti serve` would.
+            for (section, tls) in [
+                ("tls", config.tls.clone()),
+                ("publish.tls", config.publish.tls.files()),
+            ] {
+                if let Some((cert, key)) = tls.files(section).map_err(anyhow::Error::msg)? {
+                    api::tls::load_pair(cert, key)?;
+                }
+            }
             print!(
                 "# bhatti effective configuration\n# source: {source}\n\n{}",
                 config.to_toml()

@@ -57,17 +57,32 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .context("starting the runtime")?;
     rt.block_on(async move {
         let daemon = api::Daemon::start(config).await?;
+        // SIGHUP (systemd's ExecReload) is watched before the daemon says it
+        // serves, so an early one cannot end it.
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("watching SIGHUP")?;
+        let reload = tokio::spawn(reload_on_sighup(
+            hup,
+            daemon.tls_reloader(),
+            config_flag,
+            file_config,
+        ));
         let addr = daemon.local_addr()?;
         let h = &daemon.state.health;
+        let scheme = if daemon.api_tls() { "https" } else { "http" };
         println!(
-            "bhatti {} serving on http://{addr}\nengine: {} ({}) — {}",
+            "bhatti {} serving on {scheme}://{addr}\nengine: {} ({}) — {}",
             h.version,
             h.engine,
             h.accelerator.to_uppercase(),
             h.engine_reason
         );
         if let Some(public) = daemon.public_addr() {
-            println!("public proxy (published ports) on http://{public}");
+            let scheme = if daemon.public_tls() { "https" } else { "http" };
+            println!("public proxy (published ports) on {scheme}://{public}");
+        }
+        if let Some(redirect) = daemon.redirect_addr() {
+            println!("public HTTP on http://{redirect} redirects to HTTPS");
         }
         if h.accelerator == "tcg" {
             println!(
@@ -76,7 +91,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             );
         }
         tracing::info!(%addr, engine = %h.engine, accelerator = %h.accelerator, "serving");
-        let reload = tokio::spawn(reload_on_sighup(config_flag, file_config));
         daemon.serve(shutdown_signal()).await?;
         reload.abort();
         println!("bhatti: stopped");
@@ -84,21 +98,21 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     })
 }
 
-/// SIGHUP (`systemctl reload bhatti`): reads the config file again the way
-/// the daemon found it and says whether it is valid and whether it differs
-/// from the one running. Nothing is applied while running: a changed file
-/// takes effect at the next start. (Without this handler SIGHUP would end
-/// the daemon abruptly.)
-async fn reload_on_sighup(flag: Option<PathBuf>, running: String) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot watch SIGHUP");
-            return;
-        }
-    };
+/// SIGHUP (`systemctl reload bhatti`): reads the TLS certificate files
+/// again (changed files are also picked up at the next handshake), then
+/// reads the config file again the way the daemon found it and says whether
+/// it is valid and whether it differs from the one running. Nothing else is
+/// applied while running: a changed file takes effect at the next start.
+/// (Without this handler SIGHUP would end the daemon abruptly.)
+async fn reload_on_sighup(
+    mut hup: tokio::signal::unix::Signal,
+    certificates: api::tls::TlsReloader,
+    flag: Option<PathBuf>,
+    running: String,
+) {
     while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reading the TLS certificates again");
+        certificates.reload_all();
         let flag = flag.clone();
         let checked =
             tokio::task::spawn_blocking(move || api::DaemonConfig::resolve(flag.as_deref())).await;

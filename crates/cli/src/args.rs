@@ -14,6 +14,10 @@ pub struct GlobalArgs {
     /// API token (bht_…) [env: BHATTI_TOKEN; default: the config file]
     #[arg(long, global = true, value_name = "TOKEN")]
     pub token: Option<String>,
+    /// PEM file of CA certificates to trust for an https:// server, on top
+    /// of the system's [env: BHATTI_CA_FILE; default: ca_file in the config file]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ca_file: Option<String>,
     /// Print the API's JSON instead of tables (read commands)
     #[arg(long, global = true)]
     pub json: bool,

@@ -2,6 +2,7 @@
 //! typed with `api_types`, every failure turned into the server's own
 //! error message.
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -11,6 +12,8 @@ use api_types::{
 };
 use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, RETRY_AFTER};
 use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
 use serde::de::DeserializeOwned;
 
 use crate::error::{CliError, Result};
@@ -23,6 +26,9 @@ pub struct Client {
     token: Option<String>,
     /// The warning given when the server wants a newer CLI (once).
     too_old: Arc<OnceLock<String>>,
+    /// The TLS settings of `https://` (and `wss://`) connections.
+    tls: Arc<rustls::ClientConfig>,
+    ca_file: Option<PathBuf>,
 }
 
 /// Whether this CLI (`mine`) is older than the server's minimum
@@ -43,7 +49,69 @@ pub fn min_version_warning(min: &str, mine: &str) -> Option<String> {
     })
 }
 
-/// Parses and checks a server URL: `http://host[:port][/prefix]`.
+/// The roots an `https://` server's certificate must chain to: the
+/// system's (its CA bundle, `SSL_CERT_FILE` / `SSL_CERT_DIR`), plus every
+/// certificate in `ca_file`.
+pub fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(native.certs);
+    if let Some(path) = ca_file {
+        let bad = |reason: String| CliError::CaFile {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+        let certs = CertificateDer::pem_slice_iter(&pem)
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| bad(format!("not PEM certificates: {e}")))?;
+        if certs.is_empty() {
+            return Err(bad("holds no PEM certificate".into()));
+        }
+        for c in certs {
+            roots
+                .add(c)
+                .map_err(|e| bad(format!("not a usable CA certificate: {e}")))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| CliError::Remote(format!("TLS setup: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Why a connection failed, if it was the server's certificate: the
+/// rustls reason (`UnknownIssuer`, `NotValidForName`, …).
+pub fn untrusted_reason(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(rustls::Error::InvalidCertificate(c)) = err.downcast_ref::<rustls::Error>() {
+            return Some(format!("{c:?}"));
+        }
+        if let Some(inner) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            if let Some(rustls::Error::InvalidCertificate(c)) =
+                inner.downcast_ref::<rustls::Error>()
+            {
+                return Some(format!("{c:?}"));
+            }
+        }
+        let text = err.to_string();
+        if let Some(at) = text.find("invalid peer certificate: ") {
+            return Some(text[at + "invalid peer certificate: ".len()..].to_string());
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// Parses and checks a server URL: `http[s]://host[:port][/prefix]`.
 pub fn parse_base_url(url: &str) -> Result<Url> {
     let bad = |reason: &str| CliError::BadUrl {
         url: url.to_string(),
@@ -51,13 +119,8 @@ pub fn parse_base_url(url: &str) -> Result<Url> {
     };
     let mut u = Url::parse(url).map_err(|e| bad(&e.to_string()))?;
     match u.scheme() {
-        "http" => {}
-        "https" => {
-            return Err(bad(
-                "https is not supported by this build; use http:// (the daemon speaks plain HTTP)",
-            ))
-        }
-        _ => return Err(bad("expected http://HOST:PORT")),
+        "http" | "https" => {}
+        _ => return Err(bad("expected http://HOST:PORT or https://HOST[:PORT]")),
     }
     if u.query().is_some() || u.fragment().is_some() {
         return Err(bad("expected no query or fragment"));
@@ -95,9 +158,17 @@ pub fn error_message(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> St
 
 impl Client {
     pub fn new(url: &str, token: Option<String>) -> Result<Client> {
+        Client::with_ca(url, token, None)
+    }
+
+    /// A client that also trusts the CA certificates in `ca_file` (PEM)
+    /// for an `https://` server.
+    pub fn with_ca(url: &str, token: Option<String>, ca_file: Option<&Path>) -> Result<Client> {
         let base = parse_base_url(url)?;
+        let tls = tls_config(ca_file)?;
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
+            .tls_backend_preconfigured(tls.clone())
             .build()
             .map_err(|source| CliError::Request {
                 url: url.to_string(),
@@ -108,7 +179,41 @@ impl Client {
             base,
             token,
             too_old: Arc::new(OnceLock::new()),
+            tls: Arc::new(tls),
+            ca_file: ca_file.map(Path::to_path_buf),
         })
+    }
+
+    /// The CA file given, if any.
+    pub fn ca_file(&self) -> Option<&Path> {
+        self.ca_file.as_deref()
+    }
+
+    /// Opens a WebSocket (`ws://`, or `wss://` with this client's TLS
+    /// settings).
+    pub async fn websocket(
+        &self,
+        url: &str,
+        req: tokio_tungstenite::tungstenite::handshake::client::Request,
+    ) -> Result<
+        tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+    > {
+        let connector = tokio_tungstenite::Connector::Rustls(self.tls.clone());
+        let (ws, _) =
+            tokio_tungstenite::connect_async_tls_with_config(req, None, false, Some(connector))
+                .await
+                .map_err(|e| {
+                    if let Some(reason) = untrusted_reason(&e) {
+                        return CliError::Untrusted {
+                            url: self.base_str(),
+                            reason,
+                        };
+                    }
+                    crate::shell::ws_error(url, e)
+                })?;
+        Ok(ws)
     }
 
     /// The too-old warning, once a server asked for a newer CLI.
@@ -181,6 +286,12 @@ impl Client {
 
     /// A failure below HTTP: connection refused, reset, timed out.
     pub fn transport_error(&self, e: reqwest::Error) -> CliError {
+        if let Some(reason) = untrusted_reason(&e) {
+            return CliError::Untrusted {
+                url: self.base_str(),
+                reason,
+            };
+        }
         if e.is_connect() {
             let mut reason = e.to_string();
             let mut src = std::error::Error::source(&e);
@@ -473,19 +584,21 @@ impl Client {
         self.send(rb).await.map(drop)
     }
 
-    /// The `ws://` URL of a raw TCP tunnel to `port` in a sandbox.
+    /// The `ws://` (`wss://` for an https server) URL of a raw TCP
+    /// tunnel to `port` in a sandbox.
     pub fn tunnel_url(&self, name: &str, port: u16) -> Url {
-        let mut u = self.url(&["sandboxes", name, "tunnel", &port.to_string()]);
-        u.set_scheme("ws")
-            .expect("http and ws are both special schemes");
-        u
+        self.ws_url(self.url(&["sandboxes", name, "tunnel", &port.to_string()]))
     }
 
-    /// The `ws://` URL of a sandbox's shell.
+    /// The `ws://` (`wss://`) URL of a sandbox's shell.
     pub fn shell_url(&self, name: &str) -> Url {
-        let mut u = self.url(&["sandboxes", name, "ws"]);
-        u.set_scheme("ws")
-            .expect("http and ws are both special schemes");
+        self.ws_url(self.url(&["sandboxes", name, "ws"]))
+    }
+
+    fn ws_url(&self, mut u: Url) -> Url {
+        let scheme = if u.scheme() == "https" { "wss" } else { "ws" };
+        u.set_scheme(scheme)
+            .expect("http(s) and ws(s) are all special schemes");
         u
     }
 }
@@ -507,10 +620,17 @@ mod tests {
             parse_base_url("127.0.0.1:8700"),
             Err(CliError::BadUrl { .. })
         ));
-        assert!(parse_base_url("https://h")
+        assert_eq!(parse_base_url("https://h").unwrap().as_str(), "https://h/");
+        assert!(parse_base_url("ftp://h").is_err());
+        let c = Client::new("https://h:1/api", None).unwrap();
+        assert_eq!(
+            c.shell_url("demo").as_str(),
+            "wss://h:1/api/sandboxes/demo/ws"
+        );
+        let e = Client::with_ca("https://h", None, Some(Path::new("/nonexistent/ca.pem")))
             .unwrap_err()
-            .to_string()
-            .contains("https"));
+            .to_string();
+        assert!(e.contains("/nonexistent/ca.pem"), "{e}");
         assert!(parse_base_url("http://h/?x=1").is_err());
     }
 

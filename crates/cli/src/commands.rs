@@ -37,9 +37,14 @@ pub fn run(global: GlobalArgs, command: Command, app: fn() -> clap::Command) -> 
     let flags = Layer {
         url: global.url.clone(),
         token: global.token.clone(),
+        ca_file: global.ca_file.clone(),
     };
     let settings = config::resolve(&flags, &config::env_layer(env), &file);
-    let client = Client::new(&settings.url, settings.token.clone())?;
+    let client = Client::with_ca(
+        &settings.url,
+        settings.token.clone(),
+        settings.ca_file.as_deref().map(std::path::Path::new),
+    )?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -259,6 +264,11 @@ impl Ctx {
         let layer = Layer {
             url: Some(url.clone()),
             token: c.token().ok().map(String::from),
+            // Absolute: the file is read from wherever the CLI runs.
+            ca_file: c
+                .ca_file()
+                .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()))
+                .map(|p| p.display().to_string()),
         };
         config::save(path, &layer)?;
         print(&format!(

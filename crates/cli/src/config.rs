@@ -16,6 +16,7 @@ use crate::error::{CliError, Result};
 pub const DEFAULT_URL: &str = "http://127.0.0.1:8700";
 pub const ENV_URL: &str = "BHATTI_URL";
 pub const ENV_TOKEN: &str = "BHATTI_TOKEN";
+pub const ENV_CA_FILE: &str = "BHATTI_CA_FILE";
 
 /// One source of settings; also the config file's format.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,6 +26,10 @@ pub struct Layer {
     pub url: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// A PEM file of CA certificates trusted for `https://` servers, on
+    /// top of the system's roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
 }
 
 /// The settings a command runs with.
@@ -32,6 +37,7 @@ pub struct Layer {
 pub struct Settings {
     pub url: String,
     pub token: Option<String>,
+    pub ca_file: Option<String>,
 }
 
 /// Merges the layers, first that has a value wins: flags, env, file.
@@ -44,6 +50,7 @@ pub fn resolve(flags: &Layer, env: &Layer, file: &Layer) -> Settings {
     Settings {
         url: pick(|l| &l.url).unwrap_or_else(|| DEFAULT_URL.to_string()),
         token: pick(|l| &l.token),
+        ca_file: pick(|l| &l.ca_file),
     }
 }
 
@@ -53,6 +60,7 @@ pub fn env_layer(get: impl Fn(&str) -> Option<String>) -> Layer {
     Layer {
         url: var(ENV_URL),
         token: var(ENV_TOKEN),
+        ca_file: var(ENV_CA_FILE),
     }
 }
 
@@ -128,6 +136,7 @@ mod tests {
         Layer {
             url: url.map(Into::into),
             token: token.map(Into::into),
+            ca_file: None,
         }
     }
 

@@ -82,6 +82,12 @@ pub enum CliError {
         url: String,
         source: Box<tokio_tungstenite::tungstenite::Error>,
     },
+    #[error("the CA file {}: {reason}", path.display())]
+    CaFile { path: PathBuf, reason: String },
+    #[error(
+        "the server at {url} presented a certificate this client does not trust ({reason}).\nPass the CA that signed it: --ca-file FILE, BHATTI_CA_FILE=FILE, or ca_file = \"FILE\" in the config file."
+    )]
+    Untrusted { url: String, reason: String },
     #[error("the shell socket closed before the session was attached")]
     ShellClosed,
     #[error("local connection: {0}")]
@@ -99,6 +105,7 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::NoToken
+            | CliError::CaFile { .. }
             | CliError::BadUrl { .. }
             | CliError::NoConfigDir
             | CliError::ConfigParse { .. }
@@ -123,6 +130,7 @@ impl CliError {
             | CliError::Terminal(_)
             | CliError::Runtime(_)
             | CliError::WebSocket { .. }
+            | CliError::Untrusted { .. }
             | CliError::ShellClosed
             | CliError::Bind { .. }
             | CliError::LocalConn(_) => EXIT_FAILURE,

@@ -91,9 +91,7 @@ async fn connect(client: &Client, req: &ForwardRequest) -> Result<Ws> {
     let auth = HeaderValue::from_str(&format!("Bearer {}", client.token()?))
         .map_err(|_| CliError::NoToken)?;
     wsreq.headers_mut().insert(AUTHORIZATION, auth);
-    let (ws, _) = tokio_tungstenite::connect_async(wsreq)
-        .await
-        .map_err(|e| crate::shell::ws_error(&url, e))?;
+    let ws = client.websocket(&url, wsreq).await?;
     Ok(ws)
 }
 

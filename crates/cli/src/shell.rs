@@ -139,9 +139,7 @@ pub async fn attach(
     let auth = HeaderValue::from_str(&format!("Bearer {}", client.token()?))
         .map_err(|_| CliError::NoToken)?;
     wsreq.headers_mut().insert(AUTHORIZATION, auth);
-    let (mut ws, _) = tokio_tungstenite::connect_async(wsreq)
-        .await
-        .map_err(|e| ws_error(&url, e))?;
+    let mut ws = client.websocket(&url, wsreq).await?;
 
     let open = ShellOpen {
         session: req.session.clone(),

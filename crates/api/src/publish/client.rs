@@ -172,6 +172,17 @@ impl TrustedProxies {
     /// peer, `http`, the `Host` header) — a client's own `X-Forwarded-*`
     /// would let it claim any address to the guest.
     pub fn forwarded(&self, peer: IpAddr, headers: &HeaderMap) -> Forwarded {
+        self.forwarded_as(peer, headers, "http")
+    }
+
+    /// [`TrustedProxies::forwarded`] for a socket that speaks `own_proto`
+    /// (`https` on a TLS public socket).
+    pub fn forwarded_as(
+        &self,
+        peer: IpAddr,
+        headers: &HeaderMap,
+        own_proto: &'static str,
+    ) -> Forwarded {
         let peer = peer.to_canonical();
         let trusted = self.trusts(peer);
         let passed = |name: &HeaderName| {
@@ -185,7 +196,7 @@ impl TrustedProxies {
         Forwarded {
             for_: HeaderValue::from_str(&chain.join(", "))
                 .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
-            proto: passed(&XFP).unwrap_or_else(|| HeaderValue::from_static("http")),
+            proto: passed(&XFP).unwrap_or_else(|| HeaderValue::from_static(own_proto)),
             host: passed(&XFH).or_else(|| headers.get(header::HOST).cloned()),
         }
     }

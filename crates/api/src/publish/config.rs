@@ -54,6 +54,51 @@ pub struct PublishConfig {
     /// `X-Forwarded-*` headers are ignored (and replaced towards the
     /// guest).
     pub trusted_proxies: Vec<String>,
+    /// `[publish.tls]`: HTTPS on the public socket.
+    pub tls: PublishTlsConfig,
+    /// Set by the daemon when `[acme] publish_aliases` makes the public
+    /// socket speak HTTPS (not a config key).
+    #[serde(skip)]
+    pub acme_tls: bool,
+}
+
+/// `[publish.tls]`: the public proxy's certificate (one that covers
+/// `*.<domain>` for host routes) and the plain-HTTP socket that redirects
+/// to it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PublishTlsConfig {
+    /// The certificate chain, PEM (server certificate first).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<std::path::PathBuf>,
+    /// Its private key, PEM.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<std::path::PathBuf>,
+    /// A plain-HTTP socket whose every request is redirected (308) to the
+    /// same host and path over HTTPS (`"0.0.0.0:80"`). `""` or `"none"`:
+    /// no such socket.
+    pub redirect_listen: String,
+}
+
+impl PublishTlsConfig {
+    /// The certificate and key, as the API's `[tls]` has them.
+    pub fn files(&self) -> crate::tls::TlsConfig {
+        crate::tls::TlsConfig {
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+        }
+    }
+
+    /// The redirecting socket, or `None` when it is off.
+    pub fn redirect_addr(&self) -> Result<Option<SocketAddr>, String> {
+        match self.redirect_listen.trim() {
+            "" | "none" => Ok(None),
+            s => s
+                .parse()
+                .map(Some)
+                .map_err(|e| format!("publish.tls.redirect_listen '{s}': {e}")),
+        }
+    }
 }
 
 impl Default for PublishConfig {
@@ -69,6 +114,8 @@ impl Default for PublishConfig {
             max_connections: 1024,
             max_connections_per_ip: 128,
             trusted_proxies: Vec::new(),
+            tls: PublishTlsConfig::default(),
+            acme_tls: false,
         }
     }
 }
@@ -83,6 +130,11 @@ impl PublishConfig {
                 .map(Some)
                 .map_err(|e| format!("publish.listen '{s}': {e}")),
         }
+    }
+
+    /// Whether the public socket speaks HTTPS (certificate files or ACME).
+    pub fn https(&self) -> bool {
+        self.tls.files().enabled() || self.acme_tls
     }
 
     /// Whether publishing is on.
@@ -117,6 +169,8 @@ impl PublishConfig {
             );
         }
         self.trusted()?;
+        self.tls.files().files("publish.tls")?;
+        self.tls.redirect_addr()?;
         Ok(())
     }
 
@@ -164,7 +218,11 @@ impl PublishConfig {
         let (scheme, authority, prefix) = match self.public_url.as_deref().map(split_url) {
             Some(Ok(parts)) => parts,
             _ => (
-                "http".to_string(),
+                if self.https() {
+                    "https".to_string()
+                } else {
+                    "http".to_string()
+                },
                 self.listen.trim().to_string(),
                 String::new(),
             ),

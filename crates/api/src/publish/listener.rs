@@ -160,11 +160,28 @@ async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
 }
 
 /// How the listener serves.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ListenConfig {
     pub header_read_timeout: Duration,
     pub limits: Arc<ConnLimits>,
+    /// HTTPS: connections must start with a TLS handshake (done within
+    /// `header_read_timeout`); a plain-HTTP one gets a short 400.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
+
+impl std::fmt::Debug for ListenConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenConfig")
+            .field("header_read_timeout", &self.header_read_timeout)
+            .field("limits", &self.limits)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+/// A connection's stream, plain or TLS.
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
 /// Serves `app` on `listener` until `stop` turns true (or its sender is
 /// dropped); then stops accepting, closes idle connections, lets requests
@@ -208,15 +225,33 @@ pub async fn serve(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let io = TokioIo::new(Admitted { tcp, _slot: slot });
         let inner = TowerToHyperService::new(app.clone());
         let service = hyper::service::service_fn(move |mut req| {
             req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
             inner.call(req)
         });
-        let conn = http.serve_connection(io, service).with_upgrades();
         let mut stop = stop.clone();
+        let http = http.clone();
+        let tls = config.tls.clone();
+        let deadline = config.header_read_timeout;
         conns.spawn(async move {
+            let io: Box<dyn Io> = match tls {
+                None => Box::new(Admitted { tcp, _slot: slot }),
+                Some(acceptor) => {
+                    let wrap = |tcp| Admitted { tcp, _slot: slot };
+                    match crate::tls::accept(&acceptor, tcp, wrap, deadline).await {
+                        Ok(Some(tls)) => Box::new(tls),
+                        Ok(None) => return,
+                        Err(e) => {
+                            tracing::debug!(%peer, error = %e, "public TLS handshake failed");
+                            return;
+                        }
+                    }
+                }
+            };
+            let conn = http
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades();
             tokio::pin!(conn);
             let ended = tokio::select! {
                 ended = conn.as_mut() => ended,

@@ -11,6 +11,7 @@ pub mod gate;
 pub mod listener;
 pub mod origin;
 pub mod public;
+pub mod redirect;
 pub mod route;
 
 pub use config::PublishConfig;

@@ -81,6 +81,7 @@ pub fn router(state: PublicState) -> Router {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: PublicState,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let limiter = state.limiter.clone();
@@ -99,6 +100,7 @@ pub async fn serve(
             p.max_connections_per_ip,
             state.trusted.clone(),
         ),
+        tls,
     };
     let served = super::listener::serve(listener, router(state), config, stop).await;
     pruner.abort();
@@ -215,7 +217,12 @@ async fn handle(State(s): State<PublicState>, req: Request) -> Response {
     // Where the guest's paths are for the caller; never the caller's word.
     // Nor who the caller is: X-Forwarded-* as this proxy vouches for them.
     let mut req = req;
-    let forwarded = s.trusted.forwarded(peer, req.headers());
+    let own_proto = if s.config.publish.https() {
+        "https"
+    } else {
+        "http"
+    };
+    let forwarded = s.trusted.forwarded_as(peer, req.headers(), own_proto);
     req.extensions_mut().insert(forwarded);
     let forwarded_prefix = header::HeaderName::from_static("x-forwarded-prefix");
     req.headers_mut().remove(&forwarded_prefix);

@@ -24,18 +24,125 @@ pub struct ApiBenchArgs {
     /// The bench's own subnet.
     #[arg(long, default_value = "10.213.0.0/24")]
     subnet: String,
+    /// Serve the API over HTTPS (a certificate made for the run) and
+    /// compare exec over HTTPS with exec over plain HTTP (a second socket
+    /// on the same daemon); the last line is
+    /// `api_tls_overhead_ratio_p50=<https ÷ http>`.
+    #[arg(long)]
+    tls: bool,
 }
 
 pub fn run(args: ApiBenchArgs) -> anyhow::Result<()> {
     if args.iterations == 0 {
         bail!("--iterations must be at least 1");
     }
-    let daemon = super::ScratchDaemon::new("api", 'a', &args.data_dir, &args.subnet, &args.image)?;
+    let mut daemon =
+        super::ScratchDaemon::new("api", 'a', &args.data_dir, &args.subnet, &args.image)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
+    if args.tls {
+        let pki = tempfile::Builder::new()
+            .prefix("bhatti-bench-tls-")
+            .tempdir()?;
+        let cert = self_signed(pki.path())?;
+        daemon.config.tls = api::tls::TlsConfig {
+            cert_file: Some(pki.path().join("cert.pem")),
+            key_file: Some(pki.path().join("key.pem")),
+        };
+        return rt.block_on(measure_tls(daemon.config.clone(), args.iterations, cert));
+    }
     rt.block_on(measure(daemon.config.clone(), args.iterations))
+}
+
+/// A self-signed certificate for 127.0.0.1 in `dir` (`cert.pem`,
+/// `key.pem`); its PEM.
+fn self_signed(dir: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    let key = rcgen::KeyPair::generate()?;
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])?.self_signed(&key)?;
+    std::fs::write(dir.join("cert.pem"), cert.pem())?;
+    std::fs::write(dir.join("key.pem"), key.serialize_pem())?;
+    Ok(cert.pem().into_bytes())
+}
+
+/// `bench api --tls`: exec `true` through the same daemon over HTTPS and
+/// over plain HTTP, interleaved; on kept-alive connections (the steady
+/// state of an SDK) and on a new connection per request (what one CLI
+/// command pays, the handshake included).
+async fn measure_tls(config: api::DaemonConfig, n: usize, cert: Vec<u8>) -> anyhow::Result<()> {
+    let d = super::BenchDaemon::start(config, "api --tls", n, "operation").await?;
+    let (tls_base, key) = (d.base.clone(), d.key.clone());
+    let plain_base = d
+        .plain_base
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("the daemon has no plain socket"))?;
+    let client = |fresh: bool| {
+        let mut b =
+            reqwest::Client::builder().tls_certs_only([reqwest::Certificate::from_pem(&cert)?]);
+        if fresh {
+            b = b.pool_max_idle_per_host(0);
+        }
+        anyhow::Ok(b.build()?)
+    };
+    let (kept, fresh) = (client(false)?, client(true)?);
+    let t = Instant::now();
+    let _agent = d.create_sandbox(&kept).await?;
+    println!(
+        "sandbox created in {:.0} ms (over HTTPS)",
+        t.elapsed().as_secs_f64() * 1000.0
+    );
+    let exec_body = json!({"cmd": ["true"]});
+    let exec = |http: &reqwest::Client, base: &str| {
+        http.post(format!("{base}/sandboxes/bench/exec"))
+            .bearer_auth(&key)
+            .json(&exec_body)
+            .send()
+    };
+    async fn timed(
+        rb: impl std::future::Future<Output = reqwest::Result<reqwest::Response>>,
+    ) -> anyhow::Result<Duration> {
+        let t = Instant::now();
+        let v: serde_json::Value = rb.await?.error_for_status()?.json().await?;
+        let took = t.elapsed();
+        if v["exit_code"] != 0 {
+            bail!("`true` failed through the API: {v}");
+        }
+        Ok(took)
+    }
+    for _ in 0..10 {
+        timed(exec(&kept, &tls_base)).await?;
+        timed(exec(&kept, &plain_base)).await?;
+    }
+    let (mut https, mut http, mut https_new, mut http_new) = (
+        Samples::default(),
+        Samples::default(),
+        Samples::default(),
+        Samples::default(),
+    );
+    for _ in 0..n {
+        // Interleaved, so drift hits both alike.
+        https.push(timed(exec(&kept, &tls_base)).await?);
+        http.push(timed(exec(&kept, &plain_base)).await?);
+        https_new.push(timed(exec(&fresh, &tls_base)).await?);
+        http_new.push(timed(exec(&fresh, &plain_base)).await?);
+    }
+    println!("{}", header().replace("raw", "http"));
+    println!("{}", row("exec true, HTTPS vs HTTP", &https, &http));
+    println!(
+        "{}",
+        row("exec true, new connection each", &https_new, &http_new)
+    );
+    d.finish(&kept).await?;
+    println!(
+        "api_tls_overhead_ratio_p50_new_connection={:.3}",
+        https_new.p50().as_secs_f64() / http_new.p50().as_secs_f64().max(1e-9)
+    );
+    println!(
+        "api_tls_overhead_ratio_p50={:.3}",
+        https.p50().as_secs_f64() / http.p50().as_secs_f64().max(1e-9)
+    );
+    Ok(())
 }
 
 async fn measure(config: api::DaemonConfig, n: usize) -> anyhow::Result<()> {

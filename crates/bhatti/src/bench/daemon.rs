@@ -80,8 +80,12 @@ impl Drop for ScratchDaemon {
 /// [`BenchDaemon::create_sandbox`]) a sandbox `bench`.
 #[derive(Debug)]
 pub struct BenchDaemon {
-    /// `http://<the daemon's address>`.
+    /// `http://<the daemon's address>` (`https://` when `[tls]` is set).
     pub base: String,
+    /// With `[tls]`: `http://<addr>` of a second, plain socket serving
+    /// the same router and state (`bench api --tls` compares the two).
+    pub plain_base: Option<String>,
+    plain: Option<tokio::task::JoinHandle<()>>,
     /// The user's API key.
     pub key: String,
     pub user: store::UserRecord,
@@ -117,12 +121,33 @@ impl BenchDaemon {
         };
         let (user, key) = api::users::create_user(&store, "bench", quotas)?;
         let service = daemon.state.service.clone();
+        let tls = daemon.api_tls();
+        let (plain_base, plain) = if tls {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let plain_addr = listener.local_addr()?;
+            let app = api::routes::router(daemon.state.clone())
+                .into_make_service_with_connect_info::<std::net::SocketAddr>();
+            // As the daemon's own socket: TCP_NODELAY on every connection.
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            let task = tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    eprintln!("warning: the plain bench socket failed: {e}");
+                }
+            });
+            (Some(format!("http://{plain_addr}")), Some(task))
+        } else {
+            (None, None)
+        };
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(daemon.serve(async {
             let _ = stop_rx.await;
         }));
         Ok(BenchDaemon {
-            base: format!("http://{addr}"),
+            base: format!("{}://{addr}", if tls { "https" } else { "http" }),
+            plain_base,
+            plain,
             key,
             user,
             service,
@@ -167,6 +192,9 @@ impl BenchDaemon {
         }
         let _ = self.stop.send(());
         self.server.await??;
+        if let Some(plain) = self.plain {
+            plain.abort();
+        }
         Ok(())
     }
 }
