@@ -20,6 +20,10 @@ pub struct ServeArgs {
     /// `auto`, `firecracker`, `qemu-kvm` or `qemu-tcg`; overrides the config.
     #[arg(long)]
     engine: Option<String>,
+    /// Guest architecture, `amd64` or `arm64` (default: the host's);
+    /// overrides the config.
+    #[arg(long)]
+    arch: Option<String>,
     /// Remove bhatti's firewall rules from this host and exit.
     #[arg(long)]
     cleanup: bool,
@@ -47,6 +51,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(e) = args.engine {
         config.engine = e;
+    }
+    if let Some(a) = args.arch {
+        config.arch = a;
     }
     config.validate()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
