@@ -241,19 +241,25 @@ impl ImageBuilder {
         }
         self.detail(Step::Kernel, format!("downloading {package}"));
         let info = build_kernel(&self.apt, &self.layout, &package)?;
-        Ok((
-            Outcome::Built,
-            format!(
-                "{} ({}, {} payload, PVH entry {}, {} modules)",
+        let summary = match info.compression {
+            Some(c) => format!(
+                "{} ({}, {:?} payload, PVH entry {}, {} modules)",
                 package,
                 info.release,
-                info.compression
-                    .map_or("Image".to_string(), |c| format!("{c:?}")),
+                c,
                 info.pvh_entry
                     .map_or("none".to_string(), |e| format!("{e:#x}")),
                 info.modules
             ),
-        ))
+            None => format!(
+                "{} ({}, {} kernel Image, {} modules)",
+                package,
+                info.release,
+                self.layout.arch(),
+                info.modules
+            ),
+        };
+        Ok((Outcome::Built, summary))
     }
 
     fn initramfs(&self, opts: &BuildOptions) -> Result<(Outcome, String)> {

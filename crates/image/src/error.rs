@@ -66,7 +66,7 @@ pub enum Error {
     },
     /// The minimal tier runs Debian's maintainer scripts, which need the
     /// guest's architecture to execute on this host.
-    #[error("the minimal image cannot be built for {arch} on this host: mmdebstrap runs {arch} maintainer scripts, which needs {arch} binaries to execute here (qemu-user with binfmt_misc, absent); build the tiny tier, or build on an {arch} host")]
+    #[error("the minimal image cannot be built for {arch} on this host: mmdebstrap runs {arch} maintainer scripts, which needs {arch} binaries to execute on this host (qemu-user registered in binfmt_misc), and bhatti does not set that up; build the tiny tier here, or build minimal on an {arch} host")]
     ForeignMinimal {
         /// The guest architecture.
         arch: crate::layout::Arch,
