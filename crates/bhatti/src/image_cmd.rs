@@ -92,6 +92,7 @@ fn build(args: BuildArgs) -> anyhow::Result<()> {
             format!("lohar-{arch}")
         });
     let lohar = find_static_lohar(
+        arch,
         args.lohar,
         std::env::var_os(lohar_static_env(arch)).map(PathBuf::from),
         &beside,
@@ -161,26 +162,33 @@ impl ImageProgress for Lines {
     }
 }
 
-/// The lohar for the initramfs: `explicit` (`--lohar`), else `from_env`
-/// (`$BHATTI_LOHAR_STATIC`), else `beside` (next to this binary) if it is
-/// statically linked. An explicit choice that is missing or dynamic is an
-/// error, never silently replaced.
+/// The lohar for `arch`'s initramfs: `explicit` (`--lohar`), else
+/// `from_env` (`$BHATTI_LOHAR_STATIC`, `$BHATTI_LOHAR_STATIC_ARM64`), else
+/// `beside` (next to this binary) if it is statically linked. An explicit
+/// choice that is missing or dynamic is an error, never silently replaced.
 pub fn find_static_lohar(
+    arch: Arch,
     explicit: Option<PathBuf>,
     from_env: Option<PathBuf>,
     beside: &Path,
 ) -> anyhow::Result<PathBuf> {
-    const HOW: &str = "build one with scripts/build-lohar.sh (it prints its path) and pass it \
-                       with --lohar PATH or $BHATTI_LOHAR_STATIC";
+    let env = lohar_static_env(arch);
+    let how = match arch {
+        Arch::Amd64 => "scripts/build-lohar.sh",
+        Arch::Arm64 => "scripts/build-lohar.sh arm64",
+    };
+    let how = format!(
+        "build one with {how} (it prints its path) and pass it with --lohar PATH or ${env}"
+    );
     if let Some((p, origin)) = explicit
         .map(|p| (p, "--lohar"))
-        .or_else(|| from_env.map(|p| (p, LOHAR_STATIC_ENV)))
+        .or_else(|| from_env.map(|p| (p, env)))
     {
         let is_static =
             is_static_elf(&p).with_context(|| format!("{origin}: cannot read {}", p.display()))?;
         if !is_static {
             bail!(
-                "{origin}: {} is dynamically linked; the initramfs has no libraries: {HOW}",
+                "{origin}: {} is dynamically linked; the initramfs has no libraries: {how}",
                 p.display()
             );
         }
@@ -189,10 +197,10 @@ pub fn find_static_lohar(
     match is_static_elf(beside) {
         Ok(true) => Ok(beside.to_path_buf()),
         Ok(false) => bail!(
-            "{} is dynamically linked and cannot run as the guest's /init: {HOW}",
+            "{} is dynamically linked and cannot run as the guest's /init: {how}",
             beside.display()
         ),
-        Err(_) => bail!("no static lohar found (none beside this binary): {HOW}"),
+        Err(_) => bail!("no static lohar found (none beside this binary): {how}"),
     }
 }
 
@@ -311,7 +319,12 @@ mod tests {
         let none = d.path().join("none");
 
         let pick = |e: Option<&Path>, env: Option<&Path>, beside: &Path| {
-            find_static_lohar(e.map(Path::to_path_buf), env.map(Path::to_path_buf), beside)
+            find_static_lohar(
+                Arch::Amd64,
+                e.map(Path::to_path_buf),
+                env.map(Path::to_path_buf),
+                beside,
+            )
         };
         assert_eq!(pick(Some(&stat), Some(&dynamic), &none).unwrap(), stat);
         assert_eq!(pick(None, Some(&stat), &dynamic).unwrap(), stat);
@@ -324,5 +337,11 @@ mod tests {
             let e = pick(None, None, beside).unwrap_err();
             assert!(format!("{e:#}").contains("scripts/build-lohar.sh"), "{e:#}");
         }
+        let e = find_static_lohar(Arch::Arm64, None, None, &none).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("build-lohar.sh arm64")
+                && format!("{e:#}").contains(LOHAR_STATIC_ARM64_ENV),
+            "{e:#}"
+        );
     }
 }
