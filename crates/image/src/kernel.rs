@@ -280,3 +280,36 @@ pub fn build_kernel(apt: &Apt, layout: &Layout, package: &PackageRef) -> Result<
         modules: index.modules.len(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pretend arm64 Image: header magic at 0x38 and a version banner.
+    fn image(release: &str) -> Vec<u8> {
+        let mut v = vec![0u8; 64];
+        v[..2].copy_from_slice(b"MZ");
+        v[0x38..0x3c].copy_from_slice(b"ARM\x64");
+        v.extend_from_slice(format!("Linux version {release} (debian-kernel@…)").as_bytes());
+        v
+    }
+
+    #[test]
+    fn arm64_images_are_checked_and_gzip_is_undone() {
+        let p = Path::new("/x/vmlinuz");
+        let rel = "6.1.0-57-cloud-arm64";
+        let plain = image(rel);
+        assert_eq!(arm64_image(&plain, p, rel).unwrap(), plain);
+        let gz = crate::cmd::run_with_input(std::process::Command::new("gzip").arg("-c"), &plain)
+            .unwrap();
+        assert_eq!(arm64_image(&gz, p, rel).unwrap(), plain);
+        let e = arm64_image(&plain, p, "6.1.0-58-cloud-arm64").unwrap_err();
+        assert!(e.to_string().contains("does not name"), "{e}");
+        let mut x86 = plain.clone();
+        x86[0x38..0x3c].copy_from_slice(b"\0\0\0\0");
+        let e = arm64_image(&x86, p, rel).unwrap_err();
+        assert!(e.to_string().contains("magic"), "{e}");
+        assert!(arm64_image(b"MZ", p, rel).is_err());
+        assert_eq!(kernel_meta_package(Arch::Arm64), "linux-image-cloud-arm64");
+    }
+}
