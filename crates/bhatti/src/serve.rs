@@ -60,12 +60,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
+    let arch = config.guest_arch()?;
     rt.block_on(async move {
         let daemon = api::Daemon::start(config).await?;
         let addr = daemon.local_addr()?;
         let h = &daemon.state.health;
         println!(
-            "bhatti {} serving on http://{addr}\nengine: {} ({}) — {}",
+            "bhatti {} serving on http://{addr}\nengine: {} ({}, {arch} guests) — {}",
             h.version,
             h.engine,
             h.accelerator.to_uppercase(),
