@@ -21,10 +21,23 @@ packages=(
   curl systemd      # the installer test: downloads bundles with curl, checks the unit with systemd-analyze
   chromium          # the browser crates/api/tests/share.rs drives (Playwright, below)
   fonts-dejavu-core # a monospace font for the browser terminal
+  # arm64: the engine for arm64 guests (TCG), and the cross-builds of the
+  # static aarch64 lohar and of bhatti with Debian's own Rust (the pinned
+  # rustup toolchain has no aarch64 std and cannot fetch one here)
+  qemu-system-arm
+  rustc-web gcc-aarch64-linux-gnu libc6-dev-arm64-cross
+  libstd-rust-web-dev:arm64 libsqlite3-dev:arm64
 )
 # npm checks web/vendor/ against the pinned xterm.js packages (below);
 # Debian's unless a Node.js that brings its own is installed.
 command -v npm >/dev/null || packages+=(npm)
+# The :arm64 packages above come from Debian's arm64 archive.
+if [ "$(dpkg --print-architecture)" != arm64 ] &&
+   [[ $'\n'$(dpkg --print-foreign-architectures)$'\n' != *$'\narm64\n'* ]]; then
+  echo "test.sh: dpkg --add-architecture arm64"
+  dpkg --add-architecture arm64
+  apt-get update -qq
+fi
 missing=()
 for p in "${packages[@]}"; do
   # No `| grep -q` under pipefail: grep may exit before the writer is done.
@@ -90,11 +103,20 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
-echo "== build (host binaries, and the static lohar for the guest initramfs)"
+echo "== build (host binaries, and the static lohars for the guest initramfs: amd64, arm64)"
 cargo build --workspace --quiet
-bash scripts/build-lohar.sh
+export BHATTI_LOHAR_STATIC; BHATTI_LOHAR_STATIC=$(bash scripts/build-lohar.sh)
+export BHATTI_LOHAR_STATIC_ARM64; BHATTI_LOHAR_STATIC_ARM64=$(bash scripts/build-lohar.sh arm64)
+echo "== cross-build check: bhatti for aarch64-unknown-linux-gnu (Debian's rustc, libsqlite3-dev:arm64)"
+started=$SECONDS
+RUSTC=/usr/bin/rustc \
+CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
+PKG_CONFIG_ALLOW_CROSS=1 \
+PKG_CONFIG_LIBDIR=/usr/lib/aarch64-linux-gnu/pkgconfig:/usr/share/pkgconfig \
+  cargo build --quiet -p bhatti --target aarch64-unknown-linux-gnu
+echo "bhatti for aarch64 built in $((SECONDS - started)) s"
 echo "== test images (built before the suites, outside every test namespace)"
-cargo run --quiet -p bhatti-testkit --bin prepare-test-images -- tiny minimal
+cargo run --quiet -p bhatti-testkit --bin prepare-test-images -- tiny minimal arm64:tiny
 echo "== cargo test"
 # --no-fail-fast: one broken suite must not hide the others.
 # BHATTI_TESTS_MUST_RUN: a VM or namespace test that cannot run here fails

@@ -79,6 +79,10 @@ pub struct DaemonConfig {
     pub listen: SocketAddr,
     /// `auto`, `firecracker`, `qemu-kvm` or `qemu-tcg`.
     pub engine: String,
+    /// The guests' architecture, `amd64` or `arm64` (the host's by
+    /// default). Another than the host's runs on QEMU+TCG, from the images
+    /// `bhatti image build --arch <arch>` built.
+    pub arch: String,
     pub limits: LimitsConfig,
     pub thermal: ThermalConfig,
     pub network: NetworkConfig,
@@ -271,6 +275,7 @@ impl Default for DaemonConfig {
             data_dir: PathBuf::from("/var/lib/bhatti"),
             listen: SocketAddr::from(([127, 0, 0, 1], 8700)),
             engine: "auto".into(),
+            arch: vmm::Arch::host_or_default().name().into(),
             limits: LimitsConfig::default(),
             thermal: ThermalConfig::default(),
             network: NetworkConfig::default(),
@@ -478,6 +483,7 @@ impl DaemonConfig {
                 self.engine
             ));
         }
+        self.guest_arch()?;
         self.network
             .group_networks()
             .map_err(ConfigError::Invalid)?;
@@ -517,6 +523,16 @@ impl DaemonConfig {
             }
         }
         Ok(())
+    }
+
+    /// The parsed `arch`.
+    pub fn guest_arch(&self) -> Result<vmm::Arch, ConfigError> {
+        vmm::Arch::parse(&self.arch).ok_or_else(|| {
+            ConfigError::Invalid(format!(
+                "arch '{}' is not one of amd64 (x86_64), arm64 (aarch64)",
+                self.arch
+            ))
+        })
     }
 
     pub fn db_path(&self) -> PathBuf {
@@ -683,6 +699,7 @@ mod tests {
             ("listen = \"127.0.0.1\"", "listen"),
             ("data_dir = \"\"", "data_dir"),
             ("engine = \"vmware\"", "engine"),
+            ("arch = \"riscv64\"", "arch 'riscv64'"),
             ("[network]\nuser_prefix = 300", "network.user_prefix"),
             ("[network]\nuser_prefix = 33", "network"),
             ("[network]\nrange = \"10.0.0.0/40\"", "network.range"),

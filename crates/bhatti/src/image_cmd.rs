@@ -8,11 +8,22 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use image::{
-    BuildOptions, ImageBuilder, ImageProgress, Layout, Outcome, ProgressEvent, Selection, Tier,
+    Arch, BuildOptions, ImageBuilder, ImageProgress, Layout, Outcome, ProgressEvent, Selection,
+    Tier,
 };
 
-/// Environment variable naming the static lohar for the initramfs.
+/// Environment variable naming the static lohar for amd64 initramfses.
 pub const LOHAR_STATIC_ENV: &str = "BHATTI_LOHAR_STATIC";
+/// Environment variable naming the static lohar for arm64 initramfses.
+pub const LOHAR_STATIC_ARM64_ENV: &str = "BHATTI_LOHAR_STATIC_ARM64";
+
+/// The environment variable naming the static lohar for `arch` guests.
+pub fn lohar_static_env(arch: Arch) -> &'static str {
+    match arch {
+        Arch::Amd64 => LOHAR_STATIC_ENV,
+        Arch::Arm64 => LOHAR_STATIC_ARM64_ENV,
+    }
+}
 
 #[derive(Debug, clap::Subcommand)]
 pub enum ImageCommand {
@@ -51,8 +62,16 @@ pub struct BuildArgs {
     /// Rebuild even what is cached and current.
     #[arg(long)]
     force: bool,
+    /// Guest architecture: amd64 or arm64 (default: the host's). Another
+    /// than the host's builds into DIR/images/<arch>/ from Debian's
+    /// packages of that architecture (`dpkg --add-architecture` first);
+    /// only the tiny tier can be built for a foreign architecture.
+    #[arg(long, value_name = "ARCH")]
+    arch: Option<Arch>,
     /// The statically linked lohar to put in the initramfs (default:
-    /// $BHATTI_LOHAR_STATIC, else a static `lohar` beside this binary).
+    /// $BHATTI_LOHAR_STATIC for amd64, $BHATTI_LOHAR_STATIC_ARM64 for
+    /// arm64, else a static `lohar` beside this binary — `lohar-<arch>`
+    /// for an architecture other than the host's).
     #[arg(long, value_name = "PATH")]
     lohar: Option<PathBuf>,
 }
@@ -64,21 +83,39 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<()> {
 }
 
 fn build(args: BuildArgs) -> anyhow::Result<()> {
+    let arch = args.arch.unwrap_or_else(Arch::host_or_default);
     let beside = std::env::current_exe()
         .context("locating this binary")?
-        .with_file_name("lohar");
+        .with_file_name(if arch.is_host() {
+            "lohar".to_string()
+        } else {
+            format!("lohar-{arch}")
+        });
     let lohar = find_static_lohar(
+        arch,
         args.lohar,
-        std::env::var_os(LOHAR_STATIC_ENV).map(PathBuf::from),
+        std::env::var_os(lohar_static_env(arch)).map(PathBuf::from),
         &beside,
     )?;
+    let machine = elf_arch(&lohar)?;
+    if machine != Some(arch) {
+        bail!(
+            "{} is built for {}, not for {arch} guests: pass a static lohar built for {} \
+             (--lohar PATH or ${})",
+            lohar.display(),
+            machine.map_or("another machine", Arch::name),
+            arch.rust_target(),
+            lohar_static_env(arch)
+        );
+    }
+    let layout = Layout::for_arch(&args.data_dir, arch);
     println!(
-        "building images into {} (lohar: {})",
-        args.data_dir.display(),
+        "building {arch} images into {} (lohar: {})",
+        layout.images_dir().display(),
         lohar.display()
     );
     let started = Instant::now();
-    let report = ImageBuilder::new(Layout::new(&args.data_dir))
+    let report = ImageBuilder::new(layout)
         .with_progress(Lines)
         .build(
             args.tier,
@@ -125,26 +162,33 @@ impl ImageProgress for Lines {
     }
 }
 
-/// The lohar for the initramfs: `explicit` (`--lohar`), else `from_env`
-/// (`$BHATTI_LOHAR_STATIC`), else `beside` (next to this binary) if it is
-/// statically linked. An explicit choice that is missing or dynamic is an
-/// error, never silently replaced.
+/// The lohar for `arch`'s initramfs: `explicit` (`--lohar`), else
+/// `from_env` (`$BHATTI_LOHAR_STATIC`, `$BHATTI_LOHAR_STATIC_ARM64`), else
+/// `beside` (next to this binary) if it is statically linked. An explicit
+/// choice that is missing or dynamic is an error, never silently replaced.
 pub fn find_static_lohar(
+    arch: Arch,
     explicit: Option<PathBuf>,
     from_env: Option<PathBuf>,
     beside: &Path,
 ) -> anyhow::Result<PathBuf> {
-    const HOW: &str = "build one with scripts/build-lohar.sh (it prints its path) and pass it \
-                       with --lohar PATH or $BHATTI_LOHAR_STATIC";
+    let env = lohar_static_env(arch);
+    let how = match arch {
+        Arch::Amd64 => "scripts/build-lohar.sh",
+        Arch::Arm64 => "scripts/build-lohar.sh arm64",
+    };
+    let how = format!(
+        "build one with {how} (it prints its path) and pass it with --lohar PATH or ${env}"
+    );
     if let Some((p, origin)) = explicit
         .map(|p| (p, "--lohar"))
-        .or_else(|| from_env.map(|p| (p, LOHAR_STATIC_ENV)))
+        .or_else(|| from_env.map(|p| (p, env)))
     {
         let is_static =
             is_static_elf(&p).with_context(|| format!("{origin}: cannot read {}", p.display()))?;
         if !is_static {
             bail!(
-                "{origin}: {} is dynamically linked; the initramfs has no libraries: {HOW}",
+                "{origin}: {} is dynamically linked; the initramfs has no libraries: {how}",
                 p.display()
             );
         }
@@ -153,10 +197,10 @@ pub fn find_static_lohar(
     match is_static_elf(beside) {
         Ok(true) => Ok(beside.to_path_buf()),
         Ok(false) => bail!(
-            "{} is dynamically linked and cannot run as the guest's /init: {HOW}",
+            "{} is dynamically linked and cannot run as the guest's /init: {how}",
             beside.display()
         ),
-        Err(_) => bail!("no static lohar found (none beside this binary): {HOW}"),
+        Err(_) => bail!("no static lohar found (none beside this binary): {how}"),
     }
 }
 
@@ -178,6 +222,25 @@ pub fn is_static_elf(path: &Path) -> anyhow::Result<bool> {
     Ok(!table
         .chunks_exact(size)
         .any(|ph| u32::from_le_bytes([ph[0], ph[1], ph[2], ph[3]]) == PT_INTERP))
+}
+
+/// The architecture an ELF file is built for (`e_machine`); `None` for
+/// another machine.
+pub fn elf_arch(path: &Path) -> anyhow::Result<Option<Arch>> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut hdr = [0u8; 20];
+    f.read_exact(&mut hdr)
+        .with_context(|| format!("{} is too short for an ELF header", path.display()))?;
+    if &hdr[..4] != b"\x7fELF" {
+        bail!("{} is not an ELF file", path.display());
+    }
+    const EM_X86_64: u16 = 62;
+    const EM_AARCH64: u16 = 183;
+    Ok(match u16::from_le_bytes([hdr[18], hdr[19]]) {
+        EM_X86_64 => Some(Arch::Amd64),
+        EM_AARCH64 => Some(Arch::Arm64),
+        _ => None,
+    })
 }
 
 /// Offset, entry size and count of the program headers of a 64-bit
@@ -209,6 +272,7 @@ mod tests {
         v[..4].copy_from_slice(b"\x7fELF");
         v[4] = 2;
         v[5] = 1;
+        v[18] = 183; // EM_AARCH64
         v[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
         v[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
         v[0x38..0x3a].copy_from_slice(&(types.len() as u16).to_le_bytes());
@@ -237,6 +301,12 @@ mod tests {
         // This test binary is a normal dynamically linked executable.
         let me = std::env::current_exe().unwrap();
         assert!(!is_static_elf(&me).unwrap());
+        assert_eq!(elf_arch(&me).unwrap(), Arch::host());
+        assert_eq!(
+            elf_arch(&write("arm", &elf(&[1]))).unwrap(),
+            Some(Arch::Arm64)
+        );
+        assert!(elf_arch(&write("text2", b"#!/bin/sh\n")).is_err());
     }
 
     #[test]
@@ -249,7 +319,12 @@ mod tests {
         let none = d.path().join("none");
 
         let pick = |e: Option<&Path>, env: Option<&Path>, beside: &Path| {
-            find_static_lohar(e.map(Path::to_path_buf), env.map(Path::to_path_buf), beside)
+            find_static_lohar(
+                Arch::Amd64,
+                e.map(Path::to_path_buf),
+                env.map(Path::to_path_buf),
+                beside,
+            )
         };
         assert_eq!(pick(Some(&stat), Some(&dynamic), &none).unwrap(), stat);
         assert_eq!(pick(None, Some(&stat), &dynamic).unwrap(), stat);
@@ -262,5 +337,11 @@ mod tests {
             let e = pick(None, None, beside).unwrap_err();
             assert!(format!("{e:#}").contains("scripts/build-lohar.sh"), "{e:#}");
         }
+        let e = find_static_lohar(Arch::Arm64, None, None, &none).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("build-lohar.sh arm64")
+                && format!("{e:#}").contains(LOHAR_STATIC_ARM64_ENV),
+            "{e:#}"
+        );
     }
 }

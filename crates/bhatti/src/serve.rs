@@ -20,6 +20,10 @@ pub struct ServeArgs {
     /// `auto`, `firecracker`, `qemu-kvm` or `qemu-tcg`; overrides the config.
     #[arg(long)]
     engine: Option<String>,
+    /// Guest architecture, `amd64` or `arm64` (default: the host's);
+    /// overrides the config.
+    #[arg(long)]
+    arch: Option<String>,
     /// Remove bhatti's firewall rules from this host and exit.
     #[arg(long)]
     cleanup: bool,
@@ -50,11 +54,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(e) = args.engine {
         config.engine = e;
     }
+    if let Some(a) = args.arch {
+        config.arch = a;
+    }
     config.validate()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
+    let arch = config.guest_arch()?;
     rt.block_on(async move {
         let daemon = api::Daemon::start(config).await?;
         // SIGHUP (systemd's ExecReload) is watched before the daemon says it
@@ -71,7 +79,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let h = &daemon.state.health;
         let scheme = if daemon.api_tls() { "https" } else { "http" };
         println!(
-            "bhatti {} serving on {scheme}://{addr}\nengine: {} ({}) — {}",
+            "bhatti {} serving on {scheme}://{addr}\nengine: {} ({}, {arch} guests) — {}",
             h.version,
             h.engine,
             h.accelerator.to_uppercase(),

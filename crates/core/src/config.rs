@@ -19,6 +19,10 @@ pub struct CoreConfig {
     pub image_dir: PathBuf,
     /// Which engine (`auto` by default; always reported).
     pub engine: EnginePreference,
+    /// The guests' architecture (the host's by default): which images are
+    /// read (`Layout::for_arch`) and which QEMU runs them. Another than the
+    /// host's runs on QEMU+TCG only.
+    pub arch: vmm::Arch,
     /// The bridge and subnet every sandbox shares, unless
     /// `group_networks` is set.
     pub network: NetworkConfig,
@@ -67,6 +71,7 @@ impl CoreConfig {
             image_dir: data_dir.clone(),
             data_dir,
             engine: EnginePreference::Auto,
+            arch: vmm::Arch::host_or_default(),
             network: NetworkConfig::default(),
             group_networks: None,
             limits: Limits::for_host(),
@@ -88,7 +93,7 @@ impl CoreConfig {
 
     /// The layout images are read from.
     pub fn image_layout(&self) -> Layout {
-        Layout::new(&self.image_dir)
+        Layout::for_arch(&self.image_dir, self.arch)
     }
 }
 

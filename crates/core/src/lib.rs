@@ -49,7 +49,10 @@ pub use guest::{
     CALL_DEADLINE, EXEC_GRACE,
 };
 pub use id::{BadSandboxId, SandboxId, Token};
-pub use machine::{AGENT_PORT, BASE_CMDLINE, MEMORY_FILE, SERIAL_LOG, SNAPSHOT_DIR};
+pub use machine::{
+    base_cmdline, AGENT_PORT, BASE_CMDLINE, BASE_CMDLINE_ARM64, MEMORY_FILE, SERIAL_LOG,
+    SNAPSHOT_DIR,
+};
 pub use manager::SandboxManager;
 pub use networks::{GroupNetworkConfig, NetworkEvent};
 pub use orphans::{vmm_processes, OrphanError, Reaped};

@@ -20,6 +20,16 @@ pub const SERIAL_LOG: &str = "serial.log";
 /// no crypto self-tests (~0.4 s under TCG), quiet, and a panic ends QEMU.
 /// The QEMU backend appends `tsc_early_khz=` itself.
 pub const BASE_CMDLINE: &str = "console=ttyS0 cryptomgr.notests quiet panic=-1";
+/// The same for arm64 guests, whose serial console is the PL011 `ttyAMA0`.
+pub const BASE_CMDLINE_ARM64: &str = "console=ttyAMA0 cryptomgr.notests quiet panic=-1";
+
+/// The base command line for `arch` guests.
+pub fn base_cmdline(arch: vmm::Arch) -> &'static str {
+    match arch {
+        vmm::Arch::Amd64 => BASE_CMDLINE,
+        vmm::Arch::Arm64 => BASE_CMDLINE_ARM64,
+    }
+}
 
 /// File name of guest RAM in a sandbox directory (QEMU
 /// `memory-backend-file,share=on`): a snapshot leaves it in place.
@@ -48,7 +58,7 @@ pub(crate) fn vm_spec(
         memory_mib: spec.memory_mb,
         kernel: image.vmlinux.clone(),
         initrd: Some(image.initramfs.clone()),
-        cmdline: format!("{BASE_CMDLINE} {}", att.kernel_args()),
+        cmdline: format!("{} {}", base_cmdline(image.arch), att.kernel_args()),
         drives: vec![
             DriveSpec {
                 id: "rootfs".into(),
@@ -86,8 +96,9 @@ mod tests {
 
     #[test]
     fn vm_spec_follows_the_guest_contract() {
-        let image = ResolvedImage {
+        let mut image = ResolvedImage {
             tier: image::Tier::Tiny,
+            arch: vmm::Arch::Amd64,
             vmlinux: "/d/images/kernel/vmlinux".into(),
             vmlinuz: "/d/images/kernel/vmlinuz".into(),
             kernel_release: "6.1".into(),
@@ -131,6 +142,13 @@ mod tests {
         assert_eq!(
             v.initrd.as_deref(),
             Some(Path::new("/d/images/initramfs/initramfs.cpio"))
+        );
+        image.arch = vmm::Arch::Arm64;
+        let v = vm_spec(&spec, &image, dir, &att);
+        assert!(
+            v.cmdline.starts_with("console=ttyAMA0 cryptomgr.notests"),
+            "{}",
+            v.cmdline
         );
     }
 }

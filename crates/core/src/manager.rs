@@ -61,7 +61,7 @@ impl SandboxManager {
     /// orphan TAPs removed). Blocks for a few milliseconds of `ip`
     /// commands.
     pub fn new(config: CoreConfig, net_ops: Arc<dyn NetOps>) -> Result<SandboxManager> {
-        let engine = vmm::select_engine(config.engine).map_err(CoreError::Engine)?;
+        let engine = vmm::select_engine(config.engine, config.arch).map_err(CoreError::Engine)?;
         let confine = vmm::confine::Confinement::prepare(&config.confinement, engine.kind)
             .map_err(CoreError::Engine)?;
         SandboxManager::with_engine(config, vmm::ConfinedEngine::new(engine, confine), net_ops)
@@ -77,7 +77,7 @@ impl SandboxManager {
         let engine: Arc<dyn Engine> = Arc::new(engine);
         {
             let c = engine.choice();
-            tracing::info!(engine = %c.kind, binary = %c.binary.display(), reason = %c.reason, "engine");
+            tracing::info!(engine = %c.kind, arch = %config.arch, binary = %c.binary.display(), reason = %c.reason, "engine");
         }
         let networks = crate::networks::Networks::new(
             &config.network,

@@ -22,6 +22,7 @@ fn manager(data: &Path, ops: Arc<FakeNetOps>) -> SandboxManager {
     config.disk_bytes = 64 << 20;
     let engine = EngineChoice {
         kind: EngineKind::QemuTcg,
+        arch: vmm::Arch::host_or_default(),
         binary: data.join("no-such-qemu"),
         reason: "test".into(),
     };

@@ -47,11 +47,29 @@ pub struct PackageRef {
     pub name: String,
     /// Debian version (may carry an epoch, `1:1.35.0-4`).
     pub version: String,
+    /// The Debian architecture, when it is not the host's (`arm64`): apt
+    /// then fetches `name:arch` from the foreign architecture added with
+    /// `dpkg --add-architecture`. `None`: the host's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<String>,
+}
+
+/// `name`, or `name:arch` for a foreign architecture.
+fn qualified(name: &str, arch: Option<&str>) -> String {
+    match arch {
+        Some(a) => format!("{name}:{a}"),
+        None => name.to_owned(),
+    }
 }
 
 impl std::fmt::Display for PackageRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}={}", self.name, self.version)
+        write!(
+            f,
+            "{}={}",
+            qualified(&self.name, self.arch.as_deref()),
+            self.version
+        )
     }
 }
 
@@ -94,14 +112,34 @@ pub fn parse_stanza(text: &str) -> Option<Stanza> {
     (!s.package.is_empty() && !s.version.is_empty()).then_some(s)
 }
 
-/// Package operations through the host's apt and dpkg.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Apt;
+/// Package operations through the host's apt and dpkg, for the host's
+/// architecture or (with [`Apt::foreign`]) another one that
+/// `dpkg --add-architecture` added.
+#[derive(Debug, Clone, Default)]
+pub struct Apt {
+    arch: Option<String>,
+}
 
 impl Apt {
+    /// Packages of the host's architecture.
+    pub fn host() -> Self {
+        Apt { arch: None }
+    }
+
+    /// Packages of the foreign Debian architecture `arch` (`arm64`).
+    pub fn foreign(arch: &str) -> Self {
+        Apt {
+            arch: Some(arch.to_owned()),
+        }
+    }
+
     /// The candidate version of `name` (`apt-cache show --no-all-versions`).
     pub fn show(&self, name: &str) -> Result<Stanza, AptError> {
-        let out = run(Command::new("apt-cache").args(["show", "--no-all-versions", name]))?;
+        let out = run(Command::new("apt-cache").args([
+            "show",
+            "--no-all-versions",
+            &qualified(name, self.arch.as_deref()),
+        ]))?;
         parse_stanza(&String::from_utf8_lossy(&out))
             .ok_or_else(|| AptError::NoCandidate(name.to_owned()))
     }
@@ -127,6 +165,7 @@ impl Apt {
         Ok(PackageRef {
             name: s.package,
             version: s.version,
+            arch: self.arch.clone(),
         })
     }
 
@@ -185,10 +224,18 @@ mod tests {
 
     #[test]
     fn package_ref_display_is_apt_syntax() {
-        let p = PackageRef {
+        let mut p = PackageRef {
             name: "busybox-static".into(),
             version: "1:1.35.0-4".into(),
+            arch: None,
         };
         assert_eq!(p.to_string(), "busybox-static=1:1.35.0-4");
+        // A manifest written before architectures existed still reads.
+        let old: PackageRef =
+            serde_json::from_str(r#"{"name":"busybox-static","version":"1:1.35.0-4"}"#).unwrap();
+        assert_eq!(old, p);
+        assert!(!serde_json::to_string(&p).unwrap().contains("arch"));
+        p.arch = Some("arm64".into());
+        assert_eq!(p.to_string(), "busybox-static:arm64=1:1.35.0-4");
     }
 }

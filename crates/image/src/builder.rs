@@ -14,7 +14,7 @@ use crate::error::{io, Error, Result};
 use crate::fsutil::Staging;
 use crate::initramfs::{write_initramfs, InitramfsSpec, GUEST_MODULES};
 use crate::kernel::{build_kernel, installed_release, kernel_inputs, kernel_package};
-use crate::layout::{Layout, Tier, MANIFEST};
+use crate::layout::{Arch, Layout, Tier, MANIFEST};
 use crate::manifest::{sha256_file, Inputs, Manifest};
 use crate::mirror::host_debian_sources;
 use crate::rootfs::{
@@ -23,6 +23,15 @@ use crate::rootfs::{
 };
 
 const INITRAMFS_RECIPE: u32 = 1;
+
+/// apt for `arch`'s packages: the host's, or a foreign architecture's.
+fn apt_for(arch: Arch) -> Apt {
+    if arch.is_host() {
+        Apt::host()
+    } else {
+        Apt::foreign(arch.name())
+    }
+}
 
 /// One step of a build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,10 +149,13 @@ impl std::fmt::Debug for ImageBuilder {
 
 impl ImageBuilder {
     /// A builder writing into `layout`, with no progress output.
+    /// The layout's architecture decides which Debian packages are used
+    /// (a foreign one must have been added with `dpkg --add-architecture`).
     pub fn new(layout: Layout) -> Self {
+        let arch = layout.arch();
         Self {
             layout,
-            apt: Apt,
+            apt: apt_for(arch),
             progress: Box::new(NoProgress),
         }
     }
@@ -219,7 +231,7 @@ impl ImageBuilder {
     }
 
     fn kernel(&self, opts: &BuildOptions) -> Result<(Outcome, String)> {
-        let package = kernel_package(&self.apt)?;
+        let package = kernel_package(&self.apt, self.layout.arch())?;
         let dir = self.layout.kernel_dir();
         if self.current(&dir, &kernel_inputs(&package), opts.force)? {
             return Ok((
@@ -229,18 +241,25 @@ impl ImageBuilder {
         }
         self.detail(Step::Kernel, format!("downloading {package}"));
         let info = build_kernel(&self.apt, &self.layout, &package)?;
-        Ok((
-            Outcome::Built,
-            format!(
+        let summary = match info.compression {
+            Some(c) => format!(
                 "{} ({}, {:?} payload, PVH entry {}, {} modules)",
                 package,
                 info.release,
-                info.compression,
+                c,
                 info.pvh_entry
                     .map_or("none".to_string(), |e| format!("{e:#x}")),
                 info.modules
             ),
-        ))
+            None => format!(
+                "{} ({}, {} kernel Image, {} modules)",
+                package,
+                info.release,
+                self.layout.arch(),
+                info.modules
+            ),
+        };
+        Ok((Outcome::Built, summary))
     }
 
     fn initramfs(&self, opts: &BuildOptions) -> Result<(Outcome, String)> {
@@ -302,14 +321,25 @@ impl ImageBuilder {
 
     fn rootfs(&self, tier: Tier, opts: &BuildOptions) -> Result<(Outcome, String)> {
         let step = Step::Rootfs(tier);
-        let (inputs, sources, busybox) = match tier {
+        let host_apt = Apt::host();
+        let (inputs, sources, busybox, lister) = match tier {
             Tier::Tiny => {
                 let bb = self.apt.candidate(BUSYBOX_PACKAGE)?;
-                (tiny_inputs(&bb), vec![], Some(bb))
+                let lister = if self.layout.arch().is_host() {
+                    None
+                } else {
+                    Some(host_apt.candidate(BUSYBOX_PACKAGE)?)
+                };
+                (tiny_inputs(&bb, lister.as_ref()), vec![], Some(bb), lister)
+            }
+            Tier::Minimal if !self.layout.arch().is_host() => {
+                return Err(Error::ForeignMinimal {
+                    arch: self.layout.arch(),
+                })
             }
             Tier::Minimal => {
                 let sources = host_debian_sources(std::path::Path::new("/etc/apt"), MINIMAL_SUITE)?;
-                (minimal_inputs(&sources), sources, None)
+                (minimal_inputs(&sources), sources, None, None)
             }
         };
         let dir = self.layout.tier_dir(tier);
@@ -328,7 +358,13 @@ impl ImageBuilder {
             (Tier::Tiny, Some(bb)) => {
                 std::fs::create_dir(&root).map_err(io("create directory", &root))?;
                 self.detail(step, format!("unpacking {bb}"));
-                stage_tiny(&self.apt, bb, staging.path(), &root)?;
+                stage_tiny(
+                    &self.apt,
+                    bb,
+                    lister.as_ref().map(|l| (&host_apt, l)),
+                    staging.path(),
+                    &root,
+                )?;
             }
             _ => {
                 let mut mirrors: Vec<&str> = sources.iter().map(|s| s.uri.as_str()).collect();

@@ -64,6 +64,21 @@ pub enum Error {
         /// What is missing.
         what: &'static str,
     },
+    /// The minimal tier runs Debian's maintainer scripts, which need the
+    /// guest's architecture to execute on this host.
+    #[error("the minimal image cannot be built for {arch} on this host: mmdebstrap runs {arch} maintainer scripts, which needs {arch} binaries to execute on this host (qemu-user registered in binfmt_misc), and bhatti does not set that up; build the tiny tier here, or build minimal on an {arch} host")]
+    ForeignMinimal {
+        /// The guest architecture.
+        arch: crate::layout::Arch,
+    },
+    /// An arm64 kernel is not a valid `Image`.
+    #[error("{path} is not an arm64 kernel Image: {reason}")]
+    Arm64Image {
+        /// The `vmlinuz`.
+        path: PathBuf,
+        /// What is wrong.
+        reason: &'static str,
+    },
     /// The release in the bzImage header disagrees with the modules tree.
     #[error("Kernel release mismatch: vmlinuz says '{header}', modules tree is '{modules}'")]
     ReleaseMismatch {

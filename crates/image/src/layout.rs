@@ -5,10 +5,17 @@
 //! DATA/images/kernel/modules/<release>/…      (full modules tree + generated modules.dep)
 //! DATA/images/initramfs/{initramfs.cpio,manifest.json}
 //! DATA/images/<tier>/{rootfs.ext4,manifest.json}
+//! DATA/images/arm64/…                          (the same tree for arm64 guests; kernel/Image)
 //! DATA/sandboxes/<id>/…                        (per-sandbox disks, see crate::disk)
 //! ```
+//!
+//! amd64 images keep the top-level paths they always had; every other
+//! architecture has its own tree under `images/<arch>/`, whatever the
+//! host's architecture is.
 
 use std::path::{Path, PathBuf};
+
+pub use proto::Arch;
 
 /// The default data directory of the daemon.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/bhatti";
@@ -51,16 +58,23 @@ impl std::fmt::Display for Tier {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
     data_dir: PathBuf,
+    arch: Arch,
 }
 
 /// File name of every manifest.
 pub const MANIFEST: &str = "manifest.json";
 
 impl Layout {
-    /// A layout rooted at `data_dir`.
+    /// A layout rooted at `data_dir` for guests of the host's architecture.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self::for_arch(data_dir, Arch::host_or_default())
+    }
+
+    /// A layout rooted at `data_dir` for `arch` guests.
+    pub fn for_arch(data_dir: impl Into<PathBuf>, arch: Arch) -> Self {
         Self {
             data_dir: data_dir.into(),
+            arch,
         }
     }
 
@@ -69,9 +83,18 @@ impl Layout {
         &self.data_dir
     }
 
-    /// `DATA/images`.
+    /// The guests' architecture.
+    pub fn arch(&self) -> Arch {
+        self.arch
+    }
+
+    /// `DATA/images` (amd64), `DATA/images/<arch>` (others).
     pub fn images_dir(&self) -> PathBuf {
-        self.data_dir.join("images")
+        let dir = self.data_dir.join("images");
+        match self.arch {
+            Arch::Amd64 => dir,
+            other => dir.join(other.name()),
+        }
     }
 
     /// `DATA/images/kernel`.
@@ -79,12 +102,26 @@ impl Layout {
         self.images_dir().join("kernel")
     }
 
-    /// The ELF kernel.
+    /// The ELF kernel (amd64).
     pub fn vmlinux(&self) -> PathBuf {
         self.kernel_dir().join("vmlinux")
     }
 
-    /// The original bzImage.
+    /// The uncompressed arm64 `Image`.
+    pub fn arm64_image(&self) -> PathBuf {
+        self.kernel_dir().join("Image")
+    }
+
+    /// The kernel the VMM boots: `vmlinux` (amd64, PVH entry) or `Image`
+    /// (arm64).
+    pub fn boot_kernel(&self) -> PathBuf {
+        match self.arch {
+            Arch::Amd64 => self.vmlinux(),
+            Arch::Arm64 => self.arm64_image(),
+        }
+    }
+
+    /// The kernel as Debian ships it (amd64: the bzImage).
     pub fn vmlinuz(&self) -> PathBuf {
         self.kernel_dir().join("vmlinuz")
     }
@@ -152,7 +189,7 @@ mod tests {
 
     #[test]
     fn paths() {
-        let l = Layout::new("/d");
+        let l = Layout::for_arch("/d", Arch::Amd64);
         assert_eq!(l.vmlinux(), Path::new("/d/images/kernel/vmlinux"));
         assert_eq!(
             l.rootfs(Tier::Tiny),
@@ -163,5 +200,27 @@ mod tests {
             Path::new("/d/images/kernel/modules/6.1")
         );
         assert_eq!(l.sandboxes_dir(), Path::new("/d/sandboxes"));
+    }
+
+    #[test]
+    fn amd64_keeps_its_paths_and_arm64_has_its_own_tree() {
+        let x = Layout::for_arch("/d", Arch::Amd64);
+        assert_eq!(x.boot_kernel(), Path::new("/d/images/kernel/vmlinux"));
+        assert_eq!(
+            x.initramfs(),
+            Path::new("/d/images/initramfs/initramfs.cpio")
+        );
+        let a = Layout::for_arch("/d", Arch::Arm64);
+        assert_eq!(a.boot_kernel(), Path::new("/d/images/arm64/kernel/Image"));
+        assert_eq!(
+            a.initramfs(),
+            Path::new("/d/images/arm64/initramfs/initramfs.cpio")
+        );
+        assert_eq!(
+            a.rootfs(Tier::Tiny),
+            Path::new("/d/images/arm64/tiny/rootfs.ext4")
+        );
+        assert_eq!(a.build_dir(), Path::new("/d/images/arm64/.build"));
+        assert_eq!(a.sandboxes_dir(), Path::new("/d/sandboxes"));
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! Owns everything a sandbox VM boots from, and the per-sandbox disks:
 //!
-//! * the **kernel**: Debian's `linux-image-cloud-amd64` via apt, its ELF
+//! * the **kernel**: Debian's `linux-image-cloud-amd64` (or `-arm64`, see
+//!   [`Arch`]) via apt, its ELF
 //!   `vmlinux` extracted from the LZ4-compressed bzImage ([`bzimage`],
 //!   [`kernel`]) and its modules tree ([`kmod`]);
 //! * the **initramfs**: lohar as `/init` plus the modules it must load, in a
@@ -48,5 +49,5 @@ pub use config_drive::{
 pub use disk::{create_sandbox_disk, destroy_sandbox_dir, private_dir};
 pub use error::{Error, Result};
 pub use fsutil::{tree_usage, TreeUsage};
-pub use layout::{Layout, Tier};
+pub use layout::{Arch, Layout, Tier};
 pub use store::{ImageStore, ResolvedImage, StoreError};

@@ -156,6 +156,7 @@ mod tests {
             packages: vec![PackageRef {
                 name: "busybox-static".into(),
                 version: v.into(),
+                arch: None,
             }],
             other: BTreeMap::from([("k".to_string(), "v".to_string())]),
         }

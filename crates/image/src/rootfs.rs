@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::apt::{Apt, PackageRef};
@@ -63,20 +63,25 @@ fn make_dir(path: &Path, mode: u32, owner: Option<u32>) -> Result<()> {
     Ok(())
 }
 
-/// Inputs of a tiny build.
-pub fn tiny_inputs(busybox: &PackageRef) -> Inputs {
+/// Inputs of a tiny build. `lister`: for a foreign architecture, the
+/// host's busybox-static that lists the applets (the foreign binary does
+/// not run here).
+pub fn tiny_inputs(busybox: &PackageRef, lister: Option<&PackageRef>) -> Inputs {
     Inputs {
         recipe: TINY_RECIPE,
-        packages: vec![busybox.clone()],
+        packages: [Some(busybox), lister]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect(),
         other: BTreeMap::new(),
     }
 }
 
-/// Stages the tiny tier in `root` (an empty directory), using `work` for
-/// the download.
-pub fn stage_tiny(apt: &Apt, busybox: &PackageRef, work: &Path, root: &Path) -> Result<()> {
-    let deb_dir = work.join("busybox-deb");
-    let unpacked = work.join("busybox");
+/// Downloads and unpacks busybox-static, returning its binary.
+fn unpack_busybox(apt: &Apt, busybox: &PackageRef, work: &Path, tag: &str) -> Result<PathBuf> {
+    let deb_dir = work.join(format!("{tag}-deb"));
+    let unpacked = work.join(tag);
     for d in [&deb_dir, &unpacked] {
         std::fs::create_dir_all(d).map_err(io("create directory", d))?;
     }
@@ -89,6 +94,26 @@ pub fn stage_tiny(apt: &Apt, busybox: &PackageRef, work: &Path, root: &Path) -> 
             path: bin,
         });
     }
+    Ok(bin)
+}
+
+/// Stages the tiny tier in `root` (an empty directory), using `work` for
+/// the download. The applet links come from `busybox --list-full`, run on
+/// the host: from the image's own busybox, or, for a foreign architecture,
+/// from `lister` — the host architecture's busybox-static of the same
+/// Debian source, built with the same configuration.
+pub fn stage_tiny(
+    apt: &Apt,
+    busybox: &PackageRef,
+    lister: Option<(&Apt, &PackageRef)>,
+    work: &Path,
+    root: &Path,
+) -> Result<()> {
+    let bin = unpack_busybox(apt, busybox, work, "busybox")?;
+    let list_with = match lister {
+        Some((host_apt, pkg)) => unpack_busybox(host_apt, pkg, work, "busybox-host")?,
+        None => root.join("bin/busybox"),
+    };
     for (dir, mode, owner) in [
         ("bin", 0o755, None),
         ("sbin", 0o755, None),
@@ -112,8 +137,9 @@ pub fn stage_tiny(apt: &Apt, busybox: &PackageRef, work: &Path, root: &Path) -> 
     std::fs::copy(&bin, &target).map_err(io("copy", &bin))?;
     std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755))
         .map_err(io("chmod", &target))?;
-    // The static busybox runs on the host too: ask it for its applets.
-    let list = run(Command::new(&target).arg("--list-full"))?;
+    // A static busybox of the host's architecture runs here: ask it for
+    // its applets.
+    let list = run(Command::new(&list_with).arg("--list-full"))?;
     for applet in String::from_utf8_lossy(&list).lines() {
         let applet = applet.trim().trim_start_matches('/');
         if applet.is_empty() || applet == "bin/busybox" || applet.contains("..") {

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use crate::layout::{Layout, Tier, MANIFEST};
+use crate::layout::{Arch, Layout, Tier, MANIFEST};
 
 /// Why an image cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -15,10 +15,12 @@ pub enum StoreError {
         name: String,
     },
     /// The image (or an artifact it needs) has not been built.
-    #[error("image '{name}' is not built; run `bhatti image build --tier {name}` ({missing} is missing)")]
+    #[error("image '{name}' is not built; run `bhatti image build --tier {name}{arch_flag}` ({missing} is missing)")]
     NotBuilt {
         /// The image name.
         name: String,
+        /// ` --arch <arch>` when the images are not the host's architecture.
+        arch_flag: String,
         /// The first missing file.
         missing: PathBuf,
     },
@@ -32,9 +34,12 @@ pub enum StoreError {
 pub struct ResolvedImage {
     /// The tier.
     pub tier: Tier,
-    /// ELF kernel (PVH entry): for Firecracker and QEMU microvm.
+    /// The guests' architecture.
+    pub arch: Arch,
+    /// The kernel the VMM boots: amd64, the ELF `vmlinux` (PVH entry, for
+    /// Firecracker and QEMU microvm); arm64, the `Image` (QEMU virt).
     pub vmlinux: PathBuf,
-    /// Compressed bzImage: for QEMU machine types that want one.
+    /// The kernel as Debian ships it (amd64: the compressed bzImage).
     pub vmlinuz: PathBuf,
     /// Kernel release (`uname -r`).
     pub kernel_release: String,
@@ -69,7 +74,7 @@ impl ImageStore {
         })?;
         let l = &self.layout;
         let required = [
-            l.vmlinux(),
+            l.boot_kernel(),
             l.vmlinuz(),
             l.kernel_release_file(),
             l.kernel_dir().join(MANIFEST),
@@ -81,6 +86,11 @@ impl ImageStore {
         if let Some(missing) = required.iter().find(|p| !p.is_file()) {
             return Err(StoreError::NotBuilt {
                 name: name.to_owned(),
+                arch_flag: if l.arch().is_host() {
+                    String::new()
+                } else {
+                    format!(" --arch {}", l.arch())
+                },
                 missing: missing.clone(),
             });
         }
@@ -92,7 +102,8 @@ impl ImageStore {
             .ok_or(StoreError::Release(release_file))?;
         Ok(ResolvedImage {
             tier,
-            vmlinux: l.vmlinux(),
+            arch: l.arch(),
+            vmlinux: l.boot_kernel(),
             vmlinuz: l.vmlinuz(),
             kernel_release,
             initramfs: l.initramfs(),
@@ -113,20 +124,26 @@ mod tests {
     #[test]
     fn unknown_and_missing_are_typed() {
         let dir = tempfile::tempdir().unwrap();
-        let store = ImageStore::new(Layout::new(dir.path()));
+        let store = ImageStore::new(Layout::for_arch(dir.path(), Arch::Amd64));
         let err = store.resolve("foo").unwrap_err();
         assert_eq!(err, StoreError::UnknownImage { name: "foo".into() });
         let err = store.resolve("tiny").unwrap_err();
         assert!(matches!(&err, StoreError::NotBuilt { name, .. } if name == "tiny"));
         assert!(err
             .to_string()
-            .starts_with("image 'tiny' is not built; run `bhatti image build --tier tiny`"));
+            .starts_with("image 'tiny' is not built; run `bhatti image build --tier tiny"));
+        let arm = ImageStore::new(Layout::for_arch(dir.path(), Arch::Arm64));
+        let err = arm.resolve("tiny").unwrap_err().to_string();
+        if !Arch::Arm64.is_host() {
+            assert!(err.contains("--tier tiny --arch arm64`"), "{err}");
+        }
+        assert!(err.contains("images/arm64/kernel/Image"), "{err}");
     }
 
     #[test]
     fn resolves_when_all_artifacts_exist() {
         let dir = tempfile::tempdir().unwrap();
-        let l = Layout::new(dir.path());
+        let l = Layout::for_arch(dir.path(), Arch::Amd64);
         for d in [l.kernel_dir(), l.initramfs_dir(), l.tier_dir(Tier::Tiny)] {
             std::fs::create_dir_all(&d).unwrap();
             std::fs::write(d.join(MANIFEST), "{}").unwrap();

@@ -112,7 +112,7 @@ fn host_tsc_khz() -> Option<u64> {
 }
 
 fn fetch_busybox(dir: &Path) -> PathBuf {
-    let apt = Apt;
+    let apt = Apt::host();
     let pkg = apt
         .candidate("busybox-static")
         .expect("busybox-static candidate");

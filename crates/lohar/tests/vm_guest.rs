@@ -188,6 +188,7 @@ async fn boot(tier: Tier, netns: Netns) -> Guest {
     });
     let choice = EngineChoice {
         kind: EngineKind::QemuTcg,
+        arch: vmm::Arch::host_or_default(),
         binary: QEMU.into(),
         reason: "the VM tests run QEMU under TCG".into(),
     };

@@ -16,6 +16,7 @@
 //! [`config_drive`] holds the per-boot config drive's types and raw encoding,
 //! shared by the image pipeline (writer) and lohar (reader).
 
+pub mod arch;
 pub mod auth;
 mod codec;
 pub mod config_drive;
@@ -24,6 +25,7 @@ mod io;
 mod limits;
 mod message;
 
+pub use arch::Arch;
 pub use auth::{Nonce, Proof};
 pub use codec::{
     decode_frame, encode, encode_into, write_header, CodecError, Decoded, RawFrame, HEADER_LEN,

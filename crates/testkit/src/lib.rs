@@ -15,7 +15,7 @@ use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use image::{BuildOptions, ImageBuilder, ImageStore, Layout, ResolvedImage, Tier};
+use image::{Arch, BuildOptions, ImageBuilder, ImageStore, Layout, ResolvedImage, Tier};
 
 /// Runs a command and panics with its output if it fails.
 pub fn run(cmd: &str, args: &[&str]) -> String {
@@ -107,6 +107,29 @@ pub fn static_lohar() -> PathBuf {
     p
 }
 
+/// Environment variable naming the static aarch64 lohar for arm64 images
+/// (`scripts/build-lohar.sh arm64` builds it; scripts/test.sh exports it).
+pub const LOHAR_STATIC_ARM64_VAR: &str = "BHATTI_LOHAR_STATIC_ARM64";
+
+/// The statically linked lohar for `arch` guests: [`static_lohar`] for
+/// amd64; for arm64 `$BHATTI_LOHAR_STATIC_ARM64`, or what
+/// `scripts/build-lohar.sh arm64` left under the target directory. `None`
+/// when there is none (the caller decides whether that is a skip).
+pub fn static_lohar_for(arch: Arch) -> Option<PathBuf> {
+    match arch {
+        Arch::Amd64 => Some(static_lohar()),
+        Arch::Arm64 => {
+            if let Some(p) = std::env::var_os(LOHAR_STATIC_ARM64_VAR) {
+                return Some(PathBuf::from(p));
+            }
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| workspace_root().join("target"));
+            Some(target.join("aarch64-unknown-linux-gnu/release/lohar")).filter(|p| p.is_file())
+        }
+    }
+}
+
 /// The host build of lohar (`target/debug/lohar` beside the running test
 /// binary), which the fake engine runs as its guest: `$BHATTI_LOHAR`, or
 /// that file when it is newer than every source of lohar and proto. Panics
@@ -183,6 +206,16 @@ pub fn images(tier: Tier) -> ResolvedImage {
 
 /// [`images`] into the cache directory `dir`.
 pub fn images_in(dir: &Path, tier: Tier) -> ResolvedImage {
+    images_for_in(dir, Arch::host_or_default(), tier, static_lohar())
+}
+
+/// [`images`] for `arch` guests, with `lohar` (built for `arch`) as
+/// `/init`: arm64 images go to `images/arm64/` of the same cache.
+pub fn images_for(arch: Arch, tier: Tier, lohar: PathBuf) -> ResolvedImage {
+    images_for_in(&image_cache(), arch, tier, lohar)
+}
+
+fn images_for_in(dir: &Path, arch: Arch, tier: Tier, lohar: PathBuf) -> ResolvedImage {
     let dir = dir.to_path_buf();
     std::thread::scope(|scope| {
         scope
@@ -191,14 +224,14 @@ pub fn images_in(dir: &Path, tier: Tier) -> ResolvedImage {
                     nix::sched::setns(outside.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
                         .expect("returning to the outside namespace to build images");
                 }
-                build_images(&dir, tier)
+                build_images(&dir, arch, tier, lohar)
             })
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     })
 }
 
-fn build_images(dir: &Path, tier: Tier) -> ResolvedImage {
+fn build_images(dir: &Path, arch: Arch, tier: Tier, lohar: PathBuf) -> ResolvedImage {
     static BUILD: Mutex<()> = Mutex::new(());
     let _in_process = BUILD.lock().unwrap_or_else(|p| p.into_inner());
     let dir = dir.to_path_buf();
@@ -206,16 +239,18 @@ fn build_images(dir: &Path, tier: Tier) -> ResolvedImage {
     let lock = File::create(dir.join(".build.lock")).expect("lock file");
     nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
         .map(|guard| {
-            let layout = Layout::new(&dir);
+            let layout = Layout::for_arch(&dir, arch);
             ImageBuilder::new(layout.clone())
                 .build(
                     tier,
                     &BuildOptions {
-                        lohar: static_lohar(),
+                        lohar,
                         force: false,
                     },
                 )
-                .unwrap_or_else(|e| panic!("building the {} image: {}", tier.name(), chain(&e)));
+                .unwrap_or_else(|e| {
+                    panic!("building the {arch} {} image: {}", tier.name(), chain(&e))
+                });
             let resolved = ImageStore::new(layout)
                 .resolve(tier.name())
                 .expect("resolving a just-built image");
@@ -294,6 +329,17 @@ pub fn placeholder_images(data: &Path) {
 /// (built for `tier` first): what a test daemon's `data_dir` needs.
 pub fn data_dir_with_images(tier: Tier) -> tempfile::TempDir {
     images(tier);
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::os::unix::fs::symlink(image_cache().join("images"), dir.path().join("images"))
+        .expect("linking the image cache");
+    dir
+}
+
+/// [`data_dir_with_images`] for `arch` guests: builds `arch`'s images
+/// (with `lohar`, built for `arch`) into the shared cache first; the link
+/// covers `images/<arch>/` too.
+pub fn data_dir_with_images_for(arch: Arch, tier: Tier, lohar: PathBuf) -> tempfile::TempDir {
+    images_for(arch, tier, lohar);
     let dir = tempfile::tempdir().expect("temp dir");
     std::os::unix::fs::symlink(image_cache().join("images"), dir.path().join("images"))
         .expect("linking the image cache");

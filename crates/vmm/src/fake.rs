@@ -173,6 +173,7 @@ impl FakeEngine {
             state: Arc::new(EngineState {
                 choice: EngineChoice {
                     kind: EngineKind::Fake,
+                    arch: crate::select::Arch::host_or_default(),
                     reason: format!(
                         "fake engine for tests: each guest is {} serve on the host",
                         binary.display()

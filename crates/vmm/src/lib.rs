@@ -45,7 +45,7 @@ pub mod qemu;
 pub use confine::{ConfineConfig, ConfineState};
 pub use error::{Result, VmmError};
 pub use process::{ExitStatusKind, VmmExit};
-pub use select::{select_engine, EngineChoice, EngineKind, EnginePreference};
+pub use select::{select_engine, Arch, EngineChoice, EngineKind, EnginePreference};
 pub use snapshot::{SnapshotInfo, SnapshotKind};
 pub use spec::{DriveSpec, MacAddr, MemoryBacking, NetSpec, VmSpec};
 pub use vmm::{Capabilities, Engine, ShutdownPath, ShutdownReport, VmState, Vmm};
@@ -76,8 +76,16 @@ pub fn new_vmm_confined(
             } else {
                 qemu::Accel::Tcg
             };
-            let config = qemu::QemuConfig::new(choice.binary.clone(), accel).confined(confinement);
+            let config = qemu::QemuConfig::for_arch(choice.binary.clone(), accel, choice.arch)
+                .confined(confinement);
             Ok(Box::new(qemu::QemuVmm::new(config, spec)?))
+        }
+        #[cfg(feature = "firecracker")]
+        EngineKind::Firecracker if choice.arch != select::Arch::host_or_default() => {
+            Err(VmmError::Unsupported {
+                engine: EngineKind::Firecracker,
+                operation: "guests of another architecture than the host's",
+            })
         }
         #[cfg(feature = "firecracker")]
         EngineKind::Firecracker => {

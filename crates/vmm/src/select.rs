@@ -1,7 +1,8 @@
 //! Engine selection: which VMM to run on this host, and why.
 //!
 //! Firecracker if its binary and a hardware KVM exist; else QEMU+KVM if KVM
-//! runs standard guests; else QEMU+TCG. A host whose `/dev/kvm` comes from
+//! runs standard guests; else QEMU+TCG. Guests of another architecture than
+//! the host's (arm64 on x86_64) run only on QEMU+TCG. A host whose `/dev/kvm` comes from
 //! `kvm_pvm` alone (a pagetable-based nested KVM with no VMX/SVM) does not run
 //! standard guests: a stock kernel crawls and hangs there. An explicit
 //! preference that the host cannot satisfy is an error, never a fallback.
@@ -18,10 +19,24 @@ use crate::error::{Result, VmmError};
 
 /// Environment variable naming the Firecracker binary.
 pub const FIRECRACKER_ENV: &str = "BHATTI_FIRECRACKER";
-/// Environment variable naming the QEMU binary.
+/// Environment variable naming the QEMU binary for amd64 guests.
 pub const QEMU_ENV: &str = "BHATTI_QEMU";
-/// The QEMU binary looked up on `PATH`.
+/// Environment variable naming the QEMU binary for arm64 guests.
+pub const QEMU_ARM64_ENV: &str = "BHATTI_QEMU_ARM64";
+/// The QEMU binary for amd64 guests looked up on `PATH`.
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
+/// The QEMU binary for arm64 guests looked up on `PATH`.
+pub const QEMU_ARM64_BINARY: &str = "qemu-system-aarch64";
+
+pub use proto::Arch;
+
+/// The QEMU binary name and its environment variable for `arch` guests.
+pub fn qemu_binary(arch: Arch) -> (&'static str, &'static str) {
+    match arch {
+        Arch::Amd64 => (QEMU_BINARY, QEMU_ENV),
+        Arch::Arm64 => (QEMU_ARM64_BINARY, QEMU_ARM64_ENV),
+    }
+}
 /// The Firecracker binary looked up on `PATH`.
 pub const FIRECRACKER_BINARY: &str = "firecracker";
 
@@ -96,6 +111,8 @@ impl std::str::FromStr for EnginePreference {
 pub struct EngineChoice {
     /// The engine.
     pub kind: EngineKind,
+    /// The guests' architecture.
+    pub arch: Arch,
     /// Its binary.
     pub binary: PathBuf,
     /// Why this engine, in a sentence.
@@ -130,6 +147,10 @@ pub struct HostProbe {
     pub firecracker_env: Option<OsString>,
     /// `$BHATTI_QEMU`.
     pub qemu_env: Option<OsString>,
+    /// `$BHATTI_QEMU_ARM64`.
+    pub qemu_arm64_env: Option<OsString>,
+    /// The host's architecture (`None`: neither amd64 nor arm64).
+    pub arch: Option<Arch>,
 }
 
 impl HostProbe {
@@ -142,6 +163,8 @@ impl HostProbe {
             path_var: std::env::var_os("PATH"),
             firecracker_env: std::env::var_os(FIRECRACKER_ENV).filter(|v| !v.is_empty()),
             qemu_env: std::env::var_os(QEMU_ENV).filter(|v| !v.is_empty()),
+            qemu_arm64_env: std::env::var_os(QEMU_ARM64_ENV).filter(|v| !v.is_empty()),
+            arch: Arch::host(),
         }
     }
 
@@ -165,6 +188,11 @@ impl HostProbe {
         }
         if module("kvm_pvm") {
             return KvmSupport::PvmOnly;
+        }
+        // arm64 KVM is built in and has no vendor module or CPU flag in
+        // /proc/cpuinfo: a /dev/kvm that opens is it.
+        if self.arch == Some(Arch::Arm64) {
+            return KvmSupport::Hardware("arm64 kvm".into());
         }
         // KVM built into the kernel leaves no vendor module directory; the
         // CPU flags still tell whether the hardware can do it.
@@ -197,9 +225,16 @@ impl HostProbe {
         )
     }
 
-    /// The QEMU binary: `$BHATTI_QEMU`, else `qemu-system-x86_64` on `PATH`.
-    pub fn qemu(&self) -> Result<PathBuf, String> {
-        self.binary(QEMU_ENV, self.qemu_env.as_ref(), QEMU_BINARY)
+    /// The QEMU binary for `arch` guests: `$BHATTI_QEMU`, else
+    /// `qemu-system-x86_64` on `PATH` (amd64); `$BHATTI_QEMU_ARM64`, else
+    /// `qemu-system-aarch64` (arm64).
+    pub fn qemu(&self, arch: Arch) -> Result<PathBuf, String> {
+        let (name, env) = qemu_binary(arch);
+        let set = match arch {
+            Arch::Amd64 => self.qemu_env.as_ref(),
+            Arch::Arm64 => self.qemu_arm64_env.as_ref(),
+        };
+        self.binary(env, set, name)
     }
 
     fn binary(&self, env: &str, set: Option<&OsString>, name: &str) -> Result<PathBuf, String> {
@@ -226,14 +261,27 @@ fn is_executable(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Picks the engine for `pref` on this host.
-pub fn select_engine(pref: EnginePreference) -> Result<EngineChoice> {
-    select_engine_with(pref, &HostProbe::host())
+/// Picks the engine for `pref` and `arch` guests on this host.
+pub fn select_engine(pref: EnginePreference, arch: Arch) -> Result<EngineChoice> {
+    select_engine_with(pref, arch, &HostProbe::host())
 }
 
-/// Picks the engine for `pref` on the host described by `probe`.
-pub fn select_engine_with(pref: EnginePreference, probe: &HostProbe) -> Result<EngineChoice> {
-    let kvm = probe.kvm();
+/// Picks the engine for `pref` and `arch` guests on the host described by
+/// `probe`. Guests of a foreign architecture run only on QEMU+TCG.
+pub fn select_engine_with(
+    pref: EnginePreference,
+    arch: Arch,
+    probe: &HostProbe,
+) -> Result<EngineChoice> {
+    let foreign = probe.arch != Some(arch);
+    let kvm = if foreign {
+        KvmSupport::Unavailable(format!(
+            "{arch} guests on an {} host run only emulated",
+            probe.arch.map_or("other", Arch::name)
+        ))
+    } else {
+        probe.kvm()
+    };
     let kvm_text = match &kvm {
         KvmSupport::Hardware(how) => format!("hardware KVM ({how})"),
         KvmSupport::PvmOnly => {
@@ -248,11 +296,15 @@ pub fn select_engine_with(pref: EnginePreference, probe: &HostProbe) -> Result<E
     };
     let choice = |kind, binary: PathBuf, reason: String| EngineChoice {
         kind,
+        arch,
         binary,
         reason,
     };
 
     let firecracker = || -> Result<EngineChoice, String> {
+        if foreign {
+            return Err(kvm_text.clone());
+        }
         let bin = probe.firecracker()?;
         if !hw {
             return Err(format!("firecracker at {} but {kvm_text}", bin.display()));
@@ -261,7 +313,7 @@ pub fn select_engine_with(pref: EnginePreference, probe: &HostProbe) -> Result<E
         Ok(choice(EngineKind::Firecracker, bin, reason))
     };
     let qemu_kvm = || -> Result<EngineChoice, String> {
-        let bin = probe.qemu()?;
+        let bin = probe.qemu(arch)?;
         if !hw {
             return Err(kvm_text.clone());
         }
@@ -269,7 +321,7 @@ pub fn select_engine_with(pref: EnginePreference, probe: &HostProbe) -> Result<E
         Ok(choice(EngineKind::QemuKvm, bin, reason))
     };
     let qemu_tcg = || -> Result<EngineChoice, String> {
-        let bin = probe.qemu()?;
+        let bin = probe.qemu(arch)?;
         let reason = format!(
             "QEMU at {} with TCG (software emulation); {kvm_text}",
             bin.display()
@@ -347,17 +399,48 @@ mod tests {
                 path_var: Some(d.join("bin").into_os_string()),
                 firecracker_env: None,
                 qemu_env: None,
+                qemu_arm64_env: None,
+                arch: Some(Arch::Amd64),
             }
         }
     }
 
     const QEMU: &str = QEMU_BINARY;
+    const QEMU_ARM64: &str = QEMU_ARM64_BINARY;
+
+    #[test]
+    fn foreign_guests_run_on_tcg_with_their_own_qemu() {
+        let h = FakeHost::new(&["kvm", "kvm_intel"], true, &[FC, QEMU, QEMU_ARM64]);
+        let c = select_engine_with(EnginePreference::Auto, Arch::Arm64, &h.probe()).unwrap();
+        assert_eq!((c.kind, c.arch), (EngineKind::QemuTcg, Arch::Arm64));
+        assert!(c.binary.ends_with(QEMU_ARM64), "{}", c.binary.display());
+        assert!(
+            c.reason
+                .contains("arm64 guests on an amd64 host run only emulated"),
+            "{}",
+            c.reason
+        );
+        for pref in [EnginePreference::Firecracker, EnginePreference::QemuKvm] {
+            let e = select_engine_with(pref, Arch::Arm64, &h.probe()).unwrap_err();
+            assert!(e.to_string().contains("run only emulated"), "{e}");
+        }
+        // The native choice on the same host is untouched.
+        let c = select_engine_with(EnginePreference::Auto, Arch::Amd64, &h.probe()).unwrap();
+        assert_eq!((c.kind, c.arch), (EngineKind::Firecracker, Arch::Amd64));
+        // No qemu-system-aarch64: arm64 has no engine, and says which binary.
+        let h = FakeHost::new(&["kvm", "kvm_intel"], true, &[FC, QEMU]);
+        let e = select_engine_with(EnginePreference::Auto, Arch::Arm64, &h.probe()).unwrap_err();
+        assert!(
+            e.to_string().contains("qemu-system-aarch64 not found"),
+            "{e}"
+        );
+    }
     const FC: &str = FIRECRACKER_BINARY;
 
     #[test]
     fn auto_prefers_firecracker_on_hardware_kvm() {
         let h = FakeHost::new(&["kvm", "kvm_intel"], true, &[FC, QEMU]);
-        let c = select_engine_with(EnginePreference::Auto, &h.probe()).unwrap();
+        let c = select_engine_with(EnginePreference::Auto, Arch::Amd64, &h.probe()).unwrap();
         assert_eq!(c.kind, EngineKind::Firecracker);
         assert!(c.binary.ends_with(FC));
         assert!(
@@ -370,7 +453,7 @@ mod tests {
     #[test]
     fn auto_takes_qemu_kvm_without_firecracker() {
         let h = FakeHost::new(&["kvm", "kvm_amd"], true, &[QEMU]);
-        let c = select_engine_with(EnginePreference::Auto, &h.probe()).unwrap();
+        let c = select_engine_with(EnginePreference::Auto, Arch::Amd64, &h.probe()).unwrap();
         assert_eq!(c.kind, EngineKind::QemuKvm);
         assert!(c.reason.contains("firecracker not found"), "{}", c.reason);
     }
@@ -378,7 +461,7 @@ mod tests {
     #[test]
     fn pvm_only_host_falls_back_to_tcg_and_says_why() {
         let h = FakeHost::new(&["kvm", "kvm_pvm"], true, &[FC, QEMU]);
-        let c = select_engine_with(EnginePreference::Auto, &h.probe()).unwrap();
+        let c = select_engine_with(EnginePreference::Auto, Arch::Amd64, &h.probe()).unwrap();
         assert_eq!(c.kind, EngineKind::QemuTcg);
         assert!(c.reason.contains("kvm_pvm only"), "{}", c.reason);
     }
@@ -387,7 +470,7 @@ mod tests {
     fn vendor_module_beats_pvm() {
         let h = FakeHost::new(&["kvm", "kvm_pvm", "kvm_intel"], true, &[QEMU]);
         assert_eq!(
-            select_engine_with(EnginePreference::Auto, &h.probe())
+            select_engine_with(EnginePreference::Auto, Arch::Amd64, &h.probe())
                 .unwrap()
                 .kind,
             EngineKind::QemuKvm
@@ -397,7 +480,7 @@ mod tests {
     #[test]
     fn kvm_module_without_device_is_not_kvm() {
         let h = FakeHost::new(&["kvm", "kvm_intel"], false, &[FC, QEMU]);
-        let c = select_engine_with(EnginePreference::Auto, &h.probe()).unwrap();
+        let c = select_engine_with(EnginePreference::Auto, Arch::Amd64, &h.probe()).unwrap();
         assert_eq!(c.kind, EngineKind::QemuTcg);
         assert!(c.reason.contains("cannot be opened"), "{}", c.reason);
     }
@@ -414,25 +497,27 @@ mod tests {
     #[test]
     fn explicit_preferences_never_fall_back() {
         let h = FakeHost::new(&["kvm", "kvm_pvm"], true, &[FC, QEMU]);
-        let e = select_engine_with(EnginePreference::Firecracker, &h.probe()).unwrap_err();
+        let e =
+            select_engine_with(EnginePreference::Firecracker, Arch::Amd64, &h.probe()).unwrap_err();
         assert!(
             e.to_string()
                 .starts_with("engine firecracker unavailable: "),
             "{e}"
         );
         assert!(e.to_string().contains("kvm_pvm only"), "{e}");
-        let e = select_engine_with(EnginePreference::QemuKvm, &h.probe()).unwrap_err();
+        let e = select_engine_with(EnginePreference::QemuKvm, Arch::Amd64, &h.probe()).unwrap_err();
         assert!(e.to_string().contains("kvm_pvm only"), "{e}");
-        let c = select_engine_with(EnginePreference::QemuTcg, &h.probe()).unwrap();
+        let c = select_engine_with(EnginePreference::QemuTcg, Arch::Amd64, &h.probe()).unwrap();
         assert_eq!(c.kind, EngineKind::QemuTcg);
 
         let none = FakeHost::new(&["kvm", "kvm_intel"], true, &[]);
-        let e = select_engine_with(EnginePreference::QemuTcg, &none.probe()).unwrap_err();
+        let e =
+            select_engine_with(EnginePreference::QemuTcg, Arch::Amd64, &none.probe()).unwrap_err();
         assert!(
             e.to_string().contains("qemu-system-x86_64 not found"),
             "{e}"
         );
-        let e = select_engine_with(EnginePreference::Auto, &none.probe()).unwrap_err();
+        let e = select_engine_with(EnginePreference::Auto, Arch::Amd64, &none.probe()).unwrap_err();
         assert!(e.to_string().contains("firecracker not found"), "{e}");
     }
 
@@ -441,11 +526,11 @@ mod tests {
         let h = FakeHost::new(&["kvm", "kvm_intel"], true, &[QEMU]);
         let mut p = h.probe();
         p.firecracker_env = Some(h.dir.path().join("cpuinfo").into_os_string());
-        let e = select_engine_with(EnginePreference::Firecracker, &p).unwrap_err();
+        let e = select_engine_with(EnginePreference::Firecracker, Arch::Amd64, &p).unwrap_err();
         assert!(e.to_string().contains("BHATTI_FIRECRACKER="), "{e}");
         p.firecracker_env = Some(h.dir.path().join("bin").join(QEMU).into_os_string());
         assert_eq!(
-            select_engine_with(EnginePreference::Firecracker, &p)
+            select_engine_with(EnginePreference::Firecracker, Arch::Amd64, &p)
                 .unwrap()
                 .kind,
             EngineKind::Firecracker
@@ -472,7 +557,7 @@ mod tests {
         let probe = HostProbe::host();
         let kvm = probe.kvm();
         eprintln!("host KVM: {kvm:?}");
-        match select_engine(EnginePreference::Auto) {
+        match select_engine(EnginePreference::Auto, Arch::Amd64) {
             Ok(c) => {
                 eprintln!("auto → {} ({})", c.kind, c.reason);
                 assert!(!c.reason.is_empty());
@@ -489,7 +574,7 @@ mod tests {
             }
             Err(e) => {
                 assert!(
-                    probe.qemu().is_err(),
+                    probe.qemu(Arch::Amd64).is_err(),
                     "QEMU is installed but auto failed: {e}"
                 );
             }

@@ -447,6 +447,7 @@ async fn a_spec_without_a_config_drive_or_lohar_is_an_error() {
     // The engine choice path refuses the fake kind.
     let choice = vmm::EngineChoice {
         kind: EngineKind::Fake,
+        arch: vmm::Arch::host_or_default(),
         binary: testkit::host_lohar(),
         reason: "test".into(),
     };

@@ -23,7 +23,7 @@ const NO_ROOT: &str = "VFS: Unable to mount root fs";
 
 fn qemu_config() -> QemuConfig {
     let probe = HostProbe::host();
-    let binary = probe.qemu().unwrap_or_else(|e| {
+    let binary = probe.qemu(vmm::Arch::Amd64).unwrap_or_else(|e| {
         panic!("QEMU is required for these tests (apt-get install qemu-system-x86): {e}")
     });
     let accel = match probe.kvm() {
@@ -237,6 +237,7 @@ async fn invalid_specs_fail_before_anything_starts() -> Result<()> {
     // The factory validates the same way.
     let choice = vmm::EngineChoice {
         kind: vmm::EngineKind::QemuTcg,
+        arch: vmm::Arch::host_or_default(),
         binary: qemu_config().binary,
         reason: "test".into(),
     };

@@ -71,6 +71,9 @@ impl Service {
     ) -> Result<Service, StartError> {
         let mut core_config = CoreConfig::new(&config.data_dir);
         core_config.engine = engine_preference(&config.engine);
+        core_config.arch = config
+            .guest_arch()
+            .map_err(|e| StartError::Config(e.to_string()))?;
         core_config.unique_names = false;
         core_config.confinement = config.confinement.to_vmm();
         core_config.thermal = thermal_policy(&config.thermal);

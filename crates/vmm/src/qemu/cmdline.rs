@@ -12,6 +12,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
 
 use super::{Accel, QemuConfig};
+use crate::select::Arch;
 use crate::spec::{MemoryBacking, VmSpec};
 
 /// Name of the QMP socket inside the work directory.
@@ -87,7 +88,13 @@ pub fn build(spec: &VmSpec, config: &QemuConfig, launch: Launch, passed: Passed)
     let mut a: Vec<OsString> = Vec::new();
     let mut push = |parts: &[&str]| a.extend(parts.iter().map(OsString::from));
 
-    let mut machine = String::from("microvm,acpi=on");
+    // amd64: microvm (no PCI, no firmware, PVH entry). arm64: virt, which
+    // has virtio-mmio transports too (so the device lines are the same), a
+    // PL011 UART for -serial, and the GIC version the accelerator can do.
+    let mut machine = String::from(match config.arch {
+        Arch::Amd64 => "microvm,acpi=on",
+        Arch::Arm64 => "virt,gic-version=max",
+    });
     if matches!(spec.memory, MemoryBacking::File { .. }) {
         machine.push_str(",memory-backend=");
         machine.push_str(MEM_ID);
@@ -96,6 +103,15 @@ pub fn build(spec: &VmSpec, config: &QemuConfig, launch: Launch, passed: Passed)
     push(&["-nodefaults", "-no-user-config", "-display", "none"]);
     match config.accel {
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+        // virt's default CPU is a 32-bit cortex-a15; max is every feature
+        // TCG emulates.
+        Accel::Tcg if config.arch == Arch::Arm64 && confined => push(&[
+            "-accel",
+            &format!("tcg,tb-size={}", crate::confine::TCG_TB_MIB),
+            "-cpu",
+            "max",
+        ]),
+        Accel::Tcg if config.arch == Arch::Arm64 => push(&["-accel", "tcg", "-cpu", "max"]),
         // Confined: a bounded translation cache (QEMU's default is 1 GiB
         // of anonymous memory) that fits the cgroup's overhead.
         Accel::Tcg if confined => push(&[
@@ -199,6 +215,7 @@ mod tests {
     fn config(accel: Accel) -> QemuConfig {
         QemuConfig {
             binary: "qemu-system-x86_64".into(),
+            arch: Arch::Amd64,
             accel,
             tsc_khz: Some(2_596_092),
             confinement: None,
@@ -335,6 +352,43 @@ mod tests {
             Passed::default(),
         ));
         assert_eq!(incoming, format!("{line} -incoming defer"));
+    }
+
+    #[test]
+    fn arm64_runs_virt_with_a_64_bit_cpu_and_the_same_devices() {
+        let mut spec = VmSpec::new("/k/Image", "/run/vm1");
+        spec.cmdline = "console=ttyAMA0".into();
+        spec.memory = MemoryBacking::File {
+            path: "/run/vm1/mem".into(),
+        };
+        spec.drives = vec![DriveSpec {
+            id: "base".into(),
+            path: "/img/base.ext4".into(),
+            read_only: true,
+        }];
+        let amd = text(&build(
+            &spec,
+            &config(Accel::Tcg),
+            Launch::Boot,
+            Passed::default(),
+        ));
+        let arm_config =
+            QemuConfig::for_arch("qemu-system-aarch64".into(), Accel::Tcg, Arch::Arm64);
+        assert_eq!(arm_config.tsc_khz, None);
+        let arm = text(&build(&spec, &arm_config, Launch::Boot, Passed::default()));
+        assert!(
+            arm.starts_with("-M virt,gic-version=max,memory-backend=mem "),
+            "{arm}"
+        );
+        assert!(arm.contains(" -accel tcg -cpu max -smp 1 "), "{arm}");
+        assert!(arm.contains("-append console=ttyAMA0 -chardev"), "{arm}");
+        // Beyond the machine, the CPU and the TSC, the lines are the same.
+        let strip = |l: &str| {
+            l.replace("-M virt,gic-version=max", "-M microvm,acpi=on")
+                .replace(" -cpu max", "")
+                .replace(" tsc_early_khz=2596092", "")
+        };
+        assert_eq!(strip(&arm), strip(&amd));
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! QEMU backend: `qemu-system-x86_64 -M microvm`, driven over QMP.
+//! QEMU backend: `qemu-system-x86_64 -M microvm` (amd64 guests) or
+//! `qemu-system-aarch64 -M virt` (arm64 guests), driven over QMP.
 //!
 //! The VMM is a tokio child (never `-daemonize`d) so we reap it and learn
 //! how it ended. Pause/resume are QMP `stop`/`cont`. Snapshots are QMP
@@ -59,8 +60,10 @@ pub enum Accel {
 /// How to run QEMU.
 #[derive(Debug, Clone)]
 pub struct QemuConfig {
-    /// `qemu-system-x86_64`.
+    /// `qemu-system-x86_64` or `qemu-system-aarch64`.
     pub binary: PathBuf,
+    /// The guests' architecture (decides the machine line).
+    pub arch: crate::select::Arch,
     /// KVM or TCG.
     pub accel: Accel,
     /// Host TSC in kHz, appended to the guest command line as
@@ -72,13 +75,23 @@ pub struct QemuConfig {
 }
 
 impl QemuConfig {
-    /// A config for `binary` and `accel` with the host's TSC frequency,
-    /// unconfined.
+    /// A config for amd64 guests on `binary` and `accel` with the host's
+    /// TSC frequency, unconfined.
     pub fn new(binary: PathBuf, accel: Accel) -> Self {
+        Self::for_arch(binary, accel, crate::select::Arch::Amd64)
+    }
+
+    /// A config for `arch` guests (amd64: with the host's TSC frequency),
+    /// unconfined.
+    pub fn for_arch(binary: PathBuf, accel: Accel, arch: crate::select::Arch) -> Self {
         QemuConfig {
             binary,
+            arch,
             accel,
-            tsc_khz: crate::tsc::host_tsc_khz(),
+            tsc_khz: match arch {
+                crate::select::Arch::Amd64 => crate::tsc::host_tsc_khz(),
+                crate::select::Arch::Arm64 => None,
+            },
             confinement: None,
         }
     }
