@@ -39,7 +39,7 @@ impl fmt::Display for SandboxState {
     }
 }
 
-/// How warm a `running` sandbox is (DESIGN §7). Orthogonal to
+/// How warm a `running` sandbox is (docs/thermal.md). Orthogonal to
 /// [`SandboxState`]: a sandbox is `Running` in all three; only the VMM
 /// differs.
 ///

@@ -1,4 +1,4 @@
-//! Thermal tiers (DESIGN §7): hot ⇄ warm is a pause/resume of the vCPUs;
+//! Thermal tiers (docs/thermal.md): hot ⇄ warm is a pause/resume of the vCPUs;
 //! warm → cold syncs the guest, saves its device state into the sandbox's
 //! `snapshot/` directory (guest RAM already lives in the sandbox's memory
 //! file, mapped shared, so nothing else is written), verifies what was

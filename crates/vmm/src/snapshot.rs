@@ -85,9 +85,10 @@ pub struct SnapshotInfo {
 }
 
 /// Marks the snapshot in `dir` as spent by removing its manifest (synced,
-/// so a crash after this call never finds it). A restore calls this before
-/// the restored guest may run when the guest's memory is the snapshot's own
-/// memory file (QEMU maps it shared): from then on the file no longer
+/// so a crash after this call never finds it). A restore calls this once
+/// the state is loaded and before the restored guest may run, when the
+/// guest's memory is the snapshot's own memory file (QEMU maps it shared):
+/// from then on the file no longer
 /// matches the saved device state, and restoring it again would hand QEMU
 /// queues that disagree with memory ("Failed to load virtio-net"). Without
 /// a manifest the directory is no snapshot. Nothing there is fine.

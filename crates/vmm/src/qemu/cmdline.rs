@@ -2,7 +2,8 @@
 //!
 //! A snapshot restores only into a QEMU whose devices are configured
 //! identically, so the same function builds the line for boot and restore;
-//! a restore adds `-incoming defer` and nothing else. Host-side paths that
+//! a restore adds `-S -incoming defer` and nothing else (`-S`: the
+//! loaded guest stays stopped until the daemon says `cont`). Host-side paths that
 //! the guest never sees (QMP socket, TAP) may differ between the two, or
 //! be descriptors the daemon passes ([`Passed`], confined VMMs).
 
@@ -200,6 +201,9 @@ pub fn build(spec: &VmSpec, config: &QemuConfig, launch: Launch, passed: Passed)
         a.push(SANDBOX.into());
     }
     if launch == Launch::Incoming {
+        // Stopped after the load (no autostart): the restore spends its
+        // snapshot before the guest runs (qemu/mod.rs).
+        a.push("-S".into());
         a.push("-incoming".into());
         a.push("defer".into());
     }
@@ -287,7 +291,7 @@ mod tests {
             Passed::default(),
         );
         assert_eq!(&incoming[..boot.len()], &boot[..]);
-        assert_eq!(text(&incoming[boot.len()..]), "-incoming defer");
+        assert_eq!(text(&incoming[boot.len()..]), "-S -incoming defer");
         let line = text(&boot);
         assert!(
             line.contains("-accel tcg -smp 1 -m 256M -no-reboot"),
@@ -351,7 +355,7 @@ mod tests {
             Launch::Incoming,
             Passed::default(),
         ));
-        assert_eq!(incoming, format!("{line} -incoming defer"));
+        assert_eq!(incoming, format!("{line} -S -incoming defer"));
     }
 
     #[test]

@@ -609,20 +609,22 @@ impl Vmm for QemuVmm {
                 .await?;
             let r = c.send_fd(SNAPSHOT_FD, &file).await;
             self.qmp_result("getfd", r).await?;
-            // The guest writes its memory file once it runs: from here on
-            // the saved device state no longer matches it.
-            crate::snapshot::consume(dir)?;
             let uri = MigrateUri {
                 uri: format!("fd:{SNAPSHOT_FD}"),
             };
             self.cmd_args(c, "migrate-incoming", &uri).await?;
             self.wait_migration(c, "restore").await?;
+            // Loaded, and stopped (`-S`). The guest writes its memory file
+            // once it runs: from here on the saved device state no longer
+            // matches it. (A load that failed kept the snapshot: the guest
+            // never ran.)
+            crate::snapshot::consume(dir)?;
             // The migration stream carries the source's run state, and a
             // snapshot is taken with the vCPUs stopped: start them.
             let r = c.query_status().await;
             let st = self.qmp_result("query-status", r).await?;
             if !st.running {
-                if st.status != "paused" && st.status != "postmigrate" {
+                if !matches!(st.status.as_str(), "paused" | "postmigrate" | "prelaunch") {
                     return Err(VmmError::Migration {
                         operation: "restore",
                         message: format!("QEMU is {} after loading the snapshot", st.status),
