@@ -506,17 +506,32 @@ impl Service {
     }
 
     async fn stop_inner(&self, user: &UserRecord, reference: &str) -> Result<Sandbox, ApiError> {
+        self.cool(user, reference, Cooling::Stop).await
+    }
+
+    /// Takes a running sandbox of `user` down a tier, under its lock.
+    async fn cool(
+        &self,
+        user: &UserRecord,
+        reference: &str,
+        how: Cooling,
+    ) -> Result<Sandbox, ApiError> {
         let row = self.row(user, reference).await?;
         let id = sandbox_id(&row)?;
         let _lock = self.locks.lock(&id).await;
         let row = self.row(user, &row.id).await?;
         if !self.index().contains_key(&id) {
             return Err(ApiError::Conflict(format!(
-                "sandbox '{}' is {}; nothing to stop",
-                row.name, row.status
+                "sandbox '{}' is {}; nothing to {}",
+                row.name,
+                row.status,
+                how.verb()
             )));
         }
-        self.core.stop(&id).await?;
+        match how {
+            Cooling::Stop => self.core.stop(&id).await?,
+            Cooling::Pause => self.core.pause(&id).await?,
+        }
         Ok(view(&self.persist(&id).await?))
     }
 
@@ -534,18 +549,7 @@ impl Service {
     }
 
     async fn pause_inner(&self, user: &UserRecord, reference: &str) -> Result<Sandbox, ApiError> {
-        let row = self.row(user, reference).await?;
-        let id = sandbox_id(&row)?;
-        let _lock = self.locks.lock(&id).await;
-        let row = self.row(user, &row.id).await?;
-        if !self.index().contains_key(&id) {
-            return Err(ApiError::Conflict(format!(
-                "sandbox '{}' is {}; nothing to pause",
-                row.name, row.status
-            )));
-        }
-        self.core.pause(&id).await?;
-        Ok(view(&self.persist(&id).await?))
+        self.cool(user, reference, Cooling::Pause).await
     }
 
     /// Wakes a warm or cold sandbox, or boots a stopped one
@@ -604,6 +608,24 @@ impl Service {
                     row.name, row.status
                 )))
             }
+        }
+    }
+}
+
+/// A step down the thermal tiers a caller asks for.
+#[derive(Debug, Clone, Copy)]
+enum Cooling {
+    /// To cold (`POST /sandboxes/:id/stop`).
+    Stop,
+    /// To warm (the E2B API's `pause`).
+    Pause,
+}
+
+impl Cooling {
+    fn verb(self) -> &'static str {
+        match self {
+            Cooling::Stop => "stop",
+            Cooling::Pause => "pause",
         }
     }
 }
