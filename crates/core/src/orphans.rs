@@ -307,14 +307,29 @@ mod tests {
     /// would carry the same command line for a moment and be seen too):
     /// `tail -F` of a file in it. `tail` is the engine's binary here.
     fn pretend_vmm(dir: &Path) -> Reap {
-        Reap(
+        let child = Reap(
             std::process::Command::new("tail")
                 .arg("-F")
                 .arg(dir.join("serial.log"))
                 .stderr(std::process::Stdio::null())
                 .spawn()
                 .unwrap(),
-        )
+        );
+        // `spawn` can return while the child is still inside execve (a
+        // vfork-style spawn resumes the parent once the old memory is
+        // released, before the new command line is in place): wait until
+        // /proc shows the command line a VMM's would have.
+        let want = dir.display().to_string();
+        let cmdline = format!("/proc/{}/cmdline", child.0.id());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !std::fs::read(&cmdline).is_ok_and(|c| String::from_utf8_lossy(&c).contains(&want)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "tail never showed its command line"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        child
     }
 
     #[test]
