@@ -99,6 +99,10 @@ export BHATTI_PLAYWRIGHT_PYTHON="$venv/bin/python"
 echo "== web/vendor against npm"
 (cd web && npm ci --no-audit --no-fund --silent && ./vendor.sh --check)
 
+# One build from a clean tree: incremental state would only double the disk
+# the target directory takes.
+export CARGO_INCREMENTAL=0
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
