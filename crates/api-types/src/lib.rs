@@ -53,6 +53,10 @@ pub struct CreateSandbox {
     pub cpus: Option<u32>,
     #[serde(default)]
     pub memory_mb: Option<u64>,
+    /// Its writable disk in MiB (the daemon's default, 2048 unless
+    /// configured, when absent); charged to the user's disk quota.
+    #[serde(default)]
+    pub disk_size_mb: Option<u64>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     /// Names of the user's secrets to put in the sandbox's environment.
@@ -96,6 +100,12 @@ pub struct PatchSandbox {
     /// A new egress policy, in force at once.
     #[serde(default)]
     pub egress: Option<Egress>,
+    /// A larger disk, in MiB (disks only grow). Only while the sandbox's
+    /// VM does not run: a hot or warm sandbox is a 409; a cold one drops
+    /// its snapshot (its processes end, its files stay) and boots from
+    /// its disk at the next command, the file system grown to fill it.
+    #[serde(default)]
+    pub disk_size_mb: Option<u64>,
 }
 
 /// Where a sandbox is in its life, as the API shows it (and the store
@@ -200,6 +210,9 @@ pub struct Sandbox {
     pub image: String,
     pub cpus: u32,
     pub memory_mb: u64,
+    /// Its writable disk, in MiB.
+    #[serde(default)]
+    pub disk_size_mb: u64,
     pub status: SandboxStatus,
     #[serde(default)]
     pub status_reason: Option<String>,

@@ -263,10 +263,16 @@ pub struct SandboxDefaults {
     pub image: String,
     pub cpus: u32,
     pub memory_mb: u64,
+    /// A sandbox's writable disk when a create names no size.
+    pub disk_mb: u64,
+    /// The largest disk one sandbox may have (create or grow).
+    pub max_sandbox_disk_mb: u64,
     /// New users get these quotas unless `bhatti user create` says otherwise.
     pub max_sandboxes: u32,
     pub max_cpus: u32,
     pub max_memory_mb: u64,
+    /// Disk of all of a user's sandboxes together.
+    pub max_disk_mb: u64,
 }
 
 impl Default for DaemonConfig {
@@ -332,9 +338,12 @@ impl Default for SandboxDefaults {
             image: "minimal".into(),
             cpus: 1,
             memory_mb: 512,
+            disk_mb: 2048,
+            max_sandbox_disk_mb: 64 * 1024,
             max_sandboxes: 10,
             max_cpus: 16,
             max_memory_mb: 16 * 1024,
+            max_disk_mb: 50 * 1024,
         }
     }
 }
@@ -470,6 +479,20 @@ impl DaemonConfig {
         }
         if d.image.is_empty() {
             return bad("defaults.image must not be empty".into());
+        }
+        let most = bhatti_core::MAX_DISK_MB;
+        if !(bhatti_core::MIN_DISK_MB..=most).contains(&d.max_sandbox_disk_mb) {
+            return bad(format!(
+                "defaults.max_sandbox_disk_mb must be {}..={most}",
+                bhatti_core::MIN_DISK_MB
+            ));
+        }
+        if !(bhatti_core::MIN_DISK_MB..=d.max_sandbox_disk_mb).contains(&d.disk_mb) {
+            return bad(format!(
+                "defaults.disk_mb must be {}..=defaults.max_sandbox_disk_mb ({})",
+                bhatti_core::MIN_DISK_MB,
+                d.max_sandbox_disk_mb
+            ));
         }
         if self.confinement.enabled && self.confinement.user.is_empty() {
             return bad("confinement.user must not be empty".into());

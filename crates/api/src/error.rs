@@ -87,7 +87,8 @@ impl From<store::StoreError> for ApiError {
             store::StoreError::NotFound { .. } => ApiError::NotFound(e.to_string()),
             store::StoreError::SandboxQuota { .. }
             | store::StoreError::CpuQuota { .. }
-            | store::StoreError::MemoryQuota { .. } => ApiError::Forbidden(e.to_string()),
+            | store::StoreError::MemoryQuota { .. }
+            | store::StoreError::DiskQuota { .. } => ApiError::Forbidden(e.to_string()),
             other => ApiError::Internal(error_chain(&other)),
         }
     }

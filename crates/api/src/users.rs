@@ -10,6 +10,7 @@ pub struct Quotas {
     pub max_sandboxes: u32,
     pub max_cpus: u32,
     pub max_memory_mb: u64,
+    pub max_disk_mb: u64,
 }
 
 /// Creates a user; returns the record and their key (shown once).
@@ -19,7 +20,11 @@ pub fn create_user(
     quotas: Quotas,
 ) -> Result<(store::UserRecord, String), ApiError> {
     crate::validate::name("user", name)?;
-    if quotas.max_sandboxes == 0 || quotas.max_cpus == 0 || quotas.max_memory_mb == 0 {
+    if quotas.max_sandboxes == 0
+        || quotas.max_cpus == 0
+        || quotas.max_memory_mb == 0
+        || quotas.max_disk_mb == 0
+    {
         return Err(ApiError::BadRequest("quotas must be at least 1".into()));
     }
     let key = generate_key().map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -34,6 +39,7 @@ pub fn create_user(
         max_sandboxes: quotas.max_sandboxes,
         max_cpus: quotas.max_cpus,
         max_memory_mb: quotas.max_memory_mb,
+        max_disk_mb: quotas.max_disk_mb,
     })?;
     Ok((user, key))
 }

@@ -15,7 +15,15 @@ fn create_list_inspect_exec_destroy() {
         let d = TestDaemon::start(config(data.path(), "")).await;
         let c = d.client(&d.user("alice", 5));
 
-        let created = c.create("dev").await;
+        let (s, created) = c
+            .json(
+                Method::POST,
+                "/sandboxes",
+                Some(json!({"name": "dev", "disk_size_mb": 300})),
+            )
+            .await;
+        assert_eq!(s, 201, "{created}");
+        assert_eq!(created["disk_size_mb"], 300, "{created}");
         for field in [
             "id",
             "name",
@@ -71,6 +79,52 @@ fn create_list_inspect_exec_destroy() {
             (200, &json!("x"), &json!(true))
         );
 
+        // The disk size shows in the guest's df, and a disk grows while the
+        // sandbox is cold: its files stay and the guest's file system fills
+        // the larger disk at the next boot.
+        let (s, v) = c
+            .json(
+                Method::PATCH,
+                "/sandboxes/dev",
+                Some(json!({"keep_hot": false})),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        assert_disk_mb(&c, "dev", 300).await;
+        assert_eq!(
+            sh(&c, "dev", "echo kept > /tmp/grown.txt; sync; echo ok").await,
+            "ok\n"
+        );
+        let (s, v) = c
+            .json(
+                Method::PATCH,
+                "/sandboxes/dev",
+                Some(json!({"disk_size_mb": 600})),
+            )
+            .await;
+        assert_eq!(s, 409, "a hot sandbox's disk does not grow: {v}");
+        assert!(
+            v["error"].as_str().unwrap().contains("stop it first"),
+            "{v}"
+        );
+        let (s, v) = c.json(Method::POST, "/sandboxes/dev/stop", None).await;
+        assert_eq!((s, v["thermal"].as_str()), (200, Some("cold")), "{v}");
+        let (s, v) = c
+            .json(
+                Method::PATCH,
+                "/sandboxes/dev",
+                Some(json!({"disk_size_mb": 600})),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(
+            (v["disk_size_mb"].as_u64(), v["status"].as_str()),
+            (Some(600), Some("stopped")),
+            "{v}"
+        );
+        assert_disk_mb(&c, "dev", 600).await;
+        assert_eq!(sh(&c, "dev", "cat /tmp/grown.txt").await, "kept\n");
+
         let (s, _) = c.json(Method::DELETE, "/sandboxes/dev", None).await;
         assert_eq!(s, 204);
         let (s, err) = c.json(Method::GET, &format!("/sandboxes/{id}"), None).await;
@@ -85,6 +139,23 @@ fn create_list_inspect_exec_destroy() {
         assert!(left.is_empty(), "{left:?}");
         d.stop().await;
     });
+}
+
+/// The guest's `/` (the overlay on the sandbox disk) is about `mb` MiB in
+/// `df`: ext4 keeps some for itself (journal, inode tables), so a little
+/// less, never more.
+async fn assert_disk_mb(c: &Client, sandbox: &str, mb: u64) {
+    let out = sh(c, sandbox, "df -k / | tail -n 1").await;
+    let kib: u64 = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|f| f.parse().ok())
+        .unwrap_or_else(|| panic!("df: {out:?}"));
+    let shown = kib / 1024;
+    assert!(
+        shown <= mb && shown * 100 >= mb * 85,
+        "df shows {shown} MiB for a {mb} MiB disk: {out:?}"
+    );
 }
 
 #[test]

@@ -49,6 +49,7 @@ fn roomy_user(d: &TestDaemon) -> String {
         max_sandboxes: 40,
         max_cpus: 64,
         max_memory_mb: 16384,
+        max_disk_mb: 1 << 20,
     };
     api::users::create_user(&store, "alice", quotas).unwrap().1
 }

@@ -869,3 +869,115 @@ fn egress_policies_are_checked_stored_shown_and_guard_the_tap_across_cold_and_re
         d.stop().await;
     });
 }
+
+fn disk_len(data: &Path, id: &str) -> u64 {
+    std::fs::metadata(data.join("sandboxes").join(id).join("disk.ext4"))
+        .unwrap()
+        .len()
+}
+
+#[test]
+fn disk_sizes_are_checked_charged_and_grown_while_cold() {
+    common::in_netns("svcf-disk", || async {
+        let s = setup();
+        let d = TestDaemon::start_with_engine(fake_config(&s.data), engine()).await;
+        let key = d.user_with(
+            "alice",
+            api::users::Quotas {
+                max_sandboxes: 5,
+                max_cpus: 8,
+                max_memory_mb: 4096,
+                max_disk_mb: 5000,
+            },
+        );
+        let c = d.client(&key);
+        let create = |body: Value| {
+            let c = c.clone();
+            async move { c.json(Method::POST, "/sandboxes", Some(body)).await }
+        };
+
+        // Sizes: asked for, the default, and out of bounds.
+        let (st, small) = create(serde_json::json!({"name": "small", "disk_size_mb": 1000})).await;
+        assert_eq!(st, 201, "{small}");
+        assert_eq!(small["disk_size_mb"], 1000, "{small}");
+        let id = small["id"].as_str().unwrap().to_string();
+        assert_eq!(disk_len(&s.data, &id), 1000 << 20);
+        let (st, def) = create(serde_json::json!({"name": "def"})).await;
+        assert_eq!(st, 201, "{def}");
+        assert_eq!(def["disk_size_mb"], 2048, "the default: {def}");
+        for (bad, why) in [
+            (serde_json::json!(10), "disk_size_mb must be 64..=65536"),
+            (serde_json::json!(65537), "disk_size_mb must be 64..=65536"),
+            (serde_json::json!(-1), ""),
+            (serde_json::json!("1G"), ""),
+        ] {
+            let (st, v) = create(serde_json::json!({"name": "bad", "disk_size_mb": bad})).await;
+            assert_eq!(st, 400, "{bad}: {v}");
+            assert!(v["error"].as_str().unwrap().contains(why), "{bad}: {v}");
+        }
+        // The quota: 3048 of 5000 MiB held.
+        let (st, v) = create(serde_json::json!({"name": "big", "disk_size_mb": 2000})).await;
+        assert_eq!(st, 403, "{v}");
+        assert!(v["error"].as_str().unwrap().contains("disk quota"), "{v}");
+        assert_eq!(
+            get(&c, "big").await.0,
+            404,
+            "a refused create leaves no row"
+        );
+
+        // Growing: not while hot, never smaller, within the quota; a cold
+        // sandbox gives up its snapshot and boots from the larger disk.
+        let (st, v) = patch(&c, "small", serde_json::json!({"disk_size_mb": 1500})).await;
+        assert_eq!(st, 409, "{v}");
+        assert!(
+            v["error"].as_str().unwrap().contains("stop it first"),
+            "{v}"
+        );
+        assert_eq!(disk_len(&s.data, &id), 1000 << 20);
+        let kept = format!("{}/keep.txt", home(&c, &id).await);
+        write_file(&c, &id, &kept, b"kept\n").await;
+        let (st, v) = post(&c, "/sandboxes/small/stop", None).await;
+        assert_eq!(st, 200, "{v}");
+        assert_state(&v, "running", "cold");
+        let (st, v) = patch(&c, "small", serde_json::json!({"disk_size_mb": 500})).await;
+        assert_eq!(st, 400, "{v}");
+        assert!(v["error"].as_str().unwrap().contains("only grow"), "{v}");
+        let (st, v) = patch(&c, "small", serde_json::json!({"disk_size_mb": 4000})).await;
+        assert_eq!(st, 403, "{v}");
+        assert_state(&show(&c, "small").await, "running", "cold");
+        assert_eq!(
+            disk_len(&s.data, &id),
+            1000 << 20,
+            "a refused grow changes nothing"
+        );
+        let (st, v) = patch(&c, "small", serde_json::json!({"disk_size_mb": 2900})).await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["disk_size_mb"], 2900, "{v}");
+        assert_state(&v, "stopped", "cold");
+        assert_eq!(disk_len(&s.data, &id), 2900 << 20);
+        assert!(lohars_of(&s.data, &id).is_empty(), "no VMM while stopped");
+        // The next command boots it from its disk.
+        assert_eq!(common::sh(&c, "small", "echo up").await, "up\n");
+        assert_eq!(read_file(&c, &id, &kept).await, (200, b"kept\n".to_vec()));
+        assert_state(&show(&c, "small").await, "running", "hot");
+        assert_eq!(show(&c, "small").await["disk_size_mb"], 2900);
+        let (st, events) = c.json(Method::GET, "/events?sandbox=small", None).await;
+        assert_eq!(st, 200, "{events}");
+        assert!(events.to_string().contains("disk_grown"), "{events}");
+        // The quota counts the grown disk: 4948 of 5000 held.
+        let (st, v) = create(serde_json::json!({"name": "more", "disk_size_mb": 64})).await;
+        assert_eq!(st, 403, "{v}");
+        // And frees what a destroy gives back.
+        assert_eq!(delete(&c, "def").await, 204);
+        let (st, v) = create(serde_json::json!({"name": "more", "disk_size_mb": 64})).await;
+        assert_eq!(st, 201, "{v}");
+
+        // A restart keeps sizes and the quota's view of them.
+        d.stop().await;
+        let d = TestDaemon::start_with_engine(fake_config(&s.data), engine()).await;
+        let c = d.client(&key);
+        assert_eq!(show(&c, "small").await["disk_size_mb"], 2900);
+        assert_eq!(common::sh(&c, "small", "echo again").await, "again\n");
+        d.stop().await;
+    });
+}

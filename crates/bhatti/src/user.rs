@@ -17,6 +17,9 @@ pub enum UserCommand {
         /// MiB in all of the user's sandboxes.
         #[arg(long, default_value_t = 16384)]
         max_memory: u64,
+        /// MiB of disk in all of the user's sandboxes.
+        #[arg(long, default_value_t = 51200)]
+        max_disk: u64,
         /// Print only the key, alone on its line.
         #[arg(long)]
         quiet: bool,
@@ -59,6 +62,7 @@ pub fn run(cmd: UserCommand) -> anyhow::Result<()> {
             max_sandboxes,
             max_cpus,
             max_memory,
+            max_disk,
             quiet,
             data_dir,
         } => {
@@ -67,14 +71,15 @@ pub fn run(cmd: UserCommand) -> anyhow::Result<()> {
                 max_sandboxes,
                 max_cpus,
                 max_memory_mb: max_memory,
+                max_disk_mb: max_disk,
             };
             let (user, key) = api::users::create_user(&store, &name, quotas)?;
             if quiet {
                 println!("{key}");
             } else {
                 println!(
-                    "created user {} (max {} sandboxes, {} CPUs, {} MiB)\n\nAPI key (shown once, keep it safe):\n{key}",
-                    user.name, user.max_sandboxes, user.max_cpus, user.max_memory_mb
+                    "created user {} (max {} sandboxes, {} CPUs, {} MiB memory, {} MiB disk)\n\nAPI key (shown once, keep it safe):\n{key}",
+                    user.name, user.max_sandboxes, user.max_cpus, user.max_memory_mb, user.max_disk_mb
                 );
             }
         }
@@ -84,13 +89,13 @@ pub fn run(cmd: UserCommand) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&users)?);
             } else {
                 println!(
-                    "{:<20} {:>9} {:>5} {:>10}",
-                    "NAME", "SANDBOXES", "CPUS", "MEMORY_MB"
+                    "{:<20} {:>9} {:>5} {:>10} {:>10}",
+                    "NAME", "SANDBOXES", "CPUS", "MEMORY_MB", "DISK_MB"
                 );
                 for u in users {
                     println!(
-                        "{:<20} {:>9} {:>5} {:>10}",
-                        u.name, u.max_sandboxes, u.max_cpus, u.max_memory_mb
+                        "{:<20} {:>9} {:>5} {:>10} {:>10}",
+                        u.name, u.max_sandboxes, u.max_cpus, u.max_memory_mb, u.max_disk_mb
                     );
                 }
             }

@@ -169,6 +169,7 @@ fn user(data: &Path, name: &str) -> String {
         max_sandboxes: 5,
         max_cpus: 8,
         max_memory_mb: 4096,
+        max_disk_mb: 1 << 20,
     };
     api::users::create_user(&store, name, quotas).unwrap().1
 }

@@ -103,6 +103,11 @@ pub enum Command {
         /// Never pause or snapshot it when idle.
         #[arg(long, value_name = "true|false")]
         keep_hot: Option<bool>,
+        /// Grow its disk: MiB, or with a unit (20G). Only while it is cold
+        /// (`bhatti stop`): its processes end, its files stay, and it boots
+        /// from the larger disk at the next command.
+        #[arg(long, value_name = "SIZE", value_parser = parse_disk_mb)]
+        disk: Option<u64>,
         #[command(flatten)]
         egress: EgressArgs,
     },
@@ -154,6 +159,9 @@ pub struct CreateArgs {
     /// Memory: MiB, or with a unit (512M, 2G).
     #[arg(long, value_name = "SIZE", value_parser = parse_memory_mb)]
     pub memory: Option<u64>,
+    /// Writable disk: MiB, or with a unit (10G) [default on the server: 2G].
+    #[arg(long, value_name = "SIZE", value_parser = parse_disk_mb)]
+    pub disk: Option<u64>,
     /// Image name [default on the server: minimal].
     #[arg(long)]
     pub image: Option<String>,
@@ -446,6 +454,15 @@ pub fn parse_file_spec(s: &str) -> Result<FileSpec, String> {
 
 /// Memory in MiB: `512`, `512M`, `512MiB`, `2G`, `2GiB` (case-insensitive).
 pub fn parse_memory_mb(s: &str) -> Result<u64, String> {
+    parse_size_mb(s, "memory", false)
+}
+
+/// Disk size in MiB: as [`parse_memory_mb`], and `T`/`TiB` too.
+pub fn parse_disk_mb(s: &str) -> Result<u64, String> {
+    parse_size_mb(s, "disk", true)
+}
+
+fn parse_size_mb(s: &str, what: &str, tera: bool) -> Result<u64, String> {
     let t = s.trim();
     let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(digits);
@@ -455,10 +472,12 @@ pub fn parse_memory_mb(s: &str) -> Result<u64, String> {
     let factor = match unit.to_ascii_lowercase().as_str() {
         "" | "m" | "mb" | "mib" => 1,
         "g" | "gb" | "gib" => 1024,
+        "t" | "tb" | "tib" if tera => 1024 * 1024,
+        _ if tera => return Err(format!("unknown unit in {s:?} (use M, G or T)")),
         _ => return Err(format!("unknown unit in {s:?} (use M or G)")),
     };
     match n.checked_mul(factor) {
-        Some(0) => Err("memory must be more than 0".to_string()),
+        Some(0) => Err(format!("{what} must be more than 0")),
         Some(mb) => Ok(mb),
         None => Err(format!("{s:?} is too large")),
     }
@@ -641,6 +660,10 @@ mod tests {
         assert!(parse_memory_mb("G").is_err());
         assert!(parse_memory_mb("-1").is_err());
         assert!(parse_memory_mb("99999999999999999999G").is_err());
+        assert_eq!(parse_disk_mb("10G"), Ok(10240));
+        assert_eq!(parse_disk_mb("1T"), Ok(1 << 20));
+        assert_eq!(parse_disk_mb("0").unwrap_err(), "disk must be more than 0");
+        assert!(parse_disk_mb("1P").unwrap_err().contains("use M, G or T"));
     }
 
     #[test]

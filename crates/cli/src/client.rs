@@ -365,20 +365,10 @@ impl Client {
     }
 
     /// `PATCH /sandboxes/:id`.
-    pub async fn patch(
-        &self,
-        name: &str,
-        keep_hot: Option<bool>,
-        egress: Option<api_types::Egress>,
-    ) -> Result<Sandbox> {
-        let body = api_types::PatchSandbox {
-            keep_hot,
-            labels: None,
-            egress,
-        };
+    pub async fn patch(&self, name: &str, body: &api_types::PatchSandbox) -> Result<Sandbox> {
         let rb = self
             .request(Method::PATCH, self.url(&["sandboxes", name]), true)?
-            .json(&body);
+            .json(body);
         let resp = self.send(rb).await?;
         self.json("PATCH /sandboxes/:id", resp).await
     }

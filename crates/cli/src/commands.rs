@@ -159,9 +159,16 @@ impl Ctx {
             Command::Edit {
                 name,
                 keep_hot,
+                disk,
                 egress,
             } => {
-                let sb = c.patch(&name, keep_hot, egress.policy()).await?;
+                let body = api_types::PatchSandbox {
+                    keep_hot,
+                    labels: None,
+                    egress: egress.policy(),
+                    disk_size_mb: disk,
+                };
+                let sb = c.patch(&name, &body).await?;
                 if self.json {
                     print_json(&sb)?
                 } else {
@@ -290,6 +297,7 @@ impl Ctx {
             image: a.image,
             cpus: a.cpus,
             memory_mb: a.memory,
+            disk_size_mb: a.disk,
             env: a.env.into_iter().collect(),
             secrets: a.secrets,
             files,

@@ -59,7 +59,10 @@ pub use orphans::{vmm_processes, OrphanError, Reaped};
 pub use record::{BootTimings, SandboxRecord};
 pub use recovery::kill_orphan_vmm;
 pub use shutdown::{Stopped, KILL_GRACE};
-pub use spec::{Limits, SandboxSpec, SpecError, DEFAULT_CPUS, DEFAULT_IMAGE, DEFAULT_MEMORY_MB};
+pub use spec::{
+    Limits, SandboxSpec, SpecError, DEFAULT_CPUS, DEFAULT_IMAGE, DEFAULT_MEMORY_MB, MAX_DISK_MB,
+    MIN_DISK_MB,
+};
 pub use state::{
     thermal_transition, transition, valid_thermal, valid_transition, InvalidThermal,
     InvalidTransition, SandboxState, ThermalState,

@@ -246,7 +246,9 @@ impl SandboxManager {
             Origin::Fresh => {
                 undo.dir = Some(dir.clone());
                 let cfg = spec.config_drive(token.expose().to_owned());
-                let disk_bytes = self.inner.config.disk_bytes;
+                let disk_bytes = spec
+                    .disk_mb
+                    .map_or(self.inner.config.disk_bytes, |mb| mb << 20);
                 let d = dir.clone();
                 tokio::task::spawn_blocking(move || -> image::Result<()> {
                     image::create_sandbox_disk(&d, disk_bytes)?;
@@ -400,6 +402,37 @@ impl SandboxManager {
             .instrument(span),
         )
         .await
+    }
+
+    /// Grows the writable disk of a sandbox whose VM does not run here
+    /// (stopped, or released with [`SandboxManager::release`]) to `mb`
+    /// MiB, and returns its record with the new size in its spec. Only the
+    /// disk file grows: the guest grows its file system to fill the disk at
+    /// its next boot (the host never parses the guest's file system). A
+    /// sandbox whose VM this manager holds is refused: its VMM (and any
+    /// snapshot of it) knows the old size.
+    pub async fn grow_disk(&self, record: &SandboxRecord, mb: u64) -> Result<SandboxRecord> {
+        if let Ok(entry) = self.entry(&record.id) {
+            return Err(CoreError::InvalidState {
+                id: record.id.clone(),
+                state: entry.state(),
+                operation: "grow its disk while its VM is held (stop and release it first)",
+            });
+        }
+        let mut grown = record.clone();
+        grown.spec.disk_mb = Some(mb);
+        grown
+            .spec
+            .validate(&self.inner.config.limits)
+            .map_err(CoreError::InvalidSpec)?;
+        let dir = record.dir.clone();
+        tokio::task::spawn_blocking(move || image::grow_sandbox_disk(&dir, mb << 20))
+            .await?
+            .map_err(|source| CoreError::Disk {
+                id: record.id.clone(),
+                source: Box::new(source),
+            })?;
+        Ok(grown)
     }
 
     async fn destroy_entry(&self, entry: &Entry) -> Result<()> {

@@ -13,6 +13,10 @@ pub const DEFAULT_IMAGE: &str = "minimal";
 pub const DEFAULT_CPUS: u32 = 1;
 /// Memory when a spec names none.
 pub const DEFAULT_MEMORY_MB: u32 = 512;
+/// Smallest writable disk a spec may ask for.
+pub const MIN_DISK_MB: u64 = 64;
+/// Largest writable disk a spec may ask for.
+pub const MAX_DISK_MB: u64 = image::disk::MAX_DISK_BYTES >> 20;
 
 /// A sandbox to create.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,6 +34,11 @@ pub struct SandboxSpec {
     /// Guest memory in MiB.
     #[serde(default = "default_memory")]
     pub memory_mb: u32,
+    /// Writable disk in MiB ([`crate::CoreConfig::disk_bytes`] when
+    /// absent). Grown with [`crate::SandboxManager::grow_disk`] while no VM runs; lohar
+    /// grows the file system to fill the disk at every boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_mb: Option<u64>,
     /// Environment of every command (below a request's own env).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -70,6 +79,7 @@ impl SandboxSpec {
             image: image.into(),
             cpus: DEFAULT_CPUS,
             memory_mb: DEFAULT_MEMORY_MB,
+            disk_mb: None,
             env: BTreeMap::new(),
             files: Vec::new(),
             init: None,
@@ -160,6 +170,16 @@ pub enum SpecError {
         /// Upper limit.
         max: u32,
     },
+    /// Too small or too large a disk.
+    #[error("disk_size_mb must be {min}..={max}, got {got}")]
+    Disk {
+        /// Asked for.
+        got: u64,
+        /// Lower limit.
+        min: u64,
+        /// Upper limit.
+        max: u64,
+    },
     /// env, files or init are invalid.
     #[error("Invalid guest configuration")]
     Guest(#[source] ConfigDriveError),
@@ -204,6 +224,15 @@ impl SandboxSpec {
                 min: limits.min_memory_mb,
                 max: limits.max_memory_mb,
             });
+        }
+        if let Some(mb) = self.disk_mb {
+            if !(MIN_DISK_MB..=MAX_DISK_MB).contains(&mb) {
+                return Err(SpecError::Disk {
+                    got: mb,
+                    min: MIN_DISK_MB,
+                    max: MAX_DISK_MB,
+                });
+            }
         }
         // The config drive's own validation covers env names, file paths
         // and modes, and init; a placeholder token stands in for the real one.
@@ -313,6 +342,27 @@ mod tests {
             s.validate(&LIMITS).unwrap_err().to_string(),
             "memory_mb must be 128..=4096, got 1073741824"
         );
+    }
+
+    #[test]
+    fn disk_bounds() {
+        for (mb, ok) in [
+            (None, true),
+            (Some(0), false),
+            (Some(MIN_DISK_MB - 1), false),
+            (Some(MIN_DISK_MB), true),
+            (Some(MAX_DISK_MB), true),
+            (Some(MAX_DISK_MB + 1), false),
+            (Some(u64::MAX), false),
+        ] {
+            let mut s = spec();
+            s.disk_mb = mb;
+            assert_eq!(s.validate(&LIMITS).is_ok(), ok, "disk {mb:?}");
+        }
+        // Specs stored before disk sizes existed read back as the default.
+        let old: SandboxSpec = serde_json::from_str(r#"{"name":"a"}"#).unwrap();
+        assert_eq!(old.disk_mb, None);
+        assert!(!serde_json::to_string(&old).unwrap().contains("disk_mb"));
     }
 
     #[test]

@@ -69,6 +69,43 @@ pub fn create_sandbox_disk(dir: &Path, size: u64) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Grows `dir/disk.ext4` to `size` bytes (sparse: nothing is written).
+/// Only the file grows; the guest grows its file system to fill the disk
+/// at boot. A smaller size than the disk has is refused, and so is a disk
+/// that is not a regular file (a symlink is not followed).
+pub fn grow_sandbox_disk(dir: &Path, size: u64) -> Result<()> {
+    let path = dir.join(SANDBOX_DISK);
+    if !(MIN_DISK_BYTES..=MAX_DISK_BYTES).contains(&size) {
+        return Err(Error::DiskSize {
+            size,
+            min: MIN_DISK_BYTES,
+            max: MAX_DISK_BYTES,
+        });
+    }
+    // The sandbox directory is the daemon's alone (0700), so nothing can
+    // swap the file between this look and the open.
+    let meta = std::fs::symlink_metadata(&path).map_err(io("stat", &path))?;
+    if !meta.is_file() {
+        return Err(Error::NotADisk { path });
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .map_err(io("open", &path))?;
+    if size < meta.len() {
+        return Err(Error::DiskShrink {
+            path,
+            size,
+            current: meta.len(),
+        });
+    }
+    if size == meta.len() {
+        return Ok(());
+    }
+    file.set_len(size).map_err(io("resize", &path))?;
+    file.sync_all().map_err(io("sync", &path))
+}
+
 /// Makes `dir` (and any missing parents, 0700 too) a directory only its
 /// owner may enter: created 0700, or set to 0700 when it exists with more.
 /// For the data directory, the sandboxes root and each sandbox directory.
@@ -140,6 +177,39 @@ pub fn destroy_sandbox_dir(root: &Path, dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disks_grow_sparse_and_never_shrink() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let sb = dir.path().join("sb1");
+        let disk = create_sandbox_disk(&sb, 32 << 20).unwrap();
+        let blocks = std::fs::metadata(&disk).unwrap().blocks();
+        grow_sandbox_disk(&sb, 64 << 20).unwrap();
+        let meta = std::fs::metadata(&disk).unwrap();
+        assert_eq!(meta.len(), 64 << 20);
+        assert_eq!(meta.blocks(), blocks, "growing writes nothing");
+        grow_sandbox_disk(&sb, 64 << 20).unwrap();
+        assert!(matches!(
+            grow_sandbox_disk(&sb, 32 << 20),
+            Err(Error::DiskShrink { .. })
+        ));
+        assert!(matches!(
+            grow_sandbox_disk(&sb, MAX_DISK_BYTES + 1),
+            Err(Error::DiskSize { .. })
+        ));
+        assert_eq!(std::fs::metadata(&disk).unwrap().len(), 64 << 20);
+        // A symlink in the disk's place is not followed.
+        let other = dir.path().join("other");
+        std::fs::write(&other, b"x").unwrap();
+        std::fs::remove_file(&disk).unwrap();
+        std::os::unix::fs::symlink(&other, &disk).unwrap();
+        assert!(matches!(
+            grow_sandbox_disk(&sb, 64 << 20),
+            Err(Error::NotADisk { .. })
+        ));
+        assert_eq!(std::fs::metadata(&other).unwrap().len(), 1);
+    }
 
     #[test]
     fn private_dirs_are_made_0700_and_existing_ones_tightened() {

@@ -119,6 +119,22 @@ pub enum Error {
         /// Maximum.
         max: u64,
     },
+    /// A sandbox disk is not a regular file.
+    #[error("{path} is not a disk image file")]
+    NotADisk {
+        /// The path.
+        path: PathBuf,
+    },
+    /// A disk would shrink.
+    #[error("{path} is {current} bytes; disks only grow, and {size} is smaller")]
+    DiskShrink {
+        /// The disk.
+        path: PathBuf,
+        /// Asked for.
+        size: u64,
+        /// What it is.
+        current: u64,
+    },
 }
 
 /// Shorthand for mapping an I/O error to [`Error::Io`].

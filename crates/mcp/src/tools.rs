@@ -40,6 +40,7 @@ static DEFINITIONS: LazyLock<Vec<Value>> = LazyLock::new(|| {
                     "image": {"type": "string", "minLength": 1, "description": "Image name (the daemon's default image when absent)."},
                     "cpus": {"type": "integer", "minimum": 1, "maximum": 64, "description": "Virtual CPUs (the daemon's default when absent)."},
                     "memory_mb": {"type": "integer", "minimum": 64, "description": "Memory in MiB (the daemon's default when absent)."},
+                    "disk_size_mb": {"type": "integer", "minimum": 64, "description": "Writable disk in MiB (the daemon's default, usually 2048, when absent)."},
                     "env": env_arg("of every command in the sandbox"),
                     "keep_hot": {"type": "boolean", "description": "Keep it hot (running) rather than letting it cool to warm (paused) and cold (snapshot on disk) when idle."},
                     "labels": {"type": "object", "additionalProperties": {"type": "string"}, "description": "Free-form labels (key to value)."}
@@ -331,6 +332,7 @@ fn parse_with(name: &str, schema: &Value, args: Option<&Value>) -> ArgResult<Cal
             image: a.string("image")?,
             cpus: a.integer("cpus", 1, 64)?.map(|n| n as u32),
             memory_mb: a.integer("memory_mb", 64, u64::from(u32::MAX))?,
+            disk_size_mb: a.integer("disk_size_mb", 64, 1 << 20)?,
             env: a.strings("env")?,
             keep_hot: a.boolean("keep_hot")?.unwrap_or(false),
             labels: a.strings("labels")?,
@@ -455,13 +457,19 @@ mod tests {
 
         let c = call(
             "create_sandbox",
-            json!({"name": "a", "cpus": 2, "memory_mb": 512, "keep_hot": true}),
+            json!({"name": "a", "cpus": 2, "memory_mb": 512, "disk_size_mb": 4096, "keep_hot": true}),
         )
         .unwrap();
         let Call::Create(b) = c else { panic!("{c:?}") };
         assert_eq!(
-            (b.name.as_deref(), b.cpus, b.memory_mb, b.keep_hot),
-            (Some("a"), Some(2), Some(512), true)
+            (
+                b.name.as_deref(),
+                b.cpus,
+                b.memory_mb,
+                b.disk_size_mb,
+                b.keep_hot
+            ),
+            (Some("a"), Some(2), Some(512), Some(4096), true)
         );
         assert_eq!(call("list_sandboxes", json!({})).unwrap(), Call::List);
         assert_eq!(parse_call("list_sandboxes", None).unwrap(), Call::List);

@@ -21,7 +21,7 @@ pub use api_types::{SandboxStatus, Thermal};
 pub use error::StoreError;
 pub use events::{EventFilter, EventRecord};
 pub use publications::{NewPublication, PublicationRecord};
-pub use sandboxes::{NewSandbox, SandboxRow, SandboxUpdate};
+pub use sandboxes::{NewSandbox, SandboxRow, SandboxUpdate, Usage};
 pub use secrets::SecretRecord;
 pub use shares::{NewShare, ShareRecord};
 pub use users::{NewUser, UserRecord};

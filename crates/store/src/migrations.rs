@@ -74,6 +74,11 @@ const MIGRATIONS: &[&str] = &[
         expires_at INTEGER NOT NULL
     );
     CREATE INDEX shares_by_sandbox ON shares (sandbox_id);",
+    // 5: disk sizes. Sandboxes made before had 2 GiB disks; their users may
+    // keep holding what they could before (2 GiB per sandbox of their quota).
+    "ALTER TABLE sandboxes ADD COLUMN disk_mb INTEGER NOT NULL DEFAULT 2048;
+    ALTER TABLE users ADD COLUMN max_disk_mb INTEGER NOT NULL DEFAULT 0;
+    UPDATE users SET max_disk_mb = max_sandboxes * 2048;",
 ];
 
 pub fn migrate(conn: &mut rusqlite::Connection) -> Result<()> {
@@ -122,5 +127,29 @@ mod tests {
             serde_json::from_str::<api_types::Egress>(&egress).unwrap(),
             api_types::Egress::Public
         );
+    }
+
+    #[test]
+    fn sandboxes_from_before_disk_sizes_have_two_gib_and_users_room_for_them() {
+        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+        for sql in &MIGRATIONS[..4] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 4).unwrap();
+        conn.execute_batch(
+            "INSERT INTO users VALUES ('u', 'alice', 'h', 5, 8, 8192, 0);
+             INSERT INTO sandboxes (id, user_id, name, image, cpus, memory_mb, status, thermal,
+                                    thermal_since, created_at, updated_at)
+             VALUES ('sb-1', 'u', 'dev', 'minimal', 1, 512, 'running', 'hot', 0, 0, 0);",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let disk: u64 = conn
+            .query_row("SELECT disk_mb FROM sandboxes", [], |r| r.get(0))
+            .unwrap();
+        let quota: u64 = conn
+            .query_row("SELECT max_disk_mb FROM users", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!((disk, quota), (2048, 5 * 2048));
     }
 }

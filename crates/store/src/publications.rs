@@ -192,6 +192,7 @@ mod tests {
                 max_sandboxes: 5,
                 max_cpus: 8,
                 max_memory_mb: 8192,
+                max_disk_mb: 1 << 20,
             })
             .unwrap();
         }
@@ -203,6 +204,7 @@ mod tests {
                 image: "tiny".into(),
                 cpus: 1,
                 memory_mb: 256,
+                disk_mb: 2048,
                 keep_hot: false,
                 labels: Default::default(),
                 egress: Default::default(),

@@ -26,6 +26,8 @@ pub struct SandboxRow {
     pub image: String,
     pub cpus: u32,
     pub memory_mb: u64,
+    /// Its writable disk, in MiB.
+    pub disk_mb: u64,
     pub status: SandboxStatus,
     pub status_reason: Option<String>,
     pub thermal: Thermal,
@@ -52,6 +54,7 @@ pub struct NewSandbox {
     pub image: String,
     pub cpus: u32,
     pub memory_mb: u64,
+    pub disk_mb: u64,
     pub keep_hot: bool,
     pub labels: BTreeMap<String, String>,
     pub egress: Egress,
@@ -74,7 +77,8 @@ pub struct SandboxUpdate {
 }
 
 const COLS: &str = "id, user_id, name, image, cpus, memory_mb, status, status_reason, thermal, \
-                    thermal_since, ip, keep_hot, labels, runtime, created_at, updated_at, egress";
+                    thermal_since, ip, keep_hot, labels, runtime, created_at, updated_at, egress, \
+                    disk_mb";
 
 fn bad_text(i: usize, e: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(i, Type::Text, Box::new(e))
@@ -105,6 +109,7 @@ fn sandbox(r: &Row<'_>) -> rusqlite::Result<SandboxRow> {
         runtime: (!runtime.is_null()).then_some(runtime),
         created_at: r.get(14)?,
         updated_at: r.get(15)?,
+        disk_mb: r.get(17)?,
     })
 }
 
@@ -137,18 +142,24 @@ impl Store {
                 name: s.name.clone(),
             });
         }
-        let (max_sandboxes, max_cpus, max_memory_mb): (u64, u64, u64) = tx
+        let (max_sandboxes, max_cpus, max_memory_mb, max_disk_mb): (u64, u64, u64, u64) = tx
             .query_row(
-                "SELECT max_sandboxes, max_cpus, max_memory_mb FROM users WHERE id = ?1",
+                "SELECT max_sandboxes, max_cpus, max_memory_mb, max_disk_mb
+                 FROM users WHERE id = ?1",
                 [&s.user_id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
             .optional()?
             .ok_or_else(|| StoreError::NotFound {
                 kind: "user",
                 id: s.user_id.clone(),
             })?;
-        let (count, cpus, memory_mb) = usage(&tx, &s.user_id)?;
+        let Usage {
+            sandboxes: count,
+            cpus,
+            memory_mb,
+            disk_mb,
+        } = usage(&tx, &s.user_id)?;
         if count >= max_sandboxes {
             return Err(StoreError::SandboxQuota {
                 used: count,
@@ -169,13 +180,20 @@ impl Store {
                 asked: s.memory_mb,
             });
         }
+        if disk_mb.saturating_add(s.disk_mb) > max_disk_mb {
+            return Err(StoreError::DiskQuota {
+                used: disk_mb,
+                limit: max_disk_mb,
+                asked: s.disk_mb,
+            });
+        }
         let row = tx
             .query_row(
                 &format!(
                     "INSERT INTO sandboxes (id, user_id, name, image, cpus, memory_mb, status,
                                             thermal, thermal_since, keep_hot, labels,
-                                            created_at, updated_at, egress)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?9, ?9, ?12)
+                                            created_at, updated_at, egress, disk_mb)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?9, ?9, ?12, ?13)
                      RETURNING {COLS}"
                 ),
                 params![
@@ -190,7 +208,8 @@ impl Store {
                     now,
                     s.keep_hot,
                     labels,
-                    egress
+                    egress,
+                    s.disk_mb
                 ],
                 sandbox,
             )
@@ -246,9 +265,44 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    /// (sandboxes, cpus, memory_mb) a user holds, for quotas.
-    pub fn usage_of(&self, user_id: &str) -> Result<(u64, u64, u64)> {
+    /// What a user holds, for quotas.
+    pub fn usage_of(&self, user_id: &str) -> Result<Usage> {
         usage(&self.conn(), user_id)
+    }
+
+    /// Sets sandbox `id`'s disk to `disk_mb` if its user's disk quota
+    /// allows the difference (checked and written in one transaction).
+    /// Only growing is allowed: a smaller size is refused by the caller.
+    pub fn set_disk_mb(&self, id: &str, disk_mb: u64) -> Result<SandboxRow> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let (user_id, old): (String, u64) = tx
+            .query_row(
+                "SELECT user_id, disk_mb FROM sandboxes WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?
+            .ok_or_else(|| not_found(id))?;
+        let limit: u64 = tx.query_row(
+            "SELECT max_disk_mb FROM users WHERE id = ?1",
+            [&user_id],
+            |r| r.get(0),
+        )?;
+        let used = usage(&tx, &user_id)?.disk_mb;
+        let asked = disk_mb.saturating_sub(old);
+        if used.saturating_add(asked) > limit {
+            return Err(StoreError::DiskQuota { used, limit, asked });
+        }
+        let row = tx.query_row(
+            &format!(
+                "UPDATE sandboxes SET disk_mb = ?2, updated_at = ?3 WHERE id = ?1 RETURNING {COLS}"
+            ),
+            params![id, disk_mb, now_ms()],
+            sandbox,
+        )?;
+        tx.commit()?;
+        Ok(row)
     }
 
     /// Changes the named fields of row `id` in one statement; the row as
@@ -316,12 +370,29 @@ impl Store {
     }
 }
 
-fn usage(conn: &rusqlite::Connection, user_id: &str) -> Result<(u64, u64, u64)> {
+/// What a user's sandboxes hold together, for quotas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Usage {
+    pub sandboxes: u64,
+    pub cpus: u64,
+    pub memory_mb: u64,
+    pub disk_mb: u64,
+}
+
+fn usage(conn: &rusqlite::Connection, user_id: &str) -> Result<Usage> {
     Ok(conn.query_row(
-        "SELECT COUNT(*), COALESCE(SUM(cpus), 0), COALESCE(SUM(memory_mb), 0)
+        "SELECT COUNT(*), COALESCE(SUM(cpus), 0), COALESCE(SUM(memory_mb), 0),
+                COALESCE(SUM(disk_mb), 0)
          FROM sandboxes WHERE user_id = ?1",
         [user_id],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        |r| {
+            Ok(Usage {
+                sandboxes: r.get(0)?,
+                cpus: r.get(1)?,
+                memory_mb: r.get(2)?,
+                disk_mb: r.get(3)?,
+            })
+        },
     )?)
 }
 
@@ -340,6 +411,7 @@ mod tests {
                 max_sandboxes: 5,
                 max_cpus: 8,
                 max_memory_mb: 8192,
+                max_disk_mb: 1 << 20,
             })
             .unwrap();
         }
@@ -354,6 +426,7 @@ mod tests {
             image: "minimal".into(),
             cpus: 2,
             memory_mb: 1024,
+            disk_mb: 2048,
             keep_hot: false,
             labels: BTreeMap::from([("team".into(), "a".into())]),
             egress: Egress::Public,
@@ -382,7 +455,15 @@ mod tests {
         );
         assert_eq!(s.sandbox_row("sb-2").unwrap().unwrap().user_id, "u-bob");
         assert_eq!(s.sandboxes_of("u-bob").unwrap().len(), 1);
-        assert_eq!(s.usage_of("u-alice").unwrap(), (1, 2, 1024));
+        assert_eq!(
+            s.usage_of("u-alice").unwrap(),
+            Usage {
+                sandboxes: 1,
+                cpus: 2,
+                memory_mb: 1024,
+                disk_mb: 2048
+            }
+        );
         assert_eq!(s.all_sandboxes().unwrap().len(), 2);
     }
 
@@ -500,6 +581,51 @@ mod tests {
     }
 
     #[test]
+    fn disk_quota_covers_creates_and_grows() {
+        let s = Store::open_in_memory().unwrap();
+        s.create_user(&NewUser {
+            id: "u-alice".into(),
+            name: "alice".into(),
+            key_hash: "h".into(),
+            max_sandboxes: 5,
+            max_cpus: 8,
+            max_memory_mb: 8192,
+            max_disk_mb: 5000,
+        })
+        .unwrap();
+        let sized = |id: &str, mb: u64| NewSandbox {
+            cpus: 1,
+            memory_mb: 256,
+            disk_mb: mb,
+            ..new(id, "alice", id)
+        };
+        assert_eq!(s.insert_sandbox(&sized("a", 2000)).unwrap().disk_mb, 2000);
+        s.insert_sandbox(&sized("b", 2000)).unwrap();
+        assert!(matches!(
+            s.insert_sandbox(&sized("c", 1001)),
+            Err(StoreError::DiskQuota {
+                used: 4000,
+                limit: 5000,
+                asked: 1001
+            })
+        ));
+        assert_eq!(s.usage_of("u-alice").unwrap().disk_mb, 4000);
+        // A grow is charged the difference only.
+        assert_eq!(s.set_disk_mb("a", 3000).unwrap().disk_mb, 3000);
+        assert_eq!(
+            s.set_disk_mb("b", 2001).unwrap_err().to_string(),
+            "disk quota reached: 5000 of 5000 MiB in use, 1 more asked"
+        );
+        assert_eq!(s.sandbox_row("b").unwrap().unwrap().disk_mb, 2000);
+        assert!(matches!(
+            s.set_disk_mb("nope", 1),
+            Err(StoreError::NotFound { .. })
+        ));
+        s.delete_sandbox("a").unwrap();
+        s.insert_sandbox(&sized("c", 3000)).unwrap();
+    }
+
+    #[test]
     fn parallel_inserts_never_overshoot_the_quota() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
@@ -511,6 +637,7 @@ mod tests {
             max_sandboxes: 3,
             max_cpus: 64,
             max_memory_mb: 1 << 20,
+            max_disk_mb: 1 << 30,
         })
         .unwrap();
         // Half the writers on their own connection to the same file, as a
@@ -532,7 +659,7 @@ mod tests {
             .iter()
             .filter_map(|r| r.as_ref().err())
             .all(|e| matches!(e, StoreError::SandboxQuota { used: 3, limit: 3 })));
-        assert_eq!(s.usage_of("u-alice").unwrap().0, 3);
+        assert_eq!(s.usage_of("u-alice").unwrap().sandboxes, 3);
     }
 
     #[test]

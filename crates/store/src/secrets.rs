@@ -94,6 +94,7 @@ mod tests {
                 max_sandboxes: 1,
                 max_cpus: 1,
                 max_memory_mb: 1,
+                max_disk_mb: 1 << 20,
             })
             .unwrap();
         }

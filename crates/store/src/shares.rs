@@ -136,7 +136,7 @@ mod tests {
         let s = Store::open_in_memory().unwrap();
         s.conn()
             .execute_batch(
-                "INSERT INTO users VALUES ('u', 'alice', 'h', 5, 8, 8192, 0);
+                "INSERT INTO users VALUES ('u', 'alice', 'h', 5, 8, 8192, 0, 10240);
                  INSERT INTO sandboxes (id, user_id, name, image, cpus, memory_mb, status, thermal,
                                         thermal_since, created_at, updated_at)
                  VALUES ('sb-1', 'u', 'dev', 'minimal', 1, 512, 'running', 'hot', 0, 0, 0);",

@@ -14,6 +14,8 @@ pub struct UserRecord {
     pub max_sandboxes: u32,
     pub max_cpus: u32,
     pub max_memory_mb: u64,
+    /// Disk of all their sandboxes together, in MiB.
+    pub max_disk_mb: u64,
     pub created_at: i64,
 }
 
@@ -25,6 +27,7 @@ pub struct NewUser {
     pub max_sandboxes: u32,
     pub max_cpus: u32,
     pub max_memory_mb: u64,
+    pub max_disk_mb: u64,
 }
 
 fn user(r: &Row<'_>) -> rusqlite::Result<UserRecord> {
@@ -36,19 +39,31 @@ fn user(r: &Row<'_>) -> rusqlite::Result<UserRecord> {
         max_cpus: r.get(4)?,
         max_memory_mb: r.get(5)?,
         created_at: r.get(6)?,
+        max_disk_mb: r.get(7)?,
     })
 }
 
-const COLS: &str = "id, name, key_hash, max_sandboxes, max_cpus, max_memory_mb, created_at";
+const COLS: &str =
+    "id, name, key_hash, max_sandboxes, max_cpus, max_memory_mb, created_at, max_disk_mb";
 
 impl Store {
     pub fn create_user(&self, u: &NewUser) -> Result<UserRecord> {
         let now = now_ms();
         self.conn()
             .execute(
-                "INSERT INTO users (id, name, key_hash, max_sandboxes, max_cpus, max_memory_mb, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![u.id, u.name, u.key_hash, u.max_sandboxes, u.max_cpus, u.max_memory_mb, now],
+                "INSERT INTO users (id, name, key_hash, max_sandboxes, max_cpus, max_memory_mb,
+                                    created_at, max_disk_mb)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    u.id,
+                    u.name,
+                    u.key_hash,
+                    u.max_sandboxes,
+                    u.max_cpus,
+                    u.max_memory_mb,
+                    now,
+                    u.max_disk_mb
+                ],
             )
             .map_err(|e| StoreError::unique(e, "user", &u.name))?;
         self.user_by_name(&u.name)?.ok_or(StoreError::NotFound {
@@ -138,6 +153,7 @@ mod tests {
             max_sandboxes: 5,
             max_cpus: 8,
             max_memory_mb: 8192,
+            max_disk_mb: 1 << 20,
         }
     }
 

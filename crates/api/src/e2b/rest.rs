@@ -260,7 +260,7 @@ fn detail(state: &AppState, s: &api_types::Sandbox, token: Option<String>) -> E2
         envd_version: ENVD_VERSION.into(),
         cpu_count: s.cpus,
         memory_mb: s.memory_mb,
-        disk_size_mb: 0,
+        disk_size_mb: s.disk_size_mb,
         state: if paused { "paused" } else { "running" }.into(),
         metadata: s.labels.clone(),
         envd_access_token: token,

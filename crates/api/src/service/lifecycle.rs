@@ -81,6 +81,9 @@ impl Service {
         let memory = body.memory_mb.unwrap_or(defaults.memory_mb);
         spec.memory_mb = u32::try_from(memory)
             .map_err(|_| ApiError::BadRequest(format!("memory_mb {memory} is absurd")))?;
+        let disk_mb = body.disk_size_mb.unwrap_or(defaults.disk_mb);
+        self.check_disk_size(disk_mb)?;
+        spec.disk_mb = Some(disk_mb);
         spec.env = body.env.clone();
         spec.files = body
             .files
@@ -120,6 +123,7 @@ impl Service {
             image: spec.image.clone(),
             cpus: spec.cpus,
             memory_mb: memory,
+            disk_mb,
             keep_hot: body.keep_hot,
             labels: body.labels.clone(),
             egress: crate::validate::egress_view(&spec.egress),
@@ -198,6 +202,144 @@ impl Service {
                 )))
             }
         }
+    }
+
+    /// `disk_size_mb` within this daemon's bounds.
+    pub(super) fn check_disk_size(&self, mb: u64) -> Result<(), ApiError> {
+        let most = self.config.defaults.max_sandbox_disk_mb;
+        if !(bhatti_core::MIN_DISK_MB..=most).contains(&mb) {
+            return Err(ApiError::BadRequest(format!(
+                "disk_size_mb must be {}..={most}, got {mb}",
+                bhatti_core::MIN_DISK_MB
+            )));
+        }
+        Ok(())
+    }
+
+    /// Grows a sandbox's disk to `mb` MiB (`PATCH … {"disk_size_mb"}`):
+    /// refused (409) while its VM runs hot or warm; a cold one gives up its
+    /// snapshot first (its processes end, its files stay) and is
+    /// `stopped` after, to boot from the larger disk at the next command,
+    /// where lohar grows the file system to fill it. The disk quota is
+    /// checked with the new size in the same transaction that records it.
+    pub(super) async fn grow_disk(
+        &self,
+        user: &UserRecord,
+        row: &SandboxRow,
+        mb: u64,
+    ) -> Result<SandboxRow, ApiError> {
+        self.check_disk_size(mb)?;
+        let id = sandbox_id(row)?;
+        let _lock = self.locks.lock(&id).await;
+        let row = self.row(user, &row.id).await?;
+        if mb < row.disk_mb {
+            return Err(ApiError::BadRequest(format!(
+                "disks only grow: sandbox '{}' has {} MiB, asked for {mb}",
+                row.name, row.disk_mb
+            )));
+        }
+        if mb == row.disk_mb {
+            return Ok(row);
+        }
+        match row.status {
+            SandboxStatus::Stopped => {}
+            SandboxStatus::Running if self.index().contains_key(&id) => {
+                let thermal = self.core.get(&id).map(|r| r.thermal)?;
+                if thermal != ThermalState::Cold {
+                    return Err(ApiError::Conflict(format!(
+                        "sandbox '{}' is {}: stop it first (POST /sandboxes/{}/stop); \
+                         its disk grows while it is cold",
+                        row.name,
+                        super::persistence::thermal(thermal),
+                        row.name
+                    )));
+                }
+            }
+            status => {
+                return Err(ApiError::Conflict(format!(
+                    "sandbox '{}' is {status}; its disk cannot grow now",
+                    row.name
+                )))
+            }
+        }
+        // The quota first: nothing changes on disk for a grow it refuses.
+        let store = self.store.clone();
+        let (rid, before) = (row.id.clone(), row.disk_mb);
+        blocking(move || store.set_disk_mb(&rid, mb)).await?;
+        let grown = self.grow_disk_file(user, &id, &row, mb).await;
+        if let Err(e) = &grown {
+            tracing::warn!(sandbox = %id, error = %e, "growing the disk failed");
+            let store = self.store.clone();
+            let rid = row.id.clone();
+            if let Err(e) = blocking(move || store.set_disk_mb(&rid, before)).await {
+                tracing::error!(sandbox = %id, error = %e, "restoring the recorded disk size");
+            }
+        }
+        grown
+    }
+
+    /// The file half of [`Service::grow_disk`]: release a cold VM (the
+    /// sandbox turns `stopped`), grow the file, record the new spec.
+    async fn grow_disk_file(
+        &self,
+        user: &UserRecord,
+        id: &SandboxId,
+        row: &SandboxRow,
+        mb: u64,
+    ) -> Result<SandboxRow, ApiError> {
+        let mut rt = match Runtime::of(row) {
+            Ok(Some(rt)) => rt,
+            Ok(None) => {
+                return Err(ApiError::Conflict(format!(
+                    "sandbox '{}' has no disk yet",
+                    row.name
+                )))
+            }
+            Err(e) => {
+                return Err(ApiError::Internal(format!(
+                    "stored runtime of {}: {e}",
+                    row.id
+                )))
+            }
+        };
+        if self.index().contains_key(id) {
+            match self.core.release(id).await {
+                Ok(record) => rt.core = Runtime::new(&record, &rt.secret_names).core,
+                Err(CoreError::NotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+            self.index().remove(id);
+            self.save(
+                id.as_str(),
+                SandboxUpdate {
+                    runtime: Some(rt.to_value()?),
+                    ..not_running(
+                        SandboxStatus::Stopped,
+                        "its disk grew; it boots from it at the next command",
+                    )
+                },
+            )
+            .await?;
+            self.names.refresh(&self.store).await;
+        }
+        rt.core = self.core.grow_disk(&rt.core, mb).await?;
+        let row = self
+            .save(
+                id.as_str(),
+                SandboxUpdate {
+                    runtime: Some(rt.to_value()?),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        self.event(
+            user,
+            &row.id,
+            "disk_grown",
+            serde_json::json!({"disk_size_mb": mb}),
+        )
+        .await;
+        Ok(row)
     }
 
     fn creating_set(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<SandboxId>> {

@@ -104,6 +104,7 @@ pub fn view(r: &SandboxRow) -> Sandbox {
         image: r.image.clone(),
         cpus: r.cpus,
         memory_mb: r.memory_mb,
+        disk_size_mb: r.disk_mb,
         status: r.status,
         status_reason: r.status_reason.clone(),
         thermal: r.thermal,
@@ -185,7 +186,13 @@ impl Service {
             check_labels(labels)?;
         }
         let egress = p.egress.as_ref().map(crate::validate::egress).transpose()?;
+        if let Some(mb) = p.disk_size_mb {
+            self.check_disk_size(mb)?;
+        }
         let mut row = self.row(user, id).await?;
+        if let Some(mb) = p.disk_size_mb {
+            row = self.grow_disk(user, &row, mb).await?;
+        }
         if let Some(egress) = egress {
             row = self.set_egress(user, &row, egress).await?;
         }

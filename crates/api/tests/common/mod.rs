@@ -139,12 +139,20 @@ impl TestDaemon {
 
     /// Creates a user straight in the database; returns their key.
     pub fn user(&self, name: &str, max_sandboxes: u32) -> String {
+        self.user_with(
+            name,
+            api::users::Quotas {
+                max_sandboxes,
+                max_cpus: 8,
+                max_memory_mb: 4096,
+                max_disk_mb: 1 << 20,
+            },
+        )
+    }
+
+    /// Creates a user with these quotas; returns their key.
+    pub fn user_with(&self, name: &str, quotas: api::users::Quotas) -> String {
         let store = store::Store::open(&self.data.join("bhatti.db")).unwrap();
-        let quotas = api::users::Quotas {
-            max_sandboxes,
-            max_cpus: 8,
-            max_memory_mb: 4096,
-        };
         api::users::create_user(&store, name, quotas).unwrap().1
     }
 

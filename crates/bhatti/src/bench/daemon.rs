@@ -118,6 +118,7 @@ impl BenchDaemon {
             max_sandboxes: 10,
             max_cpus: 8,
             max_memory_mb: 8192,
+            max_disk_mb: 1 << 20,
         };
         let (user, key) = api::users::create_user(&store, "bench", quotas)?;
         let service = daemon.state.service.clone();

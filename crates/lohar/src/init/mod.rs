@@ -22,6 +22,7 @@
 mod cmdline;
 mod disks;
 mod error;
+mod grow;
 mod guest;
 mod modules;
 mod mounts;

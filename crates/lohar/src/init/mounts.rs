@@ -111,6 +111,17 @@ pub fn assemble_root(disks: &Disks) -> Result<(), BootError> {
         MsFlags::empty(),
         None,
     )?;
+    // A disk the host grew while the VM was down: fill it. Not fatal: the
+    // sandbox still boots with the file system it has.
+    match super::grow::fill_device(&disks.sandbox, Path::new(DISK_MNT)) {
+        Ok(g) if g.after > g.before => eprintln!(
+            "lohar: grew the sandbox disk's file system from {} to {} MiB",
+            (g.before * g.block_size) >> 20,
+            (g.after * g.block_size) >> 20
+        ),
+        Ok(_) => {}
+        Err(e) => eprintln!("lohar: cannot grow the sandbox disk's file system: {e}"),
+    }
     mkdir(&format!("{DISK_MNT}/upper"), 0o755)?;
     mkdir(&format!("{DISK_MNT}/work"), 0o755)?;
     mkdir(NEWROOT, 0o755)?;
