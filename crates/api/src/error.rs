@@ -83,7 +83,8 @@ impl From<store::StoreError> for ApiError {
         match e {
             store::StoreError::Duplicate { .. }
             | store::StoreError::AliasTaken { .. }
-            | store::StoreError::PortPublished { .. } => ApiError::Conflict(e.to_string()),
+            | store::StoreError::PortPublished { .. }
+            | store::StoreError::InUse(_) => ApiError::Conflict(e.to_string()),
             store::StoreError::NotFound { .. } => ApiError::NotFound(e.to_string()),
             store::StoreError::SandboxQuota { .. }
             | store::StoreError::CpuQuota { .. }

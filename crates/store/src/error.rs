@@ -28,6 +28,8 @@ pub enum StoreError {
     MemoryQuota { used: u64, limit: u64, asked: u64 },
     #[error("disk quota reached: {used} of {limit} MiB in use, {asked} more asked")]
     DiskQuota { used: u64, limit: u64, asked: u64 },
+    #[error("{0}")]
+    InUse(String),
     #[error("the database is at schema version {found}, newer than this binary knows ({known})")]
     TooNew { found: i64, known: i64 },
 }

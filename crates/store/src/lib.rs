@@ -13,6 +13,7 @@ mod sandboxes;
 mod secrets;
 mod shares;
 mod users;
+mod volumes;
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -25,6 +26,7 @@ pub use sandboxes::{NewSandbox, SandboxRow, SandboxUpdate, Usage};
 pub use secrets::SecretRecord;
 pub use shares::{NewShare, ShareRecord};
 pub use users::{NewUser, UserRecord};
+pub use volumes::{Attachment, NewAttachment, NewVolume, VolumeRow};
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 

@@ -79,6 +79,26 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE sandboxes ADD COLUMN disk_mb INTEGER NOT NULL DEFAULT 2048;
     ALTER TABLE users ADD COLUMN max_disk_mb INTEGER NOT NULL DEFAULT 0;
     UPDATE users SET max_disk_mb = max_sandboxes * 2048;",
+    // 6: persistent volumes, charged to max_disk_mb, and which sandboxes
+    // use them (a sandbox row's delete detaches).
+    "CREATE TABLE volumes (
+        id TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        size_mb INTEGER NOT NULL,
+        uuid TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        UNIQUE (user_id, name)
+    );
+    CREATE TABLE volume_attachments (
+        volume_id TEXT NOT NULL REFERENCES volumes(id),
+        sandbox_id TEXT NOT NULL REFERENCES sandboxes(id) ON DELETE CASCADE,
+        mount TEXT NOT NULL,
+        read_only INTEGER NOT NULL,
+        PRIMARY KEY (volume_id, sandbox_id)
+    );
+    CREATE INDEX volume_attachments_by_sandbox ON volume_attachments (sandbox_id);",
 ];
 
 pub fn migrate(conn: &mut rusqlite::Connection) -> Result<()> {

@@ -126,6 +126,19 @@ impl Store {
     /// transaction, so concurrent creates cannot overshoot. A name the
     /// user already has is [`StoreError::Duplicate`], whatever the quota.
     pub fn insert_sandbox(&self, s: &NewSandbox) -> Result<SandboxRow> {
+        self.insert_sandbox_with(s, &[])
+    }
+
+    /// [`Store::insert_sandbox`] attaching `volumes` (by name, the user's)
+    /// in the same transaction: an unknown volume is
+    /// [`StoreError::NotFound`], a volume another sandbox holds read-write
+    /// (or any read-write attach of one already attached) is
+    /// [`StoreError::InUse`].
+    pub fn insert_sandbox_with(
+        &self,
+        s: &NewSandbox,
+        volumes: &[crate::NewAttachment],
+    ) -> Result<SandboxRow> {
         let now = now_ms();
         let labels = serde_json::to_string(&s.labels)?;
         let egress = serde_json::to_string(&s.egress)?;
@@ -214,6 +227,9 @@ impl Store {
                 sandbox,
             )
             .map_err(|e| StoreError::unique(e, "sandbox", &s.name))?;
+        for a in volumes {
+            crate::volumes::attach(&tx, &s.user_id, &s.id, a)?;
+        }
         tx.commit()?;
         Ok(row)
     }
@@ -376,13 +392,15 @@ pub struct Usage {
     pub sandboxes: u64,
     pub cpus: u64,
     pub memory_mb: u64,
+    /// Sandbox disks and volumes together (one quota, `max_disk_mb`).
     pub disk_mb: u64,
 }
 
-fn usage(conn: &rusqlite::Connection, user_id: &str) -> Result<Usage> {
+pub(crate) fn usage(conn: &rusqlite::Connection, user_id: &str) -> Result<Usage> {
     Ok(conn.query_row(
         "SELECT COUNT(*), COALESCE(SUM(cpus), 0), COALESCE(SUM(memory_mb), 0),
                 COALESCE(SUM(disk_mb), 0)
+                  + (SELECT COALESCE(SUM(size_mb), 0) FROM volumes WHERE user_id = ?1)
          FROM sandboxes WHERE user_id = ?1",
         [user_id],
         |r| {
