@@ -114,6 +114,7 @@ mod tests {
                 argv: vec!["/bin/sh".into(), "-c".into(), "echo hi".into()],
                 cwd: None,
             }),
+            volumes: Vec::new(),
         }
     }
 

@@ -74,7 +74,64 @@ pub fn create_sandbox_disk(dir: &Path, size: u64) -> Result<PathBuf> {
 /// at boot. A smaller size than the disk has is refused, and so is a disk
 /// that is not a regular file (a symlink is not followed).
 pub fn grow_sandbox_disk(dir: &Path, size: u64) -> Result<()> {
-    let path = dir.join(SANDBOX_DISK);
+    grow_disk_file(dir.join(SANDBOX_DISK), size)
+}
+
+/// Label of every volume's file system. Not `bhatti-…`: lohar takes those
+/// for base images.
+pub const VOLUME_LABEL: &str = "bhvol";
+/// uid and gid owning a new volume's root directory (the sandbox user).
+pub const VOLUME_OWNER: u32 = 1000;
+
+/// Creates the volume file `path` (its parent directory, and that one's
+/// parent, made 0700): a sparse ext4 of `size` bytes with a journal,
+/// labelled [`VOLUME_LABEL`], with file system UUID `uuid`, mode 0600.
+/// Volumes live outside every sandbox directory: destroying a sandbox
+/// never touches them.
+pub fn create_volume(path: &Path, size: u64, uuid: &str) -> Result<()> {
+    if !(MIN_DISK_BYTES..=MAX_DISK_BYTES).contains(&size) {
+        return Err(Error::DiskSize {
+            size,
+            min: MIN_DISK_BYTES,
+            max: MAX_DISK_BYTES,
+        });
+    }
+    if let Some(dir) = path.parent() {
+        if let Some(root) = dir.parent() {
+            private_dir(root)?;
+        }
+        private_dir(dir)?;
+    }
+    let made = crate::mkfs::make_volume_ext4(path, size, VOLUME_LABEL, uuid, VOLUME_OWNER)
+        .and_then(|()| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .map_err(io("chmod", path))
+        });
+    if made.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    made
+}
+
+/// Grows the volume file `path` to `size` bytes (as [`grow_sandbox_disk`]).
+pub fn grow_volume(path: &Path, size: u64) -> Result<()> {
+    grow_disk_file(path.to_path_buf(), size)
+}
+
+/// Removes the volume file `path` (gone already is fine; a symlink or
+/// directory is refused).
+pub fn remove_volume(path: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_file() => std::fs::remove_file(path).map_err(io("remove", path)),
+        Ok(_) => Err(Error::NotADisk {
+            path: path.to_path_buf(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io("stat", path)(e)),
+    }
+}
+
+fn grow_disk_file(path: PathBuf, size: u64) -> Result<()> {
     if !(MIN_DISK_BYTES..=MAX_DISK_BYTES).contains(&size) {
         return Err(Error::DiskSize {
             size,
@@ -177,6 +234,42 @@ pub fn destroy_sandbox_dir(root: &Path, dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn volumes_are_private_sparse_labelled_ext4() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("volumes/u-1/vol-1.ext4");
+        let uuid = "2b5e3f0e-9a1c-4d2b-8e7f-0123456789ab";
+        create_volume(&path, 64 << 20, uuid).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.len(), 64 << 20);
+        assert!(meta.blocks() * 512 < 16 << 20, "sparse: {}", meta.blocks());
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        for d in [path.parent().unwrap(), path.parent().unwrap().parent().unwrap()] {
+            assert_eq!(std::fs::metadata(d).unwrap().mode() & 0o777, 0o700);
+        }
+        // The superblock says ext4, our label and UUID (read as bytes: the
+        // test made the file, no guest wrote it).
+        let head = std::fs::read(&path).unwrap();
+        assert_eq!(&head[1080..1082], &[0x53, 0xEF]);
+        assert_eq!(&head[1144..1144 + VOLUME_LABEL.len()], VOLUME_LABEL.as_bytes());
+        let hex: String = head[1128..1144].iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, uuid.replace('-', ""));
+        grow_volume(&path, 128 << 20).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 128 << 20);
+        assert!(matches!(
+            grow_volume(&path, 64 << 20),
+            Err(Error::DiskShrink { .. })
+        ));
+        assert!(matches!(
+            create_volume(&dir.path().join("v/u/x.ext4"), 1, uuid),
+            Err(Error::DiskSize { .. })
+        ));
+        remove_volume(&path).unwrap();
+        assert!(!path.exists());
+        remove_volume(&path).unwrap();
+    }
 
     #[test]
     fn disks_grow_sparse_and_never_shrink() {

@@ -46,7 +46,10 @@ pub use cmd::CommandError;
 pub use config_drive::{
     write_config_drive, ConfigDrive, ConfigDriveFormat, ConfigFile, InitCommand,
 };
-pub use disk::{create_sandbox_disk, destroy_sandbox_dir, grow_sandbox_disk, private_dir};
+pub use disk::{
+    create_sandbox_disk, create_volume, destroy_sandbox_dir, grow_sandbox_disk, grow_volume,
+    private_dir, remove_volume,
+};
 pub use error::{Error, Result};
 pub use fsutil::{tree_usage, TreeUsage};
 pub use layout::{Arch, Layout, Tier};

@@ -47,6 +47,24 @@ pub fn make_ext4(path: &Path, spec: &Ext4Spec) -> Result<()> {
     Ok(())
 }
 
+/// Creates (or overwrites) `path` as an empty ext4 volume of `size`
+/// bytes (sparse, with a journal) labelled `label`, with file system UUID
+/// `uuid`, whose root directory belongs to `owner` (uid and gid) mode 0755.
+pub fn make_volume_ext4(path: &Path, size: u64, label: &str, uuid: &str, owner: u32) -> Result<()> {
+    let file = std::fs::File::create(path).map_err(io("create", path))?;
+    file.set_len(size).map_err(io("resize", path))?;
+    drop(file);
+    let mut cmd = Command::new("mkfs.ext4");
+    cmd.args(["-q", "-F", "-m", "0", "-b", "4096", "-L", label, "-U", uuid]);
+    cmd.args([
+        "-E",
+        &format!("lazy_itable_init=1,lazy_journal_init=1,root_owner={owner}:{owner}"),
+    ]);
+    cmd.arg(path);
+    run(&mut cmd)?;
+    Ok(())
+}
+
 /// Image size for a tree: content plus 10 % and 32 MiB of headroom for
 /// metadata, rounded to MiB.
 pub fn image_size_for(usage: TreeUsage) -> u64 {

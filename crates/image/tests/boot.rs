@@ -362,6 +362,7 @@ fn build_and_boot(tier: Tier, boots: usize, checks: &str) -> Vec<String> {
             owner: 1000,
         }],
         init: None,
+        volumes: Vec::new(),
     };
     let mut times = Vec::new();
     let mut last = Vec::new();

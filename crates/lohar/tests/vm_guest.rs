@@ -66,6 +66,7 @@ fn config(hostname: &str) -> ConfigDrive {
             ],
             cwd: None,
         }),
+        volumes: Vec::new(),
     }
 }
 

@@ -116,6 +116,64 @@ pub struct ConfigDrive {
     /// Command to start at boot.
     #[serde(default)]
     pub init: Option<InitCommand>,
+    /// Persistent volumes to mount once the root is assembled.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeMount>,
+}
+
+/// Most volumes one sandbox may mount.
+pub const MAX_VOLUMES: usize = 8;
+
+/// Guest paths a volume may not be mounted on, nor inside, nor above:
+/// the system's own directories (the root, the kernel's file systems,
+/// what the image ships, where lohar keeps its mounts).
+pub const RESERVED_MOUNTS: &[&str] = &[
+    "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/run",
+    "/sbin", "/sys", "/usr", "/var/lib/bhatti", "/var/run",
+];
+
+/// A persistent volume as the guest sees it: which disk, where, how.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeMount {
+    /// The virtio-blk serial the host gave the disk (`bhv-<n>`), read
+    /// from `/sys/block/vd*/serial`.
+    pub serial: String,
+    /// The ext4 UUID the volume was made with: how the disk is found when
+    /// the VMM cannot set serials (Firecracker).
+    pub uuid: String,
+    /// Absolute, normalised guest path (see [`check_mount`]).
+    pub mount: String,
+    /// Mounted read-only (the host also attaches the disk read-only).
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// Why a mount path is refused, if it is: it must be absolute and
+/// normalised, not `/`, at most 255 bytes, and neither inside, on nor
+/// above a [`RESERVED_MOUNTS`] path.
+pub fn check_mount(path: &str) -> Result<(), &'static str> {
+    let normal = path.starts_with('/')
+        && path.len() <= 255
+        && !path.contains('\0')
+        && path
+            .split('/')
+            .skip(1)
+            .all(|c| !c.is_empty() && c != "." && c != "..");
+    if !normal {
+        return Err("must be an absolute, normalised path (no '.', '..', '//' or trailing '/')");
+    }
+    if path == "/" {
+        return Err("must not be '/'");
+    }
+    let under = |a: &str, b: &str| a == b || a.starts_with(&format!("{b}/"));
+    if RESERVED_MOUNTS
+        .iter()
+        .any(|r| under(path, r) || under(r, path))
+    {
+        return Err("overlaps a system path (/bin /boot /dev /etc /lib* /proc /run /sbin /sys /usr /var/lib/bhatti /var/run)");
+    }
+    Ok(())
 }
 
 fn invalid(field: impl Into<String>, reason: &'static str) -> ConfigDriveError {
@@ -185,6 +243,41 @@ impl ConfigDrive {
                 return Err(invalid(
                     format!("mode of '{}'", f.path),
                     "must be at most 0o7777",
+                ));
+            }
+        }
+        if self.volumes.len() > MAX_VOLUMES {
+            return Err(invalid("volumes", "at most 8 per sandbox"));
+        }
+        for (i, v) in self.volumes.iter().enumerate() {
+            if let Err(reason) = check_mount(&v.mount) {
+                return Err(invalid(format!("mount path '{}'", v.mount), reason));
+            }
+            let serial_ok = v.serial.len() <= 20
+                && v.serial
+                    .strip_prefix("bhv-")
+                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+            if !serial_ok {
+                return Err(invalid(format!("volumes[{i}].serial"), "must be bhv-<n>"));
+            }
+            let uuid_ok = v.uuid.len() == 36
+                && v.uuid.bytes().enumerate().all(|(j, b)| {
+                    if [8, 13, 18, 23].contains(&j) {
+                        b == b'-'
+                    } else {
+                        b.is_ascii_hexdigit()
+                    }
+                });
+            if !uuid_ok {
+                return Err(invalid(format!("volumes[{i}].uuid"), "must be a UUID"));
+            }
+            let dup = self.volumes[..i]
+                .iter()
+                .any(|w| w.serial == v.serial || w.uuid == v.uuid || w.mount == v.mount);
+            if dup {
+                return Err(invalid(
+                    format!("volumes[{i}]"),
+                    "serial, uuid and mount must be unique",
                 ));
             }
         }
@@ -272,6 +365,7 @@ mod tests {
                 argv: vec!["/bin/sh".into(), "-c".into(), "echo hi".into()],
                 cwd: None,
             }),
+            volumes: Vec::new(),
         }
     }
 
@@ -336,6 +430,45 @@ mod tests {
             })
         });
         assert!(sample().validate().is_ok());
+    }
+
+    #[test]
+    fn volume_mounts() {
+        for ok in ["/data", "/workspace/cache", "/var/lib/postgresql", "/home/u/x", "/mnt"] {
+            assert_eq!(check_mount(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "", "data", "/", "/data/", "/a//b", "/a/./b", "/a/../etc", "/etc", "/etc/x", "/usr/local",
+            "/lib64", "/proc", "/sys/fs", "/dev/shm", "/run", "/var/lib/bhatti", "/var/lib/bhatti/x",
+            "/var/lib", "/var", "/boot",
+        ] {
+            assert!(check_mount(bad).is_err(), "{bad:?}");
+        }
+        let vol = |n: usize, mount: &str| VolumeMount {
+            serial: format!("bhv-{n}"),
+            uuid: format!("0000000{n}-0000-4000-8000-000000000000"),
+            mount: mount.into(),
+            read_only: false,
+        };
+        let mut c = sample();
+        c.volumes = vec![vol(0, "/data"), vol(1, "/cache")];
+        let back = decode_raw(&encode_raw(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+        c.volumes[1].mount = "/data".into();
+        assert!(c.validate().is_err(), "two volumes on one path");
+        c.volumes[1] = vol(1, "/etc");
+        assert!(c.validate().is_err());
+        c.volumes[1] = vol(1, "/cache");
+        c.volumes[1].serial = "vdb".into();
+        assert!(c.validate().is_err());
+        c.volumes[1] = vol(1, "/cache");
+        c.volumes[1].uuid = "not-a-uuid".into();
+        assert!(c.validate().is_err());
+        c.volumes = (0..=MAX_VOLUMES).map(|n| vol(n, &format!("/v{n}"))).collect();
+        assert!(c.validate().is_err(), "too many");
+        // A drive without volumes encodes as before.
+        let json = String::from_utf8(sample().to_json().unwrap()).unwrap();
+        assert!(!json.contains("volumes"));
     }
 
     #[test]

@@ -31,6 +31,7 @@ fn spec(dir: &Path) -> VmSpec {
         env: [("GREETING".to_string(), "hello".to_string())].into(),
         files: Vec::new(),
         init: None,
+        volumes: Vec::new(),
     };
     std::fs::write(&config, encode_raw(&drive).unwrap()).unwrap();
     let mut s = VmSpec::new(kernel, dir.join("w"));
