@@ -61,7 +61,7 @@ pub use recovery::kill_orphan_vmm;
 pub use shutdown::{Stopped, KILL_GRACE};
 pub use spec::{
     Limits, SandboxSpec, SpecError, DEFAULT_CPUS, DEFAULT_IMAGE, DEFAULT_MEMORY_MB, MAX_DISK_MB,
-    MIN_DISK_MB,
+    MIN_DISK_MB, VolumeSpec,
 };
 pub use state::{
     thermal_transition, transition, valid_thermal, valid_transition, InvalidThermal,

@@ -10,7 +10,7 @@ use image::ResolvedImage;
 use net::Attachment;
 use vmm::{DriveSpec, MacAddr, MemoryBacking, NetSpec, VmSpec, Vmm};
 
-use crate::spec::SandboxSpec;
+use crate::spec::{SandboxSpec, VolumeSpec};
 
 /// The TCP port lohar listens on in the guest (defined by the protocol).
 pub use proto::AGENT_PORT;
@@ -45,8 +45,8 @@ pub(crate) struct Vm {
 }
 
 /// The VM for a sandbox: vda = the image's rootfs (read-only, shared),
-/// vdb = the sandbox disk, vdc = the config drive; kernel arguments carry
-/// the static address.
+/// vdb = the sandbox disk, vdc = the config drive, then one drive per
+/// volume (`bhv-<n>`); kernel arguments carry the static address.
 pub(crate) fn vm_spec(
     spec: &SandboxSpec,
     image: &ResolvedImage,
@@ -59,7 +59,7 @@ pub(crate) fn vm_spec(
         kernel: image.vmlinux.clone(),
         initrd: Some(image.initramfs.clone()),
         cmdline: format!("{} {}", base_cmdline(image.arch), att.kernel_args()),
-        drives: vec![
+        drives: [
             DriveSpec {
                 id: "rootfs".into(),
                 path: image.rootfs.clone(),
@@ -75,7 +75,14 @@ pub(crate) fn vm_spec(
                 path: dir.join(CONFIG_DRIVE),
                 read_only: true,
             },
-        ],
+        ]
+        .into_iter()
+        .chain(spec.volumes.iter().enumerate().map(|(i, v)| DriveSpec {
+            id: VolumeSpec::drive_id(i),
+            path: v.path.clone(),
+            read_only: v.read_only,
+        }))
+        .collect(),
         net: Some(NetSpec {
             tap: att.tap.clone(),
             mac: MacAddr(att.mac.0),
@@ -137,6 +144,22 @@ mod tests {
             ]
         );
         assert_eq!((v.vcpus, v.memory_mib), (2, 300));
+        let mut with = spec.clone();
+        with.volumes = vec![VolumeSpec {
+            path: "/d/volumes/u/vol-1.ext4".into(),
+            uuid: "2b5e3f0e-9a1c-4d2b-8e7f-0123456789ab".into(),
+            mount: "/data".into(),
+            read_only: true,
+        }];
+        let vd = vm_spec(&with, &image, dir, &att).drives;
+        assert_eq!(vd.len(), 4);
+        assert_eq!(
+            (vd[3].id.as_str(), vd[3].path.to_str().unwrap(), vd[3].read_only),
+            ("bhv-0", "/d/volumes/u/vol-1.ext4", true)
+        );
+        let cfg = with.config_drive("t".repeat(32));
+        assert_eq!(cfg.volumes[0].serial, "bhv-0");
+        assert!(cfg.volumes[0].read_only);
         assert_eq!(v.net.as_ref().unwrap().mac.to_string(), "02:b4:0a:c8:00:02");
         assert_eq!(v.work_dir, dir);
         assert_eq!(

@@ -59,6 +59,33 @@ pub struct SandboxSpec {
     /// sandbox with [`crate::SandboxManager::set_egress`].
     #[serde(default, skip_serializing_if = "net::Egress::is_public")]
     pub egress: net::Egress,
+    /// Persistent volumes, each an extra disk (`bhv-<n>`, in this order)
+    /// that lohar mounts at `mount`. Part of the spec, so every boot,
+    /// restore and adoption attaches the same drives.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeSpec>,
+}
+
+/// A persistent volume attached to a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeSpec {
+    /// The volume file on the host (outside every sandbox directory).
+    pub path: std::path::PathBuf,
+    /// Its file system's UUID (how lohar finds it without serials).
+    pub uuid: String,
+    /// Absolute guest path.
+    pub mount: String,
+    /// Attached and mounted read-only.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl VolumeSpec {
+    /// Drive id, and guest-visible serial, of the `i`th volume.
+    pub fn drive_id(i: usize) -> String {
+        format!("{}{i}", vmm::VOLUME_DRIVE_PREFIX)
+    }
 }
 
 fn default_image() -> String {
@@ -85,6 +112,7 @@ impl SandboxSpec {
             init: None,
             network_group: String::new(),
             egress: net::Egress::Public,
+            volumes: Vec::new(),
         }
     }
 }
@@ -180,7 +208,13 @@ pub enum SpecError {
         /// Upper limit.
         max: u64,
     },
-    /// env, files or init are invalid.
+    /// A volume's host path is not absolute.
+    #[error("volume file {path:?} is not an absolute path")]
+    Volume {
+        /// The path.
+        path: std::path::PathBuf,
+    },
+    /// env, files, init or volume mounts are invalid.
     #[error("Invalid guest configuration")]
     Guest(#[source] ConfigDriveError),
 }
@@ -234,6 +268,11 @@ impl SandboxSpec {
                 });
             }
         }
+        if let Some(v) = self.volumes.iter().find(|v| !v.path.is_absolute()) {
+            return Err(SpecError::Volume {
+                path: v.path.clone(),
+            });
+        }
         // The config drive's own validation covers env names, file paths
         // and modes, and init; a placeholder token stands in for the real one.
         self.config_drive("0".repeat(32))
@@ -249,6 +288,17 @@ impl SandboxSpec {
             env: self.env.clone(),
             files: self.files.clone(),
             init: self.init.clone(),
+            volumes: self
+                .volumes
+                .iter()
+                .enumerate()
+                .map(|(i, v)| proto::config_drive::VolumeMount {
+                    serial: VolumeSpec::drive_id(i),
+                    uuid: v.uuid.clone(),
+                    mount: v.mount.clone(),
+                    read_only: v.read_only,
+                })
+                .collect(),
         }
     }
 }

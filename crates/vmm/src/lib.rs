@@ -47,7 +47,7 @@ pub use error::{Result, VmmError};
 pub use process::{ExitStatusKind, VmmExit};
 pub use select::{select_engine, Arch, EngineChoice, EngineKind, EnginePreference};
 pub use snapshot::{SnapshotInfo, SnapshotKind};
-pub use spec::{DriveSpec, MacAddr, MemoryBacking, NetSpec, VmSpec};
+pub use spec::{DriveSpec, MacAddr, MemoryBacking, NetSpec, VmSpec, VOLUME_DRIVE_PREFIX};
 pub use vmm::{Capabilities, Engine, ShutdownPath, ShutdownReport, VmState, Vmm};
 
 /// Builds the VM object for `spec` on the engine chosen by

@@ -42,11 +42,18 @@ pub struct VmSpec {
     pub memory: MemoryBacking,
 }
 
+/// Drives whose id starts with this are files of the sandbox that live
+/// outside its work directory (persistent volumes): a confined VMM is made
+/// their owner as it is of the work directory's files.
+pub const VOLUME_DRIVE_PREFIX: &str = "bhv-";
+
 /// One virtio block device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DriveSpec {
-    /// Identifier (letters, digits, `-`, `_`), unique within the VM.
+    /// Identifier (letters, digits, `-`, `_`), unique within the VM. QEMU
+    /// also gives it to the guest as the disk's serial (its first 20 bytes;
+    /// Firecracker cannot set serials).
     pub id: String,
     /// Host file (raw image).
     pub path: PathBuf,

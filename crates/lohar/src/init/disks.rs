@@ -149,6 +149,11 @@ pub fn find(timeout: Duration) -> Result<Disks, BootError> {
     names.sort();
     let mut found = Vec::new();
     for name in names {
+        // A persistent volume (its serial says so): never a base image,
+        // sandbox disk or config drive, whatever a guest wrote into it.
+        if serial(&name).is_some_and(|s| s.starts_with(VOLUME_SERIAL_PREFIX)) {
+            continue;
+        }
         let path = Path::new("/dev").join(name);
         let mut head = Vec::with_capacity(PROBE_BYTES);
         std::fs::File::open(&path)
@@ -158,6 +163,110 @@ pub fn find(timeout: Duration) -> Result<Disks, BootError> {
         found.push((path, kind));
     }
     assign(&found)
+}
+
+/// Serials of the host's volume drives (`bhv-<n>`).
+pub const VOLUME_SERIAL_PREFIX: &str = "bhv-";
+/// Label of every volume's ext4 (the host's `image::disk::VOLUME_LABEL`).
+pub const VOLUME_LABEL: &str = "bhvol";
+const EXT4_UUID_OFFSET: usize = 1128;
+
+/// The serial of disk `name` (`vdb`), as the VMM set it, if any.
+fn serial(name: &str) -> Option<String> {
+    let s = std::fs::read_to_string(format!("/sys/block/{name}/serial")).ok()?;
+    let s = s.trim_matches(|c: char| c.is_whitespace() || c == '\0');
+    (!s.is_empty()).then(|| s.to_owned())
+}
+
+/// The ext4 UUID in a disk's first [`PROBE_BYTES`] bytes, if it is an
+/// ext4 labelled [`VOLUME_LABEL`], as text (`xxxxxxxx-xxxx-…`).
+pub fn volume_uuid(head: &[u8]) -> Option<String> {
+    if head.len() < PROBE_BYTES || head[EXT4_MAGIC_OFFSET..EXT4_MAGIC_OFFSET + 2] != [0x53, 0xEF] {
+        return None;
+    }
+    let raw = &head[EXT4_LABEL_OFFSET..EXT4_LABEL_OFFSET + 16];
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    if &raw[..end] != VOLUME_LABEL.as_bytes() {
+        return None;
+    }
+    let u = &head[EXT4_UUID_OFFSET..EXT4_UUID_OFFSET + 16];
+    let hex = |r: std::ops::Range<usize>| u[r].iter().map(|b| format!("{b:02x}")).collect::<String>();
+    Some(format!(
+        "{}-{}-{}-{}-{}",
+        hex(0..4),
+        hex(4..6),
+        hex(6..8),
+        hex(8..10),
+        hex(10..16)
+    ))
+}
+
+/// Finds the disk of each volume: by its serial (QEMU sets `bhv-<n>`),
+/// else (Firecracker sets no serials) by the UUID of an ext4 labelled
+/// [`VOLUME_LABEL`] among the disks without a serial. Waits (bounded) for
+/// late disks. Device order is never trusted.
+pub fn find_volumes(
+    volumes: &[proto::config_drive::VolumeMount],
+    timeout: Duration,
+) -> Result<Vec<PathBuf>, BootError> {
+    let end = Instant::now() + timeout;
+    loop {
+        let mut names: Vec<String> = std::fs::read_dir("/dev")
+            .map_err(BootError::io("list", "/dev"))?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.len() == 3 && n.starts_with("vd"))
+            .collect();
+        names.sort();
+        let mut serials = Vec::new();
+        let mut uuids = Vec::new();
+        for name in &names {
+            let path = Path::new("/dev").join(name);
+            match serial(name) {
+                Some(s) => serials.push((s, path)),
+                None => {
+                    let mut head = Vec::with_capacity(PROBE_BYTES);
+                    let read = std::fs::File::open(&path)
+                        .and_then(|f| f.take(PROBE_BYTES as u64).read_to_end(&mut head));
+                    if read.is_ok() {
+                        if let Some(u) = volume_uuid(&head) {
+                            uuids.push((u, path));
+                        }
+                    }
+                }
+            }
+        }
+        let found: Vec<Option<PathBuf>> = volumes
+            .iter()
+            .map(|v| {
+                let by_serial = serials.iter().find(|(s, _)| *s == v.serial);
+                let by_uuid = || {
+                    let mut m = uuids.iter().filter(|(u, _)| u.eq_ignore_ascii_case(&v.uuid));
+                    // Two disks with one UUID: trust neither.
+                    match (m.next(), m.next()) {
+                        (Some(one), None) => Some(one),
+                        _ => None,
+                    }
+                };
+                by_serial.or_else(by_uuid).map(|(_, p)| p.clone())
+            })
+            .collect();
+        if found.iter().all(Option::is_some) {
+            return Ok(found.into_iter().flatten().collect());
+        }
+        if Instant::now() >= end {
+            let missing: Vec<_> = volumes
+                .iter()
+                .zip(&found)
+                .filter(|(_, f)| f.is_none())
+                .map(|(v, _)| format!("{} (uuid {}) for {}", v.serial, v.uuid, v.mount))
+                .collect();
+            return Err(BootError::Timeout {
+                what: format!("volume disks {missing:?}"),
+                after: timeout,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Reads and decodes the raw config drive with `read(2)`, without mounting.
@@ -204,6 +313,23 @@ mod tests {
         assert_eq!(classify(&no_magic), DiskKind::Other);
         assert_eq!(classify(&[]), DiskKind::Other);
         assert_eq!(classify(&ext4("bhatti-disk")[..1100]), DiskKind::Other);
+    }
+
+    #[test]
+    fn volume_uuids() {
+        let mut b = ext4(VOLUME_LABEL);
+        b[EXT4_UUID_OFFSET..EXT4_UUID_OFFSET + 16].copy_from_slice(&[
+            0x2b, 0x5e, 0x3f, 0x0e, 0x9a, 0x1c, 0x4d, 0x2b, 0x8e, 0x7f, 0x01, 0x23, 0x45, 0x67,
+            0x89, 0xab,
+        ]);
+        assert_eq!(
+            volume_uuid(&b).as_deref(),
+            Some("2b5e3f0e-9a1c-4d2b-8e7f-0123456789ab")
+        );
+        // A volume is "other" to the role assignment.
+        assert_eq!(classify(&b), DiskKind::Other);
+        assert_eq!(volume_uuid(&ext4("bhatti-disk")), None);
+        assert_eq!(volume_uuid(&b[..1000]), None);
     }
 
     #[test]

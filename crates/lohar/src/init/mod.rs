@@ -151,6 +151,10 @@ fn boot(started: Instant) -> Result<Booted, BootError> {
     mounts::switch_root()?;
     let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
     mounts::late(guest::tty_gid(&group))?;
+    if !drive.volumes.is_empty() {
+        let devs = disks::find_volumes(&drive.volumes, DEVICE_TIMEOUT)?;
+        mounts::mount_volumes(&drive.volumes, &devs)?;
+    }
     step("root", &mut t);
     net::configure(&netcfg, DEVICE_TIMEOUT)?;
     guest::apply_identity(&drive.hostname, netcfg.ip, netcfg.dns)?;

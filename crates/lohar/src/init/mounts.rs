@@ -235,11 +235,59 @@ pub fn late(tty_gid: Option<u32>) -> Result<(), BootError> {
         .map_err(BootError::io("chmod", "/tmp"))
 }
 
-/// For poweroff: makes the root and the sandbox disk read-only, so the
-/// disk's journal is flushed and it is marked clean. Returns what failed.
+/// Where volumes are mounted (for the poweroff remount). PID 1 is
+/// single-threaded: set once at boot, read at poweroff.
+static VOLUME_MOUNTS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
+/// Mounts each volume (`devs[i]` is `volumes[i]`'s disk) in the new root:
+/// ext4, nosuid and nodev, read-only when asked (without journal replay:
+/// the disk itself is read-only), the mount point made (`mkdir -p`) if
+/// missing. A read-write volume the host grew is grown to fill its disk.
+pub fn mount_volumes(
+    volumes: &[proto::config_drive::VolumeMount],
+    devs: &[std::path::PathBuf],
+) -> Result<(), BootError> {
+    let mut done = Vec::new();
+    for (v, dev) in volumes.iter().zip(devs) {
+        // Paths were validated when the config drive was decoded.
+        std::fs::create_dir_all(&v.mount).map_err(BootError::io("create directory", &v.mount))?;
+        let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+        let data = if v.read_only {
+            flags |= MsFlags::MS_RDONLY;
+            Some("norecovery")
+        } else {
+            None
+        };
+        mount(&dev.display().to_string(), &v.mount, "ext4", flags, data)?;
+        if !v.read_only {
+            match super::grow::fill_device(dev, Path::new(&v.mount)) {
+                Ok(g) if g.after > g.before => eprintln!(
+                    "lohar: grew volume {} from {} to {} MiB",
+                    v.mount,
+                    (g.before * g.block_size) >> 20,
+                    (g.after * g.block_size) >> 20
+                ),
+                Ok(_) => {}
+                Err(e) => eprintln!("lohar: cannot grow volume {}: {e}", v.mount),
+            }
+            done.push(v.mount.clone());
+        }
+    }
+    let _ = VOLUME_MOUNTS.set(done);
+    Ok(())
+}
+
+/// For poweroff: makes the read-write volumes, the root and the sandbox
+/// disk read-only, so the disks' journals are flushed and they are marked
+/// clean. Returns what failed.
 pub fn remount_read_only() -> Vec<String> {
     let mut failed = Vec::new();
-    for target in ["/", DISK_MNT] {
+    let volumes = VOLUME_MOUNTS.get().map(Vec::as_slice).unwrap_or_default();
+    for target in volumes
+        .iter()
+        .map(String::as_str)
+        .chain(["/", DISK_MNT])
+    {
         if let Err(e) = nix::mount::mount(
             None::<&str>,
             target,

@@ -373,7 +373,8 @@ impl Confinement {
             file(initrd, true, false)?;
         }
         for d in &spec.drives {
-            file(&d.path, d.read_only, owned(&d.path))?;
+            let volume = d.id.starts_with(crate::spec::VOLUME_DRIVE_PREFIX);
+            file(&d.path, d.read_only, volume || owned(&d.path))?;
         }
         if let Some(mem) = spec.memory.file() {
             if !mem.exists() {

@@ -183,7 +183,9 @@ pub fn build(spec: &VmSpec, config: &QemuConfig, launch: Launch, passed: Passed)
         o.push(esc(d.path.as_os_str()));
         a.push(o);
         a.push("-device".into());
-        a.push(format!("virtio-blk-device,drive={}", d.id).into());
+        // The id is also the disk's serial (`/sys/block/vd*/serial`): how
+        // the guest tells volumes apart whatever their order.
+        a.push(format!("virtio-blk-device,drive={0},serial={0}", d.id).into());
     }
     if let Some(net) = &spec.net {
         a.push("-netdev".into());
@@ -273,8 +275,8 @@ mod tests {
              -kernel /k/vmlinux -initrd /k/initrd -append console=ttyS0 quiet tsc_early_khz=2596092 \
              -chardev stdio,id=serial0,signal=off -serial chardev:serial0 \
              -chardev socket,id=qmp,server=on,wait=off,path=/run/vm1/qmp.sock -mon chardev=qmp,mode=control \
-             -drive id=base,if=none,format=raw,readonly=on,file=/img/base.ext4 -device virtio-blk-device,drive=base \
-             -drive id=rw,if=none,format=raw,readonly=off,file=/run/vm1/a,,b.img -device virtio-blk-device,drive=rw \
+             -drive id=base,if=none,format=raw,readonly=on,file=/img/base.ext4 -device virtio-blk-device,drive=base,serial=base \
+             -drive id=rw,if=none,format=raw,readonly=off,file=/run/vm1/a,,b.img -device virtio-blk-device,drive=rw,serial=rw \
              -netdev tap,id=net0,ifname=tap7,script=no,downscript=no \
              -device virtio-net-device,netdev=net0,mac=02:00:0a:00:00:07"
         );
