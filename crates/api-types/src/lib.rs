@@ -71,6 +71,71 @@ pub struct CreateSandbox {
     /// Where it may send (`public` when absent).
     #[serde(default)]
     pub egress: Option<Egress>,
+    /// The user's volumes to mount (at most 8); see `docs/state.md`.
+    #[serde(default)]
+    pub volumes: Vec<VolumeAttach>,
+}
+
+/// A volume to attach to a new sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct VolumeAttach {
+    /// The volume's name.
+    pub name: String,
+    /// Absolute, normalised guest path, not `/` and not on, in or above a
+    /// system path (`/bin /boot /dev /etc /lib* /proc /run /sbin /sys /usr
+    /// /var/lib/bhatti /var/run`).
+    pub mount: String,
+    /// Mount read-only (a read-only attach may be shared; a read-write one
+    /// is exclusive).
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// `POST /volumes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CreateVolume {
+    /// Unique per user: 1-63 of letters, digits, `-`, `_`, `.`.
+    pub name: String,
+    /// Size in MiB (at least 64); charged to the user's disk quota.
+    pub size_mb: u64,
+}
+
+/// `PATCH /volumes/:name`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct PatchVolume {
+    /// A larger size in MiB (volumes only grow). Refused (409) while a
+    /// sandbox using it runs hot or warm; cold ones give up their snapshot
+    /// and boot from disk at their next command.
+    pub size_mb: u64,
+}
+
+/// A persistent volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Volume {
+    pub name: String,
+    pub size_mb: u64,
+    /// Milliseconds since the Unix epoch.
+    pub created_at: i64,
+    pub updated_at: i64,
+    /// The sandboxes it is attached to.
+    pub attachments: Vec<VolumeUse>,
+}
+
+/// One sandbox's use of a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct VolumeUse {
+    /// The sandbox's name.
+    pub sandbox: String,
+    pub mount: String,
+    pub read_only: bool,
 }
 
 /// Where a sandbox may send, on top of the daemon's firewall: `"public"`

@@ -10,6 +10,7 @@ pub mod proxy;
 pub mod publish;
 pub mod sandboxes;
 pub mod secrets;
+pub mod volumes;
 pub mod share;
 pub mod shell;
 
@@ -84,6 +85,8 @@ pub fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(publish::unpublish))
         .routes(routes!(secrets::list, secrets::create))
         .routes(routes!(secrets::delete))
+        .routes(routes!(volumes::list, volumes::create))
+        .routes(routes!(volumes::inspect, volumes::patch, volumes::delete))
         .routes(routes!(events::list))
         .routes(routes!(metrics::metrics))
         .routes(routes!(metrics::status))

@@ -39,7 +39,8 @@ pub async fn list(
     responses(
         (status = 201, description = "Created and running.", body = api_types::Sandbox),
         (status = 200, description = "A sandbox of that name exists: it, unchanged.", body = api_types::Sandbox),
-        (status = 403, description = "Past a quota (sandboxes, CPUs, memory).", body = api_types::ErrorBody),
+        (status = 403, description = "Past a quota (sandboxes, CPUs, memory, disk).", body = api_types::ErrorBody),
+        (status = 404, description = "A volume to attach does not exist.", body = api_types::ErrorBody),
         Authed, Invalid, JsonTooLarge, Guest
     )
 )]

@@ -105,6 +105,8 @@ impl Service {
         for k in body.env.keys() {
             crate::validate::env_name(k)?;
         }
+        let attachments = self.volume_specs(user, &body.volumes).await?;
+        spec.volumes = attachments.iter().map(|(_, v)| v.clone()).collect();
         spec.validate(&self.core.config().limits)
             .map_err(|e| ApiError::BadRequest(error_chain(&e)))?;
         for secret in &body.secrets {
@@ -129,7 +131,8 @@ impl Service {
             egress: crate::validate::egress_view(&spec.egress),
         };
         let store = self.store.clone();
-        let inserted = tokio::task::spawn_blocking(move || store.insert_sandbox(&new))
+        let attach: Vec<store::NewAttachment> = attachments.into_iter().map(|(a, _)| a).collect();
+        let inserted = tokio::task::spawn_blocking(move || store.insert_sandbox_with(&new, &attach))
             .await
             .map_err(|e| ApiError::Internal(format!("store task failed: {e}")))?;
         match inserted {
@@ -287,6 +290,40 @@ impl Service {
         row: &SandboxRow,
         mb: u64,
     ) -> Result<SandboxRow, ApiError> {
+        let mut rt = self
+            .release_held_vm(id, row, "its disk grew; it boots from it at the next command")
+            .await?;
+        rt.core = self.core.grow_disk(&rt.core, mb).await?;
+        let row = self
+            .save(
+                id.as_str(),
+                SandboxUpdate {
+                    runtime: Some(rt.to_value()?),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        self.event(
+            user,
+            &row.id,
+            "disk_grown",
+            serde_json::json!({"disk_size_mb": mb}),
+        )
+        .await;
+        Ok(row)
+    }
+
+    /// Lets go of the VM this daemon holds for sandbox `id` (a cold one:
+    /// the caller checked; its snapshot is dropped, its processes end, its
+    /// files stay), marking it `stopped` with `reason`; nothing when no VM
+    /// is held. Returns its stored runtime as it is after. The caller
+    /// holds the sandbox's lock.
+    pub(super) async fn release_held_vm(
+        &self,
+        id: &SandboxId,
+        row: &SandboxRow,
+        reason: &str,
+    ) -> Result<Runtime, ApiError> {
         let mut rt = match Runtime::of(row) {
             Ok(Some(rt)) => rt,
             Ok(None) => {
@@ -313,33 +350,13 @@ impl Service {
                 id.as_str(),
                 SandboxUpdate {
                     runtime: Some(rt.to_value()?),
-                    ..not_running(
-                        SandboxStatus::Stopped,
-                        "its disk grew; it boots from it at the next command",
-                    )
+                    ..not_running(SandboxStatus::Stopped, reason)
                 },
             )
             .await?;
             self.names.refresh(&self.store).await;
         }
-        rt.core = self.core.grow_disk(&rt.core, mb).await?;
-        let row = self
-            .save(
-                id.as_str(),
-                SandboxUpdate {
-                    runtime: Some(rt.to_value()?),
-                    ..Default::default()
-                },
-            )
-            .await?;
-        self.event(
-            user,
-            &row.id,
-            "disk_grown",
-            serde_json::json!({"disk_size_mb": mb}),
-        )
-        .await;
-        Ok(row)
+        Ok(rt)
     }
 
     fn creating_set(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<SandboxId>> {

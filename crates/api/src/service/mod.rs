@@ -38,6 +38,7 @@ mod publish;
 mod recovery;
 mod share;
 mod startup;
+mod volumes;
 
 pub use guest::{guest_error, KeepHot, ShellRequest};
 pub use startup::StartError;

@@ -1,0 +1,128 @@
+//! `/volumes`: the caller's persistent volumes (`docs/state.md`).
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+
+use crate::auth::User;
+use crate::error::ApiError;
+use crate::extract::JsonBody;
+use crate::openapi::{Authed, Invalid, JsonTooLarge, Missing};
+use crate::ratelimit::Class;
+use crate::state::AppState;
+
+/// The caller's volumes, by name, with the sandboxes using each.
+#[utoipa::path(
+    get,
+    path = "/volumes",
+    operation_id = "list_volumes",
+    tag = "volumes",
+    responses(
+        (status = 200, description = "The caller's volumes.", body = Vec<api_types::Volume>),
+        Authed
+    )
+)]
+pub async fn list(
+    State(state): State<AppState>,
+    User(user): User,
+) -> Result<Json<Vec<api_types::Volume>>, ApiError> {
+    state.limit(&user, Class::Read)?;
+    Ok(Json(state.service.list_volumes(&user).await?))
+}
+
+/// Creates an empty volume (ext4) of `size_mb` MiB.
+#[utoipa::path(
+    post,
+    path = "/volumes",
+    operation_id = "create_volume",
+    tag = "volumes",
+    request_body = api_types::CreateVolume,
+    responses(
+        (status = 201, description = "Created.", body = api_types::Volume),
+        (status = 403, description = "Past the disk quota (sandbox disks and volumes).", body = api_types::ErrorBody),
+        (status = 409, description = "The caller has a volume of that name.", body = api_types::ErrorBody),
+        Authed, Invalid, JsonTooLarge
+    )
+)]
+pub async fn create(
+    State(state): State<AppState>,
+    User(user): User,
+    JsonBody(body): JsonBody<api_types::CreateVolume>,
+) -> Result<(StatusCode, Json<api_types::Volume>), ApiError> {
+    state.limit(&user, Class::Create)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(state.service.create_volume(&user, body).await?),
+    ))
+}
+
+/// A volume: its size, times, and which sandboxes use it and how.
+#[utoipa::path(
+    get,
+    path = "/volumes/{name}",
+    operation_id = "inspect_volume",
+    tag = "volumes",
+    params(("name" = String, Path, description = "The volume's name.")),
+    responses(
+        (status = 200, description = "The volume.", body = api_types::Volume),
+        Authed, Missing
+    )
+)]
+pub async fn inspect(
+    State(state): State<AppState>,
+    User(user): User,
+    Path(name): Path<String>,
+) -> Result<Json<api_types::Volume>, ApiError> {
+    state.limit(&user, Class::Read)?;
+    Ok(Json(state.service.get_volume(&user, &name).await?))
+}
+
+/// Grows a volume (`size_mb`, larger only).
+#[utoipa::path(
+    patch,
+    path = "/volumes/{name}",
+    operation_id = "patch_volume",
+    tag = "volumes",
+    params(("name" = String, Path, description = "The volume's name.")),
+    request_body = api_types::PatchVolume,
+    responses(
+        (status = 200, description = "The volume as grown.", body = api_types::Volume),
+        (status = 403, description = "Past the disk quota.", body = api_types::ErrorBody),
+        (status = 409, description = "A sandbox using it runs hot or warm.", body = api_types::ErrorBody),
+        Authed, Invalid, JsonTooLarge, Missing
+    )
+)]
+pub async fn patch(
+    State(state): State<AppState>,
+    User(user): User,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody<api_types::PatchVolume>,
+) -> Result<Json<api_types::Volume>, ApiError> {
+    state.limit(&user, Class::Read)?;
+    Ok(Json(
+        state.service.grow_volume(&user, &name, body.size_mb).await?,
+    ))
+}
+
+/// Deletes a volume and its data.
+#[utoipa::path(
+    delete,
+    path = "/volumes/{name}",
+    operation_id = "delete_volume",
+    tag = "volumes",
+    params(("name" = String, Path, description = "The volume's name.")),
+    responses(
+        (status = 204, description = "Deleted."),
+        (status = 409, description = "A sandbox (running or not) has it attached.", body = api_types::ErrorBody),
+        Authed, Missing
+    )
+)]
+pub async fn delete(
+    State(state): State<AppState>,
+    User(user): User,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    state.limit(&user, Class::Read)?;
+    state.service.delete_volume(&user, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
