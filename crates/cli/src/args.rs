@@ -77,6 +77,9 @@ pub enum Command {
     /// Manage your secrets (values are never shown).
     #[command(subcommand)]
     Secret(SecretCommand),
+    /// Manage your persistent volumes (attach with `create --volume`).
+    #[command(subcommand)]
+    Volume(VolumeCommand),
     /// Show your sandboxes' recorded events (status changes, thermal
     /// transitions, …), oldest first; an admin key sees everyone's.
     Events(EventsArgs),
@@ -174,6 +177,10 @@ pub struct CreateArgs {
     /// Copy a local text file into the sandbox at boot (repeatable).
     #[arg(long = "file", value_name = "LOCAL:GUEST", value_parser = parse_file_spec)]
     pub files: Vec<FileSpec>,
+    /// Mount one of your volumes: NAME:/path, or NAME:/path:ro for a
+    /// read-only mount (repeatable, at most 8).
+    #[arg(long = "volume", value_name = "NAME:PATH[:ro]", value_parser = parse_volume)]
+    pub volumes: Vec<api_types::VolumeAttach>,
     /// Never pause or snapshot this sandbox when idle.
     #[arg(long)]
     pub keep_hot: bool,
@@ -390,6 +397,54 @@ pub enum SecretCommand {
     Delete { name: String },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Create an empty volume.
+    Create {
+        name: String,
+        /// MiB, or with a unit (10G); charged to your disk quota.
+        #[arg(long, value_name = "SIZE", value_parser = parse_disk_mb)]
+        size: u64,
+    },
+    /// List your volumes and where they are attached.
+    #[command(alias = "ls")]
+    List,
+    /// Show a volume.
+    Inspect { name: String },
+    /// Grow a volume (no sandbox using it may run hot or warm).
+    Grow {
+        name: String,
+        /// The new size: MiB, or with a unit (20G).
+        #[arg(long, value_name = "SIZE", value_parser = parse_disk_mb)]
+        size: u64,
+    },
+    /// Delete a volume and its data (not while a sandbox has it attached).
+    #[command(alias = "delete")]
+    Rm { name: String },
+}
+
+/// `--volume NAME:PATH[:ro|:rw]`.
+pub fn parse_volume(s: &str) -> Result<api_types::VolumeAttach, String> {
+    let (name, rest) = s
+        .split_once(':')
+        .ok_or_else(|| format!("expected NAME:/path[:ro], got {s:?}"))?;
+    let (mount, read_only) = match rest.rsplit_once(':') {
+        Some((m, "ro")) => (m, true),
+        Some((m, "rw")) => (m, false),
+        _ => (rest, false),
+    };
+    if name.is_empty() || !mount.starts_with('/') {
+        return Err(format!(
+            "expected NAME:/path[:ro] with an absolute path, got {s:?}"
+        ));
+    }
+    Ok(api_types::VolumeAttach {
+        name: name.to_string(),
+        mount: mount.to_string(),
+        read_only,
+    })
+}
+
 /// `--file LOCAL:GUEST`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileSpec {
@@ -498,6 +553,18 @@ mod tests {
     use clap::{CommandFactory, Parser};
 
     use super::*;
+
+    #[test]
+    fn volume_specs() {
+        let v = parse_volume("data:/data").unwrap();
+        assert_eq!((v.name.as_str(), v.mount.as_str(), v.read_only), ("data", "/data", false));
+        let v = parse_volume("data:/srv/x:ro").unwrap();
+        assert_eq!((v.mount.as_str(), v.read_only), ("/srv/x", true));
+        assert!(!parse_volume("data:/srv:rw").unwrap().read_only);
+        for bad in ["data", ":/data", "data:rel", "data:"] {
+            assert!(parse_volume(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn ttls() {

@@ -569,6 +569,36 @@ impl Client {
         self.json("POST /secrets", resp).await
     }
 
+    pub async fn volumes(&self) -> Result<Vec<api_types::Volume>> {
+        self.get_json("GET /volumes", self.url(&["volumes"])).await
+    }
+
+    pub async fn volume(&self, name: &str) -> Result<api_types::Volume> {
+        self.get_json("GET /volumes/:name", self.url(&["volumes", name]))
+            .await
+    }
+
+    pub async fn create_volume(&self, body: &api_types::CreateVolume) -> Result<api_types::Volume> {
+        let rb = self
+            .request(Method::POST, self.url(&["volumes"]), true)?
+            .json(body);
+        let resp = self.send(rb).await?;
+        self.json("POST /volumes", resp).await
+    }
+
+    pub async fn grow_volume(&self, name: &str, size_mb: u64) -> Result<api_types::Volume> {
+        let rb = self
+            .request(Method::PATCH, self.url(&["volumes", name]), true)?
+            .json(&api_types::PatchVolume { size_mb });
+        let resp = self.send(rb).await?;
+        self.json("PATCH /volumes/:name", resp).await
+    }
+
+    pub async fn delete_volume(&self, name: &str) -> Result<()> {
+        let rb = self.request(Method::DELETE, self.url(&["volumes", name]), true)?;
+        self.send(rb).await.map(drop)
+    }
+
     pub async fn delete_secret(&self, name: &str) -> Result<()> {
         let rb = self.request(Method::DELETE, self.url(&["secrets", name]), true)?;
         self.send(rb).await.map(drop)

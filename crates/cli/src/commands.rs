@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::args::{
     AdminCommand, Command, CreateArgs, EventsArgs, ExecArgs, FileCommand, FileSpec, GlobalArgs,
-    SecretCommand,
+    SecretCommand, VolumeCommand,
 };
 use crate::client::Client;
 use crate::config::{self, Layer};
@@ -139,6 +139,7 @@ impl Ctx {
             }
             Command::File(f) => self.file(f).await?,
             Command::Secret(s) => self.secret(s).await?,
+            Command::Volume(v) => self.volume(v).await?,
             Command::Events(a) => self.events(a).await?,
             Command::Admin(AdminCommand::Status) => {
                 let st = c.admin_status().await?;
@@ -298,6 +299,7 @@ impl Ctx {
             cpus: a.cpus,
             memory_mb: a.memory,
             disk_size_mb: a.disk,
+            volumes: a.volumes,
             env: a.env.into_iter().collect(),
             secrets: a.secrets,
             files,
@@ -430,6 +432,41 @@ impl Ctx {
                 c.delete_secret(&name).await?;
                 eprintln!("secret {name} deleted");
             }
+        }
+        Ok(())
+    }
+
+    async fn volume(&self, v: VolumeCommand) -> Result<()> {
+        let c = &self.client;
+        let shown = match v {
+            VolumeCommand::Create { name, size } => {
+                c.create_volume(&api_types::CreateVolume {
+                    name,
+                    size_mb: size,
+                })
+                .await?
+            }
+            VolumeCommand::Grow { name, size } => c.grow_volume(&name, size).await?,
+            VolumeCommand::Inspect { name } => c.volume(&name).await?,
+            VolumeCommand::List => {
+                let list = c.volumes().await?;
+                if self.json {
+                    print_json(&list)?
+                } else {
+                    print(&output::volumes_table(&list, now_ms()))?
+                }
+                return Ok(());
+            }
+            VolumeCommand::Rm { name } => {
+                c.delete_volume(&name).await?;
+                eprintln!("volume {name} deleted");
+                return Ok(());
+            }
+        };
+        if self.json {
+            print_json(&shown)?
+        } else {
+            print(&output::volume_details(&shown, now_ms()))?
         }
         Ok(())
     }

@@ -287,6 +287,50 @@ pub fn secrets_table(list: &[SecretSummary], now_ms: i64) -> String {
     t.render()
 }
 
+/// Where a volume is attached: `dev:/data, ci:/data(ro)`, or `-`.
+fn volume_uses(v: &api_types::Volume) -> String {
+    if v.attachments.is_empty() {
+        return "-".into();
+    }
+    v.attachments
+        .iter()
+        .map(|a| {
+            format!(
+                "{}:{}{}",
+                a.sandbox,
+                a.mount,
+                if a.read_only { "(ro)" } else { "" }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `bhatti volume list`.
+pub fn volumes_table(list: &[api_types::Volume], now_ms: i64) -> String {
+    let mut t = Table::new(&["NAME", "SIZE", "CREATED", "ATTACHED"]);
+    for v in list {
+        t.row(vec![
+            v.name.clone(),
+            memory(v.size_mb),
+            ago(now_ms, v.created_at),
+            volume_uses(v),
+        ]);
+    }
+    t.render()
+}
+
+/// `bhatti volume inspect` (and create, grow).
+pub fn volume_details(v: &api_types::Volume, now_ms: i64) -> String {
+    key_values(&[
+        ("name", v.name.clone()),
+        ("size", memory(v.size_mb)),
+        ("created", ago(now_ms, v.created_at)),
+        ("updated", ago(now_ms, v.updated_at)),
+        ("attached", volume_uses(v)),
+    ])
+}
+
 /// `bhatti admin status`.
 pub fn admin_status(s: &api_types::AdminStatus) -> String {
     let counts = |m: &std::collections::BTreeMap<String, u64>| {
