@@ -981,3 +981,213 @@ fn disk_sizes_are_checked_charged_and_grown_while_cold() {
         d.stop().await;
     });
 }
+
+/// The volume files under the data directory.
+fn volume_files(data: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(users) = std::fs::read_dir(data.join("volumes")) {
+        for u in users.flatten() {
+            for f in std::fs::read_dir(u.path()).unwrap().flatten() {
+                out.push(f.path());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn volumes_are_checked_charged_shared_by_the_rules_and_kept_across_restarts() {
+    common::in_netns("svcf-vols", || async {
+        use std::os::unix::fs::PermissionsExt;
+        let s = setup();
+        let d = TestDaemon::start_with_engine(fake_config(&s.data), engine()).await;
+        let key = d.user_with(
+            "vera",
+            api::users::Quotas {
+                max_sandboxes: 5,
+                max_cpus: 8,
+                max_memory_mb: 4096,
+                max_disk_mb: 3000,
+            },
+        );
+        let c = d.client(&key);
+        let other = d.client(&d.user("otto", 5));
+        let call = |m: Method, path: &'static str, body: Option<Value>| {
+            let c = c.clone();
+            async move { c.json(m, path, body).await }
+        };
+        let create = |body: Value| call(Method::POST, "/sandboxes", Some(body));
+
+        // Create: names, sizes, the quota (sandbox disks and volumes share it).
+        let (st, v) = call(
+            Method::POST,
+            "/volumes",
+            Some(serde_json::json!({"name": "data", "size_mb": 500})),
+        )
+        .await;
+        assert_eq!(st, 201, "{v}");
+        assert_eq!((v["size_mb"].as_u64(), v["attachments"].as_array().map(Vec::len)), (Some(500), Some(0)));
+        let files = volume_files(&s.data);
+        assert_eq!(files.len(), 1, "{files:?}");
+        let meta = std::fs::metadata(&files[0]).unwrap();
+        assert_eq!(meta.len(), 500 << 20);
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert!(!files[0].starts_with(s.data.join("sandboxes")));
+        for (body, code) in [
+            (serde_json::json!({"name": "data", "size_mb": 64}), 409),
+            (serde_json::json!({"name": "bad/name", "size_mb": 64}), 400),
+            (serde_json::json!({"name": "tiny", "size_mb": 1}), 400),
+            (serde_json::json!({"name": "x", "size_mb": 64, "extra": 1}), 400),
+            (serde_json::json!({"name": "huge", "size_mb": 2501}), 403),
+        ] {
+            let (st, v) = call(Method::POST, "/volumes", Some(body.clone())).await;
+            assert_eq!(st, code, "{body}: {v}");
+            assert!(v["error"].is_string(), "{v}");
+        }
+        let (st, v) = call(
+            Method::POST,
+            "/volumes",
+            Some(serde_json::json!({"name": "ro", "size_mb": 100})),
+        )
+        .await;
+        assert_eq!(st, 201, "{v}");
+        // 600 of 3000 MiB held by volumes: a 2048 MiB default disk fits,
+        // a 2500 MiB one does not.
+        let (st, v) = create(serde_json::json!({"name": "big", "disk_size_mb": 2500})).await;
+        assert_eq!(st, 403, "{v}");
+        assert!(v["error"].as_str().unwrap().contains("disk quota"), "{v}");
+
+        // Attach rules: paths 400, unknown 404, another user's 404.
+        for mount in ["data", "/", "/etc", "/usr/local", "/proc/x", "/a/../etc", "/var/lib/bhatti/x", "/data/"] {
+            let (st, v) = create(serde_json::json!({
+                "name": "a", "disk_size_mb": 256,
+                "volumes": [{"name": "data", "mount": mount}]
+            }))
+            .await;
+            assert_eq!(st, 400, "{mount}: {v}");
+        }
+        let (st, v) = create(serde_json::json!({
+            "name": "a", "disk_size_mb": 256,
+            "volumes": [{"name": "data", "mount": "/d1"}, {"name": "data", "mount": "/d2"}]
+        }))
+        .await;
+        assert_eq!(st, 400, "the same volume twice: {v}");
+        let (st, v) = create(serde_json::json!({
+            "name": "a", "disk_size_mb": 256,
+            "volumes": [{"name": "nope", "mount": "/data"}]
+        }))
+        .await;
+        assert_eq!(st, 404, "{v}");
+        let (st, v) = other
+            .json(
+                Method::POST,
+                "/sandboxes",
+                Some(serde_json::json!({"name": "o", "volumes": [{"name": "data", "mount": "/data"}]})),
+            )
+            .await;
+        assert_eq!(st, 404, "another user's volume: {v}");
+        assert_eq!(other.json(Method::GET, "/volumes/data", None).await.0, 404);
+        assert_eq!(get(&c, "a").await.0, 404, "refused creates leave no row");
+
+        // a holds data read-write: nobody else gets it, rw or ro.
+        let (st, a) = create(serde_json::json!({
+            "name": "a", "disk_size_mb": 256,
+            "volumes": [{"name": "data", "mount": "/data"}, {"name": "ro", "mount": "/ref", "read_only": true}]
+        }))
+        .await;
+        assert_eq!(st, 201, "{a}");
+        let a_id = a["id"].as_str().unwrap().to_string();
+        for ro in [false, true] {
+            let (st, v) = create(serde_json::json!({
+                "name": "b", "disk_size_mb": 256,
+                "volumes": [{"name": "data", "mount": "/data", "read_only": ro}]
+            }))
+            .await;
+            assert_eq!(st, 409, "ro={ro}: {v}");
+            assert!(v["error"].as_str().unwrap().contains("read-write to sandbox 'a'"), "{v}");
+        }
+        // ro is shared read-only, never read-write.
+        let (st, v) = create(serde_json::json!({
+            "name": "b", "disk_size_mb": 256,
+            "volumes": [{"name": "ro", "mount": "/ref"}]
+        }))
+        .await;
+        assert_eq!(st, 409, "{v}");
+        let (st, b) = create(serde_json::json!({
+            "name": "b", "disk_size_mb": 256,
+            "volumes": [{"name": "ro", "mount": "/ref", "read_only": true}]
+        }))
+        .await;
+        assert_eq!(st, 201, "{b}");
+        let (st, v) = call(Method::GET, "/volumes/ro", None).await;
+        assert_eq!(st, 200, "{v}");
+        let uses: Vec<_> = v["attachments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| (u["sandbox"].as_str().unwrap().to_string(), u["mount"].as_str().unwrap().to_string(), u["read_only"].as_bool().unwrap()))
+            .collect();
+        assert_eq!(uses, vec![("a".into(), "/ref".into(), true), ("b".into(), "/ref".into(), true)]);
+
+        // Grow: not while a user runs hot; never smaller; within the quota.
+        let (st, v) = call(Method::PATCH, "/volumes/data", Some(serde_json::json!({"size_mb": 600}))).await;
+        assert_eq!(st, 409, "{v}");
+        assert!(v["error"].as_str().unwrap().contains("stop it first"), "{v}");
+        let (st, v) = post(&c, "/sandboxes/a/stop", None).await;
+        assert_eq!(st, 200, "{v}");
+        let (st, v) = call(Method::PATCH, "/volumes/data", Some(serde_json::json!({"size_mb": 400}))).await;
+        assert_eq!(st, 400, "{v}");
+        let (st, v) = call(Method::PATCH, "/volumes/data", Some(serde_json::json!({"size_mb": 5000}))).await;
+        assert_eq!(st, 403, "{v}");
+        let (st, v) = call(Method::PATCH, "/volumes/data", Some(serde_json::json!({"size_mb": 700}))).await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["size_mb"], 700);
+        let data_file = volume_files(&s.data)
+            .into_iter()
+            .find(|p| std::fs::metadata(p).unwrap().len() == 700 << 20);
+        assert!(data_file.is_some(), "{:?}", volume_files(&s.data));
+        assert_state(&show(&c, "a").await, "stopped", "cold");
+        assert!(lohars_of(&s.data, &a_id).is_empty());
+        // The next command boots it again, volumes and all.
+        assert_eq!(common::sh(&c, "a", "echo up").await, "up\n");
+
+        // Delete: not while attached (running or not).
+        let (st, v) = c.json(Method::DELETE, "/volumes/data", None).await;
+        assert_eq!(st, 409, "{v}");
+        assert!(v["error"].as_str().unwrap().contains("'a'"), "{v}");
+        assert_eq!(c.json(Method::DELETE, "/volumes/nope", None).await.0, 404);
+
+        // A restart keeps volumes and attachments; the sandbox still works.
+        d.stop().await;
+        let d = TestDaemon::start_with_engine(fake_config(&s.data), engine()).await;
+        let c = d.client(&key);
+        let (st, v) = c.json(Method::GET, "/volumes", None).await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v.as_array().unwrap().len(), 2, "{v}");
+        let (_, v) = c.json(Method::GET, "/volumes/data", None).await;
+        assert_eq!(v["attachments"][0]["sandbox"], "a", "{v}");
+        assert_eq!(common::sh(&c, "a", "echo again").await, "again\n");
+        assert_eq!(c.json(Method::DELETE, "/volumes/data", None).await.0, 409);
+
+        // Destroy detaches; the volume survives and can go after.
+        assert_eq!(delete(&c, "a").await, 204);
+        let (_, v) = c.json(Method::GET, "/volumes/data", None).await;
+        assert_eq!(v["attachments"].as_array().map(Vec::len), Some(0), "{v}");
+        assert_eq!(volume_files(&s.data).len(), 2);
+        let (st, v) = c.json(Method::DELETE, "/volumes/data", None).await;
+        assert_eq!(st, 204, "{v}");
+        assert_eq!(volume_files(&s.data).len(), 1);
+        assert_eq!(c.json(Method::GET, "/volumes/data", None).await.0, 404);
+        // ro still has b.
+        assert_eq!(c.json(Method::DELETE, "/volumes/ro", None).await.0, 409);
+        assert_eq!(delete(&c, "b").await, 204);
+        assert_eq!(c.json(Method::DELETE, "/volumes/ro", None).await.0, 204);
+        assert!(volume_files(&s.data).is_empty());
+        let (st, events) = c.json(Method::GET, "/events", None).await;
+        assert_eq!(st, 200, "{events}");
+        for kind in ["volume_created", "volume_grown", "volume_deleted"] {
+            assert!(events.to_string().contains(kind), "{kind}: {events}");
+        }
+        d.stop().await;
+    });
+}
