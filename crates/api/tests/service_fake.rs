@@ -1026,7 +1026,13 @@ fn volumes_are_checked_charged_shared_by_the_rules_and_kept_across_restarts() {
         )
         .await;
         assert_eq!(st, 201, "{v}");
-        assert_eq!((v["size_mb"].as_u64(), v["attachments"].as_array().map(Vec::len)), (Some(500), Some(0)));
+        assert_eq!(
+            (
+                v["size_mb"].as_u64(),
+                v["attachments"].as_array().map(Vec::len)
+            ),
+            (Some(500), Some(0))
+        );
         let files = volume_files(&s.data);
         assert_eq!(files.len(), 1, "{files:?}");
         let meta = std::fs::metadata(&files[0]).unwrap();
@@ -1037,7 +1043,10 @@ fn volumes_are_checked_charged_shared_by_the_rules_and_kept_across_restarts() {
             (serde_json::json!({"name": "data", "size_mb": 64}), 409),
             (serde_json::json!({"name": "bad/name", "size_mb": 64}), 400),
             (serde_json::json!({"name": "tiny", "size_mb": 1}), 400),
-            (serde_json::json!({"name": "x", "size_mb": 64, "extra": 1}), 400),
+            (
+                serde_json::json!({"name": "x", "size_mb": 64, "extra": 1}),
+                400,
+            ),
             (serde_json::json!({"name": "huge", "size_mb": 2501}), 403),
         ] {
             let (st, v) = call(Method::POST, "/volumes", Some(body.clone())).await;
@@ -1058,7 +1067,16 @@ fn volumes_are_checked_charged_shared_by_the_rules_and_kept_across_restarts() {
         assert!(v["error"].as_str().unwrap().contains("disk quota"), "{v}");
 
         // Attach rules: paths 400, unknown 404, another user's 404.
-        for mount in ["data", "/", "/etc", "/usr/local", "/proc/x", "/a/../etc", "/var/lib/bhatti/x", "/data/"] {
+        for mount in [
+            "data",
+            "/",
+            "/etc",
+            "/usr/local",
+            "/proc/x",
+            "/a/../etc",
+            "/var/lib/bhatti/x",
+            "/data/",
+        ] {
             let (st, v) = create(serde_json::json!({
                 "name": "a", "disk_size_mb": 256,
                 "volumes": [{"name": "data", "mount": mount}]
@@ -1104,7 +1122,13 @@ fn volumes_are_checked_charged_shared_by_the_rules_and_kept_across_restarts() {
             }))
             .await;
             assert_eq!(st, 409, "ro={ro}: {v}");
-            assert!(v["error"].as_str().unwrap().contains("read-write to sandbox 'a'"), "{v}");
+            assert!(
+                v["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("read-write to sandbox 'a'"),
+                "{v}"
+            );
         }
         // ro is shared read-only, never read-write.
         let (st, v) = create(serde_json::json!({
@@ -1125,21 +1149,56 @@ fn volumes_are_checked_charged_shared_by_the_rules_and_kept_across_restarts() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|u| (u["sandbox"].as_str().unwrap().to_string(), u["mount"].as_str().unwrap().to_string(), u["read_only"].as_bool().unwrap()))
+            .map(|u| {
+                (
+                    u["sandbox"].as_str().unwrap().to_string(),
+                    u["mount"].as_str().unwrap().to_string(),
+                    u["read_only"].as_bool().unwrap(),
+                )
+            })
             .collect();
-        assert_eq!(uses, vec![("a".into(), "/ref".into(), true), ("b".into(), "/ref".into(), true)]);
+        assert_eq!(
+            uses,
+            vec![
+                ("a".into(), "/ref".into(), true),
+                ("b".into(), "/ref".into(), true)
+            ]
+        );
 
         // Grow: not while a user runs hot; never smaller; within the quota.
-        let (st, v) = call(Method::PATCH, "/volumes/data", Some(serde_json::json!({"size_mb": 600}))).await;
+        let (st, v) = call(
+            Method::PATCH,
+            "/volumes/data",
+            Some(serde_json::json!({"size_mb": 600})),
+        )
+        .await;
         assert_eq!(st, 409, "{v}");
-        assert!(v["error"].as_str().unwrap().contains("stop it first"), "{v}");
+        assert!(
+            v["error"].as_str().unwrap().contains("stop it first"),
+            "{v}"
+        );
         let (st, v) = post(&c, "/sandboxes/a/stop", None).await;
         assert_eq!(st, 200, "{v}");
-        let (st, v) = call(Method::PATCH, "/volumes/data", Some(serde_json::json!({"size_mb": 400}))).await;
+        let (st, v) = call(
+            Method::PATCH,
+            "/volumes/data",
+            Some(serde_json::json!({"size_mb": 400})),
+        )
+        .await;
         assert_eq!(st, 400, "{v}");
-        let (st, v) = call(Method::PATCH, "/volumes/data", Some(serde_json::json!({"size_mb": 5000}))).await;
+        let (st, v) = call(
+            Method::PATCH,
+            "/volumes/data",
+            Some(serde_json::json!({"size_mb": 5000})),
+        )
+        .await;
         assert_eq!(st, 403, "{v}");
-        let (st, v) = call(Method::PATCH, "/volumes/data", Some(serde_json::json!({"size_mb": 700}))).await;
+        let (st, v) = call(
+            Method::PATCH,
+            "/volumes/data",
+            Some(serde_json::json!({"size_mb": 700})),
+        )
+        .await;
         assert_eq!(st, 200, "{v}");
         assert_eq!(v["size_mb"], 700);
         let data_file = volume_files(&s.data)

@@ -86,7 +86,9 @@ fn volume_data_outlives_sandboxes_and_restarts_read_only_mounts_refuse_writes() 
         )
         .await;
         assert!(
-            mount_opts(&c, "a", "/data").await.starts_with("ext4 rw,nosuid,nodev"),
+            mount_opts(&c, "a", "/data")
+                .await
+                .starts_with("ext4 rw,nosuid,nodev"),
             "{}",
             mount_opts(&c, "a", "/data").await
         );
@@ -119,19 +121,22 @@ fn volume_data_outlives_sandboxes_and_restarts_read_only_mounts_refuse_writes() 
         assert_eq!(sha_of(&c, "b", "/data/blob").await, want);
         assert_eq!(sha_of(&c, "b", "/srv/ref/blob").await, want);
         assert!(
-            mount_opts(&c, "b", "/srv/ref").await.starts_with("ext4 ro,nosuid,nodev"),
+            mount_opts(&c, "b", "/srv/ref")
+                .await
+                .starts_with("ext4 ro,nosuid,nodev"),
             "{}",
             mount_opts(&c, "b", "/srv/ref").await
         );
         // Writes: refused on the read-only mount (EROFS), taken on the
         // read-write one (the positive control).
-        let (s, v) = c
-            .exec("b", &["sh", "-c", "echo x > /srv/ref/new"])
-            .await;
+        let (s, v) = c.exec("b", &["sh", "-c", "echo x > /srv/ref/new"]).await;
         assert_eq!(s, 200, "{v}");
         assert_ne!(v["exit_code"], 0, "{v}");
         assert!(
-            v["stderr"].as_str().unwrap().contains("Read-only file system"),
+            v["stderr"]
+                .as_str()
+                .unwrap()
+                .contains("Read-only file system"),
             "{v}"
         );
         let (s, t) = put(&c, "b", "/srv/ref/new", b"x".to_vec()).await;
@@ -170,7 +175,10 @@ fn volume_data_outlives_sandboxes_and_restarts_read_only_mounts_refuse_writes() 
             .await;
         assert_eq!(s, 200, "{v}");
         let mb = df_mb(&c, "b", "/data").await;
-        assert!((200..=256).contains(&mb), "df shows {mb} MiB after the grow");
+        assert!(
+            (200..=256).contains(&mb),
+            "df shows {mb} MiB after the grow"
+        );
         assert_eq!(sha_of(&c, "b", "/data/blob").await, want);
         assert_eq!(sh(&c, "b", "cat /data/fresh").await, "fresh\n");
 

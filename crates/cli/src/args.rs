@@ -557,7 +557,10 @@ mod tests {
     #[test]
     fn volume_specs() {
         let v = parse_volume("data:/data").unwrap();
-        assert_eq!((v.name.as_str(), v.mount.as_str(), v.read_only), ("data", "/data", false));
+        assert_eq!(
+            (v.name.as_str(), v.mount.as_str(), v.read_only),
+            ("data", "/data", false)
+        );
         let v = parse_volume("data:/srv/x:ro").unwrap();
         assert_eq!((v.mount.as_str(), v.read_only), ("/srv/x", true));
         assert!(!parse_volume("data:/srv:rw").unwrap().read_only);

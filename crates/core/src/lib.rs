@@ -60,8 +60,8 @@ pub use record::{BootTimings, SandboxRecord};
 pub use recovery::kill_orphan_vmm;
 pub use shutdown::{Stopped, KILL_GRACE};
 pub use spec::{
-    Limits, SandboxSpec, SpecError, DEFAULT_CPUS, DEFAULT_IMAGE, DEFAULT_MEMORY_MB, MAX_DISK_MB,
-    MIN_DISK_MB, VolumeSpec,
+    Limits, SandboxSpec, SpecError, VolumeSpec, DEFAULT_CPUS, DEFAULT_IMAGE, DEFAULT_MEMORY_MB,
+    MAX_DISK_MB, MIN_DISK_MB,
 };
 pub use state::{
     thermal_transition, transition, valid_thermal, valid_transition, InvalidThermal,

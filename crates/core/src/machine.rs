@@ -154,7 +154,11 @@ mod tests {
         let vd = vm_spec(&with, &image, dir, &att).drives;
         assert_eq!(vd.len(), 4);
         assert_eq!(
-            (vd[3].id.as_str(), vd[3].path.to_str().unwrap(), vd[3].read_only),
+            (
+                vd[3].id.as_str(),
+                vd[3].path.to_str().unwrap(),
+                vd[3].read_only
+            ),
             ("bhv-0", "/d/volumes/u/vol-1.ext4", true)
         );
         let cfg = with.config_drive("t".repeat(32));

@@ -246,15 +246,24 @@ mod tests {
         assert_eq!(meta.len(), 64 << 20);
         assert!(meta.blocks() * 512 < 16 << 20, "sparse: {}", meta.blocks());
         assert_eq!(meta.mode() & 0o777, 0o600);
-        for d in [path.parent().unwrap(), path.parent().unwrap().parent().unwrap()] {
+        for d in [
+            path.parent().unwrap(),
+            path.parent().unwrap().parent().unwrap(),
+        ] {
             assert_eq!(std::fs::metadata(d).unwrap().mode() & 0o777, 0o700);
         }
         // The superblock says ext4, our label and UUID (read as bytes: the
         // test made the file, no guest wrote it).
         let head = std::fs::read(&path).unwrap();
         assert_eq!(&head[1080..1082], &[0x53, 0xEF]);
-        assert_eq!(&head[1144..1144 + VOLUME_LABEL.len()], VOLUME_LABEL.as_bytes());
-        let hex: String = head[1128..1144].iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            &head[1144..1144 + VOLUME_LABEL.len()],
+            VOLUME_LABEL.as_bytes()
+        );
+        let hex: String = head[1128..1144]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         assert_eq!(hex, uuid.replace('-', ""));
         grow_volume(&path, 128 << 20).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 128 << 20);

@@ -128,8 +128,21 @@ pub const MAX_VOLUMES: usize = 8;
 /// the system's own directories (the root, the kernel's file systems,
 /// what the image ships, where lohar keeps its mounts).
 pub const RESERVED_MOUNTS: &[&str] = &[
-    "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/run",
-    "/sbin", "/sys", "/usr", "/var/lib/bhatti", "/var/run",
+    "/bin",
+    "/boot",
+    "/dev",
+    "/etc",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/proc",
+    "/run",
+    "/sbin",
+    "/sys",
+    "/usr",
+    "/var/lib/bhatti",
+    "/var/run",
 ];
 
 /// A persistent volume as the guest sees it: which disk, where, how.
@@ -434,13 +447,36 @@ mod tests {
 
     #[test]
     fn volume_mounts() {
-        for ok in ["/data", "/workspace/cache", "/var/lib/postgresql", "/home/u/x", "/mnt"] {
+        for ok in [
+            "/data",
+            "/workspace/cache",
+            "/var/lib/postgresql",
+            "/home/u/x",
+            "/mnt",
+        ] {
             assert_eq!(check_mount(ok), Ok(()), "{ok}");
         }
         for bad in [
-            "", "data", "/", "/data/", "/a//b", "/a/./b", "/a/../etc", "/etc", "/etc/x", "/usr/local",
-            "/lib64", "/proc", "/sys/fs", "/dev/shm", "/run", "/var/lib/bhatti", "/var/lib/bhatti/x",
-            "/var/lib", "/var", "/boot",
+            "",
+            "data",
+            "/",
+            "/data/",
+            "/a//b",
+            "/a/./b",
+            "/a/../etc",
+            "/etc",
+            "/etc/x",
+            "/usr/local",
+            "/lib64",
+            "/proc",
+            "/sys/fs",
+            "/dev/shm",
+            "/run",
+            "/var/lib/bhatti",
+            "/var/lib/bhatti/x",
+            "/var/lib",
+            "/var",
+            "/boot",
         ] {
             assert!(check_mount(bad).is_err(), "{bad:?}");
         }
@@ -464,7 +500,9 @@ mod tests {
         c.volumes[1] = vol(1, "/cache");
         c.volumes[1].uuid = "not-a-uuid".into();
         assert!(c.validate().is_err());
-        c.volumes = (0..=MAX_VOLUMES).map(|n| vol(n, &format!("/v{n}"))).collect();
+        c.volumes = (0..=MAX_VOLUMES)
+            .map(|n| vol(n, &format!("/v{n}")))
+            .collect();
         assert!(c.validate().is_err(), "too many");
         // A drive without volumes encodes as before.
         let json = String::from_utf8(sample().to_json().unwrap()).unwrap();

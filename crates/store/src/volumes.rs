@@ -411,7 +411,9 @@ mod tests {
             Err(StoreError::DiskQuota { asked: 301, .. })
         ));
         assert_eq!(
-            s.set_volume_size("u", "a", 900, |_| Ok(())).unwrap().size_mb,
+            s.set_volume_size("u", "a", 900, |_| Ok(()))
+                .unwrap()
+                .size_mb,
             900
         );
         assert_eq!(s.volumes_of("u").unwrap().len(), 1);
@@ -428,7 +430,8 @@ mod tests {
         ));
         // The failed insert left no sandbox row.
         assert!(s.sandbox_row("s0").unwrap().is_none());
-        s.insert_sandbox_with(&sb("s1"), &[att("a", false)]).unwrap();
+        s.insert_sandbox_with(&sb("s1"), &[att("a", false)])
+            .unwrap();
         for ro in [false, true] {
             let e = s
                 .insert_sandbox_with(&sb("s2"), &[att("a", ro)])

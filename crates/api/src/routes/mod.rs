@@ -10,9 +10,9 @@ pub mod proxy;
 pub mod publish;
 pub mod sandboxes;
 pub mod secrets;
-pub mod volumes;
 pub mod share;
 pub mod shell;
+pub mod volumes;
 
 use axum::extract::ws::WebSocketUpgrade;
 use axum::routing::any;

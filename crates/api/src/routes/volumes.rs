@@ -100,7 +100,10 @@ pub async fn patch(
 ) -> Result<Json<api_types::Volume>, ApiError> {
     state.limit(&user, Class::Read)?;
     Ok(Json(
-        state.service.grow_volume(&user, &name, body.size_mb).await?,
+        state
+            .service
+            .grow_volume(&user, &name, body.size_mb)
+            .await?,
     ))
 }
 

@@ -132,9 +132,10 @@ impl Service {
         };
         let store = self.store.clone();
         let attach: Vec<store::NewAttachment> = attachments.into_iter().map(|(a, _)| a).collect();
-        let inserted = tokio::task::spawn_blocking(move || store.insert_sandbox_with(&new, &attach))
-            .await
-            .map_err(|e| ApiError::Internal(format!("store task failed: {e}")))?;
+        let inserted =
+            tokio::task::spawn_blocking(move || store.insert_sandbox_with(&new, &attach))
+                .await
+                .map_err(|e| ApiError::Internal(format!("store task failed: {e}")))?;
         match inserted {
             Ok(_) => {}
             // The same name again (or a concurrent create of it won): the
@@ -291,7 +292,11 @@ impl Service {
         mb: u64,
     ) -> Result<SandboxRow, ApiError> {
         let mut rt = self
-            .release_held_vm(id, row, "its disk grew; it boots from it at the next command")
+            .release_held_vm(
+                id,
+                row,
+                "its disk grew; it boots from it at the next command",
+            )
             .await?;
         rt.core = self.core.grow_disk(&rt.core, mb).await?;
         let row = self

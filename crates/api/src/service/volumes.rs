@@ -158,8 +158,12 @@ impl Service {
             // only wasted space now.
             tracing::warn!(volume = %row.id, error = %error_chain(&e), "removing the volume file");
         }
-        self.volume_event(user, "volume_deleted", serde_json::json!({"volume": row.name}))
-            .await;
+        self.volume_event(
+            user,
+            "volume_deleted",
+            serde_json::json!({"volume": row.name}),
+        )
+        .await;
         Ok(())
     }
 

@@ -190,7 +190,8 @@ pub fn volume_uuid(head: &[u8]) -> Option<String> {
         return None;
     }
     let u = &head[EXT4_UUID_OFFSET..EXT4_UUID_OFFSET + 16];
-    let hex = |r: std::ops::Range<usize>| u[r].iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let hex =
+        |r: std::ops::Range<usize>| u[r].iter().map(|b| format!("{b:02x}")).collect::<String>();
     Some(format!(
         "{}-{}-{}-{}-{}",
         hex(0..4),
@@ -240,7 +241,9 @@ pub fn find_volumes(
             .map(|v| {
                 let by_serial = serials.iter().find(|(s, _)| *s == v.serial);
                 let by_uuid = || {
-                    let mut m = uuids.iter().filter(|(u, _)| u.eq_ignore_ascii_case(&v.uuid));
+                    let mut m = uuids
+                        .iter()
+                        .filter(|(u, _)| u.eq_ignore_ascii_case(&v.uuid));
                     // Two disks with one UUID: trust neither.
                     match (m.next(), m.next()) {
                         (Some(one), None) => Some(one),

@@ -283,11 +283,7 @@ pub fn mount_volumes(
 pub fn remount_read_only() -> Vec<String> {
     let mut failed = Vec::new();
     let volumes = VOLUME_MOUNTS.get().map(Vec::as_slice).unwrap_or_default();
-    for target in volumes
-        .iter()
-        .map(String::as_str)
-        .chain(["/", DISK_MNT])
-    {
+    for target in volumes.iter().map(String::as_str).chain(["/", DISK_MNT]) {
         if let Err(e) = nix::mount::mount(
             None::<&str>,
             target,
