@@ -112,6 +112,14 @@ pub fn run(cmd: UserCommand) -> anyhow::Result<()> {
                     held.len()
                 );
             }
+            // Their files are under DATA/volumes: deleted through the API.
+            let volumes = store.volumes_of(&user.id)?;
+            if !volumes.is_empty() {
+                anyhow::bail!(
+                    "user '{name}' still has {} volume(s); delete them first (bhatti volume rm)",
+                    volumes.len()
+                );
+            }
             store.delete_user(&name)?;
             println!("deleted user {name}");
         }

@@ -226,7 +226,7 @@ impl Service {
                 )));
             }
         }
-        for id in &ids {
+        for id in ids.iter().filter(|id| self.index().contains_key(*id)) {
             let Ok(sb) = self.row(user, id.as_str()).await else {
                 continue;
             };
