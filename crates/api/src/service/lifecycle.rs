@@ -105,6 +105,9 @@ impl Service {
         for k in body.env.keys() {
             crate::validate::env_name(k)?;
         }
+        if let Some(init) = &body.init {
+            spec.init = Some(crate::validate::init(init)?);
+        }
         spec.validate(&self.core.config().limits)
             .map_err(|e| ApiError::BadRequest(error_chain(&e)))?;
         for secret in &body.secrets {
