@@ -71,6 +71,13 @@ pub struct CreateSandbox {
     /// Where it may send (`public` when absent).
     #[serde(default)]
     pub egress: Option<Egress>,
+    /// A command run by `/bin/sh -c` at every boot of the VM (not when it
+    /// wakes from a snapshot: its processes carry on), as root, detached
+    /// in a session of its own with the sandbox's env, in `/workspace`;
+    /// its output goes to `/var/log/bhatti-init.log` in the guest. For
+    /// daemons (`dockerd`). 1 to 8192 bytes, no NUL.
+    #[serde(default)]
+    pub init: Option<String>,
     /// The user's volumes to mount (at most 8); see `docs/state.md`.
     #[serde(default)]
     pub volumes: Vec<VolumeAttach>,
@@ -295,6 +302,9 @@ pub struct Sandbox {
     /// Where it may send.
     #[serde(default)]
     pub egress: Egress,
+    /// The command it runs at boot (`init` on create), if any.
+    #[serde(default)]
+    pub init: Option<String>,
 }
 
 /// `POST /sandboxes/:id/publish`.

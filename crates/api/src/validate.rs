@@ -77,9 +77,69 @@ pub fn guest_path(p: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Most bytes of a create's `init` command.
+pub const MAX_INIT_BYTES: usize = 8192;
+/// The shell that runs a create's `init` command.
+pub const INIT_SHELL: &str = "/bin/sh";
+
+/// A create's `init`: the boot command `/bin/sh -c <init>` (1 to
+/// [`MAX_INIT_BYTES`] bytes, not only white space, no NUL).
+pub fn init(s: &str) -> Result<proto::config_drive::InitCommand, ApiError> {
+    if s.trim().is_empty() {
+        return Err(ApiError::BadRequest("init must not be empty".into()));
+    }
+    if s.len() > MAX_INIT_BYTES {
+        return Err(ApiError::BadRequest(format!(
+            "init is {} bytes; at most {MAX_INIT_BYTES} are allowed",
+            s.len()
+        )));
+    }
+    if s.contains('\0') {
+        return Err(ApiError::BadRequest("init contains a NUL byte".into()));
+    }
+    Ok(proto::config_drive::InitCommand {
+        argv: vec![INIT_SHELL.into(), "-c".into(), s.into()],
+        cwd: None,
+    })
+}
+
+/// How the API shows a boot command: the script given on create (any
+/// other argv joined by spaces).
+pub fn init_view(cmd: &proto::config_drive::InitCommand) -> String {
+    match cmd.argv.as_slice() {
+        [sh, c, script] if sh == INIT_SHELL && c == "-c" => script.clone(),
+        argv => argv.join(" "),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn init_commands() {
+        let cmd = init("dockerd >/dev/null 2>&1").unwrap();
+        assert_eq!(cmd.argv, ["/bin/sh", "-c", "dockerd >/dev/null 2>&1"]);
+        assert_eq!(cmd.cwd, None);
+        assert_eq!(init_view(&cmd), "dockerd >/dev/null 2>&1");
+        assert!(init(&"x".repeat(MAX_INIT_BYTES)).is_ok());
+        for (bad, why) in [
+            ("", "must not be empty"),
+            (" \n\t", "must not be empty"),
+            ("a\0b", "NUL"),
+            (&"x".repeat(MAX_INIT_BYTES + 1), "at most 8192"),
+        ] {
+            match init(bad) {
+                Err(ApiError::BadRequest(m)) => assert!(m.contains(why), "{m}"),
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+        let other = proto::config_drive::InitCommand {
+            argv: vec!["sleep".into(), "9".into()],
+            cwd: None,
+        };
+        assert_eq!(init_view(&other), "sleep 9");
+    }
 
     #[test]
     fn names() {

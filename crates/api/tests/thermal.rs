@@ -2,7 +2,8 @@
 //! `[thermal]`) moves an idle sandbox to warm and cold, list and inspect
 //! never wake it, an exec does (the guest's processes intact), stop/start
 //! (with `force`), keep_hot on create and by PATCH, events recorded, and a
-//! graceful daemon restart with cold sandboxes.
+//! graceful daemon restart with cold sandboxes; `init` on create (runs
+//! at every boot, not on a wake).
 
 mod common;
 
@@ -122,6 +123,163 @@ fn idle_sandboxes_cool_down_and_wake_transparently_across_a_restart() {
         assert!(n3 >= n2, "counter {n2} -> {n3}");
         assert_eq!(out(&c, "sleepy", "cat /workspace/f").await, "kept");
         assert_eq!(out(&c, "pinned", "echo ok").await, "ok");
+        d.stop().await;
+    });
+}
+
+/// Polls `script` in `name` until it prints something; that output.
+async fn wait_out(c: &Client, name: &str, script: &str, what: &str) -> String {
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let o = out(c, name, &format!("{script} 2>/dev/null || true")).await;
+        if !o.is_empty() {
+            return o;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "{what}: nothing after 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `init` on create: runs at every boot as root, detached in a session of
+/// its own, with the sandbox's env and its output in the guest's log; a
+/// wake from a snapshot (stop/start, a daemon restart) starts no second
+/// copy, a boot from the disk starts it again. Bad values are 400s.
+#[test]
+fn the_init_command_runs_at_every_boot_and_not_on_a_wake() {
+    in_netns("api-init", || async {
+        let data = data_dir();
+        let d = TestDaemon::start(config(data.path(), "")).await;
+        let key = d.user("ivy", 5);
+        let c = d.client(&key);
+
+        for (bad, why) in [
+            (json!(""), "must not be empty"),
+            (json!("a\u{0}b"), "NUL"),
+            (json!("x".repeat(8193)), "at most 8192"),
+            (json!(["sleep", "1"]), "sequence"),
+        ] {
+            let (s, v) = c
+                .json(
+                    Method::POST,
+                    "/sandboxes",
+                    Some(json!({"name": "bad", "init": bad})),
+                )
+                .await;
+            assert_eq!(s, 400, "{v}");
+            assert!(v["error"].as_str().unwrap().contains(why), "{v}");
+        }
+        let (_, list) = c.json(Method::GET, "/sandboxes", None).await;
+        assert_eq!(list, json!([]), "a refused create leaves nothing");
+
+        // One line per run in /workspace (on the sandbox disk), then a
+        // long-running process: the shell itself, turned into `sleep`.
+        let init = "echo \"$(id -u) $$ $(cat /proc/sys/kernel/random/boot_id) $GREETING\" >> /workspace/init-runs; \
+                    echo to-stdout; echo to-stderr >&2; exec sleep 100000";
+        let (s, sb) = c
+            .json(
+                Method::POST,
+                "/sandboxes",
+                Some(json!({"name": "booty", "env": {"GREETING": "hi"}, "init": init})),
+            )
+            .await;
+        assert_eq!(s, 201, "{sb}");
+        assert_eq!(sb["init"], init, "{sb}");
+        let (_, shown) = c.json(Method::GET, "/sandboxes/booty", None).await;
+        assert_eq!(shown["init"], init, "{shown}");
+
+        // `uid pid boot_id greeting` per run.
+        let runs = |text: &str| -> Vec<Vec<String>> {
+            text.lines()
+                .map(|l| l.split(' ').map(String::from).collect())
+                .collect()
+        };
+        let first = runs(&wait_out(&c, "booty", "cat /workspace/init-runs", "the first run").await);
+        assert_eq!(first.len(), 1, "{first:?}");
+        let (pid, boot) = (first[0][1].clone(), first[0][2].clone());
+        assert_eq!((first[0][0].as_str(), first[0][3].as_str()), ("0", "hi"));
+        // Alive, root, the leader of its own session.
+        let proc_of = |pid: &str| {
+            format!("cat /proc/{pid}/comm; stat -c %u /proc/{pid}; cut -d' ' -f6 /proc/{pid}/stat")
+        };
+        assert_eq!(
+            out(&c, "booty", &proc_of(&pid)).await,
+            format!("sleep\n0\n{pid}")
+        );
+        let log = wait_out(
+            &c,
+            "booty",
+            "grep -q to-stderr /var/log/bhatti-init.log && cat /var/log/bhatti-init.log",
+            "the init log",
+        )
+        .await;
+        assert!(
+            log.contains(&format!("[bhatti] init started: pid {pid}")),
+            "{log}"
+        );
+        assert!(
+            log.contains("to-stdout\n") && log.contains("to-stderr"),
+            "{log}"
+        );
+        // The sandbox user (commands run as uid 1000) reads it.
+        assert_eq!(out(&c, "booty", "id -u").await, "1000");
+
+        // Cold and hot again: restored, not booted; the same process runs on.
+        let (s, v) = c.json(Method::POST, "/sandboxes/booty/stop", None).await;
+        assert_eq!((s, v["thermal"].as_str()), (200, Some("cold")), "{v}");
+        let (s, v) = c.json(Method::POST, "/sandboxes/booty/start", None).await;
+        assert_eq!((s, v["thermal"].as_str()), (200, Some("hot")), "{v}");
+        assert_eq!(
+            runs(&out(&c, "booty", "cat /workspace/init-runs").await),
+            first
+        );
+        assert_eq!(
+            out(&c, "booty", &proc_of(&pid)).await,
+            format!("sleep\n0\n{pid}")
+        );
+
+        // A restart whose snapshot is lost: the sandbox is `stopped` and
+        // boots from its disk when next used, which runs init again.
+        d.stop().await;
+        let snapshot = data
+            .path()
+            .join("sandboxes")
+            .join(sb["id"].as_str().unwrap())
+            .join("snapshot");
+        assert!(snapshot.is_dir(), "{}", snapshot.display());
+        std::fs::remove_dir_all(&snapshot).unwrap();
+        let d = TestDaemon::start(config(data.path(), "")).await;
+        let c = d.client(&key);
+        let (_, v) = c.json(Method::GET, "/sandboxes/booty", None).await;
+        assert_eq!(v["status"], "stopped", "{v}");
+        assert_eq!(v["init"], init, "shown from the stored record: {v}");
+        let all = wait_out(
+            &c,
+            "booty",
+            "[ $(wc -l < /workspace/init-runs) -ge 2 ] && cat /workspace/init-runs",
+            "the second run",
+        )
+        .await;
+        let again = runs(&all);
+        assert_eq!(again.len(), 2, "{again:?}");
+        assert_eq!(again[0], first[0]);
+        assert_eq!((again[1][0].as_str(), again[1][3].as_str()), ("0", "hi"));
+        assert_ne!(again[1][2], boot, "a new boot");
+        let pid2 = again[1][1].clone();
+        assert_eq!(
+            out(&c, "booty", &proc_of(&pid2)).await,
+            format!("sleep\n0\n{pid2}")
+        );
+        // The log is on the disk too: both runs are in it.
+        let log = out(
+            &c,
+            "booty",
+            "grep -c 'init started' /var/log/bhatti-init.log",
+        )
+        .await;
+        assert_eq!(log, "2");
         d.stop().await;
     });
 }

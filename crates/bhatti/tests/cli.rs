@@ -338,8 +338,10 @@ fn sandbox_lifecycle_through_the_cli() {
     std::fs::write(&local, "hello from the host\n").unwrap();
     let spec = format!("{}:/workspace/hello.txt", local.display());
 
+    let init = "echo $FOO-$(id -u) > /workspace/init-proof; exec sleep 100000";
     let out = d.run(&[
         "create", "--name", "demo", "--env", "FOO=bar", "--file", &spec, "--label", "team=x",
+        "--init", init,
     ]);
     assert!(out.status.success(), "{}", show(&out));
     let text = String::from_utf8_lossy(&out.stdout);
@@ -364,6 +366,25 @@ fn sandbox_lifecycle_through_the_cli() {
     assert_eq!(
         (sb.name.as_str(), sb.labels["team"].as_str()),
         ("demo", "x")
+    );
+    // `--init` ran at boot, as root, with the sandbox's env.
+    assert_eq!(sb.init.as_deref(), Some(init));
+    assert!(
+        d.ok(&["inspect", "demo"])
+            .contains(&format!("init:      {init}\n")),
+        "inspect shows it"
+    );
+    let proof = d.ok(&[
+        "exec", "demo", "--", "sh", "-c",
+        "i=0; until [ -s /workspace/init-proof ] || [ $i -ge 200 ]; do sleep 0.1; i=$((i+1)); done; cat /workspace/init-proof",
+    ]);
+    assert_eq!(proof, "bar-0\n");
+    let out = d.run(&["create", "--name", "bad", "--init", " "]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(
+        stderr(&out).contains("init must not be empty"),
+        "{}",
+        show(&out)
     );
 
     // Exit codes, stdout and stderr kept apart, env and boot-time files applied.

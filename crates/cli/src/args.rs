@@ -189,6 +189,10 @@ pub struct CreateArgs {
     pub labels: Vec<(String, String)>,
     #[command(flatten)]
     pub egress: EgressArgs,
+    /// A command run by `/bin/sh -c` at every boot, as root, detached (for
+    /// daemons); its output goes to /var/log/bhatti-init.log in the sandbox.
+    #[arg(long, value_name = "CMD")]
+    pub init: Option<String>,
 }
 
 /// Where a sandbox may send: `--egress public|none`, or an allow-list
@@ -786,6 +790,8 @@ mod tests {
             "--label",
             "k=v",
             "--keep-hot",
+            "--init",
+            "dockerd --log-level warn",
         ])
         .unwrap();
         let Command::Create(a) = c.command else {
@@ -801,6 +807,7 @@ mod tests {
         assert_eq!(a.files[0].guest, "/workspace/x");
         assert_eq!(a.labels, vec![("k".into(), "v".into())]);
         assert!(a.keep_hot);
+        assert_eq!(a.init.as_deref(), Some("dockerd --log-level warn"));
     }
 
     #[test]

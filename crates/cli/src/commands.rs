@@ -306,6 +306,7 @@ impl Ctx {
             keep_hot: a.keep_hot,
             labels: a.labels.into_iter().collect::<BTreeMap<_, _>>(),
             egress: a.egress.policy(),
+            init: a.init,
         };
         let (sb, created) = self.client.create(&body).await?;
         if !created {

@@ -227,6 +227,9 @@ pub fn sandbox_details(s: &Sandbox, now_ms: i64) -> String {
             .join(", ");
         pairs.push(("published", urls));
     }
+    if let Some(init) = &s.init {
+        pairs.push(("init", init.clone()));
+    }
     key_values(&pairs)
 }
 
@@ -523,6 +526,7 @@ mod tests {
             created_at: 0,
             published: vec![],
             egress: api_types::Egress::Allow(vec!["api.example.com".into(), "10.1.2.0/24".into()]),
+            init: None,
         }
     }
 
@@ -546,7 +550,10 @@ mod tests {
         );
         assert!(d.contains("thermal:   cold (since 1m ago)\n"), "{d}");
         assert!(!d.contains("published"), "{d}");
+        assert!(!d.contains("init"), "{d}");
         let mut sb = sandbox();
+        sb.init = Some("dockerd".into());
+        assert!(sandbox_details(&sb, 90_000).contains("init:      dockerd\n"));
         sb.published = vec![api_types::Published {
             port: 3000,
             alias: "demo-3000".into(),

@@ -30,7 +30,9 @@ pub const DEFAULT_HOSTNAME: &str = "bhatti";
 pub const BUSYBOX_PACKAGE: &str = "busybox-static";
 /// Debian suite of the minimal tier.
 pub const MINIMAL_SUITE: &str = "bookworm";
-/// Packages added to `minbase` in the minimal tier.
+/// Packages added to `minbase` in the minimal tier: what an agent's first
+/// commands expect (`pip install` in a venv, `npm install`, a C compiler,
+/// git, curl, the usual shell tools and an editor).
 pub const MINIMAL_PACKAGES: &[&str] = &[
     "bash",
     "coreutils",
@@ -38,12 +40,24 @@ pub const MINIMAL_PACKAGES: &[&str] = &[
     "curl",
     "git",
     "python3",
+    "python3-pip",
+    "python3-venv",
+    "nodejs",
+    "npm",
+    "build-essential",
+    "zip",
+    "unzip",
+    "jq",
+    "ripgrep",
+    "less",
+    "vim-tiny",
+    "openssh-client",
     "iproute2",
     "procps",
     "ca-certificates",
 ];
 const TINY_RECIPE: u32 = 1;
-const MINIMAL_RECIPE: u32 = 1;
+const MINIMAL_RECIPE: u32 = 2;
 
 fn write_file(path: &Path, contents: &str, mode: u32) -> Result<()> {
     if let Some(parent) = path.parent() {

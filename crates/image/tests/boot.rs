@@ -456,7 +456,7 @@ fn minimal_image_boots_under_qemu_tcg() {
     }
     let checks = r#"echo "BHATTI sudo=$(chroot /newroot /usr/sbin/runuser -u lohar -- sudo -n id -u)"
 echo "BHATTI python=$(chroot /newroot /usr/bin/python3 -c 'print(6*7)')"
-echo "BHATTI tools=$(chroot /newroot /bin/sh -c 'for t in bash git curl ip ps update-ca-certificates; do command -v $t >/dev/null || echo missing-$t; done; echo done')""#;
+echo "BHATTI tools=$(chroot /newroot /bin/sh -c 'for t in bash git curl ip ps update-ca-certificates pip3 node npm gcc jq rg; do command -v $t >/dev/null || echo missing-$t; done; echo done')""#;
     let lines = build_and_boot(Tier::Minimal, 1, checks);
     assert_eq!(value(&lines, "sudo"), "0");
     assert_eq!(value(&lines, "python"), "42");

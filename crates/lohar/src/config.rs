@@ -31,10 +31,14 @@ pub struct AgentConfig {
     pub default_cwd: Option<PathBuf>,
     /// A detached PTY session with no I/O for this long is killed.
     pub session_idle_timeout_secs: u64,
-    /// Command of the well-known `init` session, started with the agent.
+    /// Test mode only: a command started with the agent, detached in its
+    /// own session, its output in `init_log` (in a VM, PID 1 starts the
+    /// config drive's `init` itself, once per boot).
     pub init_command: Option<Vec<String>>,
-    /// Working directory of the `init` session (else the default one).
+    /// Working directory of `init_command` (else the default one).
     pub init_cwd: Option<PathBuf>,
+    /// Where `init_command`'s output goes.
+    pub init_log: PathBuf,
     /// Flush guest filesystems before reporting a command's exit, so the
     /// host can snapshot right after.
     pub sync_before_exit: bool,
@@ -51,6 +55,7 @@ impl Default for AgentConfig {
             session_idle_timeout_secs: 24 * 3600,
             init_command: None,
             init_cwd: None,
+            init_log: PathBuf::from(crate::boot_command::LOG_PATH),
             sync_before_exit: true,
             detach_log_dir: PathBuf::from("/tmp"),
         }

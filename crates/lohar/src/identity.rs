@@ -83,6 +83,28 @@ impl Identity {
         Self::resolve_from(run_as, &passwd, &group, euid, egid)
     }
 
+    /// Root, as PID 1 starts the boot command: name, home and shell from
+    /// `/etc/passwd` (PID 1's own `HOME` is the kernel's `/`).
+    pub fn root() -> Identity {
+        let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+        Self::root_from(&passwd)
+    }
+
+    fn root_from(passwd: &str) -> Identity {
+        let entry = parse_passwd(passwd).into_iter().find(|u| u.uid == 0);
+        Identity {
+            uid: 0,
+            gid: 0,
+            groups: Vec::new(),
+            name: entry
+                .as_ref()
+                .map_or_else(|| "root".into(), |e| e.name.clone()),
+            home: PathBuf::from(entry.as_ref().map_or("/root", |e| e.home.as_str())),
+            shell: entry.map_or_else(|| "/bin/sh".into(), |e| e.shell),
+            switch: false,
+        }
+    }
+
     fn resolve_from(run_as: RunAs, passwd: &str, group: &str, euid: u32, egid: u32) -> Identity {
         let users = parse_passwd(passwd);
         let find = |uid: u32| users.iter().find(|u| u.uid == uid);
@@ -159,6 +181,26 @@ mod tests {
         nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n\
         broken line\n";
     const GROUP: &str = "root:x:0:\nsudo:x:27:lohar\nlohar:x:1000:\nusers:x:100:other,lohar\n";
+
+    #[test]
+    fn root_comes_from_passwd_or_defaults() {
+        let r = Identity::root_from(PASSWD);
+        assert_eq!(
+            (
+                r.uid,
+                r.name.as_str(),
+                r.home.to_str(),
+                r.shell.as_str(),
+                r.switch
+            ),
+            (0, "root", Some("/root"), "/bin/bash", false)
+        );
+        let r = Identity::root_from("");
+        assert_eq!(
+            (r.home.to_str(), r.shell.as_str()),
+            (Some("/root"), "/bin/sh")
+        );
+    }
 
     #[test]
     fn auto_picks_uid_1000_when_root() {

@@ -7,6 +7,7 @@
 
 mod agent;
 mod auth;
+mod boot_command;
 mod cli;
 mod clock;
 mod config;

@@ -9,10 +9,12 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 
 use crate::agent::Agent;
+use crate::boot_command::{self, BootCommand};
 use crate::cli::{ListenAddr, ServeOptions};
 use crate::config::AgentConfig;
+use crate::config::RunAs;
 use crate::identity::Identity;
-use crate::session::{Sessions, INIT_SESSION};
+use crate::session::Sessions;
 
 /// A bound listener of either kind.
 #[derive(Debug)]
@@ -99,30 +101,43 @@ where
     tokio::spawn(crate::conn::serve(agent, stream));
 }
 
-/// Starts the background work of an agent: the idle-session reaper and
-/// the `init` session when configured.
+/// Starts the background work of an agent: the idle-session reaper and,
+/// in test mode, the `init` command (in a VM PID 1 starts it; see
+/// [`crate::boot_command`]).
 pub fn start_agent(agent: &Arc<Agent>) -> anyhow::Result<()> {
     tokio::spawn(Sessions::reap_idle(agent.clone()));
-    if let Some(argv) = &agent.config.init_command {
-        let req = proto::ExecRequest {
+    let config = &agent.config;
+    if let Some(argv) = &config.init_command {
+        let cwd = [config.init_cwd.clone(), config.default_cwd.clone()]
+            .into_iter()
+            .flatten()
+            .next()
+            .unwrap_or_else(|| agent.identity.home.clone());
+        let cmd = BootCommand {
             argv: argv.clone(),
-            tty: true,
-            session: Some(INIT_SESSION.to_string()),
-            cwd: agent
-                .config
-                .init_cwd
-                .as_ref()
-                .map(|p| p.display().to_string()),
-            ..Default::default()
+            cwd,
+            env: Identity::resolve(RunAs::Agent).environment(
+                config,
+                &std::collections::BTreeMap::new(),
+                false,
+            ),
         };
-        if let Err(f) = Sessions::create(agent, &req) {
-            match f {
-                crate::failure::Failure::Request(e) => {
-                    bail!("starting the init session failed: {}", e.message)
-                }
-                crate::failure::Failure::Conn(e) => bail!("starting the init session failed: {e}"),
-            }
-        }
+        let log = config.init_log.clone();
+        let started = boot_command::start(&cmd)
+            .with_context(|| format!("starting the init command {argv:?}"))?;
+        let mut child = started.child;
+        boot_command::note(&log, &format!("init started: pid {}, {argv:?}", child.id()));
+        boot_command::spawn_relay(started.output, log.clone(), boot_command::LOG_LIMIT);
+        std::thread::Builder::new()
+            .name("boot-wait".into())
+            .spawn(move || match child.wait() {
+                Ok(status) => boot_command::note(
+                    &log,
+                    &format!("init {}", boot_command::describe_exit(status)),
+                ),
+                Err(e) => tracing::warn!(error = %e, "waiting for the init command"),
+            })
+            .context("starting the init command's waiter")?;
     }
     Ok(())
 }

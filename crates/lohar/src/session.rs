@@ -25,9 +25,6 @@ use crate::agent::{now_unix_ms, Agent};
 use crate::failure::{ConnError, Failure};
 use crate::spawn::{self, exit_of, kill_group, Grouping};
 
-/// The name of the session that runs the configured init command.
-pub const INIT_SESSION: &str = "init";
-
 /// How long a killed session gets between SIGTERM and SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(3);
 

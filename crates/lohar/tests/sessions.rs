@@ -263,14 +263,44 @@ async fn idle_detached_sessions_are_killed() {
 }
 
 #[tokio::test]
-async fn the_init_session_starts_with_the_agent() {
+async fn the_init_command_starts_detached_with_its_output_in_its_log() {
     let a = TestAgent::start_with(serde_json::json!({
-        "init_command": ["sh", "-c", "echo init-ready; exec cat"]
+        "env": {"GREETING": "hello"},
+        "init_command": ["sh", "-c",
+            "echo \"$GREETING sid=$(cut -d' ' -f6 /proc/$$/stat) pid=$$\"; echo err >&2; exec sleep 1000"]
     }));
-    let mut s = a.client.attach("init", false, None).await.unwrap();
-    read_until(&mut s, "init-ready").await;
-    s.write(b"ping\n").await.unwrap();
-    read_until(&mut s, "ping").await;
+    let log = a.path("init.log");
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_until(
+        "the init command wrote its log",
+        Duration::from_secs(20),
+        || read().contains("err\n"),
+    )
+    .await;
+    let text = read();
+    let pid: u32 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("[bhatti] init started: pid "))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no start line: {text:?}"));
+    // Its own session (not a PTY session of the agent), the agent's env.
+    assert!(
+        text.contains(&format!("hello sid={pid} pid={pid}\n")),
+        "{text:?}"
+    );
+    assert!(a.client.sessions().await.unwrap().is_empty());
+    assert!(alive(pid));
+    // Its end is noted.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    wait_until("its end is in the log", Duration::from_secs(20), || {
+        read().contains("[bhatti] init was killed by SIGTERM\n")
+    })
+    .await;
 }
 
 /// A session that exits while its output is still queued: the relay sees

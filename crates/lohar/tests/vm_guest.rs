@@ -62,7 +62,7 @@ fn config(hostname: &str) -> ConfigDrive {
             argv: vec![
                 "/bin/sh".into(),
                 "-c".into(),
-                "echo init-ran-in-$(pwd) > /tmp/init-proof; exec sleep 100000".into(),
+                "echo to-the-log; echo init-ran-in-$(pwd)-as-$(id -u) > /tmp/init-proof; exec sleep 100000".into(),
             ],
             cwd: None,
         }),
@@ -308,9 +308,41 @@ async fn common_checks(g: &Guest, tier: Tier) {
         "written at boot\n600 1000\n755 1000"
     );
     assert_eq!(g.ok("stat -c '%a %u' /etc/bhatti-root-file").await, "644 0");
+    // The init command: root, in a session of its own (not a PTY session
+    // of the agent), its output in its log.
     let sessions = g.client.sessions().await.expect("sessions");
-    assert!(sessions.iter().any(|s| s.session == "init"), "{sessions:?}");
-    assert_eq!(g.ok("cat /tmp/init-proof").await, "init-ran-in-/workspace");
+    assert!(
+        !sessions.iter().any(|s| s.session == "init"),
+        "{sessions:?}"
+    );
+    let wait = |what: &str, f: &str| {
+        format!("i=0; until grep -q {what} {f} 2>/dev/null || [ $i -ge 200 ]; do sleep 0.1; i=$((i+1)); done")
+    };
+    g.ok(&wait("init-ran", "/tmp/init-proof")).await;
+    assert_eq!(
+        g.ok("cat /tmp/init-proof").await,
+        "init-ran-in-/workspace-as-0"
+    );
+    let log = g
+        .ok(&format!(
+            "{}; cat /var/log/bhatti-init.log",
+            wait("to-the-log", "/var/log/bhatti-init.log")
+        ))
+        .await;
+    let pid: u32 = log
+        .lines()
+        .find_map(|l| l.strip_prefix("[bhatti] init started: pid "))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no start line: {log:?}"));
+    assert!(log.contains("\nto-the-log"), "{log:?}");
+    assert_eq!(
+        g.ok(&format!(
+            "cat /proc/{pid}/comm; cut -d' ' -f6 /proc/{pid}/stat; stat -c %u /proc/{pid}"
+        ))
+        .await,
+        format!("sleep\n{pid}\n0")
+    );
     // The default route goes through the gateway (10.77.0.1, little-endian hex).
     let routes = g.ok("cat /proc/net/route").await;
     assert!(

@@ -43,7 +43,8 @@ static DEFINITIONS: LazyLock<Vec<Value>> = LazyLock::new(|| {
                     "disk_size_mb": {"type": "integer", "minimum": 64, "description": "Writable disk in MiB (the daemon's default, usually 2048, when absent)."},
                     "env": env_arg("of every command in the sandbox"),
                     "keep_hot": {"type": "boolean", "description": "Keep it hot (running) rather than letting it cool to warm (paused) and cold (snapshot on disk) when idle."},
-                    "labels": {"type": "object", "additionalProperties": {"type": "string"}, "description": "Free-form labels (key to value)."}
+                    "labels": {"type": "object", "additionalProperties": {"type": "string"}, "description": "Free-form labels (key to value)."},
+                    "init": {"type": "string", "minLength": 1, "maxLength": 8192, "description": "A command run by /bin/sh -c at every boot of the sandbox, as root and detached (for daemons); its output goes to /var/log/bhatti-init.log in the sandbox."}
                 },
                 "additionalProperties": false
             },
@@ -336,6 +337,7 @@ fn parse_with(name: &str, schema: &Value, args: Option<&Value>) -> ArgResult<Cal
             env: a.strings("env")?,
             keep_hot: a.boolean("keep_hot")?.unwrap_or(false),
             labels: a.strings("labels")?,
+            init: a.string("init")?,
             ..Default::default()
         }),
         "list_sandboxes" => Call::List,
@@ -457,7 +459,7 @@ mod tests {
 
         let c = call(
             "create_sandbox",
-            json!({"name": "a", "cpus": 2, "memory_mb": 512, "disk_size_mb": 4096, "keep_hot": true}),
+            json!({"name": "a", "cpus": 2, "memory_mb": 512, "disk_size_mb": 4096, "keep_hot": true, "init": "dockerd"}),
         )
         .unwrap();
         let Call::Create(b) = c else { panic!("{c:?}") };
@@ -471,6 +473,7 @@ mod tests {
             ),
             (Some("a"), Some(2), Some(512), Some(4096), true)
         );
+        assert_eq!(b.init.as_deref(), Some("dockerd"));
         assert_eq!(call("list_sandboxes", json!({})).unwrap(), Call::List);
         assert_eq!(parse_call("list_sandboxes", None).unwrap(), Call::List);
         let c = call(

@@ -296,8 +296,11 @@ impl FakeVmm {
             "env": env,
             "run_as": "agent",
             "default_cwd": root,
-            "init_command": drive.init.as_ref().map(|i| &i.argv),
+            // Started on a boot, not on a restore (as in a VM), its
+            // output kept beside the console.
+            "init_command": drive.init.as_ref().filter(|_| fresh).map(|i| &i.argv),
             "init_cwd": root,
+            "init_log": fake.join("init.log"),
             // The host's `sync` flushes every disk of the machine; the
             // orchestrator runs its own before a snapshot.
             "sync_before_exit": false,

@@ -105,6 +105,9 @@ impl Service {
         for k in body.env.keys() {
             crate::validate::env_name(k)?;
         }
+        if let Some(init) = &body.init {
+            spec.init = Some(crate::validate::init(init)?);
+        }
         let attachments = self.volume_specs(user, &body.volumes).await?;
         spec.volumes = attachments.iter().map(|(_, v)| v.clone()).collect();
         spec.validate(&self.core.config().limits)

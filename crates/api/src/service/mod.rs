@@ -117,7 +117,15 @@ pub fn view(r: &SandboxRow) -> Sandbox {
         // Filled in by the calls that show them (get, list).
         published: Vec::new(),
         egress: r.egress.clone(),
+        init: init_of(r),
     }
+}
+
+/// The boot command in a row's runtime record (core's spec), as shown.
+fn init_of(r: &SandboxRow) -> Option<String> {
+    let init = r.runtime.as_ref()?.pointer("/core/spec/init")?;
+    let cmd: proto::config_drive::InitCommand = serde_json::from_value(init.clone()).ok()?;
+    Some(crate::validate::init_view(&cmd))
 }
 
 fn internal(e: impl std::fmt::Display) -> ApiError {

@@ -16,8 +16,10 @@
 //! 6. overlay root, switch into it, late mounts ([`mounts`]);
 //! 7. `lo` and `eth0` ([`net`]), hostname, hosts, DNS, the drive's files
 //!    ([`guest`]);
-//! 8. fork the agent: TCP `0.0.0.0:`[`AGENT_PORT`], commands as uid 1000
-//!    in `/workspace`, the drive's env and `init` session.
+//! 8. the drive's `init` command, as root in a session of its own
+//!    ([`crate::boot_command`]), its output copied to a log by the agent;
+//! 9. fork the agent: TCP `0.0.0.0:`[`AGENT_PORT`], commands as uid 1000
+//!    in `/workspace`, the drive's env.
 
 mod cmdline;
 mod disks;
@@ -29,13 +31,17 @@ mod mounts;
 mod net;
 mod supervise;
 
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::path::PathBuf;
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::unistd::{fork, ForkResult, Pid};
 
+use crate::boot_command::{self, BootCommand};
 use crate::config::{AgentConfig, RunAs};
+use crate::identity::Identity;
 pub use error::BootError;
 
 /// The agent's TCP port on the guest IP (defined by the protocol).
@@ -50,6 +56,10 @@ const DEVICE_TIMEOUT: Duration = Duration::from_secs(10);
 struct Booted {
     config: AgentConfig,
     token: String,
+    /// The boot command: its pid and the read end of its output, which
+    /// PID 1 keeps open for the life of the VM (each agent process it
+    /// forks inherits it and copies from it).
+    boot_command: Option<(Pid, RawFd)>,
 }
 
 /// Milliseconds since the kernel started (`CLOCK_BOOTTIME`).
@@ -96,7 +106,7 @@ pub fn run() -> ! {
     );
     let start = || spawn_agent(&booted);
     match start() {
-        Ok(pid) => supervise::supervise(pid, start),
+        Ok(pid) => supervise::supervise(pid, start, booted.boot_command.map(|(p, _)| p)),
         Err(e) => fatal(&e.chain()),
     }
 }
@@ -160,22 +170,47 @@ fn boot(started: Instant) -> Result<Booted, BootError> {
     guest::apply_identity(&drive.hostname, netcfg.ip, netcfg.dns)?;
     guest::write_files(&drive.files)?;
     step("net+config", &mut t);
-    let init_cwd = drive
-        .init
-        .as_ref()
-        .map(|i| PathBuf::from(i.cwd.clone().unwrap_or_else(|| WORKSPACE.to_string())));
+    // The init command is PID 1's (once per boot), not the agent's, which
+    // may be started again.
     let config = AgentConfig {
         env: drive.env,
         run_as: RunAs::Auto,
         default_cwd: Some(PathBuf::from(WORKSPACE)),
-        init_command: drive.init.map(|i| i.argv),
-        init_cwd,
         ..AgentConfig::default()
     };
+    let boot_command = drive.init.and_then(|init| {
+        let cmd = BootCommand {
+            argv: init.argv,
+            cwd: PathBuf::from(init.cwd.unwrap_or_else(|| WORKSPACE.to_string())),
+            // The sandbox's env, for root.
+            env: Identity::root().environment(&config, &BTreeMap::new(), false),
+        };
+        start_boot_command(&cmd, Path::new(boot_command::LOG_PATH))
+    });
+    step("init command", &mut t);
     Ok(Booted {
         config,
         token: drive.token,
+        boot_command,
     })
+}
+
+/// Starts the boot command; a failure is noted and the boot goes on.
+fn start_boot_command(cmd: &BootCommand, log: &Path) -> Option<(Pid, RawFd)> {
+    match boot_command::start(cmd) {
+        Ok(started) => {
+            let pid = started.child.id();
+            boot_command::note(log, &format!("init started: pid {pid}, {:?}", cmd.argv));
+            // PID 1 reaps it (see `supervise`); the handle is not needed.
+            drop(started.child);
+            Some((Pid::from_raw(pid as i32), started.output.into_raw_fd()))
+        }
+        Err(e) => {
+            eprintln!("lohar: the init command did not start: {e}");
+            boot_command::note(log, &format!("init did not start: {:?}: {e}", cmd.argv));
+            None
+        }
+    }
 }
 
 /// Forks the agent process. PID 1 never starts a thread, so the child may
@@ -188,6 +223,16 @@ fn spawn_agent(booted: &Booted) -> Result<Pid, BootError> {
         Ok(ForkResult::Child) => {
             supervise::release_signals();
             set_process_name(c"lohar-agent");
+            if let Some((_, fd)) = booted.boot_command {
+                // SAFETY: this process's own copy of the descriptor PID 1
+                // keeps open; nothing else in this process owns it.
+                let output = unsafe { OwnedFd::from_raw_fd(fd) };
+                boot_command::spawn_relay(
+                    output,
+                    PathBuf::from(boot_command::LOG_PATH),
+                    boot_command::LOG_LIMIT,
+                );
+            }
             let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, AGENT_PORT));
             let code = match crate::server::serve_guest(
                 booted.config.clone(),

@@ -11,8 +11,9 @@
 //!   ever stolen, with no registry and no race between `spawn` returning a
 //!   pid and the pid being recorded;
 //! * an orphan (`sh -c 'sleep 1 &'`) is reparented to PID 1, not to the
-//!   agent (which is not a subreaper), and PID 1's only own child is the
-//!   agent, so a blind `waitpid(-1, WNOHANG)` loop is correct here;
+//!   agent (which is not a subreaper), and PID 1's only own children are
+//!   the agent and the boot command (whose exit it notes in that command's
+//!   log), so a blind `waitpid(-1, WNOHANG)` loop is correct here;
 //! * if the agent dies (OOM killer, a bug), PID 1 notices and starts it
 //!   again (sessions are lost, the sandbox stays reachable); past
 //!   [`MAX_RESTARTS`] in [`RESTART_WINDOW`] it powers off, so the host
@@ -104,7 +105,8 @@ pub fn release_signals() {
 }
 
 /// Reaps every zombie child now; returns the agent's status if it was one.
-fn reap_ready(agent: Pid) -> Option<WaitStatus> {
+/// The boot command's end is noted on the console and in its log.
+fn reap_ready(agent: Pid, boot_command: &mut Option<Pid>) -> Option<WaitStatus> {
     let mut agent_status = None;
     loop {
         match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
@@ -112,6 +114,15 @@ fn reap_ready(agent: Pid) -> Option<WaitStatus> {
             Ok(status) => {
                 if status.pid() == Some(agent) {
                     agent_status = Some(status);
+                } else if status.pid().is_some() && status.pid() == *boot_command {
+                    // Noted once: its pid may be reused by an orphan later.
+                    *boot_command = None;
+                    let how = describe(status);
+                    eprintln!("lohar: the init command {how}");
+                    crate::boot_command::note(
+                        std::path::Path::new(crate::boot_command::LOG_PATH),
+                        &format!("init {how}"),
+                    );
                 }
             }
             Err(Errno::EINTR) => {}
@@ -123,8 +134,20 @@ fn reap_ready(agent: Pid) -> Option<WaitStatus> {
     }
 }
 
+fn describe(status: WaitStatus) -> String {
+    match status {
+        WaitStatus::Exited(_, code) => format!("exited with code {code}"),
+        WaitStatus::Signaled(_, sig, _) => format!("was killed by {sig}"),
+        other => format!("ended ({other:?})"),
+    }
+}
+
 /// Serves as PID 1 forever: reaps, restarts the agent, powers off on request.
-pub fn supervise(mut agent: Pid, start_agent: impl Fn() -> Result<Pid, BootError>) -> ! {
+pub fn supervise(
+    mut agent: Pid,
+    start_agent: impl Fn() -> Result<Pid, BootError>,
+    mut boot_command: Option<Pid>,
+) -> ! {
     let set = signal_set();
     let mut restarts: VecDeque<Instant> = VecDeque::new();
     loop {
@@ -137,7 +160,7 @@ pub fn supervise(mut agent: Pid, start_agent: impl Fn() -> Result<Pid, BootError
         };
         match sig {
             Signal::SIGCHLD => {
-                let Some(status) = reap_ready(agent) else {
+                let Some(status) = reap_ready(agent, &mut boot_command) else {
                     continue;
                 };
                 eprintln!("lohar: the agent process ended ({status:?})");

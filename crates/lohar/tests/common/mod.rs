@@ -34,6 +34,9 @@ impl TestAgent {
         if config.get("detach_log_dir").is_none() {
             config["detach_log_dir"] = serde_json::json!(dir.path());
         }
+        if config.get("init_log").is_none() {
+            config["init_log"] = serde_json::json!(dir.path().join("init.log"));
+        }
         std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
         let sock = dir.path().join("agent.sock");
         let mut child = Command::new(env!("CARGO_BIN_EXE_lohar"))
