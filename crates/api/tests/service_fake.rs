@@ -939,6 +939,8 @@ fn disk_sizes_are_checked_charged_and_grown_while_cold() {
         let (st, v) = post(&c, "/sandboxes/small/stop", None).await;
         assert_eq!(st, 200, "{v}");
         assert_state(&v, "running", "cold");
+        let snapshot = s.data.join("sandboxes").join(&id).join("snapshot");
+        assert!(snapshot.is_dir(), "a cold sandbox has its snapshot");
         let (st, v) = patch(&c, "small", serde_json::json!({"disk_size_mb": 500})).await;
         assert_eq!(st, 400, "{v}");
         assert!(v["error"].as_str().unwrap().contains("only grow"), "{v}");
@@ -956,6 +958,7 @@ fn disk_sizes_are_checked_charged_and_grown_while_cold() {
         assert_state(&v, "stopped", "cold");
         assert_eq!(disk_len(&s.data, &id), 2900 << 20);
         assert!(lohars_of(&s.data, &id).is_empty(), "no VMM while stopped");
+        assert!(!snapshot.exists(), "the stale snapshot is gone");
         // The next command boots it from its disk.
         assert_eq!(common::sh(&c, "small", "echo up").await, "up\n");
         assert_eq!(read_file(&c, &id, &kept).await, (200, b"kept\n".to_vec()));

@@ -370,7 +370,9 @@ impl SandboxManager {
     /// Stops a sandbox's VM (if it has one), removes its TAP and forgets
     /// it, but keeps its directory, so [`SandboxManager::boot_existing`]
     /// can bring it back from its disk (the daemon uses it for a sandbox
-    /// whose snapshot will not restore). Returns its last record.
+    /// whose snapshot will not restore, and before growing a disk). Its
+    /// snapshot, if any, is removed: a released sandbox boots from its
+    /// disk, and a snapshot of it would be stale. Returns its last record.
     pub async fn release(&self, id: &SandboxId) -> Result<SandboxRecord> {
         let entry = self.entry(id)?;
         entry.cancel();
@@ -395,8 +397,14 @@ impl SandboxManager {
                     entry.set_network(None);
                 }
                 entry.set_vmm_pid(None);
+                let snapshot = entry.read(|r| r.dir.join(crate::machine::SNAPSHOT_DIR));
+                if let Err(e) = std::fs::remove_dir_all(&snapshot) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!(error = %e, "removing the released sandbox's snapshot");
+                    }
+                }
                 mgr.inner.registry.remove(&entry);
-                tracing::info!("released (directory kept)");
+                tracing::info!("released (directory kept, snapshot removed)");
                 Ok(entry.record())
             }
             .instrument(span),
