@@ -124,14 +124,15 @@ pub fn migrate(conn: &mut rusqlite::Connection) -> Result<()> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn rows_from_before_egress_policies_are_public() {
+    /// The schema as `version` left it (at most 4), with a user and a
+    /// sandbox in it, migrated to the newest.
+    fn migrated_from(version: usize) -> rusqlite::Connection {
         let mut conn = rusqlite::Connection::open_in_memory().unwrap();
-        // The schema as version 2 left it, with a sandbox in it.
-        for sql in &MIGRATIONS[..2] {
+        for sql in &MIGRATIONS[..version] {
             conn.execute_batch(sql).unwrap();
         }
-        conn.pragma_update(None, "user_version", 2).unwrap();
+        conn.pragma_update(None, "user_version", version as i64)
+            .unwrap();
         conn.execute_batch(
             "INSERT INTO users VALUES ('u', 'alice', 'h', 5, 8, 8192, 0);
              INSERT INTO sandboxes (id, user_id, name, image, cpus, memory_mb, status, thermal,
@@ -140,6 +141,12 @@ mod tests {
         )
         .unwrap();
         migrate(&mut conn).unwrap();
+        conn
+    }
+
+    #[test]
+    fn rows_from_before_egress_policies_are_public() {
+        let conn = migrated_from(2);
         let egress: String = conn
             .query_row("SELECT egress FROM sandboxes", [], |r| r.get(0))
             .unwrap();
@@ -151,19 +158,7 @@ mod tests {
 
     #[test]
     fn sandboxes_from_before_disk_sizes_have_two_gib_and_users_room_for_them() {
-        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
-        for sql in &MIGRATIONS[..4] {
-            conn.execute_batch(sql).unwrap();
-        }
-        conn.pragma_update(None, "user_version", 4).unwrap();
-        conn.execute_batch(
-            "INSERT INTO users VALUES ('u', 'alice', 'h', 5, 8, 8192, 0);
-             INSERT INTO sandboxes (id, user_id, name, image, cpus, memory_mb, status, thermal,
-                                    thermal_since, created_at, updated_at)
-             VALUES ('sb-1', 'u', 'dev', 'minimal', 1, 512, 'running', 'hot', 0, 0, 0);",
-        )
-        .unwrap();
-        migrate(&mut conn).unwrap();
+        let conn = migrated_from(4);
         let disk: u64 = conn
             .query_row("SELECT disk_mb FROM sandboxes", [], |r| r.get(0))
             .unwrap();

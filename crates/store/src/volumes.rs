@@ -74,6 +74,17 @@ fn volume(r: &Row<'_>) -> rusqlite::Result<VolumeRow> {
     })
 }
 
+/// A user's volume by name, inside a transaction.
+fn volume_named(tx: &rusqlite::Transaction<'_>, user_id: &str, name: &str) -> Result<VolumeRow> {
+    tx.query_row(
+        &format!("SELECT {COLS} FROM volumes WHERE user_id = ?1 AND name = ?2"),
+        params![user_id, name],
+        volume,
+    )
+    .optional()?
+    .ok_or_else(|| not_found(name))
+}
+
 fn not_found(name: &str) -> StoreError {
     StoreError::NotFound {
         kind: "volume",
@@ -250,14 +261,7 @@ impl Store {
     pub fn delete_volume(&self, user_id: &str, name: &str) -> Result<VolumeRow> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let row = tx
-            .query_row(
-                &format!("SELECT {COLS} FROM volumes WHERE user_id = ?1 AND name = ?2"),
-                params![user_id, name],
-                volume,
-            )
-            .optional()?
-            .ok_or_else(|| not_found(name))?;
+        let row = volume_named(&tx, user_id, name)?;
         in_use_check(&tx, &row, "deleted")?;
         tx.execute("DELETE FROM volumes WHERE id = ?1", [&row.id])?;
         tx.commit()?;
@@ -276,14 +280,7 @@ impl Store {
     ) -> Result<VolumeRow> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let row = tx
-            .query_row(
-                &format!("SELECT {COLS} FROM volumes WHERE user_id = ?1 AND name = ?2"),
-                params![user_id, name],
-                volume,
-            )
-            .optional()?
-            .ok_or_else(|| not_found(name))?;
+        let row = volume_named(&tx, user_id, name)?;
         let holders: Vec<(String, bool)> = {
             let mut st = tx.prepare(
                 "SELECT sandbox_id, read_only FROM volume_attachments WHERE volume_id = ?1",
