@@ -134,12 +134,7 @@ impl Daemon {
             .await
             .map_err(|e| ServeError::Vms(crate::error::error_chain(&e)))?;
         let health = service.health();
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| ServeError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let listener = bind(config.listen).await?;
         let (closing, closing_rx) = tokio::sync::watch::channel(false);
         Ok(Daemon {
             closing,
@@ -369,11 +364,31 @@ async fn bind_redirect(
     else {
         return Ok(None);
     };
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError::Bind { addr, source })?;
+    let listener = bind(addr).await?;
     tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "public HTTP → HTTPS redirect listening");
     Ok(Some(listener))
+}
+
+/// How long a bind waits for an address that is still in use.
+const BIND_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Binds `addr`, waiting up to [`BIND_RETRY`] while it is in use. A daemon
+/// killed while it was starting a child (between fork and exec, the child
+/// holds copies of the daemon's sockets) leaves its listeners bound for a
+/// moment after it died; the daemon restarted at once must not give up.
+async fn bind(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, ServeError> {
+    let started = std::time::Instant::now();
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse && started.elapsed() < BIND_RETRY =>
+            {
+                tracing::warn!(%addr, "address in use; trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            r => return r.map_err(|source| ServeError::Bind { addr, source }),
+        }
+    }
 }
 
 /// Binds the public proxy's socket, if `[publish]` has one, and writes the
@@ -385,13 +400,33 @@ async fn bind_public(
     let Some(addr) = config.publish.listen_addr().map_err(ServeError::Config)? else {
         return Ok(None);
     };
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError::Bind { addr, source })?;
+    let listener = bind(addr).await?;
     let bound = listener
         .local_addr()
         .map_err(|source| ServeError::Bind { addr, source })?;
     config.publish.listen = bound.to_string();
     tracing::info!(%bound, "public proxy listening");
     Ok(Some(listener))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_bind_waits_for_an_address_freed_soon_and_gives_up_on_one_held() {
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = held.local_addr().unwrap();
+        // Held past the retry window: the error names the address.
+        let err = bind(addr).await.unwrap_err();
+        assert!(matches!(err, ServeError::Bind { addr: a, .. } if a == addr), "{err}");
+        // Freed while the bind waits: it succeeds.
+        let freer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(held);
+        });
+        let listener = bind(addr).await.unwrap();
+        assert_eq!(listener.local_addr().unwrap(), addr);
+        freer.join().unwrap();
+    }
 }
