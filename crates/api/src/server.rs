@@ -419,7 +419,10 @@ mod tests {
         let addr = held.local_addr().unwrap();
         // Held past the retry window: the error names the address.
         let err = bind(addr).await.unwrap_err();
-        assert!(matches!(err, ServeError::Bind { addr: a, .. } if a == addr), "{err}");
+        assert!(
+            matches!(err, ServeError::Bind { addr: a, .. } if a == addr),
+            "{err}"
+        );
         // Freed while the bind waits: it succeeds.
         let freer = std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_millis(300));
