@@ -141,12 +141,7 @@ pub fn find(timeout: Duration) -> Result<Disks, BootError> {
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-    let mut names: Vec<String> = std::fs::read_dir("/dev")
-        .map_err(BootError::io("list", "/dev"))?
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.len() == 3 && n.starts_with("vd"))
-        .collect();
-    names.sort();
+    let names = virtio_disks()?;
     let mut found = Vec::new();
     for name in names {
         // A persistent volume (its serial says so): never a base image,
@@ -212,12 +207,7 @@ pub fn find_volumes(
 ) -> Result<Vec<PathBuf>, BootError> {
     let end = Instant::now() + timeout;
     loop {
-        let mut names: Vec<String> = std::fs::read_dir("/dev")
-            .map_err(BootError::io("list", "/dev"))?
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter(|n| n.len() == 3 && n.starts_with("vd"))
-            .collect();
-        names.sort();
+        let names = virtio_disks()?;
         let mut serials = Vec::new();
         let mut uuids = Vec::new();
         for name in &names {
@@ -285,6 +275,17 @@ pub fn read_config(path: &Path) -> Result<ConfigDrive, BootError> {
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// The names of the virtio disks in `/dev` (`vda`, `vdb`, …), sorted.
+fn virtio_disks() -> Result<Vec<String>, BootError> {
+    let mut names: Vec<String> = std::fs::read_dir("/dev")
+        .map_err(BootError::io("list", "/dev"))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.len() == 3 && n.starts_with("vd"))
+        .collect();
+    names.sort();
+    Ok(names)
 }
 
 #[cfg(test)]
