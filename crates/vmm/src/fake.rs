@@ -550,8 +550,10 @@ impl Vmm for FakeVmm {
         SnapshotManifest::read_for(dir, EngineKind::Fake, &self.spec)?;
         self.engine.count(|s| s.restores += 1);
         let fault = self.engine.take_fault(Op::Restore);
-        if fault != Some(Fault::RestoreFails) {
-            // As QEMU's: the guest is about to run on the snapshot's state.
+        // As QEMU's: the guest is about to run on the snapshot's state,
+        // unless the snapshot is a capture (its memory mapped privately).
+        let capture = matches!(self.spec.memory, crate::spec::MemoryBacking::Private { .. });
+        if fault != Some(Fault::RestoreFails) && !capture {
             crate::snapshot::consume(dir)?;
         }
         let proc = self.launch(false, false)?;
@@ -603,6 +605,10 @@ impl Vmm for FakeVmm {
 
     fn exit(&self) -> Option<VmmExit> {
         self.slot.exit()
+    }
+
+    async fn send_console(&self, bytes: &[u8]) -> Result<()> {
+        self.slot.write_console(bytes).await
     }
 
     fn stderr_tail(&self) -> Option<String> {
