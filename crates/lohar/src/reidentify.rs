@@ -20,9 +20,10 @@ use proto::identity::{GuestIdentity, IdentityError, IDENTITY_ENTROPY_BYTES, MAX_
 
 use crate::agent::Agent;
 
-/// The guest's first serial port: x86's 8250, then arm64's PL011 (the
-/// kernel's `console=` names the same one).
-const CONSOLES: [&str; 2] = ["/dev/ttyS0", "/dev/ttyAMA0"];
+/// The guest's first serial port: x86's 8250, arm64's PL011.
+const CONSOLES: [&str; 2] = ["ttyS0", "ttyAMA0"];
+/// The kernel's consoles, the one `/dev/console` is last.
+const ACTIVE_CONSOLES: &str = "/sys/class/tty/console/active";
 
 /// Where the guest's agent keeps the token it was last told (tmpfs, root's
 /// only): an agent PID 1 starts again takes it rather than the config
@@ -151,7 +152,7 @@ pub fn start_console(agent: Arc<Agent>) {
         .name("identity-console".into())
         .spawn(move || {
             let result = listen(console, |id| apply_in_guest(&agent, id));
-            tracing::warn!(console = path, ?result, "the console listener stopped");
+            tracing::warn!(console = %path, ?result, "the console listener stopped");
         });
     if let Err(e) = spawned {
         tracing::error!(error = %e, "cannot start the console listener");
@@ -214,15 +215,36 @@ pub fn saved_token() -> Option<String> {
     (token.len() >= 16).then_some(token)
 }
 
-fn open_console() -> io::Result<(File, &'static str)> {
+/// Serial ports to try, best first: the kernel's serial consoles (from
+/// [`ACTIVE_CONSOLES`], `/dev/console`'s first), then [`CONSOLES`]. On
+/// arm64 `ttyS0` may exist without hardware behind it (it opens, then
+/// every read fails), so the kernel's word comes first.
+fn console_candidates(active: &str) -> Vec<String> {
+    let mut out: Vec<String> = active
+        .split_whitespace()
+        .rev()
+        .filter(|n| n.starts_with("ttyS") || n.starts_with("ttyAMA"))
+        .map(String::from)
+        .collect();
+    for name in CONSOLES {
+        if !out.iter().any(|n| n == name) {
+            out.push(name.to_string());
+        }
+    }
+    out
+}
+
+fn open_console() -> io::Result<(File, String)> {
     let mut last = io::Error::from(io::ErrorKind::NotFound);
-    for path in CONSOLES {
+    let active = std::fs::read_to_string(ACTIVE_CONSOLES).unwrap_or_default();
+    for name in console_candidates(&active) {
+        let path = format!("/dev/{name}");
         // Non-blocking only for the open: a serial port's open may wait for
         // carrier.
         match std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
-            .open(path)
+            .open(&path)
         {
             Ok(f) => {
                 quiet(&f)?;
@@ -419,6 +441,17 @@ mod tests {
         assert_eq!(t.c_oflag, libc::OPOST | libc::ONLCR);
         assert_eq!(t.c_iflag, libc::ICRNL);
         assert_eq!((t.c_cc[libc::VMIN], t.c_cc[libc::VTIME]), (1, 0));
+    }
+
+    #[test]
+    fn the_kernels_serial_console_is_tried_first() {
+        assert_eq!(console_candidates(""), ["ttyS0", "ttyAMA0"]);
+        assert_eq!(console_candidates("tty0 ttyS0\n"), ["ttyS0", "ttyAMA0"]);
+        assert_eq!(console_candidates("ttyAMA0\n"), ["ttyAMA0", "ttyS0"]);
+        assert_eq!(
+            console_candidates("ttyS1 hvc0 ttyAMA0"),
+            ["ttyAMA0", "ttyS1", "ttyS0"]
+        );
     }
 
     #[test]
