@@ -144,10 +144,12 @@ pub fn start_console(agent: Arc<Agent>) {
     let (console, path) = match open_console() {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!(error = %e, "no serial console to hear a new identity on");
+            eprintln!("lohar: no serial console to hear a new identity on: {e}");
             return;
         }
     };
+    // On the console log: which port a host writes its line to.
+    eprintln!("lohar: listening for a new identity on {path}");
     let spawned = std::thread::Builder::new()
         .name("identity-console".into())
         .spawn(move || {
