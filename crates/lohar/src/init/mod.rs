@@ -25,10 +25,10 @@ mod cmdline;
 mod disks;
 mod error;
 mod grow;
-mod guest;
+pub(crate) mod guest;
 mod modules;
 mod mounts;
-mod net;
+pub(crate) mod net;
 mod supervise;
 
 use std::collections::BTreeMap;
@@ -236,7 +236,8 @@ fn spawn_agent(booted: &Booted) -> Result<Pid, BootError> {
             let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, AGENT_PORT));
             let code = match crate::server::serve_guest(
                 booted.config.clone(),
-                booted.token.clone(),
+                // A restored guest's new token outlives an agent restart.
+                crate::reidentify::saved_token().unwrap_or_else(|| booted.token.clone()),
                 addr,
                 || {
                     eprintln!(
