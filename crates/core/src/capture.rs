@@ -105,7 +105,9 @@ impl Capture {
             .map_err(|e| bad(format!("{}: {e}", disk.display())))?
             .len();
         if want.is_some_and(|w| w != len) {
-            return Err(bad(format!("{CAPTURE_DISK} is {len} bytes, the spec's disk is not")));
+            return Err(bad(format!(
+                "{CAPTURE_DISK} is {len} bytes, the spec's disk is not"
+            )));
         }
         Ok(Capture {
             bytes: allocated(dir),
@@ -279,7 +281,11 @@ impl SandboxManager {
             cut.disarm();
             return Err(err);
         }
-        let (s, d, to) = (snap.to_path_buf(), disk.to_path_buf(), dest.join(CAPTURE_DISK));
+        let (s, d, to) = (
+            snap.to_path_buf(),
+            disk.to_path_buf(),
+            dest.join(CAPTURE_DISK),
+        );
         let copied = tokio::task::spawn_blocking(move || -> std::result::Result<(), String> {
             vmm::snapshot::make_capture(&s).map_err(|e| error_chain(&e))?;
             vmm::snapshot::copy_sparse(&d, &to).map_err(|e| error_chain(&e))?;
@@ -409,21 +415,21 @@ impl SandboxManager {
         spec.memory = vmm::MemoryBacking::Private {
             path: capture.memory(),
         };
-        let vmm: std::sync::Arc<dyn vmm::Vmm> = std::sync::Arc::from(
-            self.inner
-                .engine
-                .new_vmm(spec)
-                .map_err(|source| CoreError::Vmm {
+        let vmm: std::sync::Arc<dyn vmm::Vmm> =
+            std::sync::Arc::from(self.inner.engine.new_vmm(spec).map_err(|source| {
+                CoreError::Vmm {
                     id: entry.id.clone(),
                     source,
-                })?,
-        );
+                }
+            })?);
         let vmm_err = |source| CoreError::Vmm {
             id: entry.id.clone(),
             source,
         };
         let started = async {
-            vmm.restore(&capture.snapshot_dir()).await.map_err(vmm_err)?;
+            vmm.restore(&capture.snapshot_dir())
+                .await
+                .map_err(vmm_err)?;
             let line = crate::lifecycle::identity(&record.token, &record.spec.name, att)?.to_line();
             vmm.send_console(line.as_bytes()).await.map_err(vmm_err)
         }
@@ -459,7 +465,9 @@ impl SandboxManager {
         {
             Ok(()) => {}
             Err(e) if e.agent_code() == Some(proto::ErrorCode::PermissionDenied) => {}
-            Err(e) => tracing::warn!(error = %error_chain(&e), "setting the clock after a rollback"),
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "setting the clock after a rollback")
+            }
         }
         Ok(crate::machine::Vm { vmm, client })
     }

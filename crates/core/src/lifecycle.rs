@@ -467,7 +467,9 @@ impl SandboxManager {
             {
                 Ok(()) => {}
                 Err(e) if e.agent_code() == Some(proto::ErrorCode::PermissionDenied) => {}
-                Err(e) => tracing::warn!(error = %error_chain(&e), "setting the clock of a restored sandbox"),
+                Err(e) => {
+                    tracing::warn!(error = %error_chain(&e), "setting the clock of a restored sandbox")
+                }
             }
         }
         let ready = Instant::now();

@@ -13,8 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bhatti_core::{
-    CoreConfig, SandboxId, SandboxManager, SandboxRecord, SandboxSpec, ThermalPolicy,
-    ThermalState,
+    CoreConfig, SandboxId, SandboxManager, SandboxRecord, SandboxSpec, ThermalPolicy, ThermalState,
 };
 use image::Tier;
 use net::IpRoute;

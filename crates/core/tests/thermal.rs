@@ -19,8 +19,8 @@ use image::Tier;
 use net::IpRoute;
 use testkit::{images, Netns};
 
-use common::workload::{out, sh, wait_for_dict, workload, START_WORKLOAD};
 use common::skip;
+use common::workload::{out, sh, wait_for_dict, workload, START_WORKLOAD};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()

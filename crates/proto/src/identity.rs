@@ -197,11 +197,19 @@ mod tests {
     fn a_line_round_trips_and_is_plain_ascii() {
         let line = identity().to_line();
         assert!(line.starts_with(IDENTITY_PREFIX) && line.ends_with('\n'));
-        assert!(line.bytes().all(|b| b == b'\n' || (0x20..0x7f).contains(&b)));
-        assert_eq!(GuestIdentity::from_line(line.as_bytes()).unwrap(), identity());
+        assert!(line
+            .bytes()
+            .all(|b| b == b'\n' || (0x20..0x7f).contains(&b)));
+        assert_eq!(
+            GuestIdentity::from_line(line.as_bytes()).unwrap(),
+            identity()
+        );
         // A terminal may hand it over with a carriage return.
         let crlf = line.trim_end().to_string() + "\r\n";
-        assert_eq!(GuestIdentity::from_line(crlf.as_bytes()).unwrap(), identity());
+        assert_eq!(
+            GuestIdentity::from_line(crlf.as_bytes()).unwrap(),
+            identity()
+        );
         assert_eq!(identity().mac_bytes().unwrap(), [2, 0xb4, 10, 0xc8, 0, 7]);
     }
 

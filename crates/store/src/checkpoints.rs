@@ -148,7 +148,8 @@ impl Store {
             .optional()?
             .ok_or_else(|| not_found(reference))?;
         let users: Vec<String> = {
-            let mut st = tx.prepare("SELECT name FROM sandboxes WHERE checkpoint_id = ?1 ORDER BY name")?;
+            let mut st =
+                tx.prepare("SELECT name FROM sandboxes WHERE checkpoint_id = ?1 ORDER BY name")?;
             let rows = st.query_map([&row.id], |r| r.get(0))?;
             rows.collect::<rusqlite::Result<_>>()?
         };
@@ -231,7 +232,10 @@ mod tests {
             Err(StoreError::CheckpointQuota { used: 2, limit: 2 })
         ));
         assert_eq!(s.checkpoints("u1").unwrap().len(), 2);
-        assert!(matches!(s.checkpoint("u2", "a"), Err(StoreError::NotFound { .. })));
+        assert!(matches!(
+            s.checkpoint("u2", "a"),
+            Err(StoreError::NotFound { .. })
+        ));
 
         s.insert_sandbox_with(
             &NewSandbox {
@@ -251,7 +255,10 @@ mod tests {
         .unwrap();
         s.set_sandbox_checkpoint("sb-000000000009", "ck-1").unwrap();
         let e = s.delete_checkpoint("u1", "a").unwrap_err();
-        assert!(matches!(e, StoreError::InUse(ref m) if m.contains("child")), "{e}");
+        assert!(
+            matches!(e, StoreError::InUse(ref m) if m.contains("child")),
+            "{e}"
+        );
         s.delete_sandbox("sb-000000000009").unwrap();
         assert_eq!(s.delete_checkpoint("u1", "a").unwrap().id, "ck-1");
         assert!(matches!(

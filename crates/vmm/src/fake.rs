@@ -323,6 +323,9 @@ impl FakeVmm {
             })
             .arg("--config")
             .arg(&config_path)
+            // A restored "guest" learns its new token as a VM's does: a
+            // line on its console input.
+            .arg("--identity-stdin")
             .current_dir(&root);
         // SAFETY: prctl(2) is async-signal-safe and touches no memory of
         // the parent. A subreaper keeps what its commands leave running in

@@ -188,9 +188,7 @@ pub fn copy_sparse(from: &Path, to: &Path) -> Result<u64> {
             let want = (hole - off_in).min(1 << 30) as usize;
             // SAFETY: the offsets are ours; the kernel copies between the
             // two open descriptors.
-            let n = unsafe {
-                libc::copy_file_range(sfd, &mut off_in, dfd, &mut off_out, want, 0)
-            };
+            let n = unsafe { libc::copy_file_range(sfd, &mut off_in, dfd, &mut off_out, want, 0) };
             if n < 0 {
                 return Err(err(to)(std::io::Error::last_os_error()));
             }
@@ -386,7 +384,10 @@ mod tests {
                 path: snap.join(MEMORY_FILE)
             }
         );
-        assert_eq!(std::fs::read(snap.join(MEMORY_FILE)).unwrap(), vec![3u8; 1 << 20]);
+        assert_eq!(
+            std::fs::read(snap.join(MEMORY_FILE)).unwrap(),
+            vec![3u8; 1 << 20]
+        );
     }
 
     #[test]

@@ -78,4 +78,3 @@ pub async fn wait_for_dict(mgr: &SandboxManager, id: &SandboxId) {
         );
     }
 }
-

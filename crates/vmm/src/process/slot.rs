@@ -95,7 +95,9 @@ impl ProcessSlot {
 
     /// Writes to the console input of the VMM that runs now.
     pub(crate) async fn write_console(&self, bytes: &[u8]) -> Result<()> {
-        self.live("write to the console of")?.write_console(bytes).await
+        self.live("write to the console of")?
+            .write_console(bytes)
+            .await
     }
 
     /// The VMM's pid while it runs.
