@@ -81,6 +81,72 @@ pub struct CreateSandbox {
     /// The user's volumes to mount (at most 8); see `docs/state.md`.
     #[serde(default)]
     pub volumes: Vec<VolumeAttach>,
+    /// Start from a checkpoint instead of booting (`{"checkpoint":
+    /// "<name>"}`): its processes, memory and files, under a new identity.
+    /// Image, shape, disk, env, files and init come from the checkpoint.
+    #[serde(default)]
+    pub from: Option<CreateFrom>,
+}
+
+/// Where a new sandbox starts from, instead of a boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CreateFrom {
+    /// One of the caller's checkpoints, by name or id.
+    pub checkpoint: String,
+}
+
+/// `POST /sandboxes/:id/checkpoints`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CreateCheckpoint {
+    /// Unique among the caller's checkpoints (sandbox-name rules).
+    pub name: String,
+}
+
+/// A checkpoint: a sandbox's memory and disk at one instant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Checkpoint {
+    pub id: String,
+    pub name: String,
+    /// The sandbox it was taken of (it may be gone since).
+    pub sandbox: String,
+    pub sandbox_id: String,
+    pub image: String,
+    pub cpus: u32,
+    pub memory_mb: u64,
+    pub disk_size_mb: u64,
+    /// What its files occupy on the host.
+    pub bytes: u64,
+    /// Milliseconds since the Unix epoch.
+    pub created_at: i64,
+}
+
+/// `POST /sandboxes/:id/restore`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RestoreSandbox {
+    /// One of the caller's checkpoints (of a sandbox with the same image,
+    /// CPUs, memory and disk size).
+    pub checkpoint: String,
+}
+
+/// `POST /sandboxes/:id/fork`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ForkSandbox {
+    /// The child's name; with `count` > 1, children are `<name>-1`, `<name>-2`, …
+    /// (`<parent>-fork-1`, … when absent).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// How many children (1 to 16; 1 when absent).
+    #[serde(default)]
+    pub count: Option<u32>,
 }
 
 /// A volume to attach to a new sandbox.

@@ -273,6 +273,8 @@ pub struct SandboxDefaults {
     pub max_memory_mb: u64,
     /// Disk of all of a user's sandboxes together.
     pub max_disk_mb: u64,
+    /// Checkpoints one user may keep.
+    pub max_checkpoints: u64,
 }
 
 impl Default for DaemonConfig {
@@ -344,6 +346,7 @@ impl Default for SandboxDefaults {
             max_cpus: 16,
             max_memory_mb: 16 * 1024,
             max_disk_mb: 50 * 1024,
+            max_checkpoints: 32,
         }
     }
 }

@@ -80,6 +80,22 @@ pub enum Command {
     /// Manage your persistent volumes (attach with `create --volume`).
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Checkpoints: a sandbox's memory and disk at one instant, to roll
+    /// back to or start new sandboxes from (`create --from-checkpoint`).
+    #[command(subcommand)]
+    Checkpoint(CheckpointCommand),
+    /// Fork a running sandbox: new sandboxes with its processes, memory
+    /// (copy-on-write) and files, each with its own name and address.
+    Fork {
+        /// Sandbox name or id.
+        name: String,
+        /// How many children (1 to 16).
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// The child's name (with --count N: NAME-1 … NAME-N) [default: <sandbox>-fork-K].
+        #[arg(long = "as", value_name = "NAME")]
+        child: Option<String>,
+    },
     /// Show your sandboxes' recorded events (status changes, thermal
     /// transitions, …), oldest first; an admin key sees everyone's.
     Events(EventsArgs),
@@ -193,6 +209,10 @@ pub struct CreateArgs {
     /// daemons); its output goes to /var/log/bhatti-init.log in the sandbox.
     #[arg(long, value_name = "CMD")]
     pub init: Option<String>,
+    /// Start from one of your checkpoints instead of booting (its image,
+    /// size, env and files come with it).
+    #[arg(long, value_name = "CHECKPOINT", conflicts_with_all = ["cpus", "memory", "disk", "image", "env", "secrets", "files", "volumes", "init"])]
+    pub from_checkpoint: Option<String>,
 }
 
 /// Where a sandbox may send: `--egress public|none`, or an allow-list
@@ -399,6 +419,33 @@ pub enum SecretCommand {
     List,
     /// Delete a secret.
     Delete { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CheckpointCommand {
+    /// Checkpoint a sandbox (a hot one pauses only while it is copied).
+    Create {
+        /// Sandbox name or id.
+        sandbox: String,
+        /// The checkpoint's name.
+        name: String,
+    },
+    /// List your checkpoints.
+    #[command(alias = "ls")]
+    List,
+    /// Show a checkpoint.
+    Inspect { name: String },
+    /// Roll a sandbox back to a checkpoint (its processes and files become
+    /// the checkpoint's; it keeps its name and address).
+    Restore {
+        /// Sandbox name or id.
+        sandbox: String,
+        /// The checkpoint's name.
+        checkpoint: String,
+    },
+    /// Delete a checkpoint (not while a sandbox made from it exists).
+    #[command(alias = "delete")]
+    Rm { name: String },
 }
 
 #[derive(Debug, Subcommand)]

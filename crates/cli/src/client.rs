@@ -599,6 +599,65 @@ impl Client {
         self.send(rb).await.map(drop)
     }
 
+    pub async fn checkpoints(&self) -> Result<Vec<api_types::Checkpoint>> {
+        self.get_json("GET /checkpoints", self.url(&["checkpoints"]))
+            .await
+    }
+
+    pub async fn checkpoint(&self, name: &str) -> Result<api_types::Checkpoint> {
+        self.get_json("GET /checkpoints/:name", self.url(&["checkpoints", name]))
+            .await
+    }
+
+    pub async fn create_checkpoint(
+        &self,
+        sandbox: &str,
+        body: &api_types::CreateCheckpoint,
+    ) -> Result<api_types::Checkpoint> {
+        let rb = self
+            .request(
+                Method::POST,
+                self.url(&["sandboxes", sandbox, "checkpoints"]),
+                true,
+            )?
+            .json(body);
+        let resp = self.send(rb).await?;
+        self.json("POST /sandboxes/:id/checkpoints", resp).await
+    }
+
+    pub async fn restore(
+        &self,
+        sandbox: &str,
+        body: &api_types::RestoreSandbox,
+    ) -> Result<api_types::Sandbox> {
+        let rb = self
+            .request(
+                Method::POST,
+                self.url(&["sandboxes", sandbox, "restore"]),
+                true,
+            )?
+            .json(body);
+        let resp = self.send(rb).await?;
+        self.json("POST /sandboxes/:id/restore", resp).await
+    }
+
+    pub async fn fork(
+        &self,
+        sandbox: &str,
+        body: &api_types::ForkSandbox,
+    ) -> Result<Vec<api_types::Sandbox>> {
+        let rb = self
+            .request(Method::POST, self.url(&["sandboxes", sandbox, "fork"]), true)?
+            .json(body);
+        let resp = self.send(rb).await?;
+        self.json("POST /sandboxes/:id/fork", resp).await
+    }
+
+    pub async fn delete_checkpoint(&self, name: &str) -> Result<()> {
+        let rb = self.request(Method::DELETE, self.url(&["checkpoints", name]), true)?;
+        self.send(rb).await.map(drop)
+    }
+
     pub async fn delete_secret(&self, name: &str) -> Result<()> {
         let rb = self.request(Method::DELETE, self.url(&["secrets", name]), true)?;
         self.send(rb).await.map(drop)

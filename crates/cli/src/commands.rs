@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::args::{
     AdminCommand, Command, CreateArgs, EventsArgs, ExecArgs, FileCommand, FileSpec, GlobalArgs,
-    SecretCommand, VolumeCommand,
+    SecretCommand, VolumeCommand, CheckpointCommand,
 };
 use crate::client::Client;
 use crate::config::{self, Layer};
@@ -140,6 +140,8 @@ impl Ctx {
             Command::File(f) => self.file(f).await?,
             Command::Secret(s) => self.secret(s).await?,
             Command::Volume(v) => self.volume(v).await?,
+            Command::Checkpoint(c) => self.checkpoint(c).await?,
+            Command::Fork { name, count, child } => self.fork(&name, count, child).await?,
             Command::Events(a) => self.events(a).await?,
             Command::Admin(AdminCommand::Status) => {
                 let st = c.admin_status().await?;
@@ -307,6 +309,9 @@ impl Ctx {
             labels: a.labels.into_iter().collect::<BTreeMap<_, _>>(),
             egress: a.egress.policy(),
             init: a.init,
+            from: a
+                .from_checkpoint
+                .map(|checkpoint| api_types::CreateFrom { checkpoint }),
         };
         let (sb, created) = self.client.create(&body).await?;
         if !created {
@@ -435,6 +440,61 @@ impl Ctx {
             }
         }
         Ok(())
+    }
+
+    async fn checkpoint(&self, v: CheckpointCommand) -> Result<()> {
+        let c = &self.client;
+        let shown = match v {
+            CheckpointCommand::Create { sandbox, name } => {
+                c.create_checkpoint(&sandbox, &api_types::CreateCheckpoint { name })
+                    .await?
+            }
+            CheckpointCommand::Inspect { name } => c.checkpoint(&name).await?,
+            CheckpointCommand::List => {
+                let list = c.checkpoints().await?;
+                return if self.json {
+                    print_json(&list)
+                } else {
+                    print(&output::checkpoints_table(&list, now_ms()))
+                };
+            }
+            CheckpointCommand::Restore {
+                sandbox,
+                checkpoint,
+            } => {
+                let sb = c
+                    .restore(&sandbox, &api_types::RestoreSandbox { checkpoint })
+                    .await?;
+                return if self.json {
+                    print_json(&sb)
+                } else {
+                    print(&output::sandbox_details(&sb, now_ms()))
+                };
+            }
+            CheckpointCommand::Rm { name } => {
+                c.delete_checkpoint(&name).await?;
+                eprintln!("checkpoint {name} deleted");
+                return Ok(());
+            }
+        };
+        if self.json {
+            print_json(&shown)
+        } else {
+            print(&output::checkpoint_details(&shown, now_ms()))
+        }
+    }
+
+    async fn fork(&self, name: &str, count: u32, child: Option<String>) -> Result<()> {
+        let body = api_types::ForkSandbox {
+            name: child,
+            count: Some(count),
+        };
+        let children = self.client.fork(name, &body).await?;
+        if self.json {
+            print_json(&children)
+        } else {
+            print(&output::sandboxes_table(&children, now_ms()))
+        }
     }
 
     async fn volume(&self, v: VolumeCommand) -> Result<()> {

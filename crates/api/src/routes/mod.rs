@@ -13,6 +13,7 @@ pub mod secrets;
 pub mod share;
 pub mod shell;
 pub mod volumes;
+pub mod checkpoints;
 
 use axum::extract::ws::WebSocketUpgrade;
 use axum::routing::any;
@@ -85,6 +86,11 @@ pub fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(publish::unpublish))
         .routes(routes!(secrets::list, secrets::create))
         .routes(routes!(secrets::delete))
+        .routes(routes!(checkpoints::create))
+        .routes(routes!(checkpoints::list))
+        .routes(routes!(checkpoints::inspect, checkpoints::delete))
+        .routes(routes!(checkpoints::restore))
+        .routes(routes!(checkpoints::fork))
         .routes(routes!(volumes::list, volumes::create))
         .routes(routes!(volumes::inspect, volumes::patch, volumes::delete))
         .routes(routes!(events::list))

@@ -31,6 +31,7 @@ use crate::error::ApiError;
 use crate::secrets::SecretBox;
 use crate::state::blocking;
 
+mod checkpoints;
 mod guest;
 mod lifecycle;
 mod persistence;
