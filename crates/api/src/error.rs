@@ -117,9 +117,7 @@ impl From<bhatti_core::CoreError> for ApiError {
             | E::InvalidState { .. }
             | E::NameTaken(_)
             | E::IdTaken(_)
-            | E::Capture { .. } => {
-                ApiError::Conflict(error_chain(&e))
-            }
+            | E::Capture { .. } => ApiError::Conflict(error_chain(&e)),
             E::TimedOut { .. } => ApiError::GatewayTimeout(error_chain(&e)),
             _ => ApiError::BadGateway(error_chain(&e)),
         }

@@ -1253,3 +1253,238 @@ fn volumes_are_checked_charged_shared_by_the_rules_and_kept_across_restarts() {
         d.stop().await;
     });
 }
+
+#[test]
+fn checkpoints_forks_and_rollbacks_follow_their_rules() {
+    common::in_netns("svcf-ckpt", || async {
+        let s = setup();
+        let eng = engine();
+        let mut cfg = fake_config(&s.data);
+        cfg.defaults.max_checkpoints = 2;
+        let d = TestDaemon::start_with_engine(cfg, eng.clone()).await;
+        let key = d.user_with(
+            "carol",
+            api::users::Quotas {
+                max_sandboxes: 5,
+                max_cpus: 16,
+                max_memory_mb: 16384,
+                max_disk_mb: 1 << 20,
+            },
+        );
+        let c = d.client(&key);
+        let other = d.client(&d.user("dave", 2));
+        let (st, v) = post(&c, "/sandboxes", Some(serde_json::json!({"name": "dev"}))).await;
+        assert_eq!(st, 201, "{v}");
+        let dev_id = v["id"].as_str().unwrap().to_string();
+
+        // Checkpoints: named, counted, the caller's own.
+        let ck = |name: &str| {
+            let c = c.clone();
+            let body = serde_json::json!({ "name": name });
+            async move { post(&c, "/sandboxes/dev/checkpoints", Some(body)).await }
+        };
+        let (st, c1) = ck("c1").await;
+        assert_eq!(st, 201, "{c1}");
+        assert_eq!(
+            (c1["name"].as_str(), c1["sandbox"].as_str()),
+            (Some("c1"), Some("dev"))
+        );
+        assert!(c1["bytes"].as_u64().unwrap() > 0, "{c1}");
+        let c1_dir = s
+            .data
+            .join("checkpoints")
+            .join(show_user_dir(&s.data))
+            .join(c1["id"].as_str().unwrap());
+        assert!(c1_dir.join("snapshot/manifest.json").is_file());
+        assert_eq!(ck("c1").await.0, 409, "a name taken");
+        assert_eq!(ck("not a name").await.0, 400);
+        assert_eq!(ck("c2").await.0, 201);
+        let (st, v) = ck("c3").await;
+        assert_eq!(st, 403, "the checkpoint quota: {v}");
+        assert!(
+            v["error"].as_str().unwrap().contains("checkpoint quota"),
+            "{v}"
+        );
+        let (st, list) = c.json(Method::GET, "/checkpoints", None).await;
+        assert_eq!((st, list.as_array().unwrap().len()), (200, 2), "{list}");
+        assert_eq!(c.json(Method::GET, "/checkpoints/c1", None).await.0, 200);
+        assert_eq!(c.json(Method::GET, "/checkpoints/nope", None).await.0, 404);
+        assert_eq!(
+            other.json(Method::GET, "/checkpoints/c1", None).await.0,
+            404
+        );
+        assert_eq!(
+            post(
+                &other,
+                "/sandboxes/dev/checkpoints",
+                Some(serde_json::json!({"name": "x"}))
+            )
+            .await
+            .0,
+            404,
+            "another user's sandbox"
+        );
+
+        // A new sandbox from a checkpoint; what comes from the checkpoint
+        // cannot be asked for.
+        let from = |body: Value| {
+            let c = c.clone();
+            async move { post(&c, "/sandboxes", Some(body)).await }
+        };
+        let (st, kid) =
+            from(serde_json::json!({"name": "kid", "from": {"checkpoint": "c1"}})).await;
+        assert_eq!(st, 201, "{kid}");
+        assert_state(&kid, "running", "hot");
+        assert_ne!(kid["id"], dev_id);
+        let (st, v) = from(serde_json::json!({"name": "k2", "from": {"checkpoint": "nope"}})).await;
+        assert_eq!(st, 404, "{v}");
+        let (st, v) =
+            from(serde_json::json!({"name": "k2", "image": "tiny", "from": {"checkpoint": "c1"}}))
+                .await;
+        assert_eq!(st, 400, "{v}");
+        assert!(v["error"].as_str().unwrap().contains("image"), "{v}");
+        let (st, v) = other
+            .json(
+                Method::POST,
+                "/sandboxes",
+                Some(serde_json::json!({"name": "k3", "from": {"checkpoint": "c1"}})),
+            )
+            .await;
+        assert_eq!(st, 404, "another user's checkpoint: {v}");
+        let (st, v) = c
+            .json(
+                Method::POST,
+                "/sandboxes/kid/exec",
+                Some(serde_json::json!({"cmd": ["true"]})),
+            )
+            .await;
+        assert_eq!(
+            st, 200,
+            "the new sandbox's agent answers with its own token: {v}"
+        );
+
+        // In use while a sandbox made from it exists.
+        let (st, v) = c.json(Method::DELETE, "/checkpoints/c1", None).await;
+        assert_eq!(st, 409, "{v}");
+        assert!(v["error"].as_str().unwrap().contains("kid"), "{v}");
+        assert_eq!(delete(&c, "kid").await, 204);
+        assert_eq!(c.json(Method::DELETE, "/checkpoints/c1", None).await.0, 204);
+        assert!(!c1_dir.exists(), "its files go with it");
+        assert_eq!(c.json(Method::DELETE, "/checkpoints/c1", None).await.0, 404);
+
+        // Rollback.
+        let (st, v) = post(
+            &c,
+            "/sandboxes/dev/restore",
+            Some(serde_json::json!({"checkpoint": "c2"})),
+        )
+        .await;
+        assert_eq!(st, 200, "{v}");
+        assert_state(&v, "running", "hot");
+        let (st, _) = post(
+            &c,
+            "/sandboxes/dev/restore",
+            Some(serde_json::json!({"checkpoint": "nope"})),
+        )
+        .await;
+        assert_eq!(st, 404);
+
+        // Forks: counted, named, each a full sandbox; a failed parent is a
+        // 409 with its reason; the sandbox quota holds.
+        for bad in [0, 17] {
+            let (st, v) = post(
+                &c,
+                "/sandboxes/dev/fork",
+                Some(serde_json::json!({"count": bad})),
+            )
+            .await;
+            assert_eq!(st, 400, "count {bad}: {v}");
+        }
+        assert_eq!(
+            post(&c, "/sandboxes/nope/fork", Some(serde_json::json!({})))
+                .await
+                .0,
+            404
+        );
+        let (st, kids) = post(
+            &c,
+            "/sandboxes/dev/fork",
+            Some(serde_json::json!({"count": 2})),
+        )
+        .await;
+        assert_eq!(st, 201, "{kids}");
+        let names: Vec<&str> = kids
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["dev-fork-1", "dev-fork-2"]);
+        for k in kids.as_array().unwrap() {
+            assert_state(k, "running", "hot");
+            let (st, v) = c
+                .json(
+                    Method::POST,
+                    &format!("/sandboxes/{}/exec", k["name"].as_str().unwrap()),
+                    Some(serde_json::json!({"cmd": ["true"]})),
+                )
+                .await;
+            assert_eq!(st, 200, "{v}");
+        }
+        let (st, v) = post(
+            &c,
+            "/sandboxes/dev/fork",
+            Some(serde_json::json!({"count": 2})),
+        )
+        .await;
+        assert_eq!(st, 409, "the names are taken: {v}");
+        let (st, v) = post(
+            &c,
+            "/sandboxes/dev/fork",
+            Some(serde_json::json!({"name": "more", "count": 3})),
+        )
+        .await;
+        assert_eq!(st, 403, "4 of 5 sandboxes held, 3 more asked: {v}");
+        assert!(v["error"].as_str().unwrap().contains("quota"), "{v}");
+        assert!(
+            std::fs::read_dir(s.data.join("captures"))
+                .unwrap()
+                .next()
+                .is_none(),
+            "a fork's capture is removed"
+        );
+
+        // A failed sandbox cannot be forked, and says why.
+        for k in ["more-1", "more-2", "more-3"] {
+            if get(&c, k).await.0 == 200 {
+                assert_eq!(delete(&c, k).await, 204);
+            }
+        }
+        eng.inject(Fault::BootFails);
+        let (st, _) = post(
+            &c,
+            "/sandboxes",
+            Some(serde_json::json!({"name": "broken"})),
+        )
+        .await;
+        assert_eq!(st, 502);
+        let (st, v) = post(&c, "/sandboxes/broken/fork", Some(serde_json::json!({}))).await;
+        assert_eq!(st, 409, "{v}");
+        assert!(v["error"].as_str().unwrap().contains("failed"), "{v}");
+        assert!(
+            v["error"].as_str().unwrap().contains("injected fault"),
+            "the reason: {v}"
+        );
+    });
+}
+
+/// The one user directory under `DATA/checkpoints/`.
+fn show_user_dir(data: &Path) -> String {
+    let mut dirs: Vec<String> = std::fs::read_dir(data.join("checkpoints"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    dirs.remove(0)
+}

@@ -647,7 +647,11 @@ impl Client {
         body: &api_types::ForkSandbox,
     ) -> Result<Vec<api_types::Sandbox>> {
         let rb = self
-            .request(Method::POST, self.url(&["sandboxes", sandbox, "fork"]), true)?
+            .request(
+                Method::POST,
+                self.url(&["sandboxes", sandbox, "fork"]),
+                true,
+            )?
             .json(body);
         let resp = self.send(rb).await?;
         self.json("POST /sandboxes/:id/fork", resp).await

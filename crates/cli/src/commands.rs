@@ -8,8 +8,8 @@ use api_types::{headers, limits, CreateSandbox, ExecBody, Health, NewFile, NewSe
 use serde::Serialize;
 
 use crate::args::{
-    AdminCommand, Command, CreateArgs, EventsArgs, ExecArgs, FileCommand, FileSpec, GlobalArgs,
-    SecretCommand, VolumeCommand, CheckpointCommand,
+    AdminCommand, CheckpointCommand, Command, CreateArgs, EventsArgs, ExecArgs, FileCommand,
+    FileSpec, GlobalArgs, SecretCommand, VolumeCommand,
 };
 use crate::client::Client;
 use crate::config::{self, Layer};

@@ -335,7 +335,9 @@ pub fn volume_details(v: &api_types::Volume, now_ms: i64) -> String {
 }
 
 pub fn checkpoints_table(list: &[api_types::Checkpoint], now_ms: i64) -> String {
-    let mut t = Table::new(&["NAME", "SANDBOX", "IMAGE", "CPUS", "MEMORY", "SIZE", "CREATED"]);
+    let mut t = Table::new(&[
+        "NAME", "SANDBOX", "IMAGE", "CPUS", "MEMORY", "SIZE", "CREATED",
+    ]);
     for c in list {
         t.row(vec![
             c.name.clone(),

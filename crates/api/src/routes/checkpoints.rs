@@ -128,7 +128,9 @@ pub async fn restore(
     JsonBody(body): JsonBody<api_types::RestoreSandbox>,
 ) -> Result<Json<api_types::Sandbox>, ApiError> {
     state.limit(&user, Class::Create)?;
-    Ok(Json(state.service.restore_checkpoint(&user, &id, body).await?))
+    Ok(Json(
+        state.service.restore_checkpoint(&user, &id, body).await?,
+    ))
 }
 
 /// Forks a running (hot, warm or cold) sandbox into `count` new ones, each

@@ -1,5 +1,6 @@
 //! Handlers: each turns HTTP into a typed call on the service and back.
 
+pub mod checkpoints;
 pub mod events;
 pub mod exec;
 pub mod files;
@@ -13,7 +14,6 @@ pub mod secrets;
 pub mod share;
 pub mod shell;
 pub mod volumes;
-pub mod checkpoints;
 
 use axum::extract::ws::WebSocketUpgrade;
 use axum::routing::any;

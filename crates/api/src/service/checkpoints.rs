@@ -9,7 +9,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use api_types::{Checkpoint, CreateCheckpoint, CreateSandbox, ForkSandbox, RestoreSandbox, Sandbox};
+use api_types::{
+    Checkpoint, CreateCheckpoint, CreateSandbox, ForkSandbox, RestoreSandbox, Sandbox,
+};
 use bhatti_core::{Capture, SandboxId};
 use store::{CheckpointRow, NewCheckpoint, SandboxStatus, UserRecord};
 
@@ -207,12 +209,18 @@ impl Service {
         user: &UserRecord,
         reference: &str,
     ) -> Result<Checkpoint, ApiError> {
-        Ok(checkpoint_view(&self.checkpoint_row(user, reference).await?))
+        Ok(checkpoint_view(
+            &self.checkpoint_row(user, reference).await?,
+        ))
     }
 
     /// Deletes a checkpoint and its files; a 409 while a sandbox made from
     /// it (or rolled back to it) exists.
-    pub async fn delete_checkpoint(&self, user: &UserRecord, reference: &str) -> Result<(), ApiError> {
+    pub async fn delete_checkpoint(
+        &self,
+        user: &UserRecord,
+        reference: &str,
+    ) -> Result<(), ApiError> {
         let (store, uid, r) = (self.store.clone(), user.id.clone(), reference.to_string());
         let row = blocking(move || store.delete_checkpoint(&uid, &r)).await?;
         let dir = self.checkpoint_dir(&row.user_id, &row.id);

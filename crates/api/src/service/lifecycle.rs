@@ -240,7 +240,9 @@ impl Service {
         let created = match start {
             Start::Boot => self.core.create_as(id.clone(), spec).await,
             Start::Capture { capture, .. } => {
-                self.core.create_from_capture(id.clone(), spec, capture).await
+                self.core
+                    .create_from_capture(id.clone(), spec, capture)
+                    .await
             }
         };
         self.creating_set().remove(&id);
@@ -276,7 +278,9 @@ impl Service {
                 self.names.refresh(&self.store).await;
                 Ok((true, view(&row)))
             }
-            Err(e @ (CoreError::InvalidSpec(_) | CoreError::Image(_) | CoreError::Capture { .. })) => {
+            Err(
+                e @ (CoreError::InvalidSpec(_) | CoreError::Image(_) | CoreError::Capture { .. }),
+            ) => {
                 // Nothing was started: forget the row.
                 let store = self.store.clone();
                 let rid = id.to_string();
