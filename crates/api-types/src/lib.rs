@@ -86,6 +86,53 @@ pub struct CreateSandbox {
     /// Image, shape, disk, env, files and init come from the checkpoint.
     #[serde(default)]
     pub from: Option<CreateFrom>,
+    /// `"fresh"` boots even when a template of this image and shape
+    /// exists; `"auto"` (the default) restores from the caller's template
+    /// when there is one and the create carries nothing a boot must apply
+    /// (env, secrets, files, init, volumes, a disk size other than the
+    /// default).
+    #[serde(default)]
+    pub boot: Option<BootMode>,
+}
+
+/// Whether a create may restore from a template.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum BootMode {
+    /// From a template when one matches, else a boot.
+    #[default]
+    Auto,
+    /// Always a boot.
+    Fresh,
+}
+
+/// `POST /images/:name/templates`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct WarmImage {
+    /// The daemon's default when absent.
+    #[serde(default)]
+    pub cpus: Option<u32>,
+    /// The daemon's default when absent.
+    #[serde(default)]
+    pub memory_mb: Option<u64>,
+}
+
+/// A template: an image booted once, agent ready, captured; creates of
+/// its image and shape restore from it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Template {
+    pub image: String,
+    pub cpus: u32,
+    pub memory_mb: u64,
+    pub disk_size_mb: u64,
+    /// What its files occupy on the host.
+    pub bytes: u64,
+    /// Milliseconds since the Unix epoch.
+    pub created_at: i64,
 }
 
 /// Where a new sandbox starts from, instead of a boot.

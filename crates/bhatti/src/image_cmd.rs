@@ -29,6 +29,10 @@ pub fn lohar_static_env(arch: Arch) -> &'static str {
 pub enum ImageCommand {
     /// Build (or confirm cached) the kernel, initramfs and rootfs tiers.
     Build(BuildArgs),
+    /// Make your template of an image on the daemon: booted once, agent
+    /// ready, captured; creates of that image and shape then restore from
+    /// it instead of booting.
+    Warm(cli::WarmArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -79,6 +83,8 @@ pub struct BuildArgs {
 pub fn run(cmd: ImageCommand) -> anyhow::Result<()> {
     match cmd {
         ImageCommand::Build(args) => build(args),
+        // A client command: main hands it to the CLI.
+        ImageCommand::Warm(_) => bail!("`bhatti image warm` talks to the daemon"),
     }
 }
 

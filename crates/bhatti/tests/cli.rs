@@ -40,7 +40,7 @@ impl Daemon {
             &config,
             format!(
                 "data_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\nengine = \"qemu-tcg\"\n\
-                 [defaults]\nimage = \"tiny\"\nmemory_mb = 256\n\
+                 [defaults]\nauto_templates = false\nimage = \"tiny\"\nmemory_mb = 256\n\
                  [publish]\nlisten = \"127.0.0.1:0\"\n",
                 data.path().display()
             ),

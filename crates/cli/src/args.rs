@@ -84,6 +84,10 @@ pub enum Command {
     /// back to or start new sandboxes from (`create --from-checkpoint`).
     #[command(subcommand)]
     Checkpoint(CheckpointCommand),
+    /// Make your template of an image (`bhatti image warm`): creates of
+    /// that image and shape then restore instead of booting.
+    #[command(hide = true)]
+    ImageWarm(WarmArgs),
     /// Fork a running sandbox: new sandboxes with its processes, memory
     /// (copy-on-write) and files, each with its own name and address.
     Fork {
@@ -213,6 +217,10 @@ pub struct CreateArgs {
     /// size, env and files come with it).
     #[arg(long, value_name = "CHECKPOINT", conflicts_with_all = ["cpus", "memory", "disk", "image", "env", "secrets", "files", "volumes", "init"])]
     pub from_checkpoint: Option<String>,
+    /// Boot even when your template of this image and shape could be
+    /// restored instead.
+    #[arg(long)]
+    pub fresh: bool,
 }
 
 /// Where a sandbox may send: `--egress public|none`, or an allow-list
@@ -419,6 +427,18 @@ pub enum SecretCommand {
     List,
     /// Delete a secret.
     Delete { name: String },
+}
+
+/// `bhatti image warm`.
+#[derive(Debug, Clone, Args)]
+pub struct WarmArgs {
+    /// The image.
+    pub image: String,
+    #[arg(long)]
+    pub cpus: Option<u32>,
+    /// Memory: MiB, or with a unit (512M, 2G).
+    #[arg(long, value_name = "SIZE", value_parser = parse_memory_mb)]
+    pub memory: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]

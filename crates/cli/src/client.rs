@@ -657,6 +657,18 @@ impl Client {
         self.json("POST /sandboxes/:id/fork", resp).await
     }
 
+    pub async fn warm_image(
+        &self,
+        image: &str,
+        body: &api_types::WarmImage,
+    ) -> Result<api_types::Template> {
+        let rb = self
+            .request(Method::POST, self.url(&["images", image, "templates"]), true)?
+            .json(body);
+        let resp = self.send(rb).await?;
+        self.json("POST /images/:name/templates", resp).await
+    }
+
     pub async fn delete_checkpoint(&self, name: &str) -> Result<()> {
         let rb = self.request(Method::DELETE, self.url(&["checkpoints", name]), true)?;
         self.send(rb).await.map(drop)

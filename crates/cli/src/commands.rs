@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::args::{
     AdminCommand, CheckpointCommand, Command, CreateArgs, EventsArgs, ExecArgs, FileCommand,
-    FileSpec, GlobalArgs, SecretCommand, VolumeCommand,
+    FileSpec, GlobalArgs, SecretCommand, VolumeCommand, WarmArgs,
 };
 use crate::client::Client;
 use crate::config::{self, Layer};
@@ -141,6 +141,7 @@ impl Ctx {
             Command::Secret(s) => self.secret(s).await?,
             Command::Volume(v) => self.volume(v).await?,
             Command::Checkpoint(c) => self.checkpoint(c).await?,
+            Command::ImageWarm(w) => self.warm(w).await?,
             Command::Fork { name, count, child } => self.fork(&name, count, child).await?,
             Command::Events(a) => self.events(a).await?,
             Command::Admin(AdminCommand::Status) => {
@@ -312,6 +313,7 @@ impl Ctx {
             from: a
                 .from_checkpoint
                 .map(|checkpoint| api_types::CreateFrom { checkpoint }),
+            boot: a.fresh.then_some(api_types::BootMode::Fresh),
         };
         let (sb, created) = self.client.create(&body).await?;
         if !created {
@@ -481,6 +483,26 @@ impl Ctx {
             print_json(&shown)
         } else {
             print(&output::checkpoint_details(&shown, now_ms()))
+        }
+    }
+
+    async fn warm(&self, w: WarmArgs) -> Result<()> {
+        let body = api_types::WarmImage {
+            cpus: w.cpus,
+            memory_mb: w.memory,
+        };
+        eprintln!("booting {} to make your template of it…", w.image);
+        let t = self.client.warm_image(&w.image, &body).await?;
+        if self.json {
+            print_json(&t)
+        } else {
+            print(&format!(
+                "template of {} ready: {} CPU(s), {} MiB, {} MiB on disk; creates of this image and shape now restore from it\n",
+                t.image,
+                t.cpus,
+                t.memory_mb,
+                t.bytes >> 20
+            ))
         }
     }
 

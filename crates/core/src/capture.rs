@@ -508,3 +508,28 @@ impl SandboxManager {
         Ok((capture, out.into_iter().flatten().collect()))
     }
 }
+
+impl SandboxManager {
+    /// A template: `spec` booted under a sandbox of its own (`id`, never
+    /// listed by the daemon), captured into `dest` once its agent answers,
+    /// and destroyed. New sandboxes of the same image and shape can then
+    /// be restored from it instead of booting.
+    pub async fn capture_fresh(
+        &self,
+        id: SandboxId,
+        spec: SandboxSpec,
+        dest: &Path,
+    ) -> Result<Capture> {
+        self.create_as(id.clone(), spec).await?;
+        let captured = self.capture(&id, dest).await;
+        if let Err(e) = self.destroy(&id).await {
+            tracing::warn!(sandbox = %id, error = %error_chain(&e), "destroying a template's source");
+        }
+        captured
+    }
+
+    /// The kernel release of `image`, as a capture records it.
+    pub fn kernel_release(&self, image: &str) -> Result<String> {
+        Ok(self.inner.images.resolve(image)?.kernel_release)
+    }
+}

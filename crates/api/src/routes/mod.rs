@@ -1,6 +1,7 @@
 //! Handlers: each turns HTTP into a typed call on the service and back.
 
 pub mod checkpoints;
+pub mod templates;
 pub mod events;
 pub mod exec;
 pub mod files;
@@ -91,6 +92,7 @@ pub fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(checkpoints::inspect, checkpoints::delete))
         .routes(routes!(checkpoints::restore))
         .routes(routes!(checkpoints::fork))
+        .routes(routes!(templates::warm))
         .routes(routes!(volumes::list, volumes::create))
         .routes(routes!(volumes::inspect, volumes::patch, volumes::delete))
         .routes(routes!(events::list))

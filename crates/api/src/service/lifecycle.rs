@@ -114,7 +114,7 @@ impl Service {
     }
 
     async fn create_inner(
-        &self,
+        self: &Arc<Self>,
         user: &UserRecord,
         body: CreateSandbox,
     ) -> Result<(bool, Sandbox), ApiError> {
@@ -178,8 +178,22 @@ impl Service {
             secrets: body.secrets.clone(),
             existing: Existing::Return,
         };
-        self.insert_and_start(user, spec, options, attach, Start::Boot)
-            .await
+        let start = match self.template_for(user, &spec, &body).await {
+            Some(capture) => Start::Capture {
+                capture,
+                checkpoint: None,
+            },
+            None => Start::Boot,
+        };
+        let booted = matches!(start, Start::Boot);
+        let (template_spec, template_body) = (spec.clone(), body.clone());
+        let created = self
+            .insert_and_start(user, spec, options, attach, start)
+            .await;
+        if booted && matches!(created, Ok((true, _))) {
+            self.warm_later(user, &template_spec, &template_body);
+        }
+        created
     }
 
     /// Inserts the row of a sandbox (quotas checked in the same

@@ -39,6 +39,7 @@ mod publish;
 mod recovery;
 mod share;
 mod startup;
+mod templates;
 mod volumes;
 
 pub use guest::{guest_error, KeepHot, ShellRequest};
@@ -75,6 +76,8 @@ pub struct Service {
     /// daemon, not yet woken since: if that snapshot does not restore,
     /// they boot from their disk instead.
     adopted: Mutex<HashSet<SandboxId>>,
+    /// Templates being made (their directories), one at a time each.
+    warming: Mutex<HashSet<String>>,
     /// The thermal ticker and the task recording its events.
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Sandbox names by user and address, for the gateway's DNS responder.

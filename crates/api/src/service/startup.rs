@@ -101,6 +101,7 @@ impl Service {
             locks: Default::default(),
             creating: Mutex::default(),
             adopted: Mutex::default(),
+            warming: Mutex::default(),
             tasks: Mutex::new(Vec::new()),
             names: Arc::default(),
             metrics: Arc::default(),
