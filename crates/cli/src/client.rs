@@ -663,7 +663,11 @@ impl Client {
         body: &api_types::WarmImage,
     ) -> Result<api_types::Template> {
         let rb = self
-            .request(Method::POST, self.url(&["images", image, "templates"]), true)?
+            .request(
+                Method::POST,
+                self.url(&["images", image, "templates"]),
+                true,
+            )?
             .json(body);
         let resp = self.send(rb).await?;
         self.json("POST /images/:name/templates", resp).await

@@ -137,6 +137,27 @@ pub fn make_capture(dir: &Path) -> Result<u64> {
     Ok(used)
 }
 
+/// After a capture directory has been moved (made under a temporary name,
+/// then renamed into place), points its manifest at the memory image where
+/// it now is.
+pub fn relocate_capture(dir: &Path) -> Result<()> {
+    let path = dir.join(MANIFEST);
+    let body = std::fs::read(&path).map_err(|source| VmmError::SnapshotIo {
+        path: path.clone(),
+        source,
+    })?;
+    let mut m: SnapshotManifest =
+        serde_json::from_slice(&body).map_err(|e| VmmError::SnapshotMismatch {
+            dir: dir.to_path_buf(),
+            reason: format!("unreadable manifest: {e}"),
+        })?;
+    if let SnapshotMemory::File { path } = &mut m.memory {
+        *path = dir.join(MEMORY_FILE);
+        m.write(dir)?;
+    }
+    Ok(())
+}
+
 /// Copies `from` to a new file `to` (mode 0600), keeping holes: a
 /// copy-on-write clone where the file system has them (`FICLONE`: XFS,
 /// btrfs), else only the data extents (`SEEK_DATA`/`SEEK_HOLE`, each

@@ -1,7 +1,6 @@
 //! Handlers: each turns HTTP into a typed call on the service and back.
 
 pub mod checkpoints;
-pub mod templates;
 pub mod events;
 pub mod exec;
 pub mod files;
@@ -14,6 +13,7 @@ pub mod sandboxes;
 pub mod secrets;
 pub mod share;
 pub mod shell;
+pub mod templates;
 pub mod volumes;
 
 use axum::extract::ws::WebSocketUpgrade;

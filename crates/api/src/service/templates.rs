@@ -70,7 +70,12 @@ impl Service {
 
     /// After a boot that a template could have saved: make one in the
     /// background (when `auto_templates` is on and none is being made).
-    pub(super) fn warm_later(self: &Arc<Self>, user: &UserRecord, spec: &SandboxSpec, body: &CreateSandbox) {
+    pub(super) fn warm_later(
+        self: &Arc<Self>,
+        user: &UserRecord,
+        spec: &SandboxSpec,
+        body: &CreateSandbox,
+    ) {
         if !self.config.defaults.auto_templates
             || body.boot == Some(BootMode::Fresh)
             || !self.template_eligible(spec, body)
@@ -89,9 +94,13 @@ impl Service {
         let image = spec.image.clone();
         tokio::spawn(async move {
             match this.warm_template(&user, &image, warm).await {
-                Ok(t) => tracing::info!(user = %user.name, image = %t.image, "template made on first use"),
+                Ok(t) => {
+                    tracing::info!(user = %user.name, image = %t.image, "template made on first use")
+                }
                 Err(ApiError::Conflict(_)) => {}
-                Err(e) => tracing::warn!(user = %user.name, error = %e, "making a template on first use"),
+                Err(e) => {
+                    tracing::warn!(user = %user.name, error = %e, "making a template on first use")
+                }
             }
         });
     }
@@ -107,7 +116,10 @@ impl Service {
         body: WarmImage,
     ) -> Result<Template, ApiError> {
         let d = &self.config.defaults;
-        let mut spec = SandboxSpec::new(format!("template-{}", random_hex(3).map_err(internal)?), image);
+        let mut spec = SandboxSpec::new(
+            format!("template-{}", random_hex(3).map_err(internal)?),
+            image,
+        );
         spec.cpus = body.cpus.unwrap_or(d.cpus);
         let memory = body.memory_mb.unwrap_or(d.memory_mb);
         spec.memory_mb = u32::try_from(memory)
@@ -145,8 +157,14 @@ impl Service {
         Ok(made)
     }
 
-    async fn warm_into(&self, dir: &std::path::Path, spec: SandboxSpec) -> Result<Template, ApiError> {
-        let parent = dir.parent().ok_or_else(|| ApiError::Internal("template path".into()))?;
+    async fn warm_into(
+        &self,
+        dir: &std::path::Path,
+        spec: SandboxSpec,
+    ) -> Result<Template, ApiError> {
+        let parent = dir
+            .parent()
+            .ok_or_else(|| ApiError::Internal("template path".into()))?;
         {
             use std::os::unix::fs::DirBuilderExt;
             std::fs::DirBuilder::new()
@@ -168,7 +186,9 @@ impl Service {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
-            std::fs::rename(&t, &d)
+            std::fs::rename(&t, &d)?;
+            vmm::snapshot::relocate_capture(&d.join(bhatti_core::CAPTURE_SNAPSHOT))
+                .map_err(std::io::Error::other)
         })
         .await
         .map_err(internal)?
