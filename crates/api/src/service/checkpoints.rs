@@ -68,7 +68,7 @@ impl Service {
         reference: &str,
     ) -> Result<CheckpointRow, ApiError> {
         let (store, uid, r) = (self.store.clone(), user.id.clone(), reference.to_string());
-        Ok(blocking(move || store.checkpoint(&uid, &r)).await?)
+        blocking(move || store.checkpoint(&uid, &r)).await
     }
 
     /// A checkpoint's capture, checked before use.
@@ -289,7 +289,7 @@ impl Service {
             existing: Existing::Return,
         };
         let start = Start::Capture {
-            capture,
+            capture: Box::new(capture),
             checkpoint: Some(ck.id.clone()),
         };
         self.insert_and_start(user, spec, options, Vec::new(), start)
@@ -422,7 +422,7 @@ impl Service {
             };
             set.spawn(async move {
                 let start = Start::Capture {
-                    capture,
+                    capture: Box::new(capture),
                     checkpoint: None,
                 };
                 let r = this
@@ -431,7 +431,7 @@ impl Service {
                 (i, r)
             });
         }
-        let mut results: Vec<(usize, Result<(bool, Sandbox), ApiError>)> = Vec::new();
+        let mut results = Vec::new();
         while let Some(joined) = set.join_next().await {
             results.push(joined.map_err(internal)?);
         }

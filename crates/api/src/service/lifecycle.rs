@@ -49,7 +49,7 @@ pub(super) enum Start {
     Boot,
     /// A restore from a capture: a checkpoint's (its id), or a fork's.
     Capture {
-        capture: bhatti_core::Capture,
+        capture: Box<bhatti_core::Capture>,
         checkpoint: Option<String>,
     },
 }
@@ -180,7 +180,7 @@ impl Service {
         };
         let start = match self.template_for(user, &spec, &body).await {
             Some(capture) => Start::Capture {
-                capture,
+                capture: Box::new(capture),
                 checkpoint: None,
             },
             None => Start::Boot,
@@ -255,7 +255,7 @@ impl Service {
             Start::Boot => self.core.create_as(id.clone(), spec).await,
             Start::Capture { capture, .. } => {
                 self.core
-                    .create_from_capture(id.clone(), spec, capture)
+                    .create_from_capture(id.clone(), spec, *capture)
                     .await
             }
         };

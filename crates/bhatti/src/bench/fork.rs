@@ -82,7 +82,11 @@ pub fn run(args: ForkBenchArgs) -> anyhow::Result<()> {
     println!("{}", row("fork → first exec", &r.fork_exec, &r.boot_exec));
     println!(
         "{}",
-        row("template create → first exec", &r.template_exec, &r.boot_exec)
+        row(
+            "template create → first exec",
+            &r.template_exec,
+            &r.boot_exec
+        )
     );
     println!("{}", row("parent paused per fork", &r.paused, &r.boot_exec));
     let ratio = |s: &Samples| s.p50().as_secs_f64() / r.boot_exec.p50().as_secs_f64().max(1e-9);
@@ -128,7 +132,10 @@ async fn measure(
     exec_true(mgr, &parent.id).await?;
 
     for i in 0..args.iterations {
-        let child = (SandboxId::generate()?, spec(&format!("bench-child-{i}"), &args.image));
+        let child = (
+            SandboxId::generate()?,
+            spec(&format!("bench-child-{i}"), &args.image),
+        );
         let child_id = child.0.clone();
         let t = Instant::now();
         let (capture, made) = mgr
@@ -141,10 +148,17 @@ async fn measure(
         exec_true(mgr, &child_id).await?;
         r.fork_exec.push(t.elapsed());
         r.paused.push(capture.paused);
-        eprintln!("fork #{}: {:?} (parent paused {:?})", i + 1, t.elapsed(), capture.paused);
+        eprintln!(
+            "fork #{}: {:?} (parent paused {:?})",
+            i + 1,
+            t.elapsed(),
+            capture.paused
+        );
         mgr.destroy(&child_id).await.context("destroy a child")?;
     }
-    mgr.destroy(&parent.id).await.context("destroy the parent")?;
+    mgr.destroy(&parent.id)
+        .await
+        .context("destroy the parent")?;
 
     let template = mgr
         .capture_fresh(
