@@ -469,6 +469,14 @@ pub enum VolumeCommand {
         #[arg(long, value_name = "SIZE", value_parser = parse_disk_mb)]
         size: u64,
     },
+    /// Copy a volume into a new one of the same size (charged to your
+    /// disk quota; not while a sandbox holding it read-write runs hot or warm).
+    Clone {
+        /// The volume to copy.
+        source: String,
+        /// The new volume's name.
+        name: String,
+    },
     /// Delete a volume and its data (not while a sandbox has it attached).
     #[command(alias = "delete")]
     Rm { name: String },

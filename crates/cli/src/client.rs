@@ -594,6 +594,16 @@ impl Client {
         self.json("PATCH /volumes/:name", resp).await
     }
 
+    pub async fn clone_volume(&self, source: &str, name: &str) -> Result<api_types::Volume> {
+        let rb = self
+            .request(Method::POST, self.url(&["volumes", source, "clone"]), true)?
+            .json(&api_types::CloneVolume {
+                name: name.to_string(),
+            });
+        let resp = self.send(rb).await?;
+        self.json("POST /volumes/:name/clone", resp).await
+    }
+
     pub async fn delete_volume(&self, name: &str) -> Result<()> {
         let rb = self.request(Method::DELETE, self.url(&["volumes", name]), true)?;
         self.send(rb).await.map(drop)

@@ -508,6 +508,7 @@ impl Ctx {
                 .await?
             }
             VolumeCommand::Grow { name, size } => c.grow_volume(&name, size).await?,
+            VolumeCommand::Clone { source, name } => c.clone_volume(&source, &name).await?,
             VolumeCommand::Inspect { name } => c.volume(&name).await?,
             VolumeCommand::List => {
                 let list = c.volumes().await?;

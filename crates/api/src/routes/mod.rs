@@ -93,6 +93,7 @@ pub fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(checkpoints::fork))
         .routes(routes!(volumes::list, volumes::create))
         .routes(routes!(volumes::inspect, volumes::patch, volumes::delete))
+        .routes(routes!(volumes::clone))
         .routes(routes!(events::list))
         .routes(routes!(metrics::metrics))
         .routes(routes!(metrics::status))

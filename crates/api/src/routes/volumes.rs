@@ -129,3 +129,32 @@ pub async fn delete(
     state.service.delete_volume(&user, &name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
+
+/// Clones a volume: a new volume of the same size and content, charged
+/// to the disk quota.
+#[utoipa::path(
+    post,
+    path = "/volumes/{name}/clone",
+    operation_id = "clone_volume",
+    tag = "volumes",
+    params(("name" = String, Path, description = "The volume to copy.")),
+    request_body = api_types::CloneVolume,
+    responses(
+        (status = 201, description = "The new volume.", body = api_types::Volume),
+        (status = 403, description = "Past the disk quota.", body = api_types::ErrorBody),
+        (status = 409, description = "The caller has a volume of the new name, or a sandbox holding the source read-write runs hot or warm.", body = api_types::ErrorBody),
+        Authed, Invalid, JsonTooLarge, Missing
+    )
+)]
+pub async fn clone(
+    State(state): State<AppState>,
+    User(user): User,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody<api_types::CloneVolume>,
+) -> Result<(StatusCode, Json<api_types::Volume>), ApiError> {
+    state.limit(&user, Class::Create)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(state.service.clone_volume(&user, &name, body).await?),
+    ))
+}

@@ -188,44 +188,16 @@ impl Service {
         if mb == row.size_mb {
             return self.volume_view(row).await;
         }
-        let store = self.store.clone();
-        let vid = row.id.clone();
-        let uses = blocking(move || store.attachments_of_volume(&vid)).await?;
-        let mut ids: Vec<SandboxId> = uses
-            .iter()
-            .map(|a| a.sandbox_id.parse().map_err(internal))
-            .collect::<Result<_, _>>()?;
-        ids.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-        ids.dedup();
-        // Each user's sandbox lock, in id order, for the whole grow: none
-        // of them starts while its volume's file changes.
-        let mut locks = Vec::with_capacity(ids.len());
-        for id in &ids {
-            locks.push(self.locks.lock(id).await);
-        }
-        for id in &ids {
-            let Ok(sb) = self.row(user, id.as_str()).await else {
-                continue;
-            };
-            if sb.status == SandboxStatus::Running && self.index().contains_key(id) {
-                let thermal = self.core.get(id).map(|r| r.thermal)?;
-                if thermal != ThermalState::Cold {
-                    return Err(ApiError::Conflict(format!(
-                        "volume '{}' is attached to sandbox '{}', which is {}: stop it first \
-                         (POST /sandboxes/{}/stop); a volume grows while no VM using it runs",
-                        row.name,
-                        sb.name,
-                        super::persistence::thermal(thermal),
-                        sb.name
-                    )));
-                }
-            } else if sb.status == SandboxStatus::Creating {
-                return Err(ApiError::Conflict(format!(
-                    "volume '{}' is attached to sandbox '{}', which is {}",
-                    row.name, sb.name, sb.status
-                )));
-            }
-        }
+        // Each user's sandbox lock for the whole grow: none of them
+        // starts while its volume's file changes.
+        let (locks, ids) = self
+            .quiet_users(
+                user,
+                &row,
+                false,
+                "a volume grows while no VM using it runs",
+            )
+            .await?;
         for id in ids.iter().filter(|id| self.index().contains_key(*id)) {
             let Ok(sb) = self.row(user, id.as_str()).await else {
                 continue;
@@ -267,6 +239,138 @@ impl Service {
         self.volume_view(grown).await
     }
 
+    /// Locks (in id order) the sandboxes using volume `row` — only those
+    /// holding it read-write when `only_rw` — and checks none runs a VM
+    /// that writes it: hot or warm, or still being created, is a 409
+    /// (`why` says what waits). Cold, stopped and failed ones are fine.
+    /// The locks keep it so until dropped.
+    async fn quiet_users(
+        &self,
+        user: &UserRecord,
+        row: &VolumeRow,
+        only_rw: bool,
+        why: &str,
+    ) -> Result<(Vec<tokio::sync::OwnedMutexGuard<()>>, Vec<SandboxId>), ApiError> {
+        let store = self.store.clone();
+        let vid = row.id.clone();
+        let uses = blocking(move || store.attachments_of_volume(&vid)).await?;
+        let mut ids: Vec<SandboxId> = uses
+            .iter()
+            .filter(|a| !(only_rw && a.read_only))
+            .map(|a| a.sandbox_id.parse().map_err(internal))
+            .collect::<Result<_, _>>()?;
+        ids.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        ids.dedup();
+        let mut locks = Vec::with_capacity(ids.len());
+        for id in &ids {
+            locks.push(self.locks.lock(id).await);
+        }
+        let how = if only_rw { "read-write " } else { "" };
+        for id in &ids {
+            let Ok(sb) = self.row(user, id.as_str()).await else {
+                continue;
+            };
+            if sb.status == SandboxStatus::Running && self.index().contains_key(id) {
+                let thermal = self.core.get(id).map(|r| r.thermal)?;
+                if thermal != ThermalState::Cold {
+                    return Err(ApiError::Conflict(format!(
+                        "volume '{}' is attached {how}to sandbox '{}', which is {}: stop it first \
+                         (POST /sandboxes/{}/stop); {why}",
+                        row.name,
+                        sb.name,
+                        super::persistence::thermal(thermal),
+                        sb.name
+                    )));
+                }
+            } else if sb.status == SandboxStatus::Creating {
+                return Err(ApiError::Conflict(format!(
+                    "volume '{}' is attached {how}to sandbox '{}', which is {}",
+                    row.name, sb.name, sb.status
+                )));
+            }
+        }
+        Ok((locks, ids))
+    }
+
+    /// `POST /volumes/:name/clone {"name"}`: a new volume of the same
+    /// size (quota checked with the insert) whose file is a copy of the
+    /// source's, made on the host as bytes (holes kept, a reflink where
+    /// the file system has them). A 409 while a sandbox holding the source
+    /// read-write runs hot or warm: its content moves under the copy.
+    pub async fn clone_volume(
+        &self,
+        user: &UserRecord,
+        name: &str,
+        body: api_types::CloneVolume,
+    ) -> Result<Volume, ApiError> {
+        crate::validate::name("volume", &body.name)?;
+        let src = self.volume_row(user, name).await?;
+        let (locks, held) = self
+            .quiet_users(
+                user,
+                &src,
+                true,
+                "a volume is cloned while no VM writing it runs",
+            )
+            .await?;
+        let new = NewVolume {
+            id: format!("vol-{}", random_hex(8).map_err(internal)?),
+            user_id: user.id.clone(),
+            name: body.name.clone(),
+            size_mb: src.size_mb,
+            // The copy's file system has the source's UUID (the host does
+            // not rewrite it): lohar's by-UUID fallback refuses the two on
+            // one sandbox (serials tell them apart under QEMU).
+            uuid: src.uuid.clone(),
+        };
+        let store = self.store.clone();
+        let row = blocking(move || store.insert_volume(&new)).await?;
+        let (from, to) = (self.volume_path(&src), self.volume_path(&row));
+        let made = tokio::task::spawn_blocking(move || image::clone_volume(&from, &to))
+            .await
+            .map_err(internal)?;
+        drop(locks);
+        // A sandbox created during the copy with the source read-write
+        // may have written into it: the copy could be torn.
+        let store = self.store.clone();
+        let vid = src.id.clone();
+        let late = blocking(move || store.attachments_of_volume(&vid))
+            .await?
+            .into_iter()
+            .find(|a| !a.read_only && !held.iter().any(|h| h.as_str() == a.sandbox_id));
+        let failed = match (made, late) {
+            (Err(e), _) => {
+                tracing::warn!(volume = %row.id, error = %error_chain(&e), "cloning the volume file failed");
+                Some(ApiError::Internal(format!(
+                    "cannot copy the volume file: {}",
+                    error_chain(&e)
+                )))
+            }
+            (Ok(()), Some(a)) => Some(ApiError::Conflict(format!(
+                "sandbox '{}' attached volume '{}' read-write during the copy; try again",
+                a.sandbox_name, src.name
+            ))),
+            (Ok(()), None) => None,
+        };
+        if let Some(err) = failed {
+            let store = self.store.clone();
+            let (uid, name) = (user.id.clone(), row.name.clone());
+            if let Err(e) = blocking(move || store.delete_volume(&uid, &name)).await {
+                tracing::error!(volume = %row.id, error = %e, "forgetting the failed clone");
+            }
+            let path = self.volume_path(&row);
+            let _ = tokio::task::spawn_blocking(move || image::remove_volume(&path)).await;
+            return Err(err);
+        }
+        self.volume_event(
+            user,
+            "volume_cloned",
+            serde_json::json!({"volume": row.name, "from": src.name, "size_mb": row.size_mb}),
+        )
+        .await;
+        self.volume_view(row).await
+    }
+
     /// The attachments of a new sandbox, checked (400 for a bad mount or
     /// list, 404 for an unknown volume) and resolved to what core needs.
     /// Sharing (409) is checked when the row is inserted.
@@ -303,9 +407,16 @@ impl Service {
                 )));
             }
         }
-        let mut out = Vec::with_capacity(asked.len());
+        let mut out: Vec<(NewAttachment, VolumeSpec)> = Vec::with_capacity(asked.len());
         for a in asked {
             let row = self.volume_row(user, &a.name).await?;
+            if let Some((twin, _)) = out.iter().find(|(_, v)| v.uuid == row.uuid) {
+                return Err(ApiError::BadRequest(format!(
+                    "volumes '{}' and '{}' are copies of one another (one file system \
+                     UUID): attach one of them",
+                    twin.volume, a.name
+                )));
+            }
             out.push((
                 NewAttachment {
                     volume: a.name.clone(),
