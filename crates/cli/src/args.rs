@@ -477,6 +477,21 @@ pub enum VolumeCommand {
         /// The new volume's name.
         name: String,
     },
+    /// Write a tar of a volume's files to FILE (`-` or none: standard
+    /// output). Made in a short-lived VM; not while a sandbox holds the
+    /// volume read-write.
+    Export {
+        name: String,
+        #[arg(value_name = "FILE", default_value = "-")]
+        file: String,
+    },
+    /// Replace a volume's files with those of a tar read from FILE (`-` or
+    /// none: standard input). Not while any sandbox has it attached.
+    Import {
+        name: String,
+        #[arg(value_name = "FILE", default_value = "-")]
+        file: String,
+    },
     /// Delete a volume and its data (not while a sandbox has it attached).
     #[command(alias = "delete")]
     Rm { name: String },

@@ -119,6 +119,16 @@ pub struct ConfigDrive {
     /// Persistent volumes to mount once the root is assembled.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeMount>,
+    /// Commands run as root rather than the sandbox user: only for the
+    /// daemon's own short-lived utility VMs (a volume's tar export or
+    /// import, which must read and restore every owner and mode), never
+    /// for a user's sandbox.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub agent_as_root: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// Most volumes one sandbox may mount.
@@ -379,6 +389,7 @@ mod tests {
                 cwd: None,
             }),
             volumes: Vec::new(),
+            agent_as_root: false,
         }
     }
 

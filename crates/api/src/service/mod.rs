@@ -31,6 +31,7 @@ use crate::error::ApiError;
 use crate::secrets::SecretBox;
 use crate::state::blocking;
 
+mod archive;
 mod checkpoints;
 mod guest;
 mod lifecycle;
@@ -41,6 +42,7 @@ mod share;
 mod startup;
 mod volumes;
 
+pub use archive::VolumeExport;
 pub use guest::{guest_error, KeepHot, ShellRequest};
 pub use startup::StartError;
 
@@ -81,6 +83,8 @@ pub struct Service {
     names: Arc<crate::network::GuestNames>,
     /// The daemon's metrics (`GET /metrics`).
     metrics: Arc<crate::observe::Metrics>,
+    /// Volumes a utility VM (tar export or import) has now.
+    volume_jobs: archive::VolumeJobs,
 }
 
 impl Service {

@@ -104,6 +104,7 @@ impl Service {
             tasks: Mutex::new(Vec::new()),
             names: Arc::default(),
             metrics: Arc::default(),
+            volume_jobs: Arc::default(),
         };
         let events = service.core.subscribe_thermal();
         let net_tasks = crate::network::start(

@@ -22,7 +22,7 @@ pub const MAX_VOLUMES: usize = proto::config_drive::MAX_VOLUMES;
 impl Service {
     /// `DATA/volumes/<user id>/<volume id>.ext4`: never under a sandbox
     /// directory (destroy removes those).
-    fn volume_path(&self, row: &VolumeRow) -> PathBuf {
+    pub(super) fn volume_path(&self, row: &VolumeRow) -> PathBuf {
         self.config
             .data_dir
             .join("volumes")
@@ -30,7 +30,11 @@ impl Service {
             .join(format!("{}.ext4", row.id))
     }
 
-    async fn volume_row(&self, user: &UserRecord, name: &str) -> Result<VolumeRow, ApiError> {
+    pub(super) async fn volume_row(
+        &self,
+        user: &UserRecord,
+        name: &str,
+    ) -> Result<VolumeRow, ApiError> {
         let store = self.store.clone();
         let (uid, key) = (user.id.clone(), name.to_string());
         blocking(move || store.volume(&uid, &key))
@@ -38,7 +42,7 @@ impl Service {
             .ok_or_else(|| ApiError::NotFound(format!("no volume '{name}'")))
     }
 
-    async fn volume_view(&self, row: VolumeRow) -> Result<Volume, ApiError> {
+    pub(super) async fn volume_view(&self, row: VolumeRow) -> Result<Volume, ApiError> {
         let store = self.store.clone();
         let vid = row.id.clone();
         let uses = blocking(move || store.attachments_of_volume(&vid)).await?;
@@ -146,6 +150,9 @@ impl Service {
     /// `DELETE /volumes/:name`: refused (409) while any sandbox, running
     /// or not, has it attached.
     pub async fn delete_volume(&self, user: &UserRecord, name: &str) -> Result<(), ApiError> {
+        if let Ok(row) = self.volume_row(user, name).await {
+            self.volume_idle(&self.volume_path(&row), name)?;
+        }
         let store = self.store.clone();
         let (uid, key) = (user.id.clone(), name.to_string());
         let row = blocking(move || store.delete_volume(&uid, &key)).await?;
@@ -188,6 +195,7 @@ impl Service {
         if mb == row.size_mb {
             return self.volume_view(row).await;
         }
+        self.volume_idle(&self.volume_path(&row), name)?;
         // Each user's sandbox lock for the whole grow: none of them
         // starts while its volume's file changes.
         let (locks, ids) = self
@@ -305,6 +313,7 @@ impl Service {
     ) -> Result<Volume, ApiError> {
         crate::validate::name("volume", &body.name)?;
         let src = self.volume_row(user, name).await?;
+        self.volume_idle(&self.volume_path(&src), name)?;
         let (locks, held) = self
             .quiet_users(
                 user,
@@ -434,7 +443,12 @@ impl Service {
         Ok(out)
     }
 
-    async fn volume_event(&self, user: &UserRecord, kind: &str, detail: serde_json::Value) {
+    pub(super) async fn volume_event(
+        &self,
+        user: &UserRecord,
+        kind: &str,
+        detail: serde_json::Value,
+    ) {
         let store = self.store.clone();
         let (uid, k) = (user.id.clone(), kind.to_string());
         if let Err(e) = blocking(move || store.record_event(&uid, None, &k, &detail)).await {
