@@ -3,6 +3,10 @@
 //! the daemon restarted; a read-only mount refuses writes and serves
 //! reads; a cold cycle keeps the mounts; a volume grown while no VM uses
 //! it is grown by the guest at its next boot. Three boots.
+//!
+//! And a volume's tar export, import and clone keep names (spaces, dot
+//! files), subdirectories, symlinks, modes, owners and bytes; a bad tar is
+//! a 400; a client gone mid-export leaves no utility VM. Seven boots.
 
 mod common;
 
@@ -428,6 +432,63 @@ fn volumes_export_import_and_clone_keep_names_modes_links_and_bytes() {
             1,
             "the source is unchanged, the clone changed: {after:?}"
         );
+
+        // Boot 5: a tar that is not one is a 400 (the volume was emptied
+        // first: a failed import leaves what it had unpacked).
+        let resp = c
+            .req(Method::PUT, "/volumes/dst/archive")
+            .body(vec![b'x'; 10_000])
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        assert_eq!(status, 400, "{text}");
+        assert!(text.contains("did not unpack"), "{text}");
+        assert_eq!(sandbox_dirs(data.path()), 0, "the utility VM is gone");
+
+        // Boots 6, 7: a client gone mid-export leaves no VM behind. The
+        // volume holds more than the sockets buffer: the stream is cut.
+        create(
+            &c,
+            json!({"name": "big", "volumes": [{"name": "cl", "mount": "/data"}]}),
+        )
+        .await;
+        sh(&c, "big", "head -c 40000000 /dev/zero > /data/zeros; sync").await;
+        let (s, _) = c.json(Method::DELETE, "/sandboxes/big", None).await;
+        assert_eq!(s, 204);
+        let mut cut = c
+            .req(Method::GET, "/volumes/cl/archive")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(cut.status().as_u16(), 200);
+        assert!(cut.chunk().await.unwrap().is_some());
+        assert_eq!(sandbox_dirs(data.path()), 1, "the utility VM runs");
+        let (s, v) = c
+            .json(Method::PATCH, "/volumes/cl", Some(json!({"size_mb": 128})))
+            .await;
+        assert_eq!(s, 409, "busy while exported: {v}");
+        let second = c
+            .req(Method::GET, "/volumes/cl/archive")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(second.status().as_u16(), 409, "one export at a time");
+        drop(cut);
+        let mut left = sandbox_dirs(data.path());
+        for _ in 0..120 {
+            if left == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            left = sandbox_dirs(data.path());
+        }
+        assert_eq!(left, 0, "the cut export's VM is gone");
+        let (s, v) = c
+            .json(Method::PATCH, "/volumes/cl", Some(json!({"size_mb": 128})))
+            .await;
+        assert_eq!(s, 200, "free again: {v}");
 
         let (st, events) = c.json(Method::GET, "/events", None).await;
         assert_eq!(st, 200);

@@ -394,6 +394,24 @@ mod tests {
     }
 
     #[test]
+    fn agent_as_root_is_off_unless_set_and_absent_when_off() {
+        let d = sample();
+        let json = String::from_utf8(d.to_json().unwrap()).unwrap();
+        assert!(!json.contains("agent_as_root"), "{json}");
+        assert!(
+            !ConfigDrive::from_json(json.as_bytes())
+                .unwrap()
+                .agent_as_root
+        );
+        let root = ConfigDrive {
+            agent_as_root: true,
+            ..sample()
+        };
+        let back = ConfigDrive::from_json(&root.to_json().unwrap()).unwrap();
+        assert!(back.agent_as_root);
+    }
+
+    #[test]
     fn raw_roundtrip_and_layout() {
         let cfg = sample();
         let raw = encode_raw(&cfg).unwrap();

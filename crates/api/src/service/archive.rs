@@ -373,8 +373,9 @@ impl Service {
             vm.finish().await;
             return Err(guest_error(e));
         }
-        // Empty (every name, dot files too), unpack, flush. GNU and
-        // busybox tar both drop a leading `/` and refuse `..` members.
+        // Empty (every name, dot files too), unpack, flush. Tar drops a
+        // leading `/`; whatever else the user's archive does stays in
+        // this throwaway VM, which has only this volume (docs/state.md).
         let script = format!(
             "cd {MOUNT} && rm -rf -- ..?* .[!.]* * && \
              tar -xpf {SCRATCH} --numeric-owner -C {MOUNT} && rm -f {SCRATCH} && sync"
