@@ -30,8 +30,9 @@ use crate::error::{error_chain, ApiError};
 use crate::keys::random_hex;
 use crate::state::blocking;
 
-/// Volumes with a utility VM now, by file: `true` when it writes (import).
-pub(super) type VolumeJobs = Arc<Mutex<HashMap<PathBuf, bool>>>;
+/// Volumes with a utility VM now, by file: whether it writes (an
+/// import), and the VM.
+pub(super) type VolumeJobs = Arc<Mutex<HashMap<PathBuf, (bool, SandboxId)>>>;
 
 /// Where the utility VM mounts the volume.
 const MOUNT: &str = "/mnt/volume";
@@ -44,7 +45,7 @@ const MAX_STDERR: usize = 4096;
 /// The utility VM's own disk beyond an import's tar.
 const SCRATCH_SLACK_MB: u64 = 64;
 
-fn lock(jobs: &VolumeJobs) -> std::sync::MutexGuard<'_, HashMap<PathBuf, bool>> {
+fn lock(jobs: &VolumeJobs) -> std::sync::MutexGuard<'_, HashMap<PathBuf, (bool, SandboxId)>> {
     jobs.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -167,12 +168,26 @@ fn keep(buf: &mut Vec<u8>, d: &[u8]) {
 }
 
 impl Service {
+    /// Destroys the utility VMs running now (at shutdown: they would
+    /// otherwise be snapshotted with the sandboxes, for nothing).
+    pub(super) async fn end_utility_vms(&self) {
+        let ids: Vec<SandboxId> = lock(&self.volume_jobs)
+            .values()
+            .map(|(_, id)| id.clone())
+            .collect();
+        for id in ids {
+            if let Err(e) = self.core.destroy(&id).await {
+                tracing::debug!(sandbox = %id, error = %error_chain(&e), "ending a utility VM");
+            }
+        }
+    }
+
     /// 409 while a utility VM has volume `path`: `rw` for an attach that
     /// writes. Checked by creates after their row is in.
     pub(super) fn check_volume_jobs(&self, vols: &[VolumeSpec]) -> Result<(), ApiError> {
         let jobs = lock(&self.volume_jobs);
         for v in vols {
-            if let Some(writes) = jobs.get(&v.path) {
+            if let Some((writes, _)) = jobs.get(&v.path) {
                 if *writes || !v.read_only {
                     return Err(ApiError::Conflict(format!(
                         "a volume to attach at {} is being {} now; try again when that ends",
@@ -188,7 +203,7 @@ impl Service {
     /// 409 while volume `path` has a utility VM (clone, grow, delete).
     pub(super) fn volume_idle(&self, path: &Path, name: &str) -> Result<(), ApiError> {
         match lock(&self.volume_jobs).get(path) {
-            Some(writes) => Err(ApiError::Conflict(format!(
+            Some((writes, _)) => Err(ApiError::Conflict(format!(
                 "volume '{name}' is being {} now; try again when that ends",
                 if *writes { "imported" } else { "exported" }
             ))),
@@ -206,24 +221,18 @@ impl Service {
         disk_mb: u64,
     ) -> Result<UtilityVm, ApiError> {
         let path = self.volume_path(row);
+        let id = SandboxId::generate().map_err(internal)?;
         {
             let mut jobs = lock(&self.volume_jobs);
-            if let Some(w) = jobs.get(&path) {
+            if let Some((w, _)) = jobs.get(&path) {
                 return Err(ApiError::Conflict(format!(
                     "volume '{}' is being {} now; try again when that ends",
                     row.name,
                     if *w { "imported" } else { "exported" }
                 )));
             }
-            jobs.insert(path.clone(), writes);
+            jobs.insert(path.clone(), (writes, id.clone()));
         }
-        let id = match SandboxId::generate() {
-            Ok(id) => id,
-            Err(e) => {
-                lock(&self.volume_jobs).remove(&path);
-                return Err(internal(e));
-            }
-        };
         let mut vm = UtilityVm {
             core: self.core.clone(),
             id: id.clone(),

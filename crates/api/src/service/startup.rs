@@ -165,6 +165,7 @@ impl Service {
         if let Some(ticker) = tasks.last() {
             ticker.abort();
         }
+        self.end_utility_vms().await;
         let (stopped, failed) = self.core.stop_all().await;
         for (id, e) in failed {
             tracing::error!(sandbox = %id, error = %error_chain(&e), "shutdown could not stop this sandbox");
