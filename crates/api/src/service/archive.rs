@@ -8,9 +8,9 @@
 //! reaps it as an orphan. It is destroyed when the call ends, whatever
 //! the end (an error, a client gone mid-stream).
 //!
-//! While one runs the volume is marked busy: no sandbox may attach it
-//! read-write (an export) or at all (an import), and it is not cloned,
-//! grown, deleted or archived again. The mark is taken before the
+//! While one runs the volume is marked busy (as while it is cloned): no
+//! sandbox may attach it read-write (an export, a clone) or at all (an
+//! import), and it is not cloned, grown, deleted or archived again. The mark is taken before the
 //! attachments are checked, and a create checks the marks after its row
 //! (with its attachments) is in: one of the two always sees the other.
 
@@ -30,9 +30,46 @@ use crate::error::{error_chain, ApiError};
 use crate::keys::random_hex;
 use crate::state::blocking;
 
-/// Volumes with a utility VM now, by file: whether it writes (an
-/// import), and the VM.
-pub(super) type VolumeJobs = Arc<Mutex<HashMap<PathBuf, (bool, SandboxId)>>>;
+/// What is being done to a volume now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Job {
+    /// A utility VM reads it.
+    Export,
+    /// A utility VM writes it.
+    Import,
+    /// The host copies its file.
+    Clone,
+}
+
+impl Job {
+    fn writes(self) -> bool {
+        self == Job::Import
+    }
+
+    fn doing(self) -> &'static str {
+        match self {
+            Job::Export => "exported",
+            Job::Import => "imported",
+            Job::Clone => "cloned",
+        }
+    }
+}
+
+/// Volumes busy now, by file: the job, and its utility VM if it has one.
+pub(super) type VolumeJobs = Arc<Mutex<HashMap<PathBuf, (Job, Option<SandboxId>)>>>;
+
+/// A volume's busy mark, cleared when dropped.
+#[derive(Debug)]
+pub(super) struct JobMark {
+    jobs: VolumeJobs,
+    volume: PathBuf,
+}
+
+impl Drop for JobMark {
+    fn drop(&mut self) {
+        lock(&self.jobs).remove(&self.volume);
+    }
+}
 
 /// Where the utility VM mounts the volume.
 const MOUNT: &str = "/mnt/volume";
@@ -45,7 +82,9 @@ const MAX_STDERR: usize = 4096;
 /// The utility VM's own disk beyond an import's tar.
 const SCRATCH_SLACK_MB: u64 = 64;
 
-fn lock(jobs: &VolumeJobs) -> std::sync::MutexGuard<'_, HashMap<PathBuf, (bool, SandboxId)>> {
+type Jobs = HashMap<PathBuf, (Job, Option<SandboxId>)>;
+
+fn lock(jobs: &VolumeJobs) -> std::sync::MutexGuard<'_, Jobs> {
     jobs.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -173,7 +212,7 @@ impl Service {
     pub(super) async fn end_utility_vms(&self) {
         let ids: Vec<SandboxId> = lock(&self.volume_jobs)
             .values()
-            .map(|(_, id)| id.clone())
+            .filter_map(|(_, id)| id.clone())
             .collect();
         for id in ids {
             if let Err(e) = self.core.destroy(&id).await {
@@ -187,12 +226,12 @@ impl Service {
     pub(super) fn check_volume_jobs(&self, vols: &[VolumeSpec]) -> Result<(), ApiError> {
         let jobs = lock(&self.volume_jobs);
         for v in vols {
-            if let Some((writes, _)) = jobs.get(&v.path) {
-                if *writes || !v.read_only {
+            if let Some((job, _)) = jobs.get(&v.path) {
+                if job.writes() || !v.read_only {
                     return Err(ApiError::Conflict(format!(
                         "a volume to attach at {} is being {} now; try again when that ends",
                         v.mount,
-                        if *writes { "imported" } else { "exported" }
+                        job.doing()
                     )));
                 }
             }
@@ -203,12 +242,34 @@ impl Service {
     /// 409 while volume `path` has a utility VM (clone, grow, delete).
     pub(super) fn volume_idle(&self, path: &Path, name: &str) -> Result<(), ApiError> {
         match lock(&self.volume_jobs).get(path) {
-            Some((writes, _)) => Err(ApiError::Conflict(format!(
+            Some((job, _)) => Err(ApiError::Conflict(format!(
                 "volume '{name}' is being {} now; try again when that ends",
-                if *writes { "imported" } else { "exported" }
+                job.doing()
             ))),
             None => Ok(()),
         }
+    }
+
+    /// Marks volume `path` busy with `job` (a 409 if it is already),
+    /// until the mark is dropped.
+    pub(super) fn mark_volume(
+        &self,
+        path: &Path,
+        name: &str,
+        job: Job,
+    ) -> Result<JobMark, ApiError> {
+        let mut jobs = lock(&self.volume_jobs);
+        if let Some((j, _)) = jobs.get(path) {
+            return Err(ApiError::Conflict(format!(
+                "volume '{name}' is being {} now; try again when that ends",
+                j.doing()
+            )));
+        }
+        jobs.insert(path.to_path_buf(), (job, None));
+        Ok(JobMark {
+            jobs: self.volume_jobs.clone(),
+            volume: path.to_path_buf(),
+        })
     }
 
     /// Starts a utility VM with volume `row` at [`MOUNT`] (read-only
@@ -224,14 +285,15 @@ impl Service {
         let id = SandboxId::generate().map_err(internal)?;
         {
             let mut jobs = lock(&self.volume_jobs);
-            if let Some((w, _)) = jobs.get(&path) {
+            if let Some((j, _)) = jobs.get(&path) {
                 return Err(ApiError::Conflict(format!(
                     "volume '{}' is being {} now; try again when that ends",
                     row.name,
-                    if *w { "imported" } else { "exported" }
+                    j.doing()
                 )));
             }
-            jobs.insert(path.clone(), (writes, id.clone()));
+            let job = if writes { Job::Import } else { Job::Export };
+            jobs.insert(path.clone(), (job, Some(id.clone())));
         }
         let mut vm = UtilityVm {
             core: self.core.clone(),

@@ -313,8 +313,10 @@ impl Service {
     ) -> Result<Volume, ApiError> {
         crate::validate::name("volume", &body.name)?;
         let src = self.volume_row(user, name).await?;
-        self.volume_idle(&self.volume_path(&src), name)?;
-        let (locks, held) = self
+        // Busy while copied: not imported into, nor attached read-write
+        // by a new sandbox.
+        let _mark = self.mark_volume(&self.volume_path(&src), name, super::archive::Job::Clone)?;
+        let (locks, _) = self
             .quiet_users(
                 user,
                 &src,
@@ -339,28 +341,10 @@ impl Service {
             .await
             .map_err(internal)?;
         drop(locks);
-        // A sandbox created during the copy with the source read-write
-        // may have written into it: the copy could be torn.
-        let store = self.store.clone();
-        let vid = src.id.clone();
-        let late = blocking(move || store.attachments_of_volume(&vid))
-            .await?
-            .into_iter()
-            .find(|a| !a.read_only && !held.iter().any(|h| h.as_str() == a.sandbox_id));
-        let failed = match (made, late) {
-            (Err(e), _) => {
-                tracing::warn!(volume = %row.id, error = %error_chain(&e), "cloning the volume file failed");
-                Some(ApiError::Internal(format!(
-                    "cannot copy the volume file: {}",
-                    error_chain(&e)
-                )))
-            }
-            (Ok(()), Some(a)) => Some(ApiError::Conflict(format!(
-                "sandbox '{}' attached volume '{}' read-write during the copy; try again",
-                a.sandbox_name, src.name
-            ))),
-            (Ok(()), None) => None,
-        };
+        let failed = made.err().map(|e| {
+            tracing::warn!(volume = %row.id, error = %error_chain(&e), "cloning the volume file failed");
+            ApiError::Internal(format!("cannot copy the volume file: {}", error_chain(&e)))
+        });
         if let Some(err) = failed {
             let store = self.store.clone();
             let (uid, name) = (user.id.clone(), row.name.clone());
