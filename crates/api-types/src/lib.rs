@@ -235,6 +235,16 @@ pub struct PatchVolume {
     pub size_mb: u64,
 }
 
+/// `POST /volumes/:name/clone`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CloneVolume {
+    /// The new volume's name (as for `POST /volumes`); it gets the
+    /// source's size and content, charged to the disk quota.
+    pub name: String,
+}
+
 /// A persistent volume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

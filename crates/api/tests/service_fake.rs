@@ -1168,6 +1168,97 @@ fn volumes_are_checked_charged_shared_by_the_rules_and_kept_across_restarts() {
             ]
         );
 
+        // Clone: not of a volume a hot sandbox holds read-write; fine of
+        // one held read-only; by the rules of create for the new name.
+        let clone = |from: &'static str, body: Value| {
+            let c = c.clone();
+            async move {
+                c.json(Method::POST, &format!("/volumes/{from}/clone"), Some(body))
+                    .await
+            }
+        };
+        let (st, v) = clone("data", serde_json::json!({"name": "data2"})).await;
+        assert_eq!(st, 409, "{v}");
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap()
+                .contains("read-write to sandbox 'a'"),
+            "{v}"
+        );
+        let before = volume_files(&s.data);
+        let (st, v) = clone("ro", serde_json::json!({"name": "ro2"})).await;
+        assert_eq!(st, 201, "{v}");
+        assert_eq!(
+            (v["name"].as_str(), v["size_mb"].as_u64()),
+            (Some("ro2"), Some(100)),
+            "{v}"
+        );
+        let copy = volume_files(&s.data)
+            .into_iter()
+            .find(|p| !before.contains(p))
+            .expect("the clone's file");
+        let orig = before
+            .iter()
+            .find(|p| std::fs::metadata(p).unwrap().len() == 100 << 20)
+            .unwrap();
+        assert!(
+            std::fs::read(orig).unwrap() == std::fs::read(&copy).unwrap(),
+            "the clone's bytes differ"
+        );
+        assert_eq!(
+            std::fs::metadata(&copy).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        for (from, body, code) in [
+            ("nope", serde_json::json!({"name": "x"}), 404),
+            ("ro", serde_json::json!({"name": "data"}), 409),
+            ("ro", serde_json::json!({"name": "bad/name"}), 400),
+            ("ro", serde_json::json!({"name": "x", "size_mb": 1}), 400),
+        ] {
+            let (st, v) = clone(from, body.clone()).await;
+            assert_eq!(st, code, "{from} {body}: {v}");
+            assert!(v["error"].is_string(), "{v}");
+        }
+        let (st, v) = other
+            .json(
+                Method::POST,
+                "/volumes/ro/clone",
+                Some(serde_json::json!({"name": "mine"})),
+            )
+            .await;
+        assert_eq!(st, 404, "another user's volume: {v}");
+        // Held: 500 + 100 + 100 of volumes, 2 x 256 of disks = 1212 of
+        // 3000. A filler leaves 50 MiB: a clone of 100 is a 403.
+        let (st, v) = call(
+            Method::POST,
+            "/volumes",
+            Some(serde_json::json!({"name": "filler", "size_mb": 1738})),
+        )
+        .await;
+        assert_eq!(st, 201, "{v}");
+        let files = volume_files(&s.data).len();
+        let (st, v) = clone("ro", serde_json::json!({"name": "ro3"})).await;
+        assert_eq!(st, 403, "{v}");
+        assert!(v["error"].as_str().unwrap().contains("disk quota"), "{v}");
+        assert_eq!(
+            volume_files(&s.data).len(),
+            files,
+            "a refused clone makes no file"
+        );
+        assert_eq!(c.json(Method::GET, "/volumes/ro3", None).await.0, 404);
+        assert_eq!(c.json(Method::DELETE, "/volumes/filler", None).await.0, 204);
+        // A volume and its clone share a file system UUID: not on one sandbox.
+        let (st, v) = create(serde_json::json!({
+            "name": "c", "disk_size_mb": 256,
+            "volumes": [{"name": "ro", "mount": "/r1", "read_only": true},
+                        {"name": "ro2", "mount": "/r2", "read_only": true}]
+        }))
+        .await;
+        assert_eq!(st, 400, "{v}");
+        assert!(v["error"].as_str().unwrap().contains("copies"), "{v}");
+        assert_eq!(c.json(Method::DELETE, "/volumes/ro2", None).await.0, 204);
+
         // Grow: not while a user runs hot; never smaller; within the quota.
         let (st, v) = call(
             Method::PATCH,
@@ -1210,6 +1301,12 @@ fn volumes_are_checked_charged_shared_by_the_rules_and_kept_across_restarts() {
         assert!(data_file.is_some(), "{:?}", volume_files(&s.data));
         assert_state(&show(&c, "a").await, "stopped", "cold");
         assert!(lohars_of(&s.data, &a_id).is_empty());
+        // A cold or stopped holder writes nothing: its volume clones.
+        let (st, v) = clone("data", serde_json::json!({"name": "data2"})).await;
+        assert_eq!(st, 201, "{v}");
+        assert_eq!(v["size_mb"], 700, "{v}");
+        assert_eq!(v["attachments"].as_array().map(Vec::len), Some(0), "{v}");
+        assert_eq!(c.json(Method::DELETE, "/volumes/data2", None).await.0, 204);
         // The next command boots it again, volumes and all.
         assert_eq!(common::sh(&c, "a", "echo up").await, "up\n");
 
@@ -1247,7 +1344,12 @@ fn volumes_are_checked_charged_shared_by_the_rules_and_kept_across_restarts() {
         assert!(volume_files(&s.data).is_empty());
         let (st, events) = c.json(Method::GET, "/events", None).await;
         assert_eq!(st, 200, "{events}");
-        for kind in ["volume_created", "volume_grown", "volume_deleted"] {
+        for kind in [
+            "volume_created",
+            "volume_grown",
+            "volume_cloned",
+            "volume_deleted",
+        ] {
             assert!(events.to_string().contains(kind), "{kind}: {events}");
         }
         d.stop().await;

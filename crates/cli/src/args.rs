@@ -489,6 +489,29 @@ pub enum VolumeCommand {
         #[arg(long, value_name = "SIZE", value_parser = parse_disk_mb)]
         size: u64,
     },
+    /// Copy a volume into a new one of the same size (charged to your
+    /// disk quota; not while a sandbox holding it read-write runs hot or warm).
+    Clone {
+        /// The volume to copy.
+        source: String,
+        /// The new volume's name.
+        name: String,
+    },
+    /// Write a tar of a volume's files to FILE (`-` or none: standard
+    /// output). Made in a short-lived VM; not while a sandbox holds the
+    /// volume read-write.
+    Export {
+        name: String,
+        #[arg(value_name = "FILE", default_value = "-")]
+        file: String,
+    },
+    /// Replace a volume's files with those of a tar read from FILE (`-` or
+    /// none: standard input). Not while any sandbox has it attached.
+    Import {
+        name: String,
+        #[arg(value_name = "FILE", default_value = "-")]
+        file: String,
+    },
     /// Delete a volume and its data (not while a sandbox has it attached).
     #[command(alias = "delete")]
     Rm { name: String },

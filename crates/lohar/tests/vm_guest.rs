@@ -67,6 +67,7 @@ fn config(hostname: &str) -> ConfigDrive {
             cwd: None,
         }),
         volumes: Vec::new(),
+        agent_as_root: false,
     }
 }
 

@@ -119,6 +119,16 @@ pub struct ConfigDrive {
     /// Persistent volumes to mount once the root is assembled.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeMount>,
+    /// Commands run as root rather than the sandbox user: only for the
+    /// daemon's own short-lived utility VMs (a volume's tar export or
+    /// import, which must read and restore every owner and mode), never
+    /// for a user's sandbox.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub agent_as_root: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// Most volumes one sandbox may mount.
@@ -379,7 +389,26 @@ mod tests {
                 cwd: None,
             }),
             volumes: Vec::new(),
+            agent_as_root: false,
         }
+    }
+
+    #[test]
+    fn agent_as_root_is_off_unless_set_and_absent_when_off() {
+        let d = sample();
+        let json = String::from_utf8(d.to_json().unwrap()).unwrap();
+        assert!(!json.contains("agent_as_root"), "{json}");
+        assert!(
+            !ConfigDrive::from_json(json.as_bytes())
+                .unwrap()
+                .agent_as_root
+        );
+        let root = ConfigDrive {
+            agent_as_root: true,
+            ..sample()
+        };
+        let back = ConfigDrive::from_json(&root.to_json().unwrap()).unwrap();
+        assert!(back.agent_as_root);
     }
 
     #[test]

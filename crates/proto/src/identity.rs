@@ -148,6 +148,7 @@ impl GuestIdentity {
             files: Vec::new(),
             init: None,
             volumes: Vec::new(),
+            agent_as_root: false,
         };
         if let Err(e) = drive.validate() {
             return Err(IdentityError::Invalid {

@@ -95,6 +95,13 @@ pub fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(templates::warm))
         .routes(routes!(volumes::list, volumes::create))
         .routes(routes!(volumes::inspect, volumes::patch, volumes::delete))
+        .routes(routes!(volumes::clone))
+        // An import's size is bounded by the volume's (the handler checks
+        // Content-Length against it before reading a byte).
+        .routes(
+            routes!(volumes::export, volumes::import)
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .routes(routes!(events::list))
         .routes(routes!(metrics::metrics))
         .routes(routes!(metrics::status))

@@ -233,7 +233,17 @@ impl Service {
                 .await
                 .map_err(|e| ApiError::Internal(format!("store task failed: {e}")))?;
         match inserted {
-            Ok(_) => {}
+            Ok(_) => {
+                // A volume a utility VM has now (tar export or import): the
+                // row goes again (see `archive`).
+                if let Err(e) = self.check_volume_jobs(&spec.volumes) {
+                    let store = self.store.clone();
+                    let rid = id.to_string();
+                    blocking(move || store.delete_sandbox(&rid)).await?;
+                    self.locks.forget(&id);
+                    return Err(e);
+                }
+            }
             // The same name again (or a concurrent create of it won): the
             // existing sandbox.
             Err(StoreError::Duplicate { .. }) if options.existing == Existing::Return => {

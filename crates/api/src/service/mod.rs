@@ -31,6 +31,7 @@ use crate::error::ApiError;
 use crate::secrets::SecretBox;
 use crate::state::blocking;
 
+mod archive;
 mod checkpoints;
 mod guest;
 mod lifecycle;
@@ -42,6 +43,7 @@ mod startup;
 mod templates;
 mod volumes;
 
+pub use archive::VolumeExport;
 pub use guest::{guest_error, KeepHot, ShellRequest};
 pub use startup::StartError;
 
@@ -84,6 +86,8 @@ pub struct Service {
     names: Arc<crate::network::GuestNames>,
     /// The daemon's metrics (`GET /metrics`).
     metrics: Arc<crate::observe::Metrics>,
+    /// Volumes a utility VM (tar export or import) has now.
+    volume_jobs: archive::VolumeJobs,
 }
 
 impl Service {

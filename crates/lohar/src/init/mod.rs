@@ -174,7 +174,12 @@ fn boot(started: Instant) -> Result<Booted, BootError> {
     // may be started again.
     let config = AgentConfig {
         env: drive.env,
-        run_as: RunAs::Auto,
+        // The daemon's utility VMs (a volume's tar) run commands as root.
+        run_as: if drive.agent_as_root {
+            RunAs::Agent
+        } else {
+            RunAs::Auto
+        },
         default_cwd: Some(PathBuf::from(WORKSPACE)),
         ..AgentConfig::default()
     };
