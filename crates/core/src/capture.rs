@@ -10,8 +10,9 @@
 //!
 //! Both copies keep holes, and are clones where the file system has them
 //! (XFS, btrfs): the capture costs what the guest had touched. A capture is
-//! taken with the vCPUs stopped after a `sync` in the guest, so memory and
-//! disk agree; the source carries on as soon as the copies are made.
+//! taken with the vCPUs stopped, so memory and disk agree (the guest's
+//! unwritten page cache is in its memory); the source carries on as soon
+//! as the copies are made, and a durable capture is synced after that.
 //!
 //! A sandbox made from a capture runs on the capture's memory mapped
 //! copy-on-write ([`vmm::MemoryBacking::Private`]): nothing of it is copied
@@ -43,6 +44,17 @@ pub const CAPTURE_SNAPSHOT: &str = "snapshot";
 pub const CAPTURE_DISK: &str = image::disk::SANDBOX_DISK;
 /// What was captured, inside a capture directory.
 pub const CAPTURE_META: &str = "capture.json";
+
+/// Whether a capture must survive a crash of the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Synced to disk before the capture is reported made (checkpoints,
+    /// templates); the sync happens after the source resumes.
+    Durable,
+    /// Left to the page cache (a fork's capture, gone once its children
+    /// have started).
+    Scratch,
+}
 
 /// What a capture is of.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,7 +190,12 @@ impl SandboxManager {
     /// with volumes attached is refused (a volume cannot be in two
     /// sandboxes read-write, and a new sandbox would find the device
     /// missing).
-    pub async fn capture(&self, id: &SandboxId, dest: &Path) -> Result<Capture> {
+    pub async fn capture(
+        &self,
+        id: &SandboxId,
+        dest: &Path,
+        durability: Durability,
+    ) -> Result<Capture> {
         let entry = self.entry(id)?;
         let mgr = self.clone();
         let dest = dest.to_path_buf();
@@ -186,7 +203,7 @@ impl SandboxManager {
         // source paused.
         tokio::spawn(async move {
             let _life = entry.lock().await;
-            let result = mgr.capture_locked(&entry, &dest).await;
+            let result = mgr.capture_locked(&entry, &dest, durability).await;
             if result.is_err() {
                 if let Err(e) = std::fs::remove_dir_all(&dest) {
                     if e.kind() != std::io::ErrorKind::NotFound {
@@ -199,7 +216,12 @@ impl SandboxManager {
         .await?
     }
 
-    async fn capture_locked(&self, entry: &Entry, dest: &Path) -> Result<Capture> {
+    async fn capture_locked(
+        &self,
+        entry: &Entry,
+        dest: &Path,
+        durability: Durability,
+    ) -> Result<Capture> {
         let record = entry.record();
         let refuse = |state, operation| CoreError::InvalidState {
             id: entry.id.clone(),
@@ -241,6 +263,28 @@ impl SandboxManager {
         };
         let body = serde_json::to_vec_pretty(&meta).map_err(|e| fail(e.to_string()))?;
         std::fs::write(dest.join(CAPTURE_META), body).map_err(|e| fail(e.to_string()))?;
+        if durability == Durability::Durable {
+            // The source runs again already: only the capture waits.
+            let d = dest.to_path_buf();
+            tokio::task::spawn_blocking(move || -> std::result::Result<(), String> {
+                let snap = d.join(CAPTURE_SNAPSHOT);
+                for p in [
+                    snap.join(MEMORY_FILE),
+                    snap.join(STATE_FILE),
+                    snap.clone(),
+                    d.join(CAPTURE_DISK),
+                    d.join(CAPTURE_META),
+                    d.clone(),
+                ] {
+                    if p.exists() {
+                        vmm::snapshot::sync_path(&p).map_err(|e| error_chain(&e))?;
+                    }
+                }
+                Ok(())
+            })
+            .await?
+            .map_err(&fail)?;
+        }
         let mut capture = Capture::open(dest, self.inner.engine.kind())?;
         capture.paused = paused;
         tracing::info!(
@@ -253,7 +297,7 @@ impl SandboxManager {
         Ok(capture)
     }
 
-    /// Sync, stop, snapshot, copy memory and disk, resume.
+    /// Stop, snapshot, copy memory and disk, resume.
     async fn capture_live(
         &self,
         entry: &Entry,
@@ -270,10 +314,9 @@ impl SandboxManager {
             }
             entry.set_thermal(ThermalState::Hot)?;
         }
-        if let Err(e) = self.sync_guest(entry, &vm).await {
-            cut.disarm();
-            return Err(e);
-        }
+        // No sync in the guest first: memory and disk are taken at one
+        // instant (QEMU drains and flushes its block layer when it stops),
+        // so what the guest has in its page cache comes with its memory.
         let stopped = Instant::now();
         if let Err(e) = vm.vmm.snapshot(snap, SnapshotKind::Full).await {
             let err = self.thermal_error(entry, &*vm.vmm, "capture", e);
@@ -487,7 +530,7 @@ impl SandboxManager {
         children: Vec<(SandboxId, SandboxSpec)>,
         scratch: &Path,
     ) -> Result<(Capture, Vec<Result<crate::SandboxRecord>>)> {
-        let capture = self.capture(id, scratch).await?;
+        let capture = self.capture(id, scratch, Durability::Scratch).await?;
         let mut set = tokio::task::JoinSet::new();
         for (i, (child, spec)) in children.into_iter().enumerate() {
             let (mgr, capture) = (self.clone(), capture.clone());
@@ -521,7 +564,7 @@ impl SandboxManager {
         dest: &Path,
     ) -> Result<Capture> {
         self.create_as(id.clone(), spec).await?;
-        let captured = self.capture(&id, dest).await;
+        let captured = self.capture(&id, dest, Durability::Durable).await;
         if let Err(e) = self.destroy(&id).await {
             tracing::warn!(sandbox = %id, error = %error_chain(&e), "destroying a template's source");
         }

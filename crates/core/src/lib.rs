@@ -45,7 +45,7 @@ mod spec;
 mod state;
 mod thermal;
 
-pub use capture::{Capture, CaptureMeta, CAPTURE_DISK, CAPTURE_META, CAPTURE_SNAPSHOT};
+pub use capture::{Capture, CaptureMeta, Durability, CAPTURE_DISK, CAPTURE_META, CAPTURE_SNAPSHOT};
 pub use config::CoreConfig;
 pub use error::{CoreError, Result};
 pub use guest::{

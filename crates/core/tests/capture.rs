@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bhatti_core::{
-    CoreConfig, SandboxId, SandboxManager, SandboxRecord, SandboxSpec, ThermalPolicy, ThermalState,
+    CoreConfig, Durability, SandboxId, SandboxManager, SandboxRecord, SandboxSpec, ThermalPolicy,
+    ThermalState,
 };
 use image::Tier;
 use net::IpRoute;
@@ -111,7 +112,7 @@ fn checkpoints_forks_and_rollbacks_carry_processes_memory_and_files() {
 
         // A checkpoint of the running sandbox: it pauses for the copies only.
         let ck_dir = data.path().join("ck1");
-        let ck = mgr.capture(&id, &ck_dir).await.expect("capture");
+        let ck = mgr.capture(&id, &ck_dir, Durability::Durable).await.expect("capture");
         println!(
             "MEASURED capture: paused {:?}, {} MiB on disk",
             ck.paused,

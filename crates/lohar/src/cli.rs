@@ -11,7 +11,7 @@ usage:
 
 ADDR is unix:/path/to/socket or tcp:HOST:PORT (port 0 picks a free port).
 `serve` prints `LISTENING <addr>` on stdout once it accepts connections.
-With --identity-stdin it reads identity lines (BHATTI-IDENTITY1 ...) from
+With --identity-stdin it reads identity lines (BHATTI-IDENTITY2 {json}) from
 stdin and takes each one's token as its own (nothing else of the host's).
 ";
 

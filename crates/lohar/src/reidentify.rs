@@ -418,7 +418,11 @@ mod tests {
         let crlf = good.trim_end().to_string() + "\r\n";
         let mut bad = identity();
         bad.token = "short".into();
-        let long = format!("BHATTI-IDENTITY1 {}\n", "0".repeat(MAX_IDENTITY_LINE + 10));
+        let long = format!(
+            "{}{}\n",
+            proto::identity::IDENTITY_PREFIX,
+            "0".repeat(MAX_IDENTITY_LINE + 10)
+        );
         let input = format!(
             "login: hello\n{long}{good}\x1b[0m noise\n{}{crlf}",
             bad.to_line()

@@ -46,7 +46,11 @@ async fn an_identity_line_on_stdin_replaces_the_token() {
     // Noise, a refused identity (token too short) and an over-long line
     // first: the reader skips them…
     let bad = identity("short");
-    let long = format!("BHATTI-IDENTITY1 {}\n", "0".repeat(20_000));
+    let long = format!(
+        "{}{}\n",
+        proto::identity::IDENTITY_PREFIX,
+        "0".repeat(20_000)
+    );
     stdin
         .write_all(format!("hello\n{}{long}", bad.to_line()).as_bytes())
         .unwrap();

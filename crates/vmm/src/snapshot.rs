@@ -111,8 +111,9 @@ pub fn consume(dir: &Path) -> Result<()> {
 /// depend on the VM it was taken of and that any number of new VMs may
 /// start from. A snapshot that left guest RAM in the VM's shared memory
 /// file gets a copy of that file as `dir/`[`MEMORY_FILE`] (taken while
-/// the VM is still stopped: the caller resumes it afterwards) and its
-/// manifest says so; restores then map that copy privately
+/// the VM is still stopped: the caller resumes it afterwards, and syncs the
+/// copy with [`sync_path`] if it must outlive a crash) and its manifest
+/// says so; restores then map that copy privately
 /// ([`crate::MemoryBacking::Private`]). A snapshot with RAM in its state
 /// file is a capture already. Returns the bytes the copy occupies.
 pub fn make_capture(dir: &Path) -> Result<u64> {
@@ -162,7 +163,8 @@ pub fn relocate_capture(dir: &Path) -> Result<()> {
 /// copy-on-write clone where the file system has them (`FICLONE`: XFS,
 /// btrfs), else only the data extents (`SEEK_DATA`/`SEEK_HOLE`, each
 /// copied in the kernel with `copy_file_range`). Returns the bytes of data
-/// copied (0 for a clone).
+/// copied (0 for a clone). Nothing is synced: a caller that needs the copy
+/// to survive a crash calls [`sync_path`] (after whatever waits on it).
 pub fn copy_sparse(from: &Path, to: &Path) -> Result<u64> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
@@ -220,8 +222,17 @@ pub fn copy_sparse(from: &Path, to: &Path) -> Result<u64> {
         }
         pos = hole;
     }
-    dst.sync_all().map_err(err(to))?;
     Ok(copied)
+}
+
+/// Flushes a file, or a directory's entries, to disk.
+pub fn sync_path(path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|source| VmmError::SnapshotIo {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 impl SnapshotManifest {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use api_types::{
     Checkpoint, CreateCheckpoint, CreateSandbox, ForkSandbox, RestoreSandbox, Sandbox,
 };
-use bhatti_core::{Capture, SandboxId};
+use bhatti_core::{Capture, Durability, SandboxId};
 use store::{CheckpointRow, NewCheckpoint, SandboxStatus, UserRecord};
 
 use super::lifecycle::{Existing, Start, StartOptions};
@@ -153,7 +153,7 @@ impl Service {
         private_parent(&dir)?;
         let capture = {
             let _lock = self.locks.lock(&id).await;
-            self.core.capture(&id, &dir).await?
+            self.core.capture(&id, &dir, Durability::Durable).await?
         };
         let spec = &capture.meta.spec;
         let new = NewCheckpoint {
@@ -397,7 +397,9 @@ impl Service {
         private_parent(&scratch)?;
         let capture = {
             let _lock = self.locks.lock(&id).await;
-            self.core.capture(&id, &scratch).await?
+            self.core
+                .capture(&id, &scratch, Durability::Scratch)
+                .await?
         };
         self.event(
             user,
