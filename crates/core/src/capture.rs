@@ -84,6 +84,12 @@ pub struct Capture {
     /// How long the source's vCPUs were stopped for it (zero for a cold
     /// source, which has none running).
     pub paused: Duration,
+    /// Guest RAM is a memory image beside the state (mapped copy-on-write
+    /// by a restore); else it is in the state file itself (a capture of a
+    /// source whose RAM was private, such as a cold sandbox that was made
+    /// from a capture and has not cycled since), and a restore loads it
+    /// into a memory file of the new VM's own.
+    pub memory_image: bool,
 }
 
 impl Capture {
@@ -110,7 +116,9 @@ impl Capture {
         let mut probe = vmm::VmSpec::new(dir.join("kernel"), dir);
         probe.vcpus = meta.spec.cpus;
         probe.memory_mib = meta.spec.memory_mb;
-        SnapshotManifest::read_for(&snap, engine, &probe).map_err(|e| bad(error_chain(&e)))?;
+        let manifest =
+            SnapshotManifest::read_for(&snap, engine, &probe).map_err(|e| bad(error_chain(&e)))?;
+        let memory_image = matches!(manifest.memory, vmm::snapshot::SnapshotMemory::File { .. });
         let disk = dir.join(CAPTURE_DISK);
         let want = meta.spec.disk_mb.map(|mb| mb << 20);
         let len = std::fs::metadata(&disk)
@@ -126,6 +134,7 @@ impl Capture {
             dir: dir.to_path_buf(),
             meta,
             paused: Duration::ZERO,
+            memory_image,
         })
     }
 
@@ -137,6 +146,17 @@ impl Capture {
     /// The memory image a restored VM maps (copy-on-write).
     pub fn memory(&self) -> PathBuf {
         self.snapshot_dir().join(MEMORY_FILE)
+    }
+
+    /// Makes `spec` (a new VM's, with a memory file of its own) restore
+    /// from this capture: its memory image mapped copy-on-write, or, for a
+    /// capture with RAM in its state, the spec's own file filled from it.
+    pub fn apply_memory(&self, spec: &mut vmm::VmSpec) {
+        if self.memory_image {
+            spec.memory = vmm::MemoryBacking::Private {
+                path: self.memory(),
+            };
+        }
     }
 
     /// The disk a new sandbox gets a copy of.
@@ -455,9 +475,7 @@ impl SandboxManager {
         .await?
         .map_err(io(&capture.dir))?;
         let mut spec = crate::machine::vm_spec(&record.spec, image, &dir, att);
-        spec.memory = vmm::MemoryBacking::Private {
-            path: capture.memory(),
-        };
+        capture.apply_memory(&mut spec);
         let vmm: std::sync::Arc<dyn vmm::Vmm> =
             std::sync::Arc::from(self.inner.engine.new_vmm(spec).map_err(|source| {
                 CoreError::Vmm {

@@ -395,9 +395,7 @@ impl SandboxManager {
         let mut spec = vm_spec(&spec, image, &dir, &att);
         let restore_from = match &origin {
             Origin::Restored(capture) => {
-                spec.memory = vmm::MemoryBacking::Private {
-                    path: capture.memory(),
-                };
+                capture.apply_memory(&mut spec);
                 Some(capture.snapshot_dir())
             }
             Origin::Fresh | Origin::Again { .. } => None,

@@ -237,7 +237,28 @@ fn checkpoints_forks_and_rollbacks_carry_processes_memory_and_files() {
         assert_eq!(rhits, hits0 + 1, "the dict's memory is the checkpoint's");
         assert!(rc >= c0);
         let (h, ip, _) = guest_identity(&mgr, &id).await;
-        assert_eq!((h.as_str(), ip), ("origin", origin.network.unwrap().ip.to_string()));
+        assert_eq!((h.as_str(), ip), ("origin", origin.network.as_ref().unwrap().ip.to_string()));
+
+        // A cold sandbox is captured from its snapshot, nothing started.
+        mgr.stop(&id).await.expect("origin to cold");
+        let cold_ck = mgr
+            .capture(&id, &data.path().join("ck-cold"), Durability::Durable)
+            .await
+            .expect("capture of a cold sandbox");
+        assert_eq!(cold_ck.paused, Duration::ZERO);
+        assert_eq!(mgr.get(&id).unwrap().thermal, ThermalState::Cold, "still cold");
+        let from_cold = mgr
+            .create_from_capture(
+                SandboxId::generate().unwrap(),
+                child_spec("from-cold", &origin),
+                cold_ck,
+            )
+            .await
+            .expect("create from the cold capture");
+        let (_, _, t, _, _) = workload(&mgr, &from_cold.id).await;
+        assert_eq!(t, token);
+        assert_eq!(out(&mgr, &from_cold.id, "cat /workspace/marker").await, "before");
+        assert_eq!(guest_identity(&mgr, &from_cold.id).await.0, "from-cold");
 
         for sb in mgr.list() {
             mgr.destroy(&sb.id).await.expect("destroy");

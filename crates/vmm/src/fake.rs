@@ -414,6 +414,7 @@ impl FakeVmm {
             memory: SnapshotMemory::InState,
             tap: self.spec.net.as_ref().map(|n| n.tap.clone()),
             state_bytes: body.len() as u64,
+            capture: false,
         };
         manifest.write(dir)?;
         Ok(SnapshotInfo {
@@ -553,10 +554,9 @@ impl Vmm for FakeVmm {
         SnapshotManifest::read_for(dir, EngineKind::Fake, &self.spec)?;
         self.engine.count(|s| s.restores += 1);
         let fault = self.engine.take_fault(Op::Restore);
-        // As QEMU's: the guest is about to run on the snapshot's state,
-        // unless the snapshot is a capture (its memory mapped privately).
-        let capture = matches!(self.spec.memory, crate::spec::MemoryBacking::Private { .. });
-        if fault != Some(Fault::RestoreFails) && !capture {
+        // As QEMU's: the guest is about to run on the snapshot's state
+        // (a capture is never spent: `consume` leaves it).
+        if fault != Some(Fault::RestoreFails) {
             crate::snapshot::consume(dir)?;
         }
         let proc = self.launch(false, false)?;

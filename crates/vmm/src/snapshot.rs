@@ -69,6 +69,10 @@ pub struct SnapshotManifest {
     pub tap: Option<String>,
     /// Size of the state file when written (checked before a restore).
     pub state_bytes: u64,
+    /// A capture ([`make_capture`]): independent of the VM it was taken
+    /// of, and never spent by a restore.
+    #[serde(default)]
+    pub capture: bool,
 }
 
 /// What [`crate::Vmm::snapshot`] produced.
@@ -94,6 +98,13 @@ pub struct SnapshotInfo {
 /// a manifest the directory is no snapshot. Nothing there is fine.
 pub fn consume(dir: &Path) -> Result<()> {
     let path = dir.join(MANIFEST);
+    if std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<SnapshotManifest>(&b).ok())
+        .is_some_and(|m| m.capture)
+    {
+        return Ok(());
+    }
     match std::fs::remove_file(&path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -128,12 +139,13 @@ pub fn make_capture(dir: &Path) -> Result<u64> {
             reason: format!("unreadable manifest: {e}"),
         })?
     };
-    let SnapshotMemory::SharedFile { path } = &m.memory else {
-        return Ok(0);
-    };
-    let copy = dir.join(MEMORY_FILE);
-    let used = copy_sparse(path, &copy)?;
-    m.memory = SnapshotMemory::File { path: copy };
+    let mut used = 0;
+    if let SnapshotMemory::SharedFile { path } = &m.memory {
+        let copy = dir.join(MEMORY_FILE);
+        used = copy_sparse(path, &copy)?;
+        m.memory = SnapshotMemory::File { path: copy };
+    }
+    m.capture = true;
     m.write(dir)?;
     Ok(used)
 }
@@ -334,6 +346,7 @@ mod tests {
             memory: SnapshotMemory::InState,
             tap: None,
             state_bytes: 5,
+            capture: false,
         }
     }
 

@@ -674,6 +674,7 @@ impl Vmm for FirecrackerVmm {
             memory: SnapshotMemory::File { path: mem },
             tap: self.spec.net.as_ref().map(|n| n.tap.clone()),
             state_bytes,
+            capture: false,
         };
         manifest.write(dir)?;
         self.slot.set_state(next);
@@ -971,6 +972,7 @@ mod tests {
             },
             tap: Some("tap-old".into()),
             state_bytes: 1,
+            capture: false,
         };
         let p = load_params(
             Path::new("/s"),

@@ -581,6 +581,7 @@ impl Vmm for QemuVmm {
             },
             tap: self.spec.net.as_ref().map(|n| n.tap.clone()),
             state_bytes,
+            capture: false,
         };
         manifest.write(dir)?;
         self.slot.set_state(next);
@@ -603,7 +604,8 @@ impl Vmm for QemuVmm {
         // Which memory the restored guest runs on, and whether that spends
         // the snapshot.
         let spends = match (&manifest.memory, &self.spec.memory) {
-            (SnapshotMemory::InState, MemoryBacking::Anonymous) => true,
+            // RAM comes from the stream: the snapshot stays as it was.
+            (SnapshotMemory::InState, MemoryBacking::Anonymous) => false,
             // RAM comes from the stream into a new shared file: from then on
             // the VM is like any booted one.
             (SnapshotMemory::InState, MemoryBacking::File { path }) => {
@@ -616,7 +618,7 @@ impl Vmm for QemuVmm {
                         path: path.clone(),
                         source,
                     })?;
-                true
+                false
             }
             // The guest runs on the snapshot's own memory file.
             (SnapshotMemory::SharedFile { path }, MemoryBacking::File { path: mine })
