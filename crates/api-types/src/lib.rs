@@ -125,6 +125,8 @@ pub struct WarmImage {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Template {
+    /// `<cpus>x<memory_mb>`: its name under its image.
+    pub shape: String,
     pub image: String,
     pub cpus: u32,
     pub memory_mb: u64,

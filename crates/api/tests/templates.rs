@@ -131,6 +131,38 @@ fn creates_restore_from_a_users_template_with_their_own_identity() {
         assert!(uptime(&alice, "f3").await <= took + 1.0);
         assert_eq!(sh(&alice, "f3", "echo $A").await.trim(), "1");
 
+        // Listed; in use while t1 (made from it) exists.
+        let (s, list) = alice
+            .json(Method::GET, "/images/tiny/templates", None)
+            .await;
+        assert_eq!(s, 200, "{list}");
+        assert_eq!(list[0]["shape"], "1x256", "{list}");
+        let (s, v) = alice
+            .json(Method::DELETE, "/images/tiny/templates/1x256", None)
+            .await;
+        assert_eq!(s, 409, "{v}");
+        assert!(v["error"].as_str().unwrap().contains("t1"), "{v}");
+        for (path, want) in [
+            ("/images/tiny/templates/big", 400),
+            ("/images/tiny/templates/2x512", 404),
+        ] {
+            assert_eq!(
+                alice.json(Method::DELETE, path, None).await.0,
+                want,
+                "{path}"
+            );
+        }
+        let (s, v) = alice.json(Method::DELETE, "/sandboxes/t1", None).await;
+        assert_eq!(s, 204, "{v}");
+        let (s, v) = alice
+            .json(Method::DELETE, "/images/tiny/templates/1x256", None)
+            .await;
+        assert_eq!(s, 204, "{v}");
+        let (_, list) = alice
+            .json(Method::GET, "/images/tiny/templates", None)
+            .await;
+        assert_eq!(list, json!([]));
+
         // Another user has no template of alice's: bob boots.
         let (_, took) = create_timed(&bob, json!({"name": "b1"})).await;
         assert!(

@@ -1,5 +1,7 @@
 //! Checkpoint rows: a user's captures of sandboxes (the files live under
-//! the data directory; the row says whose, of what and how big). A
+//! the data directory; the row says whose, of what and how big). Each is
+//! charged to the user's disk quota at what it can grow to: the memory and
+//! the disk it holds (`memory_mb + disk_mb`). A
 //! checkpoint is in use while a sandbox made from it, or rolled back to
 //! it, exists (`sandboxes.checkpoint_id`): such a sandbox may still run on
 //! its memory image.
@@ -81,6 +83,26 @@ impl Store {
         )?;
         if used >= limit {
             return Err(StoreError::CheckpointQuota { used, limit });
+        }
+        let asked = c.memory_mb + c.disk_mb;
+        let held = crate::sandboxes::usage(&tx, &c.user_id)?.disk_mb;
+        let most: u64 = tx
+            .query_row(
+                "SELECT max_disk_mb FROM users WHERE id = ?1",
+                [&c.user_id],
+                |r| r.get(0),
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound {
+                kind: "user",
+                id: c.user_id.clone(),
+            })?;
+        if held + asked > most {
+            return Err(StoreError::DiskQuota {
+                used: held,
+                limit: most,
+                asked,
+            });
         }
         tx.execute(
             &format!("INSERT INTO checkpoints ({COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
@@ -165,6 +187,17 @@ impl Store {
         Ok(row)
     }
 
+    /// The names of a user's sandboxes made from (or rolled back to)
+    /// `origin`: a checkpoint's id, or a template's key.
+    pub fn sandboxes_made_from(&self, user_id: &str, origin: &str) -> Result<Vec<String>> {
+        let conn = self.conn();
+        let mut st = conn.prepare(
+            "SELECT name FROM sandboxes WHERE user_id = ?1 AND checkpoint_id = ?2 ORDER BY name",
+        )?;
+        let rows = st.query_map(params![user_id, origin], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     /// Records which checkpoint a sandbox was made from or rolled back to.
     pub fn set_sandbox_checkpoint(&self, sandbox_id: &str, checkpoint_id: &str) -> Result<()> {
         let n = self.conn().execute(
@@ -217,6 +250,35 @@ mod tests {
     }
 
     #[test]
+    fn checkpoints_are_charged_to_the_disk_quota() {
+        let s = Store::open_in_memory().unwrap();
+        s.create_user(&NewUser {
+            id: "u1".into(),
+            name: "alice".into(),
+            key_hash: "h1".into(),
+            max_sandboxes: 4,
+            max_cpus: 8,
+            max_memory_mb: 8192,
+            max_disk_mb: 5000,
+        })
+        .unwrap();
+        s.insert_checkpoint(&new("ck-1", "a"), 10).unwrap();
+        let e = s.insert_checkpoint(&new("ck-2", "b"), 10).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                StoreError::DiskQuota {
+                    used: 2560,
+                    limit: 5000,
+                    asked: 2560
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(s.checkpoints("u1").unwrap().len(), 1);
+    }
+
+    #[test]
     fn checkpoints_are_counted_named_and_held_by_their_sandboxes() {
         let s = store_with_user();
         let a = s.insert_checkpoint(&new("ck-1", "a"), 2).unwrap();
@@ -232,6 +294,8 @@ mod tests {
             Err(StoreError::CheckpointQuota { used: 2, limit: 2 })
         ));
         assert_eq!(s.checkpoints("u1").unwrap().len(), 2);
+        // Charged to the disk quota: two of 512 + 2048 MiB.
+        assert_eq!(s.usage_of("u1").unwrap().disk_mb, 2 * (512 + 2048));
         assert!(matches!(
             s.checkpoint("u2", "a"),
             Err(StoreError::NotFound { .. })

@@ -401,6 +401,7 @@ pub(crate) fn usage(conn: &rusqlite::Connection, user_id: &str) -> Result<Usage>
         "SELECT COUNT(*), COALESCE(SUM(cpus), 0), COALESCE(SUM(memory_mb), 0),
                 COALESCE(SUM(disk_mb), 0)
                   + (SELECT COALESCE(SUM(size_mb), 0) FROM volumes WHERE user_id = ?1)
+                  + (SELECT COALESCE(SUM(memory_mb + disk_mb), 0) FROM checkpoints WHERE user_id = ?1)
          FROM sandboxes WHERE user_id = ?1",
         [user_id],
         |r| {

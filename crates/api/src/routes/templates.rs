@@ -43,3 +43,50 @@ pub async fn warm(
         Json(state.service.warm_template(&user, &name, body).await?),
     ))
 }
+
+/// The caller's templates of an image.
+#[utoipa::path(
+    get,
+    path = "/images/{name}/templates",
+    operation_id = "list_templates",
+    tag = "images",
+    params(("name" = String, Path, description = "The image's name.")),
+    responses(
+        (status = 200, description = "The caller's templates of the image.", body = Vec<api_types::Template>),
+        Authed
+    )
+)]
+pub async fn list(
+    State(state): State<AppState>,
+    User(user): User,
+    Path(name): Path<String>,
+) -> Result<Json<Vec<api_types::Template>>, ApiError> {
+    state.limit(&user, Class::Read)?;
+    Ok(Json(state.service.list_templates(&user, &name).await?))
+}
+
+/// Deletes one of the caller's templates (creates boot again).
+#[utoipa::path(
+    delete,
+    path = "/images/{name}/templates/{shape}",
+    operation_id = "delete_template",
+    tag = "images",
+    params(
+        ("name" = String, Path, description = "The image's name."),
+        ("shape" = String, Path, description = "`<cpus>x<memory_mb>`, as the template shows it."),
+    ),
+    responses(
+        (status = 204, description = "Deleted."),
+        (status = 409, description = "A sandbox made from it exists.", body = api_types::ErrorBody),
+        Authed, Missing
+    )
+)]
+pub async fn delete(
+    State(state): State<AppState>,
+    User(user): User,
+    Path((name, shape)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    state.limit(&user, Class::Create)?;
+    state.service.delete_template(&user, &name, &shape).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

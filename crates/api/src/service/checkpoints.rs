@@ -290,7 +290,7 @@ impl Service {
         };
         let start = Start::Capture {
             capture: Box::new(capture),
-            checkpoint: Some(ck.id.clone()),
+            origin: Some(ck.id.clone()),
         };
         self.insert_and_start(user, spec, options, Vec::new(), start)
             .await
@@ -425,7 +425,7 @@ impl Service {
             set.spawn(async move {
                 let start = Start::Capture {
                     capture: Box::new(capture),
-                    checkpoint: None,
+                    origin: None,
                 };
                 let r = this
                     .insert_and_start(&user, spec, options, Vec::new(), start)

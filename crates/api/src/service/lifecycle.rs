@@ -47,18 +47,19 @@ pub(super) struct StartOptions {
 pub(super) enum Start {
     /// A boot of its image.
     Boot,
-    /// A restore from a capture: a checkpoint's (its id), or a fork's.
+    /// A restore from a capture: a checkpoint's or a template's (its
+    /// origin, recorded on the sandbox's row), or a fork's.
     Capture {
         capture: Box<bhatti_core::Capture>,
-        checkpoint: Option<String>,
+        origin: Option<String>,
     },
 }
 
 impl Start {
-    fn checkpoint_id(&self) -> Option<String> {
+    fn origin(&self) -> Option<String> {
         match self {
             Start::Boot => None,
-            Start::Capture { checkpoint, .. } => checkpoint.clone(),
+            Start::Capture { origin, .. } => origin.clone(),
         }
     }
 
@@ -66,9 +67,11 @@ impl Start {
         match self {
             Start::Boot => serde_json::json!("boot"),
             Start::Capture {
-                checkpoint: Some(c),
-                ..
-            } => serde_json::json!({ "checkpoint": c }),
+                origin: Some(o), ..
+            } => match o.strip_prefix("template:") {
+                Some(t) => serde_json::json!({ "template": t }),
+                None => serde_json::json!({ "checkpoint": o }),
+            },
             Start::Capture { capture, .. } => {
                 serde_json::json!({ "fork_of": capture.meta.source.as_str() })
             }
@@ -181,7 +184,11 @@ impl Service {
         let start = match self.template_for(user, &spec, &body).await {
             Some(capture) => Start::Capture {
                 capture: Box::new(capture),
-                checkpoint: None,
+                origin: Some(super::templates::template_origin(
+                    &spec.image,
+                    spec.cpus,
+                    spec.memory_mb,
+                )),
             },
             None => Start::Boot,
         };
@@ -260,7 +267,7 @@ impl Service {
         .await;
 
         self.creating_set().insert(id.clone());
-        let checkpoint = start.checkpoint_id();
+        let origin = start.origin();
         let created = match start {
             Start::Boot => self.core.create_as(id.clone(), spec).await,
             Start::Capture { capture, .. } => {
@@ -272,7 +279,7 @@ impl Service {
         self.creating_set().remove(&id);
         match created {
             Ok(record) => {
-                if let Some(ck) = checkpoint {
+                if let Some(ck) = origin {
                     let (store, rid) = (self.store.clone(), id.to_string());
                     blocking(move || store.set_sandbox_checkpoint(&rid, &ck)).await?;
                 }

@@ -18,6 +18,21 @@ use bhatti_core::{Capture, SandboxId, SandboxSpec};
 use store::UserRecord;
 
 use super::{internal, Service};
+use crate::state::blocking;
+
+/// Templates one user may keep (each costs the disk its guest touched).
+pub const MAX_TEMPLATES_PER_USER: usize = 8;
+
+/// What a sandbox made from a template records as its origin.
+pub(super) fn template_origin(image: &str, cpus: u32, memory_mb: u32) -> String {
+    format!("template:{image}/{cpus}x{memory_mb}")
+}
+
+/// `<cpus>x<memory_mb>` parsed.
+fn parse_shape(shape: &str) -> Option<(u32, u32)> {
+    let (c, m) = shape.split_once('x')?;
+    Some((c.parse().ok()?, m.parse().ok()?))
+}
 use crate::error::{error_chain, ApiError};
 use crate::keys::random_hex;
 
@@ -139,6 +154,11 @@ impl Service {
             )));
         }
         let dir = self.template_dir(&user.id, image, spec.cpus, spec.memory_mb);
+        if !dir.exists() && self.template_dirs(&user.id).len() >= MAX_TEMPLATES_PER_USER {
+            return Err(ApiError::Forbidden(format!(
+                "template quota reached: {MAX_TEMPLATES_PER_USER} kept; delete one first"
+            )));
+        }
         let key = dir.display().to_string();
         if !self.warming().insert(key.clone()) {
             return Err(ApiError::Conflict(format!(
@@ -202,6 +222,7 @@ impl Service {
             "template made"
         );
         Ok(Template {
+            shape: format!("{}x{}", spec.cpus, spec.memory_mb),
             image: spec.image.clone(),
             cpus: spec.cpus,
             memory_mb: u64::from(spec.memory_mb),
@@ -209,6 +230,93 @@ impl Service {
             bytes: capture.bytes,
             created_at: capture.meta.taken_unix_ms as i64,
         })
+    }
+
+    /// Every template directory of a user (`<image>/<shape>`).
+    fn template_dirs(&self, user_id: &str) -> Vec<(String, String, PathBuf)> {
+        let mut out = Vec::new();
+        let Ok(images) = std::fs::read_dir(self.templates_root(user_id)) else {
+            return out;
+        };
+        for image in images.flatten() {
+            let Ok(shapes) = std::fs::read_dir(image.path()) else {
+                continue;
+            };
+            for shape in shapes.flatten() {
+                let name = shape.file_name().to_string_lossy().into_owned();
+                if parse_shape(&name).is_some() {
+                    let img = image.file_name().to_string_lossy().into_owned();
+                    out.push((img, name, shape.path()));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// The caller's templates of `image`.
+    pub async fn list_templates(
+        &self,
+        user: &UserRecord,
+        image: &str,
+    ) -> Result<Vec<Template>, ApiError> {
+        let engine = self.core.engine().kind;
+        let mut out = Vec::new();
+        for (img, shape, dir) in self.template_dirs(&user.id) {
+            if img != image {
+                continue;
+            }
+            let opened = tokio::task::spawn_blocking(move || Capture::open(&dir, engine))
+                .await
+                .map_err(internal)?;
+            let Ok(c) = opened else { continue };
+            let spec = &c.meta.spec;
+            out.push(Template {
+                shape,
+                image: img,
+                cpus: spec.cpus,
+                memory_mb: u64::from(spec.memory_mb),
+                disk_size_mb: spec.disk_mb.unwrap_or(self.config.defaults.disk_mb),
+                bytes: c.bytes,
+                created_at: c.meta.taken_unix_ms as i64,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Deletes the caller's template of `image` with `shape`
+    /// (`<cpus>x<memory_mb>`); a 409 while a sandbox made from it exists.
+    pub async fn delete_template(
+        &self,
+        user: &UserRecord,
+        image: &str,
+        shape: &str,
+    ) -> Result<(), ApiError> {
+        let (cpus, memory) = parse_shape(shape).ok_or_else(|| {
+            ApiError::BadRequest(format!("'{shape}' is not a shape: <cpus>x<memory_mb>"))
+        })?;
+        let dir = self.template_dir(&user.id, image, cpus, memory);
+        if !dir.is_dir() {
+            return Err(ApiError::NotFound(format!(
+                "no template of '{image}' with shape {shape}"
+            )));
+        }
+        let (store, uid, origin) = (
+            self.store.clone(),
+            user.id.clone(),
+            template_origin(image, cpus, memory),
+        );
+        let users = blocking(move || store.sandboxes_made_from(&uid, &origin)).await?;
+        if !users.is_empty() {
+            return Err(ApiError::Conflict(format!(
+                "the template is in use by sandbox(es) made from it: {}",
+                users.join(", ")
+            )));
+        }
+        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir))
+            .await
+            .map_err(internal)?
+            .map_err(|e| ApiError::Internal(format!("removing the template: {e}")))
     }
 
     fn warming(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
