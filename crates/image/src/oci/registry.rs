@@ -98,8 +98,6 @@ pub struct Puller {
     pub downloaded_bytes: u64,
 }
 
-const ERROR_BODY: usize = 512;
-
 /// Parses `Bearer realm="…",service="…",scope="…"` (or `Basic realm=…`)
 /// into its scheme and parameters.
 pub fn parse_challenge(header: &str) -> Option<(String, Vec<(String, String)>)> {
@@ -288,9 +286,11 @@ impl Puller {
         match url.scheme() {
             "https" => {}
             "http" if self.opts.insecure => {}
-            _ => return Err(unauthorized(format!(
+            _ => {
+                return Err(unauthorized(format!(
                 "the token realm '{realm}' is not HTTPS (mark the registry insecure to allow it)"
-            ))),
+            )))
+            }
         }
         {
             let mut q = url.query_pairs_mut();
@@ -350,7 +350,7 @@ impl Puller {
                 registry: r.registry.clone(),
                 status: s.as_u16(),
                 what: what.to_owned(),
-                message: String::new(),
+                message: s.canonical_reason().unwrap_or("").to_owned(),
             },
         })
     }
@@ -506,9 +506,6 @@ async fn read_body(
     }
     Ok(out)
 }
-
-#[allow(dead_code)]
-const _: usize = ERROR_BODY;
 
 mod base64_lite {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";

@@ -338,7 +338,7 @@ mod tests {
             h.set_size(data.len() as u64);
             h.set_mtime(1_700_000_000);
             h.set_cksum();
-            b.append(&h, &data[..]).unwrap();
+            b.append(&h, data).unwrap();
         }
         b.into_inner().unwrap()
     }
