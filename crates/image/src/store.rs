@@ -234,7 +234,12 @@ mod tests {
             std::fs::create_dir_all(&d).unwrap();
             std::fs::write(d.join(MANIFEST), "{}").unwrap();
         }
-        for f in [l.vmlinux(), l.vmlinuz(), l.initramfs(), l.rootfs(Tier::Tiny)] {
+        for f in [
+            l.vmlinux(),
+            l.vmlinuz(),
+            l.initramfs(),
+            l.rootfs(Tier::Tiny),
+        ] {
             std::fs::write(f, b"x").unwrap();
         }
         std::fs::write(l.kernel_release_file(), "6.1\n").unwrap();

@@ -95,7 +95,7 @@ impl BlobStore {
             loop {
                 let n = reader.read(&mut buf).map_err(|source| OciError::Tar {
                     what: what.to_owned(),
-                    source,
+                    error: source,
                 })?;
                 if n == 0 {
                     break;
@@ -135,7 +135,7 @@ impl BlobStore {
         loop {
             let n = reader.read(&mut buf).map_err(|source| OciError::Tar {
                 what: what.to_owned(),
-                source,
+                error: source,
             })?;
             if n == 0 {
                 break;

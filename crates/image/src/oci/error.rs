@@ -28,24 +28,23 @@ pub enum OciError {
         reason: &'static str,
     },
     /// A filesystem operation failed.
-    #[error("cannot {op} {path}: {source}")]
+    #[error("cannot {op} {path}: {error}")]
     Io {
         /// What was being done.
         op: &'static str,
         /// The path involved.
         path: PathBuf,
-        /// Underlying error.
-        #[source]
-        source: std::io::Error,
+        /// Underlying error (in the message, not the source chain, so
+        /// that it is printed once).
+        error: std::io::Error,
     },
     /// A layer or archive is not a readable tar (or gzip) stream.
-    #[error("unreadable {what}: {source}")]
+    #[error("unreadable {what}: {error}")]
     Tar {
         /// Which stream.
         what: String,
         /// Underlying error.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// Something is larger than the caller's budget.
     #[error("{what} is too large: more than {limit} bytes")]
@@ -72,13 +71,12 @@ pub enum OciError {
     #[error("unsupported media type '{0}'")]
     UnsupportedMediaType(String),
     /// A JSON document (manifest, index, config) does not parse.
-    #[error("malformed {what}: {source}")]
+    #[error("malformed {what}: {error}")]
     Json {
         /// Which document.
         what: String,
         /// Underlying error.
-        #[source]
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
     /// An archive given to `import` is not a docker-archive or OCI layout.
     #[error("{path} is not a docker-archive or OCI-layout tar: {reason}")]
@@ -136,12 +134,19 @@ pub enum OciError {
     },
     /// Building the root filesystem failed.
     #[error("building the image's root filesystem: {0}")]
-    Build(#[source] Box<crate::Error>),
+    Build(String),
 }
 
 impl From<crate::Error> for OciError {
     fn from(e: crate::Error) -> Self {
-        Self::Build(Box::new(e))
+        let mut message = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            message.push_str(": ");
+            message.push_str(&s.to_string());
+            src = s.source();
+        }
+        Self::Build(message)
     }
 }
 
@@ -150,5 +155,5 @@ pub(crate) fn io(
     path: &std::path::Path,
 ) -> impl FnOnce(std::io::Error) -> OciError {
     let path = path.to_owned();
-    move |source| OciError::Io { op, path, source }
+    move |error| OciError::Io { op, path, error }
 }

@@ -200,7 +200,7 @@ impl OciImages {
         };
         let json = serde_json::to_vec_pretty(&image).map_err(|source| OciError::Json {
             what: "image.json".into(),
-            source,
+            error: source,
         })?;
         std::fs::write(out.join(IMAGE_JSON), json).map_err(io("write", &out))?;
         let inputs = Inputs {

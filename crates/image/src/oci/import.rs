@@ -57,7 +57,7 @@ pub fn import_archive(
     let what = path.display().to_string();
     let tar_err = |source| OciError::Tar {
         what: what.clone(),
-        source,
+        error: source,
     };
     // Archive path -> digest of its content.
     let mut files: HashMap<String, String> = HashMap::new();
@@ -83,7 +83,7 @@ pub fn import_archive(
         let entries: Vec<DockerArchiveEntry> =
             serde_json::from_slice(&text).map_err(|source| OciError::Json {
                 what: "docker-archive manifest.json".into(),
-                source,
+                error: source,
             })?;
         let [entry] = entries.as_slice() else {
             return Err(bad(format!(
@@ -173,7 +173,7 @@ pub(crate) fn load_config(blobs: &BlobStore, digest: &str) -> Result<ImageConfig
     let text = read_limited(&p, "image config", JSON_LIMIT)?;
     serde_json::from_slice(&text).map_err(|source| OciError::Json {
         what: "image config".into(),
-        source,
+        error: source,
     })
 }
 

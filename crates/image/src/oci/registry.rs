@@ -321,7 +321,7 @@ impl Puller {
         }
         let t: TokenResponse = serde_json::from_slice(&body).map_err(|source| OciError::Json {
             what: "token response".into(),
-            source,
+            error: source,
         })?;
         self.token = Some(
             t.token

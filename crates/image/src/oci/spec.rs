@@ -88,7 +88,7 @@ impl ManifestOrIndex {
     pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<(Self, Kind), OciError> {
         let doc: Self = serde_json::from_slice(bytes).map_err(|source| OciError::Json {
             what: "manifest".into(),
-            source,
+            error: source,
         })?;
         let mt = content_type
             .map(|c| c.split(';').next().unwrap_or("").trim().to_owned())

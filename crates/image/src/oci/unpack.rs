@@ -121,7 +121,7 @@ pub fn apply_layer(
 ) -> Result<LayerStats, OciError> {
     let tar_err = |source| OciError::Tar {
         what: what.to_owned(),
-        source,
+        error: source,
     };
     let mut archive = tar::Archive::new(layer);
     let mut stats = LayerStats::default();
