@@ -245,7 +245,10 @@ impl SandboxManager {
         let placement = match origin {
             Origin::Fresh => {
                 undo.dir = Some(dir.clone());
-                let cfg = spec.config_drive(token.expose().to_owned());
+                let mut cfg = spec.config_drive(token.expose().to_owned());
+                if let Some(rc) = &image.run_config {
+                    crate::spec::apply_image_config(&mut cfg, rc);
+                }
                 let disk_bytes = spec
                     .disk_mb
                     .map_or(self.inner.config.disk_bytes, |mb| mb << 20);

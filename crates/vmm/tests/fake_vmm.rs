@@ -32,6 +32,7 @@ fn spec(dir: &Path) -> VmSpec {
         files: Vec::new(),
         init: None,
         volumes: Vec::new(),
+        exec_defaults: None,
     };
     std::fs::write(&config, encode_raw(&drive).unwrap()).unwrap();
     let mut s = VmSpec::new(kernel, dir.join("w"));
