@@ -386,8 +386,8 @@ fn hostile_layers_in_an_archive_write_nothing_outside() {
 /// A network namespace with only loopback, removed on drop.
 struct Netns(String);
 impl Netns {
-    fn new() -> Self {
-        let name = format!("bhatti-oci-{}", std::process::id());
+    fn new(tag: &str) -> Self {
+        let name = format!("bhoci-{tag}-{}", std::process::id());
         let _ = Command::new("ip")
             .args(["netns", "del", &name])
             .stderr(Stdio::null())
@@ -435,6 +435,53 @@ impl Drop for Killed {
 
 const REGISTRY: &str = "127.0.0.1:5000";
 
+/// Starts docker-registry on 127.0.0.1:5000 inside `ns`, storing in
+/// `regdata`; `htpasswd`: Basic auth with that file. Returns once it
+/// answers.
+fn start_registry(ns: &Netns, dir: &Path, regdata: &Path, htpasswd: Option<&Path>) -> Killed {
+    let cfg = dir.join("registry.yml");
+    let auth = htpasswd.map_or(String::new(), |p| {
+        format!(
+            "auth:\n  htpasswd:\n    realm: bhatti-test\n    path: {}\n",
+            p.display()
+        )
+    });
+    std::fs::write(
+        &cfg,
+        format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n{auth}http:\n  addr: {REGISTRY}\n",
+            regdata.display()
+        ),
+    )
+    .unwrap();
+    let registry = Killed(
+        ns.exec()
+            .args(["docker-registry", "serve"])
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // Ready when it answers /v2/ inside the namespace (401 counts).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = ns
+            .exec()
+            .args(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}"])
+            .arg(format!("http://{REGISTRY}/v2/"))
+            .output()
+            .unwrap();
+        let code = String::from_utf8_lossy(&out.stdout).into_owned();
+        if code == "200" || code == "401" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "docker-registry did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    registry
+}
+
 fn pull(
     images: &OciImages,
     reference: &str,
@@ -467,44 +514,9 @@ fn pull_from_a_registry_in_a_namespace() {
     let dir = tempfile::tempdir().unwrap();
     let lay = make_layout(dir.path(), "v1", "registry");
     make_layout(dir.path(), "tamper", "tampered");
-    let ns = Netns::new();
+    let ns = Netns::new("anon");
     let regdata = dir.path().join("registry");
-    let cfg = dir.path().join("registry.yml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {REGISTRY}\n",
-            regdata.display()
-        ),
-    )
-    .unwrap();
-    let _registry = Killed(
-        ns.exec()
-            .args(["docker-registry", "serve"])
-            .arg(&cfg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    // Ready when it answers /v2/ inside the namespace.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !ns
-        .exec()
-        .args([
-            "curl",
-            "-sf",
-            "-o",
-            "/dev/null",
-            &format!("http://{REGISTRY}/v2/"),
-        ])
-        .status()
-        .unwrap()
-        .success()
-    {
-        assert!(Instant::now() < deadline, "docker-registry did not come up");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let _registry = start_registry(&ns, dir.path(), &regdata, None);
     // It is not reachable from the host's namespace.
     assert!(!Command::new("curl")
         .args([
@@ -709,4 +721,65 @@ fn pull_from_a_registry_in_a_namespace() {
     tree.sort();
     assert_eq!(tree, ["app", "app2", "blobs", "bydigest", "dock", "multi"]);
     let _ = std::fs::metadata(&data).unwrap().mode();
+}
+
+#[test]
+fn pull_with_basic_auth() {
+    if !ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lay = make_layout(dir.path(), "v1", "private");
+    let ns = Netns::new("auth");
+    // A bcrypt htpasswd entry (what docker-registry takes).
+    let hash = run(Command::new("python3").args([
+        "-W",
+        "ignore",
+        "-c",
+        "import crypt; print(crypt.crypt('s3cret', crypt.mksalt(crypt.METHOD_BLOWFISH)))",
+    ]));
+    let htpasswd = dir.path().join("htpasswd");
+    std::fs::write(&htpasswd, format!("me:{}", hash.trim())).unwrap();
+    let _registry = start_registry(
+        &ns,
+        dir.path(),
+        &dir.path().join("registry"),
+        Some(&htpasswd),
+    );
+    run(ns
+        .exec()
+        .args([
+            "skopeo",
+            "--insecure-policy",
+            "copy",
+            "-q",
+            "--dest-tls-verify=false",
+        ])
+        .args(["--dest-creds", "me:s3cret"])
+        .arg(format!("oci:{}:v1", lay.display()))
+        .arg(format!("docker://{REGISTRY}/private/img:v1")));
+    let data = dir.path().join("data");
+    let images = OciImages::new(Layout::new(&data));
+    let r = format!("{REGISTRY}/private/img:v1");
+    let basic = |password: &str| PullOptions {
+        insecure: true,
+        credentials: Credentials::Basic {
+            username: "me".into(),
+            password: password.into(),
+        },
+        limits: Limits::default(),
+    };
+    ns.run(|| {
+        let err = pull(&images, &r, "p", insecure()).0.unwrap_err();
+        assert!(matches!(err, OciError::Unauthorized { .. }), "{err}");
+        assert!(err.to_string().contains("authentication required"), "{err}");
+        let err = pull(&images, &r, "p", basic("wrong")).0.unwrap_err();
+        assert!(matches!(err, OciError::Unauthorized { .. }), "{err}");
+        assert!(images.get("p").is_none());
+        // Positive control: the right password pulls.
+        let (res, _, bytes) = pull(&images, &r, "p", basic("s3cret"));
+        res.unwrap();
+        assert!(bytes > 0);
+        check_image(&images, "p", "private");
+    });
 }
