@@ -436,16 +436,10 @@ impl Drop for Killed {
 const REGISTRY: &str = "127.0.0.1:5000";
 
 /// Starts docker-registry on 127.0.0.1:5000 inside `ns`, storing in
-/// `regdata`; `htpasswd`: Basic auth with that file. Returns once it
-/// answers.
-fn start_registry(ns: &Netns, dir: &Path, regdata: &Path, htpasswd: Option<&Path>) -> Killed {
+/// `regdata`, with the `auth:` section `auth` (YAML, may be empty).
+/// Returns once it answers.
+fn start_registry(ns: &Netns, dir: &Path, regdata: &Path, auth: &str) -> Killed {
     let cfg = dir.join("registry.yml");
-    let auth = htpasswd.map_or(String::new(), |p| {
-        format!(
-            "auth:\n  htpasswd:\n    realm: bhatti-test\n    path: {}\n",
-            p.display()
-        )
-    });
     std::fs::write(
         &cfg,
         format!(
@@ -516,7 +510,7 @@ fn pull_from_a_registry_in_a_namespace() {
     make_layout(dir.path(), "tamper", "tampered");
     let ns = Netns::new("anon");
     let regdata = dir.path().join("registry");
-    let _registry = start_registry(&ns, dir.path(), &regdata, None);
+    let _registry = start_registry(&ns, dir.path(), &regdata, "");
     // It is not reachable from the host's namespace.
     assert!(!Command::new("curl")
         .args([
@@ -740,12 +734,11 @@ fn pull_with_basic_auth() {
     ]));
     let htpasswd = dir.path().join("htpasswd");
     std::fs::write(&htpasswd, format!("me:{}", hash.trim())).unwrap();
-    let _registry = start_registry(
-        &ns,
-        dir.path(),
-        &dir.path().join("registry"),
-        Some(&htpasswd),
+    let auth = format!(
+        "auth:\n  htpasswd:\n    realm: bhatti-test\n    path: {}\n",
+        htpasswd.display()
     );
+    let _registry = start_registry(&ns, dir.path(), &dir.path().join("registry"), &auth);
     run(ns
         .exec()
         .args([
@@ -781,5 +774,109 @@ fn pull_with_basic_auth() {
         res.unwrap();
         assert!(bytes > 0);
         check_image(&images, "p", "private");
+    });
+}
+
+/// The bearer-token flow against docker-registry's token auth: the
+/// registry answers 401 with `WWW-Authenticate: Bearer realm=…`, the client
+/// gets a JWT from the realm (a token server this test runs beside it,
+/// which wants Basic credentials) and retries with it.
+#[test]
+fn pull_with_a_bearer_token() {
+    if !ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lay = make_layout(dir.path(), "v1", "bearer");
+    let ns = Netns::new("token");
+    let (key, cert) = (dir.path().join("key.pem"), dir.path().join("cert.pem"));
+    run(Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args(["-subj", "/CN=bhatti-token", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert));
+    let script = dir.path().join("token_server.py");
+    std::fs::write(&script, include_str!("fixtures/token_server.py")).unwrap();
+    let _tokens = Killed(
+        ns.exec()
+            .arg("python3")
+            .arg(&script)
+            .arg(&key)
+            .arg(&cert)
+            .args(["5001", "me", "s3cret"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let auth = format!(
+        "auth:\n  token:\n    realm: http://127.0.0.1:5001/token\n    service: bhatti-test\n    issuer: bhatti-test-issuer\n    rootcertbundle: {}\n",
+        cert.display()
+    );
+    let _registry = start_registry(&ns, dir.path(), &dir.path().join("registry"), &auth);
+    // skopeo pushes through the same flow (retried until the token server
+    // listens).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ok = ns
+            .exec()
+            .args([
+                "skopeo",
+                "--insecure-policy",
+                "copy",
+                "-q",
+                "--dest-tls-verify=false",
+            ])
+            .args(["--dest-creds", "me:s3cret"])
+            .arg(format!("oci:{}:v1", lay.display()))
+            .arg(format!("docker://{REGISTRY}/team/img:v1"))
+            .status()
+            .unwrap()
+            .success();
+        if ok {
+            break;
+        }
+        assert!(Instant::now() < deadline, "skopeo could not push");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let data = dir.path().join("data");
+    let images = OciImages::new(Layout::new(&data));
+    let r = format!("{REGISTRY}/team/img:v1");
+    let basic = |password: &str| PullOptions {
+        insecure: true,
+        credentials: Credentials::Basic {
+            username: "me".into(),
+            password: password.into(),
+        },
+        limits: Limits::default(),
+    };
+    ns.run(|| {
+        // The token server refuses: no token, Unauthorized.
+        let err = pull(&images, &r, "t", insecure()).0.unwrap_err();
+        assert!(matches!(err, OciError::Unauthorized { .. }), "{err}");
+        assert!(
+            err.to_string().contains("token endpoint answered 401"),
+            "{err}"
+        );
+        let err = pull(&images, &r, "t", basic("wrong")).0.unwrap_err();
+        assert!(matches!(err, OciError::Unauthorized { .. }), "{err}");
+        // A made-up bearer token is refused by the registry and no other
+        // is obtained.
+        let bogus = PullOptions {
+            insecure: true,
+            credentials: Credentials::Token("not-a-jwt".into()),
+            limits: Limits::default(),
+        };
+        let err = pull(&images, &r, "t", bogus).0.unwrap_err();
+        assert!(matches!(err, OciError::Unauthorized { .. }), "{err}");
+        assert!(images.get("t").is_none());
+        // Positive control: with the credentials the token flow pulls.
+        let (res, events, bytes) = pull(&images, &r, "t", basic("s3cret"));
+        res.unwrap();
+        assert!(bytes > 0, "{events:?}");
+        check_image(&images, "t", "bearer");
     });
 }
