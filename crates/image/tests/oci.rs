@@ -880,3 +880,56 @@ fn pull_with_a_bearer_token() {
         check_image(&images, "t", "bearer");
     });
 }
+
+/// Older `docker save` archives link a repeated layer to its first copy;
+/// a link out of the archive finds nothing.
+#[test]
+fn docker_archive_layer_symlinks() {
+    if !ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let images = OciImages::new(Layout::new(dir.path().join("data")));
+    let archive = |link: &str| {
+        let mut l = tar::Builder::new(Vec::new());
+        raw_entry(&mut l, "etc/ok", tar::EntryType::Regular, "", b"linked");
+        let layer = l.into_inner().unwrap();
+        let config = format!(r#"{{"architecture":"{}","os":"linux"}}"#, arch());
+        let manifest =
+            r#"[{"Config":"c.json","Layers":["l0/layer.tar","l1/layer.tar"]}]"#.to_string();
+        let mut b = tar::Builder::new(Vec::new());
+        for (n, d) in [
+            ("c.json", config.as_bytes()),
+            ("manifest.json", manifest.as_bytes()),
+            ("l0/layer.tar", &layer[..]),
+        ] {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(d.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, n, d).unwrap();
+        }
+        raw_entry(&mut b, "l1/layer.tar", tar::EntryType::Symlink, link, b"");
+        let p = dir.path().join("a.tar");
+        std::fs::write(&p, b.into_inner().unwrap()).unwrap();
+        p
+    };
+    let img = import_archive(
+        &images,
+        &archive("../l0/layer.tar"),
+        "linked",
+        Limits::default(),
+    )
+    .unwrap();
+    assert_eq!(img.layers.len(), 2);
+    assert_eq!(img.layers[0], img.layers[1]);
+    assert_eq!(debugfs(&images.rootfs("linked"), "cat /etc/ok"), "linked");
+    let err = import_archive(
+        &images,
+        &archive("../../../../etc/passwd"),
+        "outside",
+        Limits::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, OciError::BadArchive { .. }), "{err}");
+}

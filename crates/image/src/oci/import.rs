@@ -59,12 +59,25 @@ pub fn import_archive(
         what: what.clone(),
         error: source,
     };
-    // Archive path -> digest of its content.
+    // Archive path -> digest of its content; symlinks (older `docker save`
+    // links a repeated layer to its first copy) -> the path they name.
     let mut files: HashMap<String, String> = HashMap::new();
+    let mut links: HashMap<String, String> = HashMap::new();
     let mut left = limits.download_bytes;
     for entry in archive.entries().map_err(tar_err)? {
         let mut entry = entry.map_err(tar_err)?;
-        if !entry.header().entry_type().is_file() {
+        let kind = entry.header().entry_type();
+        if kind.is_symlink() {
+            let raw = entry.path().map_err(tar_err)?.into_owned();
+            let target = entry.link_name().map_err(tar_err)?;
+            if let (Ok(Some(rel)), Some(t)) = (sanitize(&raw), target) {
+                if let Some(to) = resolve_link(&rel, &t) {
+                    links.insert(rel.to_string_lossy().into_owned(), to);
+                }
+            }
+            continue;
+        }
+        if !kind.is_file() {
             continue;
         }
         let raw = entry.path().map_err(tar_err)?.into_owned();
@@ -92,10 +105,16 @@ pub fn import_archive(
             )));
         };
         let lookup = |p: &str| {
-            let key = sanitize(Path::new(p))
+            let mut key = sanitize(Path::new(p))
                 .ok()
                 .flatten()
                 .map(|k| k.to_string_lossy().into_owned());
+            for _ in 0..8 {
+                match key.as_ref().and_then(|k| links.get(k)) {
+                    Some(to) => key = Some(to.clone()),
+                    None => break,
+                }
+            }
             key.and_then(|k| files.get(&k).cloned()).ok_or_else(|| {
                 bad(format!(
                     "manifest.json names '{p}', which is not in the archive"
@@ -168,6 +187,30 @@ pub fn import_archive(
     ))
 }
 
+/// The archive path a symlink at `at` pointing to `target` names, if it
+/// stays inside the archive.
+fn resolve_link(at: &Path, target: &Path) -> Option<String> {
+    use std::path::Component;
+    let mut parts: Vec<String> = if target.is_absolute() {
+        vec![]
+    } else {
+        at.parent()?
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect()
+    };
+    for c in target.components() {
+        match c {
+            Component::Normal(n) => parts.push(n.to_string_lossy().into_owned()),
+            Component::ParentDir => {
+                parts.pop()?;
+            }
+            _ => {}
+        }
+    }
+    (!parts.is_empty()).then(|| parts.join("/"))
+}
+
 pub(crate) fn load_config(blobs: &BlobStore, digest: &str) -> Result<ImageConfigBlob, OciError> {
     let p = blobs.path(digest)?;
     let text = read_limited(&p, "image config", JSON_LIMIT)?;
@@ -223,4 +266,25 @@ pub(crate) fn build_from_manifest(
         &layers,
         limits.unpacked_bytes,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn archive_symlinks_resolve_inside_only() {
+        let r = |at: &str, t: &str| resolve_link(Path::new(at), Path::new(t));
+        assert_eq!(
+            r("b/layer.tar", "../a/layer.tar").as_deref(),
+            Some("a/layer.tar")
+        );
+        assert_eq!(
+            r("b/layer.tar", "/a/layer.tar").as_deref(),
+            Some("a/layer.tar")
+        );
+        assert_eq!(r("b/layer.tar", "x.tar").as_deref(), Some("b/x.tar"));
+        assert_eq!(r("b/layer.tar", "../../etc/passwd"), None);
+        assert_eq!(r("layer.tar", "../x"), None);
+    }
 }

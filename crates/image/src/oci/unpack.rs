@@ -53,9 +53,10 @@ pub fn sanitize(raw: &Path) -> Result<Option<PathBuf>, &'static str> {
 }
 
 /// Checks that no existing ancestor of `rel` under `root` is anything but
-/// a real directory (a symlink would redirect the write), creating
-/// missing ancestors as root-owned 0755 directories.
-fn prepare_parents(root: &Path, rel: &Path, shown: &str) -> Result<(), OciError> {
+/// a real directory (a symlink would redirect the write). Missing
+/// ancestors are created as root-owned 0755 directories when `create`;
+/// otherwise `Ok(false)` says one is missing.
+fn prepare_parents(root: &Path, rel: &Path, shown: &str, create: bool) -> Result<bool, OciError> {
     let mut cur = root.to_path_buf();
     let parent = rel.parent().unwrap_or(Path::new(""));
     for c in parent.components() {
@@ -75,6 +76,9 @@ fn prepare_parents(root: &Path, rel: &Path, shown: &str) -> Result<(), OciError>
                 })
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if !create {
+                    return Ok(false);
+                }
                 std::fs::create_dir(&cur).map_err(io("create directory", &cur))?;
                 std::fs::set_permissions(&cur, std::fs::Permissions::from_mode(0o755))
                     .map_err(io("chmod", &cur))?;
@@ -82,8 +86,13 @@ fn prepare_parents(root: &Path, rel: &Path, shown: &str) -> Result<(), OciError>
             Err(e) => return Err(io("stat", &cur)(e)),
         }
     }
-    Ok(())
+    Ok(true)
 }
+
+/// What every entry costs against the unpacked budget besides its
+/// content: an inode and a block, so a layer of millions of empty files is
+/// bounded too.
+pub const ENTRY_COST: u64 = 4096;
 
 /// Removes whatever is at `path` (not following symlinks).
 fn remove_any(path: &Path) -> Result<(), OciError> {
@@ -143,7 +152,20 @@ pub fn apply_layer(
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        prepare_parents(root, &rel, &shown)?;
+        *budget = budget.checked_sub(ENTRY_COST).ok_or(OciError::TooLarge {
+            what: format!("{what} (unpacked)"),
+            limit: *budget,
+        })?;
+        let whiteout = name.starts_with(WHITEOUT_PREFIX);
+        if whiteout && name != OPAQUE && matches!(&name[WHITEOUT_PREFIX.len()..], "" | "." | "..") {
+            return Err(unsafe_entry("malformed whiteout"));
+        }
+        // A whiteout under a directory that does not exist has nothing to
+        // hide (and creates nothing).
+        if !prepare_parents(root, &rel, &shown, !whiteout)? {
+            stats.whiteouts += 1;
+            continue;
+        }
         let dest = root.join(&rel);
 
         // Whiteouts.
@@ -625,7 +647,7 @@ mod tests {
     fn budget_bounds_content() {
         let f = fixture();
         let big = vec![7u8; 4096];
-        let mut budget = 5000;
+        let mut budget = 5000 + ENTRY_COST;
         apply_layer(
             &f.root,
             &layer(&[E::File("a", &big, 0o644, 0)])[..],
@@ -643,6 +665,25 @@ mod tests {
         .unwrap_err();
         assert!(matches!(err, OciError::TooLarge { .. }), "{err}");
         assert!(f.root.join("b").symlink_metadata().is_err());
+        // Many empty entries exhaust it too.
+        let many: Vec<String> = (0..100).map(|i| format!("e{i}")).collect();
+        let entries: Vec<E> = many.iter().map(|n| E::File(n, b"", 0o644, 0)).collect();
+        let mut budget = 50 * ENTRY_COST;
+        let err = apply_layer(&f.root, &layer(&entries)[..], "l", &mut budget).unwrap_err();
+        assert!(matches!(err, OciError::TooLarge { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_whiteout_in_a_missing_directory_creates_nothing() {
+        let f = fixture();
+        let stats = f
+            .apply(&[
+                E::File("no/such/.wh.x", b"", 0o644, 0),
+                E::File("gone/.wh..wh..opq", b"", 0o644, 0),
+            ])
+            .unwrap();
+        assert_eq!(stats.whiteouts, 2);
+        assert_eq!(std::fs::read_dir(&f.root).unwrap().count(), 0);
     }
 
     #[test]
