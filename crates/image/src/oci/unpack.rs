@@ -223,7 +223,7 @@ pub fn apply_layer(
                 // children); see the loop's end.
                 dirs.push((dest.clone(), mode));
             }
-            tar::EntryType::Regular | tar::EntryType::Continuous => {
+            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 let size = entry.size();
                 if size > *budget {
                     return Err(OciError::TooLarge {
@@ -671,6 +671,37 @@ mod tests {
         let mut budget = 50 * ENTRY_COST;
         let err = apply_layer(&f.root, &layer(&entries)[..], "l", &mut budget).unwrap_err();
         assert!(matches!(err, OciError::TooLarge { .. }), "{err}");
+    }
+
+    #[test]
+    fn gnu_sparse_files_unpack_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        let f = std::fs::File::create(src.join("sparse")).unwrap();
+        f.set_len(1 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_at(&f, b"end", (1 << 20) - 3).unwrap();
+        drop(f);
+        let tar = dir.path().join("l.tar");
+        let ok = std::process::Command::new("tar")
+            .args(["--sparse", "--format=gnu", "-C"])
+            .arg(&src)
+            .arg("-cf")
+            .arg(&tar)
+            .arg("sparse")
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let mut budget = 4 << 20;
+        let stats =
+            apply_layer(&root, std::fs::File::open(&tar).unwrap(), "s", &mut budget).unwrap();
+        assert_eq!(stats.entries, 1);
+        let back = std::fs::read(root.join("sparse")).unwrap();
+        assert_eq!(back.len(), 1 << 20);
+        assert!(back.ends_with(b"end") && back[..1000].iter().all(|b| *b == 0));
     }
 
     #[test]
