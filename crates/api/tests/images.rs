@@ -2,7 +2,8 @@
 //! tree plus a user `app`, as a `docker save` archive whose config sets
 //! Env, WorkingDir and User) is imported into the daemon's data dir and
 //! booted with `POST /sandboxes {"image": …}`; its exec defaults are the
-//! image's. A second image that says nothing runs commands as root in `/`.
+//! image's. A second image that says nothing and has no /etc/passwd boots
+//! and runs commands as root in `/`.
 
 mod common;
 
@@ -46,7 +47,12 @@ fn data_dir_with_own_oci() -> tempfile::TempDir {
 /// Writes a docker-archive of the tiny tier's tree plus user `app`
 /// (uid 1234, home /home/app, /srv/app its own) with `config` as the
 /// image's run config.
-fn make_archive(work: &Path, name: &str, config: serde_json::Value) -> std::path::PathBuf {
+fn make_archive(
+    work: &Path,
+    name: &str,
+    config: serde_json::Value,
+    with_passwd: bool,
+) -> std::path::PathBuf {
     let tiny = testkit::images(image::Tier::Tiny);
     let root = work.join(format!("{name}-root"));
     std::fs::create_dir_all(&root).unwrap();
@@ -64,6 +70,11 @@ fn make_archive(work: &Path, name: &str, config: serde_json::Value) -> std::path
     for d in ["home/app", "srv/app"] {
         std::fs::create_dir_all(root.join(d)).unwrap();
         std::os::unix::fs::chown(root.join(d), Some(1234), Some(1234)).unwrap();
+    }
+    if !with_passwd {
+        for f in ["etc/passwd", "etc/group", "etc/shadow"] {
+            std::fs::remove_file(root.join(f)).unwrap();
+        }
     }
     let staging = work.join(format!("{name}-archive"));
     std::fs::create_dir_all(staging.join("l0")).unwrap();
@@ -124,9 +135,10 @@ fn a_sandbox_boots_from_an_oci_image_with_its_exec_defaults() {
                 "WorkingDir": "/srv/app",
                 "User": "app",
             }),
+            true,
         );
         image::oci::import_archive(&oci, &with, "app", Default::default()).unwrap();
-        let bare = make_archive(work.path(), "bare", json!({}));
+        let bare = make_archive(work.path(), "bare", json!({}), false);
         image::oci::import_archive(&oci, &bare, "bare", Default::default()).unwrap();
 
         let d = TestDaemon::start(config(data.path(), "")).await;
