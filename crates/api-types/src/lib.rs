@@ -83,6 +83,119 @@ pub struct CreateSandbox {
     /// The user's volumes to mount (at most 8); see `docs/state.md`.
     #[serde(default)]
     pub volumes: Vec<VolumeAttach>,
+    /// Start from a checkpoint instead of booting (`{"checkpoint":
+    /// "<name>"}`): its processes, memory and files, under a new identity.
+    /// Image, shape, disk, env, files and init come from the checkpoint.
+    #[serde(default)]
+    pub from: Option<CreateFrom>,
+    /// `"fresh"` boots even when a template of this image and shape
+    /// exists; `"auto"` (the default) restores from the caller's template
+    /// when there is one and the create carries nothing a boot must apply
+    /// (env, secrets, files, init, volumes, a disk size other than the
+    /// default).
+    #[serde(default)]
+    pub boot: Option<BootMode>,
+}
+
+/// Whether a create may restore from a template.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum BootMode {
+    /// From a template when one matches, else a boot.
+    #[default]
+    Auto,
+    /// Always a boot.
+    Fresh,
+}
+
+/// `POST /images/:name/templates`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct WarmImage {
+    /// The daemon's default when absent.
+    #[serde(default)]
+    pub cpus: Option<u32>,
+    /// The daemon's default when absent.
+    #[serde(default)]
+    pub memory_mb: Option<u64>,
+}
+
+/// A template: an image booted once, agent ready, captured; creates of
+/// its image and shape restore from it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Template {
+    pub image: String,
+    pub cpus: u32,
+    pub memory_mb: u64,
+    pub disk_size_mb: u64,
+    /// What its files occupy on the host.
+    pub bytes: u64,
+    /// Milliseconds since the Unix epoch.
+    pub created_at: i64,
+}
+
+/// Where a new sandbox starts from, instead of a boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CreateFrom {
+    /// One of the caller's checkpoints, by name or id.
+    pub checkpoint: String,
+}
+
+/// `POST /sandboxes/:id/checkpoints`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CreateCheckpoint {
+    /// Unique among the caller's checkpoints (sandbox-name rules).
+    pub name: String,
+}
+
+/// A checkpoint: a sandbox's memory and disk at one instant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Checkpoint {
+    pub id: String,
+    pub name: String,
+    /// The sandbox it was taken of (it may be gone since).
+    pub sandbox: String,
+    pub sandbox_id: String,
+    pub image: String,
+    pub cpus: u32,
+    pub memory_mb: u64,
+    pub disk_size_mb: u64,
+    /// What its files occupy on the host.
+    pub bytes: u64,
+    /// Milliseconds since the Unix epoch.
+    pub created_at: i64,
+}
+
+/// `POST /sandboxes/:id/restore`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RestoreSandbox {
+    /// One of the caller's checkpoints (of a sandbox with the same image,
+    /// CPUs, memory and disk size).
+    pub checkpoint: String,
+}
+
+/// `POST /sandboxes/:id/fork`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ForkSandbox {
+    /// The child's name; with `count` > 1, children are `<name>-1`, `<name>-2`, …
+    /// (`<parent>-fork-1`, … when absent).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// How many children (1 to 16; 1 when absent).
+    #[serde(default)]
+    pub count: Option<u32>,
 }
 
 /// A volume to attach to a new sandbox.
@@ -122,6 +235,16 @@ pub struct PatchVolume {
     /// sandbox using it runs hot or warm; cold ones give up their snapshot
     /// and boot from disk at their next command.
     pub size_mb: u64,
+}
+
+/// `POST /volumes/:name/clone`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CloneVolume {
+    /// The new volume's name (as for `POST /volumes`); it gets the
+    /// source's size and content, charged to the disk quota.
+    pub name: String,
 }
 
 /// A persistent volume.

@@ -273,6 +273,11 @@ pub struct SandboxDefaults {
     pub max_memory_mb: u64,
     /// Disk of all of a user's sandboxes together.
     pub max_disk_mb: u64,
+    /// Checkpoints one user may keep.
+    pub max_checkpoints: u64,
+    /// Make a user's template of an image and shape after their first
+    /// create of it boots (in the background), so later creates restore.
+    pub auto_templates: bool,
 }
 
 impl Default for DaemonConfig {
@@ -344,6 +349,8 @@ impl Default for SandboxDefaults {
             max_cpus: 16,
             max_memory_mb: 16 * 1024,
             max_disk_mb: 50 * 1024,
+            max_checkpoints: 32,
+            auto_templates: true,
         }
     }
 }

@@ -89,7 +89,8 @@ impl From<store::StoreError> for ApiError {
             store::StoreError::SandboxQuota { .. }
             | store::StoreError::CpuQuota { .. }
             | store::StoreError::MemoryQuota { .. }
-            | store::StoreError::DiskQuota { .. } => ApiError::Forbidden(e.to_string()),
+            | store::StoreError::DiskQuota { .. }
+            | store::StoreError::CheckpointQuota { .. } => ApiError::Forbidden(e.to_string()),
             other => ApiError::Internal(error_chain(&other)),
         }
     }
@@ -112,9 +113,11 @@ impl From<bhatti_core::CoreError> for ApiError {
             E::BreakerOpen { .. } => ApiError::Unavailable(error_chain(&e)),
             // The sandbox is in no state for it (being destroyed, not
             // running): the caller's request conflicts with what happens.
-            E::Cancelled { .. } | E::InvalidState { .. } | E::NameTaken(_) | E::IdTaken(_) => {
-                ApiError::Conflict(error_chain(&e))
-            }
+            E::Cancelled { .. }
+            | E::InvalidState { .. }
+            | E::NameTaken(_)
+            | E::IdTaken(_)
+            | E::Capture { .. } => ApiError::Conflict(error_chain(&e)),
             E::TimedOut { .. } => ApiError::GatewayTimeout(error_chain(&e)),
             _ => ApiError::BadGateway(error_chain(&e)),
         }

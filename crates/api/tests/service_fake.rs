@@ -1168,6 +1168,97 @@ fn volumes_are_checked_charged_shared_by_the_rules_and_kept_across_restarts() {
             ]
         );
 
+        // Clone: not of a volume a hot sandbox holds read-write; fine of
+        // one held read-only; by the rules of create for the new name.
+        let clone = |from: &'static str, body: Value| {
+            let c = c.clone();
+            async move {
+                c.json(Method::POST, &format!("/volumes/{from}/clone"), Some(body))
+                    .await
+            }
+        };
+        let (st, v) = clone("data", serde_json::json!({"name": "data2"})).await;
+        assert_eq!(st, 409, "{v}");
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap()
+                .contains("read-write to sandbox 'a'"),
+            "{v}"
+        );
+        let before = volume_files(&s.data);
+        let (st, v) = clone("ro", serde_json::json!({"name": "ro2"})).await;
+        assert_eq!(st, 201, "{v}");
+        assert_eq!(
+            (v["name"].as_str(), v["size_mb"].as_u64()),
+            (Some("ro2"), Some(100)),
+            "{v}"
+        );
+        let copy = volume_files(&s.data)
+            .into_iter()
+            .find(|p| !before.contains(p))
+            .expect("the clone's file");
+        let orig = before
+            .iter()
+            .find(|p| std::fs::metadata(p).unwrap().len() == 100 << 20)
+            .unwrap();
+        assert!(
+            std::fs::read(orig).unwrap() == std::fs::read(&copy).unwrap(),
+            "the clone's bytes differ"
+        );
+        assert_eq!(
+            std::fs::metadata(&copy).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        for (from, body, code) in [
+            ("nope", serde_json::json!({"name": "x"}), 404),
+            ("ro", serde_json::json!({"name": "data"}), 409),
+            ("ro", serde_json::json!({"name": "bad/name"}), 400),
+            ("ro", serde_json::json!({"name": "x", "size_mb": 1}), 400),
+        ] {
+            let (st, v) = clone(from, body.clone()).await;
+            assert_eq!(st, code, "{from} {body}: {v}");
+            assert!(v["error"].is_string(), "{v}");
+        }
+        let (st, v) = other
+            .json(
+                Method::POST,
+                "/volumes/ro/clone",
+                Some(serde_json::json!({"name": "mine"})),
+            )
+            .await;
+        assert_eq!(st, 404, "another user's volume: {v}");
+        // Held: 500 + 100 + 100 of volumes, 2 x 256 of disks = 1212 of
+        // 3000. A filler leaves 50 MiB: a clone of 100 is a 403.
+        let (st, v) = call(
+            Method::POST,
+            "/volumes",
+            Some(serde_json::json!({"name": "filler", "size_mb": 1738})),
+        )
+        .await;
+        assert_eq!(st, 201, "{v}");
+        let files = volume_files(&s.data).len();
+        let (st, v) = clone("ro", serde_json::json!({"name": "ro3"})).await;
+        assert_eq!(st, 403, "{v}");
+        assert!(v["error"].as_str().unwrap().contains("disk quota"), "{v}");
+        assert_eq!(
+            volume_files(&s.data).len(),
+            files,
+            "a refused clone makes no file"
+        );
+        assert_eq!(c.json(Method::GET, "/volumes/ro3", None).await.0, 404);
+        assert_eq!(c.json(Method::DELETE, "/volumes/filler", None).await.0, 204);
+        // A volume and its clone share a file system UUID: not on one sandbox.
+        let (st, v) = create(serde_json::json!({
+            "name": "c", "disk_size_mb": 256,
+            "volumes": [{"name": "ro", "mount": "/r1", "read_only": true},
+                        {"name": "ro2", "mount": "/r2", "read_only": true}]
+        }))
+        .await;
+        assert_eq!(st, 400, "{v}");
+        assert!(v["error"].as_str().unwrap().contains("copies"), "{v}");
+        assert_eq!(c.json(Method::DELETE, "/volumes/ro2", None).await.0, 204);
+
         // Grow: not while a user runs hot; never smaller; within the quota.
         let (st, v) = call(
             Method::PATCH,
@@ -1210,6 +1301,12 @@ fn volumes_are_checked_charged_shared_by_the_rules_and_kept_across_restarts() {
         assert!(data_file.is_some(), "{:?}", volume_files(&s.data));
         assert_state(&show(&c, "a").await, "stopped", "cold");
         assert!(lohars_of(&s.data, &a_id).is_empty());
+        // A cold or stopped holder writes nothing: its volume clones.
+        let (st, v) = clone("data", serde_json::json!({"name": "data2"})).await;
+        assert_eq!(st, 201, "{v}");
+        assert_eq!(v["size_mb"], 700, "{v}");
+        assert_eq!(v["attachments"].as_array().map(Vec::len), Some(0), "{v}");
+        assert_eq!(c.json(Method::DELETE, "/volumes/data2", None).await.0, 204);
         // The next command boots it again, volumes and all.
         assert_eq!(common::sh(&c, "a", "echo up").await, "up\n");
 
@@ -1247,9 +1344,249 @@ fn volumes_are_checked_charged_shared_by_the_rules_and_kept_across_restarts() {
         assert!(volume_files(&s.data).is_empty());
         let (st, events) = c.json(Method::GET, "/events", None).await;
         assert_eq!(st, 200, "{events}");
-        for kind in ["volume_created", "volume_grown", "volume_deleted"] {
+        for kind in [
+            "volume_created",
+            "volume_grown",
+            "volume_cloned",
+            "volume_deleted",
+        ] {
             assert!(events.to_string().contains(kind), "{kind}: {events}");
         }
         d.stop().await;
     });
+}
+
+#[test]
+fn checkpoints_forks_and_rollbacks_follow_their_rules() {
+    common::in_netns("svcf-ckpt", || async {
+        let s = setup();
+        let eng = engine();
+        let mut cfg = fake_config(&s.data);
+        cfg.defaults.max_checkpoints = 2;
+        let d = TestDaemon::start_with_engine(cfg, eng.clone()).await;
+        let key = d.user_with(
+            "carol",
+            api::users::Quotas {
+                max_sandboxes: 5,
+                max_cpus: 16,
+                max_memory_mb: 16384,
+                max_disk_mb: 1 << 20,
+            },
+        );
+        let c = d.client(&key);
+        let other = d.client(&d.user("dave", 2));
+        let (st, v) = post(&c, "/sandboxes", Some(serde_json::json!({"name": "dev"}))).await;
+        assert_eq!(st, 201, "{v}");
+        let dev_id = v["id"].as_str().unwrap().to_string();
+
+        // Checkpoints: named, counted, the caller's own.
+        let ck = |name: &str| {
+            let c = c.clone();
+            let body = serde_json::json!({ "name": name });
+            async move { post(&c, "/sandboxes/dev/checkpoints", Some(body)).await }
+        };
+        let (st, c1) = ck("c1").await;
+        assert_eq!(st, 201, "{c1}");
+        assert_eq!(
+            (c1["name"].as_str(), c1["sandbox"].as_str()),
+            (Some("c1"), Some("dev"))
+        );
+        assert!(c1["bytes"].as_u64().unwrap() > 0, "{c1}");
+        let c1_dir = s
+            .data
+            .join("checkpoints")
+            .join(show_user_dir(&s.data))
+            .join(c1["id"].as_str().unwrap());
+        assert!(c1_dir.join("snapshot/manifest.json").is_file());
+        assert_eq!(ck("c1").await.0, 409, "a name taken");
+        assert_eq!(ck("not a name").await.0, 400);
+        assert_eq!(ck("c2").await.0, 201);
+        let (st, v) = ck("c3").await;
+        assert_eq!(st, 403, "the checkpoint quota: {v}");
+        assert!(
+            v["error"].as_str().unwrap().contains("checkpoint quota"),
+            "{v}"
+        );
+        let (st, list) = c.json(Method::GET, "/checkpoints", None).await;
+        assert_eq!((st, list.as_array().unwrap().len()), (200, 2), "{list}");
+        assert_eq!(c.json(Method::GET, "/checkpoints/c1", None).await.0, 200);
+        assert_eq!(c.json(Method::GET, "/checkpoints/nope", None).await.0, 404);
+        assert_eq!(
+            other.json(Method::GET, "/checkpoints/c1", None).await.0,
+            404
+        );
+        assert_eq!(
+            post(
+                &other,
+                "/sandboxes/dev/checkpoints",
+                Some(serde_json::json!({"name": "x"}))
+            )
+            .await
+            .0,
+            404,
+            "another user's sandbox"
+        );
+
+        // A new sandbox from a checkpoint; what comes from the checkpoint
+        // cannot be asked for.
+        let from = |body: Value| {
+            let c = c.clone();
+            async move { post(&c, "/sandboxes", Some(body)).await }
+        };
+        let (st, kid) =
+            from(serde_json::json!({"name": "kid", "from": {"checkpoint": "c1"}})).await;
+        assert_eq!(st, 201, "{kid}");
+        assert_state(&kid, "running", "hot");
+        assert_ne!(kid["id"], dev_id);
+        let (st, v) = from(serde_json::json!({"name": "k2", "from": {"checkpoint": "nope"}})).await;
+        assert_eq!(st, 404, "{v}");
+        let (st, v) =
+            from(serde_json::json!({"name": "k2", "image": "tiny", "from": {"checkpoint": "c1"}}))
+                .await;
+        assert_eq!(st, 400, "{v}");
+        assert!(v["error"].as_str().unwrap().contains("image"), "{v}");
+        let (st, v) = other
+            .json(
+                Method::POST,
+                "/sandboxes",
+                Some(serde_json::json!({"name": "k3", "from": {"checkpoint": "c1"}})),
+            )
+            .await;
+        assert_eq!(st, 404, "another user's checkpoint: {v}");
+        let (st, v) = c
+            .json(
+                Method::POST,
+                "/sandboxes/kid/exec",
+                Some(serde_json::json!({"cmd": ["true"]})),
+            )
+            .await;
+        assert_eq!(
+            st, 200,
+            "the new sandbox's agent answers with its own token: {v}"
+        );
+
+        // In use while a sandbox made from it exists.
+        let (st, v) = c.json(Method::DELETE, "/checkpoints/c1", None).await;
+        assert_eq!(st, 409, "{v}");
+        assert!(v["error"].as_str().unwrap().contains("kid"), "{v}");
+        assert_eq!(delete(&c, "kid").await, 204);
+        assert_eq!(c.json(Method::DELETE, "/checkpoints/c1", None).await.0, 204);
+        assert!(!c1_dir.exists(), "its files go with it");
+        assert_eq!(c.json(Method::DELETE, "/checkpoints/c1", None).await.0, 404);
+
+        // Rollback.
+        let (st, v) = post(
+            &c,
+            "/sandboxes/dev/restore",
+            Some(serde_json::json!({"checkpoint": "c2"})),
+        )
+        .await;
+        assert_eq!(st, 200, "{v}");
+        assert_state(&v, "running", "hot");
+        let (st, _) = post(
+            &c,
+            "/sandboxes/dev/restore",
+            Some(serde_json::json!({"checkpoint": "nope"})),
+        )
+        .await;
+        assert_eq!(st, 404);
+
+        // Forks: counted, named, each a full sandbox; a failed parent is a
+        // 409 with its reason; the sandbox quota holds.
+        for bad in [0, 17] {
+            let (st, v) = post(
+                &c,
+                "/sandboxes/dev/fork",
+                Some(serde_json::json!({"count": bad})),
+            )
+            .await;
+            assert_eq!(st, 400, "count {bad}: {v}");
+        }
+        assert_eq!(
+            post(&c, "/sandboxes/nope/fork", Some(serde_json::json!({})))
+                .await
+                .0,
+            404
+        );
+        let (st, kids) = post(
+            &c,
+            "/sandboxes/dev/fork",
+            Some(serde_json::json!({"count": 2})),
+        )
+        .await;
+        assert_eq!(st, 201, "{kids}");
+        let names: Vec<&str> = kids
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["dev-fork-1", "dev-fork-2"]);
+        for k in kids.as_array().unwrap() {
+            assert_state(k, "running", "hot");
+            let (st, v) = c
+                .json(
+                    Method::POST,
+                    &format!("/sandboxes/{}/exec", k["name"].as_str().unwrap()),
+                    Some(serde_json::json!({"cmd": ["true"]})),
+                )
+                .await;
+            assert_eq!(st, 200, "{v}");
+        }
+        let (st, v) = post(
+            &c,
+            "/sandboxes/dev/fork",
+            Some(serde_json::json!({"count": 2})),
+        )
+        .await;
+        assert_eq!(st, 409, "the names are taken: {v}");
+        let (st, v) = post(
+            &c,
+            "/sandboxes/dev/fork",
+            Some(serde_json::json!({"name": "more", "count": 3})),
+        )
+        .await;
+        assert_eq!(st, 403, "4 of 5 sandboxes held, 3 more asked: {v}");
+        assert!(v["error"].as_str().unwrap().contains("quota"), "{v}");
+        assert!(
+            std::fs::read_dir(s.data.join("captures"))
+                .unwrap()
+                .next()
+                .is_none(),
+            "a fork's capture is removed"
+        );
+
+        // A failed sandbox cannot be forked, and says why.
+        for k in ["more-1", "more-2", "more-3"] {
+            if get(&c, k).await.0 == 200 {
+                assert_eq!(delete(&c, k).await, 204);
+            }
+        }
+        eng.inject(Fault::BootFails);
+        let (st, _) = post(
+            &c,
+            "/sandboxes",
+            Some(serde_json::json!({"name": "broken"})),
+        )
+        .await;
+        assert_eq!(st, 502);
+        let (st, v) = post(&c, "/sandboxes/broken/fork", Some(serde_json::json!({}))).await;
+        assert_eq!(st, 409, "{v}");
+        assert!(v["error"].as_str().unwrap().contains("failed"), "{v}");
+        assert!(
+            v["error"].as_str().unwrap().contains("injected fault"),
+            "the reason: {v}"
+        );
+    });
+}
+
+/// The one user directory under `DATA/checkpoints/`.
+fn show_user_dir(data: &Path) -> String {
+    let mut dirs: Vec<String> = std::fs::read_dir(data.join("checkpoints"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    dirs.remove(0)
 }

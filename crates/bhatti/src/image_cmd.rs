@@ -30,6 +30,10 @@ pub fn lohar_static_env(arch: Arch) -> &'static str {
 pub enum ImageCommand {
     /// Build (or confirm cached) the kernel, initramfs and rootfs tiers.
     Build(BuildArgs),
+    /// Make your template of an image on the daemon: booted once, agent
+    /// ready, captured; creates of that image and shape then restore from
+    /// it instead of booting.
+    Warm(cli::WarmArgs),
     /// Pull an OCI image from a registry and build its root filesystem.
     Pull(PullArgs),
     /// Import a `docker save` archive or an OCI-layout tar.
@@ -168,6 +172,8 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<()> {
         ImageCommand::Import(args) => import(args),
         ImageCommand::List(args) => list(args),
         ImageCommand::Remove(args) => remove(args),
+        // A client command: main hands it to the CLI.
+        ImageCommand::Warm(_) => bail!("`bhatti image warm` talks to the daemon"),
     }
 }
 

@@ -74,6 +74,13 @@ fn main() -> std::process::ExitCode {
         Command::Serve(a) => serve::run(a),
         Command::Config(c) => config_cmd::run(c),
         Command::User(u) => user::run(u),
+        Command::Image(image_cmd::ImageCommand::Warm(w)) => {
+            return cli::run(
+                cli.client,
+                cli::Command::ImageWarm(w),
+                <Cli as clap::CommandFactory>::command,
+            )
+        }
         Command::Image(i) => image_cmd::run(i),
         Command::Bench(b) => bench::run(b),
         Command::Client(c) => {

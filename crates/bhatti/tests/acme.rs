@@ -308,7 +308,7 @@ fn acme_certificates_from_pebble() {
         testkit::placeholder_images(&data);
         let text = format!(
             "data_dir = \"{}\"\nlisten = \"127.0.0.1:{TLS_PORT}\"\nengine = \"qemu-tcg\"\n\
-             [defaults]\nimage = \"tiny\"\nmemory_mb = 256\n\
+             [defaults]\nauto_templates = false\nimage = \"tiny\"\nmemory_mb = 256\n\
              [thermal]\nwarm_after_secs = 3600\ncold_after_secs = 7200\n\
              [publish]\nlisten = \"127.0.0.2:{TLS_PORT}\"\ndomain = \"{DOMAIN}\"\n\
              [acme]\ndirectory_url = \"https://127.0.0.1:14000/dir\"\nca_file = \"{}\"\n\

@@ -327,7 +327,7 @@ fn sigkill_at_random_moments_leaves_nothing_behind() {
         &config,
         format!(
             "data_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\nengine = \"qemu-tcg\"\n\
-             [defaults]\nimage = \"tiny\"\nmemory_mb = 128\n\
+             [defaults]\nauto_templates = false\nimage = \"tiny\"\nmemory_mb = 128\n\
              [thermal]\nwarm_after_secs = 2\ncold_after_secs = 6\n\
              [limits]\ncreates_per_min = 10000\nexecs_per_min = 10000\nreads_per_min = 10000\n",
             data.display()

@@ -28,7 +28,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_bhatti");
 fn config(data: &Path) -> api::DaemonConfig {
     let text = format!(
         "data_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\nengine = \"qemu-tcg\"\n\
-         [defaults]\nimage = \"tiny\"\nmemory_mb = 256\n\
+         [defaults]\nauto_templates = false\nimage = \"tiny\"\nmemory_mb = 256\n\
          [thermal]\nwarm_after_secs = 3600\ncold_after_secs = 7200\n\
          [limits]\ncreates_per_min = 1000\n\
          [publish]\nlisten = \"127.0.0.1:0\"\n",

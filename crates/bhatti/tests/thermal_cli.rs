@@ -103,7 +103,7 @@ fn stop_start_edit_and_a_killed_daemon_with_cold_and_warm_sandboxes() {
         format!(
             "data_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\nengine = \"qemu-tcg\"\n\
              [thermal]\nwarm_after_secs = 1\ncold_after_secs = 3600\n\
-             [defaults]\nimage = \"tiny\"\nmemory_mb = 256\n",
+             [defaults]\nauto_templates = false\nimage = \"tiny\"\nmemory_mb = 256\n",
             data.path().display()
         ),
     )

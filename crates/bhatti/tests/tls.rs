@@ -279,7 +279,7 @@ fn tls_api_public_proxy_and_cli() {
 
         let text = format!(
             "data_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\nengine = \"qemu-tcg\"\n\
-             [defaults]\nimage = \"tiny\"\nmemory_mb = 256\n\
+             [defaults]\nauto_templates = false\nimage = \"tiny\"\nmemory_mb = 256\n\
              [thermal]\nwarm_after_secs = 3600\ncold_after_secs = 7200\n\
              [tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n\
              [publish]\nlisten = \"127.0.0.1:0\"\ndomain = \"{DOMAIN}\"\n\
@@ -607,7 +607,7 @@ fn sighup_rereads_certificates() {
         &config,
         format!(
             "data_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\nengine = \"qemu-tcg\"\n\
-             [defaults]\nimage = \"tiny\"\n[publish]\nlisten = \"none\"\n\
+             [defaults]\nauto_templates = false\nimage = \"tiny\"\n[publish]\nlisten = \"none\"\n\
              [tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
             data.path().display(),
             cert.display(),

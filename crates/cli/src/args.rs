@@ -80,6 +80,26 @@ pub enum Command {
     /// Manage your persistent volumes (attach with `create --volume`).
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Checkpoints: a sandbox's memory and disk at one instant, to roll
+    /// back to or start new sandboxes from (`create --from-checkpoint`).
+    #[command(subcommand)]
+    Checkpoint(CheckpointCommand),
+    /// Make your template of an image (`bhatti image warm`): creates of
+    /// that image and shape then restore instead of booting.
+    #[command(hide = true)]
+    ImageWarm(WarmArgs),
+    /// Fork a running sandbox: new sandboxes with its processes, memory
+    /// (copy-on-write) and files, each with its own name and address.
+    Fork {
+        /// Sandbox name or id.
+        name: String,
+        /// How many children (1 to 16).
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// The child's name (with --count N: NAME-1 … NAME-N) [default: <sandbox>-fork-K].
+        #[arg(long = "as", value_name = "NAME")]
+        child: Option<String>,
+    },
     /// Show your sandboxes' recorded events (status changes, thermal
     /// transitions, …), oldest first; an admin key sees everyone's.
     Events(EventsArgs),
@@ -193,6 +213,14 @@ pub struct CreateArgs {
     /// daemons); its output goes to /var/log/bhatti-init.log in the sandbox.
     #[arg(long, value_name = "CMD")]
     pub init: Option<String>,
+    /// Start from one of your checkpoints instead of booting (its image,
+    /// size, env and files come with it).
+    #[arg(long, value_name = "CHECKPOINT", conflicts_with_all = ["cpus", "memory", "disk", "image", "env", "secrets", "files", "volumes", "init"])]
+    pub from_checkpoint: Option<String>,
+    /// Boot even when your template of this image and shape could be
+    /// restored instead.
+    #[arg(long)]
+    pub fresh: bool,
 }
 
 /// Where a sandbox may send: `--egress public|none`, or an allow-list
@@ -401,6 +429,45 @@ pub enum SecretCommand {
     Delete { name: String },
 }
 
+/// `bhatti image warm`.
+#[derive(Debug, Clone, Args)]
+pub struct WarmArgs {
+    /// The image.
+    pub image: String,
+    #[arg(long)]
+    pub cpus: Option<u32>,
+    /// Memory: MiB, or with a unit (512M, 2G).
+    #[arg(long, value_name = "SIZE", value_parser = parse_memory_mb)]
+    pub memory: Option<u64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CheckpointCommand {
+    /// Checkpoint a sandbox (a hot one pauses only while it is copied).
+    Create {
+        /// Sandbox name or id.
+        sandbox: String,
+        /// The checkpoint's name.
+        name: String,
+    },
+    /// List your checkpoints.
+    #[command(alias = "ls")]
+    List,
+    /// Show a checkpoint.
+    Inspect { name: String },
+    /// Roll a sandbox back to a checkpoint (its processes and files become
+    /// the checkpoint's; it keeps its name and address).
+    Restore {
+        /// Sandbox name or id.
+        sandbox: String,
+        /// The checkpoint's name.
+        checkpoint: String,
+    },
+    /// Delete a checkpoint (not while a sandbox made from it exists).
+    #[command(alias = "delete")]
+    Rm { name: String },
+}
+
 #[derive(Debug, Subcommand)]
 pub enum VolumeCommand {
     /// Create an empty volume.
@@ -421,6 +488,29 @@ pub enum VolumeCommand {
         /// The new size: MiB, or with a unit (20G).
         #[arg(long, value_name = "SIZE", value_parser = parse_disk_mb)]
         size: u64,
+    },
+    /// Copy a volume into a new one of the same size (charged to your
+    /// disk quota; not while a sandbox holding it read-write runs hot or warm).
+    Clone {
+        /// The volume to copy.
+        source: String,
+        /// The new volume's name.
+        name: String,
+    },
+    /// Write a tar of a volume's files to FILE (`-` or none: standard
+    /// output). Made in a short-lived VM; not while a sandbox holds the
+    /// volume read-write.
+    Export {
+        name: String,
+        #[arg(value_name = "FILE", default_value = "-")]
+        file: String,
+    },
+    /// Replace a volume's files with those of a tar read from FILE (`-` or
+    /// none: standard input). Not while any sandbox has it attached.
+    Import {
+        name: String,
+        #[arg(value_name = "FILE", default_value = "-")]
+        file: String,
     },
     /// Delete a volume and its data (not while a sandbox has it attached).
     #[command(alias = "delete")]

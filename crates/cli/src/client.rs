@@ -594,8 +594,131 @@ impl Client {
         self.json("PATCH /volumes/:name", resp).await
     }
 
+    pub async fn clone_volume(&self, source: &str, name: &str) -> Result<api_types::Volume> {
+        let rb = self
+            .request(Method::POST, self.url(&["volumes", source, "clone"]), true)?
+            .json(&api_types::CloneVolume {
+                name: name.to_string(),
+            });
+        let resp = self.send(rb).await?;
+        self.json("POST /volumes/:name/clone", resp).await
+    }
+
+    /// `GET /volumes/:name/archive`: the answer, for its body stream.
+    pub async fn export_volume(&self, name: &str) -> Result<Response> {
+        let rb = self.request(Method::GET, self.url(&["volumes", name, "archive"]), true)?;
+        self.send(rb).await
+    }
+
+    /// `PUT /volumes/:name/archive` of the `len` bytes of `file`, streamed.
+    pub async fn import_volume(
+        &self,
+        name: &str,
+        file: std::fs::File,
+        len: u64,
+    ) -> Result<api_types::Volume> {
+        let chunks = futures_util::stream::unfold(Some(file), |file| async move {
+            let mut file = file?;
+            let mut buf = vec![0u8; 256 << 10];
+            match std::io::Read::read(&mut file, &mut buf) {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((Ok::<_, std::io::Error>(buf), Some(file)))
+                }
+                Err(e) => Some((Err(e), None)),
+            }
+        });
+        let rb = self
+            .request(Method::PUT, self.url(&["volumes", name, "archive"]), true)?
+            .header(reqwest::header::CONTENT_TYPE, "application/x-tar")
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .body(reqwest::Body::wrap_stream(chunks));
+        let resp = self.send(rb).await?;
+        self.json("PUT /volumes/:name/archive", resp).await
+    }
+
     pub async fn delete_volume(&self, name: &str) -> Result<()> {
         let rb = self.request(Method::DELETE, self.url(&["volumes", name]), true)?;
+        self.send(rb).await.map(drop)
+    }
+
+    pub async fn checkpoints(&self) -> Result<Vec<api_types::Checkpoint>> {
+        self.get_json("GET /checkpoints", self.url(&["checkpoints"]))
+            .await
+    }
+
+    pub async fn checkpoint(&self, name: &str) -> Result<api_types::Checkpoint> {
+        self.get_json("GET /checkpoints/:name", self.url(&["checkpoints", name]))
+            .await
+    }
+
+    pub async fn create_checkpoint(
+        &self,
+        sandbox: &str,
+        body: &api_types::CreateCheckpoint,
+    ) -> Result<api_types::Checkpoint> {
+        let rb = self
+            .request(
+                Method::POST,
+                self.url(&["sandboxes", sandbox, "checkpoints"]),
+                true,
+            )?
+            .json(body);
+        let resp = self.send(rb).await?;
+        self.json("POST /sandboxes/:id/checkpoints", resp).await
+    }
+
+    pub async fn restore(
+        &self,
+        sandbox: &str,
+        body: &api_types::RestoreSandbox,
+    ) -> Result<api_types::Sandbox> {
+        let rb = self
+            .request(
+                Method::POST,
+                self.url(&["sandboxes", sandbox, "restore"]),
+                true,
+            )?
+            .json(body);
+        let resp = self.send(rb).await?;
+        self.json("POST /sandboxes/:id/restore", resp).await
+    }
+
+    pub async fn fork(
+        &self,
+        sandbox: &str,
+        body: &api_types::ForkSandbox,
+    ) -> Result<Vec<api_types::Sandbox>> {
+        let rb = self
+            .request(
+                Method::POST,
+                self.url(&["sandboxes", sandbox, "fork"]),
+                true,
+            )?
+            .json(body);
+        let resp = self.send(rb).await?;
+        self.json("POST /sandboxes/:id/fork", resp).await
+    }
+
+    pub async fn warm_image(
+        &self,
+        image: &str,
+        body: &api_types::WarmImage,
+    ) -> Result<api_types::Template> {
+        let rb = self
+            .request(
+                Method::POST,
+                self.url(&["images", image, "templates"]),
+                true,
+            )?
+            .json(body);
+        let resp = self.send(rb).await?;
+        self.json("POST /images/:name/templates", resp).await
+    }
+
+    pub async fn delete_checkpoint(&self, name: &str) -> Result<()> {
+        let rb = self.request(Method::DELETE, self.url(&["checkpoints", name]), true)?;
         self.send(rb).await.map(drop)
     }
 

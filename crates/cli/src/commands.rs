@@ -8,8 +8,8 @@ use api_types::{headers, limits, CreateSandbox, ExecBody, Health, NewFile, NewSe
 use serde::Serialize;
 
 use crate::args::{
-    AdminCommand, Command, CreateArgs, EventsArgs, ExecArgs, FileCommand, FileSpec, GlobalArgs,
-    SecretCommand, VolumeCommand,
+    AdminCommand, CheckpointCommand, Command, CreateArgs, EventsArgs, ExecArgs, FileCommand,
+    FileSpec, GlobalArgs, SecretCommand, VolumeCommand, WarmArgs,
 };
 use crate::client::Client;
 use crate::config::{self, Layer};
@@ -140,6 +140,9 @@ impl Ctx {
             Command::File(f) => self.file(f).await?,
             Command::Secret(s) => self.secret(s).await?,
             Command::Volume(v) => self.volume(v).await?,
+            Command::Checkpoint(c) => self.checkpoint(c).await?,
+            Command::ImageWarm(w) => self.warm(w).await?,
+            Command::Fork { name, count, child } => self.fork(&name, count, child).await?,
             Command::Events(a) => self.events(a).await?,
             Command::Admin(AdminCommand::Status) => {
                 let st = c.admin_status().await?;
@@ -307,6 +310,10 @@ impl Ctx {
             labels: a.labels.into_iter().collect::<BTreeMap<_, _>>(),
             egress: a.egress.policy(),
             init: a.init,
+            from: a
+                .from_checkpoint
+                .map(|checkpoint| api_types::CreateFrom { checkpoint }),
+            boot: a.fresh.then_some(api_types::BootMode::Fresh),
         };
         let (sb, created) = self.client.create(&body).await?;
         if !created {
@@ -437,6 +444,81 @@ impl Ctx {
         Ok(())
     }
 
+    async fn checkpoint(&self, v: CheckpointCommand) -> Result<()> {
+        let c = &self.client;
+        let shown = match v {
+            CheckpointCommand::Create { sandbox, name } => {
+                c.create_checkpoint(&sandbox, &api_types::CreateCheckpoint { name })
+                    .await?
+            }
+            CheckpointCommand::Inspect { name } => c.checkpoint(&name).await?,
+            CheckpointCommand::List => {
+                let list = c.checkpoints().await?;
+                return if self.json {
+                    print_json(&list)
+                } else {
+                    print(&output::checkpoints_table(&list, now_ms()))
+                };
+            }
+            CheckpointCommand::Restore {
+                sandbox,
+                checkpoint,
+            } => {
+                let sb = c
+                    .restore(&sandbox, &api_types::RestoreSandbox { checkpoint })
+                    .await?;
+                return if self.json {
+                    print_json(&sb)
+                } else {
+                    print(&output::sandbox_details(&sb, now_ms()))
+                };
+            }
+            CheckpointCommand::Rm { name } => {
+                c.delete_checkpoint(&name).await?;
+                eprintln!("checkpoint {name} deleted");
+                return Ok(());
+            }
+        };
+        if self.json {
+            print_json(&shown)
+        } else {
+            print(&output::checkpoint_details(&shown, now_ms()))
+        }
+    }
+
+    async fn warm(&self, w: WarmArgs) -> Result<()> {
+        let body = api_types::WarmImage {
+            cpus: w.cpus,
+            memory_mb: w.memory,
+        };
+        eprintln!("booting {} to make your template of it…", w.image);
+        let t = self.client.warm_image(&w.image, &body).await?;
+        if self.json {
+            print_json(&t)
+        } else {
+            print(&format!(
+                "template of {} ready: {} CPU(s), {} MiB, {} MiB on disk; creates of this image and shape now restore from it\n",
+                t.image,
+                t.cpus,
+                t.memory_mb,
+                t.bytes >> 20
+            ))
+        }
+    }
+
+    async fn fork(&self, name: &str, count: u32, child: Option<String>) -> Result<()> {
+        let body = api_types::ForkSandbox {
+            name: child,
+            count: Some(count),
+        };
+        let children = self.client.fork(name, &body).await?;
+        if self.json {
+            print_json(&children)
+        } else {
+            print(&output::sandboxes_table(&children, now_ms()))
+        }
+    }
+
     async fn volume(&self, v: VolumeCommand) -> Result<()> {
         let c = &self.client;
         let shown = match v {
@@ -448,6 +530,7 @@ impl Ctx {
                 .await?
             }
             VolumeCommand::Grow { name, size } => c.grow_volume(&name, size).await?,
+            VolumeCommand::Clone { source, name } => c.clone_volume(&source, &name).await?,
             VolumeCommand::Inspect { name } => c.volume(&name).await?,
             VolumeCommand::List => {
                 let list = c.volumes().await?;
@@ -457,6 +540,13 @@ impl Ctx {
                     print(&output::volumes_table(&list, now_ms()))?
                 }
                 return Ok(());
+            }
+            VolumeCommand::Export { name, file } => {
+                return self.export_volume(&name, &file).await;
+            }
+            VolumeCommand::Import { name, file } => {
+                let (f, len) = import_source(&file)?;
+                c.import_volume(&name, f, len).await?
             }
             VolumeCommand::Rm { name } => {
                 c.delete_volume(&name).await?;
@@ -468,6 +558,43 @@ impl Ctx {
             print_json(&shown)?
         } else {
             print(&output::volume_details(&shown, now_ms()))?
+        }
+        Ok(())
+    }
+
+    /// `bhatti volume export`: the tar to `file` (written beside it and
+    /// renamed at the end, so a cut stream leaves no partial FILE) or to
+    /// standard output.
+    async fn export_volume(&self, name: &str, file: &str) -> Result<()> {
+        let c = &self.client;
+        let mut resp = c.export_volume(name).await?;
+        let (mut out, part): (Box<dyn Write>, Option<std::path::PathBuf>) = if file == "-" {
+            (Box::new(io::stdout().lock()), None)
+        } else {
+            let part = std::path::PathBuf::from(format!("{file}.part"));
+            let f = std::fs::File::create(&part).map_err(CliError::Output)?;
+            (Box::new(io::BufWriter::new(f)), Some(part))
+        };
+        let mut n = 0u64;
+        let copied: Result<()> = async {
+            while let Some(chunk) = resp.chunk().await.map_err(|e| c.transport_error(e))? {
+                out.write_all(&chunk).map_err(CliError::Output)?;
+                n += chunk.len() as u64;
+            }
+            out.flush().map_err(CliError::Output)
+        }
+        .await;
+        drop(out);
+        if let Some(part) = part {
+            if copied.is_err() {
+                let _ = std::fs::remove_file(&part);
+            } else {
+                std::fs::rename(&part, file).map_err(CliError::Output)?;
+            }
+        }
+        copied?;
+        if file != "-" {
+            eprintln!("volume {name}: {n} bytes of tar written to {file}");
         }
         Ok(())
     }
@@ -660,6 +787,39 @@ fn read_new_file(spec: &FileSpec) -> Result<NewFile> {
 }
 
 /// The body of `file write`: a local file, or standard input for `-`.
+/// The tar to import and its length: FILE, or standard input spooled to
+/// an unlinked temporary file (the API needs the length first).
+fn import_source(local: &str) -> Result<(std::fs::File, u64)> {
+    use std::io::Seek;
+    use std::os::unix::fs::OpenOptionsExt;
+    if local != "-" {
+        let path = Path::new(local);
+        let rerr = |source| CliError::LocalRead {
+            path: path.to_path_buf(),
+            source,
+        };
+        let f = std::fs::File::open(path).map_err(rerr)?;
+        let len = f.metadata().map_err(rerr)?.len();
+        return Ok((f, len));
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let tmp = std::env::temp_dir().join(format!(".bhatti-import-{}-{nanos}", std::process::id()));
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(CliError::Stdin)?;
+    let _ = std::fs::remove_file(&tmp);
+    let len = io::copy(&mut io::stdin().lock(), &mut f).map_err(CliError::Stdin)?;
+    f.rewind().map_err(CliError::Stdin)?;
+    Ok((f, len))
+}
+
 fn read_upload(local: &str) -> Result<Vec<u8>> {
     let max = limits::MAX_FILE_BODY;
     let too_large = |what: &str, size| CliError::TooLarge {

@@ -20,7 +20,9 @@ mod terminal;
 
 use std::process::ExitCode;
 
-pub use args::{Command, CreateArgs, ExecArgs, FileCommand, GlobalArgs, SecretCommand, ShellArgs};
+pub use args::{
+    Command, CreateArgs, ExecArgs, FileCommand, GlobalArgs, SecretCommand, ShellArgs, WarmArgs,
+};
 pub use client::Client;
 pub use config::{Layer, Settings, DEFAULT_URL};
 pub use error::{CliError, EXIT_FAILURE, EXIT_TIMED_OUT, EXIT_USAGE};

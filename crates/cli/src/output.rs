@@ -334,6 +334,39 @@ pub fn volume_details(v: &api_types::Volume, now_ms: i64) -> String {
     ])
 }
 
+pub fn checkpoints_table(list: &[api_types::Checkpoint], now_ms: i64) -> String {
+    let mut t = Table::new(&[
+        "NAME", "SANDBOX", "IMAGE", "CPUS", "MEMORY", "SIZE", "CREATED",
+    ]);
+    for c in list {
+        t.row(vec![
+            c.name.clone(),
+            c.sandbox.clone(),
+            c.image.clone(),
+            c.cpus.to_string(),
+            memory(c.memory_mb),
+            memory(c.bytes >> 20),
+            ago(now_ms, c.created_at),
+        ]);
+    }
+    t.render()
+}
+
+/// `bhatti checkpoint inspect` (and create).
+pub fn checkpoint_details(c: &api_types::Checkpoint, now_ms: i64) -> String {
+    key_values(&[
+        ("name", c.name.clone()),
+        ("id", c.id.clone()),
+        ("sandbox", format!("{} ({})", c.sandbox, c.sandbox_id)),
+        ("image", c.image.clone()),
+        ("cpus", c.cpus.to_string()),
+        ("memory", memory(c.memory_mb)),
+        ("disk", memory(c.disk_size_mb)),
+        ("size on host", memory(c.bytes >> 20)),
+        ("created", ago(now_ms, c.created_at)),
+    ])
+}
+
 /// `bhatti admin status`.
 pub fn admin_status(s: &api_types::AdminStatus) -> String {
     let counts = |m: &std::collections::BTreeMap<String, u64>| {

@@ -18,6 +18,8 @@ use crate::id::SandboxId;
 /// eth0 is up an absent listener answers with a reset at once, so this only
 /// bounds how late we notice the network coming up.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(50);
+/// The first probe's bound (see [`wait_for_agent`]).
+const FIRST_PROBE_TIMEOUT: Duration = Duration::from_millis(10);
 /// Pause after a probe that failed fast (refused: guest up, agent not yet).
 const PROBE_INTERVAL: Duration = Duration::from_millis(5);
 /// How long authentication may take once TCP connects (TCG is slow).
@@ -107,6 +109,9 @@ pub(crate) async fn wait_for_agent(
 ) -> Result<()> {
     let deadline = Instant::now() + timeout;
     let mut last_error = String::from("no attempt finished");
+    // Short at first (a restored guest answers within milliseconds of
+    // taking its address), doubling on each silent probe up to the bound.
+    let mut probe_timeout = FIRST_PROBE_TIMEOUT;
     let dead_or_timeout = |last_error: String| match vmm.exit() {
         Some(exit) => dead(id, &exit, serial_log),
         None => CoreError::BootTimeout {
@@ -128,10 +133,10 @@ pub(crate) async fn wait_for_agent(
                     Endpoint::Unix(path) => tokio::net::UnixStream::connect(path).await.map(drop),
                 }
             };
-            match tokio::time::timeout(PROBE_TIMEOUT.min(left), probe).await {
+            match tokio::time::timeout(probe_timeout.min(left), probe).await {
                 Err(_) => {
                     return Err(format!(
-                        "connect to {endpoint}: no answer within {PROBE_TIMEOUT:?}"
+                        "connect to {endpoint}: no answer within {probe_timeout:?}"
                     ))
                 }
                 Ok(Err(e)) => return Err(format!("connect to {endpoint}: {e}")),
@@ -157,7 +162,12 @@ pub(crate) async fn wait_for_agent(
                 Ok(Err(source)) => {
                     return Err(CoreError::AgentUnreachable { id: id.clone(), source });
                 }
-                Err(e) => last_error = e,
+                Err(e) => {
+                    if e.contains("no answer within") {
+                        probe_timeout = (probe_timeout * 2).min(PROBE_TIMEOUT);
+                    }
+                    last_error = e;
+                }
             },
             exit = exited(vmm) => return Err(dead(id, &exit, serial_log)),
         }

@@ -84,6 +84,14 @@ pub enum CoreError {
     /// Setting up the host network failed.
     #[error("Setting up the sandbox network")]
     NetworkSetup(#[source] net::NetError),
+    /// A capture could not be made, or is not one this daemon can use.
+    #[error("Capture {dir}: {reason}")]
+    Capture {
+        /// Its directory.
+        dir: std::path::PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// Random bytes (ids, tokens) could not be read.
     #[error("Reading random bytes")]
     Random(#[source] std::io::Error),

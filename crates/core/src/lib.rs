@@ -16,7 +16,9 @@
 //!   again, destroy — serialised per sandbox, a destroy cancels a create in
 //!   progress), `thermal` (pause, resume, stop, start, restore, the
 //!   ticker), `shutdown` (the bounded [`SandboxManager::stop_all`]),
-//!   `recovery` (adoption after a restart), `guest` (calls into a guest).
+//!   `recovery` (adoption after a restart), `guest` (calls into a guest),
+//!   `capture` (memory and disk at an instant, for checkpoints, forks and
+//!   templates, and sandboxes restored from them).
 //! * [`SandboxRecord`] — serde-able state of one sandbox, for the store.
 //! * [`CoreError`] — typed failures; a dead VMM, a boot timeout and a
 //!   refusing agent carry the guest console's last lines.
@@ -25,6 +27,7 @@
 //! the store persists records. The registry is in memory.
 
 mod boot;
+mod capture;
 mod config;
 mod error;
 mod guest;
@@ -42,6 +45,7 @@ mod spec;
 mod state;
 mod thermal;
 
+pub use capture::{Capture, CaptureMeta, Durability, CAPTURE_DISK, CAPTURE_META, CAPTURE_SNAPSHOT};
 pub use config::CoreConfig;
 pub use error::{CoreError, Result};
 pub use guest::{

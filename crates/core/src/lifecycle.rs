@@ -28,6 +28,7 @@ use tracing::Instrument;
 use vmm::Vmm;
 
 use crate::boot::{agent_endpoint, dead, wait_for_agent};
+use crate::capture::Capture;
 use crate::error::{error_chain, CoreError, Result};
 use crate::id::{SandboxId, Token};
 use crate::machine::{vm_spec, Vm, SERIAL_LOG};
@@ -45,14 +46,39 @@ struct Undo {
     vmm: Option<Arc<dyn Vmm>>,
 }
 
-/// Whether the sandbox's directory is made now or exists already.
-#[derive(Debug, Clone, Copy)]
+/// Whether the sandbox's directory is made now or exists already, and
+/// whether its VM boots or is restored.
+#[derive(Debug, Clone)]
 enum Origin {
     /// A new sandbox: directory, disk and config drive are made (and
     /// removed again on failure).
     Fresh,
     /// Booted again from its kept directory, preferring its old address.
     Again { ip: Option<Ipv4Addr> },
+    /// A new sandbox restored from a capture: its disk a copy of the
+    /// capture's, its memory the capture's mapped copy-on-write, told its
+    /// own identity before it answers.
+    Restored(Box<Capture>),
+}
+
+/// The identity line a sandbox restored from a capture is told.
+pub(crate) fn identity(
+    token: &Token,
+    hostname: &str,
+    att: &Attachment,
+) -> std::result::Result<proto::identity::GuestIdentity, CoreError> {
+    let entropy = crate::id::random_hex(proto::identity::IDENTITY_ENTROPY_BYTES)
+        .map_err(CoreError::Random)?;
+    Ok(proto::identity::GuestIdentity {
+        token: token.expose().to_owned(),
+        hostname: hostname.to_owned(),
+        ip: att.ip,
+        prefix: att.prefix,
+        gateway: att.gateway,
+        mac: vmm::MacAddr(att.mac.0).to_string(),
+        unix_ms: now_unix_ms(),
+        entropy,
+    })
 }
 
 /// Runs `fut` in a task of its own: dropping the returned future does not
@@ -82,10 +108,25 @@ impl SandboxManager {
     pub async fn create_as(&self, id: SandboxId, spec: SandboxSpec) -> Result<SandboxRecord> {
         spec.validate(&self.inner.config.limits)?;
         let image = self.inner.images.resolve(&spec.image)?;
+        let entry = self.new_entry(id, spec, &image)?;
+        let span = tracing::info_span!("create", sandbox = %entry.id, name = %entry.read(|r| r.spec.name.clone()), image = %image.name);
+        let mgr = self.clone();
+        let unique = self.inner.config.unique_names;
+        detached(
+            async move { mgr.bring_up(entry, image, Origin::Fresh, unique).await }.instrument(span),
+        )
+        .await
+    }
+
+    /// The entry of a sandbox about to be made, with a new token.
+    fn new_entry(
+        &self,
+        id: SandboxId,
+        spec: SandboxSpec,
+        image: &ResolvedImage,
+    ) -> Result<Arc<Entry>> {
         let token = Token::generate().map_err(CoreError::Random)?;
-        let span =
-            tracing::info_span!("create", sandbox = %id, name = %spec.name, image = %spec.image);
-        let entry = Arc::new(Entry::creating(SandboxRecord {
+        Ok(Arc::new(Entry::creating(SandboxRecord {
             id: id.clone(),
             spec,
             state: SandboxState::Creating,
@@ -108,11 +149,57 @@ impl SandboxManager {
             keep_hot: false,
             breaker: None,
             cold_wakes: 0,
-        }));
+        })))
+    }
+
+    /// Creates sandbox `id` from `capture` instead of booting: the spec's
+    /// image, CPUs, memory and disk size must be the capture's (the caller
+    /// takes them from [`Capture::meta`]). Returns once the restored agent
+    /// answers at the new sandbox's own address with its own token. Undone
+    /// on failure as a create is.
+    pub async fn create_from_capture(
+        &self,
+        id: SandboxId,
+        spec: SandboxSpec,
+        capture: Capture,
+    ) -> Result<SandboxRecord> {
+        spec.validate(&self.inner.config.limits)?;
+        let src = &capture.meta.spec;
+        if (src.image.as_str(), src.cpus, src.memory_mb, src.disk_mb)
+            != (spec.image.as_str(), spec.cpus, spec.memory_mb, spec.disk_mb)
+        {
+            return Err(CoreError::Capture {
+                dir: capture.dir.clone(),
+                reason: "the new sandbox's image, CPUs, memory and disk must be the capture's"
+                    .into(),
+            });
+        }
+        if !spec.volumes.is_empty() {
+            return Err(CoreError::Capture {
+                dir: capture.dir.clone(),
+                reason: "a sandbox made from a capture cannot attach volumes".into(),
+            });
+        }
+        let image = self.inner.images.resolve(&spec.image)?;
+        if image.kernel_release != capture.meta.kernel_release {
+            return Err(CoreError::Capture {
+                dir: capture.dir.clone(),
+                reason: format!(
+                    "taken on kernel {}, the image now has {}",
+                    capture.meta.kernel_release, image.kernel_release
+                ),
+            });
+        }
+        let entry = self.new_entry(id, spec, &image)?;
+        let span = tracing::info_span!("create_from_capture", sandbox = %entry.id);
         let mgr = self.clone();
         let unique = self.inner.config.unique_names;
         detached(
-            async move { mgr.bring_up(entry, image, Origin::Fresh, unique).await }.instrument(span),
+            async move {
+                mgr.bring_up(entry, image, Origin::Restored(Box::new(capture)), unique)
+                    .await
+            }
+            .instrument(span),
         )
         .await
     }
@@ -242,7 +329,38 @@ impl SandboxManager {
                 source,
             }),
         })?;
-        let placement = match origin {
+        let placement = match &origin {
+            Origin::Restored(capture) => {
+                undo.dir = Some(dir.clone());
+                // For a later boot from the disk (the restored agent runs
+                // with the capture's own settings).
+                let mut cfg = spec.config_drive(token.expose().to_owned());
+                if let Some(rc) = &image.run_config {
+                    crate::spec::apply_image_config(&mut cfg, rc);
+                }
+                let (d, from) = (dir.clone(), capture.disk());
+                tokio::task::spawn_blocking(move || -> image::Result<()> {
+                    std::fs::create_dir_all(&d).map_err(|source| image::Error::Io {
+                        op: "create directory",
+                        path: d.clone(),
+                        source,
+                    })?;
+                    vmm::snapshot::copy_sparse(&from, &d.join(SANDBOX_DISK)).map_err(|e| {
+                        image::Error::Io {
+                            op: "copy the capture's disk",
+                            path: from.clone(),
+                            source: std::io::Error::other(error_chain(&e)),
+                        }
+                    })?;
+                    image::write_config_drive(&d.join(CONFIG_DRIVE), &cfg, ConfigDriveFormat::Raw)
+                })
+                .await?
+                .map_err(|source| CoreError::Disk {
+                    id: id.clone(),
+                    source: Box::new(source),
+                })?;
+                crate::networks::Placement::Any
+            }
             Origin::Fresh => {
                 undo.dir = Some(dir.clone());
                 let mut cfg = spec.config_drive(token.expose().to_owned());
@@ -281,7 +399,17 @@ impl SandboxManager {
 
         // The VM. Starting it and waiting for its agent are raced against
         // the cancellation; both leave the VMM where `undo` finds it.
-        let spec = vm_spec(&spec, image, &dir, &att);
+        let hostname = spec.name.clone();
+        let mut spec = vm_spec(&spec, image, &dir, &att);
+        let restore_from = match &origin {
+            Origin::Restored(capture) => {
+                spec.memory = vmm::MemoryBacking::Private {
+                    path: capture.memory(),
+                };
+                Some(capture.snapshot_dir())
+            }
+            Origin::Fresh | Origin::Again { .. } => None,
+        };
         let vmm: Arc<dyn Vmm> =
             Arc::from(
                 self.inner
@@ -295,8 +423,23 @@ impl SandboxManager {
         undo.vmm = Some(vmm.clone());
         let prepared = Instant::now();
         let serial_log = dir.join(SERIAL_LOG);
+        let start = async {
+            match &restore_from {
+                None => vmm.boot().await,
+                Some(snapshot) => {
+                    vmm.restore(snapshot).await?;
+                    // Who it is now, before anything can reach it.
+                    let line = identity(&token, &hostname, &att)
+                        .map_err(|e| vmm::VmmError::Console {
+                            source: std::io::Error::other(e.to_string()),
+                        })?
+                        .to_line();
+                    vmm.send_console(line.as_bytes()).await
+                }
+            }
+        };
         tokio::select! {
-            r = vmm.boot() => r.map_err(|source| match vmm.exit() {
+            r = start => r.map_err(|source| match vmm.exit() {
                 Some(exit) => dead(&id, &exit, &serial_log),
                 None => CoreError::Vmm {
                     id: id.clone(),
@@ -320,6 +463,22 @@ impl SandboxManager {
                 &serial_log,
             ) => r?,
             () = entry.cancelled() => return Err(cancelled()),
+        }
+        if restore_from.is_some() {
+            // The identity carried the clock as it was when sent; set it
+            // again now that the agent answers (an agent outside a guest,
+            // the fake engine's, keeps the host's and says so).
+            match client
+                .deadline(self.inner.config.thermal.agent_timeout)
+                .set_time(now_unix_ms())
+                .await
+            {
+                Ok(()) => {}
+                Err(e) if e.agent_code() == Some(proto::ErrorCode::PermissionDenied) => {}
+                Err(e) => {
+                    tracing::warn!(error = %error_chain(&e), "setting the clock of a restored sandbox")
+                }
+            }
         }
         let ready = Instant::now();
         Ok((

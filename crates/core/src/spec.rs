@@ -64,6 +64,10 @@ pub struct SandboxSpec {
     /// restore and adoption attaches the same drives.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeSpec>,
+    /// Commands run as root in the guest: the daemon's own utility VMs
+    /// only (see [`proto::config_drive::ConfigDrive::agent_as_root`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub agent_as_root: bool,
 }
 
 /// A persistent volume attached to a sandbox.
@@ -113,6 +117,7 @@ impl SandboxSpec {
             network_group: String::new(),
             egress: net::Egress::Public,
             volumes: Vec::new(),
+            agent_as_root: false,
         }
     }
 }
@@ -300,6 +305,7 @@ impl SandboxSpec {
                 })
                 .collect(),
             exec_defaults: None,
+            agent_as_root: self.agent_as_root,
         }
     }
 }

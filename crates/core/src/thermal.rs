@@ -192,17 +192,17 @@ pub(crate) fn discard_snapshot(entry: &Entry) {
 /// Armed while a transition talks to a live VMM; if the transition is
 /// dropped before it disarms (cut short), the sandbox is settled as the
 /// module docs say.
-struct CutShort<'a> {
+pub(crate) struct CutShort<'a> {
     entry: &'a Entry,
     armed: bool,
 }
 
 impl<'a> CutShort<'a> {
-    fn new(entry: &'a Entry) -> CutShort<'a> {
+    pub(crate) fn new(entry: &'a Entry) -> CutShort<'a> {
         CutShort { entry, armed: true }
     }
 
-    fn disarm(&mut self) {
+    pub(crate) fn disarm(&mut self) {
         self.armed = false;
     }
 }
@@ -250,11 +250,11 @@ impl SandboxManager {
         }
     }
 
-    fn policy(&self) -> &ThermalPolicy {
+    pub(crate) fn policy(&self) -> &ThermalPolicy {
         &self.inner.config.thermal
     }
 
-    fn thermal_error(
+    pub(crate) fn thermal_error(
         &self,
         entry: &Entry,
         vmm: &dyn Vmm,
@@ -285,7 +285,7 @@ impl SandboxManager {
         }
     }
 
-    fn vm_of(&self, entry: &Entry, operation: &'static str) -> Result<Vm> {
+    pub(crate) fn vm_of(&self, entry: &Entry, operation: &'static str) -> Result<Vm> {
         entry.vm().ok_or_else(|| CoreError::InvalidState {
             id: entry.id.clone(),
             state: entry.state(),
@@ -427,7 +427,7 @@ impl SandboxManager {
 
     /// Resumes a VM whose snapshot failed; if it will not resume, it is
     /// labelled warm so the next use tries again.
-    async fn resume_after(&self, entry: &Entry, vm: &Vm, err: CoreError) -> CoreError {
+    pub(crate) async fn resume_after(&self, entry: &Entry, vm: &Vm, err: CoreError) -> CoreError {
         match vm.vmm.resume().await {
             Ok(()) => tracing::warn!(sandbox = %entry.id, "snapshot failed; VM resumed"),
             Err(r) => {
@@ -443,6 +443,30 @@ impl SandboxManager {
         err
     }
 
+    /// Syncs the guest's disks (lohar also syncs when a command exits)
+    /// under a deadline of its own, before a snapshot.
+    pub(crate) async fn sync_guest(&self, entry: &Entry, vm: &Vm) -> Result<()> {
+        let limit = self.policy().sync_timeout;
+        let sync = ExecRequest {
+            argv: vec!["/bin/sh".into(), "-c".into(), "sync".into()],
+            timeout_ms: Some(limit.as_millis() as u64),
+            ..Default::default()
+        };
+        let synced = vm
+            .client
+            .deadline(limit)
+            .exec(sync)
+            .await
+            .map_err(|source| CoreError::Agent {
+                id: entry.id.clone(),
+                source,
+            })?;
+        if synced.exit.code != 0 {
+            tracing::warn!(sandbox = %entry.id, code = synced.exit.code, "sync before the snapshot failed");
+        }
+        Ok(())
+    }
+
     pub(crate) async fn freeze_locked(&self, entry: &Entry) -> Result<()> {
         let vm = self.vm_of(entry, "stop")?;
         let started = Instant::now();
@@ -456,27 +480,11 @@ impl SandboxManager {
             }
             entry.set_thermal(ThermalState::Hot)?;
         }
-        // Sync the guest's disks (lohar also syncs when a command exits),
-        // under a deadline of its own: a guest whose agent does not answer
-        // is not snapshotted (it runs on, hot).
-        let limit = self.policy().sync_timeout;
-        let sync = ExecRequest {
-            argv: vec!["/bin/sh".into(), "-c".into(), "sync".into()],
-            timeout_ms: Some(limit.as_millis() as u64),
-            ..Default::default()
-        };
-        let synced = match vm.client.deadline(limit).exec(sync).await {
-            Ok(o) => o,
-            Err(source) => {
-                cut.disarm();
-                return Err(CoreError::Agent {
-                    id: entry.id.clone(),
-                    source,
-                });
-            }
-        };
-        if synced.exit.code != 0 {
-            tracing::warn!(sandbox = %entry.id, code = synced.exit.code, "sync before the snapshot failed");
+        // A guest whose agent does not answer is not snapshotted (it runs
+        // on, hot).
+        if let Err(e) = self.sync_guest(entry, &vm).await {
+            cut.disarm();
+            return Err(e);
         }
         let dir = snapshot_dir(entry);
         if dir.exists() {

@@ -116,6 +116,7 @@ mod tests {
             }),
             volumes: Vec::new(),
             exec_defaults: None,
+            agent_as_root: false,
         }
     }
 

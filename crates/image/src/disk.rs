@@ -131,6 +131,92 @@ pub fn remove_volume(path: &Path) -> Result<()> {
     }
 }
 
+/// Copies the volume file `src` to the new file `dst` (0600; a fresh
+/// name, in a directory made private by [`create_volume`]): a reflink (`FICLONE`) where the
+/// file system shares blocks, else a byte copy of the data extents only
+/// (`SEEK_DATA`/`SEEK_HOLE` and `copy_file_range`), so the holes stay
+/// holes. Bytes are copied; the file system inside is never read as one.
+/// Made under a temporary name and renamed at the end: a failed copy
+/// leaves no `dst`.
+pub fn clone_volume(src: &Path, dst: &Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let meta = std::fs::symlink_metadata(src).map_err(io("stat", src))?;
+    if !meta.is_file() {
+        return Err(Error::NotADisk {
+            path: src.to_path_buf(),
+        });
+    }
+    let from = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(src)
+        .map_err(io("open", src))?;
+    let tmp = dst.with_extension("ext4.clone");
+    let _ = std::fs::remove_file(&tmp);
+    let to = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io("create", &tmp))?;
+    let copied = copy_sparse(&from, &to, meta.len())
+        .map_err(io("copy into", &tmp))
+        .and_then(|()| to.sync_all().map_err(io("sync", &tmp)))
+        .and_then(|()| std::fs::rename(&tmp, dst).map_err(io("rename to", dst)));
+    if copied.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    copied
+}
+
+/// `to` becomes a copy of the `len` bytes of `from`, holes kept.
+fn copy_sparse(from: &std::fs::File, to: &std::fs::File, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (fi, fo) = (from.as_raw_fd(), to.as_raw_fd());
+    // SAFETY: both descriptors are open for the whole call.
+    if unsafe { libc::ioctl(fo, libc::FICLONE, fi) } == 0 {
+        return Ok(());
+    }
+    to.set_len(len)?;
+    let mut pos: u64 = 0;
+    while pos < len {
+        let off = libc::off_t::try_from(pos).map_err(std::io::Error::other)?;
+        // SAFETY: plain syscalls on an open descriptor.
+        let data = unsafe { libc::lseek(fi, off, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // only a hole is left
+            }
+            return Err(e);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fi, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let (mut at, end) = (data, hole.min(len as libc::off_t));
+        while at < end {
+            let (mut i, mut o) = (at, at);
+            let want = usize::try_from(end - at).unwrap_or(usize::MAX).min(1 << 30);
+            // SAFETY: the offsets are locals the call may advance.
+            let n = unsafe { libc::copy_file_range(fi, &mut i, fo, &mut o, want, 0) };
+            if n < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the source shrank while it was copied",
+                ));
+            }
+            at += n as libc::off_t;
+        }
+        pos = end as u64;
+    }
+    Ok(())
+}
+
 fn grow_disk_file(path: PathBuf, size: u64) -> Result<()> {
     if !(MIN_DISK_BYTES..=MAX_DISK_BYTES).contains(&size) {
         return Err(Error::DiskSize {
@@ -234,6 +320,38 @@ pub fn destroy_sandbox_dir(root: &Path, dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn volume_clones_are_exact_private_and_keep_holes() {
+        use std::io::{Seek, SeekFrom, Write};
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("a.ext4");
+        let dst = tmp.path().join("b.ext4");
+        let mut f = std::fs::File::create(&src).unwrap();
+        f.set_len(64 << 20).unwrap();
+        for at in [0u64, 5 << 20, (64 << 20) - 4096] {
+            f.seek(SeekFrom::Start(at)).unwrap();
+            f.write_all(&[at as u8 ^ 0x5a; 4096]).unwrap();
+        }
+        f.sync_all().unwrap();
+        clone_volume(&src, &dst).unwrap();
+        let (a, b) = (std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+        assert!(a == b, "the copy differs");
+        let meta = std::fs::metadata(&dst).unwrap();
+        assert_eq!(meta.len(), 64 << 20);
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert!(meta.blocks() * 512 < 8 << 20, "sparse: {}", meta.blocks());
+        // No temporary file is left; a symlink is not followed.
+        let names: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        let link = tmp.path().join("l.ext4");
+        std::os::unix::fs::symlink(&src, &link).unwrap();
+        assert!(clone_volume(&link, &tmp.path().join("c.ext4")).is_err());
+    }
 
     #[test]
     fn volumes_are_private_sparse_labelled_ext4() {

@@ -48,8 +48,8 @@ pub use config_drive::{
     write_config_drive, ConfigDrive, ConfigDriveFormat, ConfigFile, InitCommand,
 };
 pub use disk::{
-    create_sandbox_disk, create_volume, destroy_sandbox_dir, grow_sandbox_disk, grow_volume,
-    private_dir, remove_volume,
+    clone_volume, create_sandbox_disk, create_volume, destroy_sandbox_dir, grow_sandbox_disk,
+    grow_volume, private_dir, remove_volume,
 };
 pub use error::{Error, Result};
 pub use fsutil::{tree_usage, TreeUsage};

@@ -2,7 +2,7 @@
 //! counters and the session registry.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use proto::Activity;
@@ -17,7 +17,9 @@ use crate::spawner::Spawner;
 pub struct Agent {
     pub config: AgentConfig,
     pub identity: Identity,
-    token: Vec<u8>,
+    /// Replaced when a restored guest is told its new identity
+    /// ([`crate::reidentify`]): the next handshake proves the new one.
+    token: RwLock<Arc<[u8]>>,
     started: Instant,
     last_activity_ms: AtomicU64,
     /// Authenticated connections.
@@ -55,7 +57,7 @@ impl Agent {
             spawner,
             config,
             identity,
-            token: token.into_bytes(),
+            token: RwLock::new(Arc::from(token.into_bytes())),
             started: Instant::now(),
             last_activity_ms: AtomicU64::new(now_unix_ms()),
             connections: AtomicU32::new(0),
@@ -65,9 +67,23 @@ impl Agent {
         })
     }
 
-    /// The sandbox token: the key of both handshake proofs.
-    pub fn token(&self) -> &[u8] {
-        &self.token
+    /// The sandbox token now: the key of both handshake proofs. A
+    /// handshake takes it once and uses that copy for both.
+    pub fn token(&self) -> Arc<[u8]> {
+        self.token
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Replaces the token: handshakes that start after this prove the new
+    /// one; the old one stops working at once.
+    pub fn set_token(&self, token: &str) {
+        let new: Arc<[u8]> = Arc::from(token.as_bytes());
+        *self
+            .token
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = new;
     }
 
     /// Records activity now (a request, input or output).

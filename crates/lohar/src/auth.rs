@@ -162,6 +162,8 @@ where
         .map_err(|_| Refused::Silently)?;
     let refusal = match reader.read_message().await {
         Ok(Some(Message::Auth(auth))) => {
+            // One copy for both proofs, even if the token changes meanwhile.
+            let token = agent.token();
             if auth.version != PROTOCOL_VERSION {
                 Message::error(
                     ErrorCode::VersionMismatch,
@@ -170,7 +172,7 @@ where
                         auth.version
                     ),
                 )
-            } else if !verify_host_proof(agent.token(), &nonce, &auth.nonce, &auth.proof) {
+            } else if !verify_host_proof(&token, &nonce, &auth.nonce, &auth.proof) {
                 Message::error(
                     ErrorCode::AuthFailed,
                     "invalid proof: not made with this sandbox's token for this challenge",
@@ -179,7 +181,7 @@ where
                 let ok = Message::AuthOk(AuthOk {
                     version: PROTOCOL_VERSION,
                     agent_version: env!("CARGO_PKG_VERSION").to_string(),
-                    proof: agent_proof(agent.token(), &nonce, &auth.nonce),
+                    proof: agent_proof(&token, &nonce, &auth.nonce),
                 });
                 return writer.send(&ok).await.map_err(|_| Refused::Silently);
             }

@@ -5,12 +5,14 @@ use std::path::PathBuf;
 pub const USAGE: &str = "\
 usage:
   lohar                                   run as PID 1 in a sandbox VM
-  lohar serve --listen ADDR --token-file FILE [--config FILE]
+  lohar serve --listen ADDR --token-file FILE [--config FILE] [--identity-stdin]
                                           serve the agent on this host (no PID-1 duties)
   lohar --version
 
 ADDR is unix:/path/to/socket or tcp:HOST:PORT (port 0 picks a free port).
 `serve` prints `LISTENING <addr>` on stdout once it accepts connections.
+With --identity-stdin it reads identity lines (BHATTI-IDENTITY2 {json}) from
+stdin and takes each one's token as its own (nothing else of the host's).
 ";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +26,8 @@ pub struct ServeOptions {
     pub listen: ListenAddr,
     pub token_file: PathBuf,
     pub config: Option<PathBuf>,
+    /// Read identity lines on stdin and take their tokens.
+    pub identity_stdin: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,12 +64,14 @@ pub fn parse(mut args: impl Iterator<Item = String>) -> Result<Command, CliError
 
 fn parse_serve(mut args: impl Iterator<Item = String>) -> Result<Command, CliError> {
     let (mut listen, mut token_file, mut config) = (None, None, None);
+    let mut identity_stdin = false;
     while let Some(arg) = args.next() {
         let mut value = |name: &'static str| args.next().ok_or(CliError::MissingValue(name));
         match arg.as_str() {
             "--listen" => listen = Some(parse_listen(&value("--listen")?)?),
             "--token-file" => token_file = Some(PathBuf::from(value("--token-file")?)),
             "--config" => config = Some(PathBuf::from(value("--config")?)),
+            "--identity-stdin" => identity_stdin = true,
             other => return Err(CliError::Unknown(other.to_string())),
         }
     }
@@ -73,6 +79,7 @@ fn parse_serve(mut args: impl Iterator<Item = String>) -> Result<Command, CliErr
         listen: listen.ok_or(CliError::Required("listen"))?,
         token_file: token_file.ok_or(CliError::Required("token-file"))?,
         config,
+        identity_stdin,
     }))
 }
 
@@ -103,12 +110,13 @@ mod tests {
         assert_eq!(parse(args("--version")), Ok(Command::Version));
         assert_eq!(
             parse(args(
-                "serve --listen tcp:127.0.0.1:0 --token-file /t --config /c"
+                "serve --listen tcp:127.0.0.1:0 --token-file /t --config /c --identity-stdin"
             )),
             Ok(Command::Serve(ServeOptions {
                 listen: ListenAddr::Tcp("127.0.0.1:0".into()),
                 token_file: "/t".into(),
                 config: Some("/c".into()),
+                identity_stdin: true,
             }))
         );
         assert_eq!(
@@ -117,6 +125,7 @@ mod tests {
                 listen: ListenAddr::Unix("/s".into()),
                 token_file: "/t".into(),
                 config: None,
+                identity_stdin: false,
             }))
         );
     }

@@ -19,6 +19,7 @@ mod identity;
 mod init;
 mod ports;
 mod pty;
+mod reidentify;
 mod server;
 mod session;
 mod spawn;

@@ -173,6 +173,10 @@ pub fn run_test_mode(opts: ServeOptions) -> anyhow::Result<()> {
         let listener = Listener::bind(&opts.listen).await?;
         let agent = Agent::new(config, identity, token);
         start_agent(&agent)?;
+        if opts.identity_stdin {
+            crate::reidentify::start_stdin(agent.clone())
+                .context("starting the identity reader")?;
+        }
         println!("LISTENING {}", listener.describe());
         accept_loop(listener, agent).await;
         Ok(())
@@ -199,6 +203,8 @@ pub fn serve_guest(
             .with_context(|| format!("binding {addr}"))?;
         crate::clock::mark_guest();
         let agent = Agent::new(config, identity, token);
+        // Before the agent is ready, so before any snapshot can be taken.
+        crate::reidentify::start_console(agent.clone());
         start_agent(&agent)?;
         on_ready();
         accept_loop(Listener::Tcp(listener), agent).await;

@@ -68,6 +68,7 @@ fn config(hostname: &str) -> ConfigDrive {
         }),
         volumes: Vec::new(),
         exec_defaults: None,
+        agent_as_root: false,
     }
 }
 
@@ -274,6 +275,21 @@ async fn common_checks(g: &Guest, tier: Tier) {
     let hostname = format!("sb-{}", tier.name());
     assert_eq!(g.ok("uname -r").await, g.release);
     assert_eq!(g.ok("cat /proc/1/comm").await, "lohar");
+    // The agent hears a restored copy's new identity on the serial console
+    // (`crate::reidentify`), open from the start.
+    // (Written before the agent answered; the host copies the console log
+    // a moment later.)
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let serial = g.serial();
+        if serial.contains("lohar: listening for a new identity on /dev/ttyS0")
+            || serial.contains("lohar: listening for a new identity on /dev/ttyAMA0")
+        {
+            break;
+        }
+        assert!(Instant::now() < end, "no console listener:\n{serial}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(g.ok("tr '\\0' ' ' < /proc/1/cmdline").await, "/init");
     assert_eq!(g.ok("id -u").await, "1000");
     assert_eq!(g.ok("pwd").await, "/workspace");

@@ -122,6 +122,12 @@ pub struct ConfigDrive {
     /// Exec defaults from an OCI image's config (absent for the tiers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exec_defaults: Option<ExecDefaults>,
+    /// Commands run as root rather than the sandbox user: only for the
+    /// daemon's own short-lived utility VMs (a volume's tar export or
+    /// import, which must read and restore every owner and mode), never
+    /// for a user's sandbox.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub agent_as_root: bool,
 }
 
 /// Who commands run as and where, when the sandbox's image says (an OCI
@@ -169,6 +175,10 @@ impl ExecDefaults {
         }
         Ok(())
     }
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// Most volumes one sandbox may mount.
@@ -433,7 +443,26 @@ mod tests {
             }),
             volumes: Vec::new(),
             exec_defaults: None,
+            agent_as_root: false,
         }
+    }
+
+    #[test]
+    fn agent_as_root_is_off_unless_set_and_absent_when_off() {
+        let d = sample();
+        let json = String::from_utf8(d.to_json().unwrap()).unwrap();
+        assert!(!json.contains("agent_as_root"), "{json}");
+        assert!(
+            !ConfigDrive::from_json(json.as_bytes())
+                .unwrap()
+                .agent_as_root
+        );
+        let root = ConfigDrive {
+            agent_as_root: true,
+            ..sample()
+        };
+        let back = ConfigDrive::from_json(&root.to_json().unwrap()).unwrap();
+        assert!(back.agent_as_root);
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod arch;
 pub mod auth;
 mod codec;
 pub mod config_drive;
+pub mod identity;
 #[cfg(feature = "tokio")]
 mod io;
 mod limits;

@@ -30,6 +30,8 @@ pub enum StoreError {
     DiskQuota { used: u64, limit: u64, asked: u64 },
     #[error("{0}")]
     InUse(String),
+    #[error("checkpoint quota reached: {used} of {limit} checkpoints kept; delete one first")]
+    CheckpointQuota { used: u64, limit: u64 },
     #[error("the database is at schema version {found}, newer than this binary knows ({known})")]
     TooNew { found: i64, known: i64 },
 }

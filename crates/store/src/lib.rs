@@ -5,6 +5,7 @@
 //! Every user-owned row carries its `user_id`, and every lookup of one takes
 //! the user: another user's object is simply not found.
 
+mod checkpoints;
 mod error;
 mod events;
 mod migrations;
@@ -19,6 +20,7 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
 pub use api_types::{SandboxStatus, Thermal};
+pub use checkpoints::{CheckpointRow, NewCheckpoint};
 pub use error::StoreError;
 pub use events::{EventFilter, EventRecord};
 pub use publications::{NewPublication, PublicationRecord};

@@ -99,6 +99,24 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (volume_id, sandbox_id)
     );
     CREATE INDEX volume_attachments_by_sandbox ON volume_attachments (sandbox_id);",
+    // 7: checkpoints (a sandbox's memory and disk at an instant), and which
+    // checkpoint a sandbox was made from or rolled back to (it is in use
+    // while such a sandbox exists).
+    "CREATE TABLE checkpoints (
+        id TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        sandbox_id TEXT NOT NULL,
+        sandbox_name TEXT NOT NULL,
+        image TEXT NOT NULL,
+        cpus INTEGER NOT NULL,
+        memory_mb INTEGER NOT NULL,
+        disk_mb INTEGER NOT NULL,
+        bytes INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        UNIQUE (user_id, name)
+    );
+    ALTER TABLE sandboxes ADD COLUMN checkpoint_id TEXT;",
 ];
 
 pub fn migrate(conn: &mut rusqlite::Connection) -> Result<()> {

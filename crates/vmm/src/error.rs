@@ -116,6 +116,13 @@ pub enum VmmError {
         reason: String,
     },
 
+    /// Writing the guest's console input failed.
+    #[error("writing to the guest's console: {source}")]
+    Console {
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The engine cannot do this at all.
     #[error("{operation} is not supported by the {engine} engine")]
     Unsupported {

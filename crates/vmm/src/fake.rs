@@ -323,6 +323,9 @@ impl FakeVmm {
             })
             .arg("--config")
             .arg(&config_path)
+            // A restored "guest" learns its new token as a VM's does: a
+            // line on its console input.
+            .arg("--identity-stdin")
             .current_dir(&root);
         // SAFETY: prctl(2) is async-signal-safe and touches no memory of
         // the parent. A subreaper keeps what its commands leave running in
@@ -550,8 +553,10 @@ impl Vmm for FakeVmm {
         SnapshotManifest::read_for(dir, EngineKind::Fake, &self.spec)?;
         self.engine.count(|s| s.restores += 1);
         let fault = self.engine.take_fault(Op::Restore);
-        if fault != Some(Fault::RestoreFails) {
-            // As QEMU's: the guest is about to run on the snapshot's state.
+        // As QEMU's: the guest is about to run on the snapshot's state,
+        // unless the snapshot is a capture (its memory mapped privately).
+        let capture = matches!(self.spec.memory, crate::spec::MemoryBacking::Private { .. });
+        if fault != Some(Fault::RestoreFails) && !capture {
             crate::snapshot::consume(dir)?;
         }
         let proc = self.launch(false, false)?;
@@ -603,6 +608,10 @@ impl Vmm for FakeVmm {
 
     fn exit(&self) -> Option<VmmExit> {
         self.slot.exit()
+    }
+
+    async fn send_console(&self, bytes: &[u8]) -> Result<()> {
+        self.slot.write_console(bytes).await
     }
 
     fn stderr_tail(&self) -> Option<String> {

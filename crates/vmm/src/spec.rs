@@ -85,14 +85,33 @@ pub enum MemoryBacking {
         /// The memory file (created if missing).
         path: PathBuf,
     },
+    /// RAM starts as this file's content, mapped private (QEMU
+    /// `memory-backend-file,share=off`): copy-on-write, so the guest
+    /// costs the host what it changes, and the file is never written by
+    /// the mapping. What a restore from a capture runs on: any number of
+    /// VMs may start from one file. A snapshot of such a VM carries its
+    /// RAM in the state file.
+    Private {
+        /// The memory image (must exist).
+        path: PathBuf,
+    },
 }
 
 impl MemoryBacking {
-    /// The memory file, if any.
+    /// The shared memory file, if any (the one a snapshot may leave guest
+    /// RAM in).
     pub fn file(&self) -> Option<&Path> {
         match self {
-            MemoryBacking::Anonymous => None,
+            MemoryBacking::Anonymous | MemoryBacking::Private { .. } => None,
             MemoryBacking::File { path } => Some(path),
+        }
+    }
+
+    /// Any file behind guest RAM, shared or private.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            MemoryBacking::Anonymous => None,
+            MemoryBacking::File { path } | MemoryBacking::Private { path } => Some(path),
         }
     }
 }
@@ -270,7 +289,7 @@ impl VmSpec {
         if self.serial_log.as_os_str().is_empty() {
             return Err(invalid("serial_log", "is empty"));
         }
-        if let MemoryBacking::File { path } = &self.memory {
+        if let Some(path) = self.memory.path() {
             if path.as_os_str().is_empty() {
                 return Err(invalid("memory.path", "is empty"));
             }

@@ -165,6 +165,11 @@ pub trait Vmm: Send + Sync + fmt::Debug {
     /// that fails after that point leaves no snapshot to try again.
     async fn restore(&self, dir: &Path) -> Result<()>;
 
+    /// Writes `bytes` to the guest's console input (its first serial
+    /// port), within a short deadline: how the host tells a restored guest
+    /// its new identity (the line format is `proto::identity`).
+    async fn send_console(&self, bytes: &[u8]) -> Result<()>;
+
     /// Asks the guest to power off; after `grace`, asks the VMM to quit;
     /// after another `grace`, kills it.
     async fn shutdown(&self, grace: Duration) -> Result<ShutdownReport>;

@@ -33,6 +33,7 @@ fn spec(dir: &Path) -> VmSpec {
         init: None,
         volumes: Vec::new(),
         exec_defaults: None,
+        agent_as_root: false,
     };
     std::fs::write(&config, encode_raw(&drive).unwrap()).unwrap();
     let mut s = VmSpec::new(kernel, dir.join("w"));

@@ -313,13 +313,13 @@ pub async fn write(
 
 /// A request body as an `AsyncRead`, frame by frame: nothing is read from
 /// the client before the agent asks for it.
-struct BodyReader {
+pub(crate) struct BodyReader {
     body: Body,
     pending: Bytes,
 }
 
 impl BodyReader {
-    fn new(body: Body) -> BodyReader {
+    pub(crate) fn new(body: Body) -> BodyReader {
         BodyReader {
             body,
             pending: Bytes::new(),

@@ -1,5 +1,6 @@
 //! Handlers: each turns HTTP into a typed call on the service and back.
 
+pub mod checkpoints;
 pub mod events;
 pub mod exec;
 pub mod files;
@@ -12,6 +13,7 @@ pub mod sandboxes;
 pub mod secrets;
 pub mod share;
 pub mod shell;
+pub mod templates;
 pub mod volumes;
 
 use axum::extract::ws::WebSocketUpgrade;
@@ -85,8 +87,21 @@ pub fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(publish::unpublish))
         .routes(routes!(secrets::list, secrets::create))
         .routes(routes!(secrets::delete))
+        .routes(routes!(checkpoints::create))
+        .routes(routes!(checkpoints::list))
+        .routes(routes!(checkpoints::inspect, checkpoints::delete))
+        .routes(routes!(checkpoints::restore))
+        .routes(routes!(checkpoints::fork))
+        .routes(routes!(templates::warm))
         .routes(routes!(volumes::list, volumes::create))
         .routes(routes!(volumes::inspect, volumes::patch, volumes::delete))
+        .routes(routes!(volumes::clone))
+        // An import's size is bounded by the volume's (the handler checks
+        // Content-Length against it before reading a byte).
+        .routes(
+            routes!(volumes::export, volumes::import)
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .routes(routes!(events::list))
         .routes(routes!(metrics::metrics))
         .routes(routes!(metrics::status))

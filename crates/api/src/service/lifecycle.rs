@@ -24,6 +24,58 @@ use crate::error::{error_chain, ApiError};
 use crate::keys::random_hex;
 use crate::state::blocking;
 
+/// What a name already taken means to a create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Existing {
+    /// The existing sandbox is the answer (a create is idempotent by name).
+    Return,
+    /// A 409 (a fork's children must be new).
+    Conflict,
+}
+
+/// The row's settings that are not the spec's.
+#[derive(Debug, Clone)]
+pub(super) struct StartOptions {
+    pub(super) keep_hot: bool,
+    pub(super) labels: std::collections::BTreeMap<String, String>,
+    pub(super) secrets: Vec<String>,
+    pub(super) existing: Existing,
+}
+
+/// How a new sandbox's VM starts.
+#[derive(Debug)]
+pub(super) enum Start {
+    /// A boot of its image.
+    Boot,
+    /// A restore from a capture: a checkpoint's (its id), or a fork's.
+    Capture {
+        capture: Box<bhatti_core::Capture>,
+        checkpoint: Option<String>,
+    },
+}
+
+impl Start {
+    fn checkpoint_id(&self) -> Option<String> {
+        match self {
+            Start::Boot => None,
+            Start::Capture { checkpoint, .. } => checkpoint.clone(),
+        }
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        match self {
+            Start::Boot => serde_json::json!("boot"),
+            Start::Capture {
+                checkpoint: Some(c),
+                ..
+            } => serde_json::json!({ "checkpoint": c }),
+            Start::Capture { capture, .. } => {
+                serde_json::json!({ "fork_of": capture.meta.source.as_str() })
+            }
+        }
+    }
+}
+
 /// One lock per sandbox, made on first use.
 #[derive(Debug, Default)]
 pub(super) struct Locks(Mutex<HashMap<SandboxId, Arc<tokio::sync::Mutex<()>>>>);
@@ -62,10 +114,13 @@ impl Service {
     }
 
     async fn create_inner(
-        &self,
+        self: &Arc<Self>,
         user: &UserRecord,
         body: CreateSandbox,
     ) -> Result<(bool, Sandbox), ApiError> {
+        if body.from.is_some() {
+            return self.create_from_checkpoint(user, body).await;
+        }
         let defaults = &self.config.defaults;
         let name = match body.name.clone() {
             Some(n) => n,
@@ -116,7 +171,46 @@ impl Service {
             let value = self.secret_value(user, secret).await?;
             spec.env.insert(secret.clone(), value);
         }
+        let attach: Vec<store::NewAttachment> = attachments.into_iter().map(|(a, _)| a).collect();
+        let options = StartOptions {
+            keep_hot: body.keep_hot,
+            labels: body.labels.clone(),
+            secrets: body.secrets.clone(),
+            existing: Existing::Return,
+        };
+        let start = match self.template_for(user, &spec, &body).await {
+            Some(capture) => Start::Capture {
+                capture: Box::new(capture),
+                checkpoint: None,
+            },
+            None => Start::Boot,
+        };
+        let booted = matches!(start, Start::Boot);
+        let (template_spec, template_body) = (spec.clone(), body.clone());
+        let created = self
+            .insert_and_start(user, spec, options, attach, start)
+            .await;
+        if booted && matches!(created, Ok((true, _))) {
+            self.warm_later(user, &template_spec, &template_body);
+        }
+        created
+    }
 
+    /// Inserts the row of a sandbox (quotas checked in the same
+    /// transaction) and has core make it: booted, or restored from a
+    /// capture. A name taken returns the existing sandbox or a 409, as
+    /// `options.existing` says.
+    pub(super) async fn insert_and_start(
+        &self,
+        user: &UserRecord,
+        spec: SandboxSpec,
+        options: StartOptions,
+        attach: Vec<store::NewAttachment>,
+        start: Start,
+    ) -> Result<(bool, Sandbox), ApiError> {
+        let name = spec.name.clone();
+        let memory = u64::from(spec.memory_mb);
+        let disk_mb = spec.disk_mb.unwrap_or(self.config.defaults.disk_mb);
         let id = SandboxId::generate().map_err(internal)?;
         // Taken before the row exists: a destroy by name that finds the
         // row waits for this create to settle.
@@ -129,21 +223,30 @@ impl Service {
             cpus: spec.cpus,
             memory_mb: memory,
             disk_mb,
-            keep_hot: body.keep_hot,
-            labels: body.labels.clone(),
+            keep_hot: options.keep_hot,
+            labels: options.labels.clone(),
             egress: crate::validate::egress_view(&spec.egress),
         };
         let store = self.store.clone();
-        let attach: Vec<store::NewAttachment> = attachments.into_iter().map(|(a, _)| a).collect();
         let inserted =
             tokio::task::spawn_blocking(move || store.insert_sandbox_with(&new, &attach))
                 .await
                 .map_err(|e| ApiError::Internal(format!("store task failed: {e}")))?;
         match inserted {
-            Ok(_) => {}
+            Ok(_) => {
+                // A volume a utility VM has now (tar export or import): the
+                // row goes again (see `archive`).
+                if let Err(e) = self.check_volume_jobs(&spec.volumes) {
+                    let store = self.store.clone();
+                    let rid = id.to_string();
+                    blocking(move || store.delete_sandbox(&rid)).await?;
+                    self.locks.forget(&id);
+                    return Err(e);
+                }
+            }
             // The same name again (or a concurrent create of it won): the
             // existing sandbox.
-            Err(StoreError::Duplicate { .. }) => {
+            Err(StoreError::Duplicate { .. }) if options.existing == Existing::Return => {
                 return Ok((false, view(&self.row(user, &name).await?)));
             }
             Err(e) => return Err(e.into()),
@@ -152,22 +255,34 @@ impl Service {
             user,
             id.as_str(),
             "creating",
-            serde_json::json!({"image": spec.image}),
+            serde_json::json!({"image": spec.image, "from": start.describe()}),
         )
         .await;
 
         self.creating_set().insert(id.clone());
-        let created = self.core.create_as(id.clone(), spec).await;
+        let checkpoint = start.checkpoint_id();
+        let created = match start {
+            Start::Boot => self.core.create_as(id.clone(), spec).await,
+            Start::Capture { capture, .. } => {
+                self.core
+                    .create_from_capture(id.clone(), spec, *capture)
+                    .await
+            }
+        };
         self.creating_set().remove(&id);
         match created {
             Ok(record) => {
-                if let Err(e) = self.core.set_keep_hot(&id, body.keep_hot) {
+                if let Some(ck) = checkpoint {
+                    let (store, rid) = (self.store.clone(), id.to_string());
+                    blocking(move || store.set_sandbox_checkpoint(&rid, &ck)).await?;
+                }
+                if let Err(e) = self.core.set_keep_hot(&id, options.keep_hot) {
                     tracing::warn!(sandbox = %id, error = %e, "keep_hot");
                 }
                 let running = Running {
                     user_id: user.id.clone(),
                     name: name.clone(),
-                    secret_names: body.secrets.clone(),
+                    secret_names: options.secrets.clone(),
                 };
                 let update = SandboxUpdate {
                     status: Some(SandboxStatus::Running),
@@ -187,7 +302,9 @@ impl Service {
                 self.names.refresh(&self.store).await;
                 Ok((true, view(&row)))
             }
-            Err(e @ (CoreError::InvalidSpec(_) | CoreError::Image(_))) => {
+            Err(
+                e @ (CoreError::InvalidSpec(_) | CoreError::Image(_) | CoreError::Capture { .. }),
+            ) => {
                 // Nothing was started: forget the row.
                 let store = self.store.clone();
                 let rid = id.to_string();

@@ -31,6 +31,8 @@ use crate::error::ApiError;
 use crate::secrets::SecretBox;
 use crate::state::blocking;
 
+mod archive;
+mod checkpoints;
 mod guest;
 mod lifecycle;
 mod persistence;
@@ -38,8 +40,10 @@ mod publish;
 mod recovery;
 mod share;
 mod startup;
+mod templates;
 mod volumes;
 
+pub use archive::VolumeExport;
 pub use guest::{guest_error, KeepHot, ShellRequest};
 pub use startup::StartError;
 
@@ -74,12 +78,16 @@ pub struct Service {
     /// daemon, not yet woken since: if that snapshot does not restore,
     /// they boot from their disk instead.
     adopted: Mutex<HashSet<SandboxId>>,
+    /// Templates being made (their directories), one at a time each.
+    warming: Mutex<HashSet<String>>,
     /// The thermal ticker and the task recording its events.
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Sandbox names by user and address, for the gateway's DNS responder.
     names: Arc<crate::network::GuestNames>,
     /// The daemon's metrics (`GET /metrics`).
     metrics: Arc<crate::observe::Metrics>,
+    /// Volumes a utility VM (tar export or import) has now.
+    volume_jobs: archive::VolumeJobs,
 }
 
 impl Service {

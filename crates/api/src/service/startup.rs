@@ -101,9 +101,11 @@ impl Service {
             locks: Default::default(),
             creating: Mutex::default(),
             adopted: Mutex::default(),
+            warming: Mutex::default(),
             tasks: Mutex::new(Vec::new()),
             names: Arc::default(),
             metrics: Arc::default(),
+            volume_jobs: Arc::default(),
         };
         let events = service.core.subscribe_thermal();
         let net_tasks = crate::network::start(
@@ -164,6 +166,7 @@ impl Service {
         if let Some(ticker) = tasks.last() {
             ticker.abort();
         }
+        self.end_utility_vms().await;
         let (stopped, failed) = self.core.stop_all().await;
         for (id, e) in failed {
             tracing::error!(sandbox = %id, error = %error_chain(&e), "shutdown could not stop this sandbox");

@@ -22,7 +22,7 @@ pub const MAX_VOLUMES: usize = proto::config_drive::MAX_VOLUMES;
 impl Service {
     /// `DATA/volumes/<user id>/<volume id>.ext4`: never under a sandbox
     /// directory (destroy removes those).
-    fn volume_path(&self, row: &VolumeRow) -> PathBuf {
+    pub(super) fn volume_path(&self, row: &VolumeRow) -> PathBuf {
         self.config
             .data_dir
             .join("volumes")
@@ -30,7 +30,11 @@ impl Service {
             .join(format!("{}.ext4", row.id))
     }
 
-    async fn volume_row(&self, user: &UserRecord, name: &str) -> Result<VolumeRow, ApiError> {
+    pub(super) async fn volume_row(
+        &self,
+        user: &UserRecord,
+        name: &str,
+    ) -> Result<VolumeRow, ApiError> {
         let store = self.store.clone();
         let (uid, key) = (user.id.clone(), name.to_string());
         blocking(move || store.volume(&uid, &key))
@@ -38,7 +42,7 @@ impl Service {
             .ok_or_else(|| ApiError::NotFound(format!("no volume '{name}'")))
     }
 
-    async fn volume_view(&self, row: VolumeRow) -> Result<Volume, ApiError> {
+    pub(super) async fn volume_view(&self, row: VolumeRow) -> Result<Volume, ApiError> {
         let store = self.store.clone();
         let vid = row.id.clone();
         let uses = blocking(move || store.attachments_of_volume(&vid)).await?;
@@ -146,6 +150,9 @@ impl Service {
     /// `DELETE /volumes/:name`: refused (409) while any sandbox, running
     /// or not, has it attached.
     pub async fn delete_volume(&self, user: &UserRecord, name: &str) -> Result<(), ApiError> {
+        if let Ok(row) = self.volume_row(user, name).await {
+            self.volume_idle(&self.volume_path(&row), name)?;
+        }
         let store = self.store.clone();
         let (uid, key) = (user.id.clone(), name.to_string());
         let row = blocking(move || store.delete_volume(&uid, &key)).await?;
@@ -188,44 +195,17 @@ impl Service {
         if mb == row.size_mb {
             return self.volume_view(row).await;
         }
-        let store = self.store.clone();
-        let vid = row.id.clone();
-        let uses = blocking(move || store.attachments_of_volume(&vid)).await?;
-        let mut ids: Vec<SandboxId> = uses
-            .iter()
-            .map(|a| a.sandbox_id.parse().map_err(internal))
-            .collect::<Result<_, _>>()?;
-        ids.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-        ids.dedup();
-        // Each user's sandbox lock, in id order, for the whole grow: none
-        // of them starts while its volume's file changes.
-        let mut locks = Vec::with_capacity(ids.len());
-        for id in &ids {
-            locks.push(self.locks.lock(id).await);
-        }
-        for id in &ids {
-            let Ok(sb) = self.row(user, id.as_str()).await else {
-                continue;
-            };
-            if sb.status == SandboxStatus::Running && self.index().contains_key(id) {
-                let thermal = self.core.get(id).map(|r| r.thermal)?;
-                if thermal != ThermalState::Cold {
-                    return Err(ApiError::Conflict(format!(
-                        "volume '{}' is attached to sandbox '{}', which is {}: stop it first \
-                         (POST /sandboxes/{}/stop); a volume grows while no VM using it runs",
-                        row.name,
-                        sb.name,
-                        super::persistence::thermal(thermal),
-                        sb.name
-                    )));
-                }
-            } else if sb.status == SandboxStatus::Creating {
-                return Err(ApiError::Conflict(format!(
-                    "volume '{}' is attached to sandbox '{}', which is {}",
-                    row.name, sb.name, sb.status
-                )));
-            }
-        }
+        self.volume_idle(&self.volume_path(&row), name)?;
+        // Each user's sandbox lock for the whole grow: none of them
+        // starts while its volume's file changes.
+        let (locks, ids) = self
+            .quiet_users(
+                user,
+                &row,
+                false,
+                "a volume grows while no VM using it runs",
+            )
+            .await?;
         for id in ids.iter().filter(|id| self.index().contains_key(*id)) {
             let Ok(sb) = self.row(user, id.as_str()).await else {
                 continue;
@@ -267,6 +247,123 @@ impl Service {
         self.volume_view(grown).await
     }
 
+    /// Locks (in id order) the sandboxes using volume `row` — only those
+    /// holding it read-write when `only_rw` — and checks none runs a VM
+    /// that writes it: hot or warm, or still being created, is a 409
+    /// (`why` says what waits). Cold, stopped and failed ones are fine.
+    /// The locks keep it so until dropped.
+    async fn quiet_users(
+        &self,
+        user: &UserRecord,
+        row: &VolumeRow,
+        only_rw: bool,
+        why: &str,
+    ) -> Result<(Vec<tokio::sync::OwnedMutexGuard<()>>, Vec<SandboxId>), ApiError> {
+        let store = self.store.clone();
+        let vid = row.id.clone();
+        let uses = blocking(move || store.attachments_of_volume(&vid)).await?;
+        let mut ids: Vec<SandboxId> = uses
+            .iter()
+            .filter(|a| !(only_rw && a.read_only))
+            .map(|a| a.sandbox_id.parse().map_err(internal))
+            .collect::<Result<_, _>>()?;
+        ids.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        ids.dedup();
+        let mut locks = Vec::with_capacity(ids.len());
+        for id in &ids {
+            locks.push(self.locks.lock(id).await);
+        }
+        let how = if only_rw { "read-write " } else { "" };
+        for id in &ids {
+            let Ok(sb) = self.row(user, id.as_str()).await else {
+                continue;
+            };
+            if sb.status == SandboxStatus::Running && self.index().contains_key(id) {
+                let thermal = self.core.get(id).map(|r| r.thermal)?;
+                if thermal != ThermalState::Cold {
+                    return Err(ApiError::Conflict(format!(
+                        "volume '{}' is attached {how}to sandbox '{}', which is {}: stop it first \
+                         (POST /sandboxes/{}/stop); {why}",
+                        row.name,
+                        sb.name,
+                        super::persistence::thermal(thermal),
+                        sb.name
+                    )));
+                }
+            } else if sb.status == SandboxStatus::Creating {
+                return Err(ApiError::Conflict(format!(
+                    "volume '{}' is attached {how}to sandbox '{}', which is {}",
+                    row.name, sb.name, sb.status
+                )));
+            }
+        }
+        Ok((locks, ids))
+    }
+
+    /// `POST /volumes/:name/clone {"name"}`: a new volume of the same
+    /// size (quota checked with the insert) whose file is a copy of the
+    /// source's, made on the host as bytes (holes kept, a reflink where
+    /// the file system has them). A 409 while a sandbox holding the source
+    /// read-write runs hot or warm: its content moves under the copy.
+    pub async fn clone_volume(
+        &self,
+        user: &UserRecord,
+        name: &str,
+        body: api_types::CloneVolume,
+    ) -> Result<Volume, ApiError> {
+        crate::validate::name("volume", &body.name)?;
+        let src = self.volume_row(user, name).await?;
+        // Busy while copied: not imported into, nor attached read-write
+        // by a new sandbox.
+        let _mark = self.mark_volume(&self.volume_path(&src), name, super::archive::Job::Clone)?;
+        let (locks, _) = self
+            .quiet_users(
+                user,
+                &src,
+                true,
+                "a volume is cloned while no VM writing it runs",
+            )
+            .await?;
+        let new = NewVolume {
+            id: format!("vol-{}", random_hex(8).map_err(internal)?),
+            user_id: user.id.clone(),
+            name: body.name.clone(),
+            size_mb: src.size_mb,
+            // The copy's file system has the source's UUID (the host does
+            // not rewrite it): lohar's by-UUID fallback refuses the two on
+            // one sandbox (serials tell them apart under QEMU).
+            uuid: src.uuid.clone(),
+        };
+        let store = self.store.clone();
+        let row = blocking(move || store.insert_volume(&new)).await?;
+        let (from, to) = (self.volume_path(&src), self.volume_path(&row));
+        let made = tokio::task::spawn_blocking(move || image::clone_volume(&from, &to))
+            .await
+            .map_err(internal)?;
+        drop(locks);
+        let failed = made.err().map(|e| {
+            tracing::warn!(volume = %row.id, error = %error_chain(&e), "cloning the volume file failed");
+            ApiError::Internal(format!("cannot copy the volume file: {}", error_chain(&e)))
+        });
+        if let Some(err) = failed {
+            let store = self.store.clone();
+            let (uid, name) = (user.id.clone(), row.name.clone());
+            if let Err(e) = blocking(move || store.delete_volume(&uid, &name)).await {
+                tracing::error!(volume = %row.id, error = %e, "forgetting the failed clone");
+            }
+            let path = self.volume_path(&row);
+            let _ = tokio::task::spawn_blocking(move || image::remove_volume(&path)).await;
+            return Err(err);
+        }
+        self.volume_event(
+            user,
+            "volume_cloned",
+            serde_json::json!({"volume": row.name, "from": src.name, "size_mb": row.size_mb}),
+        )
+        .await;
+        self.volume_view(row).await
+    }
+
     /// The attachments of a new sandbox, checked (400 for a bad mount or
     /// list, 404 for an unknown volume) and resolved to what core needs.
     /// Sharing (409) is checked when the row is inserted.
@@ -303,9 +400,16 @@ impl Service {
                 )));
             }
         }
-        let mut out = Vec::with_capacity(asked.len());
+        let mut out: Vec<(NewAttachment, VolumeSpec)> = Vec::with_capacity(asked.len());
         for a in asked {
             let row = self.volume_row(user, &a.name).await?;
+            if let Some((twin, _)) = out.iter().find(|(_, v)| v.uuid == row.uuid) {
+                return Err(ApiError::BadRequest(format!(
+                    "volumes '{}' and '{}' are copies of one another (one file system \
+                     UUID): attach one of them",
+                    twin.volume, a.name
+                )));
+            }
             out.push((
                 NewAttachment {
                     volume: a.name.clone(),
@@ -323,7 +427,12 @@ impl Service {
         Ok(out)
     }
 
-    async fn volume_event(&self, user: &UserRecord, kind: &str, detail: serde_json::Value) {
+    pub(super) async fn volume_event(
+        &self,
+        user: &UserRecord,
+        kind: &str,
+        detail: serde_json::Value,
+    ) {
         let store = self.store.clone();
         let (uid, k) = (user.id.clone(), kind.to_string());
         if let Err(e) = blocking(move || store.record_event(&uid, None, &k, &detail)).await {

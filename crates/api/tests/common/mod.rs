@@ -49,7 +49,7 @@ pub fn data_dir() -> tempfile::TempDir {
 
 pub fn config(data: &Path, tweak: &str) -> api::DaemonConfig {
     let text = format!(
-        "data_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\nengine = \"qemu-tcg\"\n[defaults]\nimage = \"tiny\"\nmemory_mb = 256\n{tweak}",
+        "data_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\nengine = \"qemu-tcg\"\n[defaults]\nauto_templates = false\nimage = \"tiny\"\nmemory_mb = 256\n{tweak}",
         data.display()
     );
     let mut c = api::DaemonConfig::parse(&text).expect("test config");

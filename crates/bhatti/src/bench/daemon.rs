@@ -57,6 +57,8 @@ impl ScratchDaemon {
         config.publish.listen = String::new();
         config.defaults.image = image.to_string();
         config.defaults.memory_mb = 256;
+        // Benches measure what they ask for, not a template made behind them.
+        config.defaults.auto_templates = false;
         Ok(ScratchDaemon {
             config,
             bridge: format!("{bridge_prefix}0000"),

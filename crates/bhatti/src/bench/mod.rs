@@ -5,6 +5,7 @@ mod agent;
 mod api;
 mod boot;
 mod daemon;
+mod fork;
 mod proxy;
 mod stats;
 mod thermal;
@@ -32,6 +33,10 @@ pub enum BenchCommand {
     /// over an agent tunnel (busybox httpd on tiny). Needs root and built
     /// images.
     Proxy(proxy::ProxyBenchArgs),
+    /// Fork → first exec in the child and create from a template → first
+    /// exec, against a fresh boot → first exec in the same run. Needs root
+    /// and built images.
+    Fork(fork::ForkBenchArgs),
 }
 
 /// A sandbox manager of the bench's own: a temp data dir reading the images
@@ -108,6 +113,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Agent(args) => agent::run(args),
         BenchCommand::Boot(args) => boot::run(args),
         BenchCommand::Api(args) => api::run(args),
+        BenchCommand::Fork(args) => fork::run(args),
         BenchCommand::Thermal(args) => thermal::run(args),
         BenchCommand::Proxy(args) => proxy::run(args),
     }

@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod workload;
+
 /// The image files `ImageStore::resolve` needs for `tier`, relative to
 /// the data directory.
 pub fn image_files(tier: &str) -> Vec<PathBuf> {

@@ -95,7 +95,8 @@ impl NetConfig {
     }
 }
 
-fn mask(prefix: u8) -> Ipv4Addr {
+/// The netmask of a prefix length.
+pub fn mask(prefix: u8) -> Ipv4Addr {
     Ipv4Addr::from(u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0))
 }
 

@@ -86,6 +86,19 @@ pub fn write_atomic(
 /// Sets the kernel hostname and writes `/etc/hostname`, `/etc/hosts` and
 /// `/etc/resolv.conf`.
 pub fn apply_identity(hostname: &str, ip: Ipv4Addr, dns: Ipv4Addr) -> Result<(), BootError> {
+    rename(hostname, ip)?;
+    write_atomic(
+        Path::new("/etc/resolv.conf"),
+        resolv_conf(dns).as_bytes(),
+        0o644,
+        0,
+        0,
+    )
+}
+
+/// Sets the kernel hostname and writes `/etc/hostname` and `/etc/hosts`
+/// (at boot, and again when a restored guest is told its new identity).
+pub fn rename(hostname: &str, ip: Ipv4Addr) -> Result<(), BootError> {
     nix::unistd::sethostname(hostname).map_err(|source| BootError::Hostname {
         hostname: hostname.to_string(),
         source,
@@ -101,13 +114,6 @@ pub fn apply_identity(hostname: &str, ip: Ipv4Addr, dns: Ipv4Addr) -> Result<(),
     write_atomic(
         Path::new("/etc/hosts"),
         hosts_file(hostname, ip).as_bytes(),
-        0o644,
-        0,
-        0,
-    )?;
-    write_atomic(
-        Path::new("/etc/resolv.conf"),
-        resolv_conf(dns).as_bytes(),
         0o644,
         0,
         0,

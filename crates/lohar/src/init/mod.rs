@@ -25,10 +25,10 @@ mod cmdline;
 mod disks;
 mod error;
 mod grow;
-mod guest;
+pub(crate) mod guest;
 mod modules;
 mod mounts;
-mod net;
+pub(crate) mod net;
 mod supervise;
 
 use std::collections::BTreeMap;
@@ -193,7 +193,13 @@ fn boot(started: Instant) -> Result<Booted, BootError> {
     };
     let config = AgentConfig {
         env: drive.env,
-        run_as,
+        // The daemon's utility VMs (a volume's tar) run commands as root;
+        // else the image's user (above).
+        run_as: if drive.agent_as_root {
+            RunAs::Agent
+        } else {
+            run_as
+        },
         default_cwd: Some(PathBuf::from(&default_cwd)),
         ..AgentConfig::default()
     };
@@ -255,7 +261,8 @@ fn spawn_agent(booted: &Booted) -> Result<Pid, BootError> {
             let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, AGENT_PORT));
             let code = match crate::server::serve_guest(
                 booted.config.clone(),
-                booted.token.clone(),
+                // A restored guest's new token outlives an agent restart.
+                crate::reidentify::saved_token().unwrap_or_else(|| booted.token.clone()),
                 addr,
                 || {
                     eprintln!(

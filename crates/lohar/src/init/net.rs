@@ -113,32 +113,69 @@ impl Ctl {
     }
 
     fn up(&self, iface: &str) -> Result<(), BootError> {
+        self.set_up(iface, true)
+    }
+
+    fn set_up(&self, iface: &str, up: bool) -> Result<(), BootError> {
         let mut req = Self::ifreq(iface);
         self.ioctl("read the flags", iface, libc::SIOCGIFFLAGS, &mut req)?;
         // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
-        unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
-        self.ioctl("bring the link up", iface, libc::SIOCSIFFLAGS, &mut req)
+        let flags = unsafe { req.ifr_ifru.ifru_flags };
+        req.ifr_ifru.ifru_flags = if up {
+            flags | libc::IFF_UP as libc::c_short
+        } else {
+            flags & !(libc::IFF_UP as libc::c_short)
+        };
+        let op = if up {
+            "bring the link up"
+        } else {
+            "bring the link down"
+        };
+        self.ioctl(op, iface, libc::SIOCSIFFLAGS, &mut req)
+    }
+
+    fn set_mac(&self, iface: &str, mac: [u8; 6]) -> Result<(), BootError> {
+        let mut req = Self::ifreq(iface);
+        req.ifr_ifru.ifru_hwaddr = hwaddr(mac);
+        self.ioctl("set the MAC", iface, libc::SIOCSIFHWADDR, &mut req)
     }
 
     fn default_route(&self, iface: &str, gateway: Ipv4Addr) -> Result<(), BootError> {
         let dev = CString::new(iface).expect("interface names have no NUL");
-        let mut rt = RtEntry {
-            rt_pad1: 0,
-            rt_dst: sockaddr(Ipv4Addr::UNSPECIFIED),
-            rt_gateway: sockaddr(gateway),
-            rt_genmask: sockaddr(Ipv4Addr::UNSPECIFIED),
-            rt_flags: libc::RTF_UP | libc::RTF_GATEWAY,
-            rt_pad2: 0,
-            rt_pad3: 0,
-            rt_pad4: std::ptr::null_mut(),
-            rt_metric: 0,
-            rt_dev: dev.as_ptr().cast_mut(),
-            rt_mtu: 0,
-            rt_window: 0,
-            rt_irtt: 0,
-        };
+        let mut rt = default_rtentry(&dev, gateway);
         self.ioctl("add the default route", iface, libc::SIOCADDRT, &mut rt)
     }
+}
+
+/// The `rtentry` of a default route through `gateway` on `dev` (which must
+/// outlive the ioctl: the entry points at it).
+fn default_rtentry(dev: &std::ffi::CStr, gateway: Ipv4Addr) -> RtEntry {
+    RtEntry {
+        rt_pad1: 0,
+        rt_dst: sockaddr(Ipv4Addr::UNSPECIFIED),
+        rt_gateway: sockaddr(gateway),
+        rt_genmask: sockaddr(Ipv4Addr::UNSPECIFIED),
+        rt_flags: libc::RTF_UP | libc::RTF_GATEWAY,
+        rt_pad2: 0,
+        rt_pad3: 0,
+        rt_pad4: std::ptr::null_mut(),
+        rt_metric: 0,
+        rt_dev: dev.as_ptr().cast_mut(),
+        rt_mtu: 0,
+        rt_window: 0,
+        rt_irtt: 0,
+    }
+}
+
+/// An Ethernet hardware address as `SIOCSIFHWADDR` takes it.
+fn hwaddr(mac: [u8; 6]) -> libc::sockaddr {
+    // SAFETY: sockaddr is plain data; all-zero is a valid value.
+    let mut sa: libc::sockaddr = unsafe { std::mem::zeroed() };
+    sa.sa_family = libc::ARPHRD_ETHER;
+    for (dst, src) in sa.sa_data.iter_mut().zip(mac) {
+        *dst = src as libc::c_char;
+    }
+    sa
 }
 
 /// Where the kernel keeps IPv6 settings; absent when it has no IPv6.
@@ -197,6 +234,37 @@ pub fn configure(cfg: &NetConfig, timeout: Duration) -> Result<(), BootError> {
     Ok(())
 }
 
+/// Gives a running `eth0` a new MAC, address and netmask (after a
+/// restore, the copied guest still has its source's): down (which also
+/// drops its routes and its neighbour entries), MAC, address, netmask, up,
+/// default route through `gateway`. Sockets bound to `0.0.0.0` (the
+/// agent's) accept on the new address at once.
+pub fn readdress(
+    ip: Ipv4Addr,
+    prefix: u8,
+    gateway: Ipv4Addr,
+    mac: [u8; 6],
+) -> Result<(), BootError> {
+    let ctl = Ctl::open()?;
+    ctl.set_up(IFACE, false)?;
+    // A failed MAC change still leaves the address worth setting.
+    let mac_result = ctl.set_mac(IFACE, mac);
+    ctl.set_addr(IFACE, libc::SIOCSIFADDR, "set the address", ip)?;
+    ctl.set_addr(
+        IFACE,
+        libc::SIOCSIFNETMASK,
+        "set the netmask",
+        super::cmdline::mask(prefix),
+    )?;
+    ctl.up(IFACE)?;
+    match ctl.default_route(IFACE, gateway) {
+        // Still there (a kernel that kept it across the down): fine.
+        Err(BootError::Net { source, .. }) if source.raw_os_error() == Some(libc::EEXIST) => {}
+        other => other?,
+    }
+    mac_result
+}
+
 /// Lets every user `ping` with ICMP datagram sockets, as Docker does for
 /// containers: the sandbox user is not root, and ping is the first thing
 /// anyone tries when a network looks wrong. Best effort.
@@ -237,6 +305,25 @@ mod tests {
         // With IPv6 present, a setting that cannot be written fails the boot.
         let err = disable_ipv6(&conf, &["nosuch"]).unwrap_err();
         assert!(err.chain().contains("disable IPv6 in"), "{}", err.chain());
+    }
+
+    #[test]
+    fn the_default_route_and_the_mac_are_laid_out_for_the_kernel() {
+        let dev = CString::new(IFACE).unwrap();
+        let rt = default_rtentry(&dev, Ipv4Addr::new(10, 0, 0, 1));
+        assert_eq!(rt.rt_flags, libc::RTF_UP | libc::RTF_GATEWAY);
+        assert_eq!(rt.rt_dev.cast_const(), dev.as_ptr());
+        let gw: Vec<u8> = rt.rt_gateway.sa_data[2..6]
+            .iter()
+            .map(|&b| b as u8)
+            .collect();
+        assert_eq!(gw, [10, 0, 0, 1]);
+        assert_eq!(rt.rt_dst.sa_data, sockaddr(Ipv4Addr::UNSPECIFIED).sa_data);
+        let sa = hwaddr([2, 0xb4, 10, 0xc8, 0, 7]);
+        assert_eq!(sa.sa_family, libc::ARPHRD_ETHER);
+        let mac: Vec<u8> = sa.sa_data[..6].iter().map(|&b| b as u8).collect();
+        assert_eq!(mac, [2, 0xb4, 10, 0xc8, 0, 7]);
+        assert!(sa.sa_data[6..].iter().all(|&b| b == 0));
     }
 
     #[test]

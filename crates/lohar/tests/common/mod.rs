@@ -27,7 +27,16 @@ impl TestAgent {
     }
 
     /// Starts an agent with this JSON config (see lohar's `AgentConfig`).
-    pub fn start_with(mut config: serde_json::Value) -> TestAgent {
+    pub fn start_with(config: serde_json::Value) -> TestAgent {
+        Self::start_full(config, false)
+    }
+
+    /// Starts an agent that reads identity lines on its stdin (`child.stdin`).
+    pub fn start_identity_stdin() -> TestAgent {
+        Self::start_full(serde_json::json!({}), true)
+    }
+
+    fn start_full(mut config: serde_json::Value, identity_stdin: bool) -> TestAgent {
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::write(dir.path().join("token"), TOKEN).unwrap();
         // Keep detached-command logs inside the test's own directory.
@@ -39,8 +48,15 @@ impl TestAgent {
         }
         std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
         let sock = dir.path().join("agent.sock");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_lohar"))
-            .arg("serve")
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lohar"));
+        if identity_stdin {
+            cmd.arg("serve")
+                .arg("--identity-stdin")
+                .stdin(Stdio::piped());
+        } else {
+            cmd.arg("serve");
+        }
+        let mut child = cmd
             .arg("--listen")
             .arg(format!("unix:{}", sock.display()))
             .arg("--token-file")

@@ -387,6 +387,12 @@ impl Confinement {
             }
             file(mem, false, owned(mem))?;
         }
+        if let crate::spec::MemoryBacking::Private { path } = &spec.memory {
+            // QEMU 7 opens a private memory file read-write (it never
+            // writes it through the mapping); the image is the capture's,
+            // made for the VMM user.
+            file(path, false, true)?;
+        }
         binds.extend(extra.iter().cloned());
         let cgroup = self
             .cgroups

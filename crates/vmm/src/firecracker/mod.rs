@@ -44,7 +44,7 @@ use crate::snapshot::{
     SnapshotInfo, SnapshotKind, SnapshotManifest, SnapshotMemory, FORMAT_VERSION, MEMORY_FILE,
     STATE_FILE,
 };
-use crate::spec::VmSpec;
+use crate::spec::{MemoryBacking, VmSpec};
 use crate::vmm::{Capabilities, Op, ShutdownPath, ShutdownReport, VmState, Vmm};
 use api::{ApiClient, ApiError};
 use model::*;
@@ -686,6 +686,14 @@ impl Vmm for FirecrackerVmm {
     }
 
     async fn restore(&self, dir: &Path) -> Result<()> {
+        if matches!(self.spec.memory, MemoryBacking::Private { .. }) {
+            // Firecracker maps a snapshot's memory privately anyway; a
+            // restore from a capture is not wired (nor testable here) yet.
+            return Err(VmmError::Unsupported {
+                engine: EngineKind::Firecracker,
+                operation: "restore from a capture (fork, checkpoint, template)",
+            });
+        }
         let _op = self.ops.lock().await;
         let next = self.slot.next_state(Op::Restore)?;
         let manifest = SnapshotManifest::read_for(dir, EngineKind::Firecracker, &self.spec)?;
@@ -736,6 +744,10 @@ impl Vmm for FirecrackerVmm {
 
     fn exit(&self) -> Option<VmmExit> {
         self.slot.exit()
+    }
+
+    async fn send_console(&self, bytes: &[u8]) -> Result<()> {
+        self.slot.write_console(bytes).await
     }
 
     fn stderr_tail(&self) -> Option<String> {

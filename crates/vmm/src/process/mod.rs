@@ -147,11 +147,18 @@ pub(crate) struct VmmProcess {
     tail: Arc<Mutex<Tail>>,
     /// Extra log file whose tail is appended to error reports.
     log_file: Option<PathBuf>,
+    /// The VMM's standard input: the guest's console input (QEMU's
+    /// `-serial stdio`, Firecracker's serial), written only by the host.
+    stdin: tokio::sync::Mutex<Option<tokio::process::ChildStdin>>,
 }
 
+/// How long one write to a VMM's console input may take.
+pub(crate) const CONSOLE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
 impl VmmProcess {
-    /// Spawns `cmd` (stdin null, stderr captured; stdout as the caller set
-    /// it, or null) and starts supervising it.
+    /// Spawns `cmd` (stdin a pipe kept for [`VmmProcess::write_console`],
+    /// stderr captured; stdout as the caller set it, or null) and starts
+    /// supervising it.
     pub(crate) fn spawn(
         mut cmd: Command,
         binary: &Path,
@@ -159,7 +166,7 @@ impl VmmProcess {
         log_file: Option<PathBuf>,
         on_exit: Option<ExitHook>,
     ) -> Result<Self> {
-        cmd.stdin(Stdio::null())
+        cmd.stdin(Stdio::piped())
             .stdout(stdout.unwrap_or_else(Stdio::null))
             .stderr(Stdio::piped())
             // Terminal signals (^C on the daemon) must not reach the VMM:
@@ -177,6 +184,7 @@ impl VmmProcess {
             source: std::io::Error::other("child exited before its pid was read"),
         })?;
         let tail = Arc::new(Mutex::new(Tail::default()));
+        let stdin = child.stdin.take();
         let stderr = child.stderr.take();
         let reader = tokio::spawn(drain_into(stderr, tail.clone()));
 
@@ -261,7 +269,29 @@ impl VmmProcess {
             control_tx,
             tail,
             log_file,
+            stdin: tokio::sync::Mutex::new(stdin),
         })
+    }
+
+    /// Writes `bytes` to the VMM's standard input (the guest's console),
+    /// within [`CONSOLE_WRITE_TIMEOUT`].
+    pub(crate) async fn write_console(&self, bytes: &[u8]) -> Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let fail = |e: std::io::Error| VmmError::Console { source: e };
+        let write = async {
+            let mut stdin = self.stdin.lock().await;
+            let pipe = stdin
+                .as_mut()
+                .ok_or_else(|| fail(std::io::Error::other("the console input is closed")))?;
+            pipe.write_all(bytes).await.map_err(fail)?;
+            pipe.flush().await.map_err(fail)
+        };
+        tokio::time::timeout(CONSOLE_WRITE_TIMEOUT, write)
+            .await
+            .map_err(|_| VmmError::Timeout {
+                what: "a write to the VMM's console input",
+                after: CONSOLE_WRITE_TIMEOUT,
+            })?
     }
 
     pub(crate) fn pid(&self) -> u32 {

@@ -93,6 +93,13 @@ impl ProcessSlot {
         }
     }
 
+    /// Writes to the console input of the VMM that runs now.
+    pub(crate) async fn write_console(&self, bytes: &[u8]) -> Result<()> {
+        self.live("write to the console of")?
+            .write_console(bytes)
+            .await
+    }
+
     /// The VMM's pid while it runs.
     pub(crate) fn pid(&self) -> Option<u32> {
         self.process()

@@ -20,7 +20,7 @@ use crate::spec::{MemoryBacking, VmSpec};
 pub const QMP_SOCKET: &str = "qmp.sock";
 /// QOM id of the memory backend (part of the migration stream's RAM block
 /// name, so it must never change).
-const MEM_ID: &str = "mem";
+pub(crate) const MEM_ID: &str = "mem";
 
 /// Whether the line is for a fresh boot or an incoming migration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,7 +96,7 @@ pub fn build(spec: &VmSpec, config: &QemuConfig, launch: Launch, passed: Passed)
         Arch::Amd64 => "microvm,acpi=on",
         Arch::Arm64 => "virt,gic-version=max",
     });
-    if matches!(spec.memory, MemoryBacking::File { .. }) {
+    if spec.memory.path().is_some() {
         machine.push_str(",memory-backend=");
         machine.push_str(MEM_ID);
     }
@@ -127,10 +127,16 @@ pub fn build(spec: &VmSpec, config: &QemuConfig, launch: Launch, passed: Passed)
         "-m",
         &format!("{}M", spec.memory_mib),
     ]);
-    if let MemoryBacking::File { path } = &spec.memory {
+    if let Some(path) = spec.memory.path() {
+        // Shared: the file is guest RAM. Private: guest RAM starts as the
+        // file's content and each page the guest writes becomes its own.
+        let share = match spec.memory {
+            MemoryBacking::Private { .. } => "off",
+            _ => "on",
+        };
         a.push("-object".into());
         let mut o = OsString::from(format!(
-            "memory-backend-file,id={MEM_ID},size={}M,share=on,mem-path=",
+            "memory-backend-file,id={MEM_ID},size={}M,share={share},mem-path=",
             spec.memory_mib
         ));
         o.push(esc(path.as_os_str()));

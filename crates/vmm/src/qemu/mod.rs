@@ -404,11 +404,14 @@ impl QemuVmm {
         }
     }
 
-    fn set_capabilities(&self) -> SetCapabilities {
+    /// `x-ignore-shared` is part of the stream's format: on when the
+    /// saving VM's RAM was a shared file (left out of the stream), so a
+    /// save sets it from the spec and a load from the manifest.
+    fn set_capabilities(ignore_shared: bool) -> SetCapabilities {
         SetCapabilities {
             capabilities: vec![MigrationCapability {
                 capability: "x-ignore-shared",
-                state: self.spec.memory.file().is_some(),
+                state: ignore_shared,
             }],
         }
     }
@@ -525,8 +528,22 @@ impl Vmm for QemuVmm {
             .truncate(true)
             .open(&state_path)
             .map_err(io)?;
-        self.cmd_args(c, "migrate-set-capabilities", &self.set_capabilities())
-            .await?;
+        // Whether RAM is the shared file is asked of QEMU, not assumed from
+        // the spec: a VM restored from a capture runs on a private mapping,
+        // and one adopted after a restart may be such a VM.
+        let shared = match self.spec.memory.file() {
+            None => false,
+            Some(_) => {
+                let args = serde_json::json!({
+                    "path": format!("/objects/{}", cmdline::MEM_ID),
+                    "property": "share",
+                });
+                let r = c.execute::<_, bool>("qom-get", Some(&args)).await;
+                self.qmp_result("qom-get", r).await?
+            }
+        };
+        let caps = Self::set_capabilities(shared);
+        self.cmd_args(c, "migrate-set-capabilities", &caps).await?;
         // The default (128 MiB/s) makes a RAM-carrying save crawl; this is a
         // local file, so let it go as fast as the disk does.
         self.cmd_args(
@@ -556,9 +573,11 @@ impl Vmm for QemuVmm {
             kind,
             vcpus: self.spec.vcpus,
             memory_mib: self.spec.memory_mib,
-            memory: match &self.spec.memory {
-                MemoryBacking::Anonymous => SnapshotMemory::InState,
-                MemoryBacking::File { path } => SnapshotMemory::SharedFile { path: path.clone() },
+            memory: match self.spec.memory.file() {
+                Some(path) if shared => SnapshotMemory::SharedFile {
+                    path: path.to_path_buf(),
+                },
+                _ => SnapshotMemory::InState,
             },
             tap: self.spec.net.as_ref().map(|n| n.tap.clone()),
             state_bytes,
@@ -581,15 +600,42 @@ impl Vmm for QemuVmm {
             dir: dir.to_path_buf(),
             reason,
         };
-        match (&manifest.memory, &self.spec.memory) {
-            (SnapshotMemory::InState, MemoryBacking::Anonymous) => {}
-            (SnapshotMemory::SharedFile { path }, MemoryBacking::File { path: mine }) if path == mine => {}
+        // Which memory the restored guest runs on, and whether that spends
+        // the snapshot.
+        let spends = match (&manifest.memory, &self.spec.memory) {
+            (SnapshotMemory::InState, MemoryBacking::Anonymous) => true,
+            // RAM comes from the stream into a new shared file: from then on
+            // the VM is like any booted one.
+            (SnapshotMemory::InState, MemoryBacking::File { path }) => {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(path)
+                    .map_err(|source| VmmError::SnapshotIo {
+                        path: path.clone(),
+                        source,
+                    })?;
+                true
+            }
+            // The guest runs on the snapshot's own memory file.
+            (SnapshotMemory::SharedFile { path }, MemoryBacking::File { path: mine })
+                if path == mine =>
+            {
+                true
+            }
+            // A capture: its memory image mapped copy-on-write, never
+            // written, so the capture serves any number of restores.
+            (SnapshotMemory::File { path }, MemoryBacking::Private { path: mine }) if path == mine => {
+                false
+            }
             (theirs, mine) => {
                 return Err(mismatch(format!(
                     "snapshot memory is {theirs:?}, the spec's is {mine:?}: QEMU needs the same memory backing"
                 )))
             }
-        }
+        };
+        let ignore_shared = !matches!(manifest.memory, SnapshotMemory::InState);
         // QEMU has no network override: the TAP name is host-side only, so
         // another TAP is fine, but the NIC itself must be there or not.
         if manifest.tap.is_some() != self.spec.net.is_some() {
@@ -605,8 +651,8 @@ impl Vmm for QemuVmm {
         let (proc, mut client) = self.launch(Launch::Incoming).await?;
         let result = async {
             let c = &mut client;
-            self.cmd_args(c, "migrate-set-capabilities", &self.set_capabilities())
-                .await?;
+            let caps = Self::set_capabilities(ignore_shared);
+            self.cmd_args(c, "migrate-set-capabilities", &caps).await?;
             let r = c.send_fd(SNAPSHOT_FD, &file).await;
             self.qmp_result("getfd", r).await?;
             let uri = MigrateUri {
@@ -618,7 +664,9 @@ impl Vmm for QemuVmm {
             // once it runs: from here on the saved device state no longer
             // matches it. (A load that failed kept the snapshot: the guest
             // never ran.)
-            crate::snapshot::consume(dir)?;
+            if spends {
+                crate::snapshot::consume(dir)?;
+            }
             // The migration stream carries the source's run state, and a
             // snapshot is taken with the vCPUs stopped: start them.
             let r = c.query_status().await;
@@ -685,6 +733,10 @@ impl Vmm for QemuVmm {
 
     fn exit(&self) -> Option<VmmExit> {
         self.slot.exit()
+    }
+
+    async fn send_console(&self, bytes: &[u8]) -> Result<()> {
+        self.slot.write_console(bytes).await
     }
 
     fn stderr_tail(&self) -> Option<String> {
