@@ -21,6 +21,7 @@ packages=(
   curl systemd      # the installer test: downloads bundles with curl, checks the unit with systemd-analyze
   chromium          # the browser crates/api/tests/share.rs drives (Playwright, below)
   fonts-dejavu-core # a monospace font for the browser terminal
+  docker-registry skopeo umoci buildah  # OCI images: a registry in a test namespace, image tools
   # arm64: the engine for arm64 guests (TCG), and the cross-builds of the
   # static aarch64 lohar and of bhatti with Debian's own Rust (the pinned
   # rustup toolchain has no aarch64 std and cannot fetch one here)

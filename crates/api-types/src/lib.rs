@@ -46,7 +46,9 @@ pub struct CreateSandbox {
     /// Unique per user; generated when absent.
     #[serde(default)]
     pub name: Option<String>,
-    /// Image name (`minimal` when absent).
+    /// Image name: a tier (`tiny`, `minimal`) or an OCI image pulled or
+    /// imported on the server (docs/images.md); the configured default
+    /// (`minimal`) when absent.
     #[serde(default)]
     pub image: Option<String>,
     #[serde(default)]

@@ -1,6 +1,7 @@
 //! `bhatti image build`: the kernel, the initramfs (with a static lohar as
 //! `/init`) and the rootfs tiers, built into the data directory with a
 //! progress line per step. Cached artifacts are skipped unless `--force`.
+//! `bhatti image pull|import|list|rm`: OCI images (docs/images.md).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -33,6 +34,90 @@ pub enum ImageCommand {
     /// ready, captured; creates of that image and shape then restore from
     /// it instead of booting.
     Warm(cli::WarmArgs),
+    /// Pull an OCI image from a registry and build its root filesystem.
+    Pull(PullArgs),
+    /// Import a `docker save` archive or an OCI-layout tar.
+    Import(ImportArgs),
+    /// List the images: the built tiers and the OCI images.
+    #[command(alias = "ls")]
+    List(ListArgs),
+    /// Remove an OCI image (its cached blobs stay).
+    #[command(alias = "rm")]
+    Remove(RemoveArgs),
+}
+
+/// Where the images are, for the OCI commands.
+#[derive(Debug, clap::Args)]
+pub struct DataArgs {
+    /// The data directory (images go to DIR/images).
+    #[arg(long, value_name = "DIR", default_value = image::layout::DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    /// Guest architecture (default: the host's).
+    #[arg(long, value_name = "ARCH")]
+    arch: Option<Arch>,
+}
+
+impl DataArgs {
+    fn layout(&self) -> Layout {
+        Layout::for_arch(
+            &self.data_dir,
+            self.arch.unwrap_or_else(Arch::host_or_default),
+        )
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PullArgs {
+    /// `[registry[:port]/]repository[:tag|@sha256:…]` (Docker Hub when no
+    /// registry is named).
+    reference: String,
+    /// The local image name (default: the repository's last component).
+    #[arg(long)]
+    name: Option<String>,
+    /// Speak plain HTTP to this registry (never the default).
+    #[arg(long)]
+    insecure: bool,
+    /// Registry user; the password comes from $BHATTI_REGISTRY_PASSWORD or
+    /// --password-stdin (never the command line).
+    #[arg(long)]
+    username: Option<String>,
+    /// Read the password from stdin (one line).
+    #[arg(long, requires = "username")]
+    password_stdin: bool,
+    /// Send the bearer token in $BHATTI_REGISTRY_TOKEN instead of a user.
+    #[arg(long, conflicts_with = "username")]
+    token_env: bool,
+    /// Most bytes to download (blobs not already cached).
+    #[arg(long, value_name = "BYTES", default_value_t = image::oci::Limits::default().download_bytes)]
+    max_download: u64,
+    #[command(flatten)]
+    data: DataArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ImportArgs {
+    /// The archive: `docker save` output or a tar of an OCI image layout
+    /// (gzip allowed).
+    file: PathBuf,
+    /// The local image name (default: the file name up to its first '.').
+    #[arg(long)]
+    name: Option<String>,
+    #[command(flatten)]
+    data: DataArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    data: DataArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RemoveArgs {
+    /// The OCI image's name.
+    name: String,
+    #[command(flatten)]
+    data: DataArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -83,9 +168,151 @@ pub struct BuildArgs {
 pub fn run(cmd: ImageCommand) -> anyhow::Result<()> {
     match cmd {
         ImageCommand::Build(args) => build(args),
+        ImageCommand::Pull(args) => pull(args),
+        ImageCommand::Import(args) => import(args),
+        ImageCommand::List(args) => list(args),
+        ImageCommand::Remove(args) => remove(args),
         // A client command: main hands it to the CLI.
         ImageCommand::Warm(_) => bail!("`bhatti image warm` talks to the daemon"),
     }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+}
+
+fn pull(args: PullArgs) -> anyhow::Result<()> {
+    use image::oci::registry::PullEvent;
+    use image::oci::{Credentials, Limits, OciImages, PullOptions, Puller, Reference};
+    let reference = Reference::parse(&args.reference)?;
+    let name = args.name.unwrap_or_else(|| reference.default_name());
+    image::oci::validate_name(&name)?;
+    let credentials = match (&args.username, args.token_env) {
+        (Some(user), _) => {
+            let password = if args.password_stdin {
+                let mut line = String::new();
+                std::io::stdin()
+                    .read_line(&mut line)
+                    .context("reading the password from stdin")?;
+                line.trim_end_matches(['\n', '\r']).to_owned()
+            } else {
+                std::env::var("BHATTI_REGISTRY_PASSWORD").map_err(|_| {
+                    anyhow::anyhow!(
+                        "--username needs a password: $BHATTI_REGISTRY_PASSWORD or --password-stdin"
+                    )
+                })?
+            };
+            Credentials::Basic {
+                username: user.clone(),
+                password,
+            }
+        }
+        (None, true) => Credentials::Token(
+            std::env::var("BHATTI_REGISTRY_TOKEN")
+                .map_err(|_| anyhow::anyhow!("--token-env: $BHATTI_REGISTRY_TOKEN is not set"))?,
+        ),
+        (None, false) => Credentials::Anonymous,
+    };
+    let images = OciImages::new(args.data.layout());
+    let opts = PullOptions {
+        insecure: args.insecure,
+        credentials,
+        limits: Limits {
+            download_bytes: args.max_download,
+            ..Limits::default()
+        },
+    };
+    println!("pulling {reference} as '{name}'");
+    let started = Instant::now();
+    let mut puller = Puller::new(images, opts)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a runtime")?;
+    let mut cached = 0u64;
+    let img = rt.block_on(puller.pull(&reference, &name, &mut |e| match e {
+        PullEvent::Manifest { digest, layers } => {
+            println!("    manifest {digest} ({layers} layers)")
+        }
+        PullEvent::Cached { digest, size } => {
+            cached += size;
+            println!("    {digest}: cached ({})", mib(size))
+        }
+        PullEvent::Downloaded { digest, size } => {
+            println!("    {digest}: downloaded and verified ({})", mib(size))
+        }
+        PullEvent::Building => println!("    building the root filesystem"),
+    }))?;
+    println!(
+        "pulled {reference} as '{}' in {:.1}s: downloaded {}, {} from the cache, rootfs {}",
+        img.name,
+        started.elapsed().as_secs_f64(),
+        mib(puller.downloaded_bytes),
+        mib(cached),
+        mib(img.rootfs_bytes)
+    );
+    Ok(())
+}
+
+fn import(args: ImportArgs) -> anyhow::Result<()> {
+    let name = match args.name {
+        Some(n) => n,
+        None => args
+            .file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.split('.').next())
+            .filter(|n| !n.is_empty())
+            .map(str::to_ascii_lowercase)
+            .context("cannot name the image after the file; pass --name")?,
+    };
+    let images = image::oci::OciImages::new(args.data.layout());
+    println!("importing {} as '{name}'", args.file.display());
+    let started = Instant::now();
+    let img = image::oci::import_archive(&images, &args.file, &name, Default::default())?;
+    println!(
+        "imported '{}' in {:.1}s: {} layers, rootfs {}",
+        img.name,
+        started.elapsed().as_secs_f64(),
+        img.layers.len(),
+        mib(img.rootfs_bytes)
+    );
+    Ok(())
+}
+
+fn list(args: ListArgs) -> anyhow::Result<()> {
+    let layout = args.data.layout();
+    let store = image::ImageStore::new(layout.clone());
+    println!("{:<24} {:<8} {:>12}  SOURCE", "NAME", "KIND", "ROOTFS");
+    for t in Tier::ALL {
+        if let Ok(m) = std::fs::metadata(layout.rootfs(t)) {
+            println!(
+                "{:<24} {:<8} {:>12}  bhatti image build",
+                t.name(),
+                "tier",
+                mib(m.len())
+            );
+        }
+    }
+    for img in store.oci().list() {
+        println!(
+            "{:<24} {:<8} {:>12}  {}",
+            img.name,
+            "oci",
+            mib(img.rootfs_bytes),
+            img.source
+        );
+    }
+    Ok(())
+}
+
+fn remove(args: RemoveArgs) -> anyhow::Result<()> {
+    let images = image::oci::OciImages::new(args.data.layout());
+    if !images.remove(&args.name)? {
+        bail!("no OCI image '{}'", args.name);
+    }
+    println!("removed '{}'", args.name);
+    Ok(())
 }
 
 fn build(args: BuildArgs) -> anyhow::Result<()> {

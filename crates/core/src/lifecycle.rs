@@ -109,7 +109,7 @@ impl SandboxManager {
         spec.validate(&self.inner.config.limits)?;
         let image = self.inner.images.resolve(&spec.image)?;
         let entry = self.new_entry(id, spec, &image)?;
-        let span = tracing::info_span!("create", sandbox = %entry.id, name = %entry.read(|r| r.spec.name.clone()), image = %image.tier);
+        let span = tracing::info_span!("create", sandbox = %entry.id, name = %entry.read(|r| r.spec.name.clone()), image = %image.name);
         let mgr = self.clone();
         let unique = self.inner.config.unique_names;
         detached(
@@ -332,7 +332,12 @@ impl SandboxManager {
         let placement = match &origin {
             Origin::Restored(capture) => {
                 undo.dir = Some(dir.clone());
-                let cfg = spec.config_drive(token.expose().to_owned());
+                // For a later boot from the disk (the restored agent runs
+                // with the capture's own settings).
+                let mut cfg = spec.config_drive(token.expose().to_owned());
+                if let Some(rc) = &image.run_config {
+                    crate::spec::apply_image_config(&mut cfg, rc);
+                }
                 let (d, from) = (dir.clone(), capture.disk());
                 tokio::task::spawn_blocking(move || -> image::Result<()> {
                     std::fs::create_dir_all(&d).map_err(|source| image::Error::Io {
@@ -358,7 +363,10 @@ impl SandboxManager {
             }
             Origin::Fresh => {
                 undo.dir = Some(dir.clone());
-                let cfg = spec.config_drive(token.expose().to_owned());
+                let mut cfg = spec.config_drive(token.expose().to_owned());
+                if let Some(rc) = &image.run_config {
+                    crate::spec::apply_image_config(&mut cfg, rc);
+                }
                 let disk_bytes = spec
                     .disk_mb
                     .map_or(self.inner.config.disk_bytes, |mb| mb << 20);

@@ -104,7 +104,9 @@ mod tests {
     #[test]
     fn vm_spec_follows_the_guest_contract() {
         let mut image = ResolvedImage {
-            tier: image::Tier::Tiny,
+            name: "tiny".into(),
+            tier: Some(image::Tier::Tiny),
+            run_config: None,
             arch: vmm::Arch::Amd64,
             vmlinux: "/d/images/kernel/vmlinux".into(),
             vmlinuz: "/d/images/kernel/vmlinuz".into(),

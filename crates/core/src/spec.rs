@@ -304,14 +304,99 @@ impl SandboxSpec {
                     read_only: v.read_only,
                 })
                 .collect(),
+            exec_defaults: None,
             agent_as_root: self.agent_as_root,
         }
     }
 }
 
+/// Puts an OCI image's config under the sandbox's own settings: its `Env`
+/// below the spec's env (entries the config drive cannot carry — no `=`,
+/// a name outside `[A-Za-z_][A-Za-z0-9_]*`, a NUL — are dropped with a
+/// warning), its `User` and `WorkingDir` as the exec defaults (a `User`
+/// lohar could not parse is dropped: commands then run as root, the OCI
+/// default).
+pub(crate) fn apply_image_config(cfg: &mut ConfigDrive, rc: &image::oci::spec::RunConfig) {
+    for entry in rc.env.iter().flatten() {
+        let Some((k, v)) = entry.split_once('=') else {
+            tracing::warn!(entry, "image env entry without '=' dropped");
+            continue;
+        };
+        let mut bytes = k.bytes();
+        let name_ok = bytes
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+            && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !name_ok || v.contains('\0') {
+            tracing::warn!(name = k, "image env entry the guest cannot take dropped");
+            continue;
+        }
+        cfg.env.entry(k.to_owned()).or_insert_with(|| v.to_owned());
+    }
+    let mut defaults = proto::config_drive::ExecDefaults {
+        user: rc.user.clone().filter(|u| !u.is_empty()),
+        cwd: rc.working_dir.clone().filter(|c| !c.is_empty()),
+    };
+    let check = |d: &proto::config_drive::ExecDefaults| d.validate().is_ok();
+    if !check(&proto::config_drive::ExecDefaults {
+        user: defaults.user.clone(),
+        cwd: None,
+    }) {
+        tracing::warn!(user = ?defaults.user, "image User the guest cannot parse dropped");
+        defaults.user = None;
+    }
+    if !check(&proto::config_drive::ExecDefaults {
+        user: None,
+        cwd: defaults.cwd.clone(),
+    }) {
+        tracing::warn!(cwd = ?defaults.cwd, "image WorkingDir that is not absolute dropped");
+        defaults.cwd = None;
+    }
+    cfg.exec_defaults = Some(defaults);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_config_goes_under_the_spec() {
+        let mut spec = SandboxSpec::new("a", "app");
+        spec.env.insert("MINE".into(), "spec".into());
+        let mut cfg = spec.config_drive("t".repeat(32));
+        let rc = image::oci::spec::RunConfig {
+            env: Some(vec![
+                "MINE=image".into(),
+                "PATH=/opt/bin:/usr/bin".into(),
+                "EMPTY=".into(),
+                "NOEQUALS".into(),
+                "BAD-NAME=x".into(),
+            ]),
+            working_dir: Some("/srv/app".into()),
+            user: Some("1000:1000".into()),
+            entrypoint: None,
+            cmd: None,
+        };
+        apply_image_config(&mut cfg, &rc);
+        assert_eq!(cfg.env["MINE"], "spec");
+        assert_eq!(cfg.env["PATH"], "/opt/bin:/usr/bin");
+        assert_eq!(cfg.env["EMPTY"], "");
+        assert!(!cfg.env.contains_key("NOEQUALS") && !cfg.env.contains_key("BAD-NAME"));
+        let d = cfg.exec_defaults.clone().unwrap();
+        assert_eq!(
+            (d.user.as_deref(), d.cwd.as_deref()),
+            (Some("1000:1000"), Some("/srv/app"))
+        );
+        cfg.validate().unwrap();
+        let rc = image::oci::spec::RunConfig {
+            user: Some("a b".into()),
+            working_dir: Some("relative".into()),
+            ..Default::default()
+        };
+        apply_image_config(&mut cfg, &rc);
+        assert_eq!(cfg.exec_defaults, Some(Default::default()));
+        cfg.validate().unwrap();
+    }
 
     const LIMITS: Limits = Limits {
         max_cpus: 4,

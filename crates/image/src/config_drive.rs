@@ -115,6 +115,7 @@ mod tests {
                 cwd: None,
             }),
             volumes: Vec::new(),
+            exec_defaults: None,
             agent_as_root: false,
         }
     }

@@ -35,6 +35,7 @@ pub mod layout;
 pub mod manifest;
 pub mod mirror;
 pub mod mkfs;
+pub mod oci;
 pub mod rootfs;
 pub mod store;
 

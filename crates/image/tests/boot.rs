@@ -363,6 +363,7 @@ fn build_and_boot(tier: Tier, boots: usize, checks: &str) -> Vec<String> {
         }],
         init: None,
         volumes: Vec::new(),
+        exec_defaults: None,
         agent_as_root: false,
     };
     let mut times = Vec::new();

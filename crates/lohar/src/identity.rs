@@ -55,6 +55,39 @@ fn parse_passwd(text: &str) -> Vec<PasswdEntry> {
         .collect()
 }
 
+/// The identity an OCI image's `User` names (`user`, `uid`, `user:group`,
+/// `uid:gid`), looked up in the guest's `passwd` and `group`. A numeric
+/// uid need not exist (it runs with home `/`); a name that does not exist
+/// is an error.
+pub fn run_as_from_image(user: &str, passwd: &str, group: &str) -> Result<RunAs, String> {
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let users = parse_passwd(passwd);
+    let uid = match u.parse::<u32>() {
+        Ok(uid) => uid,
+        Err(_) => users
+            .iter()
+            .find(|e| e.name == u)
+            .map(|e| e.uid)
+            .ok_or_else(|| format!("user '{u}' is not in /etc/passwd"))?,
+    };
+    let gid = match g {
+        None => None,
+        Some(g) => Some(match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => group
+                .lines()
+                .map(|l| l.split(':').collect::<Vec<_>>())
+                .find(|f| f.len() >= 3 && f[0] == g)
+                .and_then(|f| f[2].parse().ok())
+                .ok_or_else(|| format!("group '{g}' is not in /etc/group"))?,
+        }),
+    };
+    Ok(RunAs::Uid { uid, gid })
+}
+
 /// Groups listing `user` as a member, plus `primary`.
 fn parse_groups(text: &str, user: &str, primary: u32) -> Vec<u32> {
     let mut groups = vec![primary];
@@ -181,6 +214,52 @@ mod tests {
         nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n\
         broken line\n";
     const GROUP: &str = "root:x:0:\nsudo:x:27:lohar\nlohar:x:1000:\nusers:x:100:other,lohar\n";
+
+    #[test]
+    fn image_users_resolve() {
+        let r = |u| run_as_from_image(u, PASSWD, GROUP);
+        assert_eq!(
+            r("lohar"),
+            Ok(RunAs::Uid {
+                uid: 1000,
+                gid: None
+            })
+        );
+        assert_eq!(
+            r("1000"),
+            Ok(RunAs::Uid {
+                uid: 1000,
+                gid: None
+            })
+        );
+        assert_eq!(
+            r("4242"),
+            Ok(RunAs::Uid {
+                uid: 4242,
+                gid: None
+            })
+        );
+        assert_eq!(r("root"), Ok(RunAs::Uid { uid: 0, gid: None }));
+        assert_eq!(
+            r("lohar:sudo"),
+            Ok(RunAs::Uid {
+                uid: 1000,
+                gid: Some(27)
+            })
+        );
+        assert_eq!(
+            r("5:7"),
+            Ok(RunAs::Uid {
+                uid: 5,
+                gid: Some(7)
+            })
+        );
+        assert!(r("ghost").unwrap_err().contains("ghost"));
+        assert!(r("lohar:ghosts").unwrap_err().contains("ghosts"));
+        // A uid that has no passwd entry runs with home `/`.
+        let id = Identity::resolve_from(r("4242").unwrap(), PASSWD, GROUP, 0, 0);
+        assert_eq!((id.uid, id.gid, id.home.to_str()), (4242, 4242, Some("/")));
+    }
 
     #[test]
     fn root_comes_from_passwd_or_defaults() {

@@ -67,6 +67,7 @@ fn config(hostname: &str) -> ConfigDrive {
             cwd: None,
         }),
         volumes: Vec::new(),
+        exec_defaults: None,
         agent_as_root: false,
     }
 }

@@ -119,12 +119,62 @@ pub struct ConfigDrive {
     /// Persistent volumes to mount once the root is assembled.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeMount>,
+    /// Exec defaults from an OCI image's config (absent for the tiers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec_defaults: Option<ExecDefaults>,
     /// Commands run as root rather than the sandbox user: only for the
     /// daemon's own short-lived utility VMs (a volume's tar export or
     /// import, which must read and restore every owner and mode), never
     /// for a user's sandbox.
     #[serde(default, skip_serializing_if = "is_false")]
     pub agent_as_root: bool,
+}
+
+/// Who commands run as and where, when the sandbox's image says (an OCI
+/// image's `User` and `WorkingDir`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecDefaults {
+    /// `user`, `uid`, `user:group` or `uid:gid`, looked up in the guest's
+    /// `/etc/passwd` and `/etc/group`; root when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Working directory of commands that name none (and of `init`);
+    /// `/` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+}
+
+impl ExecDefaults {
+    /// Checks the user (names and ids of `[A-Za-z0-9._-]`, at most one
+    /// `:`) and the directory (absolute, no NUL).
+    pub fn validate(&self) -> Result<(), ConfigDriveError> {
+        if let Some(u) = &self.user {
+            let parts: Vec<&str> = u.split(':').collect();
+            let ok = u.len() <= 256
+                && (1..=2).contains(&parts.len())
+                && parts.iter().all(|p| {
+                    !p.is_empty()
+                        && p.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+                });
+            if !ok {
+                return Err(invalid(
+                    format!("user '{u}'"),
+                    "must be user, uid, user:group or uid:gid of [A-Za-z0-9._-]",
+                ));
+            }
+        }
+        if let Some(c) = &self.cwd {
+            if !c.starts_with('/') || c.contains('\0') || c.len() > 4096 {
+                return Err(invalid(
+                    format!("working directory '{c}'"),
+                    "must be an absolute path without NUL, at most 4096 bytes",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 fn is_false(b: &bool) -> bool {
@@ -233,6 +283,9 @@ impl ConfigDrive {
             || !self.token.bytes().all(|b| b.is_ascii_graphic())
         {
             return Err(invalid("token", "must be 16..=256 printable ASCII bytes"));
+        }
+        if let Some(d) = &self.exec_defaults {
+            d.validate()?;
         }
         for key in self.env.keys() {
             let mut bytes = key.bytes();
@@ -389,6 +442,7 @@ mod tests {
                 cwd: None,
             }),
             volumes: Vec::new(),
+            exec_defaults: None,
             agent_as_root: false,
         }
     }
@@ -536,6 +590,48 @@ mod tests {
         // A drive without volumes encodes as before.
         let json = String::from_utf8(sample().to_json().unwrap()).unwrap();
         assert!(!json.contains("volumes"));
+    }
+
+    #[test]
+    fn exec_defaults_validate_and_stay_out_when_absent() {
+        let json = String::from_utf8(sample().to_json().unwrap()).unwrap();
+        assert!(!json.contains("exec_defaults"));
+        let mut c = sample();
+        for (user, ok) in [
+            ("app", true),
+            ("1000", true),
+            ("1000:1000", true),
+            ("www-data:staff", true),
+            ("", false),
+            ("a:b:c", false),
+            (":1", false),
+            ("a b", false),
+            ("a\0", false),
+        ] {
+            c.exec_defaults = Some(ExecDefaults {
+                user: Some(user.into()),
+                cwd: None,
+            });
+            assert_eq!(c.validate().is_ok(), ok, "{user:?}");
+        }
+        for (cwd, ok) in [
+            ("/srv/app", true),
+            ("/", true),
+            ("rel", false),
+            ("/a\0", false),
+        ] {
+            c.exec_defaults = Some(ExecDefaults {
+                user: None,
+                cwd: Some(cwd.into()),
+            });
+            assert_eq!(c.validate().is_ok(), ok, "{cwd:?}");
+        }
+        c.exec_defaults = Some(ExecDefaults {
+            user: Some("1000".into()),
+            cwd: Some("/srv".into()),
+        });
+        let back = decode_raw(&encode_raw(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
     }
 
     #[test]

@@ -149,6 +149,7 @@ impl GuestIdentity {
             files: Vec::new(),
             init: None,
             volumes: Vec::new(),
+            exec_defaults: None,
             agent_as_root: false,
         };
         if let Err(e) = drive.validate() {

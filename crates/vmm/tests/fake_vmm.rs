@@ -32,6 +32,7 @@ fn spec(dir: &Path) -> VmSpec {
         files: Vec::new(),
         init: None,
         volumes: Vec::new(),
+        exec_defaults: None,
         agent_as_root: false,
     };
     std::fs::write(&config, encode_raw(&drive).unwrap()).unwrap();

@@ -172,21 +172,41 @@ fn boot(started: Instant) -> Result<Booted, BootError> {
     step("net+config", &mut t);
     // The init command is PID 1's (once per boot), not the agent's, which
     // may be started again.
+    // An OCI image's User and WorkingDir (docs/images.md): root and `/`
+    // unless it says; the tiers keep uid 1000 (when it exists) and
+    // /workspace.
+    let (run_as, default_cwd) = match &drive.exec_defaults {
+        None => (RunAs::Auto, WORKSPACE.to_string()),
+        Some(d) => {
+            let run_as = match &d.user {
+                None => RunAs::Uid { uid: 0, gid: None },
+                Some(u) => {
+                    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+                    crate::identity::run_as_from_image(u, &passwd, &group).unwrap_or_else(|e| {
+                        tracing::warn!(error = %e, "the image's User does not resolve; commands run as root");
+                        RunAs::Uid { uid: 0, gid: None }
+                    })
+                }
+            };
+            (run_as, d.cwd.clone().unwrap_or_else(|| "/".to_string()))
+        }
+    };
     let config = AgentConfig {
         env: drive.env,
-        // The daemon's utility VMs (a volume's tar) run commands as root.
+        // The daemon's utility VMs (a volume's tar) run commands as root;
+        // else the image's user (above).
         run_as: if drive.agent_as_root {
             RunAs::Agent
         } else {
-            RunAs::Auto
+            run_as
         },
-        default_cwd: Some(PathBuf::from(WORKSPACE)),
+        default_cwd: Some(PathBuf::from(&default_cwd)),
         ..AgentConfig::default()
     };
     let boot_command = drive.init.and_then(|init| {
         let cmd = BootCommand {
             argv: init.argv,
-            cwd: PathBuf::from(init.cwd.unwrap_or_else(|| WORKSPACE.to_string())),
+            cwd: PathBuf::from(init.cwd.unwrap_or(default_cwd)),
             // The sandbox's env, for root.
             env: Identity::root().environment(&config, &BTreeMap::new(), false),
         };

@@ -1,0 +1,142 @@
+//! `bhatti image import|list|rm|pull` as an admin runs them: exit codes,
+//! what they print, errors named. (Pulling from a real registry is
+//! crates/image/tests/oci.rs; this is the command around it.)
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_bhatti");
+
+fn bhatti(data: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .arg("--data-dir")
+        .arg(data)
+        .env_remove("BHATTI_REGISTRY_PASSWORD")
+        .env_remove("BHATTI_REGISTRY_TOKEN")
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A one-layer `docker save` archive, made with the tar tool.
+fn archive(dir: &Path) -> std::path::PathBuf {
+    let root = dir.join("root");
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::write(root.join("etc/hello"), "hi\n").unwrap();
+    let a = dir.join("a");
+    std::fs::create_dir_all(a.join("l0")).unwrap();
+    let ok = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(a.join("l0/layer.tar"))
+        .arg(".")
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let arch = image::Arch::host_or_default().name();
+    std::fs::write(
+        a.join("config.json"),
+        format!(r#"{{"architecture":"{arch}","os":"linux","config":{{"WorkingDir":"/etc"}}}}"#),
+    )
+    .unwrap();
+    std::fs::write(
+        a.join("manifest.json"),
+        r#"[{"Config":"config.json","RepoTags":["hello:1"],"Layers":["l0/layer.tar"]}]"#,
+    )
+    .unwrap();
+    let out = dir.join("Hello.Image.tar");
+    let ok = Command::new("tar")
+        .arg("-C")
+        .arg(&a)
+        .arg("-cf")
+        .arg(&out)
+        .args(["manifest.json", "config.json", "l0"])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    out
+}
+
+#[test]
+fn import_list_remove_and_pull_errors() {
+    if !testkit::is_root() {
+        testkit::cannot_run("image CLI test needs root (ownership in the image)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let a = archive(dir.path());
+
+    // Named after the file (up to its first '.', lowercased).
+    let out = bhatti(&data, &["image", "import", a.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("imported 'hello'") && stdout.contains("rootfs"),
+        "{stdout}"
+    );
+    let out = bhatti(
+        &data,
+        &["image", "import", a.to_str().unwrap(), "--name", "h2"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let out = bhatti(&data, &["image", "list"]);
+    assert!(out.status.success());
+    let list = text(&out.stdout);
+    let rows: Vec<&str> = list.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "{list}");
+    assert!(
+        rows[0].starts_with("h2 ") && rows[0].contains(" oci "),
+        "{list}"
+    );
+    assert!(
+        rows[1].starts_with("hello ") && rows[1].contains("import:"),
+        "{list}"
+    );
+
+    let out = bhatti(&data, &["image", "rm", "h2"]);
+    assert!(out.status.success());
+    let out = bhatti(&data, &["image", "rm", "h2"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("no OCI image 'h2'"));
+    let out = bhatti(&data, &["image", "ls"]);
+    assert_eq!(text(&out.stdout).lines().count(), 2);
+
+    // Errors: a name, a file, a reference, an unreachable registry (port 1
+    // on loopback: nothing listens), credentials without a password.
+    for (args, want) in [
+        (
+            vec!["image", "import", a.to_str().unwrap(), "--name", "tiny"],
+            "invalid image name 'tiny'",
+        ),
+        (
+            vec!["image", "import", "/nonexistent.tar"],
+            "cannot open /nonexistent.tar",
+        ),
+        (
+            vec!["image", "pull", "Bad//ref"],
+            "invalid image reference 'Bad//ref'",
+        ),
+        (
+            vec!["image", "pull", "--insecure", "127.0.0.1:1/x/y:1"],
+            "cannot reach registry 127.0.0.1:1",
+        ),
+        (
+            vec!["image", "pull", "127.0.0.1:1/x/y", "--username", "me"],
+            "needs a password",
+        ),
+    ] {
+        let out = bhatti(&data, &args);
+        assert!(!out.status.success(), "{args:?}");
+        let err = text(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}

@@ -1,0 +1,248 @@
+//! OCI images on disk: `DATA/images/oci/<name>/{rootfs.ext4,
+//! manifest.json, image.json}` beside the blob cache
+//! `DATA/images/oci/blobs/`. Building one applies its layers to a staging
+//! root and packs it with `mkfs.ext4 -d` into a read-only base like the
+//! tiers'; the kernel, the initramfs and lohar stay bhatti's own.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::blobs::BlobStore;
+use super::error::{io, OciError};
+use super::spec::{ImageConfigBlob, RunConfig};
+use super::unpack::{apply_layer, open_layer};
+use crate::fsutil::{replace_dir, Staging};
+use crate::layout::{Layout, Tier, MANIFEST};
+use crate::manifest::{Inputs, Manifest};
+use crate::rootfs::pack_rootfs;
+
+/// The image description stored beside its rootfs.
+pub const IMAGE_JSON: &str = "image.json";
+/// The base filesystem's label (lohar takes any `bhatti-*` but `-disk`
+/// and `-config` as the base).
+pub const OCI_LABEL: &str = "bhatti-oci";
+const RECIPE: u32 = 1;
+
+/// What `image.json` holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OciImage {
+    /// The local name.
+    pub name: String,
+    /// Where it came from: a reference, or `import:<file>`.
+    pub source: String,
+    /// Digest of the image manifest (or of the config, for a docker-archive).
+    pub digest: String,
+    /// The image's architecture.
+    pub architecture: String,
+    /// Env, WorkingDir, User, Entrypoint, Cmd.
+    pub config: RunConfig,
+    /// Layer digests, bottom first.
+    pub layers: Vec<String>,
+    /// Size of `rootfs.ext4`.
+    pub rootfs_bytes: u64,
+    /// When it was built (Unix seconds).
+    pub created_unix: u64,
+}
+
+/// The OCI images of one data directory (and architecture).
+#[derive(Debug, Clone)]
+pub struct OciImages {
+    layout: Layout,
+}
+
+/// Checks a local image name: `[a-z0-9][a-z0-9._-]*`, at most 64, not a
+/// tier's name.
+pub fn validate_name(name: &str) -> Result<(), OciError> {
+    let bad = |reason| OciError::BadName {
+        name: name.to_owned(),
+        reason,
+    };
+    if name.is_empty() || name.len() > 64 {
+        return Err(bad("1 to 64 characters"));
+    }
+    let mut chars = name.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if !first_ok
+        || !chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c))
+    {
+        return Err(bad(
+            "lowercase letters, digits, '.', '_' and '-', starting with a letter or digit",
+        ));
+    }
+    if Tier::from_name(name).is_some() {
+        return Err(bad("that is a built-in tier's name"));
+    }
+    if name == "blobs" {
+        return Err(bad("reserved"));
+    }
+    Ok(())
+}
+
+impl OciImages {
+    /// The OCI images under `layout`.
+    pub fn new(layout: Layout) -> Self {
+        Self { layout }
+    }
+
+    /// The guests' architecture.
+    pub fn arch(&self) -> crate::layout::Arch {
+        self.layout.arch()
+    }
+
+    /// `DATA/images/oci`.
+    pub fn dir(&self) -> PathBuf {
+        self.layout.images_dir().join("oci")
+    }
+
+    /// The blob cache.
+    pub fn blobs(&self) -> BlobStore {
+        BlobStore::new(self.dir().join("blobs"))
+    }
+
+    /// `DATA/images/oci/<name>`.
+    pub fn image_dir(&self, name: &str) -> PathBuf {
+        self.dir().join(name)
+    }
+
+    /// The image's read-only base.
+    pub fn rootfs(&self, name: &str) -> PathBuf {
+        self.image_dir(name).join("rootfs.ext4")
+    }
+
+    /// The image's description, if it exists and is complete.
+    pub fn get(&self, name: &str) -> Option<OciImage> {
+        validate_name(name).ok()?;
+        let dir = self.image_dir(name);
+        if !dir.join("rootfs.ext4").is_file() || !dir.join(MANIFEST).is_file() {
+            return None;
+        }
+        let text = std::fs::read(dir.join(IMAGE_JSON)).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    /// Every complete image, by name.
+    pub fn list(&self) -> Vec<OciImage> {
+        let Ok(rd) = std::fs::read_dir(self.dir()) else {
+            return vec![];
+        };
+        let mut out: Vec<OciImage> = rd
+            .filter_map(|e| e.ok())
+            .filter_map(|e| self.get(&e.file_name().to_string_lossy()))
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Builds image `name` from `layers` (blob files, bottom first, plain
+    /// or gzip tar) and its config, replacing an image of that name.
+    /// `budget`: the most bytes of unpacked content allowed.
+    pub fn build(
+        &self,
+        name: &str,
+        source: &str,
+        digest: &str,
+        config: &ImageConfigBlob,
+        layers: &[(String, PathBuf)],
+        budget: u64,
+    ) -> Result<OciImage, OciError> {
+        validate_name(name)?;
+        let start = Instant::now();
+        let build_dir = self.layout.build_dir();
+        std::fs::create_dir_all(&build_dir).map_err(io("create directory", &build_dir))?;
+        let staging = Staging::new(&build_dir, &format!("oci-{name}"))?;
+        let root = staging.path().join("root");
+        std::fs::create_dir(&root).map_err(io("create directory", &root))?;
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755))
+            .map_err(io("chmod", &root))?;
+        let mut left = budget;
+        for (digest, path) in layers {
+            let f = std::fs::File::open(path).map_err(io("open", path))?;
+            let reader = open_layer(f, path)?;
+            let stats = apply_layer(&root, reader, &format!("layer {digest}"), &mut left)?;
+            tracing::debug!(%digest, ?stats, "applied layer");
+        }
+        // Mount points lohar uses, when the image has none.
+        for (d, mode) in [
+            ("dev", 0o755),
+            ("proc", 0o555),
+            ("sys", 0o555),
+            ("run", 0o755),
+            ("tmp", 0o1777),
+        ] {
+            let p = root.join(d);
+            if p.symlink_metadata().is_err() {
+                std::fs::create_dir(&p).map_err(io("create directory", &p))?;
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))
+                    .map_err(io("chmod", &p))?;
+            }
+        }
+        let out = staging.path().join("out");
+        std::fs::create_dir(&out).map_err(io("create directory", &out))?;
+        let rootfs_bytes = pack_rootfs(&root, &out.join("rootfs.ext4"), OCI_LABEL)?;
+        let image = OciImage {
+            name: name.to_owned(),
+            source: source.to_owned(),
+            digest: digest.to_owned(),
+            architecture: config.architecture.clone(),
+            config: config.config.clone().unwrap_or_default(),
+            layers: layers.iter().map(|(d, _)| d.clone()).collect(),
+            rootfs_bytes,
+            created_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        let json = serde_json::to_vec_pretty(&image).map_err(|source| OciError::Json {
+            what: "image.json".into(),
+            error: source,
+        })?;
+        std::fs::write(out.join(IMAGE_JSON), json).map_err(io("write", &out))?;
+        let inputs = Inputs {
+            recipe: RECIPE,
+            packages: vec![],
+            other: BTreeMap::from([
+                ("source".to_owned(), source.to_owned()),
+                ("digest".to_owned(), digest.to_owned()),
+            ]),
+        };
+        let manifest = Manifest::new(
+            &format!("oci-{name}"),
+            inputs,
+            &out,
+            &["rootfs.ext4", IMAGE_JSON],
+            start.elapsed().as_millis() as u64,
+        )?;
+        manifest.save(&out.join(MANIFEST))?;
+        replace_dir(&out, &self.image_dir(name))?;
+        Ok(image)
+    }
+
+    /// Removes image `name`; `false` if there was none.
+    pub fn remove(&self, name: &str) -> Result<bool, OciError> {
+        validate_name(name)?;
+        let dir = self.image_dir(name);
+        if !dir.is_dir() {
+            return Ok(false);
+        }
+        std::fs::remove_dir_all(&dir).map_err(io("remove", &dir))?;
+        Ok(true)
+    }
+}
+
+/// Reads a whole file of at most `limit` bytes.
+pub(crate) fn read_limited(path: &Path, what: &str, limit: u64) -> Result<Vec<u8>, OciError> {
+    let m = std::fs::metadata(path).map_err(io("stat", path))?;
+    if m.len() > limit {
+        return Err(OciError::TooLarge {
+            what: what.to_owned(),
+            limit,
+        });
+    }
+    std::fs::read(path).map_err(io("read", path))
+}
