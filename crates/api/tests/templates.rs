@@ -145,6 +145,9 @@ fn creates_restore_from_a_users_template_with_their_own_identity() {
         for (path, want) in [
             ("/images/tiny/templates/big", 400),
             ("/images/tiny/templates/2x512", 404),
+            // The image name is a path component: never a way out.
+            ("/images/..%2F..%2Ftiny/templates/1x256", 400),
+            ("/images/..%2Fx/templates/1x256", 400),
         ] {
             assert_eq!(
                 alice.json(Method::DELETE, path, None).await.0,

@@ -130,6 +130,7 @@ impl Service {
         image: &str,
         body: WarmImage,
     ) -> Result<Template, ApiError> {
+        crate::validate::name("image", image)?;
         let d = &self.config.defaults;
         let mut spec = SandboxSpec::new(
             format!("template-{}", random_hex(3).map_err(internal)?),
@@ -160,11 +161,23 @@ impl Service {
             )));
         }
         let key = dir.display().to_string();
-        if !self.warming().insert(key.clone()) {
-            return Err(ApiError::Conflict(format!(
-                "the template of {image} with {} CPUs and {memory} MiB is being made",
-                spec.cpus
-            )));
+        {
+            // One at a time per user: the boot that makes one is not
+            // charged to the sandbox quota, so it must not multiply.
+            let mut warming = self.warming();
+            let root = format!("{}/", self.templates_root(&user.id).display());
+            if let Some(busy) = warming.iter().find(|k| k.starts_with(&root)) {
+                let what = if *busy == key {
+                    "this template"
+                } else {
+                    "another of your templates"
+                };
+                return Err(ApiError::Conflict(format!(
+                    "{what} is being made (the template of {image} with {} CPUs and {memory} MiB waits for it)",
+                    spec.cpus
+                )));
+            }
+            warming.insert(key.clone());
         }
         let this = self.clone();
         let made = tokio::spawn(async move {
@@ -260,6 +273,7 @@ impl Service {
         user: &UserRecord,
         image: &str,
     ) -> Result<Vec<Template>, ApiError> {
+        crate::validate::name("image", image)?;
         let engine = self.core.engine().kind;
         let mut out = Vec::new();
         for (img, shape, dir) in self.template_dirs(&user.id) {
@@ -292,6 +306,8 @@ impl Service {
         image: &str,
         shape: &str,
     ) -> Result<(), ApiError> {
+        // The name becomes a path: a name, never `..` or a `/`.
+        crate::validate::name("image", image)?;
         let (cpus, memory) = parse_shape(shape).ok_or_else(|| {
             ApiError::BadRequest(format!("'{shape}' is not a shape: <cpus>x<memory_mb>"))
         })?;
