@@ -33,7 +33,7 @@ async fn uptime(c: &Client, sb: &str) -> f64 {
 fn creates_restore_from_a_users_template_with_their_own_identity() {
     in_netns("api-tmpl", || async {
         let data = data_dir();
-        let tweak = "[publish]\nlisten = \"127.0.0.1:0\"\n";
+        let tweak = "[publish]\nlisten = \"127.0.0.1:0\"\n[limits]\ncreates_per_min = 1000\n";
         let d = TestDaemon::start(config(data.path(), tweak)).await;
         let public = d.public.expect("the public proxy is on");
         let alice = d.client(&d.user("alice", 6));
