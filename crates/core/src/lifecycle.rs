@@ -330,39 +330,10 @@ impl SandboxManager {
             }),
         })?;
         let placement = match &origin {
-            Origin::Restored(capture) => {
+            Origin::Fresh | Origin::Restored(_) => {
                 undo.dir = Some(dir.clone());
-                // For a later boot from the disk (the restored agent runs
-                // with the capture's own settings).
-                let mut cfg = spec.config_drive(token.expose().to_owned());
-                if let Some(rc) = &image.run_config {
-                    crate::spec::apply_image_config(&mut cfg, rc);
-                }
-                let (d, from) = (dir.clone(), capture.disk());
-                tokio::task::spawn_blocking(move || -> image::Result<()> {
-                    std::fs::create_dir_all(&d).map_err(|source| image::Error::Io {
-                        op: "create directory",
-                        path: d.clone(),
-                        source,
-                    })?;
-                    vmm::snapshot::copy_sparse(&from, &d.join(SANDBOX_DISK)).map_err(|e| {
-                        image::Error::Io {
-                            op: "copy the capture's disk",
-                            path: from.clone(),
-                            source: std::io::Error::other(error_chain(&e)),
-                        }
-                    })?;
-                    image::write_config_drive(&d.join(CONFIG_DRIVE), &cfg, ConfigDriveFormat::Raw)
-                })
-                .await?
-                .map_err(|source| CoreError::Disk {
-                    id: id.clone(),
-                    source: Box::new(source),
-                })?;
-                crate::networks::Placement::Any
-            }
-            Origin::Fresh => {
-                undo.dir = Some(dir.clone());
+                // A restored sandbox's drive is for a later boot from its
+                // disk (its agent runs on with the capture's settings).
                 let mut cfg = spec.config_drive(token.expose().to_owned());
                 if let Some(rc) = &image.run_config {
                     crate::spec::apply_image_config(&mut cfg, rc);
@@ -370,9 +341,31 @@ impl SandboxManager {
                 let disk_bytes = spec
                     .disk_mb
                     .map_or(self.inner.config.disk_bytes, |mb| mb << 20);
+                let from = match &origin {
+                    Origin::Restored(capture) => Some(capture.disk()),
+                    Origin::Fresh | Origin::Again { .. } => None,
+                };
                 let d = dir.clone();
                 tokio::task::spawn_blocking(move || -> image::Result<()> {
-                    image::create_sandbox_disk(&d, disk_bytes)?;
+                    match from {
+                        None => {
+                            image::create_sandbox_disk(&d, disk_bytes)?;
+                        }
+                        Some(from) => {
+                            std::fs::create_dir_all(&d).map_err(|source| image::Error::Io {
+                                op: "create directory",
+                                path: d.clone(),
+                                source,
+                            })?;
+                            vmm::snapshot::copy_sparse(&from, &d.join(SANDBOX_DISK)).map_err(
+                                |e| image::Error::Io {
+                                    op: "copy the capture's disk",
+                                    path: from.clone(),
+                                    source: std::io::Error::other(error_chain(&e)),
+                                },
+                            )?;
+                        }
+                    }
                     image::write_config_drive(&d.join(CONFIG_DRIVE), &cfg, ConfigDriveFormat::Raw)
                 })
                 .await?
