@@ -160,12 +160,25 @@ pub(crate) fn verify_snapshot(
 ) -> Result<u64, String> {
     let m = SnapshotManifest::read_for(dir, engine, spec).map_err(|e| error_chain(&e))?;
     let state = dir.join(vmm::snapshot::STATE_FILE);
-    let bytes = std::fs::read(&state).map_err(|e| format!("reading {}: {e}", state.display()))?;
-    if bytes.len() as u64 != m.state_bytes || bytes.is_empty() {
+    // Read through a fixed buffer: a state file may carry all of guest RAM
+    // (a sandbox running on a capture's private memory).
+    let read = (|| -> std::io::Result<u64> {
+        use std::io::Read;
+        let mut f = std::fs::File::open(&state)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        loop {
+            match f.read(&mut buf)? {
+                0 => return Ok(total),
+                n => total += n as u64,
+            }
+        }
+    })()
+    .map_err(|e| format!("reading {}: {e}", state.display()))?;
+    if read != m.state_bytes || read == 0 {
         return Err(format!(
-            "{} has {} readable bytes, manifest says {}",
+            "{} has {read} readable bytes, manifest says {}",
             state.display(),
-            bytes.len(),
             m.state_bytes
         ));
     }
