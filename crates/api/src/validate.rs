@@ -100,6 +100,7 @@ pub fn init(s: &str) -> Result<proto::config_drive::InitCommand, ApiError> {
     Ok(proto::config_drive::InitCommand {
         argv: vec![INIT_SHELL.into(), "-c".into(), s.into()],
         cwd: None,
+        user: None,
     })
 }
 
@@ -137,6 +138,7 @@ mod tests {
         let other = proto::config_drive::InitCommand {
             argv: vec!["sleep".into(), "9".into()],
             cwd: None,
+            user: None,
         };
         assert_eq!(init_view(&other), "sleep 9");
     }

@@ -134,6 +134,9 @@ fn a_sandbox_boots_from_an_oci_image_with_its_exec_defaults() {
                 "Env": ["GREETING=hello from oci", "PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"],
                 "WorkingDir": "/srv/app",
                 "User": "app",
+                // Run at boot as the image's user, in its directory, with its env.
+                "Entrypoint": ["/bin/sh", "-c"],
+                "Cmd": ["echo \"$(id -u) $(pwd) $GREETING\" > /tmp/cmd-proof; exec sleep 100000"],
             }),
             true,
         );
@@ -191,6 +194,22 @@ fn a_sandbox_boots_from_an_oci_image_with_its_exec_defaults() {
             lines[6].contains(" 1234 ") && lines[6].ends_with("here"),
             "{out}"
         );
+        // The image's Entrypoint + Cmd ran at boot, as the image's user.
+        let mut proof = String::new();
+        for _ in 0..100 {
+            let v = exec(
+                &c,
+                "o",
+                json!({"cmd": ["sh", "-c", "cat /tmp/cmd-proof 2>/dev/null; true"]}),
+            )
+            .await;
+            proof = v["stdout"].as_str().unwrap().to_owned();
+            if !proof.is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert_eq!(proof, "1234 /srv/app hello from oci\n");
         // A request's own cwd and env still win.
         let v = exec(
             &c,

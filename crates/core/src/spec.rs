@@ -310,12 +310,19 @@ impl SandboxSpec {
     }
 }
 
+/// Most arguments, and bytes in all, of an image's `Entrypoint` + `Cmd`
+/// that become a boot command (beyond, it is not run, with a warning).
+const MAX_IMAGE_COMMAND_ARGS: usize = 256;
+const MAX_IMAGE_COMMAND_BYTES: usize = 64 << 10;
+
 /// Puts an OCI image's config under the sandbox's own settings: its `Env`
 /// below the spec's env (entries the config drive cannot carry — no `=`,
 /// a name outside `[A-Za-z_][A-Za-z0-9_]*`, a NUL — are dropped with a
 /// warning), its `User` and `WorkingDir` as the exec defaults (a `User`
 /// lohar could not parse is dropped: commands then run as root, the OCI
-/// default).
+/// default), and its `Entrypoint` + `Cmd` as the boot command, run as that
+/// user, when the sandbox has no `init` of its own (what `docker run
+/// IMAGE` and a Fly machine run).
 pub(crate) fn apply_image_config(cfg: &mut ConfigDrive, rc: &image::oci::spec::RunConfig) {
     for entry in rc.env.iter().flatten() {
         let Some((k, v)) = entry.split_once('=') else {
@@ -352,12 +359,119 @@ pub(crate) fn apply_image_config(cfg: &mut ConfigDrive, rc: &image::oci::spec::R
         tracing::warn!(cwd = ?defaults.cwd, "image WorkingDir that is not absolute dropped");
         defaults.cwd = None;
     }
+    if cfg.init.is_none() {
+        cfg.init = image_command(rc, defaults.user.clone());
+    }
     cfg.exec_defaults = Some(defaults);
+}
+
+/// The image's `Entrypoint` followed by its `Cmd`, as a boot command run
+/// as `user`; none when both are empty or it is too big or malformed.
+fn image_command(rc: &image::oci::spec::RunConfig, user: Option<String>) -> Option<InitCommand> {
+    let argv: Vec<String> = rc
+        .entrypoint
+        .iter()
+        .flatten()
+        .chain(rc.cmd.iter().flatten())
+        .cloned()
+        .collect();
+    if argv.is_empty() {
+        return None;
+    }
+    let bytes: usize = argv.iter().map(String::len).sum();
+    if argv.len() > MAX_IMAGE_COMMAND_ARGS
+        || bytes > MAX_IMAGE_COMMAND_BYTES
+        || argv[0].is_empty()
+        || argv.iter().any(|a| a.contains('\0'))
+    {
+        tracing::warn!(
+            args = argv.len(),
+            bytes,
+            "the image's Entrypoint/Cmd is too big or malformed; it is not run"
+        );
+        return None;
+    }
+    Some(InitCommand {
+        argv,
+        cwd: None,
+        user,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_images_entrypoint_and_cmd_are_the_boot_command_unless_the_spec_has_one() {
+        let rc = image::oci::spec::RunConfig {
+            user: Some("app".into()),
+            entrypoint: Some(vec!["/entry.sh".into(), "-x".into()]),
+            cmd: Some(vec!["serve".into()]),
+            ..Default::default()
+        };
+        let spec = SandboxSpec::new("a", "app");
+        let mut cfg = spec.config_drive("t".repeat(32));
+        apply_image_config(&mut cfg, &rc);
+        let init = cfg.init.clone().unwrap();
+        assert_eq!(init.argv, ["/entry.sh", "-x", "serve"]);
+        assert_eq!((init.user.as_deref(), init.cwd), (Some("app"), None));
+        cfg.validate().unwrap();
+
+        // Cmd alone; no User: root (no user on the command).
+        let only_cmd = image::oci::spec::RunConfig {
+            cmd: Some(vec!["nginx".into(), "-g".into(), "daemon off;".into()]),
+            ..Default::default()
+        };
+        let mut cfg = spec.config_drive("t".repeat(32));
+        apply_image_config(&mut cfg, &only_cmd);
+        let init = cfg.init.unwrap();
+        assert_eq!(init.argv, ["nginx", "-g", "daemon off;"]);
+        assert_eq!(init.user, None);
+
+        // The sandbox's own init wins.
+        let mut own = SandboxSpec::new("a", "app");
+        own.init = Some(InitCommand {
+            argv: vec!["/bin/sh".into(), "-c".into(), "mine".into()],
+            cwd: None,
+            user: None,
+        });
+        let mut cfg = own.config_drive("t".repeat(32));
+        apply_image_config(&mut cfg, &rc);
+        assert_eq!(cfg.init.unwrap().argv[2], "mine");
+
+        // Nothing to run, or too much: no boot command.
+        for rc in [
+            image::oci::spec::RunConfig::default(),
+            image::oci::spec::RunConfig {
+                cmd: Some(vec!["x".into(); MAX_IMAGE_COMMAND_ARGS + 1]),
+                ..Default::default()
+            },
+            image::oci::spec::RunConfig {
+                cmd: Some(vec!["x".repeat(MAX_IMAGE_COMMAND_BYTES + 1)]),
+                ..Default::default()
+            },
+            image::oci::spec::RunConfig {
+                entrypoint: Some(vec![String::new()]),
+                ..Default::default()
+            },
+        ] {
+            let mut cfg = spec.config_drive("t".repeat(32));
+            apply_image_config(&mut cfg, &rc);
+            assert_eq!(cfg.init, None);
+        }
+
+        // A User lohar cannot parse is dropped from the command too.
+        let bad_user = image::oci::spec::RunConfig {
+            user: Some("a b".into()),
+            cmd: Some(vec!["run".into()]),
+            ..Default::default()
+        };
+        let mut cfg = spec.config_drive("t".repeat(32));
+        apply_image_config(&mut cfg, &bad_user);
+        assert_eq!(cfg.init.clone().unwrap().user, None);
+        cfg.validate().unwrap();
+    }
 
     #[test]
     fn image_config_goes_under_the_spec() {
@@ -523,6 +637,7 @@ mod tests {
         s.init = Some(InitCommand {
             argv: vec![],
             cwd: None,
+            user: None,
         });
         assert!(matches!(s.validate(&LIMITS), Err(SpecError::Guest(_))));
     }

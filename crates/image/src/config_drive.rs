@@ -113,6 +113,7 @@ mod tests {
             init: Some(InitCommand {
                 argv: vec!["/bin/sh".into(), "-c".into(), "echo hi".into()],
                 cwd: None,
+                user: None,
             }),
             volumes: Vec::new(),
             exec_defaults: None,

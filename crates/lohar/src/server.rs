@@ -121,6 +121,7 @@ pub fn start_agent(agent: &Arc<Agent>) -> anyhow::Result<()> {
                 &std::collections::BTreeMap::new(),
                 false,
             ),
+            user: None,
         };
         let log = config.init_log.clone();
         let started = boot_command::start(&cmd)

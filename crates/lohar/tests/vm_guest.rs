@@ -65,6 +65,7 @@ fn config(hostname: &str) -> ConfigDrive {
                 "echo to-the-log; echo init-ran-in-$(pwd)-as-$(id -u) > /tmp/init-proof; exec sleep 100000".into(),
             ],
             cwd: None,
+            user: None,
         }),
         volumes: Vec::new(),
         exec_defaults: None,

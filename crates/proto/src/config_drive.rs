@@ -97,6 +97,11 @@ pub struct InitCommand {
     /// Working directory (default `/workspace`).
     #[serde(default)]
     pub cwd: Option<String>,
+    /// Who it runs as, in an OCI image's `User` syntax (see
+    /// [`ExecDefaults::user`]): set when the command is the image's own
+    /// `Entrypoint` + `Cmd`. Root when absent (a sandbox's `init`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// The agent configuration carried by a config drive (`/lohar.json`).
@@ -361,6 +366,14 @@ impl ConfigDrive {
             if init.argv.is_empty() || init.argv.iter().any(|a| a.contains('\0')) {
                 return Err(invalid("init.argv", "must be non-empty without NUL bytes"));
             }
+            if init.user.is_some() {
+                ExecDefaults {
+                    user: init.user.clone(),
+                    cwd: None,
+                }
+                .validate()
+                .map_err(|_| invalid("init.user", "must be user, uid, user:group or uid:gid"))?;
+            }
         }
         Ok(())
     }
@@ -440,6 +453,7 @@ mod tests {
             init: Some(InitCommand {
                 argv: vec!["/bin/sh".into(), "-c".into(), "echo hi".into()],
                 cwd: None,
+                user: None,
             }),
             volumes: Vec::new(),
             exec_defaults: None,
@@ -523,6 +537,7 @@ mod tests {
             c.init = Some(InitCommand {
                 argv: vec![],
                 cwd: None,
+                user: None,
             })
         });
         assert!(sample().validate().is_ok());

@@ -204,11 +204,31 @@ fn boot(started: Instant) -> Result<Booted, BootError> {
         ..AgentConfig::default()
     };
     let boot_command = drive.init.and_then(|init| {
+        // Root (a sandbox's `init`), or the image's User (its own
+        // Entrypoint + Cmd); a User that does not resolve runs as root,
+        // as execs do.
+        let who = init
+            .user
+            .as_deref()
+            .and_then(|u| {
+                let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+                crate::identity::run_as_from_image(u, &passwd, &group)
+                    .map_err(|e| tracing::warn!(error = %e, "the boot command's user does not resolve; it runs as root"))
+                    .ok()
+            })
+            .map(Identity::resolve)
+            .filter(|id| id.uid != 0)
+            .unwrap_or_else(Identity::root);
         let cmd = BootCommand {
             argv: init.argv,
             cwd: PathBuf::from(init.cwd.unwrap_or(default_cwd)),
-            // The sandbox's env, for root.
-            env: Identity::root().environment(&config, &BTreeMap::new(), false),
+            // The sandbox's env, for its user.
+            env: who.environment(&config, &BTreeMap::new(), false),
+            user: (who.uid != 0).then(|| boot_command::RunUser {
+                uid: who.uid,
+                gid: who.gid,
+                groups: who.groups.clone(),
+            }),
         };
         start_boot_command(&cmd, Path::new(boot_command::LOG_PATH))
     });
