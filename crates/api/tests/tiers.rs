@@ -324,7 +324,9 @@ fn docker_runs_a_loaded_image_inside_the_sandbox() {
             &c,
             "dock",
             "cat /tmp/user-init.txt; id -nG; ps -o user=,comm= -C dockerd; \
-             docker info --format '{{.Driver}} {{.CgroupVersion}}'",
+             docker info --format '{{.Driver}} {{.CgroupVersion}}'; \
+             if grep -q 'did not load' /var/log/bhatti-init.log; then \
+               cat /var/log/bhatti-init.log; exit 1; fi",
             60,
         )
         .await;
