@@ -18,6 +18,7 @@
 //!    ([`guest`]);
 //! 8. the drive's `init` command, as root in a session of its own
 //!    ([`crate::boot_command`]), its output copied to a log by the agent;
+//!    wrapped by the image's boot service ([`IMAGE_BOOT`]) when it has one;
 //! 9. fork the agent: TCP `0.0.0.0:`[`AGENT_PORT`], commands as uid 1000
 //!    in `/workspace`, the drive's env.
 
