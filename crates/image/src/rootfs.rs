@@ -112,6 +112,8 @@ exec dockerd
 "#;
 const TINY_RECIPE: u32 = 1;
 const MINIMAL_RECIPE: u32 = 2;
+// Bump a recipe when its build changes in a way the inputs do not show
+// (a hook script, the boot service, a file written into the image).
 const BROWSER_RECIPE: u32 = 1;
 const DOCKER_RECIPE: u32 = 1;
 
