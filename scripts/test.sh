@@ -121,7 +121,7 @@ PKG_CONFIG_LIBDIR=/usr/lib/aarch64-linux-gnu/pkgconfig:/usr/share/pkgconfig \
   cargo build --quiet -p bhatti --target aarch64-unknown-linux-gnu
 echo "bhatti for aarch64 built in $((SECONDS - started)) s"
 echo "== test images (built before the suites, outside every test namespace)"
-cargo run --quiet -p bhatti-testkit --bin prepare-test-images -- tiny minimal arm64:tiny
+cargo run --quiet -p bhatti-testkit --bin prepare-test-images -- tiny minimal browser docker arm64:tiny
 echo "== cargo test"
 # --no-fail-fast: one broken suite must not hide the others.
 # BHATTI_TESTS_MUST_RUN: a VM or namespace test that cannot run here fails

@@ -126,6 +126,10 @@ pub enum TierArg {
     Tiny,
     /// Debian bookworm with the usual tools (the default image)
     Minimal,
+    /// minimal plus headless Chromium, fonts and Python Playwright
+    Browser,
+    /// minimal plus Docker Engine, started at boot
+    Docker,
     /// every tier
     All,
 }
@@ -135,6 +139,8 @@ impl From<TierArg> for Selection {
         match t {
             TierArg::Tiny => Selection::Tier(Tier::Tiny),
             TierArg::Minimal => Selection::Tier(Tier::Minimal),
+            TierArg::Browser => Selection::Tier(Tier::Browser),
+            TierArg::Docker => Selection::Tier(Tier::Docker),
             TierArg::All => Selection::All,
         }
     }

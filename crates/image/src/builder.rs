@@ -18,8 +18,8 @@ use crate::layout::{Arch, Layout, Tier, MANIFEST};
 use crate::manifest::{sha256_file, Inputs, Manifest};
 use crate::mirror::host_debian_sources;
 use crate::rootfs::{
-    minimal_inputs, pack_rootfs, stage_minimal, stage_tiny, tiny_inputs, BUSYBOX_PACKAGE,
-    MINIMAL_SUITE,
+    browser_inputs, docker_inputs, minimal_inputs, pack_rootfs, stage_debian, stage_tiny,
+    tiny_inputs, Extra, BUSYBOX_PACKAGE, MINIMAL_SUITE,
 };
 
 const INITRAMFS_RECIPE: u32 = 1;
@@ -332,14 +332,26 @@ impl ImageBuilder {
                 };
                 (tiny_inputs(&bb, lister.as_ref()), vec![], Some(bb), lister)
             }
-            Tier::Minimal if !self.layout.arch().is_host() => {
+            Tier::Minimal | Tier::Browser | Tier::Docker if !self.layout.arch().is_host() => {
                 return Err(Error::ForeignMinimal {
                     arch: self.layout.arch(),
                 })
             }
-            Tier::Minimal => {
+            Tier::Minimal | Tier::Browser | Tier::Docker => {
                 let sources = host_debian_sources(std::path::Path::new("/etc/apt"), MINIMAL_SUITE)?;
-                (minimal_inputs(&sources), sources, None, None)
+                let inputs = match tier {
+                    Tier::Browser => browser_inputs(&sources),
+                    Tier::Docker => {
+                        let kernel = Manifest::load(&self.layout.kernel_dir().join(MANIFEST))?
+                            .ok_or_else(|| Error::MissingInput {
+                                what: "kernel manifest",
+                                path: self.layout.kernel_dir().join(MANIFEST),
+                            })?;
+                        docker_inputs(&sources, &kernel.inputs)
+                    }
+                    _ => minimal_inputs(&sources),
+                };
+                (inputs, sources, None, None)
             }
         };
         let dir = self.layout.tier_dir(tier);
@@ -369,11 +381,32 @@ impl ImageBuilder {
             _ => {
                 let mut mirrors: Vec<&str> = sources.iter().map(|s| s.uri.as_str()).collect();
                 mirrors.dedup();
+                let extra = match tier {
+                    Tier::Browser => Extra::Browser {
+                        work: staging.path().to_owned(),
+                    },
+                    Tier::Docker => {
+                        let release = installed_release(&self.layout)?;
+                        Extra::Docker {
+                            modules_dir: self.layout.modules_dir(&release),
+                            release,
+                        }
+                    }
+                    _ => Extra::None,
+                };
+                let adds = match tier {
+                    Tier::Browser => " + Chromium, fonts, Playwright (pip)",
+                    Tier::Docker => " + Docker Engine, kernel modules",
+                    _ => "",
+                };
                 self.detail(
                     step,
-                    format!("mmdebstrap {MINIMAL_SUITE} via {}", mirrors.join(", ")),
+                    format!(
+                        "mmdebstrap {MINIMAL_SUITE}{adds} via {}",
+                        mirrors.join(", ")
+                    ),
                 );
-                stage_minimal(&sources, &root)?;
+                stage_debian(&sources, &root, &extra)?;
             }
         }
         self.detail(

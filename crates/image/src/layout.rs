@@ -28,17 +28,23 @@ pub enum Tier {
     /// Debian bookworm minbase plus the tools agents expect. The default.
     #[default]
     Minimal,
+    /// minimal plus headless Chromium, fonts and Python Playwright.
+    Browser,
+    /// minimal plus Docker Engine, started at boot.
+    Docker,
 }
 
 impl Tier {
     /// Every tier.
-    pub const ALL: [Tier; 2] = [Tier::Tiny, Tier::Minimal];
+    pub const ALL: [Tier; 4] = [Tier::Tiny, Tier::Minimal, Tier::Browser, Tier::Docker];
 
     /// The tier's image name.
     pub fn name(self) -> &'static str {
         match self {
             Tier::Tiny => "tiny",
             Tier::Minimal => "minimal",
+            Tier::Browser => "browser",
+            Tier::Docker => "docker",
         }
     }
 

@@ -5,8 +5,11 @@
 //!   passwd/group with `root` and `lohar` (uid 1000), `/workspace`.
 //! * `minimal`: Debian bookworm `minbase` by `mmdebstrap` through the host's
 //!   apt mirror, plus the tools agents expect, `lohar` with passwordless sudo.
+//! * `browser`: minimal plus Chromium, fonts and Python Playwright driving it.
+//! * `docker`: minimal plus Docker Engine, the kernel modules it needs and a
+//!   boot service (`/etc/bhatti/boot`) that starts `dockerd`.
 //!
-//! Both are read-only base images: no journal, no reserved blocks; each
+//! All are read-only base images: no journal, no reserved blocks; each
 //! sandbox writes to its own overlay disk (see [`crate::disk`]).
 
 use std::collections::BTreeMap;
@@ -56,8 +59,63 @@ pub const MINIMAL_PACKAGES: &[&str] = &[
     "procps",
     "ca-certificates",
 ];
+/// Packages the browser tier adds to minimal: Debian's Chromium and a
+/// modest set of fonts.
+pub const BROWSER_PACKAGES: &[&str] = &["chromium", "fonts-liberation", "fonts-dejavu-core"];
+/// The Python Playwright (PyPI) installed in the browser tier, set up to
+/// drive the system Chromium.
+pub const PLAYWRIGHT_VERSION: &str = "1.65.2";
+/// Where the browser tier keeps Playwright's browser links (each user's
+/// `~/.cache/ms-playwright` links here too).
+pub const PLAYWRIGHT_BROWSERS: &str = "/opt/ms-playwright";
+/// Packages the docker tier adds to minimal: Docker Engine, and `kmod`
+/// (`modprobe`, `depmod`) for the kernel modules it needs.
+pub const DOCKER_PACKAGES: &[&str] = &["docker.io", "containerd", "runc", "iptables", "kmod"];
+/// The kernel modules the docker tier carries (with their dependencies):
+/// every module under these directories of the modules tree...
+pub const DOCKER_MODULE_DIRS: &[&str] = &[
+    "kernel/net/netfilter/",
+    "kernel/net/ipv4/netfilter/",
+    "kernel/net/ipv6/netfilter/",
+    "kernel/net/bridge/",
+];
+/// ...and these: overlayfs, veth pairs, the other virtual links Docker's
+/// network drivers use.
+pub const DOCKER_MODULES: &[&str] = &[
+    "overlay",
+    "veth",
+    "bridge",
+    "br_netfilter",
+    "macvlan",
+    "ipvlan",
+    "vxlan",
+    "dummy",
+];
+/// The docker tier's boot service, `/etc/bhatti/boot` (lohar runs it as
+/// root at every boot, the sandbox's own `init` as its arguments).
+pub const DOCKER_BOOT: &str = r#"#!/bin/sh
+# bhatti docker tier: starts Docker Engine at boot. lohar runs this as root
+# on every boot; its arguments, if any, are the sandbox's own init command.
+# dockerd's output goes to /var/log/bhatti-init.log.
+modprobe -a overlay bridge br_netfilter veth nf_tables nft_compat nft_chain_nat \
+  nf_nat nf_conntrack xt_conntrack xt_MASQUERADE xt_addrtype iptable_nat iptable_filter \
+  || echo "bhatti-boot: some kernel modules did not load"
+# overlay2 cannot use the overlay root as its upper layer: Docker's data
+# lives on the sandbox disk itself.
+mkdir -p /run/bhatti/disk/docker /var/lib/docker
+mountpoint -q /var/lib/docker || mount --bind /run/bhatti/disk/docker /var/lib/docker
+if [ $# -gt 0 ]; then
+  dockerd &
+  exec "$@"
+fi
+exec dockerd
+"#;
 const TINY_RECIPE: u32 = 1;
 const MINIMAL_RECIPE: u32 = 2;
+// Bump a recipe when its build changes in a way the inputs do not show
+// (a hook script, the boot service, a file written into the image).
+const BROWSER_RECIPE: u32 = 1;
+const DOCKER_RECIPE: u32 = 1;
 
 fn write_file(path: &Path, contents: &str, mode: u32) -> Result<()> {
     if let Some(parent) = path.parent() {
@@ -213,11 +271,122 @@ pub fn minimal_inputs(sources: &[SourceEntry]) -> Inputs {
     }
 }
 
+/// Inputs of a browser build: minimal's, the added packages and the
+/// Playwright version.
+pub fn browser_inputs(sources: &[SourceEntry]) -> Inputs {
+    let mut inputs = minimal_inputs(sources);
+    inputs.recipe = BROWSER_RECIPE;
+    inputs
+        .other
+        .insert("browser_include".into(), BROWSER_PACKAGES.join(","));
+    inputs
+        .other
+        .insert("playwright".into(), PLAYWRIGHT_VERSION.into());
+    inputs
+}
+
+/// Inputs of a docker build: minimal's, the added packages, the module set
+/// and the kernel package (its modules are copied into the image).
+pub fn docker_inputs(sources: &[SourceEntry], kernel: &Inputs) -> Inputs {
+    let mut inputs = minimal_inputs(sources);
+    inputs.recipe = DOCKER_RECIPE;
+    inputs.packages = kernel.packages.clone();
+    inputs
+        .other
+        .insert("docker_include".into(), DOCKER_PACKAGES.join(","));
+    inputs.other.insert(
+        "modules".into(),
+        format!(
+            "{};{}",
+            DOCKER_MODULE_DIRS.join(","),
+            DOCKER_MODULES.join(",")
+        ),
+    );
+    inputs
+}
+
+/// The Debian tier's extra work.
+#[derive(Debug, Clone)]
+pub enum Extra {
+    /// Minimal itself.
+    None,
+    /// Chromium, fonts, Playwright.
+    Browser {
+        /// Scratch directory for the build's hook script.
+        work: PathBuf,
+    },
+    /// Docker Engine, and the kernel's modules from this tree.
+    Docker {
+        /// `DATA/images/kernel/modules/<release>`.
+        modules_dir: PathBuf,
+        /// The kernel release.
+        release: String,
+    },
+}
+
+/// The browser tier's mmdebstrap hook (run with the new root as `$1`,
+/// `/proc`, `/sys` and `/dev` mounted): Playwright from PyPI into the
+/// system Python, no browser download, then links where Playwright looks
+/// for its Chromium and headless shell, both to the system Chromium. The
+/// link paths are Playwright's own: its `executable_path`, then each path
+/// a launch reports missing. `$2`: a CA bundle for pip (the host's).
+const BROWSER_HOOK: &str = r#"set -eu
+root=$1
+cert=
+if [ -n "${2:-}" ] && [ -f "$2" ]; then
+  cp "$2" "$root/tmp/bhatti-pip-ca.crt"
+  cert=--cert=/tmp/bhatti-pip-ca.crt
+fi
+# A clean environment: none of the host's pip or CA variables (which name
+# host paths) leaks into the image's tools.
+clean="env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8"
+chroot "$root" $clean PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 python3 -m pip install --quiet \
+  --break-system-packages --no-cache-dir --disable-pip-version-check $cert "playwright==$3"
+rm -f "$root/tmp/bhatti-pip-ca.crt"
+chroot "$root" $clean PLAYWRIGHT_BROWSERS_PATH="$4" python3 - <<'PY'
+import os, re
+from playwright.sync_api import sync_playwright, Error
+
+def link(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if not os.path.lexists(path):
+        os.symlink("/usr/bin/chromium", path)
+    print("playwright: linked", path, "to /usr/bin/chromium")
+
+with sync_playwright() as p:
+    link(p.chromium.executable_path)
+    for _ in range(3):
+        try:
+            b = p.chromium.launch(timeout=120000)
+            print("playwright: launched Chromium", b.version)
+            b.close()
+            break
+        except Error as e:
+            m = re.search(r"Executable doesn't exist at (\S+)", str(e))
+            if not m:
+                raise
+            link(m.group(1))
+    else:
+        raise SystemExit("playwright: no launchable Chromium")
+PY
+"#;
+
 /// Stages the minimal tier in `root` (which must not exist yet or be empty).
 pub fn stage_minimal(sources: &[SourceEntry], root: &Path) -> Result<()> {
+    stage_debian(sources, root, &Extra::None)
+}
+
+/// Stages minimal, or a tier built on it (`extra`), in `root`.
+pub fn stage_debian(sources: &[SourceEntry], root: &Path, extra: &Extra) -> Result<()> {
+    let mut include: Vec<&str> = MINIMAL_PACKAGES.to_vec();
+    match extra {
+        Extra::None => {}
+        Extra::Browser { .. } => include.extend(BROWSER_PACKAGES),
+        Extra::Docker { .. } => include.extend(DOCKER_PACKAGES),
+    }
     let mut cmd = Command::new("mmdebstrap");
     cmd.args(["--quiet", "--variant=minbase", "--mode=root"])
-        .arg(format!("--include={}", MINIMAL_PACKAGES.join(",")))
+        .arg(format!("--include={}", include.join(",")))
         // Documentation and translations are dead weight in a sandbox image.
         .args([
             "--dpkgopt=path-exclude=/usr/share/man/*",
@@ -229,6 +398,20 @@ pub fn stage_minimal(sources: &[SourceEntry], root: &Path) -> Result<()> {
         ])
         .arg(MINIMAL_SUITE)
         .arg(root);
+    if let Extra::Browser { work } = extra {
+        let hook = work.join("browser-hook.sh");
+        write_file(&hook, BROWSER_HOOK, 0o644)?;
+        // pip's TLS trusts what the host's does (a host behind a TLS proxy).
+        let ca = std::env::var("PIP_CERT")
+            .unwrap_or_else(|_| "/etc/ssl/certs/ca-certificates.crt".into());
+        cmd.arg(format!(
+            "--customize-hook=sh {} \"$1\" {} {} {}",
+            hook.display(),
+            shell_quote(&ca),
+            PLAYWRIGHT_VERSION,
+            PLAYWRIGHT_BROWSERS
+        ));
+    }
     for s in sources {
         cmd.arg(s.to_line());
     }
@@ -262,7 +445,97 @@ pub fn stage_minimal(sources: &[SourceEntry], root: &Path) -> Result<()> {
         0o644,
     )?;
     make_dir(&root.join("workspace"), 0o755, Some(LOHAR_UID))?;
+    match extra {
+        Extra::None => {}
+        Extra::Browser { .. } => finish_browser(root)?,
+        Extra::Docker {
+            modules_dir,
+            release,
+        } => finish_docker(root, modules_dir, release)?,
+    }
     Ok(())
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// Each user's `~/.cache/ms-playwright` (where Playwright looks without
+/// `PLAYWRIGHT_BROWSERS_PATH`) links to the shared links; login shells get
+/// the variables too.
+fn finish_browser(root: &Path) -> Result<()> {
+    for (home, owner) in [("root", None), ("home/lohar", Some(LOHAR_UID))] {
+        let cache = root.join(home).join(".cache");
+        make_dir(&cache, 0o755, owner)?;
+        let link = cache.join("ms-playwright");
+        std::os::unix::fs::symlink(PLAYWRIGHT_BROWSERS, &link).map_err(io("symlink", &link))?;
+    }
+    let vars = format!(
+        "PLAYWRIGHT_BROWSERS_PATH={PLAYWRIGHT_BROWSERS}\nPLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1\n"
+    );
+    let env = root.join("etc/environment");
+    let mut text = std::fs::read_to_string(&env).unwrap_or_default();
+    text.push_str(&vars);
+    write_file(&env, &text, 0o644)?;
+    write_file(
+        &root.join("etc/profile.d/playwright.sh"),
+        &format!(
+            "export PLAYWRIGHT_BROWSERS_PATH={PLAYWRIGHT_BROWSERS}\nexport PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1\n"
+        ),
+        0o644,
+    )
+}
+
+/// The module closure Docker needs, as plain `.ko` files under
+/// `/lib/modules/<release>` with `depmod`'s indexes (so `modprobe` and the
+/// kernel's own module requests work), `lohar` in the `docker` group, and
+/// the boot service that starts `dockerd`.
+fn finish_docker(root: &Path, modules_dir: &Path, release: &str) -> Result<()> {
+    let dep_path = modules_dir.join("modules.dep");
+    let dep = std::fs::read_to_string(&dep_path).map_err(io("read", &dep_path))?;
+    let graph = crate::kmod::parse_modules_dep(&dep)?;
+    let builtin_path = modules_dir.join("modules.builtin");
+    let builtin: std::collections::BTreeSet<String> = std::fs::read_to_string(&builtin_path)
+        .map_err(io("read", &builtin_path))?
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(crate::kmod::name_of)
+        .collect();
+    let mut wanted: Vec<String> = graph
+        .iter()
+        .filter(|(_, (path, _))| DOCKER_MODULE_DIRS.iter().any(|d| path.starts_with(d)))
+        .map(|(name, _)| name.clone())
+        .collect();
+    wanted.extend(DOCKER_MODULES.iter().map(|m| m.to_string()));
+    let paths = crate::kmod::resolve(&graph, &builtin, &wanted)?;
+    let dest = root.join("lib/modules").join(release);
+    for rel in &paths {
+        let data = crate::kmod::read_module(&modules_dir.join(rel))?;
+        let plain = match rel.find(".ko") {
+            Some(i) => format!("{}.ko", &rel[..i]),
+            None => rel.clone(),
+        };
+        let to = dest.join(&plain);
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent).map_err(io("create directory", parent))?;
+        }
+        std::fs::write(&to, data).map_err(io("write", &to))?;
+    }
+    for f in [
+        "modules.builtin",
+        "modules.builtin.modinfo",
+        "modules.order",
+    ] {
+        let from = modules_dir.join(f);
+        if from.is_file() {
+            std::fs::copy(&from, dest.join(f)).map_err(io("copy", &from))?;
+        }
+    }
+    run(Command::new("chroot").arg(root).args(["depmod", release]))?;
+    run(Command::new("chroot")
+        .arg(root)
+        .args(["usermod", "--append", "--groups", "docker", "lohar"]))?;
+    write_file(&root.join("etc/bhatti/boot"), DOCKER_BOOT, 0o755)
 }
 
 /// Packs a staged root into a read-only base ext4 image sized to its content.
@@ -280,4 +553,49 @@ pub fn pack_rootfs(root: &Path, image: &Path, label: &str) -> Result<u64> {
         },
     )?;
     Ok(size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apt::PackageRef;
+
+    #[test]
+    fn each_debian_tier_has_inputs_of_its_own() {
+        let sources = vec![SourceEntry {
+            uri: "http://deb.debian.org/debian".into(),
+            suite: "bookworm".into(),
+            components: vec!["main".into()],
+        }];
+        let kernel = Inputs {
+            recipe: 1,
+            packages: vec![PackageRef {
+                name: "linux-image-6.1.0-57-cloud-amd64".into(),
+                version: "6.1.192-3".into(),
+                arch: None,
+            }],
+            other: BTreeMap::new(),
+        };
+        let minimal = minimal_inputs(&sources);
+        let browser = browser_inputs(&sources);
+        let docker = docker_inputs(&sources, &kernel);
+        assert_ne!(minimal, browser);
+        assert_ne!(minimal, docker);
+        assert_ne!(browser, docker);
+        assert_eq!(browser.other["playwright"], PLAYWRIGHT_VERSION);
+        // The docker tier carries the kernel's modules: a new kernel
+        // package is a new docker image.
+        assert_eq!(docker.packages, kernel.packages);
+        let mut newer = kernel.clone();
+        newer.packages[0].version = "6.1.193-1".into();
+        assert_ne!(docker_inputs(&sources, &newer), docker);
+    }
+
+    #[test]
+    fn the_docker_boot_service_starts_dockerd_and_then_the_sandbox_init() {
+        assert!(DOCKER_BOOT.starts_with("#!/bin/sh\n"));
+        assert!(DOCKER_BOOT.contains("exec \"$@\""));
+        assert!(DOCKER_BOOT.trim_end().ends_with("exec dockerd"));
+        assert_eq!(shell_quote("a'b"), r#"'a'\''b'"#);
+    }
 }

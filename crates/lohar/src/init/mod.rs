@@ -18,6 +18,7 @@
 //!    ([`guest`]);
 //! 8. the drive's `init` command, as root in a session of its own
 //!    ([`crate::boot_command`]), its output copied to a log by the agent;
+//!    wrapped by the image's boot service ([`IMAGE_BOOT`]) when it has one;
 //! 9. fork the agent: TCP `0.0.0.0:`[`AGENT_PORT`], commands as uid 1000
 //!    in `/workspace`, the drive's env.
 
@@ -203,7 +204,7 @@ fn boot(started: Instant) -> Result<Booted, BootError> {
         default_cwd: Some(PathBuf::from(&default_cwd)),
         ..AgentConfig::default()
     };
-    let boot_command = drive.init.and_then(|init| {
+    let boot_command = with_image_boot(drive.init, Path::new(IMAGE_BOOT)).and_then(|init| {
         // Root (a sandbox's `init`), or the image's User (its own
         // Entrypoint + Cmd); a User that does not resolve runs as root,
         // as execs do.
@@ -237,6 +238,42 @@ fn boot(started: Instant) -> Result<Booted, BootError> {
         config,
         token: drive.token,
         boot_command,
+    })
+}
+
+/// The image's own boot service: an executable file at this path in the
+/// root (the `docker` tier's starts `dockerd`) runs at every boot as the
+/// boot command, with the drive's `init` argv, if any, as its arguments
+/// (it starts its services, then `exec "$@"`).
+pub const IMAGE_BOOT: &str = "/etc/bhatti/boot";
+
+/// The boot command: the drive's `init`, wrapped by the image's boot
+/// service at `hook` when the image has one (a regular file with an
+/// execute bit; a symlink is followed inside the guest's own root). An
+/// `init` that runs as a user of its own (an OCI image's Entrypoint +
+/// Cmd) is not wrapped: the service runs as root and could not switch.
+fn with_image_boot(
+    init: Option<proto::config_drive::InitCommand>,
+    hook: &Path,
+) -> Option<proto::config_drive::InitCommand> {
+    use std::os::unix::fs::PermissionsExt;
+    let runnable =
+        std::fs::metadata(hook).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if !runnable || init.as_ref().is_some_and(|i| i.user.is_some()) {
+        return init;
+    }
+    let hook = hook.display().to_string();
+    Some(match init {
+        None => proto::config_drive::InitCommand {
+            argv: vec![hook],
+            cwd: None,
+            user: None,
+        },
+        Some(i) => proto::config_drive::InitCommand {
+            argv: std::iter::once(hook).chain(i.argv).collect(),
+            cwd: i.cwd,
+            user: None,
+        },
     })
 }
 
@@ -300,5 +337,63 @@ fn spawn_agent(booted: &Booted) -> Result<Pid, BootError> {
             std::process::exit(code)
         }
         Err(e) => Err(BootError::Fork(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::config_drive::InitCommand;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn an_image_boot_service_wraps_the_drive_init() {
+        let dir = tempfile::tempdir().unwrap();
+        let hook = dir.path().join("boot");
+        let user = InitCommand {
+            argv: vec!["sleep".into(), "1".into()],
+            cwd: Some("/srv".into()),
+            user: None,
+        };
+        // No hook, or one that is not executable: the drive's init as is.
+        assert_eq!(
+            with_image_boot(Some(user.clone()), &hook),
+            Some(user.clone())
+        );
+        assert_eq!(with_image_boot(None, &hook), None);
+        std::fs::write(&hook, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(with_image_boot(None, &hook), None);
+        std::fs::create_dir(dir.path().join("dir")).unwrap();
+        assert_eq!(with_image_boot(None, &dir.path().join("dir")), None);
+        // An executable hook: alone, or with the drive's argv after it.
+        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let h = hook.display().to_string();
+        assert_eq!(
+            with_image_boot(None, &hook),
+            Some(InitCommand {
+                argv: vec![h.clone()],
+                cwd: None,
+                user: None,
+            })
+        );
+        assert_eq!(
+            with_image_boot(Some(user), &hook),
+            Some(InitCommand {
+                argv: vec![h, "sleep".into(), "1".into()],
+                cwd: Some("/srv".into()),
+                user: None,
+            })
+        );
+        // An image's own command, run as its user, is not wrapped.
+        let image_cmd = InitCommand {
+            argv: vec!["serve".into()],
+            cwd: None,
+            user: Some("app".into()),
+        };
+        assert_eq!(
+            with_image_boot(Some(image_cmd.clone()), &hook),
+            Some(image_cmd)
+        );
     }
 }

@@ -2,7 +2,7 @@
 //! (`BHATTI_TEST_DATA`, default `/var/cache/bhatti-test/data`) before any
 //! suite starts, so no suite spends its own deadlines on a build.
 //! Usage: `prepare-test-images [[arch:]tier …]` (default: tiny minimal
-//! arm64:tiny). An arm64 tier needs the static aarch64 lohar
+//! browser docker arm64:tiny). An arm64 tier needs the static aarch64 lohar
 //! (`$BHATTI_LOHAR_STATIC_ARM64`, see `testkit::static_lohar_for`).
 
 use image::{Arch, Tier};
@@ -13,6 +13,8 @@ fn main() {
         vec![
             "tiny".to_string(),
             "minimal".to_string(),
+            "browser".to_string(),
+            "docker".to_string(),
             "arm64:tiny".to_string(),
         ]
     } else {
@@ -24,7 +26,7 @@ fn main() {
             None => (Some(Arch::host_or_default()), name.as_str()),
         };
         let (Some(arch), Some(tier)) = (arch, Tier::from_name(tier_name)) else {
-            eprintln!("prepare-test-images: unknown image '{name}' ([amd64:|arm64:]tiny|minimal)");
+            eprintln!("prepare-test-images: unknown image '{name}' ([amd64:|arm64:]tiny|minimal|browser|docker)");
             std::process::exit(2);
         };
         let Some(lohar) = testkit::static_lohar_for(arch) else {
