@@ -779,3 +779,17 @@ impl Drop for Upload {
         let _ = std::fs::remove_file(&self.0);
     }
 }
+
+impl Service {
+    /// `POST /sandboxes/:id/save`.
+    pub async fn save_image(
+        self: &Arc<Self>,
+        user: &UserRecord,
+        sandbox: &str,
+        name: &str,
+    ) -> Result<Task, ApiError> {
+        self.check_new_name(user, name).await?;
+        let _ = sandbox;
+        Err(ApiError::Unavailable("saving a sandbox is not available yet".into()))
+    }
+}
