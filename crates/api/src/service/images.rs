@@ -771,17 +771,31 @@ impl Service {
     }
 }
 
-/// An uploaded archive, removed when dropped.
+/// An uploaded archive (or a save's scratch directory), removed when
+/// dropped.
 struct Upload(PathBuf);
 
 impl Drop for Upload {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        if std::fs::remove_file(&self.0).is_err() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }
 
+/// The longest the tar of a saved sandbox may run.
+const SAVE_TAR_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The tar a save runs in its utility VM (as root, in `/`): one file
+/// system (GNU tar; busybox's without the API mounts), owners by number,
+/// without /tmp's content.
+const SAVE_TAR: &str = "cd / && if tar --version 2>/dev/null | grep -q GNU; then \
+    exec tar --one-file-system --numeric-owner --exclude=./tmp/* -cf - .; \
+    else exec tar -cf - $(ls -A / | grep -vxE 'proc|sys|dev|run|tmp'); fi";
+
 impl Service {
-    /// `POST /sandboxes/:id/save`.
+    /// `POST /sandboxes/:id/save`: checks the name, the quota and the
+    /// sandbox now, then saves in a task ([`Self::save_task`]).
     pub async fn save_image(
         self: &Arc<Self>,
         user: &UserRecord,
@@ -789,7 +803,217 @@ impl Service {
         name: &str,
     ) -> Result<Task, ApiError> {
         self.check_new_name(user, name).await?;
-        let _ = sandbox;
-        Err(ApiError::Unavailable("saving a sandbox is not available yet".into()))
+        let budget = self.budget(user).await?;
+        let row = self.row(user, sandbox).await?;
+        let task = self.image_tasks.start(&user.id, "save", name)?;
+        let (this, user, tid, name) = (self.clone(), user.clone(), task.id.clone(), name.to_owned());
+        tokio::spawn(async move {
+            let result = this.save_task(&user, &row, &name, budget, &tid).await;
+            if let Err(e) = &result {
+                tracing::info!(user = %user.name, image = %name, error = %e, "save failed");
+            }
+            this.image_tasks.finish(&tid, result);
+        });
+        Ok(task)
+    }
+
+    /// A save: the sandbox's disk is copied while it is paused (after a
+    /// `sync` in it); a utility VM boots its image over that copy with its
+    /// agent as root and runs tar of `/` (the merged view); the tar, read
+    /// from the guest like any guest output (bounded by the quota), is
+    /// unpacked on the host by the OCI layer unpacker (its hostile-entry
+    /// checks and budget) and packed as a new image with the source
+    /// image's run settings. The host never mounts or parses the guest's
+    /// file system.
+    async fn save_task(
+        self: &Arc<Self>,
+        user: &UserRecord,
+        row: &store::SandboxRow,
+        name: &str,
+        budget: u64,
+        tid: &str,
+    ) -> Result<ImageInfo, ApiError> {
+        use agent_client::ExecEvent;
+        use sha2::Digest;
+        let progress = |step: &str| {
+            let step = step.to_owned();
+            self.image_tasks.progress(tid, |p| p.step = step);
+        };
+        progress("copying the sandbox's disk");
+        let sid = self.find_awake(user, &row.id).await?;
+        let record = self.core.get(&sid)?;
+        let storage = record.spec.image.clone();
+        let flush = proto::ExecRequest {
+            argv: vec!["sync".into()],
+            cwd: Some("/".into()),
+            timeout_ms: Some(60_000),
+            ..Default::default()
+        };
+        if let Err(e) = self.core.exec(&sid, flush).await {
+            tracing::debug!(sandbox = %sid, error = %e, "sync before a save");
+        }
+        let build = self.core.config().image_layout().build_dir();
+        let scratch = Upload(build.join(format!("save-{}", random_hex(8).map_err(internal)?)));
+        let (dir, copy) = (scratch.0.clone(), scratch.0.join(image::disk::SANDBOX_DISK));
+        {
+            let (dir, copy, from) = (dir.clone(), copy.clone(), record.dir.join(image::disk::SANDBOX_DISK));
+            let _lock = self.locks.lock(&sid).await;
+            self.core.pause(&sid).await?;
+            let copied = tokio::task::spawn_blocking(move || {
+                std::fs::create_dir_all(&dir)?;
+                vmm::snapshot::copy_sparse(&from, &copy).map_err(std::io::Error::other)
+            })
+            .await
+            .map_err(internal)?;
+            if let Err(e) = self.core.ensure_hot(&sid).await {
+                tracing::warn!(sandbox = %sid, error = %e, "resuming after a save's copy");
+            }
+            copied.map_err(|e| ApiError::Internal(format!("copying the sandbox's disk: {e}")))?;
+        }
+        progress("booting a utility VM over the copy");
+        let defaults = &self.config.defaults;
+        let uid = bhatti_core::SandboxId::generate().map_err(internal)?;
+        let mut spec = bhatti_core::SandboxSpec::new(
+            format!("bhatti-save-{}", random_hex(4).map_err(internal)?),
+            storage.clone(),
+        );
+        spec.cpus = 1;
+        spec.memory_mb = u32::try_from(defaults.memory_mb).unwrap_or(256).min(512);
+        spec.disk_mb = record.spec.disk_mb;
+        spec.network_group = user.id.clone();
+        spec.egress = net::Egress::None;
+        spec.agent_as_root = true;
+        let vm = UtilityVm {
+            core: self.core.clone(),
+            id: uid.clone(),
+            done: false,
+        };
+        let core = self.core.clone();
+        let (u2, s2, c2) = (uid.clone(), spec, copy.clone());
+        tokio::spawn(async move { core.create_seeded(u2, s2, c2).await })
+            .await
+            .map_err(internal)??;
+        // The tier's rule (commands as uid 1000 when it exists) becomes
+        // the saved image's User.
+        let tier_user = if Tier::from_name(&storage).is_some() {
+            let probe = proto::ExecRequest {
+                argv: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "grep -q '^[^:]*:[^:]*:1000:' /etc/passwd".into(),
+                ],
+                cwd: Some("/".into()),
+                timeout_ms: Some(30_000),
+                ..Default::default()
+            };
+            matches!(self.core.exec(&uid, probe).await, Ok(o) if o.exit.code == 0)
+        } else {
+            false
+        };
+        progress("reading the sandbox's files");
+        let req = proto::ExecRequest {
+            argv: vec!["sh".into(), "-c".into(), SAVE_TAR.into()],
+            cwd: Some("/".into()),
+            timeout_ms: Some(SAVE_TAR_TIMEOUT.as_millis() as u64),
+            ..Default::default()
+        };
+        let tar_path = dir.join("root.tar");
+        let mut exec = self.core.exec_stream(&uid, req).await.map_err(super::guest_error)?;
+        let mut file = tokio::fs::File::create(&tar_path).await.map_err(internal)?;
+        let (mut bytes, mut hash, mut stderr) = (0u64, sha2::Sha256::new(), Vec::new());
+        loop {
+            match exec.next().await.map_err(super::guest_error)? {
+                ExecEvent::Stdout(d) => {
+                    bytes += d.len() as u64;
+                    if bytes > budget {
+                        return Err(ApiError::PayloadTooLarge(format!(
+                            "the sandbox's files are more than what is left of your disk quota ({budget} bytes)"
+                        )));
+                    }
+                    hash.update(&d);
+                    file.write_all(&d).await.map_err(internal)?;
+                    self.image_tasks.progress(tid, |p| p.bytes_done = bytes);
+                }
+                ExecEvent::Stderr(d) => {
+                    let room = 4096usize.saturating_sub(stderr.len());
+                    stderr.extend_from_slice(&d[..d.len().min(room)]);
+                }
+                ExecEvent::Exit(e) => {
+                    if e.code != 0 {
+                        return Err(ApiError::BadGateway(format!(
+                            "tar of the sandbox's files failed (exit {}): {}",
+                            e.code,
+                            String::from_utf8_lossy(&stderr).trim()
+                        )));
+                    }
+                    break;
+                }
+            }
+        }
+        file.flush().await.map_err(internal)?;
+        drop(file);
+        vm.finish().await;
+        progress("unpacking and packing the root filesystem");
+        let digest = format!("sha256:{:x}", hash.finalize());
+        let mut config = image::ImageStore::new(self.core.config().image_layout())
+            .resolve(&storage)
+            .ok()
+            .and_then(|r| r.run_config)
+            .unwrap_or_default();
+        if tier_user {
+            config.user = Some("1000".into());
+        }
+        let blob = image::oci::spec::ImageConfigBlob {
+            architecture: self.core.config().image_layout().arch().name().to_owned(),
+            os: "linux".into(),
+            config: Some(config),
+        };
+        let id = Self::new_id()?;
+        let (oci, id2, source) = (self.oci(), id.clone(), format!("save:{}", row.name));
+        let (src2, d2) = (source.clone(), digest.clone());
+        let built = tokio::task::spawn_blocking(move || {
+            oci.build(&id2, &src2, &d2, &blob, &[(d2.clone(), tar_path)], budget)
+        })
+        .await
+        .map_err(internal)?;
+        drop(scratch);
+        match built {
+            Ok(img) => self.register(user, name, &source, &img).await,
+            Err(e) => {
+                let (oci, id) = (self.oci(), id.clone());
+                let _ = tokio::task::spawn_blocking(move || oci.remove(&id)).await;
+                Err(oci_error(e))
+            }
+        }
+    }
+}
+
+/// A save's utility VM, destroyed when finished or dropped.
+struct UtilityVm {
+    core: bhatti_core::SandboxManager,
+    id: bhatti_core::SandboxId,
+    done: bool,
+}
+
+impl UtilityVm {
+    async fn finish(mut self) {
+        self.done = true;
+        if let Err(e) = self.core.destroy(&self.id).await {
+            tracing::debug!(sandbox = %self.id, error = %e, "ending a save's utility VM");
+        }
+    }
+}
+
+impl Drop for UtilityVm {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let (core, id) = (self.core.clone(), self.id.clone());
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = core.destroy(&id).await;
+            });
+        }
     }
 }
