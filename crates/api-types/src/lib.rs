@@ -248,6 +248,10 @@ pub struct TaskProgress {
     pub bytes_done: u64,
     /// 0 when not known yet.
     pub bytes_total: u64,
+    /// Of `bytes_done`, what a pull found in the blob cache (not
+    /// downloaded).
+    #[serde(default)]
+    pub bytes_cached: u64,
 }
 
 /// Why a task failed: the status its work would have answered, and why.

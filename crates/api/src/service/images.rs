@@ -528,6 +528,9 @@ impl Service {
                         p.step = format!("downloading (0/{n} layers)");
                     }
                     PullEvent::Cached { size, .. } | PullEvent::Downloaded { size, .. } => {
+                        if matches!(e, PullEvent::Cached { .. }) {
+                            p.bytes_cached += size;
+                        }
                         p.bytes_done += size;
                         seen += 1;
                         // The config blob comes first, then each layer.
