@@ -84,11 +84,17 @@ fn make_archive(
         .arg("-cf")
         .arg(staging.join("l0/layer.tar"))
         .arg("."));
+    // skopeo checks the layers against the config's diff_ids.
+    let diff_id = {
+        use sha2::Digest;
+        let bytes = std::fs::read(staging.join("l0/layer.tar")).unwrap();
+        format!("sha256:{:x}", sha2::Sha256::digest(&bytes))
+    };
     let cfg = json!({
         "architecture": image::Arch::host_or_default().name(),
         "os": "linux",
         "config": config,
-        "rootfs": {"type": "layers", "diff_ids": []},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
     });
     std::fs::write(staging.join("config.json"), cfg.to_string()).unwrap();
     std::fs::write(
@@ -288,7 +294,10 @@ async fn wait_task(c: &Client, task: &serde_json::Value) -> serde_json::Value {
         if v["state"] != "running" {
             return v;
         }
-        assert!(std::time::Instant::now() < end, "task {id} never ended: {v}");
+        assert!(
+            std::time::Instant::now() < end,
+            "task {id} never ended: {v}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
 }
@@ -456,7 +465,9 @@ fn images_api_pull_import_save_share_on_real_vms() {
             create(&alice, name, name).await;
             let v = exec(&alice, name, json!({"cmd": ["sh", "-c", "id -un; pwd"]})).await;
             assert_eq!(v["stdout"], "app\n/srv/app\n", "{name}: {v}");
-            let (s, v) = alice.json(Method::DELETE, &format!("/sandboxes/{name}"), None).await;
+            let (s, v) = alice
+                .json(Method::DELETE, &format!("/sandboxes/{name}"), None)
+                .await;
             assert!(s == 200 || s == 204, "{v}");
         }
 

@@ -67,8 +67,9 @@ fn tar_of(entries: &[(&str, &str)]) -> Vec<u8> {
 /// sets `WorkingDir`.
 fn archive(layer: &[u8], workdir: &str) -> Vec<u8> {
     let arch = image::Arch::host_or_default().name();
-    let config =
-        format!(r#"{{"architecture":"{arch}","os":"linux","config":{{"WorkingDir":"{workdir}","Env":["A=1"]}}}}"#);
+    let config = format!(
+        r#"{{"architecture":"{arch}","os":"linux","config":{{"WorkingDir":"{workdir}","Env":["A=1"]}}}}"#
+    );
     let manifest = r#"[{"Config":"config.json","RepoTags":["x:1"],"Layers":["l0/layer.tar"]}]"#;
     let mut b = tar::Builder::new(Vec::new());
     for (name, data) in [
@@ -183,12 +184,20 @@ fn images_belong_to_users_and_bad_input_answers_4xx() {
         // Bad input answered at once.
         for (body, want) in [
             (json!({"ref": "Bad Ref!"}), "invalid"),
-            (json!({"ref": "r.example/x:1", "name": "Bad Name"}), "invalid image name"),
+            (
+                json!({"ref": "r.example/x:1", "name": "Bad Name"}),
+                "invalid image name",
+            ),
             (json!({"ref": "r.example/x:1", "name": "tiny"}), "tier"),
-            (json!({"ref": "r.example/x:1", "username": "u"}), "credentials"),
+            (
+                json!({"ref": "r.example/x:1", "username": "u"}),
+                "credentials",
+            ),
             (json!({"ref": "r.example/x:1", "nope": 1}), "unknown field"),
         ] {
-            let (s, v) = alice.json(Method::POST, "/images/pull", Some(body.clone())).await;
+            let (s, v) = alice
+                .json(Method::POST, "/images/pull", Some(body.clone()))
+                .await;
             assert_eq!(s, 400, "{body}: {v}");
             let e = v["error"].as_str().unwrap();
             assert!(e.to_lowercase().contains(want), "{body}: {e}");
@@ -202,7 +211,10 @@ fn images_belong_to_users_and_bad_input_answers_4xx() {
             )
             .await;
         assert_eq!(s, 202, "{t}");
-        assert_eq!((t["kind"].as_str(), t["target"].as_str()), (Some("pull"), Some("tool")));
+        assert_eq!(
+            (t["kind"].as_str(), t["target"].as_str()),
+            (Some("pull"), Some("tool"))
+        );
         let done = wait_task(&alice, t["id"].as_str().unwrap()).await;
         assert_eq!(done["state"], "failed", "{done}");
         assert_eq!(done["failure"]["status"], 502, "{done}");
@@ -210,7 +222,11 @@ fn images_belong_to_users_and_bad_input_answers_4xx() {
         assert!(e.contains("cannot reach registry 127.0.0.1:9"), "{e}");
         // Another user's task is not found.
         let (s, _) = bob
-            .json(Method::GET, &format!("/tasks/{}", t["id"].as_str().unwrap()), None)
+            .json(
+                Method::GET,
+                &format!("/tasks/{}", t["id"].as_str().unwrap()),
+                None,
+            )
             .await;
         assert_eq!(s, 404);
 
@@ -220,7 +236,10 @@ fn images_belong_to_users_and_bad_input_answers_4xx() {
         assert_eq!(done["result"]["owner"], "alice", "{done}");
         assert_eq!(done["result"]["shared"], false, "{done}");
         assert_eq!(done["result"]["config"]["working_dir"], "/srv", "{done}");
-        assert!(done["progress"]["bytes_total"].as_u64().unwrap() > 0, "{done}");
+        assert!(
+            done["progress"]["bytes_total"].as_u64().unwrap() > 0,
+            "{done}"
+        );
         let (s, v) = alice.json(Method::GET, "/images/app", None).await;
         assert_eq!(s, 200, "{v}");
         assert_eq!(v["kind"], "oci");
@@ -235,11 +254,18 @@ fn images_belong_to_users_and_bad_input_answers_4xx() {
         assert_eq!(bob.json(Method::GET, "/images/app", None).await.0, 404);
         assert_eq!(bob.json(Method::DELETE, "/images/app", None).await.0, 404);
         let (s, v) = bob
-            .json(Method::POST, "/sandboxes", Some(json!({"name": "b", "image": "app"})))
+            .json(
+                Method::POST,
+                "/sandboxes",
+                Some(json!({"name": "b", "image": "app"})),
+            )
             .await;
         assert_eq!(s, 404, "{v}");
         let e = v["error"].as_str().unwrap();
-        assert!(e.contains("unknown image 'app'") && e.contains("tiny"), "{e}");
+        assert!(
+            e.contains("unknown image 'app'") && e.contains("tiny"),
+            "{e}"
+        );
         let (_, v) = bob.json(Method::GET, "/images", None).await;
         assert_eq!(names(&v), ["tiny"]);
 
@@ -254,7 +280,11 @@ fn images_belong_to_users_and_bad_input_answers_4xx() {
         // Alice boots it; the sandbox shows the name; deleting it is a 409
         // naming the sandbox.
         let (s, v) = alice
-            .json(Method::POST, "/sandboxes", Some(json!({"name": "a1", "image": "app"})))
+            .json(
+                Method::POST,
+                "/sandboxes",
+                Some(json!({"name": "a1", "image": "app"})),
+            )
             .await;
         assert_eq!(s, 201, "{v}");
         assert_eq!(v["image"], "app", "{v}");
@@ -273,8 +303,13 @@ fn images_belong_to_users_and_bad_input_answers_4xx() {
         assert_eq!(s, 200, "{v}");
         assert_eq!(v["shared"], true);
         // Bob's own still wins for bob; a second shared "app" is refused.
-        assert_eq!(bob.json(Method::GET, "/images/app", None).await.1["owner"], "bob");
-        let (s, v) = root.json(Method::POST, "/images/app/share?owner=bob", None).await;
+        assert_eq!(
+            bob.json(Method::GET, "/images/app", None).await.1["owner"],
+            "bob"
+        );
+        let (s, v) = root
+            .json(Method::POST, "/images/app/share?owner=bob", None)
+            .await;
         assert_eq!(s, 409, "{v}");
         let (_, v) = carol.json(Method::GET, "/images", None).await;
         assert_eq!(names(&v), ["tiny", "app"]);
@@ -290,11 +325,23 @@ fn images_belong_to_users_and_bad_input_answers_4xx() {
         assert_eq!(carol.json(Method::DELETE, "/images/app", None).await.0, 403);
         let (s, v) = alice.json(Method::DELETE, "/images/app", None).await;
         assert_eq!(s, 409, "{v}");
-        assert!(v["error"].as_str().unwrap().contains("1 sandboxes of other users"), "{v}");
-        let (s, v) = root.json(Method::DELETE, "/images/app/share?owner=alice", None).await;
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap()
+                .contains("1 sandboxes of other users"),
+            "{v}"
+        );
+        let (s, v) = root
+            .json(Method::DELETE, "/images/app/share?owner=alice", None)
+            .await;
         assert_eq!((s, &v["shared"]), (200, &json!(false)), "{v}");
         let (s, _) = carol
-            .json(Method::POST, "/sandboxes", Some(json!({"name": "c2", "image": "app"})))
+            .json(
+                Method::POST,
+                "/sandboxes",
+                Some(json!({"name": "c2", "image": "app"})),
+            )
             .await;
         assert_eq!(s, 404);
 
@@ -314,7 +361,10 @@ fn images_belong_to_users_and_bad_input_answers_4xx() {
             assert_eq!(done["state"], "failed", "{what}: {done}");
             assert_eq!(done["failure"]["status"], 400, "{what}: {done}");
             assert!(
-                done["failure"]["error"].as_str().unwrap().contains("refusing layer entry"),
+                done["failure"]["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("refusing layer entry"),
                 "{what}: {done}"
             );
         }
@@ -328,16 +378,21 @@ fn images_belong_to_users_and_bad_input_answers_4xx() {
             assert!(!p.exists(), "{} was written", p.display());
         }
         let (_, v) = alice.json(Method::GET, "/images", None).await;
-        assert_eq!(names(&v), ["tiny", "app"], "a failed import leaves no image");
+        assert_eq!(
+            names(&v),
+            ["tiny", "app"],
+            "a failed import leaves no image"
+        );
 
         // Carol's disk quota (600 MiB) is all c1's: no room for an image.
         let (s, v) = import(&carol, "big", good_archive()).await;
         assert_eq!(s, 403, "{v}");
         assert!(v["error"].as_str().unwrap().contains("disk quota"), "{v}");
         // No Content-Length: 411.
-        let body = reqwest::Body::wrap_stream(futures_util::stream::iter(vec![Ok::<_, std::io::Error>(
-            good_archive(),
-        )]));
+        let body =
+            reqwest::Body::wrap_stream(futures_util::stream::iter(vec![Ok::<_, std::io::Error>(
+                good_archive(),
+            )]));
         let resp = alice
             .req(Method::POST, "/images/import?name=chunked")
             .body(body)
@@ -363,7 +418,9 @@ fn images_belong_to_users_and_bad_input_answers_4xx() {
         assert!(status.starts_with("HTTP/1.1 413"), "{status}");
         // Destroyed sandboxes free the image; its directory goes.
         for (c, n) in [(&alice, "a1"), (&carol, "c1")] {
-            let (s, v) = c.json(Method::DELETE, &format!("/sandboxes/{n}"), None).await;
+            let (s, v) = c
+                .json(Method::DELETE, &format!("/sandboxes/{n}"), None)
+                .await;
             assert!(s == 200 || s == 204, "{s} {v}");
         }
         let (s, v) = alice.json(Method::DELETE, "/images/app", None).await;
@@ -371,7 +428,10 @@ fn images_belong_to_users_and_bad_input_answers_4xx() {
         assert_eq!(alice.json(Method::GET, "/images/app", None).await.0, 404);
         assert_eq!(oci_dirs(&data).len(), 1, "{:?}", oci_dirs(&data));
         // A tier is not deletable.
-        assert_eq!(alice.json(Method::DELETE, "/images/tiny", None).await.0, 400);
+        assert_eq!(
+            alice.json(Method::DELETE, "/images/tiny", None).await.0,
+            400
+        );
         d.stop().await;
     });
 }

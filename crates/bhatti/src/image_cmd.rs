@@ -48,9 +48,7 @@ pub enum ImageCommand {
     List(ListArgs),
     /// Show one image: source, digest, size, owner, Env, WorkingDir,
     /// User, Entrypoint, Cmd.
-    Inspect {
-        name: String,
-    },
+    Inspect { name: String },
     /// Save a sandbox's disk state as a new image of yours.
     Save {
         /// Sandbox name or id.
@@ -356,7 +354,12 @@ fn list(args: ListArgs) -> anyhow::Result<()> {
         }
     }
     // The daemon's own (API images, `i.…`) are listed by `bhatti image list`.
-    for img in store.oci().list().into_iter().filter(|i| !i.name.starts_with("i.")) {
+    for img in store
+        .oci()
+        .list()
+        .into_iter()
+        .filter(|i| !i.name.starts_with("i."))
+    {
         println!(
             "{:<24} {:<8} {:>12}  {}",
             img.name,

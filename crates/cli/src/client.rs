@@ -766,7 +766,11 @@ impl Client {
 
     pub async fn save_image(&self, sandbox: &str, name: &str) -> Result<api_types::Task> {
         let rb = self
-            .request(Method::POST, self.url(&["sandboxes", sandbox, "save"]), true)?
+            .request(
+                Method::POST,
+                self.url(&["sandboxes", sandbox, "save"]),
+                true,
+            )?
             .json(&api_types::SaveImage {
                 name: name.to_owned(),
             });

@@ -517,7 +517,10 @@ impl Ctx {
                     token: credentials.2,
                 };
                 let task = c.pull_image(&body).await?;
-                eprintln!("pulling {} as '{}' (task {})", a.reference, task.target, task.id);
+                eprintln!(
+                    "pulling {} as '{}' (task {})",
+                    a.reference, task.target, task.id
+                );
                 self.follow_task(task).await
             }
             ImageClientCommand::Import(a) => {
@@ -547,13 +550,20 @@ impl Ctx {
                         source,
                     })?
                     .len();
-                eprintln!("uploading {} ({} MiB) as '{name}'", a.file.display(), len >> 20);
+                eprintln!(
+                    "uploading {} ({} MiB) as '{name}'",
+                    a.file.display(),
+                    len >> 20
+                );
                 let task = c.import_image(&name, file, len).await?;
                 self.follow_task(task).await
             }
             ImageClientCommand::Save { sandbox, name } => {
                 let task = c.save_image(&sandbox, &name).await?;
-                eprintln!("saving sandbox '{sandbox}' as image '{name}' (task {})", task.id);
+                eprintln!(
+                    "saving sandbox '{sandbox}' as image '{name}' (task {})",
+                    task.id
+                );
                 self.follow_task(task).await
             }
             ImageClientCommand::Delete { name } => {
@@ -642,7 +652,10 @@ impl Ctx {
                 status: f.status,
                 message: f.error.clone(),
             }),
-            _ => Err(CliError::Remote(format!("task {} ended without a result", task.id))),
+            _ => Err(CliError::Remote(format!(
+                "task {} ended without a result",
+                task.id
+            ))),
         }
     }
 

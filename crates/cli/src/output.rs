@@ -662,7 +662,10 @@ pub fn image_details(i: &api_types::ImageInfo) -> String {
                 .unwrap_or_else(|| "-".into())
         };
         pairs.push(("env", c.env.join(" ")));
-        pairs.push(("workdir", c.working_dir.clone().unwrap_or_else(|| "-".into())));
+        pairs.push((
+            "workdir",
+            c.working_dir.clone().unwrap_or_else(|| "-".into()),
+        ));
         pairs.push(("user", c.user.clone().unwrap_or_else(|| "-".into())));
         pairs.push(("entrypoint", list(&c.entrypoint)));
         pairs.push(("cmd", list(&c.cmd)));

@@ -194,7 +194,9 @@ impl Store {
 
     /// Deletes an image row by id.
     pub fn delete_image(&self, id: &str) -> Result<()> {
-        let n = self.conn().execute("DELETE FROM images WHERE id = ?1", [id])?;
+        let n = self
+            .conn()
+            .execute("DELETE FROM images WHERE id = ?1", [id])?;
         if n == 0 {
             return Err(StoreError::NotFound {
                 kind: "image",
@@ -252,7 +254,10 @@ mod tests {
         s.insert_image(&new("i.4", "a", "private", 1)).unwrap();
         assert!(s.visible_image("u-b", "private").unwrap().is_none());
         s.set_image_shared("i.4", true).unwrap();
-        assert_eq!(s.visible_image("u-b", "private").unwrap().unwrap().id, "i.4");
+        assert_eq!(
+            s.visible_image("u-b", "private").unwrap().unwrap().id,
+            "i.4"
+        );
         // B's own wins over A's shared of the same name.
         s.set_image_shared("i.1", true).unwrap();
         assert_eq!(s.visible_image("u-b", "app").unwrap().unwrap().id, "i.2");
@@ -273,7 +278,11 @@ mod tests {
         // Images count in the disk quota (100 MiB): 11 MiB held by A (a byte counts a MiB).
         assert!(matches!(
             s.insert_image(&new("i.5", "a", "big", 90 << 20)),
-            Err(StoreError::DiskQuota { used: 11, limit: 100, asked: 90 })
+            Err(StoreError::DiskQuota {
+                used: 11,
+                limit: 100,
+                asked: 90
+            })
         ));
         s.delete_image("i.4").unwrap();
         assert!(s.delete_image("i.4").is_err());

@@ -438,7 +438,8 @@ impl Service {
         let store = self.store.clone();
         match blocking(move || store.insert_image(&new)).await {
             Ok(row) => {
-                self.volume_event(user,
+                self.volume_event(
+                    user,
                     "image_created",
                     serde_json::json!({"image": name, "source": source}),
                 )
@@ -465,9 +466,12 @@ impl Service {
         user: &UserRecord,
         body: PullImage,
     ) -> Result<Task, ApiError> {
-        let reference = Reference::parse(&body.reference)
-            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        let name = body.name.clone().unwrap_or_else(|| reference.default_name());
+        let reference =
+            Reference::parse(&body.reference).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let name = body
+            .name
+            .clone()
+            .unwrap_or_else(|| reference.default_name());
         self.check_new_name(user, &name).await?;
         let credentials = match (body.username, body.password, body.token) {
             (None, None, None) => Credentials::Anonymous,
@@ -493,7 +497,9 @@ impl Service {
         let (this, user, tid) = (self.clone(), user.clone(), task.id.clone());
         let source = reference.to_string();
         tokio::spawn(async move {
-            let result = this.pull_task(&user, &name, &source, reference, opts, &tid).await;
+            let result = this
+                .pull_task(&user, &name, &source, reference, opts, &tid)
+                .await;
             if let Err(e) = &result {
                 tracing::info!(user = %user.name, image = %name, error = %e, "pull failed");
             }
@@ -534,9 +540,12 @@ impl Service {
                         p.bytes_done += size;
                         seen += 1;
                         // The config blob comes first, then each layer.
-                        p.step = format!("downloading ({}/{layers} layers)", seen.saturating_sub(1));
+                        p.step =
+                            format!("downloading ({}/{layers} layers)", seen.saturating_sub(1));
                     }
-                    PullEvent::Building => p.step = "unpacking and packing the root filesystem".into(),
+                    PullEvent::Building => {
+                        p.step = "unpacking and packing the root filesystem".into()
+                    }
                 })
             };
             rt.block_on(puller.pull(&reference, &id2, &mut on_event))
@@ -594,7 +603,8 @@ impl Service {
             p.step = "unpacking".into();
             p.bytes_total = size;
         });
-        let (this, user, tid, name) = (self.clone(), user.clone(), task.id.clone(), name.to_owned());
+        let (this, user, tid, name) =
+            (self.clone(), user.clone(), task.id.clone(), name.to_owned());
         tokio::spawn(async move {
             let result = async {
                 let id = Self::new_id()?;
@@ -758,15 +768,17 @@ impl Service {
         let row = blocking(move || store.own_image(&owner_id, &key))
             .await?
             .ok_or_else(|| {
-                ApiError::NotFound(format!(
-                    "no image '{name}' of {}",
-                    owner.unwrap_or("yours")
-                ))
+                ApiError::NotFound(format!("no image '{name}' of {}", owner.unwrap_or("yours")))
             })?;
         let store = self.store.clone();
         let row = blocking(move || store.set_image_shared(&row.id, shared)).await?;
-        self.volume_event(user,
-            if shared { "image_shared" } else { "image_unshared" },
+        self.volume_event(
+            user,
+            if shared {
+                "image_shared"
+            } else {
+                "image_unshared"
+            },
             serde_json::json!({"image": name}),
         )
         .await;
@@ -809,7 +821,8 @@ impl Service {
         let budget = self.budget(user).await?;
         let row = self.row(user, sandbox).await?;
         let task = self.image_tasks.start(&user.id, "save", name)?;
-        let (this, user, tid, name) = (self.clone(), user.clone(), task.id.clone(), name.to_owned());
+        let (this, user, tid, name) =
+            (self.clone(), user.clone(), task.id.clone(), name.to_owned());
         tokio::spawn(async move {
             let result = this.save_task(&user, &row, &name, budget, &tid).await;
             if let Err(e) = &result {
@@ -859,7 +872,11 @@ impl Service {
         let scratch = Upload(build.join(format!("save-{}", random_hex(8).map_err(internal)?)));
         let (dir, copy) = (scratch.0.clone(), scratch.0.join(image::disk::SANDBOX_DISK));
         {
-            let (dir, copy, from) = (dir.clone(), copy.clone(), record.dir.join(image::disk::SANDBOX_DISK));
+            let (dir, copy, from) = (
+                dir.clone(),
+                copy.clone(),
+                record.dir.join(image::disk::SANDBOX_DISK),
+            );
             let _lock = self.locks.lock(&sid).await;
             self.core.pause(&sid).await?;
             let copied = tokio::task::spawn_blocking(move || {
@@ -921,7 +938,11 @@ impl Service {
             ..Default::default()
         };
         let tar_path = dir.join("root.tar");
-        let mut exec = self.core.exec_stream(&uid, req).await.map_err(super::guest_error)?;
+        let mut exec = self
+            .core
+            .exec_stream(&uid, req)
+            .await
+            .map_err(super::guest_error)?;
         let mut file = tokio::fs::File::create(&tar_path).await.map_err(internal)?;
         let (mut bytes, mut hash, mut stderr) = (0u64, sha2::Sha256::new(), Vec::new());
         loop {
