@@ -1053,6 +1053,38 @@ pub fn strip_line_end(s: &str) -> &str {
         .unwrap_or(s)
 }
 
+/// The registry credentials of a pull: (username, password, token), from
+/// the environment or stdin, never the command line.
+fn registry_credentials(
+    a: &crate::args::ImagePullArgs,
+) -> Result<(Option<String>, Option<String>, Option<String>)> {
+    match (&a.username, a.token_env) {
+        (Some(user), _) => {
+            let password = if a.password_stdin {
+                let mut line = String::new();
+                io::stdin().read_line(&mut line).map_err(CliError::Stdin)?;
+                line.trim_end_matches(['\n', '\r']).to_owned()
+            } else {
+                std::env::var("BHATTI_REGISTRY_PASSWORD").map_err(|_| {
+                    CliError::Usage(
+                        "--username needs a password: $BHATTI_REGISTRY_PASSWORD or --password-stdin"
+                            .into(),
+                    )
+                })?
+            };
+            Ok((Some(user.clone()), Some(password), None))
+        }
+        (None, true) => Ok((
+            None,
+            None,
+            Some(std::env::var("BHATTI_REGISTRY_TOKEN").map_err(|_| {
+                CliError::Usage("--token-env: $BHATTI_REGISTRY_TOKEN is not set".into())
+            })?),
+        )),
+        (None, false) => Ok((None, None, None)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1106,37 +1138,5 @@ mod tests {
         );
         let e = read_upload(dir.path().join("nope").to_str().unwrap()).unwrap_err();
         assert!(e.to_string().contains("nope"), "{e}");
-    }
-}
-
-/// The registry credentials of a pull: (username, password, token), from
-/// the environment or stdin, never the command line.
-fn registry_credentials(
-    a: &crate::args::ImagePullArgs,
-) -> Result<(Option<String>, Option<String>, Option<String>)> {
-    match (&a.username, a.token_env) {
-        (Some(user), _) => {
-            let password = if a.password_stdin {
-                let mut line = String::new();
-                io::stdin().read_line(&mut line).map_err(CliError::Stdin)?;
-                line.trim_end_matches(['\n', '\r']).to_owned()
-            } else {
-                std::env::var("BHATTI_REGISTRY_PASSWORD").map_err(|_| {
-                    CliError::Usage(
-                        "--username needs a password: $BHATTI_REGISTRY_PASSWORD or --password-stdin"
-                            .into(),
-                    )
-                })?
-            };
-            Ok((Some(user.clone()), Some(password), None))
-        }
-        (None, true) => Ok((
-            None,
-            None,
-            Some(std::env::var("BHATTI_REGISTRY_TOKEN").map_err(|_| {
-                CliError::Usage("--token-env: $BHATTI_REGISTRY_TOKEN is not set".into())
-            })?),
-        )),
-        (None, false) => Ok((None, None, None)),
     }
 }
