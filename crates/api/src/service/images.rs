@@ -392,6 +392,12 @@ impl Service {
                 "invalid image name '{name}': names starting with '{ID_PREFIX}' are reserved"
             )));
         }
+        // `/images/pull` and `/images/import` are routes.
+        if matches!(name, "pull" | "import") {
+            return Err(ApiError::BadRequest(format!(
+                "invalid image name '{name}': reserved"
+            )));
+        }
         let store = self.store.clone();
         let (uid, key) = (user.id.clone(), name.to_owned());
         if blocking(move || store.own_image(&uid, &key))
@@ -603,6 +609,7 @@ impl Service {
             p.step = "unpacking".into();
             p.bytes_total = size;
         });
+        let task = self.image_tasks.get(&user.id, &task.id).unwrap_or(task);
         let (this, user, tid, name) =
             (self.clone(), user.clone(), task.id.clone(), name.to_owned());
         tokio::spawn(async move {
