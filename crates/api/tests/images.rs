@@ -445,6 +445,35 @@ fn images_api_pull_import_save_share_on_real_vms() {
             assert_eq!(t["failure"]["status"], 404, "{r}: {t}");
         }
 
+        // A layer bigger than what is left of the user's disk quota (1 MiB
+        // here; the layer is about 1 MiB and the config comes first): 413.
+        let small = d.client(&d.user_with(
+            "small",
+            api::users::Quotas {
+                max_sandboxes: 1,
+                max_cpus: 1,
+                max_memory_mb: 256,
+                max_disk_mb: 1,
+            },
+        ));
+        let t = post_task(
+            &small,
+            "/images/pull",
+            json!({"ref": format!("{REGISTRY}/team/app:1"), "insecure": true}),
+        )
+        .await;
+        assert_eq!(t["state"], "failed", "{t}");
+        assert_eq!(t["failure"]["status"], 413, "{t}");
+        assert!(
+            t["failure"]["error"]
+                .as_str()
+                .unwrap()
+                .contains("too large"),
+            "{t}"
+        );
+        let (_, v) = small.json(Method::GET, "/images", None).await;
+        assert_eq!(v.as_array().unwrap().len(), 1, "only the tier: {v}");
+
         // The pulled image boots with its env, cwd and user.
         create(&alice, "p", "app").await;
         let v = exec(
