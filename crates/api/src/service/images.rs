@@ -45,6 +45,8 @@ struct Entry {
     user_id: String,
     task: Task,
     finished: Option<Instant>,
+    /// Order of starting (the oldest finished go first).
+    seq: u64,
 }
 
 /// The daemon's tasks, in memory (a restart forgets them; an unfinished
@@ -52,6 +54,7 @@ struct Entry {
 #[derive(Debug, Default)]
 pub(super) struct Tasks {
     map: Mutex<HashMap<String, Entry>>,
+    next: std::sync::atomic::AtomicU64,
 }
 
 impl Tasks {
@@ -79,10 +82,10 @@ impl Tasks {
             });
         }
         // Room for this one: the oldest finished of theirs go.
-        let mut finished: Vec<(i64, String)> = map
+        let mut finished: Vec<(u64, String)> = map
             .iter()
             .filter(|(_, e)| e.user_id == user_id && e.finished.is_some())
-            .map(|(id, e)| (e.task.created_at, id.clone()))
+            .map(|(id, e)| (e.seq, id.clone()))
             .collect();
         finished.sort();
         let excess = (mine.len() + 1).saturating_sub(MAX_KEPT_TASKS);
@@ -110,6 +113,7 @@ impl Tasks {
                 user_id: user_id.to_owned(),
                 task: task.clone(),
                 finished: None,
+                seq: self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             },
         );
         Ok(task)
@@ -1046,5 +1050,111 @@ impl Drop for UtilityVm {
                 let _ = core.destroy(&id).await;
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(name: &str) -> ImageInfo {
+        ImageInfo {
+            name: name.into(),
+            kind: "oci".into(),
+            owner: None,
+            shared: false,
+            source: None,
+            digest: None,
+            size_bytes: 0,
+            created_at: 0,
+            config: None,
+        }
+    }
+
+    #[test]
+    fn tasks_are_their_users_bounded_and_do_not_pile_up() {
+        let t = Tasks::default();
+        let a = t.start("u1", "pull", "x").unwrap();
+        // The same target again while it runs: 409; a third running: 429.
+        assert!(matches!(
+            t.start("u1", "pull", "x"),
+            Err(ApiError::Conflict(_))
+        ));
+        let b = t.start("u1", "import", "y").unwrap();
+        assert!(matches!(
+            t.start("u1", "pull", "z"),
+            Err(ApiError::RateLimited { .. })
+        ));
+        // Another user's tasks are theirs.
+        assert!(t.get("u2", &a.id).is_none());
+        t.start("u2", "pull", "x").unwrap();
+        t.progress(&a.id, |p| p.bytes_done = 7);
+        assert_eq!(t.get("u1", &a.id).unwrap().progress.bytes_done, 7);
+        t.finish(&a.id, Ok(info("x")));
+        t.finish(&b.id, Err(ApiError::BadGateway("registry down".into())));
+        let a = t.get("u1", &a.id).unwrap();
+        assert_eq!(a.state, TaskState::Succeeded);
+        assert_eq!(a.result.unwrap().name, "x");
+        let b = t.get("u1", &b.id).unwrap();
+        assert_eq!(b.state, TaskState::Failed);
+        assert_eq!(
+            b.failure,
+            Some(TaskError {
+                status: 502,
+                error: "registry down".into()
+            })
+        );
+        // Finished ones make room: at most MAX_KEPT_TASKS kept per user.
+        let mut ids = Vec::new();
+        for i in 0..(MAX_KEPT_TASKS + 4) {
+            let x = t.start("u1", "pull", &format!("n{i}")).unwrap();
+            t.finish(&x.id, Ok(info("n")));
+            ids.push(x.id);
+        }
+        let kept = t.lock().values().filter(|e| e.user_id == "u1").count();
+        assert_eq!(kept, MAX_KEPT_TASKS);
+        assert!(t.get("u1", ids.last().unwrap()).is_some());
+        assert!(t.get("u1", &a.id).is_none(), "the oldest finished went");
+    }
+
+    #[test]
+    fn oci_errors_map_to_statuses() {
+        use axum::http::StatusCode as S;
+        let s = |e| oci_error(e).status();
+        assert_eq!(
+            s(OciError::NotFound {
+                registry: "r".into(),
+                what: "tag".into()
+            }),
+            S::NOT_FOUND
+        );
+        assert_eq!(
+            s(OciError::Unreachable {
+                registry: "r".into(),
+                message: "refused".into()
+            }),
+            S::BAD_GATEWAY
+        );
+        assert_eq!(
+            s(OciError::UnsafeEntry {
+                path: "../x".into(),
+                reason: "r"
+            }),
+            S::BAD_REQUEST
+        );
+        assert_eq!(
+            s(OciError::TooLarge {
+                what: "layer".into(),
+                limit: 1
+            }),
+            S::PAYLOAD_TOO_LARGE
+        );
+        assert_eq!(
+            s(OciError::Unauthorized {
+                registry: "r".into(),
+                message: "no".into()
+            }),
+            S::FORBIDDEN
+        );
     }
 }
