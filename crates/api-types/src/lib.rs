@@ -139,6 +139,151 @@ pub struct Template {
     pub created_at: i64,
 }
 
+/// An image a caller can boot: a built tier, an OCI image of theirs or
+/// one shared with everyone, or one the admin CLI put on the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ImageInfo {
+    pub name: String,
+    /// `tier` (built by `bhatti image build`), `oci` (an API image: pulled,
+    /// imported or saved) or `server` (put there by the admin CLI; every
+    /// user may boot it).
+    pub kind: String,
+    /// The owner's user name (API images only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// Whether everyone may boot it (tiers and server images always).
+    pub shared: bool,
+    /// A registry reference, `import`, or `save:<sandbox>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// Size of its root filesystem.
+    pub size_bytes: u64,
+    /// Milliseconds since the Unix epoch (0 when unknown).
+    pub created_at: i64,
+    /// The image config's run settings (`GET /images/:name` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<ImageRunConfig>,
+}
+
+/// What an OCI image's config says about running it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ImageRunConfig {
+    #[serde(default)]
+    pub env: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<Vec<String>>,
+}
+
+/// `POST /images/pull`.
+#[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct PullImage {
+    /// `[registry[:port]/]repository[:tag][@sha256:…]`.
+    #[serde(rename = "ref")]
+    pub reference: String,
+    /// The image's name (default: the repository's last component).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Plain HTTP to this registry.
+    #[serde(default)]
+    pub insecure: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// A bearer token (instead of a user and password).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for PullImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PullImage")
+            .field("reference", &self.reference)
+            .field("name", &self.name)
+            .field("insecure", &self.insecure)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+/// `POST /sandboxes/:id/save`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct SaveImage {
+    /// The new image's name.
+    pub name: String,
+}
+
+/// A task's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum TaskState {
+    Running,
+    Succeeded,
+    Failed,
+}
+
+/// How far a task has come.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TaskProgress {
+    /// What it does now (`downloading`, `unpacking`, …).
+    pub step: String,
+    pub bytes_done: u64,
+    /// 0 when not known yet.
+    pub bytes_total: u64,
+    /// Of `bytes_done`, what a pull found in the blob cache (not
+    /// downloaded).
+    #[serde(default)]
+    pub bytes_cached: u64,
+}
+
+/// Why a task failed: the status its work would have answered, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TaskError {
+    pub status: u16,
+    pub error: String,
+}
+
+/// Long work (pull, import, save) running in the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Task {
+    pub id: String,
+    /// `pull`, `import` or `save`.
+    pub kind: String,
+    /// What it makes (an image's name).
+    pub target: String,
+    pub state: TaskState,
+    pub progress: TaskProgress,
+    /// The image made, once succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<ImageInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<TaskError>,
+    /// Milliseconds since the Unix epoch.
+    pub created_at: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<i64>,
+}
+
 /// Where a new sandbox starts from, instead of a boot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

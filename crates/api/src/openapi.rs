@@ -40,7 +40,7 @@ pub const SHARE_TOKEN: &str = "share_token";
         (name = "guest", description = "Commands, files, sessions and the shell inside a sandbox."),
         (name = "ports", description = "Ports in a sandbox: listing, the authenticated proxy, tunnels, publishing."),
         (name = "secrets", description = "The caller's encrypted secrets."),
-        (name = "images", description = "Images sandboxes boot from, and each user's templates of them (creates that restore instead of boot); see docs/state.md."),
+        (name = "images", description = "Images sandboxes boot from (tiers, and OCI images users pull, import or save from a sandbox: long work as tasks), and each user's templates of them (creates that restore instead of boot); see docs/images.md and docs/state.md."),
         (name = "checkpoints", description = "Checkpoints of sandboxes (memory and disk at an instant), rollbacks and forks; see docs/state.md."),
         (name = "volumes", description = "The caller's persistent volumes, attached to sandboxes at create; see docs/state.md."),
         (name = "observability", description = "Events and metrics (docs/operations.md)."),

@@ -244,14 +244,14 @@ fn a_create_whose_boot_fails_is_failed_destroyable_and_retried() {
         let key = d.user("bob", 1);
         let c = d.client(&key);
 
-        // An image that is not there: a 400, and no row is kept.
+        // An image that is not there: a 404, and no row is kept.
         let (st, v) = post(
             &c,
             "/sandboxes",
             Some(serde_json::json!({"name": "box", "image": "nope"})),
         )
         .await;
-        assert_eq!(st, 400, "{v}");
+        assert_eq!(st, 404, "{v}");
         assert_eq!(get(&c, "box").await.0, 404);
         assert_eq!(eng.stats().boots, 0);
         assert!(

@@ -28,80 +28,89 @@ pub fn lohar_static_env(arch: Arch) -> &'static str {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum ImageCommand {
-    /// Build (or confirm cached) the kernel, initramfs and rootfs tiers.
+    /// Build (or confirm cached) the kernel, initramfs and rootfs tiers
+    /// (on the server, into the data directory).
     Build(BuildArgs),
     /// Make your template of an image on the daemon: booted once, agent
     /// ready, captured; creates of that image and shape then restore from
     /// it instead of booting.
     Warm(cli::WarmArgs),
-    /// Pull an OCI image from a registry and build its root filesystem.
+    /// Pull an OCI image from a registry: as your image, through the
+    /// daemon; with --data-dir, into that data directory (on the server,
+    /// an image every user may boot).
     Pull(PullArgs),
-    /// Import a `docker save` archive or an OCI-layout tar.
+    /// Import a `docker save` archive or an OCI-layout tar: as your image,
+    /// through the daemon; with --data-dir, into that data directory.
     Import(ImportArgs),
-    /// List the images: the built tiers and the OCI images.
+    /// List the images you can boot (with --data-dir: the tiers and the
+    /// server's OCI images in that data directory).
     #[command(alias = "ls")]
     List(ListArgs),
-    /// Remove an OCI image (its cached blobs stay).
-    #[command(alias = "rm")]
-    Remove(RemoveArgs),
+    /// Show one image: source, digest, size, owner, Env, WorkingDir,
+    /// User, Entrypoint, Cmd.
+    Inspect { name: String },
+    /// Save a sandbox's disk state as a new image of yours.
+    Save {
+        /// Sandbox name or id.
+        sandbox: String,
+        /// The new image's name.
+        name: String,
+    },
+    /// Delete one of your images (with --data-dir: a server image in that
+    /// data directory). Cached blobs stay.
+    #[command(alias = "rm", alias = "remove")]
+    Delete(RemoveArgs),
+    /// Share an image with every user (admin key).
+    Share {
+        name: String,
+        /// Whose image (a user's name; default: yours).
+        #[arg(long)]
+        owner: Option<String>,
+    },
+    /// Stop sharing an image (admin key).
+    Unshare {
+        name: String,
+        /// Whose image (a user's name; default: yours).
+        #[arg(long)]
+        owner: Option<String>,
+    },
 }
 
-/// Where the images are, for the OCI commands.
+/// Where the images are, for the server-side OCI commands: given, the
+/// command works on that data directory and not through the daemon.
 #[derive(Debug, clap::Args)]
 pub struct DataArgs {
-    /// The data directory (images go to DIR/images).
-    #[arg(long, value_name = "DIR", default_value = image::layout::DEFAULT_DATA_DIR)]
-    data_dir: PathBuf,
-    /// Guest architecture (default: the host's).
-    #[arg(long, value_name = "ARCH")]
+    /// Work on this data directory (images go to DIR/images) instead of
+    /// through the daemon: server images, every user's to boot.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Guest architecture (with --data-dir; default: the host's).
+    #[arg(long, value_name = "ARCH", requires = "data_dir")]
     arch: Option<Arch>,
 }
 
 impl DataArgs {
-    fn layout(&self) -> Layout {
-        Layout::for_arch(
-            &self.data_dir,
-            self.arch.unwrap_or_else(Arch::host_or_default),
-        )
+    fn layout(&self, dir: &Path) -> Layout {
+        Layout::for_arch(dir, self.arch.unwrap_or_else(Arch::host_or_default))
     }
 }
 
 #[derive(Debug, clap::Args)]
 pub struct PullArgs {
-    /// `[registry[:port]/]repository[:tag|@sha256:…]` (Docker Hub when no
-    /// registry is named).
-    reference: String,
-    /// The local image name (default: the repository's last component).
-    #[arg(long)]
-    name: Option<String>,
-    /// Speak plain HTTP to this registry (never the default).
-    #[arg(long)]
-    insecure: bool,
-    /// Registry user; the password comes from $BHATTI_REGISTRY_PASSWORD or
-    /// --password-stdin (never the command line).
-    #[arg(long)]
-    username: Option<String>,
-    /// Read the password from stdin (one line).
-    #[arg(long, requires = "username")]
-    password_stdin: bool,
-    /// Send the bearer token in $BHATTI_REGISTRY_TOKEN instead of a user.
-    #[arg(long, conflicts_with = "username")]
-    token_env: bool,
-    /// Most bytes to download (blobs not already cached).
-    #[arg(long, value_name = "BYTES", default_value_t = image::oci::Limits::default().download_bytes)]
-    max_download: u64,
+    #[command(flatten)]
+    pull: cli::ImagePullArgs,
+    /// Most bytes to download (blobs not already cached; with
+    /// --data-dir: through the daemon, your disk quota bounds it).
+    #[arg(long, value_name = "BYTES", requires = "data_dir")]
+    max_download: Option<u64>,
     #[command(flatten)]
     data: DataArgs,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct ImportArgs {
-    /// The archive: `docker save` output or a tar of an OCI image layout
-    /// (gzip allowed).
-    file: PathBuf,
-    /// The local image name (default: the file name up to its first '.').
-    #[arg(long)]
-    name: Option<String>,
+    #[command(flatten)]
+    import: cli::ImageImportArgs,
     #[command(flatten)]
     data: DataArgs,
 }
@@ -114,10 +123,36 @@ pub struct ListArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct RemoveArgs {
-    /// The OCI image's name.
+    /// The image's name.
     name: String,
     #[command(flatten)]
     data: DataArgs,
+}
+
+/// What `bhatti image …` does: a server-side command on a data directory,
+/// or a client command through the daemon.
+pub enum Routed {
+    Server(ImageCommand),
+    Client(cli::Command),
+}
+
+/// Sends the commands without --data-dir (and warm, inspect, save,
+/// share, unshare) to the daemon.
+pub fn route(cmd: ImageCommand) -> Routed {
+    use cli::ImageClientCommand as C;
+    let client = |c| Routed::Client(cli::Command::Image(c));
+    match cmd {
+        ImageCommand::Warm(w) => Routed::Client(cli::Command::ImageWarm(w)),
+        ImageCommand::Inspect { name } => client(C::Inspect { name }),
+        ImageCommand::Save { sandbox, name } => client(C::Save { sandbox, name }),
+        ImageCommand::Share { name, owner } => client(C::Share { name, owner }),
+        ImageCommand::Unshare { name, owner } => client(C::Unshare { name, owner }),
+        ImageCommand::Pull(a) if a.data.data_dir.is_none() => client(C::Pull(a.pull)),
+        ImageCommand::Import(a) if a.data.data_dir.is_none() => client(C::Import(a.import)),
+        ImageCommand::List(a) if a.data.data_dir.is_none() => client(C::List),
+        ImageCommand::Delete(a) if a.data.data_dir.is_none() => client(C::Delete { name: a.name }),
+        other => Routed::Server(other),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -177,10 +212,27 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<()> {
         ImageCommand::Pull(args) => pull(args),
         ImageCommand::Import(args) => import(args),
         ImageCommand::List(args) => list(args),
-        ImageCommand::Remove(args) => remove(args),
-        // A client command: main hands it to the CLI.
-        ImageCommand::Warm(_) => bail!("`bhatti image warm` talks to the daemon"),
+        ImageCommand::Delete(args) => remove(args),
+        // Client commands: `route` hands them to the CLI.
+        _ => bail!("this `bhatti image` command talks to the daemon"),
     }
+}
+
+/// The data directory of a server-side command.
+fn data_dir(d: &DataArgs) -> anyhow::Result<&Path> {
+    d.data_dir
+        .as_deref()
+        .context("a server-side image command needs --data-dir")
+}
+
+/// A server image's name: an image name, and not the prefix of the
+/// daemon's own directories (`i.…`, its API images).
+fn check_server_name(name: &str) -> anyhow::Result<()> {
+    image::oci::validate_name(name)?;
+    if name.starts_with("i.") {
+        bail!("invalid image name '{name}': names starting with 'i.' are the daemon's");
+    }
+    Ok(())
 }
 
 fn mib(bytes: u64) -> String {
@@ -190,12 +242,14 @@ fn mib(bytes: u64) -> String {
 fn pull(args: PullArgs) -> anyhow::Result<()> {
     use image::oci::registry::PullEvent;
     use image::oci::{Credentials, Limits, OciImages, PullOptions, Puller, Reference};
-    let reference = Reference::parse(&args.reference)?;
-    let name = args.name.unwrap_or_else(|| reference.default_name());
-    image::oci::validate_name(&name)?;
-    let credentials = match (&args.username, args.token_env) {
+    let dir = data_dir(&args.data)?;
+    let p = &args.pull;
+    let reference = Reference::parse(&p.reference)?;
+    let name = p.name.clone().unwrap_or_else(|| reference.default_name());
+    check_server_name(&name)?;
+    let credentials = match (&p.username, p.token_env) {
         (Some(user), _) => {
-            let password = if args.password_stdin {
+            let password = if p.password_stdin {
                 let mut line = String::new();
                 std::io::stdin()
                     .read_line(&mut line)
@@ -219,12 +273,14 @@ fn pull(args: PullArgs) -> anyhow::Result<()> {
         ),
         (None, false) => Credentials::Anonymous,
     };
-    let images = OciImages::new(args.data.layout());
+    let images = OciImages::new(args.data.layout(dir));
     let opts = PullOptions {
-        insecure: args.insecure,
+        insecure: p.insecure,
         credentials,
         limits: Limits {
-            download_bytes: args.max_download,
+            download_bytes: args
+                .max_download
+                .unwrap_or(Limits::default().download_bytes),
             ..Limits::default()
         },
     };
@@ -261,9 +317,11 @@ fn pull(args: PullArgs) -> anyhow::Result<()> {
 }
 
 fn import(args: ImportArgs) -> anyhow::Result<()> {
-    let name = match args.name {
+    let dir = data_dir(&args.data)?;
+    let a = &args.import;
+    let name = match a.name.clone() {
         Some(n) => n,
-        None => args
+        None => a
             .file
             .file_name()
             .and_then(|n| n.to_str())
@@ -272,10 +330,11 @@ fn import(args: ImportArgs) -> anyhow::Result<()> {
             .map(str::to_ascii_lowercase)
             .context("cannot name the image after the file; pass --name")?,
     };
-    let images = image::oci::OciImages::new(args.data.layout());
-    println!("importing {} as '{name}'", args.file.display());
+    check_server_name(&name)?;
+    let images = image::oci::OciImages::new(args.data.layout(dir));
+    println!("importing {} as '{name}'", a.file.display());
     let started = Instant::now();
-    let img = image::oci::import_archive(&images, &args.file, &name, Default::default())?;
+    let img = image::oci::import_archive(&images, &a.file, &name, Default::default())?;
     println!(
         "imported '{}' in {:.1}s: {} layers, rootfs {}",
         img.name,
@@ -287,7 +346,7 @@ fn import(args: ImportArgs) -> anyhow::Result<()> {
 }
 
 fn list(args: ListArgs) -> anyhow::Result<()> {
-    let layout = args.data.layout();
+    let layout = args.data.layout(data_dir(&args.data)?);
     let store = image::ImageStore::new(layout.clone());
     println!("{:<24} {:<8} {:>12}  SOURCE", "NAME", "KIND", "ROOTFS");
     for t in Tier::ALL {
@@ -300,7 +359,13 @@ fn list(args: ListArgs) -> anyhow::Result<()> {
             );
         }
     }
-    for img in store.oci().list() {
+    // The daemon's own (API images, `i.…`) are listed by `bhatti image list`.
+    for img in store
+        .oci()
+        .list()
+        .into_iter()
+        .filter(|i| !i.name.starts_with("i."))
+    {
         println!(
             "{:<24} {:<8} {:>12}  {}",
             img.name,
@@ -313,7 +378,8 @@ fn list(args: ListArgs) -> anyhow::Result<()> {
 }
 
 fn remove(args: RemoveArgs) -> anyhow::Result<()> {
-    let images = image::oci::OciImages::new(args.data.layout());
+    check_server_name(&args.name)?;
+    let images = image::oci::OciImages::new(args.data.layout(data_dir(&args.data)?));
     if !images.remove(&args.name)? {
         bail!("no OCI image '{}'", args.name);
     }

@@ -43,7 +43,9 @@ enum Command {
     /// Manage users and their API keys.
     #[command(subcommand)]
     User(user::UserCommand),
-    /// Build the guest kernel, initramfs and root filesystems.
+    /// Images: build the tiers (on the server); list, inspect, pull,
+    /// import, save, delete and share OCI images (through the daemon, or
+    /// with --data-dir on a data directory).
     #[command(subcommand)]
     Image(image_cmd::ImageCommand),
     /// Measure bhatti against the physical limits of this machine.
@@ -74,14 +76,12 @@ fn main() -> std::process::ExitCode {
         Command::Serve(a) => serve::run(a),
         Command::Config(c) => config_cmd::run(c),
         Command::User(u) => user::run(u),
-        Command::Image(image_cmd::ImageCommand::Warm(w)) => {
-            return cli::run(
-                cli.client,
-                cli::Command::ImageWarm(w),
-                <Cli as clap::CommandFactory>::command,
-            )
-        }
-        Command::Image(i) => image_cmd::run(i),
+        Command::Image(i) => match image_cmd::route(i) {
+            image_cmd::Routed::Server(i) => image_cmd::run(i),
+            image_cmd::Routed::Client(c) => {
+                return cli::run(cli.client, c, <Cli as clap::CommandFactory>::command)
+            }
+        },
         Command::Bench(b) => bench::run(b),
         Command::Client(c) => {
             return cli::run(cli.client, c, <Cli as clap::CommandFactory>::command)

@@ -140,3 +140,121 @@ fn import_list_remove_and_pull_errors() {
         assert!(err.contains(want), "{args:?}: {err}");
     }
 }
+
+/// `bhatti image …` without `--data-dir`: through a daemon (`bhatti
+/// serve`, in a network namespace of the test's): import as a task with
+/// progress lines, list, inspect, pull failures with the daemon's
+/// message and a non-zero exit, share refused to a non-admin, delete.
+#[test]
+fn image_commands_through_the_daemon() {
+    if !testkit::is_root() {
+        testkit::cannot_run("image CLI test needs root (namespaces, TAPs)");
+        return;
+    }
+    let _ns = testkit::Netns::enter("imgcli");
+    let dir = tempfile::tempdir().unwrap();
+    let data = testkit::data_dir_with_images(image::Tier::Tiny);
+    let config = data.path().join("bhatti.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\nengine = \"qemu-tcg\"\n\
+             [defaults]\nauto_templates = false\nimage = \"tiny\"\nmemory_mb = 256\n\
+             [publish]\nlisten = \"127.0.0.1:0\"\n",
+            data.path().display()
+        ),
+    )
+    .unwrap();
+    let log = data.path().join("serve.log");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _daemon = Kill(
+        Command::new(BIN)
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(data.path().join("serve.err")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let mut url = String::new();
+    testkit::wait_until(
+        "bhatti serve listens",
+        std::time::Duration::from_secs(120),
+        || {
+            let t = std::fs::read_to_string(&log).unwrap_or_default();
+            match t.lines().find_map(|l| l.split("serving on ").nth(1)) {
+                Some(u) => {
+                    url = u.trim().to_string();
+                    true
+                }
+                None => false,
+            }
+        },
+    );
+    let out = Command::new(BIN)
+        .args(["user", "create", "--name", "t", "--quiet", "--data-dir"])
+        .arg(data.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let key = text(&out.stdout).trim().to_string();
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .env("HOME", dir.path())
+            .env("BHATTI_URL", &url)
+            .env("BHATTI_TOKEN", &key)
+            .env_remove("BHATTI_REGISTRY_PASSWORD")
+            .env_remove("BHATTI_REGISTRY_TOKEN")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let a = archive(dir.path());
+
+    let out = run(&["image", "import", a.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("imported 'hello'"), "{out:?}");
+    // Not a terminal: progress as lines.
+    assert!(text(&out.stderr).contains("    unpacking"), "{out:?}");
+    let out = run(&["image", "list"]);
+    let list = text(&out.stdout);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("tiny ") && l.contains(" tier ")),
+        "{list}"
+    );
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("hello ") && l.contains(" oci ") && l.contains(" t ")),
+        "{list}"
+    );
+    let out = run(&["image", "inspect", "hello"]);
+    assert!(out.status.success());
+    assert!(text(&out.stdout).contains("/etc"), "{}", text(&out.stdout));
+
+    for (args, want) in [
+        (
+            vec!["image", "pull", "--insecure", "127.0.0.1:1/x/y:1"],
+            "cannot reach registry 127.0.0.1:1",
+        ),
+        (vec!["image", "pull", "Bad//ref"], "invalid image reference"),
+        (vec!["image", "share", "hello"], "admin"),
+        (vec!["image", "inspect", "nope"], "unknown image 'nope'"),
+    ] {
+        let out = run(&args);
+        assert!(!out.status.success(), "{args:?}");
+        let err = text(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    let out = run(&["image", "rm", "hello"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!run(&["image", "inspect", "hello"]).status.success());
+}

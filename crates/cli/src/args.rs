@@ -88,6 +88,10 @@ pub enum Command {
     /// that image and shape then restore instead of booting.
     #[command(hide = true)]
     ImageWarm(WarmArgs),
+    /// `bhatti image list|inspect|pull|import|save|delete|share|unshare`
+    /// (the `bhatti` binary's `image` command hands these over).
+    #[command(name = "image-api", hide = true, subcommand)]
+    Image(ImageClientCommand),
     /// Fork a running sandbox: new sandboxes with its processes, memory
     /// (copy-on-write) and files, each with its own name and address.
     Fork {
@@ -427,6 +431,79 @@ pub enum SecretCommand {
     List,
     /// Delete a secret.
     Delete { name: String },
+}
+
+/// `bhatti image …` over the API (docs/images.md).
+#[derive(Debug, Clone, Subcommand)]
+pub enum ImageClientCommand {
+    /// The images you can boot: tiers, yours, shared ones, the server's.
+    List,
+    /// One image: source, digest, size, owner, and its Env, WorkingDir,
+    /// User, Entrypoint and Cmd.
+    Inspect { name: String },
+    /// Pull an OCI image from a registry as your image (a task; progress
+    /// shown until it ends).
+    Pull(ImagePullArgs),
+    /// Import a `docker save` archive or an OCI-layout tar as your image.
+    Import(ImageImportArgs),
+    /// Save a sandbox's disk state as a new image of yours.
+    Save {
+        /// Sandbox name or id.
+        sandbox: String,
+        /// The new image's name.
+        name: String,
+    },
+    /// Delete one of your images (its cached blobs stay).
+    Delete { name: String },
+    /// Share an image with every user (admin key).
+    Share {
+        name: String,
+        /// Whose image (a user's name; default: yours).
+        #[arg(long)]
+        owner: Option<String>,
+    },
+    /// Stop sharing an image (admin key).
+    Unshare {
+        name: String,
+        /// Whose image (a user's name; default: yours).
+        #[arg(long)]
+        owner: Option<String>,
+    },
+}
+
+/// `bhatti image pull`.
+#[derive(Debug, Clone, Args)]
+pub struct ImagePullArgs {
+    /// `[registry[:port]/]repository[:tag|@sha256:…]` (Docker Hub when no
+    /// registry is named).
+    pub reference: String,
+    /// The local image name (default: the repository's last component).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Speak plain HTTP to this registry (never the default).
+    #[arg(long)]
+    pub insecure: bool,
+    /// Registry user; the password comes from $BHATTI_REGISTRY_PASSWORD or
+    /// --password-stdin (never the command line).
+    #[arg(long)]
+    pub username: Option<String>,
+    /// Read the password from stdin (one line).
+    #[arg(long, requires = "username")]
+    pub password_stdin: bool,
+    /// Send the bearer token in $BHATTI_REGISTRY_TOKEN instead of a user.
+    #[arg(long, conflicts_with = "username")]
+    pub token_env: bool,
+}
+
+/// `bhatti image import`.
+#[derive(Debug, Clone, Args)]
+pub struct ImageImportArgs {
+    /// The archive: `docker save` output or a tar of an OCI image layout
+    /// (gzip allowed).
+    pub file: PathBuf,
+    /// The image's name (default: the file name up to its first '.').
+    #[arg(long)]
+    pub name: Option<String>,
 }
 
 /// `bhatti image warm`.

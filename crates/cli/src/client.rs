@@ -717,6 +717,93 @@ impl Client {
         self.json("POST /images/:name/templates", resp).await
     }
 
+    pub async fn images(&self) -> Result<Vec<api_types::ImageInfo>> {
+        self.get_json("GET /images", self.url(&["images"])).await
+    }
+
+    pub async fn image(&self, name: &str) -> Result<api_types::ImageInfo> {
+        self.get_json("GET /images/:name", self.url(&["images", name]))
+            .await
+    }
+
+    pub async fn pull_image(&self, body: &api_types::PullImage) -> Result<api_types::Task> {
+        let rb = self
+            .request(Method::POST, self.url(&["images", "pull"]), true)?
+            .json(body);
+        let resp = self.send(rb).await?;
+        self.json("POST /images/pull", resp).await
+    }
+
+    /// `POST /images/import?name=` of the `len` bytes of `file`, streamed.
+    pub async fn import_image(
+        &self,
+        name: &str,
+        file: std::fs::File,
+        len: u64,
+    ) -> Result<api_types::Task> {
+        let chunks = futures_util::stream::unfold(Some(file), |file| async move {
+            let mut file = file?;
+            let mut buf = vec![0u8; 256 << 10];
+            match std::io::Read::read(&mut file, &mut buf) {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((Ok::<_, std::io::Error>(buf), Some(file)))
+                }
+                Err(e) => Some((Err(e), None)),
+            }
+        });
+        let mut url = self.url(&["images", "import"]);
+        url.query_pairs_mut().append_pair("name", name);
+        let rb = self
+            .request(Method::POST, url, true)?
+            .header(reqwest::header::CONTENT_TYPE, "application/x-tar")
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .body(reqwest::Body::wrap_stream(chunks));
+        let resp = self.send(rb).await?;
+        self.json("POST /images/import", resp).await
+    }
+
+    pub async fn save_image(&self, sandbox: &str, name: &str) -> Result<api_types::Task> {
+        let rb = self
+            .request(
+                Method::POST,
+                self.url(&["sandboxes", sandbox, "save"]),
+                true,
+            )?
+            .json(&api_types::SaveImage {
+                name: name.to_owned(),
+            });
+        let resp = self.send(rb).await?;
+        self.json("POST /sandboxes/:id/save", resp).await
+    }
+
+    pub async fn delete_image(&self, name: &str) -> Result<()> {
+        let rb = self.request(Method::DELETE, self.url(&["images", name]), true)?;
+        self.send(rb).await.map(drop)
+    }
+
+    /// `POST` (share) or `DELETE` (unshare) `/images/:name/share[?owner=]`.
+    pub async fn share_image(
+        &self,
+        name: &str,
+        owner: Option<&str>,
+        share: bool,
+    ) -> Result<api_types::ImageInfo> {
+        let mut url = self.url(&["images", name, "share"]);
+        if let Some(o) = owner {
+            url.query_pairs_mut().append_pair("owner", o);
+        }
+        let method = if share { Method::POST } else { Method::DELETE };
+        let resp = self.send(self.request(method, url, true)?).await?;
+        self.json("POST|DELETE /images/:name/share", resp).await
+    }
+
+    pub async fn task(&self, id: &str) -> Result<api_types::Task> {
+        self.get_json("GET /tasks/:id", self.url(&["tasks", id]))
+            .await
+    }
+
     pub async fn delete_checkpoint(&self, name: &str) -> Result<()> {
         let rb = self.request(Method::DELETE, self.url(&["checkpoints", name]), true)?;
         self.send(rb).await.map(drop)

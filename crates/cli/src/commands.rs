@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::args::{
     AdminCommand, CheckpointCommand, Command, CreateArgs, EventsArgs, ExecArgs, FileCommand,
-    FileSpec, GlobalArgs, SecretCommand, VolumeCommand, WarmArgs,
+    FileSpec, GlobalArgs, ImageClientCommand, SecretCommand, VolumeCommand, WarmArgs,
 };
 use crate::client::Client;
 use crate::config::{self, Layer};
@@ -142,6 +142,7 @@ impl Ctx {
             Command::Volume(v) => self.volume(v).await?,
             Command::Checkpoint(c) => self.checkpoint(c).await?,
             Command::ImageWarm(w) => self.warm(w).await?,
+            Command::Image(i) => self.image(i).await?,
             Command::Fork { name, count, child } => self.fork(&name, count, child).await?,
             Command::Events(a) => self.events(a).await?,
             Command::Admin(AdminCommand::Status) => {
@@ -483,6 +484,178 @@ impl Ctx {
             print_json(&shown)
         } else {
             print(&output::checkpoint_details(&shown, now_ms()))
+        }
+    }
+
+    async fn image(&self, cmd: ImageClientCommand) -> Result<()> {
+        let c = &self.client;
+        match cmd {
+            ImageClientCommand::List => {
+                let list = c.images().await?;
+                if self.json {
+                    print_json(&list)
+                } else {
+                    print(&output::images(&list))
+                }
+            }
+            ImageClientCommand::Inspect { name } => {
+                let i = c.image(&name).await?;
+                if self.json {
+                    print_json(&i)
+                } else {
+                    print(&output::image_details(&i))
+                }
+            }
+            ImageClientCommand::Pull(a) => {
+                let credentials = registry_credentials(&a)?;
+                let body = api_types::PullImage {
+                    reference: a.reference.clone(),
+                    name: a.name.clone(),
+                    insecure: a.insecure,
+                    username: credentials.0,
+                    password: credentials.1,
+                    token: credentials.2,
+                };
+                let task = c.pull_image(&body).await?;
+                eprintln!(
+                    "pulling {} as '{}' (task {})",
+                    a.reference, task.target, task.id
+                );
+                self.follow_task(task).await
+            }
+            ImageClientCommand::Import(a) => {
+                let name = match a.name {
+                    Some(n) => n,
+                    None => a
+                        .file
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .and_then(|n| n.split('.').next())
+                        .filter(|n| !n.is_empty())
+                        .map(str::to_ascii_lowercase)
+                        .ok_or_else(|| {
+                            CliError::Usage(
+                                "cannot name the image after the file; pass --name".into(),
+                            )
+                        })?,
+                };
+                let file = std::fs::File::open(&a.file).map_err(|source| CliError::LocalRead {
+                    path: a.file.clone(),
+                    source,
+                })?;
+                let len = file
+                    .metadata()
+                    .map_err(|source| CliError::LocalRead {
+                        path: a.file.clone(),
+                        source,
+                    })?
+                    .len();
+                eprintln!(
+                    "uploading {} ({} MiB) as '{name}'",
+                    a.file.display(),
+                    len >> 20
+                );
+                let task = c.import_image(&name, file, len).await?;
+                self.follow_task(task).await
+            }
+            ImageClientCommand::Save { sandbox, name } => {
+                let task = c.save_image(&sandbox, &name).await?;
+                eprintln!(
+                    "saving sandbox '{sandbox}' as image '{name}' (task {})",
+                    task.id
+                );
+                self.follow_task(task).await
+            }
+            ImageClientCommand::Delete { name } => {
+                c.delete_image(&name).await?;
+                if !self.json {
+                    eprintln!("deleted image '{name}'");
+                }
+                Ok(())
+            }
+            ImageClientCommand::Share { name, owner } => {
+                let i = c.share_image(&name, owner.as_deref(), true).await?;
+                self.shared(&i)
+            }
+            ImageClientCommand::Unshare { name, owner } => {
+                let i = c.share_image(&name, owner.as_deref(), false).await?;
+                self.shared(&i)
+            }
+        }
+    }
+
+    fn shared(&self, i: &api_types::ImageInfo) -> Result<()> {
+        if self.json {
+            print_json(i)
+        } else {
+            print(&format!(
+                "image '{}' of {} is {}\n",
+                i.name,
+                i.owner.as_deref().unwrap_or("the server"),
+                if i.shared {
+                    "shared with every user"
+                } else {
+                    "private"
+                }
+            ))
+        }
+    }
+
+    /// Polls a task until it ends, with a progress bar on a terminal (a
+    /// line per step otherwise). A failed task is an error with its status.
+    async fn follow_task(&self, mut task: api_types::Task) -> Result<()> {
+        use api_types::TaskState;
+        let tty = io::stderr().is_terminal() && !self.json;
+        let started = std::time::Instant::now();
+        let mut last_step = String::new();
+        loop {
+            let p = &task.progress;
+            if tty {
+                eprint!("\r\x1b[2K{}", output::task_bar(&task, started.elapsed()));
+            } else if p.step != last_step {
+                eprintln!("    {} ({} MiB)", p.step, p.bytes_done >> 20);
+            }
+            last_step = p.step.clone();
+            match task.state {
+                TaskState::Running => {}
+                TaskState::Succeeded | TaskState::Failed => break,
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            task = self.client.task(&task.id).await?;
+        }
+        if tty {
+            eprintln!();
+        }
+        match (task.state, &task.result, &task.failure) {
+            (TaskState::Succeeded, Some(img), _) => {
+                if self.json {
+                    print_json(img)
+                } else {
+                    print(&format!(
+                        "{} '{}' in {:.1}s: rootfs {} MiB{}\n",
+                        match task.kind.as_str() {
+                            "pull" => "pulled",
+                            "import" => "imported",
+                            _ => "saved",
+                        },
+                        img.name,
+                        started.elapsed().as_secs_f64(),
+                        img.size_bytes >> 20,
+                        img.digest
+                            .as_deref()
+                            .map(|d| format!(", {d}"))
+                            .unwrap_or_default()
+                    ))
+                }
+            }
+            (_, _, Some(f)) => Err(CliError::Api {
+                status: f.status,
+                message: f.error.clone(),
+            }),
+            _ => Err(CliError::Remote(format!(
+                "task {} ended without a result",
+                task.id
+            ))),
         }
     }
 
@@ -878,6 +1051,38 @@ pub fn strip_line_end(s: &str) -> &str {
     s.strip_suffix("\r\n")
         .or_else(|| s.strip_suffix('\n'))
         .unwrap_or(s)
+}
+
+/// The registry credentials of a pull: (username, password, token), from
+/// the environment or stdin, never the command line.
+fn registry_credentials(
+    a: &crate::args::ImagePullArgs,
+) -> Result<(Option<String>, Option<String>, Option<String>)> {
+    match (&a.username, a.token_env) {
+        (Some(user), _) => {
+            let password = if a.password_stdin {
+                let mut line = String::new();
+                io::stdin().read_line(&mut line).map_err(CliError::Stdin)?;
+                line.trim_end_matches(['\n', '\r']).to_owned()
+            } else {
+                std::env::var("BHATTI_REGISTRY_PASSWORD").map_err(|_| {
+                    CliError::Usage(
+                        "--username needs a password: $BHATTI_REGISTRY_PASSWORD or --password-stdin"
+                            .into(),
+                    )
+                })?
+            };
+            Ok((Some(user.clone()), Some(password), None))
+        }
+        (None, true) => Ok((
+            None,
+            None,
+            Some(std::env::var("BHATTI_REGISTRY_TOKEN").map_err(|_| {
+                CliError::Usage("--token-env: $BHATTI_REGISTRY_TOKEN is not set".into())
+            })?),
+        )),
+        (None, false) => Ok((None, None, None)),
+    }
 }
 
 #[cfg(test)]

@@ -21,7 +21,8 @@ mod terminal;
 use std::process::ExitCode;
 
 pub use args::{
-    Command, CreateArgs, ExecArgs, FileCommand, GlobalArgs, SecretCommand, ShellArgs, WarmArgs,
+    Command, CreateArgs, ExecArgs, FileCommand, GlobalArgs, ImageClientCommand, ImageImportArgs,
+    ImagePullArgs, SecretCommand, ShellArgs, WarmArgs,
 };
 pub use client::Client;
 pub use config::{Layer, Settings, DEFAULT_URL};

@@ -464,6 +464,77 @@ pub fn event_line(e: &api_types::Event) -> String {
     .replace("  \n", "\n")
 }
 
+/// `bhatti image list`.
+pub fn images(list: &[api_types::ImageInfo]) -> String {
+    let mut t = Table::new(&["NAME", "KIND", "OWNER", "SHARED", "SIZE", "SOURCE"]);
+    for i in list {
+        t.row(vec![
+            i.name.clone(),
+            i.kind.clone(),
+            i.owner.clone().unwrap_or_else(|| "-".into()),
+            if i.shared { "yes" } else { "no" }.into(),
+            size(i.size_bytes),
+            i.source.clone().unwrap_or_default(),
+        ]);
+    }
+    t.render()
+}
+
+/// `bhatti image inspect`.
+pub fn image_details(i: &api_types::ImageInfo) -> String {
+    let mut pairs = vec![
+        ("name", i.name.clone()),
+        ("kind", i.kind.clone()),
+        ("owner", i.owner.clone().unwrap_or_else(|| "-".into())),
+        ("shared", if i.shared { "yes" } else { "no" }.into()),
+        ("source", i.source.clone().unwrap_or_default()),
+        ("digest", i.digest.clone().unwrap_or_default()),
+        ("size", size(i.size_bytes)),
+    ];
+    if let Some(c) = &i.config {
+        let list = |v: &Option<Vec<String>>| {
+            v.as_ref()
+                .map(|v| serde_json::to_string(v).unwrap_or_default())
+                .unwrap_or_else(|| "-".into())
+        };
+        pairs.push(("env", c.env.join(" ")));
+        pairs.push((
+            "workdir",
+            c.working_dir.clone().unwrap_or_else(|| "-".into()),
+        ));
+        pairs.push(("user", c.user.clone().unwrap_or_else(|| "-".into())));
+        pairs.push(("entrypoint", list(&c.entrypoint)));
+        pairs.push(("cmd", list(&c.cmd)));
+    }
+    key_values(&pairs)
+}
+
+/// One line of a task's progress: a bar when the total is known, the
+/// bytes so far otherwise.
+pub fn task_bar(t: &api_types::Task, elapsed: std::time::Duration) -> String {
+    let p = &t.progress;
+    let bar = if p.bytes_total > 0 {
+        let frac = (p.bytes_done as f64 / p.bytes_total as f64).clamp(0.0, 1.0);
+        let filled = (frac * 30.0).round() as usize;
+        format!(
+            "[{}{}] {:>3}% ",
+            "#".repeat(filled),
+            "-".repeat(30 - filled),
+            (frac * 100.0).round() as u64
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "{} {}{}  {} ({:.0}s)",
+        t.kind,
+        bar,
+        size(p.bytes_done),
+        p.step,
+        elapsed.as_secs_f64()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;

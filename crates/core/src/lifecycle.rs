@@ -59,6 +59,9 @@ enum Origin {
     /// capture's, its memory the capture's mapped copy-on-write, told its
     /// own identity before it answers.
     Restored(Box<Capture>),
+    /// A new sandbox booted afresh whose disk is a copy of this file (a
+    /// sandbox disk taken from another sandbox: `image save`).
+    Seeded(PathBuf),
 }
 
 /// The identity line a sandbox restored from a capture is told.
@@ -204,6 +207,33 @@ impl SandboxManager {
         .await
     }
 
+    /// [`SandboxManager::create_as`] with a disk that is a copy of `disk`
+    /// (a sandbox disk, `disk.ext4`, of another sandbox, taken while it
+    /// was quiet) instead of an empty one: the new sandbox boots with
+    /// that sandbox's files over its image. The copy is the new
+    /// sandbox's; `disk` is left as it is.
+    pub async fn create_seeded(
+        &self,
+        id: SandboxId,
+        spec: SandboxSpec,
+        disk: PathBuf,
+    ) -> Result<SandboxRecord> {
+        spec.validate(&self.inner.config.limits)?;
+        let image = self.inner.images.resolve(&spec.image)?;
+        let entry = self.new_entry(id, spec, &image)?;
+        let span = tracing::info_span!("create_seeded", sandbox = %entry.id);
+        let mgr = self.clone();
+        let unique = self.inner.config.unique_names;
+        detached(
+            async move {
+                mgr.bring_up(entry, image, Origin::Seeded(disk), unique)
+                    .await
+            }
+            .instrument(span),
+        )
+        .await
+    }
+
     /// Boots a sandbox again from its record — after a daemon restart, say —
     /// reusing its directory (disk and config drive, so its files and boot
     /// settings are as they were) and, when free, its address. Its
@@ -330,7 +360,7 @@ impl SandboxManager {
             }),
         })?;
         let placement = match &origin {
-            Origin::Fresh | Origin::Restored(_) => {
+            Origin::Fresh | Origin::Restored(_) | Origin::Seeded(_) => {
                 undo.dir = Some(dir.clone());
                 // A restored sandbox's drive is for a later boot from its
                 // disk (its agent runs on with the capture's settings).
@@ -343,6 +373,7 @@ impl SandboxManager {
                     .map_or(self.inner.config.disk_bytes, |mb| mb << 20);
                 let from = match &origin {
                     Origin::Restored(capture) => Some(capture.disk()),
+                    Origin::Seeded(disk) => Some(disk.clone()),
                     Origin::Fresh | Origin::Again { .. } => None,
                 };
                 let d = dir.clone();
@@ -399,7 +430,7 @@ impl SandboxManager {
                 capture.apply_memory(&mut spec);
                 Some(capture.snapshot_dir())
             }
-            Origin::Fresh | Origin::Again { .. } => None,
+            Origin::Fresh | Origin::Again { .. } | Origin::Seeded(_) => None,
         };
         let vmm: Arc<dyn Vmm> =
             Arc::from(

@@ -283,7 +283,7 @@ mod tests {
                 .unwrap();
         }
         let s = Store::open(&path).unwrap();
-        assert_eq!(s.schema_version().unwrap(), 7);
+        assert_eq!(s.schema_version().unwrap(), 8);
         let mode: String = s
             .conn()
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))

@@ -8,6 +8,7 @@
 mod checkpoints;
 mod error;
 mod events;
+mod images;
 mod migrations;
 mod publications;
 mod sandboxes;
@@ -23,6 +24,7 @@ pub use api_types::{SandboxStatus, Thermal};
 pub use checkpoints::{CheckpointRow, NewCheckpoint};
 pub use error::StoreError;
 pub use events::{EventFilter, EventRecord};
+pub use images::{ImageRow, NewImage};
 pub use publications::{NewPublication, PublicationRecord};
 pub use sandboxes::{NewSandbox, SandboxRow, SandboxUpdate, Usage};
 pub use secrets::SecretRecord;

@@ -117,6 +117,20 @@ const MIGRATIONS: &[&str] = &[
         UNIQUE (user_id, name)
     );
     ALTER TABLE sandboxes ADD COLUMN checkpoint_id TEXT;",
+    // 8: OCI images a user pulled, imported or saved (the files live under
+    // `DATA/images/oci/<id>`; the row says whose, under which name, and
+    // whether an admin shared it with everyone).
+    "CREATE TABLE images (
+        id TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        shared INTEGER NOT NULL DEFAULT 0,
+        source TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        bytes INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        UNIQUE (user_id, name)
+    );",
 ];
 
 pub fn migrate(conn: &mut rusqlite::Connection) -> Result<()> {

@@ -402,6 +402,7 @@ pub(crate) fn usage(conn: &rusqlite::Connection, user_id: &str) -> Result<Usage>
                 COALESCE(SUM(disk_mb), 0)
                   + (SELECT COALESCE(SUM(size_mb), 0) FROM volumes WHERE user_id = ?1)
                   + (SELECT COALESCE(SUM(memory_mb + disk_mb), 0) FROM checkpoints WHERE user_id = ?1)
+                  + (SELECT COALESCE(SUM((bytes + 1048575) / 1048576), 0) FROM images WHERE user_id = ?1)
          FROM sandboxes WHERE user_id = ?1",
         [user_id],
         |r| {

@@ -5,6 +5,7 @@ pub mod events;
 pub mod exec;
 pub mod files;
 pub mod health;
+pub mod images;
 pub mod mcp;
 pub mod metrics;
 pub mod proxy;
@@ -92,6 +93,15 @@ pub fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(checkpoints::inspect, checkpoints::delete))
         .routes(routes!(checkpoints::restore))
         .routes(routes!(checkpoints::fork))
+        .routes(routes!(images::list))
+        .routes(routes!(images::inspect, images::delete))
+        .routes(routes!(images::pull))
+        // An import's size is bounded by the caller's disk quota (the
+        // handler checks Content-Length against it before reading a byte).
+        .routes(routes!(images::import).layer(axum::extract::DefaultBodyLimit::disable()))
+        .routes(routes!(images::share, images::unshare))
+        .routes(routes!(images::task))
+        .routes(routes!(images::save))
         .routes(routes!(templates::warm, templates::list))
         .routes(routes!(templates::delete))
         .routes(routes!(volumes::list, volumes::create))

@@ -287,6 +287,7 @@ impl Service {
             labels: body.labels.clone(),
             secrets: Vec::new(),
             existing: Existing::Return,
+            shown_image: Some(ck.image.clone()),
         };
         let start = Start::Capture {
             capture: Box::new(capture),
@@ -421,6 +422,7 @@ impl Service {
                 labels: Default::default(),
                 secrets: Vec::new(),
                 existing: Existing::Conflict,
+                shown_image: Some(row.image.clone()),
             };
             set.spawn(async move {
                 let start = Start::Capture {

@@ -40,6 +40,9 @@ pub(super) struct StartOptions {
     pub(super) labels: std::collections::BTreeMap<String, String>,
     pub(super) secrets: Vec<String>,
     pub(super) existing: Existing,
+    /// The image's name as the user gave it, when it is not the spec's
+    /// (an API image's spec names its directory, `i.…`).
+    pub(super) shown_image: Option<String>,
 }
 
 /// How a new sandbox's VM starts.
@@ -129,10 +132,10 @@ impl Service {
             Some(n) => n,
             None => format!("sb-{}", random_hex(3).map_err(internal)?),
         };
-        let mut spec = SandboxSpec::new(
-            &name,
-            body.image.clone().unwrap_or_else(|| defaults.image.clone()),
-        );
+        // The image as the user names it (shown), and as core stores it.
+        let shown_image = body.image.clone().unwrap_or_else(|| defaults.image.clone());
+        crate::validate::name("image", &shown_image)?;
+        let mut spec = SandboxSpec::new(&name, self.image_storage(user, &shown_image).await?);
         spec.cpus = body.cpus.unwrap_or(defaults.cpus);
         // Each user's sandboxes share a bridge of their own.
         spec.network_group = user.id.clone();
@@ -180,6 +183,7 @@ impl Service {
             labels: body.labels.clone(),
             secrets: body.secrets.clone(),
             existing: Existing::Return,
+            shown_image: Some(shown_image),
         };
         let start = match self.template_for(user, &spec, &body).await {
             Some(capture) => Start::Capture {
@@ -216,6 +220,10 @@ impl Service {
         start: Start,
     ) -> Result<(bool, Sandbox), ApiError> {
         let name = spec.name.clone();
+        let shown_image = options
+            .shown_image
+            .clone()
+            .unwrap_or_else(|| spec.image.clone());
         let memory = u64::from(spec.memory_mb);
         let disk_mb = spec.disk_mb.unwrap_or(self.config.defaults.disk_mb);
         let id = SandboxId::generate().map_err(internal)?;
@@ -226,7 +234,7 @@ impl Service {
             id: id.to_string(),
             user_id: user.id.clone(),
             name: name.clone(),
-            image: spec.image.clone(),
+            image: shown_image.clone(),
             cpus: spec.cpus,
             memory_mb: memory,
             disk_mb,
@@ -262,7 +270,7 @@ impl Service {
             user,
             id.as_str(),
             "creating",
-            serde_json::json!({"image": spec.image, "from": start.describe()}),
+            serde_json::json!({"image": shown_image, "from": start.describe()}),
         )
         .await;
 

@@ -34,6 +34,7 @@ use crate::state::blocking;
 mod archive;
 mod checkpoints;
 mod guest;
+mod images;
 mod lifecycle;
 mod persistence;
 mod publish;
@@ -45,6 +46,7 @@ mod volumes;
 
 pub use archive::VolumeExport;
 pub use guest::{guest_error, KeepHot, ShellRequest};
+pub use images::oci_error;
 pub use startup::StartError;
 
 /// A sandbox whose VM (hot, warm or cold) this process runs: the hot path
@@ -88,6 +90,8 @@ pub struct Service {
     metrics: Arc<crate::observe::Metrics>,
     /// Volumes a utility VM (tar export or import) has now.
     volume_jobs: archive::VolumeJobs,
+    /// Image pulls, imports and saves running or recently finished.
+    image_tasks: images::Tasks,
 }
 
 impl Service {

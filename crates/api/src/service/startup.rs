@@ -105,6 +105,7 @@ impl Service {
             tasks: Mutex::new(Vec::new()),
             names: Arc::default(),
             metrics: Arc::default(),
+            image_tasks: Default::default(),
             volume_jobs: Arc::default(),
         };
         let events = service.core.subscribe_thermal();

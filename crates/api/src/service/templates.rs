@@ -108,7 +108,7 @@ impl Service {
         };
         let image = spec.image.clone();
         tokio::spawn(async move {
-            match this.warm_template(&user, &image, warm).await {
+            match this.warm_stored(&user, &image, warm).await {
                 Ok(t) => {
                     tracing::info!(user = %user.name, image = %t.image, "template made on first use")
                 }
@@ -131,6 +131,20 @@ impl Service {
         body: WarmImage,
     ) -> Result<Template, ApiError> {
         crate::validate::name("image", image)?;
+        let storage = self.image_storage(user, image).await?;
+        let mut made = self.warm_stored(user, &storage, body).await?;
+        made.image = image.to_owned();
+        Ok(made)
+    }
+
+    /// [`Self::warm_template`] of the image core knows as `image` (an API
+    /// image's directory, `i.…`; a tier's or server image's name).
+    async fn warm_stored(
+        self: &Arc<Self>,
+        user: &UserRecord,
+        image: &str,
+        body: WarmImage,
+    ) -> Result<Template, ApiError> {
         let d = &self.config.defaults;
         let mut spec = SandboxSpec::new(
             format!("template-{}", random_hex(3).map_err(internal)?),
@@ -274,6 +288,9 @@ impl Service {
         image: &str,
     ) -> Result<Vec<Template>, ApiError> {
         crate::validate::name("image", image)?;
+        let shown = image;
+        let storage = self.image_storage(user, image).await?;
+        let image = storage.as_str();
         let engine = self.core.engine().kind;
         let mut out = Vec::new();
         for (img, shape, dir) in self.template_dirs(&user.id) {
@@ -287,7 +304,7 @@ impl Service {
             let spec = &c.meta.spec;
             out.push(Template {
                 shape,
-                image: img,
+                image: shown.to_owned(),
                 cpus: spec.cpus,
                 memory_mb: u64::from(spec.memory_mb),
                 disk_size_mb: spec.disk_mb.unwrap_or(self.config.defaults.disk_mb),
@@ -311,7 +328,13 @@ impl Service {
         let (cpus, memory) = parse_shape(shape).ok_or_else(|| {
             ApiError::BadRequest(format!("'{shape}' is not a shape: <cpus>x<memory_mb>"))
         })?;
-        let dir = self.template_dir(&user.id, image, cpus, memory);
+        // Core's name of the image (an API image's directory); the name
+        // as given when it resolves no more.
+        let storage = self
+            .image_storage(user, image)
+            .await
+            .unwrap_or_else(|_| image.to_owned());
+        let dir = self.template_dir(&user.id, &storage, cpus, memory);
         if !dir.is_dir() {
             return Err(ApiError::NotFound(format!(
                 "no template of '{image}' with shape {shape}"
@@ -320,7 +343,7 @@ impl Service {
         let (store, uid, origin) = (
             self.store.clone(),
             user.id.clone(),
-            template_origin(image, cpus, memory),
+            template_origin(&storage, cpus, memory),
         );
         let users = blocking(move || store.sandboxes_made_from(&uid, &origin)).await?;
         if !users.is_empty() {
