@@ -405,7 +405,12 @@ fn images_api_pull_import_save_share_on_real_vms() {
             .arg(&layout_tar)
             .arg("."));
 
-        let mut cfg = config(data.path(), "[limits]\ncreates_per_min = 1000\n");
+        // The registry is on this namespace's loopback, which users' pulls
+        // may not reach unless allowed.
+        let mut cfg = config(
+            data.path(),
+            "[limits]\ncreates_per_min = 1000\n[network]\nallow_cidrs = [\"127.0.0.1\"]\n",
+        );
         cfg.admins = vec!["root".into()];
         let d = TestDaemon::start(cfg).await;
         let alice = d.client(&d.user("alice", 10));

@@ -26,7 +26,10 @@ use serde_json::{json, Value};
 fn fake_config(data: &Path) -> api::DaemonConfig {
     let mut c = common::config(
         data,
-        "[thermal]\nwarm_after_secs = 3600\ncold_after_secs = 7200\n[limits]\ncreates_per_min = 1000\n",
+        // Pulls from 127.0.0.1 are allowed (the unreachable-registry case);
+        // other loopback addresses are not.
+        "[thermal]\nwarm_after_secs = 3600\ncold_after_secs = 7200\n[limits]\ncreates_per_min = 1000\n\
+         [network]\nallow_cidrs = [\"127.0.0.1\"]\n",
     );
     c.admins = vec!["root".into()];
     c
@@ -201,6 +204,31 @@ fn images_belong_to_users_and_bad_input_answers_4xx() {
             assert_eq!(s, 400, "{body}: {v}");
             let e = v["error"].as_str().unwrap();
             assert!(e.to_lowercase().contains(want), "{body}: {e}");
+        }
+        // A registry at an address a sandbox may not reach (the host, its
+        // LAN, the metadata service) is refused at once, 403 naming it;
+        // 127.0.0.1, which the config allows, is the positive control
+        // below (it is reached, and answers nothing).
+        for (reference, why) in [
+            ("169.254.169.254/latest/x:1", "link-local"),
+            ("127.0.0.2:9/team/tool:1", "loopback"),
+            ("10.1.2.3/team/tool:1", "private"),
+            ("[::1]:9/team/tool:1", "IPv6"),
+            ("[::ffff:169.254.169.254]:80/x:1", "link-local"),
+        ] {
+            let (s, v) = alice
+                .json(
+                    Method::POST,
+                    "/images/pull",
+                    Some(json!({"ref": reference, "insecure": true})),
+                )
+                .await;
+            assert_eq!(s, 403, "{reference}: {v}");
+            let e = v["error"].as_str().unwrap();
+            assert!(
+                e.contains("may not be pulled from") && e.contains(why),
+                "{reference}: {e}"
+            );
         }
         // An unreachable registry: the task fails with 502 naming it.
         let (s, t) = alice

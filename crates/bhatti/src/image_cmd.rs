@@ -283,6 +283,9 @@ fn pull(args: PullArgs) -> anyhow::Result<()> {
                 .unwrap_or(Limits::default().download_bytes),
             ..Limits::default()
         },
+        // The admin's pull on the server: any address (users' pulls
+        // through the daemon are held to the sandboxes' egress rules).
+        addresses: None,
     };
     println!("pulling {reference} as '{name}'");
     let started = Instant::now();

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use image::oci::registry::PullEvent;
 use image::oci::{
-    import_archive, Credentials, Limits, OciError, OciImages, PullOptions, Puller, Reference,
+    import_archive, AddressPolicy, Credentials, Limits, OciError, OciImages, PullOptions, Puller,
+    Reference,
 };
 use image::{Arch, Layout};
 
@@ -675,6 +676,64 @@ fn pull_from_a_registry_in_a_namespace() {
             .unwrap_err();
         assert!(matches!(err, OciError::Unreachable { .. }), "{err}");
         assert!(err.to_string().contains("127.0.0.1:5999"), "{err}");
+        // An address policy (a tenant's pull through the daemon): a literal
+        // address, a name and a redirect to a refused address fail as
+        // AddressRefused before any request reaches them; the positive
+        // controls are the same pulls without the refusal.
+        let refusing = |bad: fn(std::net::IpAddr) -> bool| PullOptions {
+            addresses: Some(AddressPolicy::new(move |ip| {
+                if bad(ip) {
+                    Err("refused by the test".into())
+                } else {
+                    Ok(())
+                }
+            })),
+            ..insecure()
+        };
+        let loopback = |ip: std::net::IpAddr| ip.is_loopback();
+        let err = pull(&images, &r("v1"), "p1", refusing(loopback))
+            .0
+            .unwrap_err();
+        assert!(matches!(err, OciError::AddressRefused { .. }), "{err}");
+        assert!(err.to_string().contains("127.0.0.1"), "{err}");
+        let by_name = "localhost:5000/test/img:v1".to_string();
+        let err = pull(&images, &by_name, "p2", refusing(loopback))
+            .0
+            .unwrap_err();
+        assert!(matches!(err, OciError::AddressRefused { .. }), "{err}");
+        assert!(err.to_string().contains("localhost resolves to"), "{err}");
+        let only_other = |ip: std::net::IpAddr| ip == std::net::Ipv4Addr::new(127, 0, 0, 2);
+        pull(&images, &by_name, "p2", refusing(only_other))
+            .0
+            .unwrap();
+        assert!(images.get("p1").is_none());
+        assert!(images.remove("p2").unwrap());
+        // A registry whose every answer redirects to 127.0.0.2.
+        let redirector = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = redirector.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            use std::io::{BufRead, Write};
+            for conn in redirector.incoming().flatten() {
+                let mut reader = std::io::BufReader::new(&conn);
+                let mut line = String::new();
+                while reader.read_line(&mut line).map_or(false, |n| n > 2) {
+                    line.clear();
+                }
+                let _ = (&conn).write_all(
+                    b"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.2:5000/v2/test/img/manifests/v1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+            }
+        });
+        let redirecting = format!("127.0.0.1:{port}/test/img:v1");
+        let err = pull(&images, &redirecting, "p3", refusing(only_other))
+            .0
+            .unwrap_err();
+        assert!(matches!(err, OciError::AddressRefused { .. }), "{err}");
+        assert!(err.to_string().contains("127.0.0.2"), "{err}");
+        let err = pull(&images, &redirecting, "p3", insecure())
+            .0
+            .unwrap_err();
+        assert!(!matches!(err, OciError::AddressRefused { .. }), "{err}");
         // Without `insecure` the client speaks only HTTPS.
         let err = pull(&images, &r("v1"), "x", PullOptions::default())
             .0
@@ -695,6 +754,7 @@ fn pull_from_a_registry_in_a_namespace() {
                 download_bytes: 10,
                 unpacked_bytes: 1 << 30,
             },
+            addresses: None,
         };
         std::fs::remove_dir_all(images.dir().join("blobs")).unwrap();
         let err = pull(&images, &r("v1"), "x", small).0.unwrap_err();
@@ -761,6 +821,7 @@ fn pull_with_basic_auth() {
             password: password.into(),
         },
         limits: Limits::default(),
+        addresses: None,
     };
     ns.run(|| {
         let err = pull(&images, &r, "p", insecure()).0.unwrap_err();
@@ -852,6 +913,7 @@ fn pull_with_a_bearer_token() {
             password: password.into(),
         },
         limits: Limits::default(),
+        addresses: None,
     };
     ns.run(|| {
         // The token server refuses: no token, Unauthorized.
@@ -869,6 +931,7 @@ fn pull_with_a_bearer_token() {
             insecure: true,
             credentials: Credentials::Token("not-a-jwt".into()),
             limits: Limits::default(),
+            addresses: None,
         };
         let err = pull(&images, &r, "t", bogus).0.unwrap_err();
         assert!(matches!(err, OciError::Unauthorized { .. }), "{err}");

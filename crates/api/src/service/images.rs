@@ -20,7 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use api_types::{ImageInfo, ImageRunConfig, PullImage, Task, TaskError, TaskProgress, TaskState};
-use image::oci::{Credentials, Limits, OciError, OciImage, OciImages, PullOptions, Reference};
+use image::oci::{
+    AddressPolicy, Credentials, Limits, OciError, OciImage, OciImages, PullOptions, Reference,
+};
 use image::Tier;
 use store::{ImageRow, NewImage, UserRecord};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -172,7 +174,7 @@ pub fn oci_error(e: OciError) -> ApiError {
         | OciError::BadDigest(_)
         | OciError::Json { .. } => ApiError::BadRequest(msg),
         OciError::NotFound { .. } => ApiError::NotFound(msg),
-        OciError::Unauthorized { .. } => ApiError::Forbidden(msg),
+        OciError::Unauthorized { .. } | OciError::AddressRefused { .. } => ApiError::Forbidden(msg),
         OciError::TooLarge { .. } => ApiError::PayloadTooLarge(msg),
         OciError::Unreachable { .. }
         | OciError::Registry { .. }
@@ -464,6 +466,42 @@ impl Service {
         }
     }
 
+    /// Where a user's pull may connect: what a sandbox may reach (the
+    /// default deny list and `[network] deny_cidrs`, less `allow_cidrs`),
+    /// and for IPv6 only global unicast (its embedding and documentation
+    /// ranges excepted); an IPv4-mapped address counts as its IPv4.
+    fn pull_addresses(&self) -> Result<AddressPolicy, ApiError> {
+        let (allow, deny) = self
+            .config
+            .network
+            .egress_cidrs()
+            .map_err(ApiError::Internal)?;
+        let mut deny_v4: Vec<(net::Cidr, &'static str)> = net::DEFAULT_DENY
+            .iter()
+            .filter_map(|(c, why)| c.parse().ok().map(|c| (c, *why)))
+            .collect();
+        deny_v4.extend(
+            deny.into_iter()
+                .map(|c| (c, "denied by [network] deny_cidrs")),
+        );
+        Ok(AddressPolicy::new(move |ip| {
+            let v4 = match ip {
+                std::net::IpAddr::V4(a) => a,
+                std::net::IpAddr::V6(a) => match a.to_ipv4_mapped() {
+                    Some(a) => a,
+                    None => return ipv6_pullable(a),
+                },
+            };
+            if allow.iter().any(|c| c.contains(v4)) {
+                return Ok(());
+            }
+            match deny_v4.iter().find(|(c, _)| c.contains(v4)) {
+                Some((c, why)) => Err(format!("in {c}: {why}")),
+                None => Ok(()),
+            }
+        }))
+    }
+
     fn new_id() -> Result<String, ApiError> {
         Ok(format!("{ID_PREFIX}{}", random_hex(8).map_err(internal)?))
     }
@@ -495,7 +533,23 @@ impl Service {
         };
         let budget = self.budget(user).await?;
         let defaults = Limits::default();
+        let addresses = self.pull_addresses()?;
+        if let Err(why) = reference
+            .api_host()
+            .rsplit_once(':')
+            .map_or(reference.api_host(), |(h, _)| h)
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .map_or(Ok(()), |ip| addresses.check(ip))
+        {
+            return Err(ApiError::Forbidden(format!(
+                "registry {} may not be pulled from: {why} (an admin may allow it in [network] allow_cidrs)",
+                reference.registry
+            )));
+        }
         let opts = PullOptions {
+            addresses: Some(addresses),
             insecure: body.insecure,
             credentials,
             limits: Limits {
@@ -1050,6 +1104,20 @@ impl Drop for UtilityVm {
                 let _ = core.destroy(&id).await;
             });
         }
+    }
+}
+
+/// An IPv6 address a pull may reach: global unicast (`2000::/3`) but the
+/// documentation range and the prefixes that embed IPv4 addresses (6to4,
+/// Teredo), which could lead back into private IPv4 space.
+fn ipv6_pullable(a: std::net::Ipv6Addr) -> Result<(), String> {
+    let s = a.segments();
+    let global = s[0] & 0xe000 == 0x2000;
+    let embeds_or_doc = s[0] == 0x2002 || (s[0] == 0x2001 && (s[1] == 0 || s[1] == 0x0db8));
+    if global && !embeds_or_doc {
+        Ok(())
+    } else {
+        Err("not a global unicast IPv6 address".into())
     }
 }
 

@@ -112,6 +112,15 @@ pub enum OciError {
         /// Its explanation.
         message: String,
     },
+    /// The registry, its token realm or a redirect is at an address the
+    /// pull may not reach (the daemon's host, its LAN, link-local…).
+    #[error("registry {registry} may not be pulled from: {message}")]
+    AddressRefused {
+        /// The registry.
+        registry: String,
+        /// Which address, and why.
+        message: String,
+    },
     /// The registry cannot be reached.
     #[error("cannot reach registry {registry}: {message}")]
     Unreachable {

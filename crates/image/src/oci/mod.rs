@@ -15,4 +15,4 @@ pub use error::OciError;
 pub use images::{validate_name, OciImage, OciImages};
 pub use import::{import_archive, Limits};
 pub use reference::{Reference, ReferenceError};
-pub use registry::{Credentials, PullOptions, Puller};
+pub use registry::{AddressPolicy, Credentials, PullOptions, Puller};

@@ -6,6 +6,8 @@
 //! budget, and blobs go to the content-addressed cache (a blob already
 //! there is not downloaded again).
 
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::header::{
@@ -56,6 +58,92 @@ pub struct PullOptions {
     pub credentials: Credentials,
     /// Byte budgets.
     pub limits: Limits,
+    /// Which addresses the pull may connect to (registry, token realm,
+    /// redirects); any when absent (an admin's pull on the server).
+    pub addresses: Option<AddressPolicy>,
+}
+
+/// Decides which IP addresses a pull may connect to: a tenant's pull must
+/// not reach the daemon host, its LAN or the cloud's metadata service.
+/// Names are checked on every resolution (each connection resolves
+/// through it, so a name cannot change its answer between check and use)
+/// and literal addresses before every request and redirect.
+#[derive(Clone)]
+pub struct AddressPolicy(Arc<dyn Fn(IpAddr) -> Result<(), String> + Send + Sync>);
+
+impl AddressPolicy {
+    /// A policy answering `Err(why)` for an address it refuses.
+    pub fn new(check: impl Fn(IpAddr) -> Result<(), String> + Send + Sync + 'static) -> Self {
+        AddressPolicy(Arc::new(check))
+    }
+
+    /// Whether the pull may connect to `ip` (why not, if not).
+    pub fn check(&self, ip: IpAddr) -> Result<(), String> {
+        (self.0)(ip)
+    }
+
+    /// Checks `url`'s host when it is a literal address (names are
+    /// checked when resolved).
+    pub fn check_url(&self, url: &reqwest::Url) -> Result<(), AddressRefused> {
+        // The URL parser has normalised literal addresses (`0x7f.1` is
+        // `127.0.0.1` here; IPv6 comes in brackets).
+        let host = url.host_str().unwrap_or_default();
+        let Ok(ip) = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        else {
+            return Ok(());
+        };
+        self.check(ip)
+            .map_err(|why| AddressRefused(format!("{ip} ({why})")))
+    }
+}
+
+impl std::fmt::Debug for AddressPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AddressPolicy(..)")
+    }
+}
+
+/// An address a pull may not connect to.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}, an address pulls may not reach")]
+pub struct AddressRefused(String);
+
+/// Resolves names for a pull, keeping only the addresses its policy
+/// allows.
+struct PolicyResolver(AddressPolicy);
+
+impl reqwest::dns::Resolve for PolicyResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let policy = self.0.clone();
+        Box::pin(async move {
+            let host = name.as_str().to_owned();
+            let found: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let mut refused = None;
+            let allowed: Vec<SocketAddr> = found
+                .into_iter()
+                .filter(|a| match policy.check(a.ip()) {
+                    Ok(()) => true,
+                    Err(why) => {
+                        refused.get_or_insert_with(|| {
+                            format!("{host} resolves to {} ({why})", a.ip())
+                        });
+                        false
+                    }
+                })
+                .collect();
+            if allowed.is_empty() {
+                let why = refused.unwrap_or_else(|| format!("{host} has no address"));
+                return Err(
+                    Box::new(AddressRefused(why)) as Box<dyn std::error::Error + Send + Sync>
+                );
+            }
+            Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
 }
 
 /// What a pull reports as it goes.
@@ -142,11 +230,19 @@ impl Puller {
     /// A puller storing into `images`.
     pub fn new(images: OciImages, opts: PullOptions) -> Result<Self, OciError> {
         let insecure = opts.insecure;
-        let client = reqwest::Client::builder()
+        let addresses = opts.addresses.clone();
+        let mut builder = reqwest::Client::builder();
+        if let Some(policy) = &opts.addresses {
+            builder = builder.dns_resolver(Arc::new(PolicyResolver(policy.clone())));
+        }
+        let client = builder
             .connect_timeout(Duration::from_secs(15))
             .read_timeout(Duration::from_secs(120))
             .redirect(reqwest::redirect::Policy::custom(move |a| {
-                if a.previous().len() >= 10 {
+                let refused = addresses.as_ref().and_then(|p| p.check_url(a.url()).err());
+                if let Some(e) = refused {
+                    a.error(e)
+                } else if a.previous().len() >= 10 {
                     a.error("too many redirects")
                 } else if a.url().scheme() != "https" && !insecure {
                     a.error("redirect to plain HTTP from a registry not marked insecure")
@@ -178,13 +274,34 @@ impl Puller {
         format!("{scheme}://{}/v2/{}/", r.api_host(), r.repository)
     }
 
+    /// Refuses a literal address the policy does not allow.
+    fn check_address(&self, r: &Reference, url: &reqwest::Url) -> Result<(), OciError> {
+        match &self.opts.addresses {
+            Some(p) => p.check_url(url).map_err(|e| OciError::AddressRefused {
+                registry: r.registry.clone(),
+                message: e.to_string(),
+            }),
+            None => Ok(()),
+        }
+    }
+
     fn transport(r: &Reference, e: reqwest::Error) -> OciError {
         let mut message = e.to_string();
         let mut src = std::error::Error::source(&e);
+        let mut refused = None;
         while let Some(s) = src {
+            if let Some(a) = s.downcast_ref::<AddressRefused>() {
+                refused = Some(a.to_string());
+            }
             message.push_str(": ");
             message.push_str(&s.to_string());
             src = s.source();
+        }
+        if let Some(message) = refused {
+            return OciError::AddressRefused {
+                registry: r.registry.clone(),
+                message,
+            };
         }
         OciError::Unreachable {
             registry: r.registry.clone(),
@@ -214,6 +331,11 @@ impl Puller {
         url: &str,
         accept: Option<&str>,
     ) -> Result<reqwest::Response, OciError> {
+        let parsed = reqwest::Url::parse(url).map_err(|e| OciError::Unreachable {
+            registry: r.registry.clone(),
+            message: format!("'{url}' is not a URL: {e}"),
+        })?;
+        self.check_address(r, &parsed)?;
         for attempt in 0..2 {
             let mut headers = HeaderMap::new();
             if let Some(a) = accept {
@@ -302,6 +424,7 @@ impl Puller {
                 .unwrap_or_else(|| format!("repository:{}:pull", r.repository));
             q.append_pair("scope", &scope);
         }
+        self.check_address(r, &url)?;
         let mut req = self.client.get(url);
         if let Credentials::Basic { username, password } = &self.opts.credentials {
             req = req.basic_auth(username, Some(password));
