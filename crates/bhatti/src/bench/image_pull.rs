@@ -70,6 +70,12 @@ pub struct ImageBenchArgs {
     /// Number of layers the image is split into.
     #[arg(long, default_value_t = 4)]
     layers: usize,
+    /// Seconds to wait before each timed pull, after the last one's files
+    /// were removed: ext4 without a journal skips inodes freed in the last
+    /// ~30 s when it allocates, so a tree made right after another was
+    /// deleted costs several times more (0: no wait).
+    #[arg(long, default_value_t = 35)]
+    settle_secs: u64,
 }
 
 /// A network namespace with only loopback up, removed on drop.
@@ -155,10 +161,12 @@ fn on_path(tool: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Writes dirty pages out, so one measurement does not pay for the last.
-fn settle() {
+/// Writes dirty pages out and lets the inodes the last measurement freed
+/// age, so one measurement does not pay for the last.
+fn settle(secs: u64) {
     // SAFETY: sync has no preconditions.
     unsafe { libc::sync() };
+    std::thread::sleep(Duration::from_secs(secs));
 }
 
 #[derive(Debug, Default)]
@@ -257,7 +265,7 @@ pub fn run_bench(args: ImageBenchArgs) -> anyhow::Result<()> {
     for i in 0..args.iterations {
         // bhatti, cold: a data directory of its own, an empty blob cache.
         let data = dir.join(format!("bhatti-{i}"));
-        settle();
+        settle(args.settle_secs);
         let (total, download) = ns.run(|| pull(&data, &reference))??;
         r.cold.push(total);
         r.cold_download.push(download);
@@ -277,7 +285,7 @@ pub fn run_bench(args: ImageBenchArgs) -> anyhow::Result<()> {
         // The tools.
         let out = dir.join(format!("tools-{i}"));
         std::fs::create_dir(&out)?;
-        settle();
+        settle(args.settle_secs);
         let (t_skopeo, t_umoci, t_mkfs, ext4) = tools(&ns, &out)?;
         r.skopeo.push(t_skopeo);
         r.umoci.push(t_umoci);
@@ -302,7 +310,7 @@ pub fn run_bench(args: ImageBenchArgs) -> anyhow::Result<()> {
     }
     // bhatti, warm: every blob cached, only the build.
     for i in 0..args.iterations {
-        settle();
+        settle(args.settle_secs);
         let (total, _) = ns.run(|| pull(&warm_data, &reference))??;
         r.warm.push(total);
         eprintln!("warm #{}: {:.2}s", i + 1, total.as_secs_f64());
@@ -311,8 +319,11 @@ pub fn run_bench(args: ImageBenchArgs) -> anyhow::Result<()> {
     drop(ns);
 
     println!(
-        "\npull → rootfs.ext4, {} MiB of content; the baseline is skopeo copy + umoci unpack + mkfs.ext4 -d",
-        usage.block_bytes >> 20
+        "\npull → rootfs.ext4, {} MiB of content in {} inodes, {} iterations ({} s settle before each); the baseline is skopeo copy + umoci unpack + mkfs.ext4 -d",
+        usage.block_bytes >> 20,
+        usage.inodes,
+        args.iterations,
+        args.settle_secs
     );
     println!("{}", header());
     println!("{}", row("pull, cold (empty cache)", &r.cold, &r.tools));
