@@ -472,7 +472,10 @@ fn start_registry(ns: &Netns, dir: &Path) -> anyhow::Result<Killed> {
 
 /// The tree's entries one below the top (and top-level files), with their
 /// sizes: the units the layers are made of.
-fn split_units(tree: &Path) -> anyhow::Result<(Vec<String>, Vec<(String, u64)>)> {
+/// Top-level directories, and the units with their sizes.
+type Units = (Vec<String>, Vec<(String, u64)>);
+
+fn split_units(tree: &Path) -> anyhow::Result<Units> {
     let mut tops = Vec::new();
     let mut units = Vec::new();
     let mut names: Vec<_> = std::fs::read_dir(tree)?

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -280,7 +281,7 @@ const RAM_PREFIX: &str = "bhatti-oci-build-";
 /// lie only makes the attempt fall back to disk) takes at most half of
 /// both the room left there and the memory available. Areas left by
 /// processes that are gone are removed first.
-fn ram_staging(layers: &[(String, PathBuf)]) -> Option<tempfile::TempDir> {
+fn ram_staging(layers: &[(String, PathBuf)]) -> Option<RamStaging> {
     let ram = Path::new(RAM_DIR);
     remove_stale_ram_staging(ram);
     let mut estimate: u64 = 64 << 20;
@@ -295,13 +296,45 @@ fn ram_staging(layers: &[(String, PathBuf)]) -> Option<tempfile::TempDir> {
         .find_map(|l| l.strip_prefix("MemAvailable:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())?
         .saturating_mul(1024);
-    if estimate > room / 2 || estimate > available / 2 {
+    // Builds in this process share the room (each counts what it expects).
+    let reserved = RAM_RESERVED.fetch_add(estimate, Ordering::SeqCst);
+    let mut area = RamStaging {
+        dir: None,
+        bytes: estimate,
+    };
+    let total = reserved.saturating_add(estimate);
+    if total > room / 2 || total > available / 2 {
         return None;
     }
-    tempfile::Builder::new()
-        .prefix(&format!("{RAM_PREFIX}{}-", std::process::id()))
-        .tempdir_in(ram)
-        .ok()
+    area.dir = Some(
+        tempfile::Builder::new()
+            .prefix(&format!("{RAM_PREFIX}{}-", std::process::id()))
+            .tempdir_in(ram)
+            .ok()?,
+    );
+    Some(area)
+}
+
+/// Bytes of RAM staging the builds of this process expect to use.
+static RAM_RESERVED: AtomicU64 = AtomicU64::new(0);
+
+/// A RAM staging area, removed and its reservation returned on drop.
+struct RamStaging {
+    dir: Option<tempfile::TempDir>,
+    bytes: u64,
+}
+
+impl RamStaging {
+    fn path(&self) -> &Path {
+        self.dir.as_ref().expect("made with a directory").path()
+    }
+}
+
+impl Drop for RamStaging {
+    fn drop(&mut self) {
+        drop(self.dir.take());
+        RAM_RESERVED.fetch_sub(self.bytes, Ordering::SeqCst);
+    }
 }
 
 /// The unpacked size of a layer blob: a gzip member's trailer (its size
@@ -315,7 +348,7 @@ fn unpacked_estimate(path: &Path) -> Option<u64> {
     if magic != [0x1f, 0x8b] {
         return Some(len);
     }
-    if len >= 1 << 32 || len < 20 {
+    if !(20..1 << 32).contains(&len) {
         return None;
     }
     let mut trailer = [0u8; 4];
@@ -422,6 +455,25 @@ mod tests {
             reason: "the path contains '..'",
         };
         assert!(!out_of_space(&hostile));
+    }
+
+    #[test]
+    fn ram_areas_are_reserved_and_returned() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("l.tar");
+        std::fs::write(&p, vec![0u8; 4096]).unwrap();
+        let layers = vec![("sha256:x".to_owned(), p)];
+        let before = RAM_RESERVED.load(Ordering::SeqCst);
+        if let Some(area) = ram_staging(&layers) {
+            assert!(area.path().is_dir());
+            assert!(RAM_RESERVED.load(Ordering::SeqCst) >= before + 4096);
+            let path = area.path().to_owned();
+            drop(area);
+            assert!(!path.exists());
+        }
+        // Other tests may hold areas meanwhile; none is left by this one.
+        let layers_none = vec![("sha256:y".to_owned(), dir.path().join("missing"))];
+        assert!(ram_staging(&layers_none).is_none());
     }
 
     #[test]
