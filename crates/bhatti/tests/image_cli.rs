@@ -259,3 +259,62 @@ fn image_commands_through_the_daemon() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(!run(&["image", "inspect", "hello"]).status.success());
 }
+
+/// `bhatti bench image` at a tiny scale: it makes its image, serves it
+/// from a registry in a namespace of its own, pulls it both ways, checks
+/// both ext4 images and ends with the ratio line (never checked against a
+/// time).
+#[test]
+fn bench_image_runs_at_a_tiny_scale() {
+    if !testkit::is_root() {
+        testkit::cannot_run("bench image needs root (a network namespace, layer ownership)");
+        return;
+    }
+    let empty = tempfile::tempdir().unwrap();
+    let child = Command::new(BIN)
+        .args(["bench", "image", "--source", "generated", "--size-mb", "4"])
+        .args(["--iterations", "2", "--layers", "2", "--settle-secs", "0"])
+        .arg("--data-dir")
+        .arg(empty.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ns_name = format!("bhbench-img-{}", child.id());
+    let out = child.wait_with_output().unwrap();
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert!(
+        stdout.contains("e2fsck -fn: bhatti's rootfs.ext4 is clean"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("e2fsck -fn: the tools' rootfs.ext4 is clean"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("2 gzip layers"), "{stdout}");
+    let last = stdout.lines().last().unwrap_or_default();
+    let ratio: f64 = last
+        .strip_prefix("image_pull_vs_tools_ratio=")
+        .unwrap_or_else(|| panic!("last line: {last}"))
+        .parse()
+        .unwrap();
+    assert!(ratio > 0.0 && ratio.is_finite(), "{last}");
+    // The inode counts of both images: the same tree (bhatti adds the five
+    // mount points lohar needs when the image has none).
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("inodes used:"))
+        .unwrap();
+    let nums: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    assert!(
+        nums.len() == 2 && nums[0] >= nums[1] && nums[0] <= nums[1] + 5,
+        "{line}"
+    );
+    // Nothing left behind: its namespace is gone.
+    let ns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(!text(&ns.stdout).contains(&ns_name), "{}", text(&ns.stdout));
+}

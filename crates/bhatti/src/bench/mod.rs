@@ -6,6 +6,7 @@ mod api;
 mod boot;
 mod daemon;
 mod fork;
+mod image_pull;
 mod proxy;
 mod stats;
 mod thermal;
@@ -37,6 +38,10 @@ pub enum BenchCommand {
     /// exec, against a fresh boot → first exec in the same run. Needs root
     /// and built images.
     Fork(fork::ForkBenchArgs),
+    /// Pull → bootable rootfs of a ≥ 200 MB image from a local registry
+    /// (in a network namespace of its own), cold and warm, against skopeo
+    /// copy + umoci unpack + mkfs.ext4 -d in the same run. Needs root.
+    Image(image_pull::ImageBenchArgs),
 }
 
 /// A sandbox manager of the bench's own: a temp data dir reading the images
@@ -114,6 +119,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Boot(args) => boot::run(args),
         BenchCommand::Api(args) => api::run(args),
         BenchCommand::Fork(args) => fork::run(args),
+        BenchCommand::Image(args) => image_pull::run_bench(args),
         BenchCommand::Thermal(args) => thermal::run(args),
         BenchCommand::Proxy(args) => proxy::run(args),
     }

@@ -22,6 +22,11 @@ impl Samples {
         v[rank.clamp(1, v.len()) - 1]
     }
 
+    /// The samples, in the order taken.
+    pub fn iter(&self) -> impl Iterator<Item = &Duration> {
+        self.0.iter()
+    }
+
     pub fn p50(&self) -> Duration {
         self.percentile(50.0)
     }

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -156,17 +157,36 @@ impl OciImages {
         let build_dir = self.layout.build_dir();
         std::fs::create_dir_all(&build_dir).map_err(io("create directory", &build_dir))?;
         let staging = Staging::new(&build_dir, &format!("oci-{name}"))?;
-        let root = staging.path().join("root");
-        std::fs::create_dir(&root).map_err(io("create directory", &root))?;
-        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755))
-            .map_err(io("chmod", &root))?;
-        let mut left = budget;
-        for (digest, path) in layers {
-            let f = std::fs::File::open(path).map_err(io("open", path))?;
-            let reader = open_layer(f, path)?;
-            let stats = apply_layer(&root, reader, &format!("layer {digest}"), &mut left)?;
-            tracing::debug!(%digest, ?stats, "applied layer");
-        }
+        // The tree is staged in RAM when it fits with room to spare (tens
+        // of thousands of files made and removed on a disk cost far more
+        // than mkfs itself), else beside the output; a RAM attempt that
+        // runs out of room is done again on disk.
+        let mut ram = ram_staging(layers);
+        let root = loop {
+            let root = match &ram {
+                Some(dir) => dir.path().join("root"),
+                None => staging.path().join("root"),
+            };
+            // In RAM, the unpack may not take more than was reserved for
+            // it: a layer whose gzip trailer lies cannot fill the host's
+            // memory (it is redone on disk under the caller's budget).
+            let (limit, ram_bound) = match &ram {
+                Some(area) if area.bytes < budget => (area.bytes, true),
+                _ => (budget, false),
+            };
+            match apply_layers(&root, layers, limit) {
+                Ok(()) => break root,
+                Err(e)
+                    if ram.is_some()
+                        && (out_of_space(&e)
+                            || (ram_bound && matches!(e, OciError::TooLarge { .. }))) =>
+                {
+                    tracing::debug!(error = %e, "the RAM staging area is full; staging on disk");
+                    ram = None;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         // Mount points lohar uses, when the image has none.
         for (d, mode) in [
             ("dev", 0o755),
@@ -182,9 +202,11 @@ impl OciImages {
                     .map_err(io("chmod", &p))?;
             }
         }
+        let unpacked = start.elapsed();
         let out = staging.path().join("out");
         std::fs::create_dir(&out).map_err(io("create directory", &out))?;
         let rootfs_bytes = pack_rootfs(&root, &out.join("rootfs.ext4"), OCI_LABEL)?;
+        let packed = start.elapsed();
         let image = OciImage {
             name: name.to_owned(),
             source: source.to_owned(),
@@ -219,7 +241,18 @@ impl OciImages {
             start.elapsed().as_millis() as u64,
         )?;
         manifest.save(&out.join(MANIFEST))?;
+        let hashed = start.elapsed();
         replace_dir(&out, &self.image_dir(name))?;
+        drop(ram);
+        drop(staging);
+        tracing::debug!(
+            name,
+            ?unpacked,
+            ?packed,
+            ?hashed,
+            total = ?start.elapsed(),
+            "built an OCI image (times since the start: layers applied, mkfs done, manifest hashed, staging removed)"
+        );
         Ok(image)
     }
 
@@ -235,6 +268,145 @@ impl OciImages {
     }
 }
 
+/// Makes `root` and applies `layers` (bottom first) to it.
+fn apply_layers(root: &Path, layers: &[(String, PathBuf)], budget: u64) -> Result<(), OciError> {
+    std::fs::create_dir(root).map_err(io("create directory", root))?;
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755))
+        .map_err(io("chmod", root))?;
+    let mut left = budget;
+    for (digest, path) in layers {
+        let f = std::fs::File::open(path).map_err(io("open", path))?;
+        let reader = open_layer(f, path)?;
+        let stats = apply_layer(root, reader, &format!("layer {digest}"), &mut left)?;
+        tracing::debug!(%digest, ?stats, "applied layer");
+    }
+    Ok(())
+}
+
+/// Where RAM staging areas are made (a tmpfs on every Linux system).
+const RAM_DIR: &str = "/dev/shm";
+const RAM_PREFIX: &str = "bhatti-oci-build-";
+
+/// A fresh private (0700, random name) directory in `/dev/shm` for the
+/// tree of `layers`, if their unpacked size (from the gzip trailers; a
+/// lie only makes the attempt fall back to disk) takes at most half of
+/// both the room left there and the memory available. Areas left by
+/// processes that are gone are removed first.
+fn ram_staging(layers: &[(String, PathBuf)]) -> Option<RamStaging> {
+    let ram = Path::new(RAM_DIR);
+    remove_stale_ram_staging(ram);
+    let mut estimate: u64 = 64 << 20;
+    for (_, path) in layers {
+        estimate = estimate.saturating_add(unpacked_estimate(path)?.saturating_mul(5) / 4);
+    }
+    let fs = nix::sys::statvfs::statvfs(ram).ok()?;
+    let room = fs.blocks_available() as u64 * fs.fragment_size() as u64;
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let available = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())?
+        .saturating_mul(1024);
+    // Builds in this process share the room (each counts what it expects).
+    let reserved = RAM_RESERVED.fetch_add(estimate, Ordering::SeqCst);
+    let mut area = RamStaging {
+        dir: None,
+        bytes: estimate,
+    };
+    let total = reserved.saturating_add(estimate);
+    if total > room / 2 || total > available / 2 {
+        return None;
+    }
+    area.dir = Some(
+        tempfile::Builder::new()
+            .prefix(&format!("{RAM_PREFIX}{}-", std::process::id()))
+            .tempdir_in(ram)
+            .ok()?,
+    );
+    Some(area)
+}
+
+/// Bytes of RAM staging the builds of this process expect to use.
+static RAM_RESERVED: AtomicU64 = AtomicU64::new(0);
+
+/// A RAM staging area, removed and its reservation returned on drop.
+struct RamStaging {
+    dir: Option<tempfile::TempDir>,
+    bytes: u64,
+}
+
+impl RamStaging {
+    fn path(&self) -> &Path {
+        self.dir.as_ref().expect("made with a directory").path()
+    }
+}
+
+impl Drop for RamStaging {
+    fn drop(&mut self) {
+        drop(self.dir.take());
+        RAM_RESERVED.fetch_sub(self.bytes, Ordering::SeqCst);
+    }
+}
+
+/// The unpacked size of a layer blob: a gzip member's trailer (its size
+/// modulo 4 GiB; a blob over 4 GiB gives none), or a plain tar's length.
+fn unpacked_estimate(path: &Path) -> Option<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).ok()?;
+    let len = f.metadata().ok()?.len();
+    let mut magic = [0u8; 2];
+    f.read_exact(&mut magic).ok()?;
+    if magic != [0x1f, 0x8b] {
+        return Some(len);
+    }
+    if !(20..1 << 32).contains(&len) {
+        return None;
+    }
+    let mut trailer = [0u8; 4];
+    f.seek(SeekFrom::End(-4)).ok()?;
+    f.read_exact(&mut trailer).ok()?;
+    Some(u64::from(u32::from_le_bytes(trailer)).max(len))
+}
+
+/// Removes RAM staging areas of this user whose process is gone (a crash).
+fn remove_stale_ram_staging(ram: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(rd) = std::fs::read_dir(ram) else {
+        return;
+    };
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(RAM_PREFIX)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(m) = e.path().symlink_metadata() else {
+            continue;
+        };
+        if m.is_dir() && m.uid() == me && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// Whether `e` is the file system running out of room.
+fn out_of_space(e: &OciError) -> bool {
+    let os = match e {
+        OciError::Io { error, .. } => error.raw_os_error(),
+        OciError::Tar { error, .. } => error.raw_os_error(),
+        _ => None,
+    };
+    matches!(
+        os,
+        Some(libc::ENOSPC) | Some(libc::ENOMEM) | Some(libc::EDQUOT)
+    )
+}
+
 /// Reads a whole file of at most `limit` bytes.
 pub(crate) fn read_limited(path: &Path, what: &str, limit: u64) -> Result<Vec<u8>, OciError> {
     let m = std::fs::metadata(path).map_err(io("stat", path))?;
@@ -245,4 +417,89 @@ pub(crate) fn read_limited(path: &Path, what: &str, limit: u64) -> Result<Vec<u8
         });
     }
     std::fs::read(path).map_err(io("read", path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpacked_sizes_come_from_gzip_trailers() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = vec![b'x'; 300_000];
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &data).unwrap();
+        let gz = gz.finish().unwrap();
+        assert!(gz.len() < 10_000);
+        let p = dir.path().join("l.tgz");
+        std::fs::write(&p, &gz).unwrap();
+        assert_eq!(unpacked_estimate(&p), Some(300_000));
+        // A plain tar is its own size; a truncated gzip gives none.
+        let t = dir.path().join("l.tar");
+        std::fs::write(&t, &data[..5000]).unwrap();
+        assert_eq!(unpacked_estimate(&t), Some(5000));
+        std::fs::write(&p, &gz[..10]).unwrap();
+        assert_eq!(unpacked_estimate(&p), None);
+        // A trailer claiming less than the blob counts the blob.
+        let mut lie = gz.clone();
+        let n = lie.len();
+        lie[n - 4..].copy_from_slice(&1u32.to_le_bytes());
+        std::fs::write(&p, &lie).unwrap();
+        assert_eq!(unpacked_estimate(&p), Some(n as u64));
+    }
+
+    #[test]
+    fn only_running_out_of_room_retries_on_disk() {
+        let full = OciError::Tar {
+            what: "l".into(),
+            error: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+        assert!(out_of_space(&full));
+        let other = OciError::Io {
+            op: "create",
+            path: "/x".into(),
+            error: std::io::Error::from_raw_os_error(libc::EACCES),
+        };
+        assert!(!out_of_space(&other));
+        let hostile = OciError::UnsafeEntry {
+            path: "../x".into(),
+            reason: "the path contains '..'",
+        };
+        assert!(!out_of_space(&hostile));
+    }
+
+    #[test]
+    fn ram_areas_are_reserved_and_returned() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("l.tar");
+        std::fs::write(&p, vec![0u8; 4096]).unwrap();
+        let layers = vec![("sha256:x".to_owned(), p)];
+        let before = RAM_RESERVED.load(Ordering::SeqCst);
+        if let Some(area) = ram_staging(&layers) {
+            assert!(area.path().is_dir());
+            assert!(RAM_RESERVED.load(Ordering::SeqCst) >= before + 4096);
+            let path = area.path().to_owned();
+            drop(area);
+            assert!(!path.exists());
+        }
+        // Other tests may hold areas meanwhile; none is left by this one.
+        let layers_none = vec![("sha256:y".to_owned(), dir.path().join("missing"))];
+        assert!(ram_staging(&layers_none).is_none());
+    }
+
+    #[test]
+    fn stale_ram_areas_of_dead_processes_go() {
+        let ram = tempfile::tempdir().unwrap();
+        // A pid that cannot exist (above the kernel's maximum).
+        let dead = ram.path().join(format!("{RAM_PREFIX}4294967-abc"));
+        let live = ram
+            .path()
+            .join(format!("{RAM_PREFIX}{}-abc", std::process::id()));
+        let other = ram.path().join("unrelated-4294967");
+        for d in [&dead, &live, &other] {
+            std::fs::create_dir(d).unwrap();
+        }
+        remove_stale_ram_staging(ram.path());
+        assert!(!dead.exists() && live.exists() && other.exists());
+    }
 }
