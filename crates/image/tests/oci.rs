@@ -716,7 +716,7 @@ fn pull_from_a_registry_in_a_namespace() {
             for conn in redirector.incoming().flatten() {
                 let mut reader = std::io::BufReader::new(&conn);
                 let mut line = String::new();
-                while reader.read_line(&mut line).map_or(false, |n| n > 2) {
+                while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
                     line.clear();
                 }
                 let _ = (&conn).write_all(
