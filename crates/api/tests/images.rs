@@ -453,6 +453,13 @@ fn images_api_pull_import_save_share_on_real_vms() {
             second["progress"]["bytes_cached"], second["progress"]["bytes_done"],
             "{second}"
         );
+        // The total is the manifest's, and a finished pull did all of it.
+        for t in [&first, &second] {
+            assert_eq!(
+                t["progress"]["bytes_total"], t["progress"]["bytes_done"],
+                "{t}"
+            );
+        }
         let img = &first["result"];
         assert_eq!(img["source"], format!("{REGISTRY}/team/app:1"), "{img}");
         assert_eq!(img["config"]["working_dir"], "/srv/app", "{img}");

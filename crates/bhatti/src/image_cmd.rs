@@ -296,7 +296,7 @@ fn pull(args: PullArgs) -> anyhow::Result<()> {
         .context("starting a runtime")?;
     let mut cached = 0u64;
     let img = rt.block_on(puller.pull(&reference, &name, &mut |e| match e {
-        PullEvent::Manifest { digest, layers } => {
+        PullEvent::Manifest { digest, layers, .. } => {
             println!("    manifest {digest} ({layers} layers)")
         }
         PullEvent::Cached { digest, size } => {

@@ -593,8 +593,11 @@ impl Service {
             let (mut layers, mut seen) = (0usize, 0usize);
             let mut on_event = |e: PullEvent| {
                 tasks.image_tasks.progress(&tid2, |p| match e {
-                    PullEvent::Manifest { layers: n, .. } => {
+                    PullEvent::Manifest {
+                        layers: n, bytes, ..
+                    } => {
                         layers = n;
+                        p.bytes_total = bytes;
                         p.step = format!("downloading (0/{n} layers)");
                     }
                     PullEvent::Cached { size, .. } | PullEvent::Downloaded { size, .. } => {

@@ -155,6 +155,9 @@ pub enum PullEvent {
         digest: String,
         /// Number of layers.
         layers: usize,
+        /// Bytes of the config and the layers, as the manifest declares
+        /// them (what the pull downloads or finds cached).
+        bytes: u64,
     },
     /// A blob was already cached.
     Cached {
@@ -583,6 +586,11 @@ impl Puller {
         progress(PullEvent::Manifest {
             digest: digest.clone(),
             layers: doc.layers.len(),
+            bytes: doc
+                .config
+                .iter()
+                .chain(&doc.layers)
+                .fold(0u64, |n, d| n.saturating_add(d.size)),
         });
         let mut budget = self.opts.limits.download_bytes;
         let config = doc.config.clone().expect("parse checked");
