@@ -161,11 +161,21 @@ fn images_belong_to_users_and_bad_input_answers_4xx() {
         let data: PathBuf = dir.path().join("data");
         std::fs::create_dir(&data).unwrap();
         testkit::placeholder_images(&data);
+        // Files of a user's image without a row (its user was deleted) go
+        // at start; a server image's (a name, not an id) stay.
+        let oci = data.join("images/oci");
+        for d in ["i.00000000deadbeef", "srv"] {
+            std::fs::create_dir_all(oci.join(d)).unwrap();
+            std::fs::write(oci.join(d).join("rootfs.ext4"), b"x").unwrap();
+        }
         let d = TestDaemon::start_with_engine(
             fake_config(&data),
             vmm::fake::FakeEngine::new(testkit::host_lohar()),
         )
         .await;
+        assert!(!oci.join("i.00000000deadbeef").exists());
+        assert!(oci.join("srv/rootfs.ext4").exists());
+        std::fs::remove_dir_all(oci.join("srv")).unwrap();
         let alice = d.client(&d.user("alice", 5));
         let bob = d.client(&d.user("bob", 5));
         let carol = d.client(&d.user_with(

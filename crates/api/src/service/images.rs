@@ -502,6 +502,40 @@ impl Service {
         }))
     }
 
+    /// At start: removes the files of users' images that have no row (their
+    /// user was deleted, whose rows went by cascade, or the daemon stopped
+    /// between a build and its row). Server images (named, not `i.…`) are
+    /// the admin's and are left alone.
+    pub(super) async fn remove_orphan_images(&self) {
+        let store = self.store.clone();
+        let rows = match blocking(move || store.all_images()).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing images to find orphans");
+                return;
+            }
+        };
+        let known: std::collections::HashSet<String> = rows.into_iter().map(|r| r.id).collect();
+        let oci = self.oci();
+        let _ = tokio::task::spawn_blocking(move || {
+            let Ok(entries) = std::fs::read_dir(oci.dir()) else {
+                return;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(ID_PREFIX) && !known.contains(&name) {
+                    match oci.remove(&name) {
+                        Ok(_) => tracing::info!(image = %name, "removed an image without an owner"),
+                        Err(e) => {
+                            tracing::warn!(image = %name, error = %e, "removing an orphan image")
+                        }
+                    }
+                }
+            }
+        })
+        .await;
+    }
+
     fn new_id() -> Result<String, ApiError> {
         Ok(format!("{ID_PREFIX}{}", random_hex(8).map_err(internal)?))
     }

@@ -117,6 +117,7 @@ impl Service {
         )
         .await?;
         service.recover().await;
+        service.remove_orphan_images().await;
         let recorder = tokio::spawn(persistence::record_thermal(
             events,
             service.store.clone(),
