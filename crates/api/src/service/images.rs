@@ -34,6 +34,9 @@ use crate::state::blocking;
 
 /// Tasks one user may run at once.
 pub const MAX_RUNNING_TASKS: usize = 2;
+/// Tasks all users together may run at once (each holds a disk's worth
+/// of I/O and, for a save, a utility VM).
+pub const MAX_RUNNING_TASKS_ALL: usize = 8;
 /// Tasks (finished ones included) kept per user; the oldest finished go.
 pub const MAX_KEPT_TASKS: usize = 16;
 /// How long a finished task is kept.
@@ -78,7 +81,10 @@ impl Tasks {
                 "image '{target}' is being made by another task of yours"
             )));
         }
-        if mine.iter().filter(|e| e.finished.is_none()).count() >= MAX_RUNNING_TASKS {
+        let running_all = map.values().filter(|e| e.finished.is_none()).count();
+        if mine.iter().filter(|e| e.finished.is_none()).count() >= MAX_RUNNING_TASKS
+            || running_all >= MAX_RUNNING_TASKS_ALL
+        {
             return Err(ApiError::RateLimited {
                 retry_after: Duration::from_secs(10),
             });
@@ -1220,6 +1226,16 @@ mod tests {
         assert_eq!(kept, MAX_KEPT_TASKS);
         assert!(t.get("u1", ids.last().unwrap()).is_some());
         assert!(t.get("u1", &a.id).is_none(), "the oldest finished went");
+
+        // All users together run at most MAX_RUNNING_TASKS_ALL.
+        let t = Tasks::default();
+        for i in 0..MAX_RUNNING_TASKS_ALL {
+            t.start(&format!("user{i}"), "pull", "x").unwrap();
+        }
+        assert!(matches!(
+            t.start("another", "pull", "x"),
+            Err(ApiError::RateLimited { .. })
+        ));
     }
 
     #[test]

@@ -170,17 +170,10 @@ impl OciImages {
             // In RAM, the unpack may not take more than was reserved for
             // it: a layer whose gzip trailer lies cannot fill the host's
             // memory (it is redone on disk under the caller's budget).
-            let (limit, ram_bound) = match &ram {
-                Some(area) if area.bytes < budget => (area.bytes, true),
-                _ => (budget, false),
-            };
+            let (limit, ram_bound) = unpack_limit(ram.as_ref().map(|a| a.bytes), budget);
             match apply_layers(&root, layers, limit) {
                 Ok(()) => break root,
-                Err(e)
-                    if ram.is_some()
-                        && (out_of_space(&e)
-                            || (ram_bound && matches!(e, OciError::TooLarge { .. }))) =>
-                {
+                Err(e) if ram.is_some() && redo_on_disk(&e, ram_bound) => {
                     tracing::debug!(error = %e, "the RAM staging area is full; staging on disk");
                     ram = None;
                 }
@@ -281,6 +274,22 @@ fn apply_layers(root: &Path, layers: &[(String, PathBuf)], budget: u64) -> Resul
         tracing::debug!(%digest, ?stats, "applied layer");
     }
     Ok(())
+}
+
+/// The unpack budget of an attempt: the caller's, or in RAM what was
+/// reserved when that is less (then `true`: running past it is no error of
+/// the image's, the attempt is redone on disk).
+fn unpack_limit(reserved: Option<u64>, budget: u64) -> (u64, bool) {
+    match reserved {
+        Some(r) if r < budget => (r, true),
+        _ => (budget, false),
+    }
+}
+
+/// Whether a RAM attempt that failed with `e` is redone on disk: it ran
+/// out of room, or past its reservation (`ram_bound`).
+fn redo_on_disk(e: &OciError, ram_bound: bool) -> bool {
+    out_of_space(e) || (ram_bound && matches!(e, OciError::TooLarge { .. }))
 }
 
 /// Where RAM staging areas are made (a tmpfs on every Linux system).
@@ -446,6 +455,23 @@ mod tests {
         lie[n - 4..].copy_from_slice(&1u32.to_le_bytes());
         std::fs::write(&p, &lie).unwrap();
         assert_eq!(unpacked_estimate(&p), Some(n as u64));
+    }
+
+    #[test]
+    fn a_ram_attempt_stops_at_its_reservation_and_is_redone_on_disk() {
+        // A lying trailer: far more content than reserved.
+        let (limit, bound) = unpack_limit(Some(100 << 20), 16 << 30);
+        assert_eq!((limit, bound), (100 << 20, true));
+        let past = OciError::TooLarge {
+            what: "unpacked layers".into(),
+            limit,
+        };
+        assert!(redo_on_disk(&past, bound));
+        // On disk (or a reservation above the budget) the budget is the
+        // caller's and running past it is the image's error.
+        assert_eq!(unpack_limit(None, 5 << 30), (5 << 30, false));
+        assert_eq!(unpack_limit(Some(6 << 30), 5 << 30), (5 << 30, false));
+        assert!(!redo_on_disk(&past, false));
     }
 
     #[test]
