@@ -465,6 +465,28 @@ fn images_belong_to_users_and_bad_input_answers_4xx() {
         assert_eq!(s, 204, "{v}");
         assert_eq!(alice.json(Method::GET, "/images/app", None).await.0, 404);
         assert_eq!(oci_dirs(&data).len(), 1, "{:?}", oci_dirs(&data));
+        // The blob cache keeps only what the remaining image names: the
+        // deleted images', the failed and hostile imports' blobs went.
+        let left = &oci_dirs(&data)[0];
+        let img: Value = serde_json::from_slice(
+            &std::fs::read(data.join("images/oci").join(left).join("image.json")).unwrap(),
+        )
+        .unwrap();
+        let mut named: Vec<String> = img["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(img.get("config_digest"))
+            .map(|d| d.as_str().unwrap().trim_start_matches("sha256:").to_owned())
+            .collect();
+        named.sort();
+        named.dedup();
+        let mut blobs: Vec<String> = std::fs::read_dir(data.join("images/oci/blobs/sha256"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        blobs.sort();
+        assert_eq!(blobs, named);
         // A tier is not deletable.
         assert_eq!(
             alice.json(Method::DELETE, "/images/tiny", None).await.0,

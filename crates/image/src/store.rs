@@ -259,6 +259,7 @@ mod tests {
                 ..Default::default()
             },
             layers: vec![],
+            config_digest: None,
             rootfs_bytes: 1,
             created_unix: 0,
         };

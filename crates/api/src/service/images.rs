@@ -608,6 +608,7 @@ impl Service {
                 tracing::info!(user = %user.name, image = %name, error = %e, "pull failed");
             }
             this.image_tasks.finish(&tid, result);
+            this.collect_blobs().await;
         });
         Ok(task)
     }
@@ -738,6 +739,7 @@ impl Service {
             }
             .await;
             this.image_tasks.finish(&tid, result);
+            this.collect_blobs().await;
         });
         Ok(task)
     }
@@ -843,7 +845,24 @@ impl Service {
         .map_err(oci_error)?;
         self.volume_event(user, "image_deleted", serde_json::json!({"image": name}))
             .await;
+        self.collect_blobs().await;
         Ok(())
+    }
+
+    /// Removes cached blobs no image uses (after a delete, a task's end,
+    /// and at start): what a failed pull downloaded or a deleted image
+    /// held is not charged to anyone, so it may not stay. Skipped while
+    /// a pull or an import runs; the last to end collects.
+    pub(super) async fn collect_blobs(&self) {
+        let oci = self.oci();
+        match tokio::task::spawn_blocking(move || oci.collect_garbage()).await {
+            Ok(Ok(Some((n, bytes)))) if n > 0 => {
+                tracing::info!(blobs = n, bytes, "removed cached blobs no image uses")
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "collecting unused blobs"),
+            Err(e) => tracing::warn!(error = %e, "collecting unused blobs"),
+        }
     }
 
     /// `POST|DELETE /images/:name/share[?owner=]`: an admin shares one
@@ -937,6 +956,7 @@ impl Service {
                 tracing::info!(user = %user.name, image = %name, error = %e, "save failed");
             }
             this.image_tasks.finish(&tid, result);
+            this.collect_blobs().await;
         });
         Ok(task)
     }
@@ -1104,7 +1124,15 @@ impl Service {
         let (oci, id2, source) = (self.oci(), id.clone(), format!("save:{}", row.name));
         let (src2, d2) = (source.clone(), digest.clone());
         let built = tokio::task::spawn_blocking(move || {
-            oci.build(&id2, &src2, &d2, &blob, &[(d2.clone(), tar_path)], budget)
+            oci.build(
+                &id2,
+                &src2,
+                &d2,
+                &blob,
+                None,
+                &[(d2.clone(), tar_path)],
+                budget,
+            )
         })
         .await
         .map_err(internal)?;

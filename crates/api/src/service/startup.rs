@@ -118,6 +118,7 @@ impl Service {
         .await?;
         service.recover().await;
         service.remove_orphan_images().await;
+        service.collect_blobs().await;
         let recorder = tokio::spawn(persistence::record_thermal(
             events,
             service.store.clone(),

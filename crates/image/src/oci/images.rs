@@ -43,6 +43,10 @@ pub struct OciImage {
     pub config: RunConfig,
     /// Layer digests, bottom first.
     pub layers: Vec<String>,
+    /// Digest of the config blob, when it came from the blob cache (kept
+    /// there with the layers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_digest: Option<String>,
     /// Size of `rootfs.ext4`.
     pub rootfs_bytes: u64,
     /// When it was built (Unix seconds).
@@ -111,6 +115,48 @@ impl OciImages {
         self.dir().join(name)
     }
 
+    /// Holds the blob cache in use (shared) while a pull or an import
+    /// runs, in this process or another: [`Self::collect_garbage`] never
+    /// removes a blob under it.
+    pub fn use_blobs(&self) -> Result<BlobLock, OciError> {
+        BlobLock::take(&self.dir().join("blobs"), false)
+            .map(|l| l.expect("a blocking lock is taken"))
+    }
+
+    /// Removes every cached blob no image's layers name (a deleted image's,
+    /// a failed pull's, an import's config and manifest), and temporary
+    /// files of writes that never finished. Skipped (`Ok(None)`) while a
+    /// pull or an import holds the cache ([`Self::use_blobs`]); else the
+    /// blobs and bytes removed.
+    pub fn collect_garbage(&self) -> Result<Option<(usize, u64)>, OciError> {
+        let Some(_exclusive) = BlobLock::take(&self.dir().join("blobs"), true)? else {
+            return Ok(None);
+        };
+        let keep: std::collections::HashSet<String> = self
+            .list()
+            .into_iter()
+            .flat_map(|i| i.layers.into_iter().chain(i.config_digest))
+            .filter_map(|d| d.strip_prefix("sha256:").map(str::to_owned))
+            .collect();
+        let dir = self.dir().join("blobs").join("sha256");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(Some((0, 0)));
+        };
+        let (mut n, mut bytes) = (0, 0);
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if keep.contains(&name) {
+                continue;
+            }
+            let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+            let p = e.path();
+            std::fs::remove_file(&p).map_err(io("remove", &p))?;
+            n += 1;
+            bytes += len;
+        }
+        Ok(Some((n, bytes)))
+    }
+
     /// The image's read-only base.
     pub fn rootfs(&self, name: &str) -> PathBuf {
         self.image_dir(name).join("rootfs.ext4")
@@ -149,6 +195,7 @@ impl OciImages {
         source: &str,
         digest: &str,
         config: &ImageConfigBlob,
+        config_digest: Option<&str>,
         layers: &[(String, PathBuf)],
         budget: u64,
     ) -> Result<OciImage, OciError> {
@@ -207,6 +254,7 @@ impl OciImages {
             architecture: config.architecture.clone(),
             config: config.config.clone().unwrap_or_default(),
             layers: layers.iter().map(|(d, _)| d.clone()).collect(),
+            config_digest: config_digest.map(str::to_owned),
             rootfs_bytes,
             created_unix: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -428,9 +476,92 @@ pub(crate) fn read_limited(path: &Path, what: &str, limit: u64) -> Result<Vec<u8
     std::fs::read(path).map_err(io("read", path))
 }
 
+/// A lock on the blob cache (`DATA/images/oci/blobs/.lock`, `flock`):
+/// shared while blobs are written and read, exclusive to remove them.
+/// Released when dropped (or when its process ends).
+#[derive(Debug)]
+pub struct BlobLock(std::fs::File);
+
+impl BlobLock {
+    /// Takes it shared (waiting), or exclusive without waiting (`None`
+    /// when another holds it).
+    fn take(dir: &Path, exclusive: bool) -> Result<Option<BlobLock>, OciError> {
+        use std::os::fd::AsRawFd;
+        std::fs::create_dir_all(dir).map_err(io("create directory", dir))?;
+        let path = dir.join(".lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io("open", &path))?;
+        let op = if exclusive {
+            libc::LOCK_EX | libc::LOCK_NB
+        } else {
+            libc::LOCK_SH
+        };
+        loop {
+            // SAFETY: flock on a descriptor this function owns.
+            if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+                return Ok(Some(BlobLock(file)));
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EWOULDBLOCK) if exclusive => return Ok(None),
+                _ => return Err(io("lock", &path)(e)),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn garbage_is_every_blob_no_image_names_and_waits_for_pulls() {
+        let dir = tempfile::tempdir().unwrap();
+        let images = OciImages::new(Layout::new(dir.path()));
+        let hex = |c: char| c.to_string().repeat(64);
+        let blobs = images.dir().join("blobs/sha256");
+        std::fs::create_dir_all(&blobs).unwrap();
+        for name in [hex('a'), hex('b'), hex('c'), hex('d'), ".tmp-x-1".into()] {
+            std::fs::write(blobs.join(name), b"12345").unwrap();
+        }
+        // An image whose layer is a and config b.
+        let d = images.image_dir("app");
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("rootfs.ext4"), b"x").unwrap();
+        std::fs::write(d.join(MANIFEST), "{}").unwrap();
+        let img = OciImage {
+            name: "app".into(),
+            source: "r/app:1".into(),
+            digest: format!("sha256:{}", hex('e')),
+            architecture: "amd64".into(),
+            config: RunConfig::default(),
+            layers: vec![format!("sha256:{}", hex('a'))],
+            config_digest: Some(format!("sha256:{}", hex('b'))),
+            rootfs_bytes: 1,
+            created_unix: 0,
+        };
+        std::fs::write(d.join(IMAGE_JSON), serde_json::to_vec(&img).unwrap()).unwrap();
+        // A pull holds the cache: nothing is removed.
+        let pulling = images.use_blobs().unwrap();
+        assert_eq!(images.collect_garbage().unwrap(), None);
+        assert!(blobs.join(hex('c')).exists());
+        drop(pulling);
+        assert_eq!(images.collect_garbage().unwrap(), Some((3, 15)));
+        let mut left: Vec<String> = std::fs::read_dir(&blobs)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, [hex('a'), hex('b')]);
+        // Without the image, its blobs go too.
+        assert!(images.remove("app").unwrap());
+        assert_eq!(images.collect_garbage().unwrap(), Some((2, 10)));
+    }
 
     #[test]
     fn unpacked_sizes_come_from_gzip_trailers() {

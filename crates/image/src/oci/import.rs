@@ -46,6 +46,7 @@ pub fn import_archive(
     limits: Limits,
 ) -> Result<OciImage, OciError> {
     super::images::validate_name(name)?;
+    let _in_use = images.use_blobs()?;
     let bad = |reason: String| OciError::BadArchive {
         path: path.to_owned(),
         reason,
@@ -138,6 +139,7 @@ pub fn import_archive(
             &source,
             &config_digest,
             &config,
+            Some(&config_digest),
             &layers,
             limits.unpacked_bytes,
         );
@@ -263,6 +265,7 @@ pub(crate) fn build_from_manifest(
         source,
         digest,
         &config,
+        Some(&cfg.digest),
         &layers,
         limits.unpacked_bytes,
     )

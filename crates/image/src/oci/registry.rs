@@ -570,6 +570,8 @@ impl Puller {
         progress: &mut (dyn FnMut(PullEvent) + Send),
     ) -> Result<OciImage, OciError> {
         super::images::validate_name(name)?;
+        // Blobs found or written stay until the image is built from them.
+        let _in_use = self.images.use_blobs()?;
         let arch = self.images.arch().name();
         let (mut doc, mut kind, mut digest) =
             self.manifest(r, r.manifest_reference(), None).await?;
