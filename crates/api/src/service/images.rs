@@ -1126,10 +1126,12 @@ impl Service {
         let built = tokio::task::spawn_blocking(move || {
             oci.build(
                 &id2,
-                &src2,
-                &d2,
+                image::oci::Origin {
+                    source: &src2,
+                    digest: &d2,
+                    config_digest: None,
+                },
                 &blob,
-                None,
                 &[(d2.clone(), tar_path)],
                 budget,
             )

@@ -53,6 +53,17 @@ pub struct OciImage {
     pub created_unix: u64,
 }
 
+/// Where an image being built comes from (recorded in its `image.json`).
+#[derive(Debug, Clone, Copy)]
+pub struct Origin<'a> {
+    /// A reference, `import`, `save:<sandbox>`…
+    pub source: &'a str,
+    /// The manifest's digest (a docker-archive's: its config's).
+    pub digest: &'a str,
+    /// The config blob's digest, when it is in the blob cache.
+    pub config_digest: Option<&'a str>,
+}
+
 /// The OCI images of one data directory (and architecture).
 #[derive(Debug, Clone)]
 pub struct OciImages {
@@ -192,13 +203,16 @@ impl OciImages {
     pub fn build(
         &self,
         name: &str,
-        source: &str,
-        digest: &str,
+        origin: Origin<'_>,
         config: &ImageConfigBlob,
-        config_digest: Option<&str>,
         layers: &[(String, PathBuf)],
         budget: u64,
     ) -> Result<OciImage, OciError> {
+        let Origin {
+            source,
+            digest,
+            config_digest,
+        } = origin;
         validate_name(name)?;
         let start = Instant::now();
         let build_dir = self.layout.build_dir();
@@ -480,7 +494,9 @@ pub(crate) fn read_limited(path: &Path, what: &str, limit: u64) -> Result<Vec<u8
 /// shared while blobs are written and read, exclusive to remove them.
 /// Released when dropped (or when its process ends).
 #[derive(Debug)]
-pub struct BlobLock(std::fs::File);
+pub struct BlobLock {
+    _file: std::fs::File,
+}
 
 impl BlobLock {
     /// Takes it shared (waiting), or exclusive without waiting (`None`
@@ -503,7 +519,7 @@ impl BlobLock {
         loop {
             // SAFETY: flock on a descriptor this function owns.
             if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
-                return Ok(Some(BlobLock(file)));
+                return Ok(Some(BlobLock { _file: file }));
             }
             let e = std::io::Error::last_os_error();
             match e.raw_os_error() {

@@ -9,6 +9,7 @@ use std::path::Path;
 
 use super::blobs::BlobStore;
 use super::error::{io, OciError};
+use super::images::Origin;
 use super::images::{read_limited, OciImage, OciImages};
 use super::spec::{DockerArchiveEntry, ImageConfigBlob, Kind, ManifestOrIndex, LAYER_TYPES};
 use super::unpack::sanitize;
@@ -136,10 +137,12 @@ pub fn import_archive(
         check_arch(images, &config, &source)?;
         return images.build(
             name,
-            &source,
-            &config_digest,
+            Origin {
+                source: &source,
+                digest: &config_digest,
+                config_digest: Some(&config_digest),
+            },
             &config,
-            Some(&config_digest),
             &layers,
             limits.unpacked_bytes,
         );
@@ -262,10 +265,12 @@ pub(crate) fn build_from_manifest(
     }
     images.build(
         name,
-        source,
-        digest,
+        Origin {
+            source,
+            digest,
+            config_digest: Some(&cfg.digest),
+        },
         &config,
-        Some(&cfg.digest),
         &layers,
         limits.unpacked_bytes,
     )

@@ -12,7 +12,7 @@ pub mod spec;
 pub mod unpack;
 
 pub use error::OciError;
-pub use images::{validate_name, BlobLock, OciImage, OciImages};
+pub use images::{validate_name, BlobLock, OciImage, OciImages, Origin};
 pub use import::{import_archive, Limits};
 pub use reference::{Reference, ReferenceError};
 pub use registry::{AddressPolicy, Credentials, PullOptions, Puller};
