@@ -91,7 +91,9 @@ pub(crate) fn agent_endpoint(vmm: &dyn Vmm, ip: Ipv4Addr) -> Endpoint {
 }
 
 /// Polls until the agent at `endpoint` authenticates a connection, the VMM
-/// dies, or `timeout` passes.
+/// dies, or `timeout` passes. `restored`: the guest comes from a capture
+/// and is told its identity on the console, so an agent refusing (or
+/// proving with) another token is still the capture's, not an error yet.
 ///
 /// Two phases per round: a bare TCP connect with a short timeout (is the
 /// guest's network up and lohar listening?), then one authenticated ping on
@@ -106,6 +108,7 @@ pub(crate) async fn wait_for_agent(
     endpoint: &Endpoint,
     timeout: Duration,
     serial_log: &Path,
+    restored: bool,
 ) -> Result<()> {
     let deadline = Instant::now() + timeout;
     let mut last_error = String::from("no attempt finished");
@@ -144,6 +147,17 @@ pub(crate) async fn wait_for_agent(
             }
             match client.deadline(AUTH_TIMEOUT.min(left)).ping().await {
                 Ok(_) => Ok(Ok(())),
+                // A guest restored from a capture answers with the
+                // capture's token until it has read its identity line
+                // (at the same address when its source's was freed and
+                // given to it): not yet, until the deadline.
+                Err(e)
+                    if restored
+                        && (matches!(e, ClientError::AgentProof { .. })
+                            || e.agent_code() == Some(proto::ErrorCode::AuthFailed)) =>
+                {
+                    Err(format!("{e} (the guest has not taken its identity yet)"))
+                }
                 // The agent answered and said no, or could not prove it
                 // holds the token, or speaks another protocol: waiting
                 // will not help.

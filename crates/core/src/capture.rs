@@ -506,6 +506,7 @@ impl SandboxManager {
                     &endpoint,
                     self.inner.config.boot_timeout,
                     &record.serial_log(),
+                    true,
                 )
                 .await
             }

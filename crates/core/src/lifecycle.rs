@@ -483,6 +483,7 @@ impl SandboxManager {
                 &endpoint,
                 self.inner.config.boot_timeout,
                 &serial_log,
+                restore_from.is_some(),
             ) => r?,
             () = entry.cancelled() => return Err(cancelled()),
         }
