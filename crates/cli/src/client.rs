@@ -617,23 +617,11 @@ impl Client {
         file: std::fs::File,
         len: u64,
     ) -> Result<api_types::Volume> {
-        let chunks = futures_util::stream::unfold(Some(file), |file| async move {
-            let mut file = file?;
-            let mut buf = vec![0u8; 256 << 10];
-            match std::io::Read::read(&mut file, &mut buf) {
-                Ok(0) => None,
-                Ok(n) => {
-                    buf.truncate(n);
-                    Some((Ok::<_, std::io::Error>(buf), Some(file)))
-                }
-                Err(e) => Some((Err(e), None)),
-            }
-        });
         let rb = self
             .request(Method::PUT, self.url(&["volumes", name, "archive"]), true)?
             .header(reqwest::header::CONTENT_TYPE, "application/x-tar")
             .header(reqwest::header::CONTENT_LENGTH, len)
-            .body(reqwest::Body::wrap_stream(chunks));
+            .body(file_body(file));
         let resp = self.send(rb).await?;
         self.json("PUT /volumes/:name/archive", resp).await
     }
@@ -741,25 +729,13 @@ impl Client {
         file: std::fs::File,
         len: u64,
     ) -> Result<api_types::Task> {
-        let chunks = futures_util::stream::unfold(Some(file), |file| async move {
-            let mut file = file?;
-            let mut buf = vec![0u8; 256 << 10];
-            match std::io::Read::read(&mut file, &mut buf) {
-                Ok(0) => None,
-                Ok(n) => {
-                    buf.truncate(n);
-                    Some((Ok::<_, std::io::Error>(buf), Some(file)))
-                }
-                Err(e) => Some((Err(e), None)),
-            }
-        });
         let mut url = self.url(&["images", "import"]);
         url.query_pairs_mut().append_pair("name", name);
         let rb = self
             .request(Method::POST, url, true)?
             .header(reqwest::header::CONTENT_TYPE, "application/x-tar")
             .header(reqwest::header::CONTENT_LENGTH, len)
-            .body(reqwest::Body::wrap_stream(chunks));
+            .body(file_body(file));
         let resp = self.send(rb).await?;
         self.json("POST /images/import", resp).await
     }
@@ -831,6 +807,23 @@ impl Client {
             .expect("http(s) and ws(s) are all special schemes");
         u
     }
+}
+
+/// A file as a request body, streamed in 256 KiB reads.
+fn file_body(file: std::fs::File) -> reqwest::Body {
+    let chunks = futures_util::stream::unfold(Some(file), |file| async move {
+        let mut file = file?;
+        let mut buf = vec![0u8; 256 << 10];
+        match std::io::Read::read(&mut file, &mut buf) {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok::<_, std::io::Error>(buf), Some(file)))
+            }
+            Err(e) => Some((Err(e), None)),
+        }
+    });
+    reqwest::Body::wrap_stream(chunks)
 }
 
 #[cfg(test)]
