@@ -1073,8 +1073,18 @@ impl Service {
             .map_err(super::guest_error)?;
         let mut file = tokio::fs::File::create(&tar_path).await.map_err(internal)?;
         let (mut bytes, mut hash, mut stderr) = (0u64, sha2::Sha256::new(), Vec::new());
+        // The host's own deadline: the utility VM runs the sandbox's files
+        // as root, so the guest-side timeout is not to be relied on.
+        let deadline = tokio::time::Instant::now() + SAVE_TAR_TIMEOUT + Duration::from_secs(30);
         loop {
-            match exec.next().await.map_err(super::guest_error)? {
+            let event = tokio::time::timeout_at(deadline, exec.next())
+                .await
+                .map_err(|_| {
+                    ApiError::BadGateway(format!(
+                        "the tar of the sandbox's files did not end within {SAVE_TAR_TIMEOUT:?}"
+                    ))
+                })?;
+            match event.map_err(super::guest_error)? {
                 ExecEvent::Stdout(d) => {
                     bytes += d.len() as u64;
                     if bytes > budget {
